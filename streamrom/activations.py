@@ -1,0 +1,90 @@
+"""Activations between blocks: disk-backed buffers moved through one block at a time, in chunks.
+
+The buffers are plain files read and written with explicit I/O (not memory maps), so activations
+never count towards the process's resident memory: RAM holds one chunk, whatever the number of
+calibration sequences.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .modeling import Block
+
+
+class ActivationBuffer:
+    """A float32 file of shape (sequences, length, hidden), read and written by sequence ranges."""
+
+    def __init__(self, path: Path, sequences: int, length: int, hidden: int):
+        self.path = Path(path)
+        self.shape = (sequences, length, hidden)
+        self._row_bytes = length * hidden * 4
+        self._file = open(self.path, "w+b", buffering=0)
+        self._file.truncate(sequences * self._row_bytes)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        out = np.empty((stop - start,) + self.shape[1:], dtype=np.float32)
+        self._file.seek(start * self._row_bytes)
+        view = memoryview(out).cast("B")
+        done = 0
+        while done < len(view):
+            got = self._file.readinto(view[done:])
+            if not got:
+                raise OSError(f"activation file {self.path} is shorter than expected")
+            done += got
+        return torch.from_numpy(out)
+
+    def write(self, start: int, values: torch.Tensor) -> None:
+        data = values.detach().to(torch.float32).contiguous().numpy()
+        self._file.seek(start * self._row_bytes)
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += self._file.write(view[done:])
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ActivationPair:
+    """The current block's inputs and outputs; `swap` makes the outputs the next block's inputs."""
+
+    def __init__(self, folder: Path, sequences: int, length: int, hidden: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.inputs = ActivationBuffer(folder / "activations-a.f32", sequences, length, hidden)
+        self.outputs = ActivationBuffer(folder / "activations-b.f32", sequences, length, hidden)
+
+    def swap(self) -> None:
+        self.inputs, self.outputs = self.outputs, self.inputs
+
+    def close(self) -> None:
+        for buffer in (self.inputs, self.outputs):
+            buffer.close()
+            try:
+                os.unlink(buffer.path)
+            except FileNotFoundError:
+                pass
+
+
+def chunk_ranges(sequences: int, chunk_sequences: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, sequences, chunk_sequences):
+        yield start, min(start + chunk_sequences, sequences)
+
+
+@torch.no_grad()
+def embed_into(embedding: torch.Tensor, tokens: np.ndarray, buffer: ActivationBuffer,
+               chunk_sequences: int) -> None:
+    for start, stop in chunk_ranges(len(tokens), chunk_sequences):
+        ids = torch.from_numpy(np.ascontiguousarray(tokens[start:stop], dtype=np.int64))
+        buffer.write(start, embedding[ids].float())
+
+
+@torch.no_grad()
+def run_block(block: Block, source: ActivationBuffer, target: ActivationBuffer,
+              cos: torch.Tensor, sin: torch.Tensor, chunk_sequences: int) -> None:
+    for start, stop in chunk_ranges(source.shape[0], chunk_sequences):
+        target.write(start, block(source.read(start, stop), cos, sin))

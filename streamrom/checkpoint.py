@@ -1,0 +1,266 @@
+"""Reading a Hugging Face safetensors checkpoint lazily, and writing one shard at a time.
+
+The reader validates every shard header and tensor shape up front (cheap: headers only), then hands
+out one block's tensors at a time, opening each shard only for as long as it reads from it. The
+writer puts every shard under a temporary name and renames it when complete; the index is written
+last, so a folder without ``model.safetensors.index.json`` is visibly unfinished.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import InputError, OutputError
+from .modeling import BLOCK_LINEARS, ModelSpec, block_prefix
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+    "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
+)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointReader:
+    """A checkpoint folder: config, spec, and lazy access to tensors by name."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not self.folder.exists():
+            raise InputError(f"checkpoint folder not found: {self.folder}")
+        if not self.folder.is_dir():
+            raise InputError(f"checkpoint is not a folder: {self.folder}")
+        self.config: dict[str, Any] = read_json(self.folder / CONFIG_FILE, "config.json")
+        if not isinstance(self.config, dict):
+            raise InputError(f"config.json in {self.folder} is not a JSON object")
+        self.spec = ModelSpec.from_config(self.config)
+        self.weight_map = self._weight_map()
+        self.shapes, self.dtypes = self._read_headers()
+        self._check_tensors()
+
+    # -- discovery and validation -------------------------------------------------------------
+    def _weight_map(self) -> dict[str, str]:
+        index_path = self.folder / INDEX_FILE
+        if index_path.exists():
+            index = read_json(index_path, "safetensors index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise InputError(f"{index_path} has no usable weight_map")
+            for shard in sorted(set(weight_map.values())):
+                if Path(shard).name != shard:
+                    raise InputError(f"{index_path} names a shard outside the folder: {shard!r}")
+                if not (self.folder / shard).is_file():
+                    raise InputError(f"shard listed in the index is missing: {self.folder / shard}")
+            return dict(weight_map)
+        single = self.folder / SINGLE_FILE
+        if single.is_file():
+            with self._open(SINGLE_FILE) as handle:
+                return {name: SINGLE_FILE for name in handle.keys()}
+        pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise InputError(
+                f"{self.folder} holds only pickled weights ({pickles[0]}); streamrom never unpickles. "
+                "Convert them to safetensors first (e.g. save_pretrained(..., safe_serialization=True))"
+            )
+        raise InputError(f"no {INDEX_FILE} or {SINGLE_FILE} in {self.folder}")
+
+    def _open(self, shard: str):
+        try:
+            return safe_open(str(self.folder / shard), framework="pt")
+        except Exception as exc:  # safetensors raises several types for bad headers
+            raise InputError(f"corrupt or unreadable shard {self.folder / shard}: {exc}") from None
+
+    def _read_headers(self) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        dtypes: dict[str, str] = {}
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for name, shard in self.weight_map.items():
+            by_shard[shard].append(name)
+        for shard, names in sorted(by_shard.items()):
+            with self._open(shard) as handle:
+                present = set(handle.keys())
+                for name in names:
+                    if name not in present:
+                        raise InputError(f"tensor {name} is listed in the index but not in shard {shard}")
+                    piece = handle.get_slice(name)
+                    shapes[name] = tuple(piece.get_shape())
+                    dtypes[name] = piece.get_dtype()
+        return shapes, dtypes
+
+    def _check_tensors(self) -> None:
+        spec = self.spec
+        expected = dict(spec.global_shapes())
+        for index in range(spec.num_layers):
+            prefix = block_prefix(index)
+            for name, shape in spec.dense_block_shapes().items():
+                linear = name.rsplit(".", 1)[0]
+                if linear in BLOCK_LINEARS and f"{prefix}{linear}.reduce.weight" in self.weight_map:
+                    continue  # a compressed linear: its factors are checked below
+                expected[prefix + name] = shape
+            for linear in BLOCK_LINEARS:
+                if f"{prefix}{linear}.reduce.weight" in self.weight_map:
+                    self._check_factors(prefix + linear, spec.linear_shape(linear))
+        for name, shape in expected.items():
+            if name not in self.shapes:
+                raise InputError(f"tensor {name} is missing from the checkpoint {self.folder}")
+            if self.shapes[name] != shape:
+                raise InputError(
+                    f"tensor {name} has shape {list(self.shapes[name])}, but config.json implies {list(shape)}"
+                )
+
+    def _check_factors(self, linear: str, shape: tuple[int, int]) -> None:
+        reduce_shape = self.shapes.get(f"{linear}.reduce.weight")
+        expand_shape = self.shapes.get(f"{linear}.expand.weight")
+        out_features, in_features = shape
+        if (reduce_shape is None or expand_shape is None or len(reduce_shape) != 2
+                or len(expand_shape) != 2 or reduce_shape[1] != in_features
+                or expand_shape != (out_features, reduce_shape[0])):
+            raise InputError(f"low-rank factors of {linear} do not fit its shape {list(shape)}")
+
+    # -- reading --------------------------------------------------------------------------------
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Tensors by name; each shard is opened only while its tensors are copied out."""
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            if name not in self.weight_map:
+                raise InputError(f"tensor {name} is missing from the checkpoint {self.folder}")
+            by_shard[self.weight_map[name]].append(name)
+        tensors: dict[str, torch.Tensor] = {}
+        for shard, shard_names in sorted(by_shard.items()):
+            with self._open(shard) as handle:
+                for name in shard_names:
+                    try:
+                        tensors[name] = handle.get_tensor(name)
+                    except Exception as exc:
+                        raise InputError(f"cannot read tensor {name} from {self.folder / shard}: {exc}") from None
+        return tensors
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.read([name])[name]
+
+    def block_names(self, index: int) -> list[str]:
+        prefix = block_prefix(index)
+        return sorted(name for name in self.weight_map if name.startswith(prefix))
+
+    def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """One block's tensors, keyed without the ``model.layers.{i}.`` prefix."""
+        prefix = block_prefix(index)
+        return {name[len(prefix):]: t for name, t in self.read(self.block_names(index)).items()}
+
+    def parameter_count(self) -> int:
+        """Parameters as stored (a tied lm_head is not stored and so not counted twice)."""
+        total = 0
+        for shape in self.shapes.values():
+            count = 1
+            for dim in shape:
+                count *= dim
+            total += count
+        return total
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the block weights (what the output is written in)."""
+        name = f"{block_prefix(0)}input_layernorm.weight"
+        return _TORCH_DTYPES.get(self.dtypes.get(name, "F32"), torch.float32)
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.folder / name for name in TOKENIZER_FILES if (self.folder / name).is_file()]
+
+    def size_on_disk(self) -> int:
+        return sum((self.folder / shard).stat().st_size for shard in set(self.weight_map.values()))
+
+
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def prepare_output(source: Path, output: Path, overwrite: bool) -> None:
+    """Refuse outputs that would touch the source; empty an existing output only with overwrite."""
+    src, dst = source.resolve(), output.resolve()
+    if dst == src:
+        raise OutputError(f"output folder is the source folder: {output}")
+    if src in dst.parents:
+        raise OutputError(f"output folder {output} is inside the source folder; the source is never written to")
+    if dst in src.parents:
+        raise OutputError(f"output folder {output} contains the source folder; choose another")
+    if dst.exists():
+        if not dst.is_dir():
+            raise OutputError(f"output path exists and is not a folder: {output}")
+        if any(dst.iterdir()):
+            if not overwrite:
+                raise OutputError(f"output folder is not empty: {output} (pass --overwrite to replace it)")
+            for child in dst.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {output}: {exc.strerror}") from None
+
+
+class CheckpointWriter:
+    """Writes numbered shards atomically and, at the end, tokenizer files, config and index."""
+
+    def __init__(self, folder: Path, total_shards: int):
+        self.folder = Path(folder)
+        self.total_shards = total_shards
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def shard_name(self, number: int) -> str:
+        return f"model-{number:05d}-of-{self.total_shards:05d}.safetensors"
+
+    def write_shard(self, number: int, tensors: Mapping[str, torch.Tensor]) -> str:
+        name = self.shard_name(number)
+        final = self.folder / name
+        tmp = self.folder / f".{name}.tmp"
+        contiguous = {key: value.contiguous() for key, value in tensors.items()}
+        save_file(contiguous, str(tmp), metadata={"format": "pt"})
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        for key, value in contiguous.items():
+            self.weight_map[key] = name
+            self.total_size += value.numel() * value.element_size()
+        return name
+
+    def finish(self, config: Mapping[str, Any], tokenizer_files: Iterable[Path]) -> None:
+        for path in tokenizer_files:
+            write_atomic(self.folder / path.name, path.read_bytes())
+        write_atomic(self.folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        write_atomic(self.folder / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())

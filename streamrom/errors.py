@@ -1,0 +1,36 @@
+"""Errors that end a run with one clear line and a documented exit code.
+
+Library code raises these; only the CLI turns them into a message and an exit status.
+"""
+from __future__ import annotations
+
+# Exit codes, documented in the README ("Exit codes").
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_OUTPUT = 4
+EXIT_INTERRUPTED = 130
+
+
+class StreamromError(Exception):
+    """A failure the user can act on; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class UsageError(StreamromError):
+    """Arguments that cannot work together (ratio out of range, bad layer list, ...)."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(StreamromError):
+    """A source checkpoint, calibration or evaluation input that is missing or unusable."""
+
+    exit_code = EXIT_INPUT
+
+
+class OutputError(StreamromError):
+    """The output folder cannot be written as asked (exists, is the source, ...)."""
+
+    exit_code = EXIT_OUTPUT

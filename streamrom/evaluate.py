@@ -1,0 +1,96 @@
+"""Perplexity, streamed block by block with the same memory bound as compression."""
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .activations import ActivationPair, chunk_ranges, embed_into, run_block
+from .calibration import check_vocabulary, evaluation_windows, load_tokenizer, tokenize_files
+from .checkpoint import CheckpointReader
+from .errors import UsageError
+from .memory import RSSMonitor
+from .modeling import EMBED, FINAL_NORM, LM_HEAD, Block, RMSNorm, Rotary
+from .report import Report, StageTimer, memory_summary
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def evaluate(checkpoint: str | Path, text_files: list[Path] | tuple[Path, ...], seqlen: int = 512,
+             max_windows: int | None = None, chunk_tokens: int = 2048,
+             work_dir: str | Path | None = None, report_path: str | Path | None = None) -> Report:
+    """Perplexity of a (dense or compressed) checkpoint over non-overlapping `seqlen` windows.
+
+    Every window predicts its tokens 1..L-1 from the ones before; the perplexity is exp of the mean
+    negative log-likelihood over all predicted tokens.
+    """
+    if seqlen < 2:
+        raise UsageError(f"--seqlen must be at least 2, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise UsageError(f"--max-windows must be at least 1, got {max_windows}")
+    checkpoint = Path(checkpoint)
+    timer = StageTimer()
+    start = time.perf_counter()
+    with RSSMonitor() as monitor:
+        with timer("read"):
+            reader = CheckpointReader(checkpoint)
+        spec = reader.spec
+        with timer("tokenize"):
+            stream = check_vocabulary(tokenize_files(load_tokenizer(checkpoint), text_files),
+                                      spec.vocab_size, f"the tokenizer of {checkpoint}")
+            windows = evaluation_windows(stream, seqlen, max_windows)
+        chunk_sequences = max(1, chunk_tokens // seqlen)
+        with tempfile.TemporaryDirectory(prefix="streamrom-eval-", dir=work_dir) as tmp:
+            activations = ActivationPair(Path(tmp), len(windows), seqlen, spec.hidden_size)
+            try:
+                with timer("read"):
+                    embedding = reader.tensor(EMBED)
+                with timer("forward"):
+                    embed_into(embedding, windows, activations.inputs, chunk_sequences)
+                if not spec.tie_word_embeddings:
+                    del embedding
+                cos, sin = Rotary(spec).cos_sin(seqlen)
+                for index in range(spec.num_layers):
+                    with timer("read"):
+                        block = Block.from_tensors(spec, reader.block_tensors(index))
+                    with timer("forward"):
+                        run_block(block, activations.inputs, activations.outputs, cos, sin, chunk_sequences)
+                    activations.swap()
+                    del block
+                    log.info("eval block %d/%d", index + 1, spec.num_layers)
+                with timer("read"):
+                    norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+                    norm.weight.data = reader.tensor(FINAL_NORM).float()
+                    head = (embedding if spec.tie_word_embeddings else reader.tensor(LM_HEAD)).float()
+                total_nll, count = 0.0, 0
+                with timer("forward"):
+                    # One window at a time: the logits (length x vocab) are the largest tensor here.
+                    for begin, end in chunk_ranges(len(windows), 1):
+                        logits = F.linear(norm(activations.inputs.read(begin, end)), head)
+                        targets = torch.from_numpy(windows[begin:end, 1:])
+                        total_nll += F.cross_entropy(
+                            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                            reduction="sum", ).item()
+                        count += targets.numel()
+            finally:
+                activations.close()
+    perplexity = math.exp(total_nll / count)
+    report = Report(
+        command="eval", source=str(checkpoint), model_type=spec.model_type, num_layers=spec.num_layers,
+        method=(reader.config.get("streamrom") or {}).get("method", "dense"),
+        parameters_after=reader.parameter_count(), perplexity=perplexity,
+        evaluation={"text_files": [str(p) for p in text_files], "seqlen": seqlen,
+                    "windows": len(windows), "predicted_tokens": count,
+                    "mean_nll": total_nll / count},
+        stage_seconds=timer.seconds, wall_seconds=time.perf_counter() - start,
+        memory={**memory_summary(monitor), "source_bytes_on_disk": reader.size_on_disk()},
+    )
+    if report_path is not None:
+        report.write(Path(report_path))
+    return report

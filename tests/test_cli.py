@@ -1,0 +1,176 @@
+"""Bad input through the command line: one line on stderr, a documented exit code, no traceback,
+the source untouched, and nothing in the output folder that looks complete."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from streamrom.cli import main
+from streamrom.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_USAGE
+
+from conftest import EVAL_TEXT, folder_digest, make_tiny
+
+
+@pytest.fixture()
+def tiny(tmp_path, tiny_models):
+    """A private copy of the tiny llama, free to be damaged."""
+    folder = tmp_path / "src"
+    shutil.copytree(tiny_models["llama"], folder)
+    return folder
+
+
+def run_cli(capsys, args):
+    code = main(["--quiet", *map(str, args)])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_clean_failure(code, err, expected_code, pattern, output=None):
+    assert code == expected_code, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("streamrom: error: ")
+    assert pattern in lines[0]
+    assert "Traceback" not in err
+    if output is not None:
+        assert not (output / "model.safetensors.index.json").exists()
+
+
+def compress_args(source, output, tokens, *extra):
+    return ["compress", source, output, "--calib-tokens", tokens, "--calib-sequences", "2",
+            "--calib-seqlen", "32", *extra]
+
+
+def test_missing_source_folder(capsys, tmp_path, tiny_tokens):
+    code, err = run_cli(capsys, compress_args(tmp_path / "nope", tmp_path / "out", tiny_tokens))
+    assert_clean_failure(code, err, EXIT_INPUT, "checkpoint folder not found", tmp_path / "out")
+
+
+def test_missing_shard(capsys, tmp_path, smollm2_sharded, tiny_tokens):
+    source = tmp_path / "src"
+    shutil.copytree(smollm2_sharded, source)
+    victim = sorted(source.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    code, err = run_cli(capsys, compress_args(source, tmp_path / "out", tiny_tokens))
+    assert_clean_failure(code, err, EXIT_INPUT, "shard listed in the index is missing", tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_shard(capsys, tmp_path, tiny, tiny_tokens, damage):
+    shard = tiny / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(b"\x13\x00garbage header" * 4 if damage == "garbage" else data[: len(data) // 2])
+    digest = folder_digest(tiny)
+    code, err = run_cli(capsys, compress_args(tiny, tmp_path / "out", tiny_tokens))
+    assert_clean_failure(code, err, EXIT_INPUT, "corrupt or unreadable shard", tmp_path / "out")
+    assert folder_digest(tiny) == digest
+
+
+def test_tensor_missing_from_index(capsys, tmp_path, smollm2_sharded, tiny_tokens):
+    source = tmp_path / "src"
+    shutil.copytree(smollm2_sharded, source)
+    index_path = source / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["weight_map"]["model.layers.7.mlp.up_proj.weight"]
+    index_path.write_text(json.dumps(index))
+    code, err = run_cli(capsys, compress_args(source, tmp_path / "out", tiny_tokens))
+    assert_clean_failure(code, err, EXIT_INPUT, "model.layers.7.mlp.up_proj.weight is missing", tmp_path / "out")
+
+
+def test_unsupported_model_type(capsys, tmp_path, tiny, tiny_tokens):
+    config = json.loads((tiny / "config.json").read_text())
+    config["model_type"] = "gpt_neox"
+    (tiny / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(capsys, compress_args(tiny, tmp_path / "out", tiny_tokens))
+    assert_clean_failure(code, err, EXIT_INPUT, "supports llama, mistral, qwen2", tmp_path / "out")
+
+
+def test_config_disagreeing_with_tensor_shapes(capsys, tmp_path, tiny, tiny_tokens):
+    config = json.loads((tiny / "config.json").read_text())
+    config["intermediate_size"] = 192
+    (tiny / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(capsys, compress_args(tiny, tmp_path / "out", tiny_tokens))
+    assert_clean_failure(code, err, EXIT_INPUT, "config.json implies", tmp_path / "out")
+
+
+@pytest.mark.parametrize("ratio", ["0", "1.5", "-0.2", "nan"])
+def test_ratio_outside_unit_interval(capsys, tmp_path, tiny, tiny_tokens, ratio):
+    code, err = run_cli(capsys, compress_args(tiny, tmp_path / "out", tiny_tokens, "--ratio", ratio))
+    assert_clean_failure(code, err, EXIT_USAGE, "--ratio must be in (0, 1]", tmp_path / "out")
+
+
+def test_empty_calibration_text(capsys, tmp_path, smollm2_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n")
+    code, err = run_cli(capsys, ["compress", smollm2_dir, tmp_path / "out", "--calib-text", empty])
+    assert_clean_failure(code, err, EXIT_INPUT, "text file is empty", tmp_path / "out")
+
+
+def test_too_short_calibration_text(capsys, tmp_path, smollm2_dir):
+    short = tmp_path / "short.txt"
+    short.write_text("It is a truth universally acknowledged.")
+    code, err = run_cli(capsys, ["compress", smollm2_dir, tmp_path / "out", "--calib-text", short])
+    assert_clean_failure(code, err, EXIT_INPUT, "calibration text too short", tmp_path / "out")
+
+
+def test_output_equal_to_source(capsys, tiny, tiny_tokens):
+    digest = folder_digest(tiny)
+    code, err = run_cli(capsys, compress_args(tiny, tiny, tiny_tokens))
+    assert_clean_failure(code, err, EXIT_OUTPUT, "is the source folder")
+    assert folder_digest(tiny) == digest
+
+
+def test_output_not_empty_without_overwrite(capsys, tmp_path, tiny, tiny_tokens):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    code, err = run_cli(capsys, compress_args(tiny, output, tiny_tokens))
+    assert_clean_failure(code, err, EXIT_OUTPUT, "not empty", output)
+    assert (output / "keep.txt").read_text() == "mine"
+    code, err = run_cli(capsys, compress_args(tiny, output, tiny_tokens, "--overwrite"))
+    assert code == 0, err
+    assert (output / "model.safetensors.index.json").is_file() and not (output / "keep.txt").exists()
+
+
+def test_pickled_checkpoint_is_refused_never_unpickled(capsys, tmp_path, tiny, tiny_tokens):
+    (tiny / "model.safetensors").unlink()
+    (tiny / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    code, err = run_cli(capsys, compress_args(tiny, tmp_path / "out", tiny_tokens))
+    assert_clean_failure(code, err, EXIT_INPUT, "never unpickles", tmp_path / "out")
+
+
+def test_bad_layers_and_missing_eval_text(capsys, tmp_path, tiny, tiny_tokens):
+    code, err = run_cli(capsys, compress_args(tiny, tmp_path / "out", tiny_tokens, "--layers", "2-9"))
+    assert_clean_failure(code, err, EXIT_USAGE, "indices must be in 0..2", tmp_path / "out")
+    code, err = run_cli(capsys, ["eval", tiny, "--text", tmp_path / "missing.txt"])
+    assert_clean_failure(code, err, EXIT_INPUT, "no tokenizer.json")
+
+
+def test_console_script_reports_one_line(tmp_path):
+    """The installed entry point itself: exit code and a single stderr line."""
+    result = subprocess.run([sys.executable, "-m", "streamrom.cli", "eval", str(tmp_path / "none"),
+                             "--text", str(EVAL_TEXT)], capture_output=True, text=True)
+    assert result.returncode == EXIT_INPUT
+    assert result.stderr.strip().splitlines() == [f"streamrom: error: checkpoint folder not found: {tmp_path / 'none'}"]
+
+
+def test_compress_cli_writes_its_report(capsys, tmp_path, tiny_models, tiny_tokens):
+    output = tmp_path / "out"
+    code, err = run_cli(capsys, compress_args(tiny_models["qwen2"], output, tiny_tokens, "--ratio", "0.5"))
+    assert code == 0, err
+    report = json.loads((output / "streamrom-report.json").read_text())
+    assert report["command"] == "compress" and 0 < report["parameter_ratio"] < 1
+    assert report["memory"]["peak_rss_bytes"] > 0
+
+
+def test_token_ids_beyond_the_vocabulary(capsys, tmp_path, tiny):
+    import numpy as np
+
+    tokens = tmp_path / "big.npy"
+    np.save(tokens, np.arange(1000))  # the tiny model has 256 tokens
+    code, err = run_cli(capsys, compress_args(tiny, tmp_path / "out", tokens))
+    assert_clean_failure(code, err, EXIT_INPUT, "outside the model's vocabulary", tmp_path / "out")

@@ -1,0 +1,128 @@
+"""Known-answer tests of the ROM math on small random matrices (no model)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamrom import decompose
+
+
+def correlated_inputs(rng, size: int, count: int, shift: float = 0.0) -> np.ndarray:
+    mixing = rng.standard_normal((size, size)) * np.logspace(0, -2, size)
+    return mixing @ rng.standard_normal((size, count)) + shift
+
+
+def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return x @ x.T / x.shape[1], x.mean(axis=1)
+
+
+def best_error(y: np.ndarray, rank: int) -> float:
+    """‖Y − Y_r‖_F for the best rank-r approximation Y_r (Eckart–Young, truncated SVD)."""
+    singular = np.linalg.svd(y, compute_uv=False)
+    return float(np.sqrt(np.sum(singular[rank:] ** 2)))
+
+
+def reconstruct(factors: decompose.Factors, x: np.ndarray) -> np.ndarray:
+    hidden = factors.reduce_weight @ x
+    if factors.reduce_bias is not None:
+        hidden = hidden + factors.reduce_bias[:, None]
+    y = factors.expand_weight @ hidden
+    if factors.expand_bias is not None:
+        y = y + factors.expand_bias[:, None]
+    return y
+
+
+def test_rank_for_rounds_down_to_multiple_of_8_and_meets_budget():
+    assert decompose.rank_for(0.8, 576, 576) == 224  # 0.8*288 = 230.4 -> 224
+    assert decompose.rank_for(0.5, 4096, 11008) == 1488  # 0.5*2985.3 -> 1488
+    for ratio in (0.1, 0.37, 0.8, 1.0):
+        for out_f, in_f in ((192, 576), (1536, 576), (576, 1536), (4096, 4096)):
+            rank = decompose.rank_for(ratio, out_f, in_f)
+            assert rank % 8 == 0
+            assert rank * (out_f + in_f) <= ratio * out_f * in_f + 1e-9
+            assert (rank + 8) * (out_f + in_f) > ratio * out_f * in_f
+    assert not decompose.saves_parameters(288, 576, 576)  # exactly break-even
+    assert decompose.saves_parameters(280, 576, 576)
+    assert not decompose.saves_parameters(0, 576, 576)
+
+
+@pytest.mark.parametrize("out_f,in_f", [(24, 40), (64, 40), (40, 40)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_uncentered_rom_is_the_best_rank_r_fit_of_outputs(out_f, in_f, with_bias):
+    rng = np.random.default_rng(out_f + in_f + with_bias)
+    x = correlated_inputs(rng, in_f, 500, shift=0.3)
+    weight = rng.standard_normal((out_f, in_f))
+    bias = rng.standard_normal(out_f) if with_bias else None
+    y = weight @ x + (bias[:, None] if with_bias else 0)
+    second, mean = moments(x)
+    for rank in (4, 12, 20):
+        basis = decompose.rom_basis_from_inputs(weight, bias, second, mean, rank)
+        factors = decompose.factorise(weight, bias, basis)
+        error = np.linalg.norm(y - reconstruct(factors, x))
+        assert error == pytest.approx(best_error(y, rank), rel=1e-7)
+        np.testing.assert_allclose(basis.T @ basis, np.eye(rank), atol=1e-10)
+
+
+def test_wide_output_route_matches_the_direct_eigenproblem():
+    """out > in goes through the small in x in problem; it must give the same subspace."""
+    rng = np.random.default_rng(1)
+    x = correlated_inputs(rng, 30, 400)
+    weight = rng.standard_normal((90, 30))
+    second, mean = moments(x)
+    rank = 16
+    basis = decompose.rom_basis_from_inputs(weight, None, second, mean, rank)
+    direct = decompose.top_eigenvectors(weight @ second @ weight.T, rank)[1]
+    np.testing.assert_allclose(basis, direct, atol=1e-8)  # same signs: both go through fix_signs
+
+
+def test_output_accumulation_equals_input_route():
+    rng = np.random.default_rng(2)
+    x = correlated_inputs(rng, 50, 300)
+    weight = rng.standard_normal((20, 50))
+    y = weight @ x
+    from_inputs = decompose.rom_basis_from_inputs(weight, None, *moments(x), rank=8)
+    from_outputs = decompose.rom_basis_from_outputs(*moments(y), rank=8)
+    np.testing.assert_allclose(from_inputs, from_outputs, atol=1e-8)
+
+
+def test_centered_rom_with_mean_correction_is_best_affine_fit():
+    rng = np.random.default_rng(3)
+    x = correlated_inputs(rng, 40, 600, shift=2.0)
+    weight = rng.standard_normal((32, 40))
+    bias = rng.standard_normal(32)
+    y = weight @ x + bias[:, None]
+    second, mean = moments(x)
+    rank = 8
+    basis = decompose.rom_basis_from_inputs(weight, bias, second, mean, rank, centered=True)
+    output_mean = decompose.output_mean_from_inputs(weight, bias, mean)
+    np.testing.assert_allclose(output_mean, y.mean(axis=1), atol=1e-10)
+    factors = decompose.factorise(weight, bias, basis, output_mean)
+    # The best rank-r affine fit: the rank-r PCA of the centered outputs, plus the mean.
+    centered = y - y.mean(axis=1, keepdims=True)
+    assert np.linalg.norm(y - reconstruct(factors, x)) == pytest.approx(best_error(centered, rank), rel=1e-7)
+    # Without the mean correction it is worse: the bias is what makes the centered basis work.
+    no_bias = decompose.factorise(weight, bias, basis)
+    assert np.linalg.norm(y - reconstruct(no_bias, x)) > 1.5 * best_error(centered, rank)
+
+
+@pytest.mark.parametrize("out_f,in_f", [(24, 40), (64, 40)])
+def test_full_rank_reproduces_the_weight(out_f, in_f):
+    rng = np.random.default_rng(4)
+    x = correlated_inputs(rng, in_f, 20)  # fewer samples than inputs: damping keeps W's range
+    weight = rng.standard_normal((out_f, in_f))
+    basis = decompose.rom_basis_from_inputs(weight, None, *moments(x), rank=min(out_f, in_f), damping=1e-6)
+    factors = decompose.factorise(weight, None, basis)
+    np.testing.assert_allclose(factors.expand_weight @ factors.reduce_weight, weight, atol=1e-8)
+
+
+def test_top_eigenvectors_sorted_descending_with_fixed_signs():
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((12, 12))
+    values, vectors = decompose.top_eigenvectors(a @ a.T, 5)
+    assert np.all(np.diff(values) <= 0)
+    full = np.linalg.eigvalsh(a @ a.T)[::-1][:5]
+    np.testing.assert_allclose(values, full, rtol=1e-10)
+    pivots = np.abs(vectors).argmax(axis=0)
+    assert np.all(vectors[pivots, range(5)] > 0)
+    again = decompose.top_eigenvectors(a @ a.T, 5)[1]
+    np.testing.assert_array_equal(vectors, again)
