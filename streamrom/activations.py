@@ -13,18 +13,25 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .errors import NumericalError, OutputError
 from .modeling import Block
 
 
 class ActivationBuffer:
     """A float32 file of shape (sequences, length, hidden), read and written by sequence ranges."""
 
-    def __init__(self, path: Path, sequences: int, length: int, hidden: int):
+    def __init__(self, path: Path, sequences: int, length: int, hidden: int, reopen: bool = False):
         self.path = Path(path)
         self.shape = (sequences, length, hidden)
         self._row_bytes = length * hidden * 4
-        self._file = open(self.path, "w+b", buffering=0)
-        self._file.truncate(sequences * self._row_bytes)
+        size = sequences * self._row_bytes
+        if reopen:  # a resumed run: keep what the interrupted one wrote
+            if not self.path.is_file() or self.path.stat().st_size != size:
+                raise OutputError(f"activation file {self.path} is missing or damaged; pass --overwrite to start over")
+            self._file = open(self.path, "r+b", buffering=0)
+        else:
+            self._file = open(self.path, "w+b", buffering=0)
+            self._file.truncate(size)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         out = np.empty((stop - start,) + self.shape[1:], dtype=np.float32)
@@ -46,28 +53,44 @@ class ActivationBuffer:
         while done < len(view):
             done += self._file.write(view[done:])
 
+    def sync(self) -> None:
+        """Make what was written durable before a progress record points at it."""
+        os.fsync(self._file.fileno())
+
     def close(self) -> None:
         self._file.close()
 
 
-class ActivationPair:
-    """The current block's inputs and outputs; `swap` makes the outputs the next block's inputs."""
+FILE_NAMES = ("activations-a.f32", "activations-b.f32")
 
-    def __init__(self, folder: Path, sequences: int, length: int, hidden: int):
+
+class ActivationPair:
+    """The current block's inputs and outputs; `swap` makes the outputs the next block's inputs.
+
+    With `inputs_name` (a resumed run) the files are reopened and that one holds the inputs.
+    """
+
+    def __init__(self, folder: Path, sequences: int, length: int, hidden: int,
+                 inputs_name: str | None = None):
         folder.mkdir(parents=True, exist_ok=True)
-        self.inputs = ActivationBuffer(folder / "activations-a.f32", sequences, length, hidden)
-        self.outputs = ActivationBuffer(folder / "activations-b.f32", sequences, length, hidden)
+        if inputs_name is not None and inputs_name not in FILE_NAMES:
+            raise OutputError(f"progress record names an unknown activation file {inputs_name!r}")
+        first = inputs_name or FILE_NAMES[0]
+        second = FILE_NAMES[1] if first == FILE_NAMES[0] else FILE_NAMES[0]
+        self.inputs = ActivationBuffer(folder / first, sequences, length, hidden, reopen=inputs_name is not None)
+        self.outputs = ActivationBuffer(folder / second, sequences, length, hidden)
 
     def swap(self) -> None:
         self.inputs, self.outputs = self.outputs, self.inputs
 
-    def close(self) -> None:
+    def close(self, remove: bool = True) -> None:
         for buffer in (self.inputs, self.outputs):
             buffer.close()
-            try:
-                os.unlink(buffer.path)
-            except FileNotFoundError:
-                pass
+            if remove:
+                try:
+                    os.unlink(buffer.path)
+                except FileNotFoundError:
+                    pass
 
 
 def chunk_ranges(sequences: int, chunk_sequences: int) -> Iterator[tuple[int, int]]:
@@ -87,4 +110,8 @@ def embed_into(embedding: torch.Tensor, tokens: np.ndarray, buffer: ActivationBu
 def run_block(block: Block, source: ActivationBuffer, target: ActivationBuffer,
               cos: torch.Tensor, sin: torch.Tensor, chunk_sequences: int) -> None:
     for start, stop in chunk_ranges(source.shape[0], chunk_sequences):
-        target.write(start, block(source.read(start, stop), cos, sin))
+        outputs = block(source.read(start, stop), cos, sin)
+        if not torch.isfinite(outputs).all():
+            raise NumericalError("a block produced NaN or Inf activations from finite inputs "
+                                 "(overflow in the source weights or in the layers before)")
+        target.write(start, outputs)

@@ -10,7 +10,7 @@ GPTQ and ROM) sample the whole text rather than its first pages.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import InputError, OutputError
+from .errors import InputError, NumericalError, OutputError
 from .modeling import BLOCK_LINEARS, ModelSpec, block_prefix
 
 log = logging.getLogger(__name__)
@@ -121,18 +122,24 @@ class CheckpointReader:
         return shapes, dtypes
 
     def _check_tensors(self) -> None:
+        """Every tensor the config implies is present with its shape; stops at the first that is not."""
         spec = self.spec
-        expected = dict(spec.global_shapes())
+        self._check_shapes(spec.global_shapes())
+        dense_block = spec.dense_block_shapes()
         for index in range(spec.num_layers):
             prefix = block_prefix(index)
-            for name, shape in spec.dense_block_shapes().items():
+            expected = {}
+            for name, shape in dense_block.items():
                 linear = name.rsplit(".", 1)[0]
                 if linear in BLOCK_LINEARS and f"{prefix}{linear}.reduce.weight" in self.weight_map:
                     continue  # a compressed linear: its factors are checked below
                 expected[prefix + name] = shape
+            self._check_shapes(expected)
             for linear in BLOCK_LINEARS:
                 if f"{prefix}{linear}.reduce.weight" in self.weight_map:
                     self._check_factors(prefix + linear, spec.linear_shape(linear))
+
+    def _check_shapes(self, expected: Mapping[str, tuple[int, ...]]) -> None:
         for name, shape in expected.items():
             if name not in self.shapes:
                 raise InputError(f"tensor {name} is missing from the checkpoint {self.folder}")
@@ -163,9 +170,12 @@ class CheckpointReader:
             with self._open(shard) as handle:
                 for name in shard_names:
                     try:
-                        tensors[name] = handle.get_tensor(name)
+                        tensor = handle.get_tensor(name)
                     except Exception as exc:
                         raise InputError(f"cannot read tensor {name} from {self.folder / shard}: {exc}") from None
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        raise NumericalError(f"tensor {name} in {self.folder / shard} holds NaN or Inf values")
+                    tensors[name] = tensor
         return tensors
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -182,13 +192,7 @@ class CheckpointReader:
 
     def parameter_count(self) -> int:
         """Parameters as stored (a tied lm_head is not stored and so not counted twice)."""
-        total = 0
-        for shape in self.shapes.values():
-            count = 1
-            for dim in shape:
-                count *= dim
-            total += count
-        return total
+        return sum(math.prod(shape) for shape in self.shapes.values())
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -206,8 +210,8 @@ class CheckpointReader:
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def prepare_output(source: Path, output: Path, overwrite: bool) -> None:
-    """Refuse outputs that would touch the source; empty an existing output only with overwrite."""
+def check_output_path(source: Path, output: Path) -> None:
+    """Refuse outputs that are, contain or lie inside the source: the source is never written to."""
     src, dst = source.resolve(), output.resolve()
     if dst == src:
         raise OutputError(f"output folder is the source folder: {output}")
@@ -215,36 +219,42 @@ def prepare_output(source: Path, output: Path, overwrite: bool) -> None:
         raise OutputError(f"output folder {output} is inside the source folder; the source is never written to")
     if dst in src.parents:
         raise OutputError(f"output folder {output} contains the source folder; choose another")
-    if dst.exists():
-        if not dst.is_dir():
-            raise OutputError(f"output path exists and is not a folder: {output}")
-        if any(dst.iterdir()):
-            if not overwrite:
-                raise OutputError(f"output folder is not empty: {output} (pass --overwrite to replace it)")
-            for child in dst.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
+    if dst.exists() and not dst.is_dir():
+        raise OutputError(f"output path exists and is not a folder: {output}")
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create output folder {output}: {exc.strerror}") from None
 
 
-class CheckpointWriter:
-    """Writes numbered shards atomically and, at the end, tokenizer files, config and index."""
+def clear_folder(folder: Path, keep: Iterable[str] = ()) -> None:
+    """Remove a folder's contents, except the names in `keep`."""
+    keep = set(keep)
+    for child in Path(folder).iterdir():
+        if child.name in keep:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
-    def __init__(self, folder: Path, total_shards: int):
+
+class CheckpointWriter:
+    """Writes numbered shards atomically and, at the end, tokenizer files, config and index.
+
+    `weight_map` carries over what an interrupted run already wrote.
+    """
+
+    def __init__(self, folder: Path, total_shards: int, weight_map: Mapping[str, str] | None = None):
         self.folder = Path(folder)
         self.total_shards = total_shards
-        self.weight_map: dict[str, str] = {}
-        self.total_size = 0
+        self.weight_map: dict[str, str] = dict(weight_map or {})
 
     def shard_name(self, number: int) -> str:
         return f"model-{number:05d}-of-{self.total_shards:05d}.safetensors"
 
-    def write_shard(self, number: int, tensors: Mapping[str, torch.Tensor]) -> str:
+    def write_shard(self, number: int, tensors: Mapping[str, torch.Tensor],
+                    before_rename: Callable[[], None] | None = None) -> str:
         name = self.shard_name(number)
         final = self.folder / name
         tmp = self.folder / f".{name}.tmp"
@@ -252,15 +262,31 @@ class CheckpointWriter:
         save_file(contiguous, str(tmp), metadata={"format": "pt"})
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, final)
-        for key, value in contiguous.items():
+        for key in [k for k, v in self.weight_map.items() if v == name]:
+            del self.weight_map[key]  # rewriting a shard of an interrupted run
+        for key in contiguous:
             self.weight_map[key] = name
-            self.total_size += value.numel() * value.element_size()
         return name
+
+    def total_size(self) -> int:
+        """Bytes of tensor data in all shards, from their headers (the index's metadata)."""
+        total = 0
+        for shard in sorted(set(self.weight_map.values())):
+            with safe_open(str(self.folder / shard), framework="pt") as handle:
+                for key in handle.keys():
+                    piece = handle.get_slice(key)
+                    total += math.prod(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
+        return total
 
     def finish(self, config: Mapping[str, Any], tokenizer_files: Iterable[Path]) -> None:
         for path in tokenizer_files:
             write_atomic(self.folder / path.name, path.read_bytes())
         write_atomic(self.folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        index = {"metadata": {"total_size": self.total_size()}, "weight_map": dict(sorted(self.weight_map.items()))}
         write_atomic(self.folder / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4}

@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"streamrom: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("streamrom: interrupted", file=sys.stderr)
+        resume = " (rerun the same command to resume)" if args.command == "compress" else ""
+        print(f"streamrom: interrupted{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # never a traceback for the user, unless asked for
         if args.debug:

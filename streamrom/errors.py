@@ -9,6 +9,8 @@ EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_INPUT = 3
 EXIT_OUTPUT = 4
+EXIT_BUSY = 5
+EXIT_RESOURCES = 6
 EXIT_INTERRUPTED = 130
 
 
@@ -34,3 +36,19 @@ class OutputError(StreamromError):
     """The output folder cannot be written as asked (exists, is the source, ...)."""
 
     exit_code = EXIT_OUTPUT
+
+
+class BusyError(StreamromError):
+    """Another run holds the output folder's lock."""
+
+    exit_code = EXIT_BUSY
+
+
+class ResourceError(StreamromError):
+    """Not enough disk space or memory, found up front or when a write failed."""
+
+    exit_code = EXIT_RESOURCES
+
+
+class NumericalError(InputError):
+    """NaN or Inf in source weights or in activations."""

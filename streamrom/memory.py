@@ -1,6 +1,7 @@
 """Measured memory: resident set size sampled in a thread, plus the operating system's own peak."""
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import threading
@@ -52,3 +53,43 @@ class RSSMonitor:
     @property
     def peak_bytes(self) -> int:
         return max(rss for _, rss in self.samples) if self.samples else 0
+
+
+def current_rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: int, seqlen: int,
+                             runtime_bytes: int) -> dict[str, int]:
+    """The parts of a compression's peak RSS, from shapes alone (bytes).
+
+    runtime: the interpreter, torch and the tokenizer, as measured before the run;
+    block: one block's weights as read (source dtype) plus its float32 working copy;
+    moments: the largest float64 moment matrix with the eigen-solver's copies of it;
+    activations: one chunk of tokens through the block's widest intermediate tensors;
+    embedding: the token embedding as read, while the first activations are computed.
+    """
+    hidden, inter = spec.hidden_size, spec.intermediate_size
+    q_width = spec.num_heads * spec.head_dim
+    block_params = sum(math.prod(shape) for shape in spec.dense_block_shapes().values())
+    moment_size = max(hidden, q_width) + 1  # inputs of q/k/v, o, gate/up; outputs of down (+1: bias)
+    widest = max(((o, i) for o, i in (spec.linear_shape(n) for n, r in plan.items() if r)), default=(0, 0),
+                 key=lambda shape: shape[0] * shape[1])
+    chunk = max(seqlen, (chunk_tokens // seqlen) * seqlen)
+    sequences_per_chunk = chunk // seqlen
+    return {
+        "runtime": runtime_bytes,
+        "block": block_params * (source_bytes + 4),
+        # accumulator + moment + output moment + eigenvectors, and for a wide linear W and W·L in float64
+        "moments": 4 * moment_size ** 2 * 8 + 2 * widest[0] * widest[1] * 8,
+        # residual, normed input, q, k, v (repeated), attention, gate, up, SwiGLU, float64 statistics copy
+        "activations": chunk * (6 * hidden + 3 * q_width + 4 * inter) * 4 + chunk * max(hidden, inter) * 8
+        + sequences_per_chunk * spec.num_heads * seqlen * seqlen * 4,
+        "embedding": spec.vocab_size * hidden * source_bytes + chunk * hidden * 4,
+    }
+
+
+def estimated_peak(parts: dict[str, int]) -> int:
+    """The embedding is freed before the first block is read: the larger of the two counts."""
+    steady = parts["runtime"] + max(parts["block"] + parts["moments"], parts["embedding"])
+    return steady + parts["activations"]

@@ -76,22 +76,33 @@ class ModelSpec:
         act = config.get("hidden_act", "silu")
         if act != "silu":
             raise InputError(f"unsupported hidden_act {act!r}: streamrom supports silu (SwiGLU)")
+        sizes = {}
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "vocab_size", "num_key_value_heads", "head_dim"):
+            value = config.get(key)
+            if value is None and key in ("num_key_value_heads", "head_dim"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+                raise InputError(f"config.json: {key} must be a positive integer, got {value!r}")
+            sizes[key] = value
+        hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
         try:
-            hidden = int(config["hidden_size"])
-            heads = int(config["num_attention_heads"])
-            spec_kwargs = dict(
-                model_type=model_type,
-                hidden_size=hidden,
-                intermediate_size=int(config["intermediate_size"]),
-                num_layers=int(config["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(config.get("num_key_value_heads") or heads),
-                head_dim=int(config.get("head_dim") or hidden // heads),
-                vocab_size=int(config["vocab_size"]),
-                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"config.json lacks a usable field: {exc}") from None
+            eps = float(config.get("rms_norm_eps", 1e-6))
+        except (TypeError, ValueError):
+            raise InputError(f"config.json: rms_norm_eps must be a number, got {config.get('rms_norm_eps')!r}") from None
+        spec_kwargs = dict(
+            model_type=model_type,
+            hidden_size=hidden,
+            intermediate_size=sizes["intermediate_size"],
+            num_layers=sizes["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=sizes.get("num_key_value_heads", heads),
+            head_dim=sizes.get("head_dim", hidden // heads),
+            vocab_size=sizes["vocab_size"],
+            rms_norm_eps=eps,
+        )
+        if spec_kwargs["head_dim"] < 1 or spec_kwargs["head_dim"] % 2:
+            raise InputError(f"config.json: head_dim must be a positive even number, got {spec_kwargs['head_dim']}")
         rope_theta, rope_scaling = _rope_settings(config)
         attention_bias = bool(config.get("attention_bias", False))
         use_sliding = model_type == "mistral" or bool(config.get("use_sliding_window", False))
@@ -159,7 +170,12 @@ def _rope_settings(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | N
     # transformers 4 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters.
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or None
-    theta = float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    if not isinstance(params, dict) or not (scaling is None or isinstance(scaling, dict)):
+        raise InputError("config.json: rope_parameters / rope_scaling must be objects")
+    try:
+        theta = float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    except (TypeError, ValueError):
+        raise InputError("config.json: rope_theta must be a number") from None
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = dict(params)
     if scaling is not None:
@@ -170,6 +186,11 @@ def _rope_settings(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | N
                 + ", ".join(SUPPORTED_ROPE_TYPES)
             )
         scaling = {**scaling, "rope_type": rope_type}
+        needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                    "original_max_position_embeddings")}.get(rope_type, ())
+        for key in needed:
+            if not isinstance(scaling.get(key), (int, float)) or isinstance(scaling.get(key), bool):
+                raise InputError(f"config.json: {rope_type} rope scaling needs a number {key}")
         if rope_type == "default":
             scaling = None
     return theta, scaling

@@ -6,22 +6,28 @@
 """
 from __future__ import annotations
 
+import errno
 import logging
+import math
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from . import decompose
 from .activations import ActivationBuffer, ActivationPair, chunk_ranges, embed_into, run_block
 from .calibration import CalibrationConfig, calibration_tokens
-from .checkpoint import CheckpointReader, CheckpointWriter, prepare_output
-from .errors import UsageError
-from .memory import RSSMonitor
-from .modeling import (BLOCK_LINEARS, EMBED, FINAL_NORM, LINEAR_GROUPS, LM_HEAD, Block,
+from .checkpoint import INDEX_FILE, CheckpointReader, CheckpointWriter, check_output_path, clear_folder
+from .errors import NumericalError, OutputError, ResourceError, UsageError
+from .memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak
+from .progress import LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments_fingerprint, source_fingerprint
+from .modeling import (BLOCK_LINEARS, EMBED, FINAL_NORM, LINEAR_GROUPS, LM_HEAD, NORMS, Block,
                        LowRankLinear, ModelSpec, Rotary, block_prefix)
 from .report import Report, StageTimer, memory_summary
 from .statistics import MomentAccumulator
@@ -122,7 +128,7 @@ def _low_rank_module(factors: decompose.Factors) -> LowRankLinear:
 @torch.no_grad()
 def compress_block(block: Block, plan: dict[str, int | None], inputs: ActivationBuffer,
                    cos: torch.Tensor, sin: torch.Tensor, config: CompressConfig,
-                   chunk_sequences: int, timer: StageTimer) -> None:
+                   chunk_sequences: int, timer: StageTimer, block_label: str = "") -> None:
     """Replace the planned linears of `block` by ROM factors, one group after the other.
 
     Each group's statistics are gathered with the groups before it already compressed, so later
@@ -146,6 +152,9 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
                     features = first(features)
             with timer("statistics"):
                 moments.add(features)
+        if not moments.is_finite():
+            raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo)} "
+                                 "(overflow in the source weights or in the layers before)")
         with timer("eigen"):
             second_moment, mean = moments.second_moment(), moments.mean()
             for name in todo:
@@ -169,15 +178,77 @@ def _block_tensors(block: Block, index: int, dtype: torch.dtype) -> dict[str, to
     return {prefix + key: value.to(dtype) for key, value in block.state_dict().items()}
 
 
+def _fault_point(name: str) -> None:
+    """Test hook: STREAMROM_FAULT=<name> kills the process here with SIGKILL, as a crash would;
+    STREAMROM_FAULT=sigint:<name> sends it SIGINT, as Ctrl-C would."""
+    fault = os.environ.get("STREAMROM_FAULT")
+    if fault == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == f"sigint:{name}":
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def _output_bytes(spec: ModelSpec, plan: dict[str, int | None], layers: list[int], dtype_bytes: int) -> int:
+    """Size of the compressed checkpoint's tensors, from the rank plan."""
+    params = sum(math.prod(shape) for shape in spec.global_shapes().values())
+    for index in range(spec.num_layers):
+        params += spec.hidden_size * len(NORMS)
+        for name in BLOCK_LINEARS:
+            out_features, in_features = spec.linear_shape(name)
+            rank = plan[name] if index in layers else None
+            params += out_features * in_features if rank is None else rank * (out_features + in_features)
+            params += out_features if spec.has_bias(name) else 0
+    return params * dtype_bytes
+
+
+def check_resources(output: Path, disk_needed: dict[str, int], memory_parts: dict[str, int]) -> None:
+    """Fail before the long work when the disk or the memory cannot hold the run."""
+    gib = 2 ** 30
+    free = shutil.disk_usage(output).free
+    needed = sum(disk_needed.values())
+    if needed > free:
+        detail = ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in disk_needed.items())
+        raise ResourceError(f"not enough free disk space in {output}: need {needed / gib:.2f} GiB "
+                            f"({detail}), have {free / gib:.2f} GiB")
+    peak = estimated_peak(memory_parts)
+    available = psutil.virtual_memory().available + memory_parts["runtime"]
+    if peak > available:
+        raise ResourceError(f"not enough memory: the run needs about {peak / gib:.2f} GiB, "
+                            f"{available / gib:.2f} GiB is available; lower --chunk-tokens")
+
+
+def _start_or_resume(output: Path, overwrite: bool, arguments: str, source: str) -> Progress:
+    """A fresh Progress, or the one of an interrupted run of the same arguments and source."""
+    previous = Progress.load(output)
+    finished = (output / INDEX_FILE).exists()
+    others = [p.name for p in output.iterdir() if p.name != LOCK_FILE]
+    if overwrite:
+        clear_folder(output, keep=(LOCK_FILE,))
+    elif previous is not None and not finished:
+        if previous.source != source:
+            raise OutputError(f"{output} holds an unfinished run of a different source checkpoint; "
+                              "pass --overwrite to start over")
+        if previous.arguments != arguments:
+            raise OutputError(f"{output} holds an unfinished run with other arguments or calibration data; "
+                              "rerun with the same ones to resume, or pass --overwrite to start over")
+        log.info("resuming %s after block %d", output, previous.blocks_done)
+        return previous
+    elif others:
+        raise OutputError(f"output folder is not empty: {output} (pass --overwrite to replace it)")
+    return Progress(arguments=arguments, source=source)
+
+
 def compress(source: str | Path, output: str | Path, config: CompressConfig = CompressConfig(),
              report_path: str | Path | None = None) -> Report:
     """Compress the checkpoint at `source` into `output`, one block in memory at a time.
 
+    An interrupted run (crash, kill, Ctrl-C) resumes when called again with the same arguments.
     Returns the run's Report, also written as JSON to `report_path` (default: inside `output`).
     """
     source, output = Path(source), Path(output)
     timer = StageTimer()
     start = time.perf_counter()
+    runtime_bytes = current_rss_bytes()
     with RSSMonitor() as monitor:
         with timer("read"):
             reader = CheckpointReader(source)
@@ -186,78 +257,127 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
         plan = rank_plan(spec, config)
         with timer("calibration"):
             tokens = calibration_tokens(config.calibration, source, spec.vocab_size)
-        prepare_output(source, output, config.overwrite)
-        dtype = reader.weight_dtype
         sequences, seqlen = tokens.shape
-        chunk_sequences = max(1, config.chunk_tokens // seqlen)
-        activations = ActivationPair(output / WORK_FOLDER, sequences, seqlen, spec.hidden_size)
-        writer = CheckpointWriter(output, spec.num_layers + 2)
-        ranks: dict[str, int | None] = {}
-        try:
-            with timer("read"):
-                embedding = reader.tensor(EMBED)
-            with timer("write"):
-                writer.write_shard(1, {EMBED: embedding})
-            with timer("forward"):
-                embed_into(embedding, tokens, activations.inputs, chunk_sequences)
-            del embedding
-            cos, sin = Rotary(spec).cos_sin(seqlen)
-            for index in range(spec.num_layers):
-                monitor.mark(f"block {index}")
-                with timer("read"):
-                    block = Block.from_tensors(spec, reader.block_tensors(index))
-                block_plan = plan if index in layers else dict.fromkeys(BLOCK_LINEARS)
-                compress_block(block, block_plan, activations.inputs, cos, sin, config,
-                               chunk_sequences, timer)
-                for name in BLOCK_LINEARS:
-                    ranks[f"{block_prefix(index)}{name}"] = block_plan[name]
-                if index + 1 < spec.num_layers:  # the last block's outputs feed nothing
-                    with timer("forward"):
-                        run_block(block, activations.inputs, activations.outputs, cos, sin, chunk_sequences)
-                    activations.swap()
-                with timer("write"):
-                    writer.write_shard(index + 2, _block_tensors(block, index, dtype))
-                del block
-                log.info("block %d/%d done", index + 1, spec.num_layers)
-            with timer("write"):
-                tail = [FINAL_NORM] + ([] if spec.tie_word_embeddings else [LM_HEAD])
-                writer.write_shard(spec.num_layers + 2, reader.read(tail))
-                out_config = dict(reader.config)
-                out_config["streamrom"] = {
-                    "format_version": FORMAT_VERSION,
-                    "method": config.method,
-                    "ratio": config.ratio,
-                    "rank": config.rank,
-                    "layers": layers,
-                    "ranks": ranks,
-                    "factor_tensors": {
-                        "reduce": "<linear>.reduce.weight: (rank, in) = Vᵀ W; <linear>.reduce.bias = Vᵀ b",
-                        "expand": "<linear>.expand.weight: (out, rank) = V; <linear>.expand.bias = (I − V Vᵀ) μ (centered only)",
-                    },
-                    "calibration": {"sequences": sequences, "seqlen": seqlen, "seed": config.calibration.seed},
-                }
-                writer.finish(out_config, reader.tokenizer_files())
-        finally:
-            activations.close()
-            shutil.rmtree(output / WORK_FOLDER, ignore_errors=True)
+        settings = {"ratio": config.ratio, "rank": config.rank, "layers": layers,
+                    "modules": list(config.modules), "method": config.method, "damping": config.damping,
+                    "chunk_tokens": config.chunk_tokens,
+                    "calibration": {"files": [str(p) for p in config.calibration.text_files] or ["(default)"],
+                                    "token_file": str(config.calibration.token_file or ""),
+                                    "sequences": sequences, "seqlen": seqlen,
+                                    "seed": config.calibration.seed}}
+        fingerprint = {k: v for k, v in settings.items() if k != "calibration"}
+        dtype = reader.weight_dtype
+        dtype_bytes = torch.finfo(dtype).bits // 8
+        memory_parts = estimate_compress_memory(spec, plan, dtype_bytes, config.chunk_tokens, seqlen,
+                                                runtime_bytes)
+        check_output_path(source, output)
+        with OutputLock(output) as lock:
+            progress = _start_or_resume(output, config.overwrite, arguments_fingerprint(fingerprint, tokens),
+                                        source_fingerprint(reader))
+            activation_bytes = 0 if progress.blocks_done >= 0 else 2 * tokens.size * spec.hidden_size * 4
+            written = sum(p.stat().st_size for p in output.glob("model-*.safetensors"))
+            check_resources(output, {"output": max(0, _output_bytes(spec, plan, layers, dtype_bytes) - written),
+                                     "activations": activation_bytes}, memory_parts)
+            progress.save(output)  # from here on, a failed run's leftovers are resumable, not foreign
+            try:
+                _run(reader, output, tokens, plan, layers, config, progress, timer, monitor)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise ResourceError(f"no space left writing {exc.filename or output}: {exc.strerror}; "
+                                        "free some and rerun the same command to resume") from None
+                raise OutputError(f"cannot write {exc.filename or output}: {exc.strerror}") from None
+            lock.release_and_remove()
     report = Report(
         command="compress", source=str(source), output=str(output), model_type=spec.model_type,
-        num_layers=spec.num_layers, method=config.method,
-        settings={"ratio": config.ratio, "rank": config.rank, "layers": layers,
-                  "modules": list(config.modules), "damping": config.damping,
-                  "chunk_tokens": config.chunk_tokens,
-                  "calibration": {"files": [str(p) for p in config.calibration.text_files] or ["(default)"],
-                                  "token_file": str(config.calibration.token_file or ""),
-                                  "sequences": sequences, "seqlen": seqlen,
-                                  "seed": config.calibration.seed}},
-        ranks=ranks,
+        num_layers=spec.num_layers, method=config.method, settings=settings, ranks=progress.ranks,
         parameters_before=reader.parameter_count(),
         parameters_after=CheckpointReader(output).parameter_count(),
         stage_seconds=timer.seconds, wall_seconds=time.perf_counter() - start,
-        memory={**memory_summary(monitor), "source_bytes_on_disk": reader.size_on_disk()},
+        memory={**memory_summary(monitor), "source_bytes_on_disk": reader.size_on_disk(),
+                "estimate": memory_parts, "estimated_peak_bytes": estimated_peak(memory_parts)},
     )
     report.write(Path(report_path) if report_path else output / REPORT_FILE)
     log.info("compressed %s -> %s: parameters %.3f of the original",
              source, output, report.parameter_ratio or 0.0)
     return report
 
+
+def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[str, int | None],
+         layers: list[int], config: CompressConfig, progress: Progress, timer: StageTimer,
+         monitor: RSSMonitor) -> None:
+    """The block loop. After every block, its shard and the next block's inputs are on disk before
+    the progress record says so; a rerun picks up from there."""
+    spec = reader.spec
+    dtype = reader.weight_dtype
+    sequences, seqlen = tokens.shape
+    chunk_sequences = max(1, config.chunk_tokens // seqlen)
+    resuming = progress.blocks_done >= 0
+    activations = ActivationPair(output / WORK_FOLDER, sequences, seqlen, spec.hidden_size,
+                                 inputs_name=progress.inputs_file if resuming else None)
+    writer = CheckpointWriter(output, spec.num_layers + 2, progress.weight_map)
+
+    def record(blocks_done: int) -> None:
+        progress.blocks_done = blocks_done
+        progress.inputs_file = activations.inputs.path.name
+        progress.weight_map = dict(writer.weight_map)
+        progress.save(output)
+
+    finished = False
+    try:
+        if not resuming:
+            with timer("read"):
+                embedding = reader.tensor(EMBED)
+            with timer("write"):
+                writer.write_shard(1, {EMBED: embedding})
+            with timer("forward"):
+                embed_into(embedding, tokens, activations.inputs, chunk_sequences)
+                activations.inputs.sync()
+            del embedding
+            record(0)
+        cos, sin = Rotary(spec).cos_sin(seqlen)
+        for index in range(progress.blocks_done, spec.num_layers):
+            monitor.mark(f"block {index}")
+            with timer("read"):
+                block = Block.from_tensors(spec, reader.block_tensors(index))
+            block_plan = plan if index in layers else dict.fromkeys(BLOCK_LINEARS)
+            compress_block(block, block_plan, activations.inputs, cos, sin, config, chunk_sequences, timer,
+                           block_label=block_prefix(index))
+            _fault_point(f"during-block-{index}")
+            if index + 1 < spec.num_layers:  # the last block's outputs feed nothing
+                with timer("forward"):
+                    run_block(block, activations.inputs, activations.outputs, cos, sin, chunk_sequences)
+                    activations.outputs.sync()
+                activations.swap()
+            with timer("write"):
+                writer.write_shard(index + 2, _block_tensors(block, index, dtype),
+                                   before_rename=lambda: _fault_point(f"writing-block-{index}"))
+            for name in BLOCK_LINEARS:
+                progress.ranks[f"{block_prefix(index)}{name}"] = block_plan[name]
+            record(index + 1)
+            _fault_point(f"after-block-{index}")
+            del block
+            log.info("block %d/%d done", index + 1, spec.num_layers)
+        with timer("write"):
+            tail = [FINAL_NORM] + ([] if spec.tie_word_embeddings else [LM_HEAD])
+            writer.write_shard(spec.num_layers + 2, reader.read(tail))
+            out_config = dict(reader.config)
+            out_config["streamrom"] = {
+                "format_version": FORMAT_VERSION,
+                "method": config.method,
+                "ratio": config.ratio,
+                "rank": config.rank,
+                "layers": layers,
+                "ranks": progress.ranks,
+                "factor_tensors": {
+                    "reduce": "<linear>.reduce.weight: (rank, in) = Vᵀ W; <linear>.reduce.bias = Vᵀ b",
+                    "expand": "<linear>.expand.weight: (out, rank) = V; <linear>.expand.bias = (I − V Vᵀ) μ (centered only)",
+                },
+                "calibration": {"sequences": sequences, "seqlen": seqlen, "seed": config.calibration.seed},
+            }
+            writer.finish(out_config, reader.tokenizer_files())
+        finished = True
+    finally:
+        # Kept on failure or interruption: the activations are what a rerun resumes from.
+        activations.close(remove=finished)
+    shutil.rmtree(output / WORK_FOLDER, ignore_errors=True)
+    (output / PROGRESS_FILE).unlink(missing_ok=True)

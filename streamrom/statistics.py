@@ -26,3 +26,6 @@ class MomentAccumulator:
 
     def mean(self) -> np.ndarray:
         return (self.sum / self.count).numpy()
+
+    def is_finite(self) -> bool:
+        return bool(torch.isfinite(self.sum_outer).all() and torch.isfinite(self.sum).all())

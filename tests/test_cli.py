@@ -12,7 +12,7 @@ import pytest
 from streamrom.cli import main
 from streamrom.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_USAGE
 
-from conftest import EVAL_TEXT, folder_digest, make_tiny
+from conftest import EVAL_TEXT, folder_digest
 
 
 @pytest.fixture()

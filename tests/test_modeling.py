@@ -1,7 +1,6 @@
 """Our plain-torch block and model against transformers' (a test-only dependency)."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

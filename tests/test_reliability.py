@@ -1,0 +1,291 @@
+"""Nightly-run reliability: kills and resume, determinism, locks, faults, up-front checks, fuzzing.
+
+Streaming tests on tiny random-weight models (shapes, files and control flow, not accuracy)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import streamrom
+from streamrom import CalibrationConfig, CompressConfig
+from streamrom.checkpoint import CheckpointReader
+from streamrom.cli import main
+from streamrom.errors import (EXIT_BUSY, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_RESOURCES,
+                              ResourceError, StreamromError)
+from streamrom.progress import PROGRESS_FILE, OutputLock
+
+from conftest import folder_digest, make_tiny
+
+MODEL_FILES = ("*.safetensors", "model.safetensors.index.json", "config.json")
+
+
+@pytest.fixture(scope="module")
+def deep_tiny(tmp_path_factory) -> Path:
+    """A tiny llama with 6 blocks, so that kills can land before, between and after blocks."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 6
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("deep") / "src"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def cli_command(source, output, tokens, *extra) -> list[str]:
+    return [sys.executable, "-m", "streamrom.cli", "--quiet", "compress", str(source), str(output),
+            "--calib-tokens", str(tokens), "--calib-sequences", "8", "--calib-seqlen", "64",
+            "--chunk-tokens", "128", "--ratio", "0.5", *extra]
+
+
+def run(command, fault: str | None = None, preexec=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("STREAMROM_FAULT", None)
+    if fault:
+        env["STREAMROM_FAULT"] = fault
+    return subprocess.run(command, capture_output=True, text=True, env=env, preexec_fn=preexec, timeout=300)
+
+
+def model_files(folder: Path) -> dict[str, bytes]:
+    files = {}
+    for pattern in MODEL_FILES:
+        for path in folder.glob(pattern):
+            files[path.name] = path.read_bytes()
+    return files
+
+
+@pytest.fixture(scope="module")
+def reference(deep_tiny, tiny_tokens, tmp_path_factory) -> dict[str, bytes]:
+    output = tmp_path_factory.mktemp("ref") / "out"
+    result = run(cli_command(deep_tiny, output, tiny_tokens))
+    assert result.returncode == 0, result.stderr
+    assert not (output / PROGRESS_FILE).exists() and not (output / ".streamrom-work").exists()
+    return model_files(output)
+
+
+def test_same_command_gives_bit_identical_files(deep_tiny, tiny_tokens, tmp_path, reference):
+    output = tmp_path / "again"
+    assert run(cli_command(deep_tiny, output, tiny_tokens)).returncode == 0
+    assert model_files(output) == reference
+
+
+@pytest.mark.parametrize("point", ["after-block-0", "during-block-2", "writing-block-3", "after-block-4",
+                                   "writing-block-5"])
+def test_sigkill_then_rerun_resumes_to_identical_files(deep_tiny, tiny_tokens, tmp_path, reference, point):
+    output = tmp_path / "out"
+    source_digest = folder_digest(deep_tiny)
+    killed = run(cli_command(deep_tiny, output, tiny_tokens), fault=point)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (output / "model.safetensors.index.json").exists(), "a killed run must look unfinished"
+    progress = json.loads((output / PROGRESS_FILE).read_text())
+    resumed = run(cli_command(deep_tiny, output, tiny_tokens, "--report", str(tmp_path / "r.json")))
+    assert resumed.returncode == 0, resumed.stderr
+    assert model_files(output) == reference
+    assert folder_digest(deep_tiny) == source_digest
+    # It really resumed: blocks finished before the kill were not redone.
+    assert progress["blocks_done"] >= 1
+    log = run(cli_command(deep_tiny, tmp_path / "fresh", tiny_tokens))
+    assert log.returncode == 0
+
+
+def test_resume_is_logged_and_skips_finished_blocks(deep_tiny, tiny_tokens, tmp_path, reference):
+    output = tmp_path / "out"
+    assert run(cli_command(deep_tiny, output, tiny_tokens), fault="after-block-3").returncode == -signal.SIGKILL
+    command = cli_command(deep_tiny, output, tiny_tokens)
+    command.remove("--quiet")
+    resumed = run(command)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and "after block 4" in resumed.stderr
+    assert "block 1/6 done" not in resumed.stderr and "block 5/6 done" in resumed.stderr
+    assert model_files(output) == reference
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(deep_tiny, tiny_tokens, tmp_path, reference):
+    output = tmp_path / "out"
+    stopped = run(cli_command(deep_tiny, output, tiny_tokens), fault="sigint:during-block-2")
+    assert stopped.returncode == EXIT_INTERRUPTED
+    assert stopped.stderr.strip().splitlines() == ["streamrom: interrupted (rerun the same command to resume)"]
+    assert not (output / "model.safetensors.index.json").exists()
+    assert run(cli_command(deep_tiny, output, tiny_tokens)).returncode == 0
+    assert model_files(output) == reference
+
+
+def test_other_arguments_or_source_are_refused_then_overwrite_starts_over(deep_tiny, tiny_tokens, tmp_path,
+                                                                         reference):
+    output = tmp_path / "out"
+    assert run(cli_command(deep_tiny, output, tiny_tokens), fault="after-block-1").returncode == -signal.SIGKILL
+    other = cli_command(deep_tiny, output, tiny_tokens)
+    other[other.index("--ratio") + 1] = "0.4"
+    refused = run(other)
+    assert refused.returncode == EXIT_OUTPUT
+    assert "unfinished run with other arguments" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    changed = tmp_path / "changed"
+    shutil.copytree(deep_tiny, changed)
+    state = load_file(changed / "model.safetensors")
+    state["model.layers.0.input_layernorm.weight"] = state["model.layers.0.input_layernorm.weight"][:32].repeat(2)
+    save_file(state, changed / "model.safetensors", metadata={"format": "pt"})
+    changed_config = json.loads((changed / "config.json").read_text())
+    changed_config["rms_norm_eps"] = 1e-5
+    (changed / "config.json").write_text(json.dumps(changed_config))
+    refused = run(cli_command(changed, output, tiny_tokens))
+    assert refused.returncode == EXIT_OUTPUT and "different source" in refused.stderr
+    assert run(cli_command(deep_tiny, output, tiny_tokens, "--overwrite")).returncode == 0
+    assert model_files(output) == reference
+
+
+def test_second_run_on_the_same_output_is_locked_out(deep_tiny, tiny_tokens, tmp_path):
+    output = tmp_path / "out"
+    with OutputLock(output):
+        busy = run(cli_command(deep_tiny, output, tiny_tokens))
+    assert busy.returncode == EXIT_BUSY
+    assert "another streamrom run is writing" in busy.stderr and len(busy.stderr.splitlines()) == 1
+    assert run(cli_command(deep_tiny, output, tiny_tokens)).returncode == 0
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_failing_writes_give_one_line_and_resume_afterwards(deep_tiny, tiny_tokens, tmp_path, reference):
+    """Disk full, simulated at the OS level: the process may write no file larger than 60 kB."""
+    output = tmp_path / "out"
+    digest = folder_digest(deep_tiny)
+    full = run(cli_command(deep_tiny, output, tiny_tokens), preexec=_limit_file_size(60_000))
+    assert full.returncode == EXIT_RESOURCES, full.stderr
+    lines = full.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no space left writing" in lines[0]
+    assert not (output / "model.safetensors.index.json").exists()
+    assert folder_digest(deep_tiny) == digest
+    assert run(cli_command(deep_tiny, output, tiny_tokens)).returncode == 0
+    assert model_files(output) == reference
+
+
+def test_up_front_disk_check_names_the_numbers(deep_tiny, tiny_tokens, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("streamrom.pipeline.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    config = CompressConfig(calibration=CalibrationConfig(token_file=tiny_tokens, sequences=8, seqlen=64))
+    with pytest.raises(ResourceError, match=r"not enough free disk space .* need 0\.\d+ GiB \(output .* activations"):
+        streamrom.compress(deep_tiny, tmp_path / "out", config)
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_up_front_memory_check(deep_tiny, tiny_tokens, tmp_path, monkeypatch):
+    class Tiny:
+        available = 1000
+    monkeypatch.setattr("streamrom.pipeline.psutil.virtual_memory", lambda: Tiny())
+    config = CompressConfig(calibration=CalibrationConfig(token_file=tiny_tokens, sequences=8, seqlen=64))
+    with pytest.raises(ResourceError, match="not enough memory: the run needs about"):
+        streamrom.compress(deep_tiny, tmp_path / "out", config)
+
+
+@pytest.mark.parametrize("where", ["weights", "activations"])
+def test_nan_or_inf_is_refused(tmp_path, tiny_tokens, capsys, where):
+    source = make_tiny(tmp_path / "src", "llama")
+    state = load_file(source / "model.safetensors")
+    if where == "weights":
+        state["model.layers.1.self_attn.v_proj.weight"][3, 5] = float("nan")
+    else:  # finite weights whose activations overflow float32: gate·up of ~1e37 each is Inf
+        state["model.layers.1.post_attention_layernorm.weight"].fill_(3e38)
+    save_file(state, source / "model.safetensors", metadata={"format": "pt"})
+    digest = folder_digest(source)
+    capsys.readouterr()  # drop what building the model printed
+    code = main(["--quiet", "compress", str(source), str(tmp_path / "out"), "--calib-tokens", str(tiny_tokens),
+                 "--calib-sequences", "4", "--calib-seqlen", "64"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_INPUT and len(err) == 1
+    assert ("v_proj.weight" in err[0] and "NaN or Inf" in err[0]) if where == "weights" else "NaN or Inf activations" in err[0]
+    assert folder_digest(source) == digest
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def _mutations(rng: random.Random, data: bytes, count: int):
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    for _ in range(count):
+        kind = rng.choice(["truncate", "flip", "flip-length", "truncate-header"])
+        if kind == "truncate":
+            yield data[: rng.randrange(0, len(data))]
+        elif kind == "truncate-header":
+            yield data[: rng.randrange(0, header_end)]
+        elif kind == "flip-length":
+            mutated = bytearray(data)
+            mutated[rng.randrange(0, 8)] ^= 1 << rng.randrange(8)
+            yield bytes(mutated)
+        else:
+            mutated = bytearray(data)
+            for _ in range(rng.randint(1, 4)):
+                mutated[rng.randrange(8, header_end)] ^= 1 << rng.randrange(8)
+            yield bytes(mutated)
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _read_within(folder: Path, seconds: int = 20) -> None:
+    """Open and read a checkpoint; fail the test on a hang or on anything but a StreamromError."""
+    def on_alarm(signum, frame):
+        raise _Timeout()
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        reader = CheckpointReader(folder)
+        reader.block_tensors(0)
+        reader.tensor("model.embed_tokens.weight")
+    except StreamromError as exc:
+        assert str(exc) and "\n" not in str(exc)
+    except _Timeout:
+        pytest.fail(f"reading {folder} hung")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_fuzzed_safetensors_headers_never_traceback_or_hang(tmp_path, tiny_models):
+    original = (tiny_models["llama"] / "model.safetensors").read_bytes()
+    folder = tmp_path / "fuzz"
+    shutil.copytree(tiny_models["llama"], folder)
+    rng = random.Random(1234)
+    for mutated in _mutations(rng, original, 150):
+        (folder / "model.safetensors").write_bytes(mutated)
+        _read_within(folder)
+
+
+def test_fuzzed_configs_never_traceback_or_hang(tmp_path, tiny_models):
+    original = json.loads((tiny_models["qwen2"] / "config.json").read_text())
+    folder = tmp_path / "fuzz"
+    shutil.copytree(tiny_models["qwen2"], folder)
+    rng = random.Random(99)
+    values = [None, -1, 0, 1, 3, 2**40, 1e300, float("nan"), "64", "", [], {}, True, 64.5]
+    text = json.dumps(original)
+    for case in range(200):
+        if case % 4 == 0:  # raw text damage: truncation or a flipped byte
+            raw = bytearray(text.encode())
+            if rng.random() < 0.5:
+                raw = raw[: rng.randrange(len(raw))]
+            else:
+                raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(7)
+            (folder / "config.json").write_bytes(bytes(raw))
+        else:
+            config = dict(original)
+            for key in rng.sample(sorted(config), rng.randint(1, 3)):
+                config[key] = rng.choice(values)
+            (folder / "config.json").write_text(json.dumps(config))
+        _read_within(folder)
