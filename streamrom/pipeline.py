@@ -27,7 +27,7 @@ from .checkpoint import INDEX_FILE, CheckpointReader, CheckpointWriter, check_ou
 from .errors import NumericalError, OutputError, ResourceError, UsageError
 from .memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak
 from .progress import LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments_fingerprint, source_fingerprint
-from .modeling import (BLOCK_LINEARS, EMBED, FINAL_NORM, LINEAR_GROUPS, LM_HEAD, NORMS, Block,
+from .modeling import (BLOCK_LINEARS, EMBED, FINAL_NORM, LINEAR_GROUPS, LM_HEAD, Block,
                        LowRankLinear, ModelSpec, Rotary, block_prefix)
 from .report import Report, StageTimer, memory_summary
 from .statistics import MomentAccumulator
@@ -188,16 +188,21 @@ def _fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGINT)
 
 
-def _output_bytes(spec: ModelSpec, plan: dict[str, int | None], layers: list[int], dtype_bytes: int) -> int:
+def _output_bytes(spec: ModelSpec, plan: dict[str, int | None], layers: list[int], dtype_bytes: int,
+                  centered: bool = False) -> int:
     """Size of the compressed checkpoint's tensors, from the rank plan."""
     params = sum(math.prod(shape) for shape in spec.global_shapes().values())
+    chosen = set(layers)
     for index in range(spec.num_layers):
-        params += spec.hidden_size * len(NORMS)
-        for name in BLOCK_LINEARS:
-            out_features, in_features = spec.linear_shape(name)
-            rank = plan[name] if index in layers else None
-            params += out_features * in_features if rank is None else rank * (out_features + in_features)
-            params += out_features if spec.has_bias(name) else 0
+        for name, shape in spec.dense_block_shapes().items():
+            linear, _, kind = name.rpartition(".")
+            rank = plan.get(linear) if index in chosen else None
+            if not rank:
+                params += math.prod(shape)
+            elif kind == "weight":  # factors rank x (out + in), and the centered mean correction
+                params += rank * sum(shape) + (shape[0] if centered else 0)
+            else:  # a bias becomes Vᵀ b, rank entries
+                params += rank
     return params * dtype_bytes
 
 
@@ -276,7 +281,8 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
                                         source_fingerprint(reader))
             activation_bytes = 0 if progress.blocks_done >= 0 else 2 * tokens.size * spec.hidden_size * 4
             written = sum(p.stat().st_size for p in output.glob("model-*.safetensors"))
-            check_resources(output, {"output": max(0, _output_bytes(spec, plan, layers, dtype_bytes) - written),
+            check_resources(output, {"output": max(0, _output_bytes(spec, plan, layers, dtype_bytes,
+                                                                    config.centered) - written),
                                      "activations": activation_bytes}, memory_parts)
             progress.save(output)  # from here on, a failed run's leftovers are resumable, not foreign
             try:

@@ -289,3 +289,18 @@ def test_fuzzed_configs_never_traceback_or_hang(tmp_path, tiny_models):
                 config[key] = rng.choice(values)
             (folder / "config.json").write_text(json.dumps(config))
         _read_within(folder)
+
+
+@pytest.mark.parametrize("kind,layers,method", [("qwen2", "all", "rom"), ("qwen2", "all", "rom-centered"),
+                                               ("llama", "last:2", "rom"), ("mistral", "0", "rom")])
+def test_disk_estimate_equals_the_written_size(tiny_models, tiny_tokens, tmp_path, kind, layers, method):
+    from streamrom.pipeline import _output_bytes, parse_layers, rank_plan
+
+    config = CompressConfig(ratio=0.5, layers=layers, method=method,
+                            calibration=CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=64))
+    streamrom.compress(tiny_models[kind], tmp_path / "out", config)
+    spec = CheckpointReader(tiny_models[kind]).spec
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    estimate = _output_bytes(spec, rank_plan(spec, config), parse_layers(layers, spec.num_layers), 4,
+                             config.centered)
+    assert estimate == index["metadata"]["total_size"]
