@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens per forward chunk; bounds activation memory (default 2048)")
     comp.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
     comp.add_argument("--report", type=Path, help="JSON report path (default: DST/streamrom-report.json)")
+    comp.add_argument("--eval-text", type=Path, nargs="+", default=[],
+                      help="after compressing, put the result's perplexity on these texts in the report")
+    comp.add_argument("--eval-max-windows", type=_positive_int,
+                      help="with --eval-text: only the first N windows of 512 tokens (default: all)")
 
     ev = sub.add_parser("eval", help="perplexity of a checkpoint, streamed block by block",
                         description="Perplexity over non-overlapping windows of the given text.")
@@ -115,11 +119,14 @@ def _run(args: argparse.Namespace) -> None:
             ratio=args.ratio, rank=args.rank, layers=args.layers, method=args.method,
             chunk_tokens=args.chunk_tokens, calibration=calibration, overwrite=args.overwrite,
             **({"modules": args.modules} if args.modules else {}))
-        report = compress(args.source, args.output, config, args.report)
+        report = compress(args.source, args.output, config, args.report, eval_text=args.eval_text,
+                          eval_max_windows=args.eval_max_windows)
         compressed = sum(1 for r in report.ranks.values() if r is not None)
         print(f"compressed {compressed} linears; parameters {report.parameters_before:,} -> "
               f"{report.parameters_after:,} ({report.parameter_ratio:.4f}); "
               f"peak RSS {report.memory['peak_rss_bytes'] / 2**20:.0f} MiB; {report.wall_seconds:.1f} s")
+        if report.perplexity is not None:
+            print(f"perplexity {report.perplexity:.4f} over {report.evaluation['windows']} windows")
     elif args.command == "eval":
         from .evaluate import evaluate
 

@@ -84,6 +84,7 @@ def evaluate(checkpoint: str | Path, text_files: list[Path] | tuple[Path, ...], 
     report = Report(
         command="eval", source=str(checkpoint), model_type=spec.model_type, num_layers=spec.num_layers,
         method=(reader.config.get("streamrom") or {}).get("method", "dense"),
+        ranks=(reader.config.get("streamrom") or {}).get("ranks", {}),
         parameters_after=reader.parameter_count(), perplexity=perplexity,
         evaluation={"text_files": [str(p) for p in text_files], "seqlen": seqlen,
                     "windows": len(windows), "predicted_tokens": count,

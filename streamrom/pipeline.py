@@ -24,7 +24,8 @@ from . import decompose
 from .activations import ActivationBuffer, ActivationPair, chunk_ranges, embed_into, run_block
 from .calibration import CalibrationConfig, calibration_tokens
 from .checkpoint import INDEX_FILE, CheckpointReader, CheckpointWriter, check_output_path, clear_folder
-from .errors import NumericalError, OutputError, ResourceError, UsageError
+from .errors import InputError, NumericalError, OutputError, ResourceError, UsageError
+from .evaluate import evaluate
 from .memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak
 from .progress import LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments_fingerprint, source_fingerprint
 from .modeling import (BLOCK_LINEARS, EMBED, FINAL_NORM, LINEAR_GROUPS, LM_HEAD, Block,
@@ -244,13 +245,18 @@ def _start_or_resume(output: Path, overwrite: bool, arguments: str, source: str)
 
 
 def compress(source: str | Path, output: str | Path, config: CompressConfig = CompressConfig(),
-             report_path: str | Path | None = None) -> Report:
+             report_path: str | Path | None = None, eval_text: list[Path] | tuple[Path, ...] = (),
+             eval_seqlen: int = 512, eval_max_windows: int | None = None) -> Report:
     """Compress the checkpoint at `source` into `output`, one block in memory at a time.
 
     An interrupted run (crash, kill, Ctrl-C) resumes when called again with the same arguments.
+    With `eval_text`, the result's perplexity on it (streamed, as `evaluate`) goes into the report.
     Returns the run's Report, also written as JSON to `report_path` (default: inside `output`).
     """
     source, output = Path(source), Path(output)
+    for path in eval_text:  # found missing now, not after an hour of compression
+        if not Path(path).is_file():
+            raise InputError(f"evaluation text not found: {path}")
     timer = StageTimer()
     start = time.perf_counter()
     runtime_bytes = current_rss_bytes()
@@ -302,9 +308,15 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
         memory={**memory_summary(monitor), "source_bytes_on_disk": reader.size_on_disk(),
                 "estimate": memory_parts, "estimated_peak_bytes": estimated_peak(memory_parts)},
     )
-    report.write(Path(report_path) if report_path else output / REPORT_FILE)
     log.info("compressed %s -> %s: parameters %.3f of the original",
              source, output, report.parameter_ratio or 0.0)
+    if eval_text:
+        evaluation = evaluate(output, eval_text, seqlen=eval_seqlen, max_windows=eval_max_windows,
+                              chunk_tokens=config.chunk_tokens)
+        report.perplexity, report.evaluation = evaluation.perplexity, evaluation.evaluation
+        report.stage_seconds["evaluate"] = evaluation.wall_seconds
+        report.memory["evaluate_peak_rss_bytes"] = evaluation.memory["peak_rss_bytes"]
+    report.write(Path(report_path) if report_path else output / REPORT_FILE)
     return report
 
 

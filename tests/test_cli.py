@@ -117,6 +117,13 @@ def test_too_short_calibration_text(capsys, tmp_path, smollm2_dir):
     assert_clean_failure(code, err, EXIT_INPUT, "calibration text too short", tmp_path / "out")
 
 
+def test_missing_eval_text_fails_before_compressing(capsys, tmp_path, tiny, tiny_tokens):
+    code, err = run_cli(capsys, compress_args(tiny, tmp_path / "out", tiny_tokens,
+                                              "--eval-text", tmp_path / "nope.txt"))
+    assert_clean_failure(code, err, EXIT_INPUT, "evaluation text not found", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_equal_to_source(capsys, tiny, tiny_tokens):
     digest = folder_digest(tiny)
     code, err = run_cli(capsys, compress_args(tiny, tiny, tiny_tokens))

@@ -138,7 +138,8 @@ def test_last_half_at_ratio_08_and_load_agrees_with_eval(smollm2_dir, tmp_path, 
     output = tmp_path / "half"
     config = CompressConfig(ratio=0.8, layers="last:15",
                             calibration=CalibrationConfig(text_files=(CALIBRATION_TEXT,), sequences=8, seqlen=256))
-    report = streamrom.compress(smollm2_dir, output, config)
+    report = streamrom.compress(smollm2_dir, output, config, eval_text=[EVAL_TEXT], eval_seqlen=256,
+                                eval_max_windows=4)
     compressed = [k for k, r in report.ranks.items() if r is not None]
     assert len(compressed) == 15 * 7
     assert all(int(k.split(".")[2]) >= 15 for k in compressed)
@@ -155,8 +156,9 @@ def test_last_half_at_ratio_08_and_load_agrees_with_eval(smollm2_dir, tmp_path, 
     assert config_out["ranks"]["model.layers.20.mlp.down_proj"] == report.ranks["model.layers.20.mlp.down_proj"]
     saved = read_json(output / "streamrom-report.json")
     assert saved["memory"]["peak_rss_bytes"] > 0 and saved["stage_seconds"]["eigen"] > 0
+    assert saved["perplexity"] == report.perplexity and saved["evaluation"]["windows"] == 4
 
-    evaluated = streamrom.evaluate(output, [EVAL_TEXT], seqlen=256, max_windows=4).perplexity
+    evaluated = report.perplexity  # streamed by evaluate() inside compress
     loaded = perplexity_of(streamrom.load(output), eval_ids)
     assert loaded == pytest.approx(evaluated, rel=1e-4)
     dense = streamrom.evaluate(smollm2_dir, [EVAL_TEXT], seqlen=256, max_windows=4).perplexity
