@@ -93,6 +93,38 @@ class ActivationPair:
                     pass
 
 
+class BlockCache:
+    """Disk buffers for one block's intermediates while it is compressed group by group: the
+    attention output (o_proj's input), the residual after attention, and the SwiGLU activations
+    (down_proj's input). Each is written by the pass that first computes it with the layers before
+    it already compressed, so the block costs one forward pass however many groups it has."""
+
+    NAMES = ("attention", "residual", "mlp")
+
+    def __init__(self, folder: Path, sequences: int, length: int, attention_width: int, hidden: int,
+                 intermediate: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        widths = dict(zip(self.NAMES, (attention_width, hidden, intermediate)))
+        self.buffers = {name: ActivationBuffer(folder / f"cache-{name}.f32", sequences, length, width)
+                        for name, width in widths.items()}
+
+    def __getitem__(self, name: str) -> ActivationBuffer:
+        return self.buffers[name]
+
+    @staticmethod
+    def bytes_needed(tokens: int, attention_width: int, hidden: int, intermediate: int) -> int:
+        return tokens * (attention_width + hidden + intermediate) * 4
+
+    def close(self, remove: bool = True) -> None:
+        for buffer in self.buffers.values():
+            buffer.close()
+            if remove:
+                try:
+                    os.unlink(buffer.path)
+                except FileNotFoundError:
+                    pass
+
+
 def chunk_ranges(sequences: int, chunk_sequences: int) -> Iterator[tuple[int, int]]:
     for start in range(0, sequences, chunk_sequences):
         yield start, min(start + chunk_sequences, sequences)

@@ -352,23 +352,26 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        attn = self.self_attn.core(self.input_layernorm(x), cos, sin)
-        x = x + self.self_attn.o_proj(attn)
-        return x + self.mlp.down_proj(self.mlp.hidden(self.post_attention_layernorm(x)))
+    # The forward pass in the steps the compressor observes; each returns a group's input or what
+    # the next step needs, so cached intermediates and a plain forward compute the same thing.
+    def attention_output(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The input of o_proj."""
+        return self.self_attn.core(self.input_layernorm(x), cos, sin)
 
-    def group_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, group: int) -> torch.Tensor:
-        """The input features of LINEAR_GROUPS[group], through the block's current (partly compressed) layers."""
-        h = self.input_layernorm(x)
-        if group == 0:
-            return h
-        attn = self.self_attn.core(h, cos, sin)
-        if group == 1:
-            return attn
-        h2 = self.post_attention_layernorm(x + self.self_attn.o_proj(attn))
-        if group == 2:
-            return h2
-        return self.mlp.hidden(h2)
+    def after_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The residual stream after attention."""
+        return x + self.self_attn.o_proj(attn)
+
+    def mlp_activations(self, mid: torch.Tensor) -> torch.Tensor:
+        """The input of down_proj."""
+        return self.mlp.hidden(self.post_attention_layernorm(mid))
+
+    def block_output(self, mid: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        return mid + self.mlp.down_proj(activations)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        mid = self.after_attention(x, self.attention_output(x, cos, sin))
+        return self.block_output(mid, self.mlp_activations(mid))
 
     def linear(self, name: str) -> nn.Module:
         return self.get_submodule(name)

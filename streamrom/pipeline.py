@@ -21,7 +21,7 @@ import psutil
 import torch
 
 from . import decompose
-from .activations import ActivationBuffer, ActivationPair, chunk_ranges, embed_into, run_block
+from .activations import ActivationBuffer, ActivationPair, BlockCache, chunk_ranges, embed_into, run_block
 from .calibration import CalibrationConfig, calibration_tokens
 from .checkpoint import INDEX_FILE, CheckpointReader, CheckpointWriter, check_output_path, clear_folder
 from .errors import InputError, NumericalError, OutputError, ResourceError, UsageError
@@ -128,31 +128,45 @@ def _low_rank_module(factors: decompose.Factors) -> LowRankLinear:
 
 @torch.no_grad()
 def compress_block(block: Block, plan: dict[str, int | None], inputs: ActivationBuffer,
-                   cos: torch.Tensor, sin: torch.Tensor, config: CompressConfig,
-                   chunk_sequences: int, timer: StageTimer, block_label: str = "") -> None:
-    """Replace the planned linears of `block` by ROM factors, one group after the other.
+                   outputs: ActivationBuffer | None, cache: BlockCache, cos: torch.Tensor, sin: torch.Tensor,
+                   config: CompressConfig, chunk_sequences: int, timer: StageTimer,
+                   block_label: str = "") -> None:
+    """Replace the planned linears of `block` by ROM factors, one group after the other, and write
+    the compressed block's outputs for `inputs` to `outputs` (unless None).
 
     Each group's statistics are gathered with the groups before it already compressed, so later
-    factors compensate for the error of earlier ones.
+    factors compensate for the error of earlier ones. Pass g computes the block up to group g's
+    input from the intermediates pass g-1 left in `cache`, so all passes together cost one forward.
     """
-    for group_index, group in enumerate(LINEAR_GROUPS):
-        todo = [name for name in group if plan[name] is not None]
-        if not todo:
-            continue
-        first = block.linear(todo[0])
-        out_features, in_features = first.weight.shape
-        # A lone linear narrower at its output than its input (down_proj) has its output moment
-        # accumulated directly: out x out is the smaller matrix. Otherwise the shared input moment.
-        observe_outputs = len(group) == 1 and out_features < in_features
-        moments = MomentAccumulator(out_features if observe_outputs else in_features)
-        for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
-            x = inputs.read(start, stop)
+    work = [[name for name in group if plan[name] is not None] for group in LINEAR_GROUPS]
+    last = max((g for g, todo in enumerate(work) if todo), default=-1)
+    if last < 0:
+        if outputs is not None:
             with timer("forward"):
-                features = block.group_inputs(x, cos, sin, group_index)
+                run_block(block, inputs, outputs, cos, sin, chunk_sequences)
+        return
+    for group_index in range(last + 1):
+        todo = work[group_index]
+        if group_index == 0 and not todo:
+            continue  # the input norm is recomputed where needed; nothing to observe here
+        moments, observe_outputs = None, False
+        if todo:
+            first = block.linear(todo[0])
+            out_features, in_features = first.weight.shape
+            # A lone linear narrower at its output than its input (down_proj) has its output moment
+            # accumulated directly: out x out is the smaller matrix. Otherwise the shared input moment.
+            observe_outputs = len(LINEAR_GROUPS[group_index]) == 1 and out_features < in_features
+            moments = MomentAccumulator(out_features if observe_outputs else in_features)
+        for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
+            with timer("forward"):
+                features = _group_features(block, group_index, inputs, cache, start, stop, cos, sin)
                 if observe_outputs:
                     features = first(features)
-            with timer("statistics"):
-                moments.add(features)
+            if moments is not None:
+                with timer("statistics"):
+                    moments.add(features)
+        if moments is None:
+            continue
         if not moments.is_finite():
             raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo)} "
                                  "(overflow in the source weights or in the layers before)")
@@ -172,6 +186,44 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
                     output_mean = decompose.output_mean_from_inputs(weight, bias, mean)
                 factors = decompose.factorise(weight, bias, basis, output_mean if config.centered else None)
                 block.set_linear(name, _low_rank_module(factors))
+    if outputs is not None:
+        with timer("forward"):
+            for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
+                result = _finish_block(block, last, inputs, cache, start, stop, cos, sin)
+                if not torch.isfinite(result).all():
+                    raise NumericalError(f"NaN or Inf activations leave {block_label.rstrip('.')}")
+                outputs.write(start, result)
+
+
+def _group_features(block: Block, group: int, inputs: ActivationBuffer, cache: BlockCache,
+                    start: int, stop: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The input of LINEAR_GROUPS[group] for one chunk; caches what the next group's pass needs."""
+    if group == 0:
+        return block.input_layernorm(inputs.read(start, stop))
+    if group == 1:
+        attention = block.attention_output(inputs.read(start, stop), cos, sin)
+        cache["attention"].write(start, attention)
+        return attention
+    if group == 2:
+        residual = block.after_attention(inputs.read(start, stop), cache["attention"].read(start, stop))
+        cache["residual"].write(start, residual)
+        return block.post_attention_layernorm(residual)
+    activations = block.mlp_activations(cache["residual"].read(start, stop))
+    cache["mlp"].write(start, activations)
+    return activations
+
+
+def _finish_block(block: Block, last_group: int, inputs: ActivationBuffer, cache: BlockCache,
+                  start: int, stop: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The block's output for one chunk, from the intermediates the last statistics pass cached."""
+    if last_group == 0:
+        return block(inputs.read(start, stop), cos, sin)
+    if last_group == 1:
+        residual = block.after_attention(inputs.read(start, stop), cache["attention"].read(start, stop))
+    else:
+        residual = cache["residual"].read(start, stop)
+    activations = cache["mlp"].read(start, stop) if last_group == 3 else block.mlp_activations(residual)
+    return block.block_output(residual, activations)
 
 
 def _block_tensors(block: Block, index: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -285,7 +337,10 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
         with OutputLock(output) as lock:
             progress = _start_or_resume(output, config.overwrite, arguments_fingerprint(fingerprint, tokens),
                                         source_fingerprint(reader))
-            activation_bytes = 0 if progress.blocks_done >= 0 else 2 * tokens.size * spec.hidden_size * 4
+            activation_bytes = BlockCache.bytes_needed(tokens.size, spec.num_heads * spec.head_dim,
+                                                       spec.hidden_size, spec.intermediate_size)
+            if progress.blocks_done < 0:  # a resumed run has its two activation files already
+                activation_bytes += 2 * tokens.size * spec.hidden_size * 4
             written = sum(p.stat().st_size for p in output.glob("model-*.safetensors"))
             check_resources(output, {"output": max(0, _output_bytes(spec, plan, layers, dtype_bytes,
                                                                     config.centered) - written),
@@ -333,6 +388,8 @@ def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[
     activations = ActivationPair(output / WORK_FOLDER, sequences, seqlen, spec.hidden_size,
                                  inputs_name=progress.inputs_file if resuming else None)
     writer = CheckpointWriter(output, spec.num_layers + 2, progress.weight_map)
+    cache = BlockCache(output / WORK_FOLDER, sequences, seqlen, spec.num_heads * spec.head_dim,
+                       spec.hidden_size, spec.intermediate_size)
 
     def record(blocks_done: int) -> None:
         progress.blocks_done = blocks_done
@@ -358,13 +415,12 @@ def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[
             with timer("read"):
                 block = Block.from_tensors(spec, reader.block_tensors(index))
             block_plan = plan if index in layers else dict.fromkeys(BLOCK_LINEARS)
-            compress_block(block, block_plan, activations.inputs, cos, sin, config, chunk_sequences, timer,
-                           block_label=block_prefix(index))
+            has_next = index + 1 < spec.num_layers  # the last block's outputs feed nothing
+            compress_block(block, block_plan, activations.inputs, activations.outputs if has_next else None,
+                           cache, cos, sin, config, chunk_sequences, timer, block_label=block_prefix(index))
             _fault_point(f"during-block-{index}")
-            if index + 1 < spec.num_layers:  # the last block's outputs feed nothing
-                with timer("forward"):
-                    run_block(block, activations.inputs, activations.outputs, cos, sin, chunk_sequences)
-                    activations.outputs.sync()
+            if has_next:
+                activations.outputs.sync()
                 activations.swap()
             with timer("write"):
                 writer.write_shard(index + 2, _block_tensors(block, index, dtype),
@@ -397,5 +453,6 @@ def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[
     finally:
         # Kept on failure or interruption: the activations are what a rerun resumes from.
         activations.close(remove=finished)
+        cache.close()
     shutil.rmtree(output / WORK_FOLDER, ignore_errors=True)
     (output / PROGRESS_FILE).unlink(missing_ok=True)
