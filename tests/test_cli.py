@@ -29,8 +29,11 @@ def run_cli(capsys, args):
     return code, err
 
 
-def assert_clean_failure(code, err, expected_code, pattern, output=None):
+def assert_clean_failure(code, err, expected_code, pattern, output=None, source=None, digest=None):
+    """One line, the exit code, nothing complete-looking in `output`, `source` still at `digest`."""
     assert code == expected_code, err
+    if source is not None:
+        assert folder_digest(source) == digest, "the source folder was modified"
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("streamrom: error: ")
@@ -55,8 +58,10 @@ def test_missing_shard(capsys, tmp_path, smollm2_sharded, tiny_tokens):
     shutil.copytree(smollm2_sharded, source)
     victim = sorted(source.glob("model-*.safetensors"))[1]
     victim.unlink()
+    digest = folder_digest(source)
     code, err = run_cli(capsys, compress_args(source, tmp_path / "out", tiny_tokens))
-    assert_clean_failure(code, err, EXIT_INPUT, "shard listed in the index is missing", tmp_path / "out")
+    assert_clean_failure(code, err, EXIT_INPUT, "shard listed in the index is missing", tmp_path / "out",
+                         source, digest)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -77,30 +82,35 @@ def test_tensor_missing_from_index(capsys, tmp_path, smollm2_sharded, tiny_token
     index = json.loads(index_path.read_text())
     del index["weight_map"]["model.layers.7.mlp.up_proj.weight"]
     index_path.write_text(json.dumps(index))
+    digest = folder_digest(source)
     code, err = run_cli(capsys, compress_args(source, tmp_path / "out", tiny_tokens))
-    assert_clean_failure(code, err, EXIT_INPUT, "model.layers.7.mlp.up_proj.weight is missing", tmp_path / "out")
+    assert_clean_failure(code, err, EXIT_INPUT, "model.layers.7.mlp.up_proj.weight is missing", tmp_path / "out",
+                         source, digest)
 
 
 def test_unsupported_model_type(capsys, tmp_path, tiny, tiny_tokens):
     config = json.loads((tiny / "config.json").read_text())
     config["model_type"] = "gpt_neox"
     (tiny / "config.json").write_text(json.dumps(config))
+    digest = folder_digest(tiny)
     code, err = run_cli(capsys, compress_args(tiny, tmp_path / "out", tiny_tokens))
-    assert_clean_failure(code, err, EXIT_INPUT, "supports llama, mistral, qwen2", tmp_path / "out")
+    assert_clean_failure(code, err, EXIT_INPUT, "supports llama, mistral, qwen2", tmp_path / "out", tiny, digest)
 
 
 def test_config_disagreeing_with_tensor_shapes(capsys, tmp_path, tiny, tiny_tokens):
     config = json.loads((tiny / "config.json").read_text())
     config["intermediate_size"] = 192
     (tiny / "config.json").write_text(json.dumps(config))
+    digest = folder_digest(tiny)
     code, err = run_cli(capsys, compress_args(tiny, tmp_path / "out", tiny_tokens))
-    assert_clean_failure(code, err, EXIT_INPUT, "config.json implies", tmp_path / "out")
+    assert_clean_failure(code, err, EXIT_INPUT, "config.json implies", tmp_path / "out", tiny, digest)
 
 
 @pytest.mark.parametrize("ratio", ["0", "1.5", "-0.2", "nan"])
 def test_ratio_outside_unit_interval(capsys, tmp_path, tiny, tiny_tokens, ratio):
+    digest = folder_digest(tiny)
     code, err = run_cli(capsys, compress_args(tiny, tmp_path / "out", tiny_tokens, "--ratio", ratio))
-    assert_clean_failure(code, err, EXIT_USAGE, "--ratio must be in (0, 1]", tmp_path / "out")
+    assert_clean_failure(code, err, EXIT_USAGE, "--ratio must be in (0, 1]", tmp_path / "out", tiny, digest)
 
 
 def test_empty_calibration_text(capsys, tmp_path, smollm2_dir):
@@ -146,8 +156,9 @@ def test_output_not_empty_without_overwrite(capsys, tmp_path, tiny, tiny_tokens)
 def test_pickled_checkpoint_is_refused_never_unpickled(capsys, tmp_path, tiny, tiny_tokens):
     (tiny / "model.safetensors").unlink()
     (tiny / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    digest = folder_digest(tiny)
     code, err = run_cli(capsys, compress_args(tiny, tmp_path / "out", tiny_tokens))
-    assert_clean_failure(code, err, EXIT_INPUT, "never unpickles", tmp_path / "out")
+    assert_clean_failure(code, err, EXIT_INPUT, "never unpickles", tmp_path / "out", tiny, digest)
 
 
 def test_bad_layers_and_missing_eval_text(capsys, tmp_path, tiny, tiny_tokens):
