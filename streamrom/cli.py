@@ -5,7 +5,9 @@ Errors end with one line on stderr and the exit codes of streamrom.errors (READM
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -82,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--seed", type=int, default=0, help="seed for drawing calibration sequences (default 0)")
     comp.add_argument("--chunk-tokens", type=_positive_int, default=2048,
                       help="tokens per forward chunk; bounds activation memory (default 2048)")
+    comp.add_argument("--dtype", default="source", choices=["source", "float32", "float16", "bfloat16"],
+                      help="dtype of the output tensors (default: the source's)")
     comp.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
     comp.add_argument("--report", type=Path, help="JSON report path (default: DST/streamrom-report.json)")
     comp.add_argument("--eval-text", type=Path, nargs="+", default=[],
@@ -97,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-windows", type=_positive_int, help="evaluate only the first N windows (default: all)")
     ev.add_argument("--chunk-tokens", type=_positive_int, default=2048, help="tokens per forward chunk (default 2048)")
     ev.add_argument("--report", type=Path, help="JSON report path (default: ./<checkpoint name>.eval.json)")
+
+    ins = sub.add_parser("inspect", help="ranks, parameters and bytes per block and module",
+                         description="Summarise a checkpoint (compressed or dense) from its tensor headers.")
+    ins.add_argument("checkpoint", type=Path, help="checkpoint folder")
+    ins.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     imp = sub.add_parser("import-gguf", help="convert a GGUF file to a safetensors folder (convert extra)",
                          description="Convert a GGUF model (a .gguf path, or an installed package that "
@@ -117,7 +126,7 @@ def _run(args: argparse.Namespace) -> None:
             sequences=args.calib_sequences, seqlen=args.calib_seqlen, seed=args.seed)
         config = CompressConfig(
             ratio=args.ratio, rank=args.rank, layers=args.layers, method=args.method,
-            chunk_tokens=args.chunk_tokens, calibration=calibration, overwrite=args.overwrite,
+            chunk_tokens=args.chunk_tokens, calibration=calibration, overwrite=args.overwrite, dtype=args.dtype,
             **({"modules": args.modules} if args.modules else {}))
         report = compress(args.source, args.output, config, args.report, eval_text=args.eval_text,
                           eval_max_windows=args.eval_max_windows)
@@ -136,6 +145,11 @@ def _run(args: argparse.Namespace) -> None:
         print(f"perplexity {report.perplexity:.4f} over {report.evaluation['windows']} windows of "
               f"{args.seqlen} tokens; peak RSS {report.memory['peak_rss_bytes'] / 2**20:.0f} MiB; "
               f"{report.wall_seconds:.1f} s; report {report_path}")
+    elif args.command == "inspect":
+        from .summary import checkpoint_summary, format_summary
+
+        summary = checkpoint_summary(args.checkpoint)
+        print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     elif args.command == "import-gguf":
         from .convert import import_gguf
 
@@ -156,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     except StreamromError as exc:
         print(f"streamrom: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # the reader of our output went away (e.g. `| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         resume = " (rerun the same command to resume)" if args.command == "compress" else ""
         print(f"streamrom: interrupted{resume}", file=sys.stderr)

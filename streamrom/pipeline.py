@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 WORK_FOLDER = ".streamrom-work"
 METHODS = ("rom", "rom-centered")
+OUTPUT_DTYPES = {"source": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REPORT_FILE = "streamrom-report.json"
 
 
@@ -52,6 +53,7 @@ class CompressConfig:
     method: str = "rom"
     damping: float = 1e-6  # relative to the mean eigenvalue; see decompose.damped
     chunk_tokens: int = 2048  # tokens per forward chunk: bounds activation memory
+    dtype: str = "source"  # dtype of the output tensors: source, float32, float16 or bfloat16
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     overwrite: bool = False
 
@@ -69,6 +71,11 @@ class CompressConfig:
             raise UsageError(f"damping must be >= 0, got {self.damping}")
         if self.chunk_tokens < 1:
             raise UsageError(f"chunk tokens must be at least 1, got {self.chunk_tokens}")
+        if self.dtype not in OUTPUT_DTYPES:
+            raise UsageError(f"unknown dtype {self.dtype!r}: choose from {', '.join(OUTPUT_DTYPES)}")
+
+    def output_dtype(self, source_dtype: torch.dtype) -> torch.dtype:
+        return source_dtype if self.dtype == "source" else OUTPUT_DTYPES[self.dtype]
 
     @property
     def centered(self) -> bool:
@@ -323,15 +330,15 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
         sequences, seqlen = tokens.shape
         settings = {"ratio": config.ratio, "rank": config.rank, "layers": layers,
                     "modules": list(config.modules), "method": config.method, "damping": config.damping,
-                    "chunk_tokens": config.chunk_tokens,
+                    "chunk_tokens": config.chunk_tokens, "dtype": config.dtype,
                     "calibration": {"files": [str(p) for p in config.calibration.text_files] or ["(default)"],
                                     "token_file": str(config.calibration.token_file or ""),
                                     "sequences": sequences, "seqlen": seqlen,
                                     "seed": config.calibration.seed}}
         fingerprint = {k: v for k, v in settings.items() if k != "calibration"}
-        dtype = reader.weight_dtype
-        dtype_bytes = torch.finfo(dtype).bits // 8
-        memory_parts = estimate_compress_memory(spec, plan, dtype_bytes, config.chunk_tokens, seqlen,
+        dtype_bytes = torch.finfo(config.output_dtype(reader.weight_dtype)).bits // 8
+        source_bytes = torch.finfo(reader.weight_dtype).bits // 8
+        memory_parts = estimate_compress_memory(spec, plan, source_bytes, config.chunk_tokens, seqlen,
                                                 runtime_bytes)
         check_output_path(source, output)
         with OutputLock(output) as lock:
@@ -381,7 +388,7 @@ def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[
     """The block loop. After every block, its shard and the next block's inputs are on disk before
     the progress record says so; a rerun picks up from there."""
     spec = reader.spec
-    dtype = reader.weight_dtype
+    dtype = config.output_dtype(reader.weight_dtype)
     sequences, seqlen = tokens.shape
     chunk_sequences = max(1, config.chunk_tokens // seqlen)
     resuming = progress.blocks_done >= 0
@@ -403,7 +410,7 @@ def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[
             with timer("read"):
                 embedding = reader.tensor(EMBED)
             with timer("write"):
-                writer.write_shard(1, {EMBED: embedding})
+                writer.write_shard(1, {EMBED: embedding.to(dtype)})
             with timer("forward"):
                 embed_into(embedding, tokens, activations.inputs, chunk_sequences)
                 activations.inputs.sync()
@@ -433,8 +440,11 @@ def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[
             log.info("block %d/%d done", index + 1, spec.num_layers)
         with timer("write"):
             tail = [FINAL_NORM] + ([] if spec.tie_word_embeddings else [LM_HEAD])
-            writer.write_shard(spec.num_layers + 2, reader.read(tail))
+            writer.write_shard(spec.num_layers + 2, {k: v.to(dtype) for k, v in reader.read(tail).items()})
             out_config = dict(reader.config)
+            out_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+            if "dtype" in out_config:  # transformers 5 writes "dtype"
+                out_config["dtype"] = out_config["torch_dtype"]
             out_config["streamrom"] = {
                 "format_version": FORMAT_VERSION,
                 "method": config.method,

@@ -192,3 +192,25 @@ def test_token_ids_beyond_the_vocabulary(capsys, tmp_path, tiny):
     np.save(tokens, np.arange(1000))  # the tiny model has 256 tokens
     code, err = run_cli(capsys, compress_args(tiny, tmp_path / "out", tokens))
     assert_clean_failure(code, err, EXIT_INPUT, "outside the model's vocabulary", tmp_path / "out")
+
+
+def test_inspect_reports_ranks_parameters_and_bytes(capsys, tmp_path, tiny_models, tiny_tokens):
+    output = tmp_path / "out"
+    assert run_cli(capsys, compress_args(tiny_models["qwen2"], output, tiny_tokens, "--ratio", "0.5",
+                                         "--layers", "1-2"))[0] == 0
+    assert main(["inspect", str(output), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    report = json.loads((output / "streamrom-report.json").read_text())
+    assert summary["parameters"] == report["parameters_after"]
+    assert summary["dense_parameters"] == report["parameters_before"]
+    assert summary["compressed_linears"] == 14
+    block0, block1 = summary["blocks"][0], summary["blocks"][1]
+    assert all(m["rank"] is None for m in block0["modules"].values())
+    q = block1["modules"]["self_attn.q_proj"]
+    assert q["rank"] == report["ranks"]["model.layers.1.self_attn.q_proj"] == 16
+    assert q["parameters"] == 16 * (64 + 64) + 16  # factors and the factored bias Vᵀb
+    assert q["bytes"] == 4 * q["parameters"]
+    assert main(["inspect", str(output)]) == 0
+    table = capsys.readouterr().out
+    assert "whole model:" in table and "method rom" in table
+    assert main(["inspect", str(tmp_path / "missing")]) == EXIT_INPUT

@@ -211,3 +211,19 @@ def test_modules_option_compresses_only_those(tiny_models, tiny_tokens, tmp_path
                                                calibration=calibration))
     chosen = {k.split(".", 3)[3] for k, r in report.ranks.items() if r is not None}
     assert chosen == {"mlp.gate_proj", "mlp.up_proj"}
+
+
+@pytest.mark.parametrize("dtype,name", [("bfloat16", "BF16"), ("float16", "F16")])
+def test_output_dtype_option(tiny_models, tiny_tokens, tmp_path, dtype, name):
+    calibration = CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=64)
+    output = tmp_path / dtype
+    streamrom.compress(tiny_models["llama"], output, CompressConfig(ratio=0.5, dtype=dtype, calibration=calibration))
+    reader = CheckpointReader(output)
+    assert set(reader.dtypes.values()) == {name}
+    assert read_json(output / "config.json")["torch_dtype"] == dtype
+    reference = tmp_path / "f32"
+    streamrom.compress(tiny_models["llama"], reference, CompressConfig(ratio=0.5, calibration=calibration))
+    ids = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        half, full = streamrom.load(output)(ids), streamrom.load(reference)(ids)
+    assert 0 < (half - full).abs().max().item() < 0.05 * full.abs().max().item()

@@ -1,0 +1,69 @@
+"""What a checkpoint holds, per block and module: ranks, parameters, bytes (`streamrom inspect`).
+
+Read from the tensor headers alone, so it works on any checkpoint, compressed or not, without
+loading a weight.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointReader
+from .modeling import BLOCK_LINEARS, block_prefix
+
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+
+
+def checkpoint_summary(folder: str | Path) -> dict[str, Any]:
+    reader = CheckpointReader(folder)
+    spec = reader.spec
+
+    def size(names: list[str]) -> tuple[int, int]:
+        params = sum(math.prod(reader.shapes[n]) for n in names)
+        return params, sum(math.prod(reader.shapes[n]) * DTYPE_BYTES.get(reader.dtypes[n], 4) for n in names)
+
+    blocks = []
+    for index in range(spec.num_layers):
+        prefix = block_prefix(index)
+        names = reader.block_names(index)
+        modules = {}
+        for linear in BLOCK_LINEARS:
+            own = [n for n in names if n.startswith(f"{prefix}{linear}.")]
+            reduce_name = f"{prefix}{linear}.reduce.weight"
+            params, nbytes = size(own)
+            modules[linear] = {"rank": reader.shapes[reduce_name][0] if reduce_name in reader.shapes else None,
+                               "parameters": params, "bytes": nbytes}
+        params, nbytes = size(names)
+        blocks.append({"index": index, "parameters": params, "bytes": nbytes, "modules": modules})
+    dense_equivalent = (sum(math.prod(s) for s in spec.global_shapes().values())
+                        + spec.num_layers * sum(math.prod(s) for s in spec.dense_block_shapes().values()))
+    total_params, total_bytes = size(list(reader.shapes))
+    section = reader.config.get("streamrom") or {}
+    return {
+        "checkpoint": str(folder),
+        "model_type": spec.model_type,
+        "method": section.get("method", "dense"),
+        "num_layers": spec.num_layers,
+        "parameters": total_params,
+        "bytes": total_bytes,
+        "dense_parameters": dense_equivalent,
+        "parameter_ratio": total_params / dense_equivalent,
+        "compressed_linears": sum(1 for b in blocks for m in b["modules"].values() if m["rank"] is not None),
+        "blocks": blocks,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A table a person reads: one row per block, the rank of each module ('-' = dense)."""
+    short = [name.rsplit(".", 1)[1].removesuffix("_proj") for name in BLOCK_LINEARS]
+    header = f"{'block':>5} " + " ".join(f"{s:>6}" for s in short) + f" {'params':>12} {'MiB':>8}"
+    lines = [f"{summary['checkpoint']}: {summary['model_type']}, {summary['num_layers']} blocks, "
+             f"method {summary['method']}", header]
+    for block in summary["blocks"]:
+        ranks = " ".join(f"{m['rank'] if m['rank'] is not None else '-':>6}" for m in block["modules"].values())
+        lines.append(f"{block['index']:>5} {ranks} {block['parameters']:>12,} {block['bytes'] / 2**20:>8.2f}")
+    lines.append(f"whole model: {summary['parameters']:,} parameters, {summary['bytes'] / 2**20:.1f} MiB; "
+                 f"{summary['parameter_ratio']:.4f} of the dense {summary['dense_parameters']:,}; "
+                 f"{summary['compressed_linears']} linears factored")
+    return "\n".join(lines)
