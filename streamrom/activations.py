@@ -57,8 +57,10 @@ class ActivationBuffer:
         """Make what was written durable before a progress record points at it."""
         os.fsync(self._file.fileno())
 
-    def close(self) -> None:
+    def close(self, remove: bool = False) -> None:
         self._file.close()
+        if remove:
+            self.path.unlink(missing_ok=True)
 
 
 FILE_NAMES = ("activations-a.f32", "activations-b.f32")
@@ -85,12 +87,7 @@ class ActivationPair:
 
     def close(self, remove: bool = True) -> None:
         for buffer in (self.inputs, self.outputs):
-            buffer.close()
-            if remove:
-                try:
-                    os.unlink(buffer.path)
-                except FileNotFoundError:
-                    pass
+            buffer.close(remove)
 
 
 class BlockCache:
@@ -117,12 +114,7 @@ class BlockCache:
 
     def close(self, remove: bool = True) -> None:
         for buffer in self.buffers.values():
-            buffer.close()
-            if remove:
-                try:
-                    os.unlink(buffer.path)
-                except FileNotFoundError:
-                    pass
+            buffer.close(remove)
 
 
 def chunk_ranges(sequences: int, chunk_sequences: int) -> Iterator[tuple[int, int]]:
