@@ -56,11 +56,15 @@ def top_eigenvectors(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndar
 
 
 def fix_signs(vectors: np.ndarray) -> np.ndarray:
-    """Flip each column so its largest-magnitude entry is positive (eigenvectors are sign-free)."""
+    """Flip each column so its largest-magnitude entry is positive (eigenvectors are sign-free).
+
+    In place: the columns can be an (out x rank) float64 matrix of hundreds of MB at 7B shapes.
+    """
     pivots = np.abs(vectors).argmax(axis=0)
     signs = np.sign(vectors[pivots, np.arange(vectors.shape[1])])
     signs[signs == 0] = 1.0
-    return vectors * signs
+    vectors *= signs
+    return vectors
 
 
 def input_moment_matrix(second_moment: np.ndarray, mean: np.ndarray, centered: bool,
@@ -100,14 +104,18 @@ def rom_basis_from_inputs(weight: np.ndarray, bias: np.ndarray | None, second_mo
         output_moment = w_tilde @ moment @ w_tilde.T
         return top_eigenvectors((output_moment + output_moment.T) / 2, rank)[1]
     values, vectors = scipy.linalg.eigh((moment + moment.T) / 2)
-    root = vectors * np.sqrt(np.clip(values, 0.0, None))
-    a = w_tilde @ root
+    vectors *= np.sqrt(np.clip(values, 0.0, None))  # now L with C = L Lᵀ
+    a = w_tilde @ vectors
+    del vectors, moment  # the out x in problem is the large one: keep few copies alive at once
     small_values, small_vectors = top_eigenvectors(a.T @ a, rank)
     if small_values[-1] <= small_values[0] * 1e-12:
         # Rank-deficient statistics: an SVD still gives `rank` orthonormal columns.
         left = np.linalg.svd(a, full_matrices=False)[0][:, :rank]
-        return fix_signs(left)
-    return fix_signs((a @ small_vectors) / np.sqrt(small_values))
+        return fix_signs(np.ascontiguousarray(left))
+    basis = a @ small_vectors
+    del a
+    basis /= np.sqrt(small_values)
+    return fix_signs(basis)
 
 
 def rom_basis_from_outputs(second_moment: np.ndarray, mean: np.ndarray, rank: int,

@@ -192,7 +192,9 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
                         weight, bias, second_moment, mean, plan[name], config.centered, config.damping)
                     output_mean = decompose.output_mean_from_inputs(weight, bias, mean)
                 factors = decompose.factorise(weight, bias, basis, output_mean if config.centered else None)
+                del linear, weight, basis  # the dense weight and its float64 copy go before the next linear
                 block.set_linear(name, _low_rank_module(factors))
+                del factors
     if outputs is not None:
         with timer("forward"):
             for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
