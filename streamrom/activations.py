@@ -130,12 +130,16 @@ def embed_into(embedding: torch.Tensor, tokens: np.ndarray, buffer: ActivationBu
         buffer.write(start, embedding[ids].float())
 
 
+def require_finite(values: torch.Tensor, where: str) -> torch.Tensor:
+    """Stop at the first NaN/Inf a block produces: later blocks and statistics would only spread it."""
+    if not torch.isfinite(values).all():
+        raise NumericalError(f"NaN or Inf activations {where} (overflow in the source weights or in the "
+                             "layers before)")
+    return values
+
+
 @torch.no_grad()
 def run_block(block: Block, source: ActivationBuffer, target: ActivationBuffer,
               cos: torch.Tensor, sin: torch.Tensor, chunk_sequences: int) -> None:
     for start, stop in chunk_ranges(source.shape[0], chunk_sequences):
-        outputs = block(source.read(start, stop), cos, sin)
-        if not torch.isfinite(outputs).all():
-            raise NumericalError("a block produced NaN or Inf activations from finite inputs "
-                                 "(overflow in the source weights or in the layers before)")
-        target.write(start, outputs)
+        target.write(start, require_finite(block(source.read(start, stop), cos, sin), "leave a block"))

@@ -35,6 +35,15 @@ TOKENIZER_FILES = (
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+# Bytes per element of the safetensors dtype codes.
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def tensor_bytes(shape: Iterable[int], dtype: str) -> int:
+    return math.prod(shape) * DTYPE_BYTES[dtype]
+
+
 def read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -278,7 +287,7 @@ class CheckpointWriter:
             with safe_open(str(self.folder / shard), framework="pt") as handle:
                 for key in handle.keys():
                     piece = handle.get_slice(key)
-                    total += math.prod(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
+                    total += tensor_bytes(piece.get_shape(), piece.get_dtype())
         return total
 
     def finish(self, config: Mapping[str, Any], tokenizer_files: Iterable[Path]) -> None:
@@ -288,5 +297,3 @@ class CheckpointWriter:
         index = {"metadata": {"total_size": self.total_size()}, "weight_map": dict(sorted(self.weight_map.items()))}
         write_atomic(self.folder / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
 
-
-_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4}

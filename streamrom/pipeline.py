@@ -21,7 +21,8 @@ import psutil
 import torch
 
 from . import decompose
-from .activations import ActivationBuffer, ActivationPair, BlockCache, chunk_ranges, embed_into, run_block
+from .activations import (ActivationBuffer, ActivationPair, BlockCache, chunk_ranges, embed_into,
+                          require_finite, run_block)
 from .calibration import CalibrationConfig, calibration_tokens
 from .checkpoint import INDEX_FILE, CheckpointReader, CheckpointWriter, check_output_path, clear_folder
 from .errors import InputError, NumericalError, OutputError, ResourceError, UsageError
@@ -199,9 +200,7 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
         with timer("forward"):
             for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
                 result = _finish_block(block, last, inputs, cache, start, stop, cos, sin)
-                if not torch.isfinite(result).all():
-                    raise NumericalError(f"NaN or Inf activations leave {block_label.rstrip('.')}")
-                outputs.write(start, result)
+                outputs.write(start, require_finite(result, f"leave {block_label.rstrip('.')}"))
 
 
 def _group_features(block: Block, group: int, inputs: ActivationBuffer, cache: BlockCache,

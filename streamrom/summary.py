@@ -9,10 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointReader
+from .checkpoint import CheckpointReader, tensor_bytes
 from .modeling import BLOCK_LINEARS, block_prefix
-
-DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
 
 def checkpoint_summary(folder: str | Path) -> dict[str, Any]:
@@ -21,7 +19,7 @@ def checkpoint_summary(folder: str | Path) -> dict[str, Any]:
 
     def size(names: list[str]) -> tuple[int, int]:
         params = sum(math.prod(reader.shapes[n]) for n in names)
-        return params, sum(math.prod(reader.shapes[n]) * DTYPE_BYTES.get(reader.dtypes[n], 4) for n in names)
+        return params, sum(tensor_bytes(reader.shapes[n], reader.dtypes[n]) for n in names)
 
     blocks = []
     for index in range(spec.num_layers):
