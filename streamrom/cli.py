@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens per forward chunk; bounds activation memory (default 2048)")
     comp.add_argument("--dtype", default="source", choices=["source", "float32", "float16", "bfloat16"],
                       help="dtype of the output tensors (default: the source's)")
+    comp.add_argument("--precision", default="float32", choices=["float32", "float64"],
+                      help="dtype of the moment products and eigen-decompositions (default float32: half "
+                           "the time and memory; moments are always summed in float64)")
     comp.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
     comp.add_argument("--report", type=Path, help="JSON report path (default: DST/streamrom-report.json)")
     comp.add_argument("--eval-text", type=Path, nargs="+", default=[],
@@ -127,6 +130,7 @@ def _run(args: argparse.Namespace) -> None:
         config = CompressConfig(
             ratio=args.ratio, rank=args.rank, layers=args.layers, method=args.method,
             chunk_tokens=args.chunk_tokens, calibration=calibration, overwrite=args.overwrite, dtype=args.dtype,
+            precision=args.precision,
             **({"modules": args.modules} if args.modules else {}))
         report = compress(args.source, args.output, config, args.report, eval_text=args.eval_text,
                           eval_max_windows=args.eval_max_windows)

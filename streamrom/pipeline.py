@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 WORK_FOLDER = ".streamrom-work"
 METHODS = ("rom", "rom-centered")
+PRECISIONS = {"float32": np.float32, "float64": np.float64}
 OUTPUT_DTYPES = {"source": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REPORT_FILE = "streamrom-report.json"
 
@@ -54,6 +55,7 @@ class CompressConfig:
     method: str = "rom"
     damping: float = 1e-6  # relative to the mean eigenvalue; see decompose.damped
     chunk_tokens: int = 2048  # tokens per forward chunk: bounds activation memory
+    precision: str = "float32"  # of the per-chunk moment products and the eigen work (sums: float64)
     dtype: str = "source"  # dtype of the output tensors: source, float32, float16 or bfloat16
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     overwrite: bool = False
@@ -72,6 +74,8 @@ class CompressConfig:
             raise UsageError(f"damping must be >= 0, got {self.damping}")
         if self.chunk_tokens < 1:
             raise UsageError(f"chunk tokens must be at least 1, got {self.chunk_tokens}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
         if self.dtype not in OUTPUT_DTYPES:
             raise UsageError(f"unknown dtype {self.dtype!r}: choose from {', '.join(OUTPUT_DTYPES)}")
 
@@ -164,7 +168,8 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
             # A lone linear narrower at its output than its input (down_proj) has its output moment
             # accumulated directly: out x out is the smaller matrix. Otherwise the shared input moment.
             observe_outputs = len(LINEAR_GROUPS[group_index]) == 1 and out_features < in_features
-            moments = MomentAccumulator(out_features if observe_outputs else in_features)
+            moments = MomentAccumulator(out_features if observe_outputs else in_features,
+                                        torch.float64 if config.precision == "float64" else torch.float32)
         for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
             with timer("forward"):
                 features = _group_features(block, group_index, inputs, cache, start, stop, cos, sin)
@@ -179,23 +184,28 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
             raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo)} "
                                  "(overflow in the source weights or in the layers before)")
         with timer("eigen"):
-            second_moment, mean = moments.second_moment(), moments.mean()
+            work_dtype = PRECISIONS[config.precision]
+            second_moment = moments.second_moment().astype(work_dtype, copy=False)
+            mean = moments.mean().astype(work_dtype, copy=False)
+            del moments  # the float64 accumulator is not needed past here
+            group_inputs = decompose.InputMoments(second_moment, mean, config.centered, config.damping)
             for name in todo:
                 linear = block.linear(name)
-                weight = linear.weight.double().numpy()
-                bias = linear.bias.double().numpy() if linear.bias is not None else None
+                # float32: the block's own weight, no copy (the factors are new arrays)
+                weight = linear.weight.detach().numpy().astype(work_dtype, copy=False)
+                bias = linear.bias.detach().numpy().astype(work_dtype, copy=False) if linear.bias is not None else None
                 if observe_outputs:
                     basis = decompose.rom_basis_from_outputs(
                         second_moment, mean, plan[name], config.centered, config.damping)
                     output_mean = mean
                 else:
-                    basis = decompose.rom_basis_from_inputs(
-                        weight, bias, second_moment, mean, plan[name], config.centered, config.damping)
+                    basis = group_inputs.rom_basis(weight, bias, plan[name])
                     output_mean = decompose.output_mean_from_inputs(weight, bias, mean)
                 factors = decompose.factorise(weight, bias, basis, output_mean if config.centered else None)
-                del linear, weight, basis  # the dense weight and its float64 copy go before the next linear
+                del linear, weight, basis  # the dense weight (or its copy) goes before the next linear
                 block.set_linear(name, _low_rank_module(factors))
                 del factors
+            del group_inputs, second_moment, mean
     if outputs is not None:
         with timer("forward"):
             for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
@@ -332,6 +342,7 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
         settings = {"ratio": config.ratio, "rank": config.rank, "layers": layers,
                     "modules": list(config.modules), "method": config.method, "damping": config.damping,
                     "chunk_tokens": config.chunk_tokens, "dtype": config.dtype,
+                    "precision": config.precision,
                     "calibration": {"files": [str(p) for p in config.calibration.text_files] or ["(default)"],
                                     "token_file": str(config.calibration.token_file or ""),
                                     "sequences": sequences, "seqlen": seqlen,

@@ -126,3 +126,36 @@ def test_top_eigenvectors_sorted_descending_with_fixed_signs():
     assert np.all(vectors[pivots, range(5)] > 0)
     again = decompose.top_eigenvectors(a @ a.T, 5)[1]
     np.testing.assert_array_equal(vectors, again)
+
+
+def test_wide_linears_of_one_group_share_one_input_root():
+    """gate and up see the same inputs: the root of their input moment is computed once, and each
+    basis equals the one computed on its own."""
+    rng = np.random.default_rng(6)
+    x = correlated_inputs(rng, 30, 400)
+    gate, up = rng.standard_normal((90, 30)), rng.standard_normal((80, 30))
+    group = decompose.InputMoments(*moments(x))
+    together = [group.rom_basis(gate, None, 16), group.rom_basis(up, None, 16)]
+    assert len(group._roots) == 1
+    root = group.root(False)
+    assert group.root(False) is root
+    for weight, basis in zip((gate, up), together):
+        np.testing.assert_array_equal(basis, decompose.rom_basis_from_inputs(weight, None, *moments(x), 16))
+
+
+@pytest.mark.parametrize("out_f,in_f", [(24, 40), (90, 30)])
+def test_float32_work_keeps_the_float64_optimum(out_f, in_f):
+    """In float32 the basis is computed in float32 and is as good a rank-r fit, to float32 rounding."""
+    rng = np.random.default_rng(7)
+    x = correlated_inputs(rng, in_f, 500, shift=0.3)
+    weight = rng.standard_normal((out_f, in_f))
+    y = weight @ x
+    second, mean = moments(x)
+    rank = 12
+    basis = decompose.rom_basis_from_inputs(weight.astype(np.float32), None, second.astype(np.float32),
+                                            mean.astype(np.float32), rank)
+    assert basis.dtype == np.float32
+    factors = decompose.factorise(weight, None, basis.astype(np.float64))
+    error = np.linalg.norm(y - reconstruct(factors, x))
+    assert error == pytest.approx(best_error(y, rank), rel=1e-4)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(rank), atol=1e-5)
