@@ -3,7 +3,10 @@ shapes (benchmarks/synthetic.py), at chosen depths.
 
 Each run is a child process; this script samples the child's RSS every 0.1 s (timeline CSV) and reads
 the child's own report: sampled and OS peak RSS, seconds per stage, and the estimate of the peak's
-parts. Results: benchmarks/results/memory_<shape>.json and memory_<shape>_d<depth>_rss.csv.
+parts. Each stage's FLOPs (benchmarks/flop_count.py) are set against this machine's measured float32
+GEMM peak at the same thread count. Results: benchmarks/results/memory_<shape>.json (rows of other
+depths already there are kept), memory_<shape>_d<depth>_rss.csv, and a PNG of the timeline with
+block boundaries when matplotlib is installed.
 
     python benchmarks/memory_profile.py 7b --depths 2 4 8
 """
@@ -19,13 +22,16 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from synthetic import random_tokens, write_synthetic  # noqa: E402
+from flop_count import block_flops, gemm_peak_gflops  # noqa: E402
+from synthetic import config_for, random_tokens, write_synthetic  # noqa: E402
 
+from streamrom.plots import rss_timeline_png  # noqa: E402
 from streamrom.report import machine  # noqa: E402
 
 
@@ -64,15 +70,18 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
+    threads = args.threads or torch.get_num_threads()
+    peak_gflops = gemm_peak_gflops(threads)
+    print(f"float32 GEMM peak at {threads} threads: {peak_gflops:.0f} GFLOP/s", flush=True)
     tokens = random_tokens(args.work / "tokens.npy", args.sequences * args.seqlen * 4)
-    rows = []
+    out = args.results / f"memory_{args.shape}.json"
+    previous = json.loads(out.read_text())["rows"] if out.is_file() else []
+    rows = [row for row in previous if row["depth"] not in args.depths]
     for depth in args.depths:
         source = write_synthetic(args.shape, depth, args.work / f"{args.shape}-{depth}")
         output = args.work / f"{args.shape}-{depth}-rom"
         report_path = args.work / f"{args.shape}-{depth}.report.json"
-        command = [sys.executable, "-m", "streamrom.cli", "--quiet"]
-        if args.threads:
-            command += ["--threads", str(args.threads)]
+        command = [sys.executable, "-m", "streamrom.cli", "--quiet", "--threads", str(threads)]
         command += ["compress", str(source), str(output), "--ratio", str(args.ratio), "--calib-tokens",
                     str(tokens), "--calib-sequences", str(args.sequences), "--calib-seqlen", str(args.seqlen),
                     "--overwrite", "--report", str(report_path)]
@@ -81,33 +90,48 @@ def main() -> None:
         wall, sampled_here = profile(command, timeline)
         report = json.loads(report_path.read_text())
         memory = report["memory"]
+        ranks = {name.rsplit(".", 1)[-1].removesuffix("_proj"): rank
+                 for name, rank in report["ranks"].items() if name.startswith("model.layers.0.")}
+        flops = {stage: depth * count for stage, count in
+                 block_flops(config_for(args.shape, depth), ranks, args.sequences, args.seqlen).items()}
+        seconds = report["stage_seconds"]
+        picture = rss_timeline_png(memory["timeline"], memory["marks"], args.results / f"memory_{args.shape}_d{depth}_rss.png",
+                                   title=f"streamrom compress, {args.shape.upper()} shape, {depth} blocks, "
+                                         f"{args.sequences}x{args.seqlen} tokens",
+                                   estimate_bytes=memory["estimated_peak_bytes"])
         rows.append({
             "depth": depth, "command": shlex.join(["streamrom", *command[3:]]),
-            "wall_seconds": wall, "stage_seconds": report["stage_seconds"],
+            "wall_seconds": wall, "stage_seconds": seconds,
             "peak_rss_bytes": max(memory["peak_rss_bytes"], sampled_here),
             "os_peak_rss_bytes": memory["os_peak_rss_bytes"],
             "estimate": memory["estimate"], "estimated_peak_bytes": memory["estimated_peak_bytes"],
             "source_bytes_on_disk": memory["source_bytes_on_disk"],
             "calibration_tokens": args.sequences * args.seqlen, "timeline_csv": timeline.name,
+            "timeline_png": picture.name if picture else None,
+            "threads": threads, "gemm_peak_gflops": peak_gflops, "flops": flops,
+            "seconds_over_bound": {stage: seconds[stage] / (flops[stage] / (peak_gflops * 1e9))
+                                   for stage in flops if seconds.get(stage)},
         })
+    rows.sort(key=lambda row: (row["calibration_tokens"], row["depth"]))
     result = {"benchmark": "memory_profile", "shape": args.shape, "ratio": args.ratio, "machine": machine(),
               "rows": rows}
-    out = args.results / f"memory_{args.shape}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     mib = 2 ** 20
-    print("\n| depth | wall | forward | statistics | eigen | read+write | peak RSS (sampled / OS) "
-          "| estimate | measured/estimate | on disk |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| depth | tokens | wall | forward | statistics | eigen | read+write | peak RSS (sampled / OS) "
+          "| estimate | measured/estimate | on disk | forward, statistics vs GEMM bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         st = row["stage_seconds"]
-        print(f"| {row['depth']} | {row['wall_seconds']:.0f} s | {st.get('forward', 0):.0f} s "
+        bound = row.get("seconds_over_bound", {})
+        print(f"| {row['depth']} | {row['calibration_tokens']} | {row['wall_seconds']:.0f} s | {st.get('forward', 0):.0f} s "
               f"| {st.get('statistics', 0):.0f} s | {st.get('eigen', 0):.0f} s "
               f"| {st.get('read', 0) + st.get('write', 0):.0f} s "
               f"| {row['peak_rss_bytes'] / mib:.0f} / {row['os_peak_rss_bytes'] / mib:.0f} MiB "
               f"| {row['estimated_peak_bytes'] / mib:.0f} MiB "
               f"| {row['peak_rss_bytes'] / row['estimated_peak_bytes']:.2f} "
-              f"| {row['source_bytes_on_disk'] / mib:.0f} MiB |")
+              f"| {row['source_bytes_on_disk'] / mib:.0f} MiB "
+              f"| {bound.get('forward', 0):.2f}x, {bound.get('statistics', 0):.2f}x |")
     print("estimate parts (MiB):", {k: round(v / mib) for k, v in rows[-1]["estimate"].items()})
     print(f"\nwritten {out}")
 

@@ -60,36 +60,42 @@ def current_rss_bytes() -> int:
 
 
 def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: int, seqlen: int,
-                             runtime_bytes: int) -> dict[str, int]:
+                             runtime_bytes: int, work_bytes: int = 4) -> dict[str, int]:
     """The parts of a compression's peak RSS, from shapes alone (bytes).
 
     runtime: the interpreter, torch and the tokenizer, as measured before the run;
-    block: one block's weights as read (source dtype) plus its float32 working copy;
-    moments: the largest float64 moment matrix with the eigen-solver's copies of it;
+    block: one block's weights in the float32 working dtype;
+    read: the block as read in the source dtype, alive while its working copy is made;
+    statistics: the float64 moment being summed and one chunk's product (`work_bytes` each entry);
     activations: one chunk of tokens through the block's widest intermediate tensors;
+    decomposition: the largest linear's eigen work: W·L and the basis (out x in, out x rank), and
+    some n x n matrices (moment, its damped copy, root, Aᵀ A, eigenvectors, solver workspace);
     embedding: the token embedding as read, while the first activations are computed.
     """
     hidden, inter = spec.hidden_size, spec.intermediate_size
     q_width = spec.num_heads * spec.head_dim
     block_params = sum(math.prod(shape) for shape in spec.dense_block_shapes().values())
     moment_size = max(hidden, q_width) + 1  # inputs of q/k/v, o, gate/up; outputs of down (+1: bias)
-    widest = max(((o, i) for o, i in (spec.linear_shape(n) for n, r in plan.items() if r)), default=(0, 0),
-                 key=lambda shape: shape[0] * shape[1])
+    chosen = [(spec.linear_shape(n), r) for n, r in plan.items() if r]
+    (out_f, in_f), rank = max(chosen, default=((0, 0), 0), key=lambda item: item[0][0] * item[0][1])
+    float64_copy = out_f * in_f * 8 if work_bytes == 8 else 0  # float32 work uses the weight itself
     chunk = max(seqlen, (chunk_tokens // seqlen) * seqlen)
     sequences_per_chunk = chunk // seqlen
     return {
         "runtime": runtime_bytes,
-        "block": block_params * (source_bytes + 4),
-        # accumulator + moment + output moment + eigenvectors, and for a wide linear W and W·L in float64
-        "moments": 4 * moment_size ** 2 * 8 + 2 * widest[0] * widest[1] * 8,
-        # residual, normed input, q, k, v (repeated), attention, gate, up, SwiGLU, float64 statistics copy
-        "activations": chunk * (6 * hidden + 3 * q_width + 4 * inter) * 4 + chunk * max(hidden, inter) * 8
+        "block": block_params * 4,
+        "read": block_params * source_bytes if source_bytes != 4 else 0,
+        "statistics": moment_size ** 2 * (8 + work_bytes),
+        # residual, normed input, q, k, v (repeated), attention, gate, up, SwiGLU
+        "activations": chunk * (6 * hidden + 3 * q_width + 4 * inter) * 4
         + sequences_per_chunk * spec.num_heads * seqlen * seqlen * 4,
+        "decomposition": (out_f * in_f + out_f * rank + 6 * moment_size ** 2) * work_bytes + float64_copy,
         "embedding": spec.vocab_size * hidden * source_bytes + chunk * hidden * 4,
     }
 
 
 def estimated_peak(parts: dict[str, int]) -> int:
-    """The embedding is freed before the first block is read: the larger of the two counts."""
-    steady = parts["runtime"] + max(parts["block"] + parts["moments"], parts["embedding"])
-    return steady + parts["activations"]
+    """The largest sum of parts alive together: reading a block, gathering statistics with the
+    block and a chunk's activations, or decomposing; before the first block, the embedding."""
+    working = parts["block"] + max(parts["statistics"] + parts["activations"], parts["decomposition"])
+    return parts["runtime"] + max(working, parts["block"] + parts["read"], parts["embedding"] + parts["activations"])

@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import torch
 
-from . import decompose
+from . import decompose, plots
 from .activations import (ActivationBuffer, ActivationPair, BlockCache, chunk_ranges, embed_into,
                           require_finite, run_block)
 from .calibration import CalibrationConfig, calibration_tokens
@@ -351,7 +351,7 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
         dtype_bytes = torch.finfo(config.output_dtype(reader.weight_dtype)).bits // 8
         source_bytes = torch.finfo(reader.weight_dtype).bits // 8
         memory_parts = estimate_compress_memory(spec, plan, source_bytes, config.chunk_tokens, seqlen,
-                                                runtime_bytes)
+                                                runtime_bytes, np.dtype(PRECISIONS[config.precision]).itemsize)
         check_output_path(source, output)
         with OutputLock(output) as lock:
             progress = _start_or_resume(output, config.overwrite, arguments_fingerprint(fingerprint, tokens),
@@ -390,7 +390,13 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
         report.perplexity, report.evaluation = evaluation.perplexity, evaluation.evaluation
         report.stage_seconds["evaluate"] = evaluation.wall_seconds
         report.memory["evaluate_peak_rss_bytes"] = evaluation.memory["peak_rss_bytes"]
-    report.write(Path(report_path) if report_path else output / REPORT_FILE)
+    report_file = Path(report_path) if report_path else output / REPORT_FILE
+    full_ranks = {name: min(spec.linear_shape(name)) for name in BLOCK_LINEARS}
+    try:
+        report.pictures = plots.report_pictures(report.to_dict(), full_ranks, report_file.parent, report_file.stem)
+    except Exception as exc:  # a picture is never worth failing a finished compression for
+        log.warning("could not draw the report's pictures: %s", exc)
+    report.write(report_file)
     return report
 
 

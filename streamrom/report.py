@@ -42,12 +42,26 @@ def machine() -> dict[str, Any]:
     }
 
 
-def memory_summary(monitor: RSSMonitor) -> dict[str, Any]:
+def memory_summary(monitor: RSSMonitor, timeline_points: int = 2000) -> dict[str, Any]:
+    """Peak RSS (sampled and the OS's), and the timeline with its marks for plotting."""
     return {
         "peak_rss_bytes": monitor.peak_bytes,
         "os_peak_rss_bytes": os_peak_rss_bytes(),
         "rss_samples": len(monitor.samples),
+        "timeline": downsample(monitor.samples, timeline_points),
+        "marks": [[round(t, 2), label] for t, label in monitor.marks],
     }
+
+
+def downsample(samples: list[tuple[float, int]], points: int) -> list[list[float]]:
+    """At most `points` (seconds, rss) pairs; each keeps its bucket's largest RSS, so peaks survive."""
+    step = max(1, -(-len(samples) // points))
+    kept = []
+    for start in range(0, len(samples), step):
+        bucket = samples[start:start + step]
+        seconds, rss = max(bucket, key=lambda sample: sample[1])
+        kept.append([round(seconds, 2), rss])
+    return kept
 
 
 @dataclass
@@ -69,6 +83,7 @@ class Report:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
     memory: dict[str, Any] = field(default_factory=dict)
+    pictures: list[str] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=machine)
 
     @property

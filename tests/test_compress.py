@@ -246,3 +246,24 @@ def test_output_dtype_option(tiny_models, tiny_tokens, tmp_path, dtype, name):
     with torch.no_grad():
         half, full = streamrom.load(output)(ids), streamrom.load(reference)(ids)
     assert 0 < (half - full).abs().max().item() < 0.05 * full.abs().max().item()
+
+
+def test_report_pictures_and_their_absence(tiny_models, tiny_tokens, tmp_path, monkeypatch):
+    """With matplotlib the report folder gets the RSS timeline and the rank map as PNGs; without it
+    the run is the same and lists no pictures."""
+    pytest.importorskip("matplotlib")
+    calibration = CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=64)
+    config = CompressConfig(ratio=0.5, layers="1", calibration=calibration)
+    report = streamrom.compress(tiny_models["llama"], tmp_path / "with", config)
+    assert [p.rsplit("/", 1)[1] for p in report.pictures] == ["streamrom-report-rss.png", "streamrom-report-ranks.png"]
+    for picture in report.pictures:
+        assert open(picture, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    marks = report.memory["marks"]
+    assert [label for _, label in marks] == [f"block {i}" for i in range(report.num_layers)]
+    assert report.memory["timeline"] and max(r for _, r in report.memory["timeline"]) == report.memory["peak_rss_bytes"]
+
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib now fails
+    bare = streamrom.compress(tiny_models["llama"], tmp_path / "without", config)
+    assert bare.pictures == []
+    assert not list((tmp_path / "without").glob("*.png"))
+    assert bare.ranks == report.ranks

@@ -159,3 +159,21 @@ def test_float32_work_keeps_the_float64_optimum(out_f, in_f):
     error = np.linalg.norm(y - reconstruct(factors, x))
     assert error == pytest.approx(best_error(y, rank), rel=1e-4)
     np.testing.assert_allclose(basis.T @ basis, np.eye(rank), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_orthonormalize_keeps_leading_spans(dtype):
+    rng = np.random.default_rng(8)
+    q = np.linalg.qr(rng.standard_normal((200, 30)))[0]
+    skewed = (q + 1e-3 * rng.standard_normal((200, 30))).astype(dtype)  # nearly orthonormal
+    result = decompose.orthonormalize(skewed.copy())
+    tolerance = 50 * np.finfo(dtype).eps
+    np.testing.assert_allclose(result.T @ result, np.eye(30), atol=tolerance)
+    for k in (1, 10, 30):  # the span of the first k columns is the input's
+        lead = skewed[:, :k] / np.linalg.norm(skewed[:, :k], axis=0)
+        residual = lead - result[:, :k] @ (result[:, :k].T @ lead)
+        assert np.abs(residual).max() < 100 * tolerance
+    dependent = skewed.copy()
+    dependent[:, -1] = dependent[:, 0]  # too dependent for Cholesky: Householder takes over
+    fallback = decompose.orthonormalize(dependent)
+    np.testing.assert_allclose(fallback.T @ fallback, np.eye(30), atol=tolerance)
