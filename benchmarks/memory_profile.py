@@ -8,7 +8,11 @@ GEMM peak at the same thread count. Results: benchmarks/results/memory_<shape>.j
 depths already there are kept), memory_<shape>_d<depth>_rss.csv, and a PNG of the timeline with
 block boundaries when matplotlib is installed.
 
-    python benchmarks/memory_profile.py 7b --depths 2 4 8
+With `--whole-model DEPTH`, the same checkpoint is also compressed the whole-model way
+(benchmarks/whole_model.py: whole model and all activations in RAM, same algorithm) and the two
+outputs are compared tensor by tensor.
+
+    python benchmarks/memory_profile.py 7b --depths 2 4 8 --whole-model 8
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from flop_count import block_flops, gemm_peak_gflops  # noqa: E402
 from synthetic import config_for, random_tokens, write_synthetic  # noqa: E402
+from whole_model import REPORT_FILE as WHOLE_MODEL_REPORT, compare  # noqa: E402
 
 from streamrom.plots import rss_timeline_png  # noqa: E402
 from streamrom.report import machine  # noqa: E402
@@ -63,7 +68,9 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=32, help="calibration sequences (default 32)")
     parser.add_argument("--seqlen", type=int, default=512, help="calibration sequence length (default 512)")
     parser.add_argument("--ratio", type=float, default=0.8)
-    parser.add_argument("--threads", type=int, help="torch threads in the compress run")
+    parser.add_argument("--threads", type=int, help="torch threads in the compress run (default: torch's)")
+    parser.add_argument("--whole-model", type=int, nargs="*", default=[], metavar="DEPTH",
+                        help="at these depths, also run the whole-model way and compare")
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "synthetic")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
@@ -76,7 +83,9 @@ def main() -> None:
     tokens = random_tokens(args.work / "tokens.npy", args.sequences * args.seqlen * 4)
     out = args.results / f"memory_{args.shape}.json"
     previous = json.loads(out.read_text())["rows"] if out.is_file() else []
-    rows = [row for row in previous if row["depth"] not in args.depths]
+    tokens_count = args.sequences * args.seqlen
+    rows = [row for row in previous if (row["depth"], row["calibration_tokens"]) not in
+            {(depth, tokens_count) for depth in args.depths}]
     for depth in args.depths:
         source = write_synthetic(args.shape, depth, args.work / f"{args.shape}-{depth}")
         output = args.work / f"{args.shape}-{depth}-rom"
@@ -85,7 +94,8 @@ def main() -> None:
         command += ["compress", str(source), str(output), "--ratio", str(args.ratio), "--calib-tokens",
                     str(tokens), "--calib-sequences", str(args.sequences), "--calib-seqlen", str(args.seqlen),
                     "--overwrite", "--report", str(report_path)]
-        timeline = args.results / f"memory_{args.shape}_d{depth}_rss.csv"
+        suffix = f"d{depth}" + ("" if tokens_count == 16384 else f"_t{tokens_count}")
+        timeline = args.results / f"memory_{args.shape}_{suffix}_rss.csv"
         print("$", shlex.join(command[1:]), flush=True)
         wall, sampled_here = profile(command, timeline)
         report = json.loads(report_path.read_text())
@@ -95,7 +105,7 @@ def main() -> None:
         flops = {stage: depth * count for stage, count in
                  block_flops(config_for(args.shape, depth), ranks, args.sequences, args.seqlen).items()}
         seconds = report["stage_seconds"]
-        picture = rss_timeline_png(memory["timeline"], memory["marks"], args.results / f"memory_{args.shape}_d{depth}_rss.png",
+        picture = rss_timeline_png(memory["timeline"], memory["marks"], args.results / f"memory_{args.shape}_{suffix}_rss.png",
                                    title=f"streamrom compress, {args.shape.upper()} shape, {depth} blocks, "
                                          f"{args.sequences}x{args.seqlen} tokens",
                                    estimate_bytes=memory["estimated_peak_bytes"])
@@ -112,6 +122,24 @@ def main() -> None:
             "seconds_over_bound": {stage: seconds[stage] / (flops[stage] / (peak_gflops * 1e9))
                                    for stage in flops if seconds.get(stage)},
         })
+        if depth in args.whole_model:
+            whole_out = args.work / f"{args.shape}-{depth}-whole"
+            whole = [sys.executable, str(REPO / "benchmarks" / "whole_model.py"), str(source), str(whole_out),
+                     "--calib-tokens", str(tokens), "--sequences", str(args.sequences), "--seqlen", str(args.seqlen),
+                     "--ratio", str(args.ratio), "--threads", str(threads)]
+            print("$", shlex.join(whole[1:]), flush=True)
+            whole_timeline = args.results / f"memory_{args.shape}_{suffix}_whole_model_rss.csv"
+            whole_wall, whole_peak = profile(whole, whole_timeline)
+            rows[-1]["whole_model"] = {
+                "command": shlex.join(["python", *whole[1:]]), "wall_seconds": whole_wall,
+                "peak_rss_bytes": whole_peak, "timeline_csv": whole_timeline.name,
+                "stage_seconds": json.loads((whole_out / WHOLE_MODEL_REPORT).read_text())["stage_seconds"],
+                "peak_rss_ratio": whole_peak / rows[-1]["peak_rss_bytes"],
+                "wall_time_ratio": whole_wall / wall,
+                "outputs": compare(output, whole_out),
+            }
+            print("whole-model way:", {k: v for k, v in rows[-1]["whole_model"].items() if "ratio" in k or k == "outputs"},
+                  flush=True)
     rows.sort(key=lambda row: (row["calibration_tokens"], row["depth"]))
     result = {"benchmark": "memory_profile", "shape": args.shape, "ratio": args.ratio, "machine": machine(),
               "rows": rows}
@@ -133,6 +161,12 @@ def main() -> None:
               f"| {row['source_bytes_on_disk'] / mib:.0f} MiB "
               f"| {bound.get('forward', 0):.2f}x, {bound.get('statistics', 0):.2f}x |")
     print("estimate parts (MiB):", {k: round(v / mib) for k, v in rows[-1]["estimate"].items()})
+    for row in rows:
+        if "whole_model" in row:
+            whole = row["whole_model"]
+            print(f"depth {row['depth']}, whole model in RAM: {whole['wall_seconds']:.0f} s, peak "
+                  f"{whole['peak_rss_bytes'] / mib:.0f} MiB = {whole['peak_rss_ratio']:.2f} x streamed "
+                  f"(time {whole['wall_time_ratio']:.2f} x); outputs identical: {whole['outputs']['identical']}")
     print(f"\nwritten {out}")
 
 

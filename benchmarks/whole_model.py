@@ -1,18 +1,15 @@
-"""streamrom against the whole-model way, on one synthetic checkpoint, in one invocation.
+"""The whole-model way: the same ROM algorithm (the same `compress_block`, the same chunks) with the
+whole model loaded in its float32 working dtype and every calibration activation held in RAM, as the
+ROM paper's and the SFSD study's code do it. For comparison with streamrom only: memory_profile.py
+runs it beside `streamrom compress` (`--whole-model DEPTH`) and checks both outputs are identical.
 
-The whole-model way is the same ROM algorithm (the same `compress_block`, the same chunks) with the
-whole model loaded in its float32 working dtype and every calibration activation held in RAM, as
-the ROM paper's and the SFSD study's code do it. Both runs are child processes whose RSS this
-script samples every 0.1 s; their outputs are then compared tensor by tensor (they must be
-identical). Results: benchmarks/results/whole_model_<shape>.json.
-
-    python benchmarks/whole_model.py 7b --depth 8
+    python benchmarks/whole_model.py SRC DST --calib-tokens tokens.npy
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,12 +18,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from memory_profile import profile  # noqa: E402
-from synthetic import random_tokens, write_synthetic  # noqa: E402
-
-from streamrom.report import machine  # noqa: E402
+REPORT_FILE = "whole-model-report.json"
 
 
 class MemoryBuffer:
@@ -82,6 +75,7 @@ def compress_in_memory(source: Path, output: Path, token_file: Path, sequences: 
                        chunk_sequences, timer, block_label=block_prefix(index))
         inputs, outputs = outputs, inputs
     with timer("write"):
+        output.mkdir(parents=True)
         writer = CheckpointWriter(output, spec.num_layers + 2, {})
         writer.write_shard(1, {EMBED: embedding.to(dtype)})
         for index, block in enumerate(blocks):
@@ -112,65 +106,19 @@ def compare(first: Path, second: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("shape", choices=["7b", "13b"])
-    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("source", type=Path)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--calib-tokens", type=Path, required=True)
     parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--ratio", type=float, default=0.8)
-    parser.add_argument("--threads", type=int, help="torch threads in both runs (default: torch's)")
-    parser.add_argument("--work", type=Path, default=REPO / ".cache" / "synthetic")
-    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--in-memory-child", nargs=2, type=Path, metavar=("SRC", "DST"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int)
     args = parser.parse_args()
-
-    if args.in_memory_child:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        source, output = args.in_memory_child
-        result = compress_in_memory(source, output, args.work / "tokens.npy", args.sequences, args.seqlen, args.ratio)
-        (output / "whole-model-report.json").write_text(json.dumps(result, indent=2) + "\n")
-        return
-
-    args.work.mkdir(parents=True, exist_ok=True)
-    args.results.mkdir(parents=True, exist_ok=True)
-    tokens = random_tokens(args.work / "tokens.npy", args.sequences * args.seqlen * 4)
-    source = write_synthetic(args.shape, args.depth, args.work / f"{args.shape}-{args.depth}")
-    name = f"{args.shape}-{args.depth}"
-    streamed_out, whole_out = args.work / f"{name}-rom", args.work / f"{name}-whole"
-    threads = ["--threads", str(args.threads)] if args.threads else []
-    streamed = [sys.executable, "-m", "streamrom.cli", "--quiet", *threads, "compress", str(source),
-                str(streamed_out), "--ratio", str(args.ratio), "--calib-tokens", str(tokens), "--calib-sequences",
-                str(args.sequences), "--calib-seqlen", str(args.seqlen), "--overwrite",
-                "--report", str(args.work / f"{name}.report.json")]
-    import shutil
-    shutil.rmtree(whole_out, ignore_errors=True)
-    whole = [sys.executable, str(Path(__file__).resolve()), args.shape, "--depth", str(args.depth), "--sequences",
-             str(args.sequences), "--seqlen", str(args.seqlen), "--ratio", str(args.ratio), *threads,
-             "--work", str(args.work), "--in-memory-child", str(source), str(whole_out)]
-    rows = {}
-    for label, command in (("streamed", streamed), ("whole_model", whole)):
-        print("$", shlex.join(command[1:]), flush=True)
-        timeline = args.results / f"whole_model_{name}_{label}_rss.csv"
-        wall, peak = profile(command, timeline)
-        rows[label] = {"command": shlex.join(["python", *command[1:]]), "wall_seconds": wall, "peak_rss_bytes": peak,
-                       "timeline_csv": timeline.name}
-    rows["streamed"]["stage_seconds"] = json.loads((args.work / f"{name}.report.json").read_text())["stage_seconds"]
-    rows["whole_model"]["stage_seconds"] = json.loads((whole_out / "whole-model-report.json").read_text())["stage_seconds"]
-    outputs = compare(streamed_out, whole_out)
-    result = {"benchmark": "whole_model", "shape": args.shape, "depth": args.depth, "ratio": args.ratio,
-              "calibration_tokens": args.sequences * args.seqlen, "machine": machine(), "runs": rows,
-              "peak_rss_ratio": rows["whole_model"]["peak_rss_bytes"] / rows["streamed"]["peak_rss_bytes"],
-              "wall_time_ratio": rows["whole_model"]["wall_seconds"] / rows["streamed"]["wall_seconds"],
-              "outputs": outputs}
-    out = args.results / f"whole_model_{args.shape}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    mib = 2 ** 20
-    print(f"\n| way | wall | peak RSS |\n|---|---|---|")
-    for label, row in rows.items():
-        print(f"| {label} | {row['wall_seconds']:.0f} s | {row['peak_rss_bytes'] / mib:.0f} MiB |")
-    print(f"whole-model / streamed: peak RSS x{result['peak_rss_ratio']:.2f}, wall time x{result['wall_time_ratio']:.2f}; "
-          f"outputs {outputs}")
-    print(f"written {out}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shutil.rmtree(args.output, ignore_errors=True)
+    result = compress_in_memory(args.source, args.output, args.calib_tokens, args.sequences, args.seqlen, args.ratio)
+    (args.output / REPORT_FILE).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
