@@ -71,9 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="blocks to compress: all, last:N (ROM: the last N blocks), or e.g. 0-3,7 (default all)")
     comp.add_argument("--modules", type=_modules,
                       help="comma-separated linears to compress, e.g. q_proj,k_proj,gate_proj (default: all seven)")
-    comp.add_argument("--method", default="rom", choices=["rom", "rom-centered"],
+    comp.add_argument("--method", default="rom", choices=["rom", "rom-centered", "svd"],
                       help="rom: uncentered output second moment (default, best rank-r fit of W X); "
-                           "rom-centered: covariance plus the mean-correction bias")
+                           "rom-centered: covariance plus the mean-correction bias; "
+                           "svd: weight-space truncated SVD, no calibration (a baseline)")
+    comp.add_argument("--allocate", default="uniform", choices=["uniform", "last-n", "spectrum"],
+                      help="how ranks are spread: uniform (one ratio everywhere, default); last-n (ROM: only "
+                           "the last N blocks, N the fewest that reach the target at --ratio); spectrum (a first "
+                           "streamed pass measures each linear's output spectrum, then ranks go where they keep "
+                           "the most output energy per parameter). Without a target, last-n and spectrum spend "
+                           "what uniform at --ratio would")
+    comp.add_argument("--ranks-from", type=Path, metavar="REPORT",
+                      help="the ranks of a previous run's report (its \"ranks\"), e.g. to reuse an allocation")
+    target = comp.add_mutually_exclusive_group()
+    target.add_argument("--target-params", type=float, metavar="FRACTION",
+                        help="the whole model's parameter count after compression, as a fraction of the "
+                             "original's (e.g. 0.7), met to within one rank step")
+    target.add_argument("--target-size", type=float, metavar="GB", dest="target_size_gb",
+                        help="the output's tensor bytes in GB (1e9 bytes), in the output dtype")
     comp.add_argument("--calib-text", type=Path, nargs="+", default=[],
                       help="calibration text files (default: the packaged Emma, public domain)")
     comp.add_argument("--calib-tokens", type=Path, help=".npy of token ids (1-D stream or 2-D sequences)")
@@ -119,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ranks_from(path: Path) -> dict:
+    from .errors import InputError
+
+    try:
+        ranks = json.loads(path.read_text())["ranks"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"cannot read ranks from {path}: {exc}") from None
+    if not isinstance(ranks, dict):
+        raise InputError(f"{path}: \"ranks\" is not a mapping of linear names to ranks")
+    return ranks
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.command == "compress":
         from .calibration import CalibrationConfig
@@ -128,7 +155,9 @@ def _run(args: argparse.Namespace) -> None:
             text_files=tuple(args.calib_text), token_file=args.calib_tokens,
             sequences=args.calib_sequences, seqlen=args.calib_seqlen, seed=args.seed)
         config = CompressConfig(
-            ratio=args.ratio, rank=args.rank, layers=args.layers, method=args.method,
+            ratio=args.ratio, rank=args.rank, layers=args.layers, method=args.method, allocate=args.allocate,
+            target_params=args.target_params, target_size_gb=args.target_size_gb,
+            ranks=_ranks_from(args.ranks_from) if args.ranks_from else None,
             chunk_tokens=args.chunk_tokens, calibration=calibration, overwrite=args.overwrite, dtype=args.dtype,
             precision=args.precision,
             **({"modules": args.modules} if args.modules else {}))

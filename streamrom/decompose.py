@@ -170,6 +170,30 @@ def orthonormalize(basis: np.ndarray) -> np.ndarray:
     return basis
 
 
+def output_spectrum(moments: InputMoments, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """Eigenvalues of the output moment W̃ C W̃ᵀ, descending: the top min(out, in) of them (the
+    rest are zero), from the smaller of the out x out and in x in problems."""
+    with_bias = bias is not None and not moments.centered
+    w_tilde = np.hstack([weight, bias[:, None]]) if with_bias else weight
+    w_tilde = w_tilde.astype(moments.second_moment.dtype, copy=False)
+    out_features, in_features = w_tilde.shape
+    if out_features <= in_features:
+        matrix = w_tilde @ moments.matrix(with_bias) @ w_tilde.T
+    else:
+        a = w_tilde @ moments.root(with_bias)
+        matrix = a.T @ a
+    values = scipy.linalg.eigh(damped(matrix, 0.0), eigvals_only=True, driver="evd", overwrite_a=True)
+    return np.clip(values[::-1], 0.0, None)
+
+
+def weight_svd_basis(weight: np.ndarray, rank: int) -> np.ndarray:
+    """Top-r left singular vectors of W: weight-space truncated SVD (the SFSD comparison baseline),
+    which is ROM with the identity for the input moment, so it shares ROM's factor format."""
+    dtype = weight.dtype
+    return InputMoments(np.eye(weight.shape[1], dtype=dtype), np.zeros(weight.shape[1], dtype=dtype)).rom_basis(
+        weight, None, rank)
+
+
 def rom_basis_from_inputs(weight: np.ndarray, bias: np.ndarray | None, second_moment: np.ndarray,
                           mean: np.ndarray, rank: int, centered: bool = False,
                           damping: float = 0.0) -> np.ndarray:

@@ -13,14 +13,14 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import psutil
 import torch
 
-from . import decompose, plots
+from . import allocation, decompose, plots
 from .activations import (ActivationBuffer, ActivationPair, BlockCache, chunk_ranges, embed_into,
                           require_finite, run_block)
 from .calibration import CalibrationConfig, calibration_tokens
@@ -32,13 +32,15 @@ from .progress import LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments_
 from .modeling import (BLOCK_LINEARS, EMBED, FINAL_NORM, LINEAR_GROUPS, LM_HEAD, Block,
                        LowRankLinear, ModelSpec, Rotary, block_prefix)
 from .report import Report, StageTimer, memory_summary
+from .spectra import collect_spectra
 from .statistics import MomentAccumulator
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 WORK_FOLDER = ".streamrom-work"
-METHODS = ("rom", "rom-centered")
+METHODS = ("rom", "rom-centered", "svd")
+ALLOCATIONS = ("uniform", "last-n", "spectrum")
 PRECISIONS = {"float32": np.float32, "float64": np.float64}
 OUTPUT_DTYPES = {"source": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REPORT_FILE = "streamrom-report.json"
@@ -52,7 +54,11 @@ class CompressConfig:
     rank: int | None = None  # a fixed rank for every chosen linear (capped at min(out, in))
     layers: str = "all"  # "all", "last:N", or indices and ranges like "0-3,7"
     modules: tuple[str, ...] = BLOCK_LINEARS
-    method: str = "rom"
+    method: str = "rom"  # rom (uncentered output PCA), rom-centered (+ mean-correction bias), svd (weights only)
+    allocate: str = "uniform"  # uniform, last-n (ROM's scheme), spectrum (two-pass, by output energy)
+    target_params: float | None = None  # whole-model parameter count after compression, as a fraction
+    target_size_gb: float | None = None  # or as the output's tensor bytes, in GB (1e9 bytes)
+    ranks: dict[str, int | None] | None = None  # an explicit plan ("model.layers.<i>.<name>": rank), e.g. a report's
     damping: float = 1e-6  # relative to the mean eigenvalue; see decompose.damped
     chunk_tokens: int = 2048  # tokens per forward chunk: bounds activation memory
     precision: str = "float32"  # of the per-chunk moment products and the eigen work (sums: float64)
@@ -65,6 +71,16 @@ class CompressConfig:
             raise UsageError(f"--ratio must be in (0, 1], got {self.ratio}")
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        if self.allocate not in ALLOCATIONS:
+            raise UsageError(f"unknown allocation {self.allocate!r}: choose from {', '.join(ALLOCATIONS)}")
+        if self.target_params is not None and self.target_size_gb is not None:
+            raise UsageError("give --target-params or --target-size, not both")
+        if self.target_params is not None and not 0.0 < self.target_params <= 1.0:
+            raise UsageError(f"--target-params must be in (0, 1], got {self.target_params}")
+        if self.target_size_gb is not None and self.target_size_gb <= 0:
+            raise UsageError(f"--target-size must be positive, got {self.target_size_gb}")
+        if (self.rank is not None or self.ranks is not None) and (self.allocate != "uniform" or self.has_target):
+            raise UsageError("--rank and --ranks-from fix the ranks: they do not combine with --allocate or a target")
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
         unknown = [m for m in self.modules if m not in BLOCK_LINEARS]
@@ -85,6 +101,10 @@ class CompressConfig:
     @property
     def centered(self) -> bool:
         return self.method == "rom-centered"
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_params is not None or self.target_size_gb is not None
 
 
 def parse_layers(text: str, num_layers: int) -> list[int]:
@@ -116,7 +136,8 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
 
 
 def rank_plan(spec: ModelSpec, config: CompressConfig) -> dict[str, int | None]:
-    """Rank per block linear; None keeps it dense (not chosen, or factors would not save)."""
+    """Rank per block linear at `config.ratio` (or `config.rank`); None keeps it dense (not chosen,
+    or factors would not save)."""
     plan: dict[str, int | None] = {}
     for name in BLOCK_LINEARS:
         out_features, in_features = spec.linear_shape(name)
@@ -128,6 +149,64 @@ def rank_plan(spec: ModelSpec, config: CompressConfig) -> dict[str, int | None]:
             rank = decompose.rank_for(config.ratio, out_features, in_features)
             plan[name] = rank if decompose.saves_parameters(rank, out_features, in_features) else None
     return plan
+
+
+def allocation_slots(spec: ModelSpec, config: CompressConfig, layers: list[int]) -> list[allocation.Slot]:
+    slots = []
+    for index in layers:
+        for name in BLOCK_LINEARS:
+            if name in config.modules:
+                out_features, in_features = spec.linear_shape(name)
+                slots.append(allocation.Slot(f"{block_prefix(index)}{name}", index, out_features, in_features,
+                                             spec.has_bias(name), config.centered))
+    return slots
+
+
+def model_plan(spec: ModelSpec, config: CompressConfig, layers: list[int], total_params: int, dtype_bytes: int,
+               spectra: dict[str, np.ndarray] | None = None) -> dict[str, int | None]:
+    """Rank of every block linear of the model ("model.layers.<i>.<name>"; None: dense).
+
+    Without a target, `uniform` is `rank_plan` in every chosen block; `last-n` and `spectrum`
+    spend what that plan would. With a target, the chosen allocation meets the whole-model
+    parameter count within one rank step.
+    """
+    if config.ranks is not None:
+        return _checked_ranks(spec, config.ranks)
+    per_block = rank_plan(spec, config)
+    plan = {f"{block_prefix(i)}{name}": (per_block[name] if i in layers else None)
+            for i in range(spec.num_layers) for name in BLOCK_LINEARS}
+    if config.rank is not None or (config.allocate == "uniform" and not config.has_target):
+        return plan
+    slots = allocation_slots(spec, config, layers)
+    fixed = total_params - sum(slot.dense for slot in slots)
+    if config.target_params is not None:
+        budget = int(config.target_params * total_params) - fixed
+    elif config.target_size_gb is not None:
+        budget = int(config.target_size_gb * 1e9 // dtype_bytes) - fixed
+    else:
+        budget = allocation.total_params(slots, plan)
+    if config.allocate == "uniform":
+        ranks = allocation.uniform_ranks(slots, budget)
+    elif config.allocate == "last-n":
+        ranks = allocation.last_n_ranks(slots, budget, config.ratio, spec.num_layers)
+    else:
+        ranks = allocation.spectrum_ranks(slots, spectra or {}, budget)
+    return {key: ranks.get(key) for key in plan}
+
+
+def _checked_ranks(spec: ModelSpec, ranks: dict[str, int | None]) -> dict[str, int | None]:
+    plan = {f"{block_prefix(i)}{name}": None for i in range(spec.num_layers) for name in BLOCK_LINEARS}
+    for key, rank in ranks.items():
+        if key not in plan:
+            raise UsageError(f"ranks name {key!r}, which is not a block linear of this model")
+        if rank is not None and not (isinstance(rank, int) and 0 < rank <= min(spec.linear_shape(key.split(".", 3)[3]))):
+            raise UsageError(f"rank of {key} must be a positive integer up to min(out, in), got {rank!r}")
+        plan[key] = rank
+    return plan
+
+
+def block_plan(plan: dict[str, int | None], index: int) -> dict[str, int | None]:
+    return {name: plan.get(f"{block_prefix(index)}{name}") for name in BLOCK_LINEARS}
 
 
 def _low_rank_module(factors: decompose.Factors) -> LowRankLinear:
@@ -150,6 +229,17 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
     factors compensate for the error of earlier ones. Pass g computes the block up to group g's
     input from the intermediates pass g-1 left in `cache`, so all passes together cost one forward.
     """
+    if config.method == "svd":  # weight-space: no statistics, and nothing downstream needs outputs
+        with timer("eigen"):
+            for name, rank in plan.items():
+                if rank is not None:
+                    linear = block.linear(name)
+                    weight = linear.weight.detach().numpy().astype(PRECISIONS[config.precision], copy=False)
+                    bias = linear.bias.detach().numpy() if linear.bias is not None else None
+                    factors = decompose.factorise(weight, bias, decompose.weight_svd_basis(weight, rank))
+                    del linear, weight
+                    block.set_linear(name, _low_rank_module(factors))
+        return
     work = [[name for name in group if plan[name] is not None] for group in LINEAR_GROUPS]
     last = max((g for g, todo in enumerate(work) if todo), default=-1)
     if last < 0:
@@ -259,15 +349,13 @@ def _fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGINT)
 
 
-def _output_bytes(spec: ModelSpec, plan: dict[str, int | None], layers: list[int], dtype_bytes: int,
-                  centered: bool = False) -> int:
-    """Size of the compressed checkpoint's tensors, from the rank plan."""
+def _output_bytes(spec: ModelSpec, plan: dict[str, int | None], dtype_bytes: int, centered: bool = False) -> int:
+    """Size of the compressed checkpoint's tensors, from the model's rank plan."""
     params = sum(math.prod(shape) for shape in spec.global_shapes().values())
-    chosen = set(layers)
     for index in range(spec.num_layers):
         for name, shape in spec.dense_block_shapes().items():
             linear, _, kind = name.rpartition(".")
-            rank = plan.get(linear) if index in chosen else None
+            rank = plan.get(f"{block_prefix(index)}{linear}")
             if not rank:
                 params += math.prod(shape)
             elif kind == "weight":  # factors rank x (out + in), and the centered mean correction
@@ -335,14 +423,14 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
             reader = CheckpointReader(source)
         spec = reader.spec
         layers = parse_layers(config.layers, spec.num_layers)
-        plan = rank_plan(spec, config)
         with timer("calibration"):
             tokens = calibration_tokens(config.calibration, source, spec.vocab_size)
         sequences, seqlen = tokens.shape
         settings = {"ratio": config.ratio, "rank": config.rank, "layers": layers,
-                    "modules": list(config.modules), "method": config.method, "damping": config.damping,
-                    "chunk_tokens": config.chunk_tokens, "dtype": config.dtype,
-                    "precision": config.precision,
+                    "modules": list(config.modules), "method": config.method, "allocate": config.allocate,
+                    "target_params": config.target_params, "target_size_gb": config.target_size_gb,
+                    "damping": config.damping, "chunk_tokens": config.chunk_tokens, "dtype": config.dtype,
+                    "precision": config.precision, "ranks": config.ranks,
                     "calibration": {"files": [str(p) for p in config.calibration.text_files] or ["(default)"],
                                     "token_file": str(config.calibration.token_file or ""),
                                     "sequences": sequences, "seqlen": seqlen,
@@ -350,7 +438,13 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
         fingerprint = {k: v for k, v in settings.items() if k != "calibration"}
         dtype_bytes = torch.finfo(config.output_dtype(reader.weight_dtype)).bits // 8
         source_bytes = torch.finfo(reader.weight_dtype).bits // 8
-        memory_parts = estimate_compress_memory(spec, plan, source_bytes, config.chunk_tokens, seqlen,
+        total_params = reader.parameter_count()
+        # The spectrum plan needs pass 1; a uniform plan of the same budget has its size within a step.
+        sizing_config = replace(config, allocate="uniform") if config.allocate == "spectrum" else config
+        sizing_plan = model_plan(spec, sizing_config, layers, total_params, dtype_bytes)
+        widest = {name: (min(spec.linear_shape(name)) if config.allocate != "uniform" else rank)
+                  for name, rank in rank_plan(spec, config).items()}
+        memory_parts = estimate_compress_memory(spec, widest, source_bytes, config.chunk_tokens, seqlen,
                                                 runtime_bytes, np.dtype(PRECISIONS[config.precision]).itemsize)
         check_output_path(source, output)
         with OutputLock(output) as lock:
@@ -361,10 +455,19 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
             if progress.blocks_done < 0:  # a resumed run has its two activation files already
                 activation_bytes += 2 * tokens.size * spec.hidden_size * 4
             written = sum(p.stat().st_size for p in output.glob("model-*.safetensors"))
-            check_resources(output, {"output": max(0, _output_bytes(spec, plan, layers, dtype_bytes,
+            check_resources(output, {"output": max(0, _output_bytes(spec, sizing_plan, dtype_bytes,
                                                                     config.centered) - written),
                                      "activations": activation_bytes}, memory_parts)
             progress.save(output)  # from here on, a failed run's leftovers are resumable, not foreign
+            if not progress.plan:
+                spectra = None
+                if config.allocate == "spectrum":
+                    log.info("pass 1: output spectra of %d blocks", len(layers))
+                    spectra = collect_spectra(reader, tokens, layers, list(config.modules), output / WORK_FOLDER,
+                                              config.chunk_tokens, config.centered, PRECISIONS[config.precision], timer)
+                progress.plan = model_plan(spec, config, layers, total_params, dtype_bytes, spectra)
+                progress.save(output)
+            plan = progress.plan
             try:
                 _run(reader, output, tokens, plan, layers, config, progress, timer, monitor)
             except OSError as exc:
@@ -429,9 +532,10 @@ def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[
                 embedding = reader.tensor(EMBED)
             with timer("write"):
                 writer.write_shard(1, {EMBED: embedding.to(dtype)})
-            with timer("forward"):
-                embed_into(embedding, tokens, activations.inputs, chunk_sequences)
-                activations.inputs.sync()
+            if config.method != "svd":  # weight-space SVD needs no calibration data
+                with timer("forward"):
+                    embed_into(embedding, tokens, activations.inputs, chunk_sequences)
+                    activations.inputs.sync()
             del embedding
             record(0)
         cos, sin = Rotary(spec).cos_sin(seqlen)
@@ -439,9 +543,10 @@ def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[
             monitor.mark(f"block {index}")
             with timer("read"):
                 block = Block.from_tensors(spec, reader.block_tensors(index))
-            block_plan = plan if index in layers else dict.fromkeys(BLOCK_LINEARS)
-            has_next = index + 1 < spec.num_layers  # the last block's outputs feed nothing
-            compress_block(block, block_plan, activations.inputs, activations.outputs if has_next else None,
+            ranks = block_plan(plan, index)
+            # the last block's outputs feed nothing; nor do any, for weight-space SVD
+            has_next = index + 1 < spec.num_layers and config.method != "svd"
+            compress_block(block, ranks, activations.inputs, activations.outputs if has_next else None,
                            cache, cos, sin, config, chunk_sequences, timer, block_label=block_prefix(index))
             _fault_point(f"during-block-{index}")
             if has_next:
@@ -451,7 +556,7 @@ def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[
                 writer.write_shard(index + 2, _block_tensors(block, index, dtype),
                                    before_rename=lambda: _fault_point(f"writing-block-{index}"))
             for name in BLOCK_LINEARS:
-                progress.ranks[f"{block_prefix(index)}{name}"] = block_plan[name]
+                progress.ranks[f"{block_prefix(index)}{name}"] = ranks[name]
             record(index + 1)
             _fault_point(f"after-block-{index}")
             del block
@@ -466,6 +571,9 @@ def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[
             out_config["streamrom"] = {
                 "format_version": FORMAT_VERSION,
                 "method": config.method,
+                "allocate": config.allocate,
+                "target_params": config.target_params,
+                "target_size_gb": config.target_size_gb,
                 "ratio": config.ratio,
                 "rank": config.rank,
                 "layers": layers,

@@ -89,6 +89,7 @@ class Progress:
     blocks_done: int = -1  # -1: embeddings not yet written
     inputs_file: str = ""
     ranks: dict[str, int | None] = field(default_factory=dict)
+    plan: dict[str, int | None] = field(default_factory=dict)  # every block linear's rank, fixed up front
     weight_map: dict[str, str] = field(default_factory=dict)
     total_size: int = 0
     format: int = PROGRESS_FORMAT

@@ -177,3 +177,27 @@ def test_orthonormalize_keeps_leading_spans(dtype):
     dependent[:, -1] = dependent[:, 0]  # too dependent for Cholesky: Householder takes over
     fallback = decompose.orthonormalize(dependent)
     np.testing.assert_allclose(fallback.T @ fallback, np.eye(30), atol=tolerance)
+
+
+@pytest.mark.parametrize("out_f,in_f", [(24, 40), (64, 40)])
+def test_weight_svd_basis_is_the_truncated_svd(out_f, in_f):
+    rng = np.random.default_rng(9)
+    weight = rng.standard_normal((out_f, in_f)) * np.logspace(0, -1, in_f)
+    rank = 12
+    factors = decompose.factorise(weight, None, decompose.weight_svd_basis(weight, rank))
+    singular = np.linalg.svd(weight, compute_uv=False)
+    error = np.linalg.norm(weight - factors.expand_weight @ factors.reduce_weight)
+    assert error == pytest.approx(np.sqrt(np.sum(singular[rank:] ** 2)), rel=1e-9)
+
+
+@pytest.mark.parametrize("out_f,in_f,with_bias", [(24, 40, False), (64, 40, False), (24, 40, True)])
+def test_output_spectrum_is_the_eigenvalues_of_the_output_moment(out_f, in_f, with_bias):
+    rng = np.random.default_rng(10)
+    x = correlated_inputs(rng, in_f, 300, shift=0.2)
+    weight = rng.standard_normal((out_f, in_f))
+    bias = rng.standard_normal(out_f) if with_bias else None
+    y = weight @ x + (bias[:, None] if with_bias else 0)
+    values = decompose.output_spectrum(decompose.InputMoments(*moments(x)), weight, bias)
+    expected = np.linalg.eigvalsh(y @ y.T / y.shape[1])[::-1][:len(values)]
+    assert len(values) == min(out_f, in_f + with_bias)
+    np.testing.assert_allclose(values, expected, rtol=1e-8, atol=1e-8 * expected[0])

@@ -294,13 +294,13 @@ def test_fuzzed_configs_never_traceback_or_hang(tmp_path, tiny_models):
 @pytest.mark.parametrize("kind,layers,method", [("qwen2", "all", "rom"), ("qwen2", "all", "rom-centered"),
                                                ("llama", "last:2", "rom"), ("mistral", "0", "rom")])
 def test_disk_estimate_equals_the_written_size(tiny_models, tiny_tokens, tmp_path, kind, layers, method):
-    from streamrom.pipeline import _output_bytes, parse_layers, rank_plan
+    from streamrom.pipeline import _output_bytes, model_plan, parse_layers
 
     config = CompressConfig(ratio=0.5, layers=layers, method=method,
                             calibration=CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=64))
     streamrom.compress(tiny_models[kind], tmp_path / "out", config)
     spec = CheckpointReader(tiny_models[kind]).spec
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
-    estimate = _output_bytes(spec, rank_plan(spec, config), parse_layers(layers, spec.num_layers), 4,
-                             config.centered)
+    plan = model_plan(spec, config, parse_layers(layers, spec.num_layers), CheckpointReader(tiny_models[kind]).parameter_count(), 4)
+    estimate = _output_bytes(spec, plan, 4, config.centered)
     assert estimate == index["metadata"]["total_size"]

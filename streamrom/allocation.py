@@ -1,0 +1,177 @@
+"""Rank allocation: which rank each linear of each block gets, for a whole-model parameter budget.
+
+Pure functions of shapes and eigen-spectra (no model, no I/O). A `Slot` is one linear of one block
+that may be factored; everything else in the model is a fixed cost the caller subtracts first.
+
+- `uniform_ranks`: one ratio for every slot, the largest that fits, then single rank steps (or the
+  step to dense) handed out in slot order until none fits: the budget is met to within one step.
+- `last_n_ranks` (ROM's scheme): only the last N blocks are factored, N the fewest that reach the
+  budget at the given ratio; their common ratio is then raised as far as the budget allows.
+- `spectrum_ranks`: a global greedy over rank steps. A step of a slot keeps the output energy of
+  its eigenvalues, as a fraction of that slot's total (so slots are comparable), at a cost of
+  step·(out + in) parameters; the best energy per parameter is bought first. Eigenvalues are
+  sorted, so each slot's steps come in falling order of value and the greedy is the optimum of the
+  relaxed problem. Keeping a slot dense is its last step.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import UsageError
+
+STEP = 8  # ranks are multiples of 8 (see decompose.RANK_MULTIPLE)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One factorable linear: `key` is its full tensor prefix, e.g. model.layers.3.mlp.down_proj."""
+
+    key: str
+    block: int
+    out_features: int
+    in_features: int
+    bias: bool = False
+    centered: bool = False  # the centered method adds an out-sized mean-correction bias
+
+    @property
+    def dense(self) -> int:
+        return self.out_features * self.in_features + (self.out_features if self.bias else 0)
+
+    def factored(self, rank: int) -> int:
+        return (rank * (self.out_features + self.in_features) + (rank if self.bias else 0)
+                + (self.out_features if self.centered else 0))
+
+    def params(self, rank: int | None) -> int:
+        return self.dense if rank is None else self.factored(rank)
+
+    def max_saving_rank(self) -> int:
+        """The largest multiple of STEP whose factors are smaller than the dense linear (0: none)."""
+        rank = (min(self.out_features, self.in_features) // STEP) * STEP
+        while rank > 0 and self.factored(rank) >= self.dense:
+            rank -= STEP
+        return rank
+
+
+def total_params(slots: Iterable[Slot], ranks: Mapping[str, int | None]) -> int:
+    return sum(slot.params(ranks.get(slot.key)) for slot in slots)
+
+
+def _at_ratio(slots: Sequence[Slot], ratio: float) -> dict[str, int | None]:
+    """decompose.rank_for's rank at `ratio`, kept between STEP and the largest saving rank, so the
+    count is monotone in the ratio (None: dense, where factors never save or ratio >= 1)."""
+    ranks: dict[str, int | None] = {}
+    for slot in slots:
+        top = slot.max_saving_rank()
+        exact = ratio * slot.out_features * slot.in_features / (slot.out_features + slot.in_features)
+        ranks[slot.key] = None if ratio >= 1.0 or top == 0 else min(max(int(exact // STEP) * STEP, STEP), top)
+    return ranks
+
+
+def _check_reachable(slots: Sequence[Slot], budget: int) -> None:
+    floor = sum(min(slot.factored(STEP), slot.dense) for slot in slots)
+    if budget < floor:
+        raise UsageError(f"the target is below what rank {STEP} everywhere gives; "
+                         f"the compressible linears need at least {floor:,} parameters, the target leaves {budget:,}")
+
+
+def uniform_ranks(slots: Sequence[Slot], budget: int) -> dict[str, int | None]:
+    """The same ratio everywhere, the largest whose parameters fit `budget`, then topped up."""
+    if total_params(slots, dict.fromkeys(s.key for s in slots)) <= budget:
+        return {slot.key: None for slot in slots}  # everything dense already fits
+    _check_reachable(slots, budget)
+    low, high = 0.0, 1.0
+    for _ in range(60):  # bisection on the ratio; the parameter count is monotone in it
+        middle = (low + high) / 2
+        if total_params(slots, _at_ratio(slots, middle)) <= budget:
+            low = middle
+        else:
+            high = middle
+    return _top_up(slots, _at_ratio(slots, low), budget)
+
+
+def _top_up(slots: Sequence[Slot], ranks: dict[str, int | None], budget: int) -> dict[str, int | None]:
+    """Add single rank steps, one slot after the other, while the total stays within budget."""
+    used = total_params(slots, ranks)
+    if used > budget:
+        raise UsageError(f"cannot meet the parameter target: {used:,} needed at the smallest ranks, budget {budget:,}")
+    progress = True
+    while progress:
+        progress = False
+        for slot in slots:
+            rank = ranks[slot.key]
+            if rank is None:
+                continue
+            target = None if rank + STEP > slot.max_saving_rank() else rank + STEP  # or dense, cheaper than a step
+            cost = slot.params(target) - slot.factored(rank)
+            if used + cost <= budget:
+                ranks[slot.key] = target
+                used += cost
+                progress = True
+    return ranks
+
+
+def last_n_ranks(slots: Sequence[Slot], budget: int, ratio: float, num_layers: int) -> dict[str, int | None]:
+    """Factor only the last N blocks, N the fewest for which `ratio` reaches the budget."""
+    all_dense = dict.fromkeys((s.key for s in slots), None)
+    if total_params(slots, all_dense) <= budget:
+        return all_dense
+    for count in range(1, num_layers + 1):
+        chosen = [s for s in slots if s.block >= num_layers - count]
+        rest = [s for s in slots if s.block < num_layers - count]
+        dense_rest = total_params(rest, all_dense)
+        if dense_rest + total_params(chosen, _at_ratio(chosen, ratio)) <= budget:
+            return {**all_dense, **uniform_ranks(chosen, budget - dense_rest)}
+    return uniform_ranks(slots, budget)  # even every block at `ratio` is too big: go below it
+
+
+def spectrum_ranks(slots: Sequence[Slot], spectra: Mapping[str, np.ndarray], budget: int) -> dict[str, int | None]:
+    """Greedy allocation of rank steps by retained output energy per parameter.
+
+    `spectra[key]` are the eigenvalues of the slot's output moment (any order, at least the
+    top min(out, in)); each slot's energy is normalised to 1.
+    """
+    if total_params(slots, dict.fromkeys(s.key for s in slots)) <= budget:
+        return {slot.key: None for slot in slots}
+    _check_reachable(slots, budget)
+    ranks: dict[str, int | None] = {}
+    fractions: dict[str, np.ndarray] = {}
+    heap: list[tuple[float, int, str]] = []
+    by_key = {slot.key: slot for slot in slots}
+    used = 0
+    for order, slot in enumerate(slots):
+        values = np.sort(np.clip(np.asarray(spectra[slot.key], dtype=np.float64), 0.0, None))[::-1]
+        values = values[:min(slot.out_features, slot.in_features)]
+        total = values.sum()
+        fractions[slot.key] = values / total if total > 0 else np.zeros_like(values)
+        if slot.max_saving_rank() == 0:
+            ranks[slot.key] = None  # factors never save here: it stays dense, at its dense cost
+            used += slot.dense
+            continue
+        ranks[slot.key] = STEP
+        used += slot.factored(STEP)
+        heapq.heappush(heap, (-_step_value(slot, STEP, fractions[slot.key]), order, slot.key))
+    if used > budget:
+        raise UsageError(f"cannot meet the parameter target: {used:,} needed at rank {STEP}, budget {budget:,}")
+    while heap:
+        _, order, key = heapq.heappop(heap)
+        slot, rank = by_key[key], ranks[key]
+        target = None if rank + STEP > slot.max_saving_rank() else rank + STEP
+        cost = slot.params(target) - slot.factored(rank)
+        if used + cost > budget:
+            continue  # this slot's next step does not fit; cheaper steps of others still might
+        ranks[key] = target
+        used += cost
+        if target is not None:
+            heapq.heappush(heap, (-_step_value(slot, target, fractions[key]), order, key))
+    return ranks
+
+
+def _step_value(slot: Slot, rank: int, fractions: np.ndarray) -> float:
+    """Energy kept per parameter by the slot's next step from `rank` (to rank + STEP, or dense)."""
+    if rank + STEP > slot.max_saving_rank():
+        return float(fractions[rank:].sum()) / max(1, slot.dense - slot.factored(rank))
+    return float(fractions[rank:rank + STEP].sum()) / (slot.factored(rank + STEP) - slot.factored(rank))

@@ -1,0 +1,125 @@
+"""Methods (rom, rom-centered, svd) and rank allocation (uniform, last-n, spectrum) end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import streamrom
+from streamrom import CalibrationConfig, CompressConfig
+from streamrom.allocation import STEP
+from streamrom.checkpoint import CheckpointReader
+from streamrom.cli import main as cli_main
+from streamrom.modeling import BLOCK_LINEARS
+
+from conftest import EVAL_TEXT
+
+
+def tiny_calibration(tokens):
+    return CalibrationConfig(token_file=tokens, sequences=8, seqlen=64)
+
+
+def largest_step(spec) -> int:
+    return max(STEP * sum(spec.linear_shape(name)) for name in BLOCK_LINEARS)
+
+
+@pytest.mark.parametrize("allocate", ["uniform", "last-n", "spectrum"])
+@pytest.mark.parametrize("fraction", [0.6, 0.8])
+def test_target_params_met_within_one_rank_step(tiny_models, tiny_tokens, tmp_path, allocate, fraction):
+    source = tiny_models["llama"]
+    config = CompressConfig(allocate=allocate, target_params=fraction, calibration=tiny_calibration(tiny_tokens))
+    report = streamrom.compress(source, tmp_path / "out", config)
+    before = CheckpointReader(source).parameter_count()
+    after = CheckpointReader(tmp_path / "out").parameter_count()
+    target = int(fraction * before)
+    assert after <= target
+    assert target - after < largest_step(CheckpointReader(source).spec)
+    assert report.parameters_after == after
+    if allocate == "last-n":  # only a suffix of the blocks is factored
+        factored = sorted({int(k.split(".")[2]) for k, r in report.ranks.items() if r is not None})
+        assert factored == list(range(factored[0], report.num_layers))
+
+
+def test_target_size_in_gb(tiny_models, tiny_tokens, tmp_path):
+    source = tiny_models["llama"]
+    before_bytes = CheckpointReader(source).parameter_count() * 4
+    target_gb = 0.7 * before_bytes / 1e9
+    streamrom.compress(source, tmp_path / "out", CompressConfig(target_size_gb=target_gb,
+                                                                calibration=tiny_calibration(tiny_tokens)))
+    written = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    assert written <= target_gb * 1e9
+    assert target_gb * 1e9 - written < 4 * largest_step(CheckpointReader(source).spec)
+
+
+def test_two_pass_spectrum_run_equals_its_ranks_applied_by_hand(tiny_models, tiny_tokens, tmp_path):
+    """Pass 2 of the spectrum allocation is an ordinary compression with those ranks: giving the
+    same ranks explicitly (--ranks-from the first run's report) writes the same tensors."""
+    source = tiny_models["qwen2"]
+    two_pass = streamrom.compress(source, tmp_path / "spectrum", CompressConfig(
+        allocate="spectrum", target_params=0.7, calibration=tiny_calibration(tiny_tokens)))
+    ranks = {k: r for k, r in two_pass.ranks.items()}
+    assert len({r for r in ranks.values()}) > 2  # the allocation is not uniform
+    code = cli_main(["--quiet", "compress", str(source), str(tmp_path / "by-hand"), "--ranks-from",
+                     str(tmp_path / "spectrum" / "streamrom-report.json"), "--calib-tokens", str(tiny_tokens),
+                     "--calib-sequences", "8", "--calib-seqlen", "64"])
+    assert code == 0
+    a, b = CheckpointReader(tmp_path / "spectrum"), CheckpointReader(tmp_path / "by-hand")
+    assert sorted(a.weight_map) == sorted(b.weight_map)
+    for name in a.weight_map:
+        assert torch.equal(a.tensor(name), b.tensor(name)), name
+
+
+def test_svd_method_is_the_truncated_svd_of_each_weight(tiny_models, tiny_tokens, tmp_path):
+    source = tiny_models["llama"]
+    report = streamrom.compress(source, tmp_path / "svd", CompressConfig(
+        method="svd", ratio=0.5, calibration=tiny_calibration(tiny_tokens)))
+    src, out = CheckpointReader(source), CheckpointReader(tmp_path / "svd")
+    for key, rank in report.ranks.items():
+        if rank is None:
+            continue
+        weight = src.tensor(f"{key}.weight").double().numpy()
+        approx = (out.tensor(f"{key}.expand.weight").double() @ out.tensor(f"{key}.reduce.weight").double()).numpy()
+        u, s, vt = np.linalg.svd(weight, full_matrices=False)
+        best = (u[:, :rank] * s[:rank]) @ vt[:rank]
+        np.testing.assert_allclose(approx, best, atol=1e-4 * np.abs(weight).max(), err_msg=key)
+
+
+def test_rom_beats_weight_svd_on_the_real_model(smollm2_dir, tmp_path):
+    """The SFSD finding, at equal ranks on the last four blocks of SmolLM2 with Austen text."""
+    calibration = CalibrationConfig(sequences=8, seqlen=256)
+    perplexity = {}
+    for method in ("rom", "svd"):
+        config = CompressConfig(method=method, ratio=0.5, layers="last:4", calibration=calibration)
+        streamrom.compress(smollm2_dir, tmp_path / method, config)
+        perplexity[method] = streamrom.evaluate(tmp_path / method, [EVAL_TEXT], seqlen=256, max_windows=8).perplexity
+    dense = streamrom.evaluate(smollm2_dir, [EVAL_TEXT], seqlen=256, max_windows=8).perplexity
+    assert dense < perplexity["rom"] < perplexity["svd"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--target-params", "0.5", "--target-size", "1"], "not allowed with"),
+    (["--target-params", "1.5"], "--target-params must be in (0, 1]"),
+    (["--rank", "8", "--allocate", "spectrum"], "do not combine"),
+    (["--target-params", "0.0001"], "target"),
+])
+def test_bad_allocation_arguments_fail_in_one_line(tiny_models, tiny_tokens, tmp_path, capsys, argv, message):
+    try:
+        code = cli_main(["compress", str(tiny_models["llama"]), str(tmp_path / "o"), "--calib-tokens",
+                         str(tiny_tokens), "--calib-sequences", "4", "--calib-seqlen", "64", *argv])
+    except SystemExit as exc:  # argparse's own checks exit from inside the parser
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o" / "model.safetensors.index.json").exists()
+
+
+def test_bad_ranks_file_fails_in_one_line(tiny_models, tiny_tokens, tmp_path, capsys):
+    bad = tmp_path / "ranks.json"
+    bad.write_text(json.dumps({"ranks": {"model.layers.99.mlp.up_proj": 8}}))
+    code = cli_main(["compress", str(tiny_models["llama"]), str(tmp_path / "o"), "--ranks-from", str(bad),
+                     "--calib-tokens", str(tiny_tokens), "--calib-sequences", "4", "--calib-seqlen", "64"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not a block linear" in err and len(err.splitlines()) == 1
