@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, StreamromError
+from .console import configure as configure_logging
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, OutputError, StreamromError
 
 log = logging.getLogger("streamrom")
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         "holding one decoder block in memory at a time."))
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    parser.add_argument("--log-file", type=Path, help="also append every log line (with timestamps, "
+                                                      "whatever --quiet) to this file")
     parser.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -192,13 +195,15 @@ def _run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
+        try:
+            configure_logging(args.quiet, args.log_file)
+        except OSError as exc:
+            raise OutputError(f"cannot write the log file {args.log_file}: {exc.strerror}") from None
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         _run(args)
     except StreamromError as exc:
         print(f"streamrom: error: {exc}", file=sys.stderr)

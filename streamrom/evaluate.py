@@ -63,7 +63,8 @@ def evaluate(checkpoint: str | Path, text_files: list[Path] | tuple[Path, ...], 
                         run_block(block, activations.inputs, activations.outputs, cos, sin, chunk_sequences)
                     activations.swap()
                     del block
-                    log.info("eval block %d/%d", index + 1, spec.num_layers)
+                    log.info("eval block %d/%d", index + 1, spec.num_layers,
+                             extra={"progress": (index + 1, spec.num_layers, "eval")})
                 with timer("read"):
                     norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
                     norm.weight.data = reader.tensor(FINAL_NORM).float()

@@ -59,6 +59,29 @@ def current_rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _libc_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim() if sys.platform.startswith("linux") else None
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc malloc_trim).
+
+    Tensors of a few MB (activation chunks) live on the malloc heap; block after block it
+    fragments and RSS creeps up (measured at 7B shape: +8% from block 0 to block 2) unless freed
+    pages are returned. Called between blocks and groups; costs milliseconds.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: int, seqlen: int,
                              runtime_bytes: int, work_bytes: int = 4) -> dict[str, int]:
     """The parts of a compression's peak RSS, from shapes alone (bytes).

