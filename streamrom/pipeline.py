@@ -44,6 +44,9 @@ ALLOCATIONS = ("uniform", "last-n", "spectrum")
 PRECISIONS = {"float32": np.float32, "float64": np.float64}
 OUTPUT_DTYPES = {"source": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REPORT_FILE = "streamrom-report.json"
+HF_MODELING_FILE = Path(__file__).parent / "hf" / "modeling_streamrom.py"
+HF_MODEL_CLASSES = {"llama": "StreamromLlamaForCausalLM", "mistral": "StreamromMistralForCausalLM",
+                    "qwen2": "StreamromQwen2ForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -589,7 +592,11 @@ def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[
                 },
                 "calibration": {"sequences": sequences, "seqlen": seqlen, "seed": config.calibration.seed},
             }
-            writer.finish(out_config, reader.tokenizer_files())
+            # transformers builds the factored model from the file beside it (trust_remote_code=True)
+            model_class = HF_MODEL_CLASSES[spec.model_type]
+            out_config["auto_map"] = {"AutoModelForCausalLM": f"{HF_MODELING_FILE.stem}.{model_class}"}
+            out_config["architectures"] = [model_class]
+            writer.finish(out_config, [*reader.tokenizer_files(), HF_MODELING_FILE])
         finished = True
     finally:
         # Kept on failure or interruption: the activations are what a rerun resumes from.
