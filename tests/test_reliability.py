@@ -113,9 +113,15 @@ def test_resume_is_logged_and_skips_finished_blocks(deep_tiny, tiny_tokens, tmp_
     assert model_files(output) == reference
 
 
+def default_sigint() -> None:
+    """A test runner started in the background (nohup ... &) ignores SIGINT, and its children
+    inherit that; a user's terminal does not. Give the child the terminal's default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_cleanly_and_resumes(deep_tiny, tiny_tokens, tmp_path, reference):
     output = tmp_path / "out"
-    stopped = run(cli_command(deep_tiny, output, tiny_tokens), fault="sigint:during-block-2")
+    stopped = run(cli_command(deep_tiny, output, tiny_tokens), fault="sigint:during-block-2", preexec=default_sigint)
     assert stopped.returncode == EXIT_INTERRUPTED
     assert stopped.stderr.strip().splitlines() == ["streamrom: interrupted (rerun the same command to resume)"]
     assert not (output / "model.safetensors.index.json").exists()
