@@ -14,24 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from real_model import EVAL_TEXT, run  # noqa: E402
 
 from streamrom.report import machine  # noqa: E402
-
-EVAL_TEXT = REPO / "data" / "austen" / "prideprejudice.txt"
-
-
-def run(command: list[str]) -> float:
-    print("$", shlex.join(command), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=REPO)
-    return time.perf_counter() - start
 
 
 def main() -> None:
