@@ -21,9 +21,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .decompose import RANK_MULTIPLE as STEP, rank_for
 from .errors import UsageError
-
-STEP = 8  # ranks are multiples of 8 (see decompose.RANK_MULTIPLE)
 
 
 @dataclass(frozen=True)
@@ -66,8 +65,8 @@ def _at_ratio(slots: Sequence[Slot], ratio: float) -> dict[str, int | None]:
     ranks: dict[str, int | None] = {}
     for slot in slots:
         top = slot.max_saving_rank()
-        exact = ratio * slot.out_features * slot.in_features / (slot.out_features + slot.in_features)
-        ranks[slot.key] = None if ratio >= 1.0 or top == 0 else min(max(int(exact // STEP) * STEP, STEP), top)
+        rank = rank_for(ratio, slot.out_features, slot.in_features, STEP)
+        ranks[slot.key] = None if ratio >= 1.0 or top == 0 else min(max(rank, STEP), top)
     return ranks
 
 

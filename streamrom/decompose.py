@@ -124,6 +124,12 @@ class InputMoments:
             self._roots[with_bias] = vectors
         return self._roots[with_bias]
 
+    def augmented_weight(self, weight: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, bool]:
+        """(W̃, with_bias) in the moments' dtype: [W b] where the uncentered moment sees the bias."""
+        with_bias = bias is not None and not self.centered
+        w_tilde = np.hstack([weight, bias[:, None]]) if with_bias else weight
+        return w_tilde.astype(self.second_moment.dtype, copy=False), with_bias
+
     def rom_basis(self, weight: np.ndarray, bias: np.ndarray | None, rank: int) -> np.ndarray:
         """Top-r eigenvectors of the output moment W̃ C W̃ᵀ, computed in the moments' dtype.
 
@@ -131,10 +137,8 @@ class InputMoments:
         projections) it never is: with C = L Lᵀ and A = W̃ L, the eigenvectors of A Aᵀ come from the
         small in x in problem Aᵀ A = Q Λ Qᵀ as A Q Λ^{-1/2}.
         """
-        with_bias = bias is not None and not self.centered
         dtype = self.second_moment.dtype
-        w_tilde = np.hstack([weight, bias[:, None]]) if with_bias else weight
-        w_tilde = w_tilde.astype(dtype, copy=False)
+        w_tilde, with_bias = self.augmented_weight(weight, bias)
         out_features, in_features = w_tilde.shape
         if out_features <= in_features:
             output_moment = w_tilde @ self.matrix(with_bias) @ w_tilde.T
@@ -173,9 +177,7 @@ def orthonormalize(basis: np.ndarray) -> np.ndarray:
 def output_spectrum(moments: InputMoments, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     """Eigenvalues of the output moment W̃ C W̃ᵀ, descending: the top min(out, in) of them (the
     rest are zero), from the smaller of the out x out and in x in problems."""
-    with_bias = bias is not None and not moments.centered
-    w_tilde = np.hstack([weight, bias[:, None]]) if with_bias else weight
-    w_tilde = w_tilde.astype(moments.second_moment.dtype, copy=False)
+    w_tilde, with_bias = moments.augmented_weight(weight, bias)
     out_features, in_features = w_tilde.shape
     if out_features <= in_features:
         matrix = w_tilde @ moments.matrix(with_bias) @ w_tilde.T
@@ -201,11 +203,15 @@ def rom_basis_from_inputs(weight: np.ndarray, bias: np.ndarray | None, second_mo
     return InputMoments(second_moment, mean, centered, damping).rom_basis(weight, bias, rank)
 
 
+def output_moment(second_moment: np.ndarray, mean: np.ndarray, centered: bool, damping: float = 0.0) -> np.ndarray:
+    """An output moment accumulated directly (out x out), centered if asked, symmetrised, damped."""
+    return damped(second_moment - np.outer(mean, mean) if centered else second_moment, damping)
+
+
 def rom_basis_from_outputs(second_moment: np.ndarray, mean: np.ndarray, rank: int,
                            centered: bool = False, damping: float = 0.0) -> np.ndarray:
     """Top-r eigenvectors of an output moment accumulated directly (out x out)."""
-    moment = second_moment - np.outer(mean, mean) if centered else second_moment
-    return top_eigenvectors(damped(moment, damping), rank)[1]
+    return top_eigenvectors(output_moment(second_moment, mean, centered, damping), rank)[1]
 
 
 def factorise(weight: np.ndarray, bias: np.ndarray | None, basis: np.ndarray,

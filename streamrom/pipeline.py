@@ -469,7 +469,8 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
                     log.info("pass 1: output spectra of %d blocks", len(layers))
                     spectra = collect_spectra(reader, tokens, layers, list(config.modules), output / WORK_FOLDER,
                                               config.chunk_tokens, config.centered, PRECISIONS[config.precision], timer)
-                progress.plan = model_plan(spec, config, layers, total_params, dtype_bytes, spectra)
+                progress.plan = (model_plan(spec, config, layers, total_params, dtype_bytes, spectra)
+                                 if spectra is not None else sizing_plan)
                 progress.save(output)
             plan = progress.plan
             try:

@@ -63,8 +63,7 @@ def block_spectra(block: Block, names: list[str], inputs, outputs, cos: torch.Te
                 if name not in names:
                     continue
                 if g == 3:  # down's output moment was accumulated directly
-                    matrix = second - np.outer(mean, mean) if centered else second
-                    values = np.linalg.eigvalsh(decompose.damped(matrix, 0.0))[::-1]
+                    values = np.linalg.eigvalsh(decompose.output_moment(second, mean, centered))[::-1]
                     spectra[name] = np.clip(values[:min(down.weight.shape)], 0.0, None)
                 else:
                     linear = block.linear(name)
