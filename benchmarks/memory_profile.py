@@ -36,29 +36,33 @@ from flop_count import block_flops, gemm_peak_gflops  # noqa: E402
 from synthetic import config_for, random_tokens, write_synthetic  # noqa: E402
 from whole_model import REPORT_FILE as WHOLE_MODEL_REPORT, compare  # noqa: E402
 
+from streamrom.memory import vm_hwm_bytes  # noqa: E402
 from streamrom.plots import rss_timeline_png  # noqa: E402
 from streamrom.report import machine  # noqa: E402
 
 
-def profile(command: list[str], timeline_csv: Path) -> tuple[float, int]:
-    """Run `command`, sampling its RSS; returns (wall seconds, sampled peak bytes)."""
+def profile(command: list[str], timeline_csv: Path | None) -> tuple[float, int, int]:
+    """Run `command`, sampling its RSS every 0.1 s; returns (wall seconds, sampled peak bytes, the
+    kernel's peak RSS of the child's image, VmHWM, last read while it ran)."""
     start = time.perf_counter()
     child = subprocess.Popen(command, cwd=REPO)
     process = psutil.Process(child.pid)
-    samples = []
+    samples, hwm = [], 0
     while child.poll() is None:
         try:
             samples.append((time.perf_counter() - start, process.memory_info().rss))
         except psutil.NoSuchProcess:
             break
+        hwm = max(hwm, vm_hwm_bytes(child.pid) or 0)
         time.sleep(0.1)
     if child.wait() != 0:
         raise SystemExit(f"command failed ({child.returncode}): {shlex.join(command)}")
-    with open(timeline_csv, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["seconds", "rss_bytes"])
-        writer.writerows((f"{t:.2f}", rss) for t, rss in samples)
-    return time.perf_counter() - start, max((rss for _, rss in samples), default=0)
+    if timeline_csv is not None:
+        with open(timeline_csv, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["seconds", "rss_bytes"])
+            writer.writerows((f"{t:.2f}", rss) for t, rss in samples)
+    return time.perf_counter() - start, max((rss for _, rss in samples), default=0), hwm
 
 
 def main() -> None:
@@ -97,7 +101,7 @@ def main() -> None:
         suffix = f"d{depth}" + ("" if tokens_count == 16384 else f"_t{tokens_count}")
         timeline = args.results / f"memory_{args.shape}_{suffix}_rss.csv"
         print("$", shlex.join(command[1:]), flush=True)
-        wall, sampled_here = profile(command, timeline)
+        wall, sampled_here, _ = profile(command, timeline)
         report = json.loads(report_path.read_text())
         memory = report["memory"]
         ranks = {name.rsplit(".", 1)[-1].removesuffix("_proj"): rank
@@ -129,7 +133,8 @@ def main() -> None:
                      "--ratio", str(args.ratio), "--threads", str(threads)]
             print("$", shlex.join(whole[1:]), flush=True)
             whole_timeline = args.results / f"memory_{args.shape}_{suffix}_whole_model_rss.csv"
-            whole_wall, whole_peak = profile(whole, whole_timeline)
+            whole_wall, whole_sampled, whole_os_peak = profile(whole, whole_timeline)
+            whole_peak = max(whole_sampled, whole_os_peak)
             rows[-1]["whole_model"] = {
                 "command": shlex.join(["python", *whole[1:]]), "wall_seconds": whole_wall,
                 "peak_rss_bytes": whole_peak, "timeline_csv": whole_timeline.name,

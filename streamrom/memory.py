@@ -10,8 +10,28 @@ import time
 import psutil
 
 
+def vm_hwm_bytes(pid: int | str = "self") -> int | None:
+    """The kernel's peak RSS of a process's current image (Linux VmHWM), or None where there is none."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def os_peak_rss_bytes() -> int:
-    """The kernel's record of this process's peak RSS (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """The kernel's record of this process's peak RSS.
+
+    VmHWM where Linux has it: ru_maxrss also counts the image before exec, i.e. a fork of whatever
+    launched us (a benchmark's parent with torch loaded would inflate a small command's peak).
+    Elsewhere ru_maxrss (KiB on Linux, bytes on macOS).
+    """
+    hwm = vm_hwm_bytes()
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

@@ -36,7 +36,7 @@ def smollm2_dir() -> Path:
     gguf = smollm2_gguf()
     folder = CACHE / "smollm2-135m-instruct"
     stamp = folder / ".source"
-    key = f"{gguf.name}:{gguf.stat().st_size}"
+    key = f"{gguf.name}:{gguf.stat().st_size}:streamed-import"
     if not (stamp.is_file() and stamp.read_text() == key):
         import_gguf(str(gguf), folder, overwrite=True)
         stamp.write_text(key)
