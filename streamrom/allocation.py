@@ -7,11 +7,12 @@ that may be factored; everything else in the model is a fixed cost the caller su
   step to dense) handed out in slot order until none fits: the budget is met to within one step.
 - `last_n_ranks` (ROM's scheme): only the last N blocks are factored, N the fewest that reach the
   budget at the given ratio; their common ratio is then raised as far as the budget allows.
-- `spectrum_ranks`: a global greedy over rank steps. A step of a slot keeps the output energy of
-  its eigenvalues, as a fraction of that slot's total (so slots are comparable), at a cost of
-  step·(out + in) parameters; the best energy per parameter is bought first. Eigenvalues are
-  sorted, so each slot's steps come in falling order of value and the greedy is the optimum of the
-  relaxed problem. Keeping a slot dense is its last step.
+- `spectrum_ranks`: a global greedy over rank steps. Each slot comes with the value of each of its
+  output directions, in the order its basis keeps them (pass 1 prices them in loss units: the
+  direction's energy times the loss's squared gradient along it, so slots are comparable); a step
+  keeps STEP more directions at a cost of STEP·(out + in) parameters, and the best value per
+  parameter is bought first. Keeping a slot dense is its last step. Where values fall along each
+  slot (as eigenvalues do) the greedy is the optimum of the relaxed problem.
 """
 from __future__ import annotations
 
@@ -128,31 +129,29 @@ def last_n_ranks(slots: Sequence[Slot], budget: int, ratio: float, num_layers: i
 
 
 def spectrum_ranks(slots: Sequence[Slot], spectra: Mapping[str, np.ndarray], budget: int) -> dict[str, int | None]:
-    """Greedy allocation of rank steps by retained output energy per parameter.
+    """Greedy allocation of rank steps by value kept per parameter.
 
-    `spectra[key]` are the eigenvalues of the slot's output moment (any order, at least the
-    top min(out, in)); each slot's energy is normalised to 1.
+    `spectra[key]` is the value of each of the slot's output directions in the order its basis keeps
+    them (at least the top min(out, in)), in units common to all slots.
     """
     if total_params(slots, dict.fromkeys(s.key for s in slots)) <= budget:
         return {slot.key: None for slot in slots}
     _check_reachable(slots, budget)
     ranks: dict[str, int | None] = {}
-    fractions: dict[str, np.ndarray] = {}
+    values_of: dict[str, np.ndarray] = {}  # each slot's direction values
     heap: list[tuple[float, int, str]] = []
     by_key = {slot.key: slot for slot in slots}
     used = 0
     for order, slot in enumerate(slots):
-        values = np.sort(np.clip(np.asarray(spectra[slot.key], dtype=np.float64), 0.0, None))[::-1]
-        values = values[:min(slot.out_features, slot.in_features)]
-        total = values.sum()
-        fractions[slot.key] = values / total if total > 0 else np.zeros_like(values)
+        values = np.clip(np.asarray(spectra[slot.key], dtype=np.float64), 0.0, None)
+        values_of[slot.key] = values[:min(slot.out_features, slot.in_features)]
         if slot.max_saving_rank() == 0:
             ranks[slot.key] = None  # factors never save here: it stays dense, at its dense cost
             used += slot.dense
             continue
         ranks[slot.key] = STEP
         used += slot.factored(STEP)
-        heapq.heappush(heap, (-_step_value(slot, STEP, fractions[slot.key]), order, slot.key))
+        heapq.heappush(heap, (-_step_value(slot, STEP, values_of[slot.key]), order, slot.key))
     if used > budget:
         raise UsageError(f"cannot meet the parameter target: {used:,} needed at rank {STEP}, budget {budget:,}")
     while heap:
@@ -165,12 +164,20 @@ def spectrum_ranks(slots: Sequence[Slot], spectra: Mapping[str, np.ndarray], bud
         ranks[key] = target
         used += cost
         if target is not None:
-            heapq.heappush(heap, (-_step_value(slot, target, fractions[key]), order, key))
+            heapq.heappush(heap, (-_step_value(slot, target, values_of[key]), order, key))
     return ranks
 
 
-def _step_value(slot: Slot, rank: int, fractions: np.ndarray) -> float:
-    """Energy kept per parameter by the slot's next step from `rank` (to rank + STEP, or dense)."""
-    if rank + STEP > slot.max_saving_rank():
-        return float(fractions[rank:].sum()) / max(1, slot.dense - slot.factored(rank))
-    return float(fractions[rank:rank + STEP].sum()) / (slot.factored(rank + STEP) - slot.factored(rank))
+def _step_value(slot: Slot, rank: int, values: np.ndarray) -> float:
+    """Value per parameter of the slot's best run of further steps from `rank` (one or more rank
+    steps, or all the way to dense): the greedy then buys the run's first step. Looking ahead keeps
+    a slot whose next step is worth little but whose following ones are worth much from being
+    passed over (values priced by the loss need not fall along a slot)."""
+    base = slot.factored(rank)
+    best = 0.0
+    kept = 0.0
+    top = slot.max_saving_rank()
+    for upper in range(rank + STEP, top + 1, STEP):
+        kept += float(values[upper - STEP:upper].sum())
+        best = max(best, kept / (slot.factored(upper) - base))
+    return max(best, float(values[rank:].sum()) / max(1, slot.dense - base))

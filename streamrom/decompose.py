@@ -131,7 +131,11 @@ class InputMoments:
         return w_tilde.astype(self.second_moment.dtype, copy=False), with_bias
 
     def rom_basis(self, weight: np.ndarray, bias: np.ndarray | None, rank: int) -> np.ndarray:
-        """Top-r eigenvectors of the output moment W̃ C W̃ᵀ, computed in the moments' dtype.
+        """Top-r eigenvectors of the output moment W̃ C W̃ᵀ, computed in the moments' dtype."""
+        return self.rom_eigenpairs(weight, bias, rank)[1]
+
+    def rom_eigenpairs(self, weight: np.ndarray, bias: np.ndarray | None, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-r eigenvalues (descending, clipped at 0) and eigenvectors of the output moment W̃ C W̃ᵀ.
 
         Where out <= in the out x out matrix is formed and solved directly. Where out > in (gate/up
         projections) it never is: with C = L Lᵀ and A = W̃ L, the eigenvectors of A Aᵀ come from the
@@ -142,7 +146,8 @@ class InputMoments:
         out_features, in_features = w_tilde.shape
         if out_features <= in_features:
             output_moment = w_tilde @ self.matrix(with_bias) @ w_tilde.T
-            return top_eigenvectors(damped(output_moment, 0.0), rank)[1]
+            values, vectors = top_eigenvectors(damped(output_moment, 0.0), rank)
+            return np.clip(values, 0.0, None), vectors
         a = w_tilde @ self.root(with_bias)
         small_values, small_vectors = top_eigenvectors(a.T @ a, rank)
         basis = a @ small_vectors
@@ -153,7 +158,7 @@ class InputMoments:
         basis /= np.sqrt(np.maximum(small_values, floor))
         if small_values[-1] < small_values[0] * np.sqrt(np.finfo(dtype).eps):
             basis = orthonormalize(basis)
-        return fix_signs(basis)
+        return np.clip(small_values, 0.0, None), fix_signs(basis)
 
 
 def orthonormalize(basis: np.ndarray) -> np.ndarray:
@@ -174,18 +179,22 @@ def orthonormalize(basis: np.ndarray) -> np.ndarray:
     return basis
 
 
-def output_spectrum(moments: InputMoments, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """Eigenvalues of the output moment W̃ C W̃ᵀ, descending: the top min(out, in) of them (the
-    rest are zero), from the smaller of the out x out and in x in problems."""
-    w_tilde, with_bias = moments.augmented_weight(weight, bias)
-    out_features, in_features = w_tilde.shape
-    if out_features <= in_features:
-        matrix = w_tilde @ moments.matrix(with_bias) @ w_tilde.T
-    else:
-        a = w_tilde @ moments.root(with_bias)
-        matrix = a.T @ a
-    values = scipy.linalg.eigh(damped(matrix, 0.0), eigvals_only=True, driver="evd", overwrite_a=True)
-    return np.clip(values[::-1], 0.0, None)
+def output_eigenpairs(moments: InputMoments, weight: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The top min(out, in) eigenvalues (descending) and eigenvectors (out x k) of W̃ C W̃ᵀ: the
+    directions ROM keeps, in the order it keeps them."""
+    w_tilde, _ = moments.augmented_weight(weight, bias)
+    return moments.rom_eigenpairs(weight, bias, min(w_tilde.shape))
+
+
+def sensitivity_weighted(values: np.ndarray, vectors: np.ndarray, feature_sensitivity: np.ndarray) -> np.ndarray:
+    """Expected loss increase (to first order, up to a factor 1/2) of dropping each output direction.
+
+    Direction k carries energy λ_k; an error e in the output costs about E[(g·e)²], g the loss
+    gradient there. Treating g as independent of the dropped features, dropping direction v_k costs
+    λ_k · v_kᵀ E[g gᵀ] v_k, of which the diagonal of E[g gᵀ] (`feature_sensitivity`, per output
+    feature) gives λ_k · Σ_j v_jk² E[g_j²].
+    """
+    return values * ((vectors ** 2).T @ feature_sensitivity)
 
 
 def weight_svd_basis(weight: np.ndarray, rank: int) -> np.ndarray:

@@ -58,7 +58,7 @@ class CompressConfig:
     layers: str = "all"  # "all", "last:N", or indices and ranges like "0-3,7"
     modules: tuple[str, ...] = BLOCK_LINEARS
     method: str = "rom"  # rom (uncentered output PCA), rom-centered (+ mean-correction bias), svd (weights only)
-    allocate: str = "uniform"  # uniform, last-n (ROM's scheme), spectrum (two-pass, by output energy)
+    allocate: str = "uniform"  # uniform, last-n (ROM's scheme), spectrum (two-pass: output energy priced by the loss gradient)
     target_params: float | None = None  # whole-model parameter count after compression, as a fraction
     target_size_gb: float | None = None  # or as the output's tensor bytes, in GB (1e9 bytes)
     ranks: dict[str, int | None] | None = None  # an explicit plan ("model.layers.<i>.<name>": rank), e.g. a report's
@@ -458,6 +458,9 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
                                                        spec.hidden_size, spec.intermediate_size)
             if progress.blocks_done < 0:  # a resumed run has its two activation files already
                 activation_bytes += 2 * tokens.size * spec.hidden_size * 4
+            if config.allocate == "spectrum" and not progress.plan:
+                # pass 1 keeps every block's inputs from the first chosen block up, plus two gradient files
+                activation_bytes += (spec.num_layers - min(layers) + 3) * tokens.size * spec.hidden_size * 4
             written = sum(p.stat().st_size for p in output.glob("model-*.safetensors"))
             check_resources(output, {"output": max(0, _output_bytes(spec, sizing_plan, dtype_bytes,
                                                                     config.centered) - written),

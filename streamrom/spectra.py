@@ -1,9 +1,20 @@
-"""Pass 1 of the spectrum allocation: stream the dense model once and keep, for every chosen linear,
-the eigenvalues of its output moment (min(out, in) numbers each; a few MB for a 7B model).
+"""Pass 1 of the spectrum allocation: what dropping each output direction of each chosen linear would
+cost the loss, measured on the dense model in one streamed forward and one streamed backward pass.
 
-The model is dense in this pass, so a block's four groups need no sequential order: one forward
-per chunk feeds all four moments at once (four moment matrices in RAM instead of one). The block
-outputs go to the next block through the same disk-backed activation files as compression.
+Forward: the dense model runs block by block over the calibration tokens; every block's inputs stay
+on disk (one file per block). At the top, the next-token loss (summed over the calibration tokens)
+gives its gradient with respect to the last hidden states. Backward: from the last block down, each
+block is read again, its forward recomputed on its stored inputs under autograd, and the gradient
+pushed to its inputs (written to disk for the block below). On the way, per chosen linear, it
+accumulates the moment of the linear's output features (as compression does) and the mean squared
+loss gradient of each output feature. Each output moment is then eigendecomposed and every
+direction priced: λ_k · Σ_j v_jk² E[g_j²] (decompose.sensitivity_weighted).
+
+Energy alone (each linear's spectrum normalised to 1) was tried first and lost to a uniform
+allocation: a fraction of one linear's output energy costs the loss very differently from the same
+fraction of another's. The gradient puts every linear in the loss's units.
+
+RAM: one block, one chunk's autograd graph, the moments. Disk: L+3 activation files.
 """
 from __future__ import annotations
 
@@ -12,46 +23,70 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import decompose
-from .activations import ActivationPair, chunk_ranges, embed_into, require_finite
+from .activations import ActivationBuffer, chunk_ranges, embed_into, require_finite, run_block
 from .checkpoint import CheckpointReader
 from .errors import NumericalError
-from .modeling import EMBED, LINEAR_GROUPS, Block, Rotary, block_prefix
+from .modeling import EMBED, FINAL_NORM, LINEAR_GROUPS, LM_HEAD, Block, RMSNorm, Rotary, block_prefix
 from .report import StageTimer
 from .statistics import MomentAccumulator
 
 log = logging.getLogger(__name__)
 
 DOWN = LINEAR_GROUPS[3][0]
+SPECTRA_FILE = "sensitivity-spectra.npz"
 
 
-@torch.no_grad()
-def block_spectra(block: Block, names: list[str], inputs, outputs, cos: torch.Tensor, sin: torch.Tensor,
-                  chunk_sequences: int, centered: bool, work_dtype, timer: StageTimer) -> dict[str, np.ndarray]:
-    """Output-moment eigenvalues of `names` in this dense block; writes its outputs (unless None)."""
+def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output_grads: ActivationBuffer,
+                input_grads: ActivationBuffer | None, cos: torch.Tensor, sin: torch.Tensor, chunk_sequences: int,
+                centered: bool, work_dtype, timer: StageTimer) -> dict[str, np.ndarray]:
+    """Per chosen linear of this dense block, the loss cost of dropping each output direction (in the
+    order ROM keeps them); writes the loss gradient with respect to the block's inputs (unless None)."""
     groups = [g for g, group in enumerate(LINEAR_GROUPS) if any(n in names for n in group)]
     product = torch.float64 if work_dtype == np.float64 else torch.float32
     down = block.linear(DOWN)
     sizes = {0: block.linear(LINEAR_GROUPS[0][0]).weight.shape[1], 1: block.linear(LINEAR_GROUPS[1][0]).weight.shape[1],
              2: block.linear(LINEAR_GROUPS[2][0]).weight.shape[1], 3: down.weight.shape[0]}
     moments = {g: MomentAccumulator(sizes[g], product) for g in groups}
-    for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
-        with timer("forward"):
-            x = inputs.read(start, stop)
-            attention = block.attention_output(x, cos, sin)
-            residual = block.after_attention(x, attention)
-            activations = block.mlp_activations(residual)
-            features = {0: block.input_layernorm(x), 1: attention, 2: block.post_attention_layernorm(residual)}
-            if 3 in moments:
-                features[3] = down(activations)
-        with timer("statistics"):
-            for g, accumulator in moments.items():
-                accumulator.add(features[g])
-        if outputs is not None:
-            with timer("forward"):
-                outputs.write(start, require_finite(block.block_output(residual, activations), "leave a block"))
-    spectra: dict[str, np.ndarray] = {}
+    squares = {name: torch.zeros(block.linear(name).weight.shape[0], dtype=torch.float64) for name in names}
+
+    def capture(name: str):
+        def on_gradient(grad: torch.Tensor) -> None:  # returns None: the gradient flows on unchanged
+            squares[name].add_(grad.detach().reshape(-1, grad.shape[-1]).pow(2).sum(0, dtype=torch.float64))
+
+        def on_forward(module, args, output):
+            output.register_hook(on_gradient)
+        return on_forward
+
+    hooks = [block.linear(name).register_forward_hook(capture(name)) for name in names]
+    tokens = 0
+    try:
+        for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
+            with timer("backward"), torch.enable_grad():
+                x = inputs.read(start, stop).requires_grad_(True)
+                # block.forward in its steps, keeping each group's input (and down's output) for the moments
+                normed = block.input_layernorm(x)
+                attention = block.self_attn.core(normed, cos, sin)
+                residual = block.after_attention(x, attention)
+                mlp_normed = block.post_attention_layernorm(residual)
+                down_output = down(block.mlp.hidden(mlp_normed))
+                output = residual + down_output
+                output.backward(output_grads.read(start, stop))
+            if input_grads is not None:
+                input_grads.write(start, require_finite(x.grad, "in the loss gradient"))
+            tokens += x.shape[0] * x.shape[1]
+            with timer("statistics"):
+                features = {0: normed, 1: attention, 2: mlp_normed, 3: down_output}
+                for g, accumulator in moments.items():
+                    accumulator.add(features[g].detach())
+            del x, normed, attention, residual, mlp_normed, down_output, output, features
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    costs: dict[str, np.ndarray] = {}
     with timer("eigen"):
         for g, accumulator in moments.items():
             if not accumulator.is_finite():
@@ -63,51 +98,100 @@ def block_spectra(block: Block, names: list[str], inputs, outputs, cos: torch.Te
                 if name not in names:
                     continue
                 if g == 3:  # down's output moment was accumulated directly
-                    values = np.linalg.eigvalsh(decompose.output_moment(second, mean, centered))[::-1]
-                    spectra[name] = np.clip(values[:min(down.weight.shape)], 0.0, None)
+                    values, vectors = decompose.top_eigenvectors(
+                        decompose.output_moment(second, mean, centered), min(down.weight.shape))
+                    values = np.clip(values, 0.0, None)
                 else:
                     linear = block.linear(name)
                     bias = linear.bias.detach().numpy() if linear.bias is not None else None
-                    spectra[name] = decompose.output_spectrum(group_inputs, linear.weight.detach().numpy(), bias)
-    return spectra
+                    values, vectors = decompose.output_eigenpairs(group_inputs, linear.weight.detach().numpy(), bias)
+                sensitivity = (squares[name] / tokens).numpy().astype(vectors.dtype)
+                costs[name] = decompose.sensitivity_weighted(values, vectors, sensitivity).astype(np.float64)
+    return costs
 
 
 def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[int], names: list[str],
                     work: Path, chunk_tokens: int, centered: bool, work_dtype, timer: StageTimer) -> dict[str, np.ndarray]:
-    """{"model.layers.<i>.<name>": eigenvalues} for every chosen block and linear, in one dense pass.
+    """{"model.layers.<i>.<name>": loss cost of dropping each output direction} for every chosen block
+    and linear, from one streamed forward and backward pass of the dense model.
 
-    Saved to work/spectra.npz (atomically) and reused from there by a resumed run.
+    Saved to work/sensitivity-spectra.npz (atomically) and reused from there by a resumed run.
     """
-    path = Path(work) / "spectra.npz"
+    path = Path(work) / SPECTRA_FILE
     if path.is_file():
         with np.load(path) as saved:
             return {key: saved[key] for key in saved.files}
     spec = reader.spec
     sequences, seqlen = tokens.shape
     chunk_sequences = max(1, chunk_tokens // seqlen)
-    pair = ActivationPair(Path(work) / "spectra-pass", sequences, seqlen, spec.hidden_size)
-    spectra: dict[str, np.ndarray] = {}
+    folder = Path(work) / "spectra-pass"
+    folder.mkdir(parents=True, exist_ok=True)
+    first = min(layers)
+    block_inputs = {index: ActivationBuffer(folder / f"inputs-{index:03d}.f32", sequences, seqlen, spec.hidden_size)
+                    for index in range(first, spec.num_layers + 1)}
+    grads = [ActivationBuffer(folder / name, sequences, seqlen, spec.hidden_size) for name in ("grad-a.f32", "grad-b.f32")]
+    costs: dict[str, np.ndarray] = {}
     try:
-        with timer("read"):
-            embedding = reader.tensor(EMBED)
-        with timer("forward"):
-            embed_into(embedding, tokens, pair.inputs, chunk_sequences)
-        del embedding
         cos, sin = Rotary(spec).cos_sin(seqlen)
-        last = max(layers)
-        for index in range(last + 1):
+        # Forward: the blocks below the first chosen one need no gradient; their outputs share a pair.
+        below = [ActivationBuffer(folder / name, sequences, seqlen, spec.hidden_size) for name in ("below-a.f32", "below-b.f32")]
+        try:
+            with timer("read"):
+                embedding = reader.tensor(EMBED)
+            with timer("forward"):
+                embed_into(embedding, tokens, block_inputs[0] if first == 0 else below[0], chunk_sequences)
+            del embedding
+            for index in range(spec.num_layers):
+                source = block_inputs[index] if index >= first else below[index % 2]
+                target = block_inputs[index + 1] if index + 1 >= first else below[(index + 1) % 2]
+                with timer("read"):
+                    block = Block.from_tensors(spec, reader.block_tensors(index))
+                with timer("forward"):
+                    run_block(block, source, target, cos, sin, chunk_sequences)
+                del block
+                log.info("spectra forward: block %d/%d", index + 1, spec.num_layers,
+                         extra={"progress": (index + 1, spec.num_layers, "spectra forward")})
+        finally:
+            for buffer in below:
+                buffer.close(remove=True)
+
+        with timer("read"):
+            norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+            norm.weight.data = reader.tensor(FINAL_NORM).float()
+            head = reader.tensor(EMBED if spec.tie_word_embeddings else LM_HEAD).float()
+        total_nll = 0.0
+        with timer("backward"):
+            for begin, end in chunk_ranges(sequences, 1):  # one sequence: its logits are the largest tensor
+                with torch.enable_grad():
+                    hidden = block_inputs[spec.num_layers].read(begin, end).requires_grad_(True)
+                    logits = F.linear(norm(hidden), head)
+                    targets = torch.from_numpy(np.ascontiguousarray(tokens[begin:end, 1:], dtype=np.int64))
+                    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                           reduction="sum")
+                    loss.backward()
+                grads[0].write(begin, hidden.grad)
+                total_nll += loss.item()
+        del head, norm
+        log.info("spectra: dense calibration loss %.4f per token", total_nll / (sequences * (seqlen - 1)))
+
+        for step, index in enumerate(range(spec.num_layers - 1, first - 1, -1)):
             with timer("read"):
                 block = Block.from_tensors(spec, reader.block_tensors(index))
             chosen = names if index in layers else []
-            found = block_spectra(block, chosen, pair.inputs, pair.outputs if index < last else None, cos, sin,
-                                  chunk_sequences, centered, work_dtype, timer)
-            spectra.update({f"{block_prefix(index)}{name}": values for name, values in found.items()})
-            pair.swap()
+            output_grads, input_grads = grads[step % 2], grads[(step + 1) % 2]
+            found = block_costs(block, chosen, block_inputs[index], output_grads,
+                                input_grads if index > first else None, cos, sin, chunk_sequences, centered,
+                                work_dtype, timer)
+            costs.update({f"{block_prefix(index)}{name}": values for name, values in found.items()})
             del block
-            log.info("spectra: block %d/%d", index + 1, last + 1, extra={"progress": (index + 1, last + 1, "spectra")})
+            block_inputs.pop(index + 1).close(remove=True)  # its gradient is through; the file is done
+            done = spec.num_layers - index
+            log.info("spectra backward: block %d/%d", index + 1, spec.num_layers,
+                     extra={"progress": (done, spec.num_layers - first, "spectra backward")})
     finally:
-        pair.close(remove=True)
+        for buffer in [*block_inputs.values(), *grads]:
+            buffer.close(remove=True)
     temporary = path.with_name(".spectra.tmp.npz")
-    np.savez(temporary, **spectra)
+    np.savez(temporary, **costs)
     temporary.replace(path)
-    return spectra
+    return costs

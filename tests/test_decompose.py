@@ -191,13 +191,16 @@ def test_weight_svd_basis_is_the_truncated_svd(out_f, in_f):
 
 
 @pytest.mark.parametrize("out_f,in_f,with_bias", [(24, 40, False), (64, 40, False), (24, 40, True)])
-def test_output_spectrum_is_the_eigenvalues_of_the_output_moment(out_f, in_f, with_bias):
+def test_output_eigenpairs_are_those_of_the_output_moment(out_f, in_f, with_bias):
     rng = np.random.default_rng(10)
     x = correlated_inputs(rng, in_f, 300, shift=0.2)
     weight = rng.standard_normal((out_f, in_f))
     bias = rng.standard_normal(out_f) if with_bias else None
     y = weight @ x + (bias[:, None] if with_bias else 0)
-    values = decompose.output_spectrum(decompose.InputMoments(*moments(x)), weight, bias)
-    expected = np.linalg.eigvalsh(y @ y.T / y.shape[1])[::-1][:len(values)]
-    assert len(values) == min(out_f, in_f + with_bias)
+    values, vectors = decompose.output_eigenpairs(decompose.InputMoments(*moments(x)), weight, bias)
+    output_moment = y @ y.T / y.shape[1]
+    expected = np.linalg.eigvalsh(output_moment)[::-1][:len(values)]
+    assert len(values) == min(out_f, in_f + with_bias) and vectors.shape == (out_f, len(values))
     np.testing.assert_allclose(values, expected, rtol=1e-8, atol=1e-8 * expected[0])
+    np.testing.assert_allclose(output_moment @ vectors, vectors * values, atol=1e-7 * expected[0])
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(len(values)), atol=1e-8)

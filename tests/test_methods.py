@@ -123,3 +123,54 @@ def test_bad_ranks_file_fails_in_one_line(tiny_models, tiny_tokens, tmp_path, ca
                      "--calib-tokens", str(tiny_tokens), "--calib-sequences", "4", "--calib-seqlen", "64"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "not a block linear" in err and len(err.splitlines()) == 1
+
+
+def test_pass_one_prices_directions_as_whole_model_autograd_does(tiny_models, tmp_path):
+    """Pass 1 streams a forward and a backward pass block by block (inputs and gradients on disk, in
+    chunks). Its price of each output direction, λ_k · Σ_j v_jk² E[g_j²], must equal the one computed
+    from the whole model held in RAM with plain autograd and each linear's output moment formed
+    directly from its outputs."""
+    import torch.nn.functional as F
+
+    from streamrom.modeling import EMBED, FINAL_NORM, LM_HEAD, Block, RMSNorm, Rotary, block_prefix
+    from streamrom.report import StageTimer
+    from streamrom.spectra import collect_spectra
+
+    reader = CheckpointReader(tiny_models["llama"])
+    spec = reader.spec
+    tokens = np.random.default_rng(3).integers(0, spec.vocab_size, size=(5, 24))
+    layers = [1, 2]
+    costs = collect_spectra(reader, tokens, layers, list(BLOCK_LINEARS), tmp_path / "work", chunk_tokens=48,
+                            centered=False, work_dtype=np.float64, timer=StageTimer())
+
+    blocks = [Block.from_tensors(spec, reader.block_tensors(i)).double() for i in range(spec.num_layers)]
+    outputs = {}
+
+    def keep(key):
+        def hook(module, args, output):
+            output.retain_grad()
+            outputs[key] = output
+        return hook
+
+    for i in layers:
+        for name in BLOCK_LINEARS:
+            blocks[i].linear(name).register_forward_hook(keep(f"{block_prefix(i)}{name}"))
+    cos, sin = (t.double() for t in Rotary(spec).cos_sin(tokens.shape[1]))
+    ids = torch.from_numpy(tokens)
+    x = reader.tensor(EMBED).double()[ids].requires_grad_(True)
+    with torch.enable_grad():
+        for block in blocks:
+            x = block(x, cos, sin)
+        norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps).double()
+        norm.weight.data = reader.tensor(FINAL_NORM).double()
+        logits = F.linear(norm(x), reader.tensor(LM_HEAD).double())
+        F.cross_entropy(logits[:, :-1].reshape(-1, spec.vocab_size), ids[:, 1:].reshape(-1), reduction="sum").backward()
+    assert set(costs) == set(outputs)
+    for key, output in outputs.items():
+        y = output.detach().reshape(-1, output.shape[-1]).numpy()
+        g = output.grad.reshape(-1, output.shape[-1]).numpy()
+        values, vectors = np.linalg.eigh(y.T @ y / len(y))
+        keep_count = min(spec.linear_shape(key.split(".", 3)[3]))
+        values, vectors = values[::-1][:keep_count], vectors[:, ::-1][:, :keep_count]
+        expected = values * ((vectors ** 2).T @ ((g ** 2).sum(0) / len(g)))
+        np.testing.assert_allclose(costs[key], expected, rtol=1e-6, atol=1e-9 * expected.max(), err_msg=key)
