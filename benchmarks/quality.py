@@ -3,7 +3,9 @@
 SmolLM2-135M-Instruct, calibrated with the defaults (32 x 512 tokens of Emma), perplexity on Pride
 and Prejudice (never used for calibration). Each row is one `streamrom compress --target-params`
 command (a whole-model parameter target) followed by `streamrom eval`, each its own process, read
-back from their JSON reports. Rows already in the results file are kept unless rerun.
+back from their JSON reports. Rows already in the results file are kept unless rerun. The spectrum
+allocation's first pass is made once per method and reused for every size (`--spectra`), so the
+compress time of a spectrum row includes pass 1 only in the first size run.
 Results: benchmarks/results/quality.json and a Markdown table on stdout.
 
     python benchmarks/quality.py                                   # the full grid (hours)
@@ -62,6 +64,8 @@ def main() -> None:
                 output = args.work / f"quality-{method}-{allocate}-{reduction}"
                 command = streamrom + ["compress", str(dense), str(output), "--method", method, "--allocate", allocate,
                                        "--target-params", f"{1 - reduction / 100:.2f}", "--overwrite"]
+                if allocate == "spectrum":  # pass 1 does not depend on the size: made once per method
+                    command += ["--spectra", str(args.work / f"quality-pass1-{method}.npz")]
                 compress_seconds = run(command)
                 compressed = json.loads((output / "streamrom-report.json").read_text())
                 eval_report = args.work / f"quality-{method}-{allocate}-{reduction}.eval.json"

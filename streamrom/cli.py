@@ -81,9 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--allocate", default="uniform", choices=["uniform", "last-n", "spectrum"],
                       help="how ranks are spread: uniform (one ratio everywhere, default); last-n (ROM: only "
                            "the last N blocks, N the fewest that reach the target at --ratio); spectrum (a first "
-                           "streamed pass measures each linear's output spectrum, then ranks go where they keep "
-                           "the most output energy per parameter). Without a target, last-n and spectrum spend "
-                           "what uniform at --ratio would")
+                           "streamed forward and backward pass of the dense model prices every output direction of "
+                           "every linear by its energy times the loss gradient along it; ranks go where they save "
+                           "the most loss per parameter). Without a target, last-n and spectrum spend what uniform "
+                           "at --ratio would")
+    comp.add_argument("--spectra", type=Path, metavar="FILE.npz",
+                      help="with --allocate spectrum: reuse the first pass from FILE when it was made for this "
+                           "model, calibration and method, else make it and save it there (runs at other "
+                           "target sizes then skip it)")
     comp.add_argument("--ranks-from", type=Path, metavar="REPORT",
                       help="the ranks of a previous run's report (its \"ranks\"), e.g. to reuse an allocation")
     target = comp.add_mutually_exclusive_group()
@@ -165,7 +170,7 @@ def _run(args: argparse.Namespace) -> None:
         config = CompressConfig(
             ratio=args.ratio, rank=args.rank, layers=args.layers, method=args.method, allocate=args.allocate,
             target_params=args.target_params, target_size_gb=args.target_size_gb,
-            ranks=_ranks_from(args.ranks_from) if args.ranks_from else None,
+            ranks=_ranks_from(args.ranks_from) if args.ranks_from else None, spectra_file=args.spectra,
             chunk_tokens=args.chunk_tokens, calibration=calibration, overwrite=args.overwrite, dtype=args.dtype,
             precision=args.precision,
             **({"modules": args.modules} if args.modules else {}))

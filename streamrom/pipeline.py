@@ -62,6 +62,7 @@ class CompressConfig:
     target_params: float | None = None  # whole-model parameter count after compression, as a fraction
     target_size_gb: float | None = None  # or as the output's tensor bytes, in GB (1e9 bytes)
     ranks: dict[str, int | None] | None = None  # an explicit plan ("model.layers.<i>.<name>": rank), e.g. a report's
+    spectra_file: Path | None = None  # spectrum's pass 1: reused from here when made for the same inputs, else saved here
     damping: float = 1e-6  # relative to the mean eigenvalue; see decompose.damped
     chunk_tokens: int = 2048  # tokens per forward chunk: bounds activation memory
     precision: str = "float32"  # of the per-chunk moment products and the eigen work (sums: float64)
@@ -84,6 +85,8 @@ class CompressConfig:
             raise UsageError(f"--target-size must be positive, got {self.target_size_gb}")
         if (self.rank is not None or self.ranks is not None) and (self.allocate != "uniform" or self.has_target):
             raise UsageError("--rank and --ranks-from fix the ranks: they do not combine with --allocate or a target")
+        if self.spectra_file is not None and self.allocate != "spectrum":
+            raise UsageError("--spectra keeps the first pass of --allocate spectrum: use it with that allocation")
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
         unknown = [m for m in self.modules if m not in BLOCK_LINEARS]
@@ -444,7 +447,8 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
         source_bytes = torch.finfo(reader.weight_dtype).bits // 8
         total_params = reader.parameter_count()
         # The spectrum plan needs pass 1; a uniform plan of the same budget has its size within a step.
-        sizing_config = replace(config, allocate="uniform") if config.allocate == "spectrum" else config
+        sizing_config = (replace(config, allocate="uniform", spectra_file=None) if config.allocate == "spectrum"
+                         else config)
         sizing_plan = model_plan(spec, sizing_config, layers, total_params, dtype_bytes)
         widest = {name: (min(spec.linear_shape(name)) if config.allocate != "uniform" else rank)
                   for name, rank in rank_plan(spec, config).items()}
@@ -470,8 +474,12 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
                 spectra = None
                 if config.allocate == "spectrum":
                     log.info("pass 1: output spectra of %d blocks", len(layers))
+                    pass_one = {"source": source_fingerprint(reader), "layers": layers, "modules": list(config.modules),
+                                "centered": config.centered, "precision": config.precision}
                     spectra = collect_spectra(reader, tokens, layers, list(config.modules), output / WORK_FOLDER,
-                                              config.chunk_tokens, config.centered, PRECISIONS[config.precision], timer)
+                                              config.chunk_tokens, config.centered, PRECISIONS[config.precision], timer,
+                                              saved=config.spectra_file,
+                                              fingerprint=arguments_fingerprint(pass_one, tokens))
                 progress.plan = (model_plan(spec, config, layers, total_params, dtype_bytes, spectra)
                                  if spectra is not None else sizing_plan)
                 progress.save(output)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import decompose
 from .activations import ActivationBuffer, chunk_ranges, embed_into, require_finite, run_block
 from .checkpoint import CheckpointReader
-from .errors import NumericalError
+from .errors import InputError, NumericalError, UsageError
 from .modeling import EMBED, FINAL_NORM, LINEAR_GROUPS, LM_HEAD, Block, RMSNorm, Rotary, block_prefix
 from .report import StageTimer
 from .statistics import MomentAccumulator
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DOWN = LINEAR_GROUPS[3][0]
 SPECTRA_FILE = "sensitivity-spectra.npz"
+FINGERPRINT_KEY = "__made_for__"
 
 
 def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output_grads: ActivationBuffer,
@@ -111,16 +112,28 @@ def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output
 
 
 def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[int], names: list[str],
-                    work: Path, chunk_tokens: int, centered: bool, work_dtype, timer: StageTimer) -> dict[str, np.ndarray]:
+                    work: Path, chunk_tokens: int, centered: bool, work_dtype, timer: StageTimer,
+                    saved: Path | None = None, fingerprint: str = "") -> dict[str, np.ndarray]:
     """{"model.layers.<i>.<name>": loss cost of dropping each output direction} for every chosen block
     and linear, from one streamed forward and backward pass of the dense model.
 
-    Saved to work/sensitivity-spectra.npz (atomically) and reused from there by a resumed run.
+    Saved (atomically) to `saved`, or to work/sensitivity-spectra.npz, with `fingerprint` (of the
+    model, calibration tokens and settings it was made from), and reused from there when the
+    fingerprint matches: by a resumed run, or by runs at other target sizes.
     """
-    path = Path(work) / SPECTRA_FILE
+    path = Path(saved) if saved is not None else Path(work) / SPECTRA_FILE
     if path.is_file():
-        with np.load(path) as saved:
-            return {key: saved[key] for key in saved.files}
+        try:
+            with np.load(path) as stored:
+                found = {key: stored[key] for key in stored.files}
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the first-pass file {path}: {exc}") from None
+        made_for = str(found.pop(FINGERPRINT_KEY, ""))
+        if made_for != fingerprint:
+            raise UsageError(f"{path} was made for another model, calibration or method; remove it or name "
+                             "another file")
+        log.info("pass 1 reused from %s", path)
+        return found
     spec = reader.spec
     sequences, seqlen = tokens.shape
     chunk_sequences = max(1, chunk_tokens // seqlen)
@@ -191,7 +204,8 @@ def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[i
     finally:
         for buffer in [*block_inputs.values(), *grads]:
             buffer.close(remove=True)
-    temporary = path.with_name(".spectra.tmp.npz")
-    np.savez(temporary, **costs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(temporary, **costs, **{FINGERPRINT_KEY: np.array(fingerprint)})
     temporary.replace(path)
     return costs

@@ -71,6 +71,24 @@ def test_two_pass_spectrum_run_equals_its_ranks_applied_by_hand(tiny_models, tin
         assert torch.equal(a.tensor(name), b.tensor(name)), name
 
 
+def test_saved_first_pass_is_reused_for_other_sizes_and_refused_for_other_inputs(tiny_models, tiny_tokens, tmp_path):
+    source, saved = tiny_models["llama"], tmp_path / "pass1.npz"
+    calibration = tiny_calibration(tiny_tokens)
+    first = streamrom.compress(source, tmp_path / "a", CompressConfig(
+        allocate="spectrum", target_params=0.7, calibration=calibration, spectra_file=saved))
+    assert saved.is_file() and "backward" in first.stage_seconds
+    reused = streamrom.compress(source, tmp_path / "b", CompressConfig(
+        allocate="spectrum", target_params=0.6, calibration=calibration, spectra_file=saved))
+    assert "backward" not in reused.stage_seconds  # no second pass 1
+    fresh = streamrom.compress(source, tmp_path / "c", CompressConfig(
+        allocate="spectrum", target_params=0.6, calibration=calibration))
+    assert reused.ranks == fresh.ranks and reused.ranks != first.ranks
+    other_seed = CalibrationConfig(token_file=tiny_tokens, sequences=8, seqlen=64, seed=1)
+    with pytest.raises(streamrom.UsageError, match="made for another"):
+        streamrom.compress(source, tmp_path / "d", CompressConfig(
+            allocate="spectrum", target_params=0.6, calibration=other_seed, spectra_file=saved))
+
+
 def test_svd_method_is_the_truncated_svd_of_each_weight(tiny_models, tiny_tokens, tmp_path):
     source = tiny_models["llama"]
     report = streamrom.compress(source, tmp_path / "svd", CompressConfig(
