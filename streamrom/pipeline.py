@@ -85,6 +85,8 @@ class CompressConfig:
             raise UsageError(f"--target-size must be positive, got {self.target_size_gb}")
         if (self.rank is not None or self.ranks is not None) and (self.allocate != "uniform" or self.has_target):
             raise UsageError("--rank and --ranks-from fix the ranks: they do not combine with --allocate or a target")
+        if self.method == "svd" and self.allocate == "spectrum":
+            raise UsageError("--allocate spectrum prices the directions ROM keeps; with --method svd use uniform or last-n")
         if self.spectra_file is not None and self.allocate != "spectrum":
             raise UsageError("--spectra keeps the first pass of --allocate spectrum: use it with that allocation")
         if self.method not in METHODS:
