@@ -125,3 +125,94 @@ def test_bad_gguf_inputs_fail_cleanly(tmp_path, capsys):
 
     assert main(["import-gguf", "no_such_package_here", str(tmp_path / "c")]) != 0
     assert "neither a .gguf file nor an installed package" in capsys.readouterr().err
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def write_tiny_gguf(path, model_type: str):
+    """A GGUF written with the gguf package from a tiny random transformers model, the way llama.cpp's
+    converter lays it out (q/k rows permuted for llama, F16 tensors for qwen2); returns the HF state."""
+    import gguf
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=258, max_position_embeddings=128, rms_norm_eps=1e-5)
+    config = (LlamaConfig(**sizes, tie_word_embeddings=False, rope_theta=5e4) if model_type == "llama"
+              else Qwen2Config(**sizes, tie_word_embeddings=True, rope_theta=5e4))
+    torch.manual_seed(0)
+    state = {k: v.detach().float().numpy() for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    for key in [k for k in state if k.endswith(".bias")]:
+        state[key] = np.random.default_rng(1).standard_normal(state[key].shape).astype(np.float32)
+    writer = gguf.GGUFWriter(str(path), model_type)
+    writer.add_block_count(2)
+    writer.add_context_length(128)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(96)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(5e4)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([*byte_level_alphabet(), "Ġt", "<s>"])
+    writer.add_token_types([1] * 257 + [3])
+    writer.add_token_merges(["Ġ t"])
+    writer.add_bos_token_id(257)
+    writer.add_eos_token_id(257)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    block_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+                   "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for key, value in state.items():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if key.startswith("model.layers."):
+            _, _, index, rest = key.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            name = f"blk.{index}.{block_names[module]}.{kind}"
+            if model_type == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
+                value = llama_cpp_permute(value, 4 if "q_proj" in module else 2)
+        else:
+            name = names[key]
+        writer.add_tensor(name, value.astype(np.float16) if model_type == "qwen2" and value.ndim == 2 else value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return state
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_import_gguf_round_trips_llama_and_qwen2(tmp_path, model_type):
+    """A GGUF laid out as llama.cpp's converter does comes back as the original HF tensors (exactly;
+    F16 ones as their float16 rounding), with a config streamrom and transformers both accept."""
+    import streamrom
+    from transformers import AutoModelForCausalLM
+
+    state = write_tiny_gguf(tmp_path / "tiny.gguf", model_type)
+    out = import_gguf(str(tmp_path / "tiny.gguf"), tmp_path / "hf")
+    ours = load_file(str(out / "model.safetensors"))
+    expected = {k: v for k, v in state.items() if not (k == "lm_head.weight" and model_type == "qwen2")}
+    assert set(ours) == set(expected)
+    for key, value in expected.items():
+        if model_type == "qwen2" and value.ndim == 2:
+            value = value.astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(ours[key].numpy(), value, err_msg=key)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == model_type and config["tie_word_embeddings"] == (model_type == "qwen2")
+    ids = torch.tensor([[257, 10, 200, 3, 256, 99]])
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(streamrom.load(out)(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tokenizer.encode("<s> at", add_special_tokens=False).tokens == ["<s>", "Ġ", "a", "t"]
+    assert tokenizer.encode(" t", add_special_tokens=False).tokens == ["Ġt"]
+    assert tokenizer.decode(tokenizer.encode("héllo wörld").ids) == "héllo wörld"
