@@ -117,9 +117,11 @@ class BlockCache:
             buffer.close(remove)
 
 
-def chunk_ranges(sequences: int, chunk_sequences: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, sequences, chunk_sequences):
-        yield start, min(start + chunk_sequences, sequences)
+def chunk_ranges(sequences: int, chunk_sequences: int, boundary: int | None = None) -> Iterator[tuple[int, int]]:
+    """Ranges of at most `chunk_sequences`; none straddles `boundary` (where two calibration texts meet)."""
+    for first, last in ((0, boundary), (boundary, sequences)) if boundary else ((0, sequences),):
+        for start in range(first, last, chunk_sequences):
+            yield start, min(start + chunk_sequences, last)
 
 
 @torch.no_grad()

@@ -97,8 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "original's (e.g. 0.7), met to within one rank step")
     target.add_argument("--target-size", type=float, metavar="GB", dest="target_size_gb",
                         help="the output's tensor bytes in GB (1e9 bytes), in the output dtype")
-    comp.add_argument("--calib-text", type=Path, nargs="+", default=[],
-                      help="calibration text files (default: the packaged Emma, public domain)")
+    comp.add_argument("--calib-text", "--general-text", type=Path, nargs="+", default=[],
+                      help="calibration text files (default: the packaged Emma, public domain); with "
+                           "--target-text, the general text")
+    comp.add_argument("--target-text", type=Path, nargs="+", default=[],
+                      help="the application's text (e.g. code): drawn like the general text (--calib-sequences "
+                           "more sequences), its moments mixed with the general ones per linear")
+    comp.add_argument("--target-weight", type=float, metavar="ALPHA",
+                      help="with --target-text: α in α·C_target/E_target + (1−α)·C_general/E_general, each part "
+                           "normalised by its output energy E (default 0.5; 1: target only)")
     comp.add_argument("--calib-tokens", type=Path, help=".npy of token ids (1-D stream or 2-D sequences)")
     comp.add_argument("--calib-sequences", type=_positive_int, default=32,
                       help="calibration sequences (default 32)")
@@ -167,11 +174,15 @@ def _run(args: argparse.Namespace) -> None:
         calibration = CalibrationConfig(
             text_files=tuple(args.calib_text), token_file=args.calib_tokens,
             sequences=args.calib_sequences, seqlen=args.calib_seqlen, seed=args.seed)
+        target = (CalibrationConfig(text_files=tuple(args.target_text), sequences=args.calib_sequences,
+                                    seqlen=args.calib_seqlen, seed=args.seed) if args.target_text else None)
         config = CompressConfig(
             ratio=args.ratio, rank=args.rank, layers=args.layers, method=args.method, allocate=args.allocate,
             target_params=args.target_params, target_size_gb=args.target_size_gb,
             ranks=_ranks_from(args.ranks_from) if args.ranks_from else None, spectra_file=args.spectra,
             chunk_tokens=args.chunk_tokens, calibration=calibration, overwrite=args.overwrite, dtype=args.dtype,
+            target_calibration=target,
+            **({"target_weight": args.target_weight} if args.target_weight is not None else {}),
             precision=args.precision,
             **({"modules": args.modules} if args.modules else {}))
         report = compress(args.source, args.output, config, args.report, eval_text=args.eval_text,

@@ -197,6 +197,40 @@ def sensitivity_weighted(values: np.ndarray, vectors: np.ndarray, feature_sensit
     return values * ((vectors ** 2).T @ feature_sensitivity)
 
 
+def output_energy(moments: InputMoments, weight: np.ndarray, bias: np.ndarray | None) -> float:
+    """tr(W̃ C W̃ᵀ): the linear's mean squared output (its total output variance, centered)."""
+    w_tilde, with_bias = moments.augmented_weight(weight, bias)
+    return float(((w_tilde @ moments.matrix(with_bias)) * w_tilde).sum())
+
+
+def mixture_weights(target_energy: float, general_energy: float, target_weight: float) -> tuple[float, float]:
+    """(w_target, w_general), summing to 1, with w_t·C_t + w_g·C_g ∝ α·C_t/E_t + (1−α)·C_g/E_g.
+
+    Each part is first normalised to unit output energy E (its trace), so a text whose activations
+    are simply larger does not dominate, then weighted by α. Scaling to sum 1 makes the mix the moment
+    of a mixture of the two calibration distributions, so mean and second moment stay consistent
+    (and eigenvectors are unchanged by the scale).
+    """
+    if not 0.0 <= target_weight <= 1.0:
+        raise ValueError(f"target weight must be in [0, 1], got {target_weight}")
+    target = target_weight / target_energy if target_weight > 0 else 0.0
+    general = (1.0 - target_weight) / general_energy if target_weight < 1 else 0.0
+    total = target + general
+    if not np.isfinite(total) or total <= 0:  # a part with no energy at all: the other alone
+        return (1.0, 0.0) if target_weight >= 0.5 else (0.0, 1.0)
+    return target / total, general / total
+
+
+def mix_moments(target: InputMoments, general: InputMoments, weights: tuple[float, float]) -> InputMoments:
+    """The input moments of the mixture w_t·target + w_g·general (centered: the mixture's covariance,
+    which also holds the scatter between the two parts' means)."""
+    w_target, w_general = weights
+    dtype = target.second_moment.dtype
+    return InputMoments((w_target * target.second_moment + w_general * general.second_moment).astype(dtype, copy=False),
+                        (w_target * target.mean + w_general * general.mean).astype(dtype, copy=False),
+                        target.centered, target.damping)
+
+
 def weight_svd_basis(weight: np.ndarray, rank: int) -> np.ndarray:
     """Top-r left singular vectors of W: weight-space truncated SVD (the SFSD comparison baseline),
     which is ROM with the identity for the input moment, so it shares ROM's factor format."""

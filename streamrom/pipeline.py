@@ -41,6 +41,9 @@ FORMAT_VERSION = 1
 WORK_FOLDER = ".streamrom-work"
 METHODS = ("rom", "rom-centered", "svd")
 ALLOCATIONS = ("uniform", "last-n", "spectrum")
+# Half target, half general (each normalised to unit output energy first): until benchmarks/targeted.py
+# measures otherwise, the mix that keeps both texts' directions in the basis.
+DEFAULT_TARGET_WEIGHT = 0.5
 PRECISIONS = {"float32": np.float32, "float64": np.float64}
 OUTPUT_DTYPES = {"source": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REPORT_FILE = "streamrom-report.json"
@@ -68,6 +71,10 @@ class CompressConfig:
     precision: str = "float32"  # of the per-chunk moment products and the eigen work (sums: float64)
     dtype: str = "source"  # dtype of the output tensors: source, float32, float16 or bfloat16
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    # Task-targeted compression: the application's text, mixed with `calibration` (the general text)
+    # per linear as α·C_target/E_target + (1−α)·C_general/E_general (α = target_weight; 1: target only).
+    target_calibration: CalibrationConfig | None = None
+    target_weight: float = DEFAULT_TARGET_WEIGHT
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -85,6 +92,13 @@ class CompressConfig:
             raise UsageError(f"--target-size must be positive, got {self.target_size_gb}")
         if (self.rank is not None or self.ranks is not None) and (self.allocate != "uniform" or self.has_target):
             raise UsageError("--rank and --ranks-from fix the ranks: they do not combine with --allocate or a target")
+        if not 0.0 <= self.target_weight <= 1.0:
+            raise UsageError(f"--target-weight must be in [0, 1], got {self.target_weight}")
+        if self.target_calibration is not None:
+            if self.method == "svd":
+                raise UsageError("--method svd uses no calibration text, so no target text either")
+            if self.target_calibration.seqlen != self.calibration.seqlen:
+                raise UsageError("the target and general calibration sequences must have the same length")
         if self.method == "svd" and self.allocate == "spectrum":
             raise UsageError("--allocate spectrum prices the directions ROM keeps; with --method svd use uniform or last-n")
         if self.spectra_file is not None and self.allocate != "spectrum":
@@ -229,13 +243,17 @@ def _low_rank_module(factors: decompose.Factors) -> LowRankLinear:
 def compress_block(block: Block, plan: dict[str, int | None], inputs: ActivationBuffer,
                    outputs: ActivationBuffer | None, cache: BlockCache, cos: torch.Tensor, sin: torch.Tensor,
                    config: CompressConfig, chunk_sequences: int, timer: StageTimer,
-                   block_label: str = "") -> None:
+                   block_label: str = "", target_from: int | None = None) -> None:
     """Replace the planned linears of `block` by ROM factors, one group after the other, and write
     the compressed block's outputs for `inputs` to `outputs` (unless None).
 
     Each group's statistics are gathered with the groups before it already compressed, so later
     factors compensate for the error of earlier ones. Pass g computes the block up to group g's
     input from the intermediates pass g-1 left in `cache`, so all passes together cost one forward.
+
+    With `target_from`, the sequences from that index on are the target text's and those before it
+    the general text's: their moments are kept apart and mixed per linear (decompose.mixture_weights
+    with config.target_weight).
     """
     if config.method == "svd":  # weight-space: no statistics, and nothing downstream needs outputs
         with timer("eigen"):
@@ -266,50 +284,65 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
             # A lone linear narrower at its output than its input (down_proj) has its output moment
             # accumulated directly: out x out is the smaller matrix. Otherwise the shared input moment.
             observe_outputs = len(LINEAR_GROUPS[group_index]) == 1 and out_features < in_features
-            moments = MomentAccumulator(out_features if observe_outputs else in_features,
-                                        torch.float64 if config.precision == "float64" else torch.float32)
-        for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
+            # one accumulator per calibration text: [general, target] with a target, else [all]
+            moments = [MomentAccumulator(out_features if observe_outputs else in_features,
+                                         torch.float64 if config.precision == "float64" else torch.float32)
+                       for _ in range(2 if target_from else 1)]
+        for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences, target_from):
             with timer("forward"):
                 features = _group_features(block, group_index, inputs, cache, start, stop, cos, sin)
                 if observe_outputs:
                     features = first(features)
             if moments is not None:
                 with timer("statistics"):
-                    moments.add(features)
+                    moments[1 if target_from and start >= target_from else 0].add(features)
         if moments is None:
             continue
-        if not moments.is_finite():
+        if not all(accumulator.is_finite() for accumulator in moments):
             raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo)} "
                                  "(overflow in the source weights or in the layers before)")
         with timer("eigen"):
             work_dtype = PRECISIONS[config.precision]
-            second_moment = moments.second_moment().astype(work_dtype, copy=False)
-            mean = moments.mean().astype(work_dtype, copy=False)
-            del moments  # the float64 accumulator is not needed past here
-            group_inputs = decompose.InputMoments(second_moment, mean, config.centered, config.damping)
+            parts = [decompose.InputMoments(accumulator.second_moment().astype(work_dtype, copy=False),
+                                            accumulator.mean().astype(work_dtype, copy=False),
+                                            config.centered, config.damping) for accumulator in moments]
+            del moments  # the float64 accumulators are not needed past here
             for name in todo:
                 linear = block.linear(name)
                 # float32: the block's own weight, no copy (the factors are new arrays)
                 weight = linear.weight.detach().numpy().astype(work_dtype, copy=False)
                 bias = linear.bias.detach().numpy().astype(work_dtype, copy=False) if linear.bias is not None else None
+                moments_here = parts[0] if len(parts) == 1 else _mixed(parts, weight, bias, observe_outputs,
+                                                                        config.target_weight)
                 if observe_outputs:
-                    basis = decompose.rom_basis_from_outputs(
-                        second_moment, mean, plan[name], config.centered, config.damping)
-                    output_mean = mean
+                    basis = decompose.rom_basis_from_outputs(moments_here.second_moment, moments_here.mean, plan[name],
+                                                             config.centered, config.damping)
+                    output_mean = moments_here.mean
                 else:
-                    basis = group_inputs.rom_basis(weight, bias, plan[name])
-                    output_mean = decompose.output_mean_from_inputs(weight, bias, mean)
+                    basis = moments_here.rom_basis(weight, bias, plan[name])
+                    output_mean = decompose.output_mean_from_inputs(weight, bias, moments_here.mean)
                 factors = decompose.factorise(weight, bias, basis, output_mean if config.centered else None)
-                del linear, weight, basis  # the dense weight (or its copy) goes before the next linear
+                del linear, weight, basis, moments_here  # the dense weight (or its copy) goes before the next linear
                 block.set_linear(name, _low_rank_module(factors))
                 del factors
-            del group_inputs, second_moment, mean
+            del parts
         release_freed_memory()
     if outputs is not None:
         with timer("forward"):
             for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
                 result = _finish_block(block, last, inputs, cache, start, stop, cos, sin)
                 outputs.write(start, require_finite(result, f"leave {block_label.rstrip('.')}"))
+
+
+def _mixed(parts: list[decompose.InputMoments], weight: np.ndarray, bias: np.ndarray | None, observed_outputs: bool,
+           target_weight: float) -> decompose.InputMoments:
+    """One linear's mix of its [general, target] moments, each part normalised by its output energy."""
+    general, target = parts
+    if observed_outputs:  # the moments are of the output itself
+        energies = [float(np.trace(decompose.output_moment(p.second_moment, p.mean, p.centered))) for p in (target, general)]
+    else:
+        energies = [decompose.output_energy(p, weight, bias) for p in (target, general)]
+    return decompose.mix_moments(target, general, decompose.mixture_weights(*energies, target_weight))
 
 
 def _group_features(block: Block, group: int, inputs: ActivationBuffer, cache: BlockCache,
@@ -434,6 +467,10 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
         layers = parse_layers(config.layers, spec.num_layers)
         with timer("calibration"):
             tokens = calibration_tokens(config.calibration, source, spec.vocab_size)
+            target_from = None  # general sequences first, then the target's
+            if config.target_calibration is not None:
+                target_from = len(tokens)
+                tokens = np.concatenate([tokens, calibration_tokens(config.target_calibration, source, spec.vocab_size)])
         sequences, seqlen = tokens.shape
         settings = {"ratio": config.ratio, "rank": config.rank, "layers": layers,
                     "modules": list(config.modules), "method": config.method, "allocate": config.allocate,
@@ -443,8 +480,14 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
                     "calibration": {"files": [str(p) for p in config.calibration.text_files] or ["(default)"],
                                     "token_file": str(config.calibration.token_file or ""),
                                     "sequences": sequences, "seqlen": seqlen,
-                                    "seed": config.calibration.seed}}
-        fingerprint = {k: v for k, v in settings.items() if k != "calibration"}
+                                    "seed": config.calibration.seed},
+                    "target": None if target_from is None else {
+                        "files": [str(p) for p in config.target_calibration.text_files],
+                        "token_file": str(config.target_calibration.token_file or ""),
+                        "sequences": sequences - target_from, "general_sequences": target_from,
+                        "target_weight": config.target_weight}}
+        fingerprint = {k: v for k, v in settings.items() if k not in ("calibration", "target")}
+        fingerprint["target"] = None if target_from is None else [target_from, config.target_weight]
         dtype_bytes = torch.finfo(config.output_dtype(reader.weight_dtype)).bits // 8
         source_bytes = torch.finfo(reader.weight_dtype).bits // 8
         total_params = reader.parameter_count()
@@ -478,16 +521,18 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
                     log.info("pass 1: output spectra of %d blocks", len(layers))
                     pass_one = {"source": source_fingerprint(reader), "layers": layers, "modules": list(config.modules),
                                 "centered": config.centered, "precision": config.precision}
-                    spectra = collect_spectra(reader, tokens, layers, list(config.modules), output / WORK_FOLDER,
+                    # with a target text, directions are priced by the target's statistics and loss alone
+                    priced_on = tokens if target_from is None else tokens[target_from:]
+                    spectra = collect_spectra(reader, priced_on, layers, list(config.modules), output / WORK_FOLDER,
                                               config.chunk_tokens, config.centered, PRECISIONS[config.precision], timer,
                                               saved=config.spectra_file,
-                                              fingerprint=arguments_fingerprint(pass_one, tokens))
+                                              fingerprint=arguments_fingerprint(pass_one, priced_on))
                 progress.plan = (model_plan(spec, config, layers, total_params, dtype_bytes, spectra)
                                  if spectra is not None else sizing_plan)
                 progress.save(output)
             plan = progress.plan
             try:
-                _run(reader, output, tokens, plan, layers, config, progress, timer, monitor)
+                _run(reader, output, tokens, plan, layers, config, progress, timer, monitor, target_from)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                     raise ResourceError(f"no space left writing {exc.filename or output}: {exc.strerror}; "
@@ -523,7 +568,7 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
 
 def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[str, int | None],
          layers: list[int], config: CompressConfig, progress: Progress, timer: StageTimer,
-         monitor: RSSMonitor) -> None:
+         monitor: RSSMonitor, target_from: int | None = None) -> None:
     """The block loop. After every block, its shard and the next block's inputs are on disk before
     the progress record says so; a rerun picks up from there."""
     spec = reader.spec
@@ -567,7 +612,8 @@ def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[
             # the last block's outputs feed nothing; nor do any, for weight-space SVD
             has_next = index + 1 < spec.num_layers and config.method != "svd"
             compress_block(block, ranks, activations.inputs, activations.outputs if has_next else None,
-                           cache, cos, sin, config, chunk_sequences, timer, block_label=block_prefix(index))
+                           cache, cos, sin, config, chunk_sequences, timer, block_label=block_prefix(index),
+                           target_from=target_from)
             _fault_point(f"during-block-{index}")
             if has_next:
                 activations.outputs.sync()

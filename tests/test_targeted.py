@@ -1,0 +1,120 @@
+"""Task-targeted compression: a target text's moments mixed with a general text's, per linear."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import streamrom
+from streamrom import CalibrationConfig, CompressConfig, decompose
+from streamrom.activations import chunk_ranges
+from streamrom.checkpoint import CheckpointReader
+from streamrom.cli import main as cli_main
+
+
+def test_mixture_weights_normalise_each_part_by_its_energy():
+    assert decompose.mixture_weights(2.0, 5.0, 1.0) == (1.0, 0.0)
+    assert decompose.mixture_weights(2.0, 5.0, 0.0) == (0.0, 1.0)
+    # α/E_t = 0.5, (1−α)/E_g = 0.5/3: weights 3:1
+    assert decompose.mixture_weights(1.0, 3.0, 0.5) == pytest.approx((0.75, 0.25))
+    with pytest.raises(ValueError):
+        decompose.mixture_weights(1.0, 1.0, 1.5)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_mixed_output_moment_is_the_trace_normalised_mix(centered):
+    """W·C_mix·Wᵀ ∝ α·C_t/tr C_t + (1−α)·C_g/tr C_g, C the output moments (covariances, centered), here
+    with a target whose activations are 10x larger: normalisation keeps it from dominating."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((12, 20))
+    general = rng.standard_normal((20, 500)) + 0.3
+    target = 10 * rng.standard_normal((20, 300)) @ np.diag(np.linspace(0.1, 2, 300)) - 0.5
+
+    def moments(x):
+        return decompose.InputMoments(x @ x.T / x.shape[1], x.mean(axis=1), centered)
+
+    def output_moment(x):
+        y = weight @ x
+        if centered:
+            y = y - y.mean(axis=1, keepdims=True)
+        return y @ y.T / y.shape[1]
+
+    alpha = 0.3
+    parts = moments(target), moments(general)
+    energies = [decompose.output_energy(p, weight, None) for p in parts]
+    np.testing.assert_allclose(energies, [np.trace(output_moment(target)), np.trace(output_moment(general))])
+    mixed = decompose.mix_moments(*parts, decompose.mixture_weights(*energies, alpha))
+    expected = (alpha * output_moment(target) / energies[0] + (1 - alpha) * output_moment(general) / energies[1])
+    got = weight @ mixed.matrix(False) @ weight.T
+    if not centered:  # centered: the mixture's covariance also holds the scatter between the two means
+        np.testing.assert_allclose(got / np.trace(got), expected / np.trace(expected), rtol=1e-10, atol=1e-12)
+    else:
+        means = [weight @ x.mean(axis=1) for x in (target, general)]
+        w_t, w_g = decompose.mixture_weights(*energies, alpha)
+        between = w_t * w_g * np.outer(means[0] - means[1], means[0] - means[1])
+        np.testing.assert_allclose(got, w_t * output_moment(target) + w_g * output_moment(general) + between,
+                                   rtol=1e-10, atol=1e-10)
+
+
+def test_chunks_never_straddle_the_boundary_between_texts():
+    assert list(chunk_ranges(10, 4, 6)) == [(0, 4), (4, 6), (6, 10)]
+    assert list(chunk_ranges(10, 4)) == [(0, 4), (4, 8), (8, 10)]
+    assert list(chunk_ranges(5, 8, 3)) == [(0, 3), (3, 5)]
+
+
+def _tensors(folder):
+    reader = CheckpointReader(folder)
+    return {name: reader.tensor(name) for name in reader.weight_map}
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.0])
+def test_target_weight_at_its_ends_equals_one_text_alone(tiny_models, tiny_tokens, tmp_path, alpha):
+    """α = 1 is compression calibrated on the target text alone, α = 0 on the general text alone:
+    the written tensors are identical (the other text's sequences still flow through the blocks)."""
+    source = tiny_models["qwen2"]
+    general = CalibrationConfig(token_file=tiny_tokens, sequences=6, seqlen=64, seed=0)
+    target = CalibrationConfig(token_file=tiny_tokens, sequences=5, seqlen=64, seed=7)
+    mixed = streamrom.compress(source, tmp_path / "mixed", CompressConfig(
+        ratio=0.5, calibration=general, target_calibration=target, target_weight=alpha, chunk_tokens=128))
+    streamrom.compress(source, tmp_path / "alone", CompressConfig(
+        ratio=0.5, calibration=target if alpha == 1.0 else general, chunk_tokens=128))
+    assert mixed.settings["target"]["sequences"] == 5 and mixed.settings["target"]["general_sequences"] == 6
+    a, b = _tensors(tmp_path / "mixed"), _tensors(tmp_path / "alone")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_half_mix_differs_from_the_general_text_alone(tiny_models, tiny_tokens, smollm2_dir, tmp_path, capsys):
+    source = tiny_models["llama"]
+    target_file = tmp_path / "target.npy"
+    np.save(target_file, (np.load(tiny_tokens)[::-1] * 7) % 256)  # another "text": other tokens entirely
+    general_only = streamrom.compress(source, tmp_path / "general", CompressConfig(
+        ratio=0.5, calibration=CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=64)))
+    assert general_only.settings["target"] is None
+    # --target-text takes text files, through the model's tokenizer (the tiny models have none)
+    assert cli_main(["compress", str(smollm2_dir), str(tmp_path / "x"), "--target-text", str(tmp_path / "missing.txt")]) != 0
+    assert "missing.txt" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    mixed = streamrom.compress(source, tmp_path / "mixed", CompressConfig(
+        ratio=0.5, calibration=CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=64),
+        target_calibration=CalibrationConfig(token_file=target_file, sequences=4, seqlen=64)))
+    assert mixed.settings["target"]["target_weight"] == 0.5
+    a, b = _tensors(tmp_path / "mixed"), _tensors(tmp_path / "general")
+    assert any(not torch.equal(a[n], b[n]) for n in a if n.endswith("expand.weight"))
+    with pytest.raises(streamrom.UsageError, match="target-weight"):
+        CompressConfig(target_weight=1.5)
+
+
+def test_spectrum_allocation_follows_the_target(tiny_models, tiny_tokens, tmp_path):
+    """With a target text, pass 1 prices directions on the target's statistics and loss alone: the
+    ranks are those of a spectrum run calibrated on the target text only."""
+    source = tiny_models["llama"]
+    general = CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=64, seed=0)
+    target = CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=64, seed=5)
+    mixed = streamrom.compress(source, tmp_path / "mixed", CompressConfig(
+        allocate="spectrum", target_params=0.7, calibration=general, target_calibration=target))
+    alone = streamrom.compress(source, tmp_path / "alone", CompressConfig(
+        allocate="spectrum", target_params=0.7, calibration=target))
+    by_general = streamrom.compress(source, tmp_path / "general", CompressConfig(
+        allocate="spectrum", target_params=0.7, calibration=general))
+    assert mixed.ranks == alone.ranks != by_general.ranks
