@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--target-text", type=Path, nargs="+", default=[],
                       help="the application's text (e.g. code): drawn like the general text (--calib-sequences "
                            "more sequences), its moments mixed with the general ones per linear")
+    comp.add_argument("--target-basis", choices=["mix", "select"], default="mix",
+                      help="with --target-text: mix (the mix's top eigenvectors, default) or select (of the mix's "
+                           "eigenvectors and the target's own top ones, the directions keeping the most target "
+                           "output energy)")
     comp.add_argument("--target-weight", type=float, metavar="ALPHA",
                       help="with --target-text: α in α·C_target/E_target + (1−α)·C_general/E_general, each part "
                            "normalised by its output energy E (default 0.5; 1: target only)")
@@ -181,7 +185,7 @@ def _run(args: argparse.Namespace) -> None:
             target_params=args.target_params, target_size_gb=args.target_size_gb,
             ranks=_ranks_from(args.ranks_from) if args.ranks_from else None, spectra_file=args.spectra,
             chunk_tokens=args.chunk_tokens, calibration=calibration, overwrite=args.overwrite, dtype=args.dtype,
-            target_calibration=target,
+            target_calibration=target, target_basis=args.target_basis,
             **({"target_weight": args.target_weight} if args.target_weight is not None else {}),
             precision=args.precision,
             **({"modules": args.modules} if args.modules else {}))

@@ -231,6 +231,46 @@ def mix_moments(target: InputMoments, general: InputMoments, weights: tuple[floa
                         target.centered, target.damping)
 
 
+def select_basis(candidates: np.ndarray, target_factor: np.ndarray, rank: int,
+                 extra: np.ndarray | None = None) -> np.ndarray:
+    """The `rank` orthonormal directions, from `candidates` (orthonormal columns, e.g. the mix's
+    eigenvectors) and optionally `extra` (e.g. the target's own top eigenvectors), that keep the most
+    target output energy uᵀ C_t u, chosen greedily; C_t = A Aᵀ with A = `target_factor` (out × m, e.g.
+    W̃ L for an input moment L Lᵀ), so no out × out matrix is needed.
+
+    Each step takes the candidate whose part orthogonal to the directions already chosen keeps the
+    most target energy, and projects it out of the rest; C_t times the remaining candidates is kept
+    up to date rather than recomputed, so a step costs O(out × candidates). With orthonormal
+    candidates alone this is the candidates sorted by target energy; `extra` adds target directions
+    the candidates miss (the basis-selection idea of arXiv 2405.15877: keep what the target needs,
+    drop what it never uses).
+    """
+    pool = candidates if extra is None else np.hstack([candidates, extra])
+    pool = pool.astype(target_factor.dtype, copy=True)
+    norms = np.linalg.norm(pool, axis=0)
+    pool /= np.where(norms > 0, norms, 1.0)
+    moment_pool = target_factor @ (target_factor.T @ pool)
+    live = np.ones(pool.shape[1], dtype=bool)
+    chosen = []
+    tiny = np.finfo(pool.dtype).eps * 1e3
+    for _ in range(min(rank, pool.shape[0])):
+        squared = (pool * pool).sum(axis=0)
+        energy = np.where(live & (squared > tiny), (pool * moment_pool).sum(axis=0) / np.maximum(squared, tiny), -np.inf)
+        best = int(np.argmax(energy))
+        if not np.isfinite(energy[best]):
+            break  # the pool spans fewer than `rank` directions
+        direction = pool[:, best] / np.sqrt(squared[best])
+        moment_direction = moment_pool[:, best] / np.sqrt(squared[best])
+        chosen.append(direction)
+        live[best] = False
+        overlap = direction @ pool  # project the chosen direction out of every candidate
+        pool -= np.outer(direction, overlap)
+        moment_pool -= np.outer(moment_direction, overlap)
+    if len(chosen) < rank:
+        raise ValueError(f"the candidates span only {len(chosen)} directions, {rank} asked")
+    return fix_signs(orthonormalize(np.stack(chosen, axis=1)))
+
+
 def weight_svd_basis(weight: np.ndarray, rank: int) -> np.ndarray:
     """Top-r left singular vectors of W: weight-space truncated SVD (the SFSD comparison baseline),
     which is ROM with the identity for the input moment, so it shares ROM's factor format."""

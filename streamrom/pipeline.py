@@ -75,6 +75,9 @@ class CompressConfig:
     # per linear as α·C_target/E_target + (1−α)·C_general/E_general (α = target_weight; 1: target only).
     target_calibration: CalibrationConfig | None = None
     target_weight: float = DEFAULT_TARGET_WEIGHT
+    # "mix": the mix's top-r eigenvectors; "select": the r directions keeping the most target output
+    # energy among the mix's eigenvectors and the target's own top r (decompose.select_basis)
+    target_basis: str = "mix"
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -94,6 +97,10 @@ class CompressConfig:
             raise UsageError("--rank and --ranks-from fix the ranks: they do not combine with --allocate or a target")
         if not 0.0 <= self.target_weight <= 1.0:
             raise UsageError(f"--target-weight must be in [0, 1], got {self.target_weight}")
+        if self.target_basis not in ("mix", "select"):
+            raise UsageError(f"unknown --target-basis {self.target_basis!r}: choose mix or select")
+        if self.target_basis == "select" and self.target_calibration is None:
+            raise UsageError("--target-basis select needs --target-text")
         if self.target_calibration is not None:
             if self.method == "svd":
                 raise UsageError("--method svd uses no calibration text, so no target text either")
@@ -314,13 +321,15 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
                 bias = linear.bias.detach().numpy().astype(work_dtype, copy=False) if linear.bias is not None else None
                 moments_here = parts[0] if len(parts) == 1 else _mixed(parts, weight, bias, observe_outputs,
                                                                         config.target_weight)
-                if observe_outputs:
+                if len(parts) == 2 and config.target_basis == "select":
+                    basis = _selected_basis(moments_here, parts[1], weight, bias, plan[name], observe_outputs)
+                elif observe_outputs:
                     basis = decompose.rom_basis_from_outputs(moments_here.second_moment, moments_here.mean, plan[name],
                                                              config.centered, config.damping)
-                    output_mean = moments_here.mean
                 else:
                     basis = moments_here.rom_basis(weight, bias, plan[name])
-                    output_mean = decompose.output_mean_from_inputs(weight, bias, moments_here.mean)
+                output_mean = (moments_here.mean if observe_outputs
+                               else decompose.output_mean_from_inputs(weight, bias, moments_here.mean))
                 factors = decompose.factorise(weight, bias, basis, output_mean if config.centered else None)
                 del linear, weight, basis, moments_here  # the dense weight (or its copy) goes before the next linear
                 block.set_linear(name, _low_rank_module(factors))
@@ -343,6 +352,26 @@ def _mixed(parts: list[decompose.InputMoments], weight: np.ndarray, bias: np.nda
     else:
         energies = [decompose.output_energy(p, weight, bias) for p in (target, general)]
     return decompose.mix_moments(target, general, decompose.mixture_weights(*energies, target_weight))
+
+
+def _selected_basis(mixed: decompose.InputMoments, target: decompose.InputMoments, weight: np.ndarray,
+                    bias: np.ndarray | None, rank: int, observed_outputs: bool) -> np.ndarray:
+    """Basis selection for one linear: among all of the mix's output eigenvectors and the target's own
+    top `rank`, the `rank` directions that keep the most target output energy."""
+    if observed_outputs:  # the moments are of the output itself (out x out)
+        size = mixed.second_moment.shape[0]
+        candidates = decompose.top_eigenvectors(
+            decompose.output_moment(mixed.second_moment, mixed.mean, mixed.centered, mixed.damping), size)[1]
+        values, vectors = decompose.top_eigenvectors(
+            decompose.output_moment(target.second_moment, target.mean, target.centered), size)
+        factor = vectors * np.sqrt(np.clip(values, 0.0, None))
+        extra = vectors[:, :rank]
+    else:
+        candidates = decompose.output_eigenpairs(mixed, weight, bias)[1]
+        w_tilde, with_bias = target.augmented_weight(weight, bias)
+        factor = w_tilde @ target.root(with_bias)
+        extra = target.rom_basis(weight, bias, rank)
+    return decompose.select_basis(candidates, factor, rank, extra)
 
 
 def _group_features(block: Block, group: int, inputs: ActivationBuffer, cache: BlockCache,

@@ -118,3 +118,62 @@ def test_spectrum_allocation_follows_the_target(tiny_models, tiny_tokens, tmp_pa
     by_general = streamrom.compress(source, tmp_path / "general", CompressConfig(
         allocate="spectrum", target_params=0.7, calibration=general))
     assert mixed.ranks == alone.ranks != by_general.ranks
+
+
+def test_selection_orders_orthonormal_candidates_by_target_energy():
+    rng = np.random.default_rng(1)
+    candidates = np.linalg.qr(rng.standard_normal((10, 6)))[0]
+    factor = rng.standard_normal((10, 4))
+    energy = ((factor.T @ candidates) ** 2).sum(axis=0)
+    basis = decompose.select_basis(candidates, factor, 3)
+    expected = candidates[:, np.argsort(energy)[::-1][:3]]
+    np.testing.assert_allclose(np.abs(basis.T @ expected), np.eye(3), atol=1e-10)
+
+
+def test_selection_adds_the_target_direction_the_general_basis_misses():
+    """The general basis spans e0..e3; the target lives on e6 (strongly) and e1 (weakly). At rank 2
+    the selection keeps e6, which no general direction has, and e1 — and drops e0, e2, e3, which the
+    target never uses."""
+    eye = np.eye(8)
+    general_basis = eye[:, :4]
+    target_factor = np.stack([3 * eye[:, 6], eye[:, 1]], axis=1)
+    target_top = eye[:, [6, 1]]
+    basis = decompose.select_basis(general_basis, target_factor, 2, extra=target_top)
+    np.testing.assert_allclose(np.abs(basis), eye[:, [6, 1]], atol=1e-12)
+    # without the extra candidates only e1 of the target is reachable
+    without = decompose.select_basis(general_basis, target_factor, 2)
+    assert abs(without[1, 0]) == pytest.approx(1.0) and np.abs(without[6]).max() < 1e-12
+
+
+def test_selection_of_the_targets_own_eigenvectors_is_target_rom():
+    rng = np.random.default_rng(2)
+    weight, x = rng.standard_normal((12, 9)), rng.standard_normal((9, 200))
+    moments = decompose.InputMoments(x @ x.T / 200, x.mean(axis=1))
+    values, vectors = moments.rom_eigenpairs(weight, None, 9)
+    factor = weight @ moments.root(False)
+    basis = decompose.select_basis(vectors, factor, 4)
+    np.testing.assert_allclose(np.abs(basis.T @ vectors[:, :4]), np.eye(4), atol=1e-8)
+
+
+def test_selected_basis_at_full_target_weight_is_target_rom(tiny_models, tiny_tokens, tmp_path):
+    """With α = 1 the mix is the target, whose eigenvectors the selection keeps in their own order:
+    the factored weights match the target-only compression. In float64: in float32 the random tiny
+    model's nearly equal eigenvalues at the cut swap places under rounding."""
+    source = tiny_models["llama"]
+    general = CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=64, seed=0)
+    target = CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=64, seed=9)
+    streamrom.compress(source, tmp_path / "select", CompressConfig(
+        ratio=0.5, calibration=general, target_calibration=target, target_weight=1.0, target_basis="select",
+        precision="float64"))
+    streamrom.compress(source, tmp_path / "alone", CompressConfig(ratio=0.5, calibration=target, precision="float64"))
+    half = streamrom.compress(source, tmp_path / "half", CompressConfig(
+        ratio=0.5, calibration=general, target_calibration=target, target_basis="select"))
+    a, b, c = (_tensors(tmp_path / name) for name in ("select", "alone", "half"))
+    for name in (n for n in a if n.endswith("expand.weight")):
+        reduce_name = name.replace("expand", "reduce")
+        selected, alone = a[name] @ a[reduce_name], b[name] @ b[reduce_name]
+        torch.testing.assert_close(selected, alone, rtol=1e-5, atol=1e-5 * alone.abs().max().item())
+    assert any(not torch.allclose(a[n], c[n], atol=1e-3) for n in a if n.endswith("expand.weight"))
+    assert half.settings["target"]["target_weight"] == 0.5
+    with pytest.raises(streamrom.UsageError, match="needs --target-text"):
+        CompressConfig(target_basis="select")
