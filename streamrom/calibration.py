@@ -9,10 +9,12 @@ GPTQ and ROM) sample the whole text rather than its first pages.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -125,6 +127,17 @@ def calibration_tokens(config: CalibrationConfig, checkpoint: Path, vocab_size: 
     stream = check_vocabulary(tokenize_files(load_tokenizer(checkpoint), files), vocab_size,
                               f"the tokenizer of {checkpoint}")
     return draw_sequences(stream, config.sequences, config.seqlen, config.seed)
+
+
+def held_out(names: Iterable[str], fraction: float, salt: str = "streamrom") -> set[str]:
+    """The names (e.g. module names of a code corpus) held out for evaluation: those whose SHA-256
+    (with `salt`) falls in the first `fraction` of the hash range. Stable across runs, machines and
+    orderings, so a calibration/evaluation split by name is reproducible and disjoint by construction."""
+    if not 0.0 < fraction < 1.0:
+        raise UsageError(f"held-out fraction must be in (0, 1), got {fraction}")
+    limit = int(fraction * 2 ** 64)
+    return {name for name in names
+            if int.from_bytes(hashlib.sha256(f"{salt}:{name}".encode()).digest()[:8], "big") < limit}
 
 
 def evaluation_windows(stream: np.ndarray, seqlen: int, max_windows: int | None = None) -> np.ndarray:

@@ -1,6 +1,10 @@
 """Task-targeted compression: a target text's moments mixed with a general text's, per linear."""
 from __future__ import annotations
 
+import sys
+import sysconfig
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,8 +12,11 @@ import torch
 import streamrom
 from streamrom import CalibrationConfig, CompressConfig, decompose
 from streamrom.activations import chunk_ranges
+from streamrom.calibration import held_out
 from streamrom.checkpoint import CheckpointReader
 from streamrom.cli import main as cli_main
+
+from conftest import REPO
 
 
 def test_mixture_weights_normalise_each_part_by_its_energy():
@@ -177,3 +184,24 @@ def test_selected_basis_at_full_target_weight_is_target_rom(tiny_models, tiny_to
     assert half.settings["target"]["target_weight"] == 0.5
     with pytest.raises(streamrom.UsageError, match="needs --target-text"):
         CompressConfig(target_basis="select")
+
+
+def test_code_benchmark_split_is_disjoint_by_module_and_stable():
+    """benchmarks/targeted.py calibrates on some stdlib modules and evaluates on the others: no file,
+    and no module, is on both sides; the held-out set does not depend on order or on the run."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from targeted import stdlib_split
+
+    split, held = stdlib_split()
+    calibration, evaluation = set(split["calibration"]), set(split["evaluation"])
+    assert calibration and evaluation and not calibration & evaluation
+    root = Path(sysconfig.get_paths()["stdlib"])
+
+    def module(path):
+        return path.relative_to(root).parts[0].removesuffix(".py")
+
+    assert not {module(p) for p in calibration} & {module(p) for p in evaluation}
+    assert {module(p) for p in evaluation} == held
+    names = [f"m{i}" for i in range(2000)]
+    chosen = held_out(names, 0.2, salt="x")
+    assert chosen == held_out(reversed(names), 0.2, salt="x") and 300 < len(chosen) < 500
