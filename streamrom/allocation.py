@@ -60,14 +60,16 @@ def total_params(slots: Iterable[Slot], ranks: Mapping[str, int | None]) -> int:
     return sum(slot.params(ranks.get(slot.key)) for slot in slots)
 
 
-def _at_ratio(slots: Sequence[Slot], ratio: float) -> dict[str, int | None]:
-    """decompose.rank_for's rank at `ratio`, kept between STEP and the largest saving rank, so the
-    count is monotone in the ratio (None: dense, where factors never save or ratio >= 1)."""
+def _at_ratio(slots: Sequence[Slot], ratio: float, weights: Mapping[str, float] | None = None) -> dict[str, int | None]:
+    """decompose.rank_for's rank at `ratio` (times the slot's weight, if given), kept between STEP
+    and the largest saving rank, so the count is monotone in the ratio (None: dense, where factors
+    never save or the ratio reaches 1)."""
     ranks: dict[str, int | None] = {}
     for slot in slots:
         top = slot.max_saving_rank()
-        rank = rank_for(ratio, slot.out_features, slot.in_features, STEP)
-        ranks[slot.key] = None if ratio >= 1.0 or top == 0 else min(max(rank, STEP), top)
+        here = ratio * (weights[slot.key] if weights is not None else 1.0)
+        rank = rank_for(min(here, 1.0), slot.out_features, slot.in_features, STEP)
+        ranks[slot.key] = None if here >= 1.0 or top == 0 else min(max(rank, STEP), top)
     return ranks
 
 
@@ -80,17 +82,23 @@ def _check_reachable(slots: Sequence[Slot], budget: int) -> None:
 
 def uniform_ranks(slots: Sequence[Slot], budget: int) -> dict[str, int | None]:
     """The same ratio everywhere, the largest whose parameters fit `budget`, then topped up."""
+    return scaled_ranks(slots, budget, {slot.key: 1.0 for slot in slots})
+
+
+def scaled_ranks(slots: Sequence[Slot], budget: int, weights: Mapping[str, float]) -> dict[str, int | None]:
+    """Slot k at ratio min(1, m·weights[k]), m the largest common factor whose parameters fit
+    `budget`, then topped up step by step (all weights 1: one ratio everywhere)."""
     if total_params(slots, dict.fromkeys(s.key for s in slots)) <= budget:
         return {slot.key: None for slot in slots}  # everything dense already fits
     _check_reachable(slots, budget)
-    low, high = 0.0, 1.0
-    for _ in range(60):  # bisection on the ratio; the parameter count is monotone in it
+    low, high = 0.0, 1.0 / max(min(weights[s.key] for s in slots), 1e-9)
+    for _ in range(60):  # bisection on the factor; the parameter count is monotone in it
         middle = (low + high) / 2
-        if total_params(slots, _at_ratio(slots, middle)) <= budget:
+        if total_params(slots, _at_ratio(slots, middle, weights)) <= budget:
             low = middle
         else:
             high = middle
-    return _top_up(slots, _at_ratio(slots, low), budget)
+    return _top_up(slots, _at_ratio(slots, low, weights), budget)
 
 
 def _top_up(slots: Sequence[Slot], ranks: dict[str, int | None], budget: int) -> dict[str, int | None]:

@@ -98,6 +98,11 @@ def load_token_file(path: Path, vocab_size: int) -> np.ndarray:
     return check_vocabulary(ids.astype(np.int64), vocab_size, f"token file {path}")
 
 
+def _draw_starts(length: int, sequences: int, seqlen: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, length - seqlen + 1, size=sequences)
+
+
 def draw_sequences(stream: np.ndarray, sequences: int, seqlen: int, seed: int) -> np.ndarray:
     """`sequences` windows of `seqlen` tokens at random offsets of a token stream (seeded)."""
     if len(stream) < seqlen:
@@ -107,9 +112,36 @@ def draw_sequences(stream: np.ndarray, sequences: int, seqlen: int, seed: int) -
     if len(stream) < sequences * seqlen:
         log.warning("calibration text has %d tokens, fewer than %d x %d: windows will overlap",
                     len(stream), sequences, seqlen)
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(stream) - seqlen + 1, size=sequences)
+    starts = _draw_starts(len(stream), sequences, seqlen, seed)
     return np.stack([stream[s:s + seqlen] for s in starts])
+
+
+def held_out_windows(config: CalibrationConfig, checkpoint: Path, vocab_size: int, count: int) -> np.ndarray:
+    """Up to `count` consecutive `seqlen` windows of the calibration text that no calibration sequence
+    touches: a held-out slice of the same text, for scoring allocation trials."""
+    if config.token_file is not None:
+        stream = load_token_file(config.token_file, vocab_size)
+        if stream.ndim == 2:  # rows: calibration takes some, the others are held out
+            rng = np.random.default_rng(config.seed)
+            taken = set(rng.choice(stream.shape[0], size=min(config.sequences, stream.shape[0]), replace=False).tolist())
+            free = [row for row in range(stream.shape[0]) if row not in taken][:count]
+            if not free:
+                raise UsageError("every row of the token file is used for calibration: none is left to score on")
+            return stream[free, :config.seqlen]
+    else:
+        stream = check_vocabulary(tokenize_files(load_tokenizer(checkpoint), config.text_files or (default_calibration_text(),)),
+                                  vocab_size, f"the tokenizer of {checkpoint}")
+    if len(stream) < config.seqlen:
+        raise InputError(f"calibration text too short: {len(stream)} tokens")
+    used = np.zeros(len(stream), dtype=bool)
+    for start in _draw_starts(len(stream), config.sequences, config.seqlen, config.seed):
+        used[start:start + config.seqlen] = True
+    windows = [stream[s:s + config.seqlen] for s in range(0, len(stream) - config.seqlen + 1, config.seqlen)
+               if not used[s:s + config.seqlen].any()][:count]
+    if not windows:
+        raise UsageError("the calibration text has no window left that calibration does not use: give a longer "
+                         "text or fewer --calib-sequences")
+    return np.stack(windows)
 
 
 def calibration_tokens(config: CalibrationConfig, checkpoint: Path, vocab_size: int) -> np.ndarray:

@@ -78,13 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="rom: uncentered output second moment (default, best rank-r fit of W X); "
                            "rom-centered: covariance plus the mean-correction bias; "
                            "svd: weight-space truncated SVD, no calibration (a baseline)")
-    comp.add_argument("--allocate", default="uniform", choices=["uniform", "last-n", "spectrum"],
+    comp.add_argument("--allocate", default="uniform", choices=["uniform", "last-n", "spectrum", "bayes"],
                       help="how ranks are spread: uniform (one ratio everywhere, default); last-n (ROM: only "
                            "the last N blocks, N the fewest that reach the target at --ratio); spectrum (a first "
                            "streamed forward and backward pass of the dense model prices every output direction of "
                            "every linear by its energy times the loss gradient along it; ranks go where they save "
-                           "the most loss per parameter). Without a target, last-n and spectrum spend what uniform "
-                           "at --ratio would")
+                           "the most loss per parameter); bayes (the spectrum plan, then a Gaussian-process search "
+                           "over per-group multipliers of it, each trial a compression scored on held-out calibration "
+                           "text; needs the bayes extra). Without a target, the others spend what uniform at "
+                           "--ratio would")
+    comp.add_argument("--trials", type=_positive_int, default=12,
+                      help="--allocate bayes: scored compressions, the spectrum plan's included (default 12; "
+                           "seeded by --seed)")
     comp.add_argument("--spectra", type=Path, metavar="FILE.npz",
                       help="with --allocate spectrum: reuse the first pass from FILE when it was made for this "
                            "model, calibration and method, else make it and save it there (runs at other "
@@ -172,6 +177,7 @@ def _ranks_from(path: Path) -> dict:
 
 def _run(args: argparse.Namespace) -> None:
     if args.command == "compress":
+        from .bayes import BayesConfig
         from .calibration import CalibrationConfig
         from .pipeline import CompressConfig, compress
 
@@ -186,6 +192,7 @@ def _run(args: argparse.Namespace) -> None:
             ranks=_ranks_from(args.ranks_from) if args.ranks_from else None, spectra_file=args.spectra,
             chunk_tokens=args.chunk_tokens, calibration=calibration, overwrite=args.overwrite, dtype=args.dtype,
             target_calibration=target, target_basis=args.target_basis,
+            bayes=BayesConfig(trials=args.trials, seed=args.seed),
             **({"target_weight": args.target_weight} if args.target_weight is not None else {}),
             precision=args.precision,
             **({"modules": args.modules} if args.modules else {}))

@@ -7,6 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,11 +25,13 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def evaluate(checkpoint: str | Path, text_files: list[Path] | tuple[Path, ...], seqlen: int = 512,
              max_windows: int | None = None, chunk_tokens: int = 2048,
-             work_dir: str | Path | None = None, report_path: str | Path | None = None) -> Report:
+             work_dir: str | Path | None = None, report_path: str | Path | None = None,
+             windows: np.ndarray | None = None) -> Report:
     """Perplexity of a (dense or compressed) checkpoint over non-overlapping `seqlen` windows.
 
     Every window predicts its tokens 1..L-1 from the ones before; the perplexity is exp of the mean
-    negative log-likelihood over all predicted tokens.
+    negative log-likelihood over all predicted tokens. `windows` (sequences x length token ids)
+    replaces the text files' windows where given.
     """
     if seqlen < 2:
         raise UsageError(f"--seqlen must be at least 2, got {seqlen}")
@@ -41,10 +44,12 @@ def evaluate(checkpoint: str | Path, text_files: list[Path] | tuple[Path, ...], 
         with timer("read"):
             reader = CheckpointReader(checkpoint)
         spec = reader.spec
-        with timer("tokenize"):
-            stream = check_vocabulary(tokenize_files(load_tokenizer(checkpoint), text_files),
-                                      spec.vocab_size, f"the tokenizer of {checkpoint}")
-            windows = evaluation_windows(stream, seqlen, max_windows)
+        if windows is None:
+            with timer("tokenize"):
+                stream = check_vocabulary(tokenize_files(load_tokenizer(checkpoint), text_files),
+                                          spec.vocab_size, f"the tokenizer of {checkpoint}")
+                windows = evaluation_windows(stream, seqlen, max_windows)
+        seqlen = windows.shape[1]
         chunk_sequences = max(1, chunk_tokens // seqlen)
         with tempfile.TemporaryDirectory(prefix="streamrom-eval-", dir=work_dir) as tmp:
             activations = ActivationPair(Path(tmp), len(windows), seqlen, spec.hidden_size)

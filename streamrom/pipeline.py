@@ -20,10 +20,11 @@ import numpy as np
 import psutil
 import torch
 
-from . import allocation, decompose, plots
+from . import allocation, bayes, decompose, plots
 from .activations import (ActivationBuffer, ActivationPair, BlockCache, chunk_ranges, embed_into,
                           require_finite, run_block)
-from .calibration import CalibrationConfig, calibration_tokens
+from .bayes import BayesConfig
+from .calibration import CalibrationConfig, calibration_tokens, held_out_windows
 from .checkpoint import INDEX_FILE, CheckpointReader, CheckpointWriter, check_output_path, clear_folder
 from .errors import InputError, NumericalError, OutputError, ResourceError, UsageError
 from .evaluate import evaluate
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 WORK_FOLDER = ".streamrom-work"
 METHODS = ("rom", "rom-centered", "svd")
-ALLOCATIONS = ("uniform", "last-n", "spectrum")
+ALLOCATIONS = ("uniform", "last-n", "spectrum", "bayes")
+FIRST_PASS_ALLOCATIONS = ("spectrum", "bayes")  # need spectrum's pass 1 (bayes starts from its plan)
 # Half target, half general (each normalised to unit output energy first): until benchmarks/targeted.py
 # measures otherwise, the mix that keeps both texts' directions in the basis.
 DEFAULT_TARGET_WEIGHT = 0.5
@@ -78,6 +80,7 @@ class CompressConfig:
     # "mix": the mix's top-r eigenvectors; "select": the r directions keeping the most target output
     # energy among the mix's eigenvectors and the target's own top r (decompose.select_basis)
     target_basis: str = "mix"
+    bayes: BayesConfig = field(default_factory=BayesConfig)  # --allocate bayes: trials, seed, held-out windows
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -106,9 +109,10 @@ class CompressConfig:
                 raise UsageError("--method svd uses no calibration text, so no target text either")
             if self.target_calibration.seqlen != self.calibration.seqlen:
                 raise UsageError("the target and general calibration sequences must have the same length")
-        if self.method == "svd" and self.allocate == "spectrum":
-            raise UsageError("--allocate spectrum prices the directions ROM keeps; with --method svd use uniform or last-n")
-        if self.spectra_file is not None and self.allocate != "spectrum":
+        if self.method == "svd" and self.allocate in FIRST_PASS_ALLOCATIONS:
+            raise UsageError(f"--allocate {self.allocate} prices the directions ROM keeps; with --method svd use "
+                             "uniform or last-n")
+        if self.spectra_file is not None and self.allocate not in FIRST_PASS_ALLOCATIONS:
             raise UsageError("--spectra keeps the first pass of --allocate spectrum: use it with that allocation")
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
@@ -207,13 +211,7 @@ def model_plan(spec: ModelSpec, config: CompressConfig, layers: list[int], total
     if config.rank is not None or (config.allocate == "uniform" and not config.has_target):
         return plan
     slots = allocation_slots(spec, config, layers)
-    fixed = total_params - sum(slot.dense for slot in slots)
-    if config.target_params is not None:
-        budget = int(config.target_params * total_params) - fixed
-    elif config.target_size_gb is not None:
-        budget = int(config.target_size_gb * 1e9 // dtype_bytes) - fixed
-    else:
-        budget = allocation.total_params(slots, plan)
+    budget = slot_budget(slots, config, total_params, dtype_bytes, plan)
     if config.allocate == "uniform":
         ranks = allocation.uniform_ranks(slots, budget)
     elif config.allocate == "last-n":
@@ -221,6 +219,18 @@ def model_plan(spec: ModelSpec, config: CompressConfig, layers: list[int], total
     else:
         ranks = allocation.spectrum_ranks(slots, spectra or {}, budget)
     return {key: ranks.get(key) for key in plan}
+
+
+def slot_budget(slots: list[allocation.Slot], config: CompressConfig, total_params: int, dtype_bytes: int,
+                plan: dict[str, int | None]) -> int:
+    """Parameters the factorable linears may use: the target's, less everything else in the model
+    (without a target, what `plan` — uniform at --ratio — spends)."""
+    fixed = total_params - sum(slot.dense for slot in slots)
+    if config.target_params is not None:
+        return int(config.target_params * total_params) - fixed
+    if config.target_size_gb is not None:
+        return int(config.target_size_gb * 1e9 // dtype_bytes) - fixed
+    return allocation.total_params(slots, plan)
 
 
 def _checked_ranks(spec: ModelSpec, ranks: dict[str, int | None]) -> dict[str, int | None]:
@@ -515,14 +525,17 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
                         "token_file": str(config.target_calibration.token_file or ""),
                         "sequences": sequences - target_from, "general_sequences": target_from,
                         "target_weight": config.target_weight}}
+        if config.allocate == "bayes":
+            settings["bayes"] = {"trials": config.bayes.trials, "seed": config.bayes.seed,
+                                 "held_out_windows": config.bayes.held_out_windows}
         fingerprint = {k: v for k, v in settings.items() if k not in ("calibration", "target")}
         fingerprint["target"] = None if target_from is None else [target_from, config.target_weight]
         dtype_bytes = torch.finfo(config.output_dtype(reader.weight_dtype)).bits // 8
         source_bytes = torch.finfo(reader.weight_dtype).bits // 8
         total_params = reader.parameter_count()
         # The spectrum plan needs pass 1; a uniform plan of the same budget has its size within a step.
-        sizing_config = (replace(config, allocate="uniform", spectra_file=None) if config.allocate == "spectrum"
-                         else config)
+        sizing_config = (replace(config, allocate="uniform", spectra_file=None)
+                         if config.allocate in FIRST_PASS_ALLOCATIONS else config)
         sizing_plan = model_plan(spec, sizing_config, layers, total_params, dtype_bytes)
         widest = {name: (min(spec.linear_shape(name)) if config.allocate != "uniform" else rank)
                   for name, rank in rank_plan(spec, config).items()}
@@ -536,7 +549,7 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
                                                        spec.hidden_size, spec.intermediate_size)
             if progress.blocks_done < 0:  # a resumed run has its two activation files already
                 activation_bytes += 2 * tokens.size * spec.hidden_size * 4
-            if config.allocate == "spectrum" and not progress.plan:
+            if config.allocate in FIRST_PASS_ALLOCATIONS and not progress.plan:
                 # pass 1 keeps every block's inputs from the first chosen block up, plus two gradient files
                 activation_bytes += (spec.num_layers - min(layers) + 3) * tokens.size * spec.hidden_size * 4
             written = sum(p.stat().st_size for p in output.glob("model-*.safetensors"))
@@ -544,9 +557,10 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
                                                                     config.centered) - written),
                                      "activations": activation_bytes}, memory_parts)
             progress.save(output)  # from here on, a failed run's leftovers are resumable, not foreign
+            report_trials: list[dict] = []  # bayes: what each trial scored (in this process)
             if not progress.plan:
                 spectra = None
-                if config.allocate == "spectrum":
+                if config.allocate in FIRST_PASS_ALLOCATIONS:
                     log.info("pass 1: output spectra of %d blocks", len(layers))
                     pass_one = {"source": source_fingerprint(reader), "layers": layers, "modules": list(config.modules),
                                 "centered": config.centered, "precision": config.precision}
@@ -558,6 +572,12 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
                                               fingerprint=arguments_fingerprint(pass_one, priced_on))
                 progress.plan = (model_plan(spec, config, layers, total_params, dtype_bytes, spectra)
                                  if spectra is not None else sizing_plan)
+                if config.allocate == "bayes":
+                    log.info("bayes: %d trials, each a compression scored on held-out calibration text",
+                             config.bayes.trials)
+                    progress.plan = _bayes_plan(source, output, config, progress.plan, spec, layers,
+                                                slot_budget(allocation_slots(spec, config, layers), config, total_params,
+                                                            dtype_bytes, sizing_plan), report_trials)
                 progress.save(output)
             plan = progress.plan
             try:
@@ -577,6 +597,8 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
         memory={**memory_summary(monitor), "source_bytes_on_disk": reader.size_on_disk(),
                 "estimate": memory_parts, "estimated_peak_bytes": estimated_peak(memory_parts)},
     )
+    if report_trials:
+        settings["bayes"]["scores"] = report_trials
     log.info("compressed %s -> %s: parameters %.3f of the original",
              source, output, report.parameter_ratio or 0.0)
     if eval_text:
@@ -593,6 +615,28 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
         log.warning("could not draw the report's pictures: %s", exc)
     report.write(report_file)
     return report
+
+
+def _bayes_plan(source: Path, output: Path, config: CompressConfig, base: dict[str, int | None], spec: ModelSpec,
+                layers: list[int], budget: int, trials_out: list) -> dict[str, int | None]:
+    """bayes.search over group multipliers of the spectrum plan `base`; each trial a streamed
+    compression into the work folder, scored by streamed perplexity on the held-out calibration slice."""
+    text = config.target_calibration or config.calibration
+    held = held_out_windows(text, source, spec.vocab_size, config.bayes.held_out_windows)
+    trial_folder = output / WORK_FOLDER / "bayes-trial"
+
+    def score(ranks: dict[str, int | None]) -> float:
+        trial = replace(config, allocate="uniform", target_params=None, target_size_gb=None, spectra_file=None,
+                        ranks={**base, **ranks}, overwrite=True)
+        compress(source, trial_folder, trial, report_path=output / WORK_FOLDER / "bayes-trial.json")
+        return evaluate(trial_folder, (), windows=held, chunk_tokens=config.chunk_tokens).perplexity
+
+    slots = allocation_slots(spec, config, layers)
+    result = bayes.search(slots, budget, {slot.key: base[slot.key] for slot in slots}, score, config.bayes,
+                          spec.num_layers)
+    shutil.rmtree(trial_folder, ignore_errors=True)
+    trials_out.extend(result.trials)
+    return {**base, **result.ranks}
 
 
 def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[str, int | None],

@@ -194,3 +194,26 @@ def test_pass_one_prices_directions_as_whole_model_autograd_does(tiny_models, tm
         values, vectors = values[::-1][:keep_count], vectors[:, ::-1][:, :keep_count]
         expected = values * ((vectors ** 2).T @ ((g ** 2).sum(0) / len(g)))
         np.testing.assert_allclose(costs[key], expected, rtol=1e-6, atol=1e-9 * expected.max(), err_msg=key)
+
+
+def test_bayes_allocation_meets_the_size_and_is_seeded(tiny_models, tiny_tokens, tmp_path):
+    """Three trials: the first is the spectrum plan itself; the result is the best-scoring trial, meets
+    the whole-model size within one step, and a second run with the same seed makes the same choice."""
+    from streamrom.bayes import BayesConfig
+
+    source = tiny_models["llama"]
+    config = CompressConfig(allocate="bayes", target_params=0.7, calibration=tiny_calibration(tiny_tokens),
+                            bayes=BayesConfig(trials=3, seed=1, held_out_windows=4))
+    first = streamrom.compress(source, tmp_path / "a", config)
+    again = streamrom.compress(source, tmp_path / "b", config)
+    spectrum = streamrom.compress(source, tmp_path / "s", CompressConfig(
+        allocate="spectrum", target_params=0.7, calibration=tiny_calibration(tiny_tokens)))
+    scores = [trial["score"] for trial in first.settings["bayes"]["scores"]]
+    assert len(scores) == 3 and first.ranks == again.ranks
+    before = CheckpointReader(source).parameter_count()
+    assert first.parameters_after <= int(0.7 * before) and int(0.7 * before) - first.parameters_after < largest_step(
+        CheckpointReader(source).spec)
+    if scores[0] == min(scores):  # the spectrum plan won: it is what was written
+        assert first.ranks == spectrum.ranks
+    else:
+        assert first.ranks != spectrum.ranks
