@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--reductions", type=int, nargs="+", default=[10, 20, 30, 40],
                         help="whole-model parameter reductions in percent (default 10 20 30 40)")
     parser.add_argument("--methods", nargs="+", default=["rom", "rom-centered", "svd"])
-    parser.add_argument("--allocations", nargs="+", default=["uniform", "last-n", "spectrum"])
+    parser.add_argument("--allocations", nargs="+", default=["uniform", "last-n", "spectrum", "bayes"])
     parser.add_argument("--max-windows", type=int, help="evaluate only the first N windows of 512 (default: all)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")
@@ -62,7 +62,9 @@ def main() -> None:
                 output = args.work / f"quality-{method}-{allocate}-{reduction}"
                 command = streamrom + ["compress", str(dense), str(output), "--method", method, "--allocate", allocate,
                                        "--target-params", f"{1 - reduction / 100:.2f}", "--overwrite"]
-                if allocate == "spectrum":  # pass 1 does not depend on the size: made once per method
+                if method == "svd" and allocate in ("spectrum", "bayes"):
+                    continue  # both price the directions ROM keeps; svd has none to price
+                if allocate in ("spectrum", "bayes"):  # pass 1 does not depend on the size: made once per method
                     command += ["--spectra", str(args.work / f"quality-pass1-{method}.npz")]
                 compress_seconds = run(command)
                 compressed = json.loads((output / "streamrom-report.json").read_text())

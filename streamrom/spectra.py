@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 DOWN = LINEAR_GROUPS[3][0]
 SPECTRA_FILE = "sensitivity-spectra.npz"
 FINGERPRINT_KEY = "__made_for__"
+HEAD_POSITIONS = 128  # positions per logits slice at the top (128 x vocabulary floats)
 
 
 def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output_grads: ActivationBuffer,
@@ -174,16 +175,23 @@ def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[i
             head = reader.tensor(EMBED if spec.tie_word_embeddings else LM_HEAD).float()
         total_nll = 0.0
         with timer("backward"):
-            for begin, end in chunk_ranges(sequences, 1):  # one sequence: its logits are the largest tensor
-                with torch.enable_grad():
-                    hidden = block_inputs[spec.num_layers].read(begin, end).requires_grad_(True)
-                    logits = F.linear(norm(hidden), head)
-                    targets = torch.from_numpy(np.ascontiguousarray(tokens[begin:end, 1:], dtype=np.int64))
-                    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                           reduction="sum")
-                    loss.backward()
-                grads[0].write(begin, hidden.grad)
-                total_nll += loss.item()
+            for begin, end in chunk_ranges(sequences, 1):
+                hidden = block_inputs[spec.num_layers].read(begin, end)
+                targets = torch.from_numpy(np.ascontiguousarray(tokens[begin:end, 1:], dtype=np.int64))
+                grad = torch.zeros_like(hidden)  # the last position predicts nothing: no gradient
+                # Logits are the largest tensor (positions x vocabulary); each position's loss depends on
+                # its own hidden state only, so positions go in slices, exactly.
+                for first_position in range(0, seqlen - 1, HEAD_POSITIONS):
+                    last_position = min(first_position + HEAD_POSITIONS, seqlen - 1)
+                    with torch.enable_grad():
+                        piece = hidden[:, first_position:last_position].clone().requires_grad_(True)
+                        logits = F.linear(norm(piece), head)
+                        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                               targets[:, first_position:last_position].reshape(-1), reduction="sum")
+                        loss.backward()
+                    grad[:, first_position:last_position] = piece.grad
+                    total_nll += loss.item()
+                grads[0].write(begin, grad)
         del head, norm
         log.info("spectra: dense calibration loss %.4f per token", total_nll / (sequences * (seqlen - 1)))
 

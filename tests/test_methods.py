@@ -145,7 +145,7 @@ def test_bad_ranks_file_fails_in_one_line(tiny_models, tiny_tokens, tmp_path, ca
     assert code == 2 and "not a block linear" in err and len(err.splitlines()) == 1
 
 
-def test_pass_one_prices_directions_as_whole_model_autograd_does(tiny_models, tmp_path):
+def test_pass_one_prices_directions_as_whole_model_autograd_does(tiny_models, tmp_path, monkeypatch):
     """Pass 1 streams a forward and a backward pass block by block (inputs and gradients on disk, in
     chunks). Its price of each output direction, λ_k · Σ_j v_jk² E[g_j²], must equal the one computed
     from the whole model held in RAM with plain autograd and each linear's output moment formed
@@ -154,8 +154,10 @@ def test_pass_one_prices_directions_as_whole_model_autograd_does(tiny_models, tm
 
     from streamrom.modeling import EMBED, FINAL_NORM, LM_HEAD, Block, RMSNorm, Rotary, block_prefix
     from streamrom.report import StageTimer
+    from streamrom import spectra
     from streamrom.spectra import collect_spectra
 
+    monkeypatch.setattr(spectra, "HEAD_POSITIONS", 7)  # the logits at the top in several slices of positions
     reader = CheckpointReader(tiny_models["llama"])
     spec = reader.spec
     tokens = np.random.default_rng(3).integers(0, spec.vocab_size, size=(5, 24))
