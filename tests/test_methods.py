@@ -195,7 +195,8 @@ def test_pass_one_prices_directions_as_whole_model_autograd_does(tiny_models, tm
         keep_count = min(spec.linear_shape(key.split(".", 3)[3]))
         values, vectors = values[::-1][:keep_count], vectors[:, ::-1][:, :keep_count]
         expected = values * ((vectors ** 2).T @ ((g ** 2).sum(0) / len(g)))
-        np.testing.assert_allclose(costs[key], expected, rtol=1e-6, atol=1e-9 * expected.max(), err_msg=key)
+        # the streamed pass runs the blocks in float32, the reference in float64
+        np.testing.assert_allclose(costs[key], expected, rtol=1e-5, atol=1e-7 * expected.max(), err_msg=key)
 
 
 def test_bayes_allocation_meets_the_size_and_is_seeded(tiny_models, tiny_tokens, tmp_path):
