@@ -55,6 +55,7 @@ def main() -> None:
         rows["dense"] = {"key": "dense", "method": "dense", "allocate": "-", "reduction": 0,
                          "perplexity": json.loads(report.read_text())["perplexity"], "parameter_ratio": 1.0,
                          "eval_seconds": seconds}
+    measured_here: set[str] = set()
     for reduction in args.reductions:
         for method in args.methods:
             for allocate in args.allocations:
@@ -81,6 +82,12 @@ def main() -> None:
                     "eval_seconds": eval_seconds,
                 }
                 args.out.parent.mkdir(parents=True, exist_ok=True)
+                measured_here.add(key)
+                if args.out.is_file():  # rows another run wrote meanwhile are kept
+                    now = json.loads(args.out.read_text())
+                    if now.get("max_windows") == args.max_windows:
+                        rows = {**{row["key"]: row for row in now.get("rows", [])},
+                                **{k: rows[k] for k in measured_here}}
                 args.out.write_text(json.dumps({"benchmark": "quality", "model": "SmolLM2-135M-Instruct",
                                                 "eval_text": EVAL_TEXT.name, "max_windows": args.max_windows,
                                                 "machine": machine(), "rows": list(rows.values())}, indent=2) + "\n")
