@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "CalibrationConfig": "calibration", "CompressConfig": "pipeline", "compress": "pipeline",
-    "evaluate": "evaluate", "load": "loading", "Report": "report",
+    "evaluate": "evaluation", "load": "loading", "Report": "report",
 }
 
 __all__ = [

@@ -205,7 +205,7 @@ def _run(args: argparse.Namespace) -> None:
         if report.perplexity is not None:
             print(f"perplexity {report.perplexity:.4f} over {report.evaluation['windows']} windows")
     elif args.command == "eval":
-        from .evaluate import evaluate
+        from .evaluation import evaluate
 
         report_path = args.report or Path(f"{args.checkpoint.resolve().name}.eval.json")
         report = evaluate(args.checkpoint, args.text, seqlen=args.seqlen, max_windows=args.max_windows,

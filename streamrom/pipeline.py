@@ -27,7 +27,7 @@ from .bayes import BayesConfig
 from .calibration import CalibrationConfig, calibration_tokens, held_out_windows
 from .checkpoint import INDEX_FILE, CheckpointReader, CheckpointWriter, check_output_path, clear_folder
 from .errors import InputError, NumericalError, OutputError, ResourceError, UsageError
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak, release_freed_memory
 from .progress import LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments_fingerprint, source_fingerprint
 from .modeling import (BLOCK_LINEARS, EMBED, FINAL_NORM, LINEAR_GROUPS, LM_HEAD, Block,

@@ -214,3 +214,15 @@ def test_inspect_reports_ranks_parameters_and_bytes(capsys, tmp_path, tiny_model
     table = capsys.readouterr().out
     assert "whole model:" in table and "method rom" in table
     assert main(["inspect", str(tmp_path / "missing")]) == EXIT_INPUT
+
+
+def test_package_api_is_lazy_and_callable():
+    """`import streamrom` does not load torch (import-gguf starts light); the API names are the
+    functions even after their modules were imported by others."""
+    import subprocess
+    import sys
+
+    code = ("import sys, streamrom; assert 'torch' not in sys.modules; import streamrom.pipeline; "
+            "assert all(callable(getattr(streamrom, n)) for n in ('compress', 'evaluate', 'load')); "
+            "assert streamrom.CompressConfig().ratio == 0.8")
+    subprocess.run([sys.executable, "-c", code], check=True)
