@@ -131,7 +131,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for row in sorted(rows.values(), key=lambda r: (r["reduction"], r["variant"])):
         general = rows.get(f"general/{row['reduction']}")
-        versus = f"{row['code'] / general['code']:.2f}x" if general and row is not general else ""
+        versus = f"{row['code'] / general['code']:.4f}x" if general and row is not general else ""
         print(f"| {row['reduction']}% | {row['variant']} | {row['code']:.2f} | {row['prose']:.2f} | {versus} |")
     print(f"\nheld-out modules ({len(evaluation_modules)}): {', '.join(sorted(evaluation_modules)[:12])}, ...")
     print(f"written {args.out}")
