@@ -116,21 +116,42 @@ def draw_sequences(stream: np.ndarray, sequences: int, seqlen: int, seed: int) -
     return np.stack([stream[s:s + seqlen] for s in starts])
 
 
+def _calibration_ids(config: CalibrationConfig, checkpoint: Path, vocab_size: int) -> np.ndarray:
+    """The calibration source as token ids: a token file as saved (1-D stream or 2-D rows), or the
+    text files (default: the packaged one) through the checkpoint's tokenizer."""
+    if config.token_file is not None:
+        return load_token_file(config.token_file, vocab_size)
+    files = config.text_files or (default_calibration_text(),)
+    return check_vocabulary(tokenize_files(load_tokenizer(checkpoint), files), vocab_size,
+                            f"the tokenizer of {checkpoint}")
+
+
+def _chosen_rows(rows: int, config: CalibrationConfig) -> np.ndarray:
+    """The rows of a 2-D token file that calibration takes (seeded), in order."""
+    rng = np.random.default_rng(config.seed)
+    return np.sort(rng.choice(rows, size=min(config.sequences, rows), replace=False))
+
+
+def calibration_tokens(config: CalibrationConfig, checkpoint: Path, vocab_size: int) -> np.ndarray:
+    """(sequences, seqlen) token ids for calibration."""
+    ids = _calibration_ids(config, checkpoint, vocab_size)
+    if ids.ndim == 2:
+        if ids.shape[1] < config.seqlen or ids.shape[0] < 1:
+            raise InputError(f"token file rows are {ids.shape[1]} tokens, shorter than seqlen {config.seqlen}")
+        return ids[_chosen_rows(ids.shape[0], config), :config.seqlen]
+    return draw_sequences(ids, config.sequences, config.seqlen, config.seed)
+
+
 def held_out_windows(config: CalibrationConfig, checkpoint: Path, vocab_size: int, count: int) -> np.ndarray:
     """Up to `count` consecutive `seqlen` windows of the calibration text that no calibration sequence
     touches: a held-out slice of the same text, for scoring allocation trials."""
-    if config.token_file is not None:
-        stream = load_token_file(config.token_file, vocab_size)
-        if stream.ndim == 2:  # rows: calibration takes some, the others are held out
-            rng = np.random.default_rng(config.seed)
-            taken = set(rng.choice(stream.shape[0], size=min(config.sequences, stream.shape[0]), replace=False).tolist())
-            free = [row for row in range(stream.shape[0]) if row not in taken][:count]
-            if not free:
-                raise UsageError("every row of the token file is used for calibration: none is left to score on")
-            return stream[free, :config.seqlen]
-    else:
-        stream = check_vocabulary(tokenize_files(load_tokenizer(checkpoint), config.text_files or (default_calibration_text(),)),
-                                  vocab_size, f"the tokenizer of {checkpoint}")
+    stream = _calibration_ids(config, checkpoint, vocab_size)
+    if stream.ndim == 2:  # rows: calibration takes some, the others are held out
+        taken = set(_chosen_rows(stream.shape[0], config).tolist())
+        free = [row for row in range(stream.shape[0]) if row not in taken][:count]
+        if not free:
+            raise UsageError("every row of the token file is used for calibration: none is left to score on")
+        return stream[free, :config.seqlen]
     if len(stream) < config.seqlen:
         raise InputError(f"calibration text too short: {len(stream)} tokens")
     used = np.zeros(len(stream), dtype=bool)
@@ -142,23 +163,6 @@ def held_out_windows(config: CalibrationConfig, checkpoint: Path, vocab_size: in
         raise UsageError("the calibration text has no window left that calibration does not use: give a longer "
                          "text or fewer --calib-sequences")
     return np.stack(windows)
-
-
-def calibration_tokens(config: CalibrationConfig, checkpoint: Path, vocab_size: int) -> np.ndarray:
-    """(sequences, seqlen) token ids for calibration."""
-    if config.token_file is not None:
-        ids = load_token_file(config.token_file, vocab_size)
-        if ids.ndim == 2:
-            if ids.shape[1] < config.seqlen or ids.shape[0] < 1:
-                raise InputError(f"token file rows are {ids.shape[1]} tokens, shorter than seqlen {config.seqlen}")
-            rng = np.random.default_rng(config.seed)
-            rows = rng.choice(ids.shape[0], size=min(config.sequences, ids.shape[0]), replace=False)
-            return ids[np.sort(rows), :config.seqlen]
-        return draw_sequences(ids, config.sequences, config.seqlen, config.seed)
-    files = config.text_files or (default_calibration_text(),)
-    stream = check_vocabulary(tokenize_files(load_tokenizer(checkpoint), files), vocab_size,
-                              f"the tokenizer of {checkpoint}")
-    return draw_sequences(stream, config.sequences, config.seqlen, config.seed)
 
 
 def held_out(names: Iterable[str], fraction: float, salt: str = "streamrom") -> set[str]:

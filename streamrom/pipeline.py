@@ -575,9 +575,10 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
                 if config.allocate == "bayes":
                     log.info("bayes: %d trials, each a compression scored on held-out calibration text",
                              config.bayes.trials)
-                    progress.plan = _bayes_plan(source, output, config, progress.plan, spec, layers,
-                                                slot_budget(allocation_slots(spec, config, layers), config, total_params,
-                                                            dtype_bytes, sizing_plan), report_trials)
+                    slots = allocation_slots(spec, config, layers)
+                    progress.plan = _bayes_plan(source, output, config, progress.plan, spec, slots,
+                                                slot_budget(slots, config, total_params, dtype_bytes, sizing_plan),
+                                                report_trials)
                 progress.save(output)
             plan = progress.plan
             try:
@@ -618,7 +619,7 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
 
 
 def _bayes_plan(source: Path, output: Path, config: CompressConfig, base: dict[str, int | None], spec: ModelSpec,
-                layers: list[int], budget: int, trials_out: list) -> dict[str, int | None]:
+                slots: list[allocation.Slot], budget: int, trials_out: list) -> dict[str, int | None]:
     """bayes.search over group multipliers of the spectrum plan `base`; each trial a streamed
     compression into the work folder, scored by streamed perplexity on the held-out calibration slice."""
     text = config.target_calibration or config.calibration
@@ -631,7 +632,6 @@ def _bayes_plan(source: Path, output: Path, config: CompressConfig, base: dict[s
         compress(source, trial_folder, trial, report_path=output / WORK_FOLDER / "bayes-trial.json")
         return evaluate(trial_folder, (), windows=held, chunk_tokens=config.chunk_tokens).perplexity
 
-    slots = allocation_slots(spec, config, layers)
     result = bayes.search(slots, budget, {slot.key: base[slot.key] for slot in slots}, score, config.bayes,
                           spec.num_layers)
     shutil.rmtree(trial_folder, ignore_errors=True)
