@@ -12,7 +12,11 @@ With `--whole-model DEPTH`, the same checkpoint is also compressed the whole-mod
 (benchmarks/whole_model.py: whole model and all activations in RAM, same algorithm) and the two
 outputs are compared tensor by tensor.
 
+With `--allocate spectrum`, the run starts with the spectrum allocation's pass 1 (a streamed forward
+and backward of the dense model, spectra.py), whose peak the estimate covers too.
+
     python benchmarks/memory_profile.py 7b --depths 2 4 8 --whole-model 8
+    python benchmarks/memory_profile.py 7b --depths 2 --allocate spectrum --sequences 8
 """
 from __future__ import annotations
 
@@ -72,6 +76,9 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=32, help="calibration sequences (default 32)")
     parser.add_argument("--seqlen", type=int, default=512, help="calibration sequence length (default 512)")
     parser.add_argument("--ratio", type=float, default=0.8)
+    parser.add_argument("--allocate", choices=["uniform", "spectrum"], default="uniform",
+                        help="spectrum adds pass 1 (a streamed forward and backward of the dense model) before "
+                             "compressing with the ranks it allocates for the same budget (default uniform)")
     parser.add_argument("--threads", type=int, help="torch threads in the compress run (default: torch's)")
     parser.add_argument("--whole-model", type=int, nargs="*", default=[], metavar="DEPTH",
                         help="at these depths, also run the whole-model way and compare")
@@ -88,17 +95,19 @@ def main() -> None:
     out = args.results / f"memory_{args.shape}.json"
     previous = json.loads(out.read_text())["rows"] if out.is_file() else []
     tokens_count = args.sequences * args.seqlen
-    rows = [row for row in previous if (row["depth"], row["calibration_tokens"]) not in
-            {(depth, tokens_count) for depth in args.depths}]
+    rows = [row for row in previous if (row["depth"], row["calibration_tokens"], row.get("allocate", "uniform")) not in
+            {(depth, tokens_count, args.allocate) for depth in args.depths}]
     for depth in args.depths:
         source = write_synthetic(args.shape, depth, args.work / f"{args.shape}-{depth}")
         output = args.work / f"{args.shape}-{depth}-rom"
         report_path = args.work / f"{args.shape}-{depth}.report.json"
+        spectrum = args.allocate == "spectrum"
         command = [sys.executable, "-m", "streamrom.cli", "--quiet", "--threads", str(threads)]
         command += ["compress", str(source), str(output), "--ratio", str(args.ratio), "--calib-tokens",
                     str(tokens), "--calib-sequences", str(args.sequences), "--calib-seqlen", str(args.seqlen),
-                    "--overwrite", "--report", str(report_path)]
-        suffix = f"d{depth}" + ("" if tokens_count == 16384 else f"_t{tokens_count}")
+                    "--overwrite", "--report", str(report_path)] + (["--allocate", "spectrum"] if spectrum else [])
+        suffix = (f"d{depth}" + ("" if tokens_count == 16384 else f"_t{tokens_count}")
+                  + ("_spectrum" if spectrum else ""))
         timeline = args.results / f"memory_{args.shape}_{suffix}_rss.csv"
         print("$", shlex.join(command[1:]), flush=True)
         wall, sampled_here, _ = profile(command, timeline)
@@ -106,15 +115,16 @@ def main() -> None:
         memory = report["memory"]
         ranks = {name.rsplit(".", 1)[-1].removesuffix("_proj"): rank
                  for name, rank in report["ranks"].items() if name.startswith("model.layers.0.")}
-        flops = {stage: depth * count for stage, count in
-                 block_flops(config_for(args.shape, depth), ranks, args.sequences, args.seqlen).items()}
+        # pass 1 adds a forward and a backward the GEMM count below does not model: no bound for spectrum
+        flops = {} if spectrum else {stage: depth * count for stage, count in
+                                     block_flops(config_for(args.shape, depth), ranks, args.sequences, args.seqlen).items()}
         seconds = report["stage_seconds"]
         picture = rss_timeline_png(memory["timeline"], memory["marks"], args.results / f"memory_{args.shape}_{suffix}_rss.png",
                                    title=f"streamrom compress, {args.shape.upper()} shape, {depth} blocks, "
-                                         f"{args.sequences}x{args.seqlen} tokens",
+                                         f"{args.sequences}x{args.seqlen} tokens" + (", spectrum" if spectrum else ""),
                                    estimate_bytes=memory["estimated_peak_bytes"])
         rows.append({
-            "depth": depth, "command": shlex.join(["streamrom", *command[3:]]),
+            "depth": depth, "allocate": args.allocate, "command": shlex.join(["streamrom", *command[3:]]),
             "wall_seconds": wall, "stage_seconds": seconds,
             "peak_rss_bytes": max(memory["peak_rss_bytes"], sampled_here),
             "os_peak_rss_bytes": memory["os_peak_rss_bytes"],
@@ -145,19 +155,20 @@ def main() -> None:
             }
             print("whole-model way:", {k: v for k, v in rows[-1]["whole_model"].items() if "ratio" in k or k == "outputs"},
                   flush=True)
-    rows.sort(key=lambda row: (row["calibration_tokens"], row["depth"]))
+    rows.sort(key=lambda row: (row.get("allocate", "uniform"), row["calibration_tokens"], row["depth"]))
     result = {"benchmark": "memory_profile", "shape": args.shape, "ratio": args.ratio, "machine": machine(),
               "rows": rows}
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     mib = 2 ** 20
-    print("\n| depth | tokens | wall | forward | statistics | eigen | read+write | peak RSS (sampled / OS) "
+    print("\n| depth | tokens | allocate | wall | forward | statistics | eigen | read+write | peak RSS (sampled / OS) "
           "| estimate | measured/estimate | on disk | forward, statistics vs GEMM bound |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         st = row["stage_seconds"]
         bound = row.get("seconds_over_bound", {})
-        print(f"| {row['depth']} | {row['calibration_tokens']} | {row['wall_seconds']:.0f} s | {st.get('forward', 0):.0f} s "
+        print(f"| {row['depth']} | {row['calibration_tokens']} | {row.get('allocate', 'uniform')} "
+              f"| {row['wall_seconds']:.0f} s | {st.get('forward', 0):.0f} s "
               f"| {st.get('statistics', 0):.0f} s | {st.get('eigen', 0):.0f} s "
               f"| {st.get('read', 0) + st.get('write', 0):.0f} s "
               f"| {row['peak_rss_bytes'] / mib:.0f} / {row['os_peak_rss_bytes'] / mib:.0f} MiB "

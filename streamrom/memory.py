@@ -9,6 +9,8 @@ import time
 
 import psutil
 
+HEAD_POSITIONS = 128  # positions per slice of logits in pass 1 (spectra.py): 128 x vocabulary floats
+
 
 def vm_hwm_bytes(pid: int | str = "self") -> int | None:
     """The kernel's peak RSS of a process's current image (Linux VmHWM), or None where there is none."""
@@ -103,7 +105,7 @@ def release_freed_memory() -> None:
 
 
 def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: int, seqlen: int,
-                             runtime_bytes: int, work_bytes: int = 4) -> dict[str, int]:
+                             runtime_bytes: int, work_bytes: int = 4, first_pass: bool = False) -> dict[str, int]:
     """The parts of a compression's peak RSS, from shapes alone (bytes).
 
     runtime: the interpreter, torch and the tokenizer, as measured before the run;
@@ -114,6 +116,14 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
     decomposition: the largest linear's eigen work: W·L and the basis (out x in, out x rank), and
     some n x n matrices (moment, its damped copy, root, Aᵀ A, eigenvectors, solver workspace);
     embedding: the token embedding as read, while the first activations are computed.
+
+    With `first_pass` (the spectrum and bayes allocations' pass 1, spectra.py), three more parts:
+    pass1_autograd: one chunk through the block under autograd: the tensors kept for the backward
+    (norms' inputs and scales, q/k/v before and after rotation, attention output, gate, up, SwiGLU
+    and its parts) and the largest gradients alive at once;
+    pass1_statistics: the output moments of all four input groups, summed together in one pass;
+    head: the output head in float32 (and as read) with one slice of logits, their softmax and its
+    gradient, at the top between the forward and the backward.
     """
     hidden, inter = spec.hidden_size, spec.intermediate_size
     q_width = spec.num_heads * spec.head_dim
@@ -124,7 +134,7 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
     float64_copy = out_f * in_f * 8 if work_bytes == 8 else 0  # float32 work uses the weight itself
     chunk = max(seqlen, (chunk_tokens // seqlen) * seqlen)
     sequences_per_chunk = chunk // seqlen
-    return {
+    parts = {
         "runtime": runtime_bytes,
         "block": block_params * 4,
         "read": block_params * source_bytes if source_bytes != 4 else 0,
@@ -135,10 +145,19 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
         "decomposition": (out_f * in_f + out_f * rank + 6 * moment_size ** 2) * work_bytes + float64_copy,
         "embedding": spec.vocab_size * hidden * source_bytes + chunk * hidden * 4,
     }
+    if first_pass:
+        parts["pass1_autograd"] = chunk * (4 * hidden + 6 * q_width + 5 * inter) * 4 + 2 * chunk * inter * 4
+        parts["pass1_statistics"] = 4 * moment_size ** 2 * 8 + moment_size ** 2 * work_bytes
+        parts["head"] = spec.vocab_size * hidden * (4 + source_bytes) + 3 * HEAD_POSITIONS * spec.vocab_size * 4
+    return parts
 
 
 def estimated_peak(parts: dict[str, int]) -> int:
     """The largest sum of parts alive together: reading a block, gathering statistics with the
     block and a chunk's activations, or decomposing; before the first block, the embedding."""
     working = parts["block"] + max(parts["statistics"] + parts["activations"], parts["decomposition"])
+    if "pass1_autograd" in parts:  # pass 1: the backward's chunk with all four moments, or the head
+        working = max(working, parts["block"] + parts["pass1_statistics"]
+                      + max(parts["pass1_autograd"], parts["decomposition"]))
+        working = max(working, parts["head"])
     return parts["runtime"] + max(working, parts["block"] + parts["read"], parts["embedding"] + parts["activations"])

@@ -540,7 +540,9 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
         widest = {name: (min(spec.linear_shape(name)) if config.allocate != "uniform" else rank)
                   for name, rank in rank_plan(spec, config).items()}
         memory_parts = estimate_compress_memory(spec, widest, source_bytes, config.chunk_tokens, seqlen,
-                                                runtime_bytes, np.dtype(PRECISIONS[config.precision]).itemsize)
+                                                runtime_bytes, np.dtype(PRECISIONS[config.precision]).itemsize,
+                                                first_pass=config.allocate in FIRST_PASS_ALLOCATIONS
+                                                and not (config.spectra_file and Path(config.spectra_file).is_file()))
         check_output_path(source, output)
         with OutputLock(output) as lock:
             progress = _start_or_resume(output, config.overwrite, arguments_fingerprint(fingerprint, tokens),

@@ -29,6 +29,7 @@ from . import decompose
 from .activations import ActivationBuffer, chunk_ranges, embed_into, require_finite, run_block
 from .checkpoint import CheckpointReader
 from .errors import InputError, NumericalError, UsageError
+from .memory import HEAD_POSITIONS
 from .modeling import EMBED, FINAL_NORM, LINEAR_GROUPS, LM_HEAD, Block, RMSNorm, Rotary, block_prefix
 from .report import StageTimer
 from .statistics import MomentAccumulator
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 DOWN = LINEAR_GROUPS[3][0]
 SPECTRA_FILE = "sensitivity-spectra.npz"
 FINGERPRINT_KEY = "__made_for__"
-HEAD_POSITIONS = 128  # positions per logits slice at the top (128 x vocabulary floats)
 
 
 def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output_grads: ActivationBuffer,
