@@ -22,7 +22,12 @@ from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
-MULTIPLIER_RANGE = (0.5, 2.0)  # per group, on a log scale: from half to twice the base plan's ratio
+# Per group, on a log scale, around the base plan's ratio. A first version searched 0.5-2 with
+# optuna's default 10 random trials before the GP: on the real model at 40 % none of 11 trials beat the
+# base plan (the random ones scored 8-50 % worse, the best GP one 5 % worse), so the search stays closer
+# to the plan, which is already first-order optimal, and the surrogate guides all but the first trials.
+MULTIPLIER_RANGE = (2 / 3, 1.5)
+STARTUP_TRIALS = 4  # the base plan and 3 random trials; then the Gaussian process proposes
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,8 @@ def search(slots: Sequence[Slot], budget: int, base: Mapping[str, int | None],
         raise UsageError(f"--trials must be at least 1, got {config.trials}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     groups = sorted({group_of(slot, num_layers) for slot in slots})
-    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.GPSampler(seed=config.seed))
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.GPSampler(
+        seed=config.seed, n_startup_trials=STARTUP_TRIALS))
     study.enqueue_trial({group: 1.0 for group in groups})
     best = SearchResult(dict(base), math.inf)
     for number in range(config.trials):

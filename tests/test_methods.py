@@ -204,19 +204,23 @@ def test_pass_one_prices_directions_as_whole_model_autograd_does(tiny_models, tm
 
 
 def test_bayes_allocation_meets_the_size_and_is_seeded(tiny_models, tiny_tokens, tmp_path):
-    """Three trials: the first is the spectrum plan itself; the result is the best-scoring trial, meets
-    the whole-model size within one step, and a second run with the same seed makes the same choice."""
-    from streamrom.bayes import BayesConfig
+    """Five trials: the first is the spectrum plan itself, the last proposed by the Gaussian process; the
+    result is the best-scoring trial, meets the whole-model size within one step, and a second run
+    with the same seed makes the same choice."""
+    from streamrom.bayes import MULTIPLIER_RANGE, STARTUP_TRIALS, BayesConfig
 
     source = tiny_models["llama"]
     config = CompressConfig(allocate="bayes", target_params=0.7, calibration=tiny_calibration(tiny_tokens),
-                            bayes=BayesConfig(trials=3, seed=1, held_out_windows=4))
+                            bayes=BayesConfig(trials=STARTUP_TRIALS + 1, seed=1, held_out_windows=4))
     first = streamrom.compress(source, tmp_path / "a", config)
     again = streamrom.compress(source, tmp_path / "b", config)
     spectrum = streamrom.compress(source, tmp_path / "s", CompressConfig(
         allocate="spectrum", target_params=0.7, calibration=tiny_calibration(tiny_tokens)))
     scores = [trial["score"] for trial in first.settings["bayes"]["scores"]]
-    assert len(scores) == 3 and first.ranks == again.ranks
+    assert len(scores) == STARTUP_TRIALS + 1 and first.ranks == again.ranks
+    assert first.settings["bayes"]["scores"] == again.settings["bayes"]["scores"]
+    for trial in first.settings["bayes"]["scores"][1:]:
+        assert all(MULTIPLIER_RANGE[0] <= m <= MULTIPLIER_RANGE[1] for m in trial["multipliers"].values())
     before = CheckpointReader(source).parameter_count()
     assert first.parameters_after <= int(0.7 * before) and int(0.7 * before) - first.parameters_after < largest_step(
         CheckpointReader(source).spec)
