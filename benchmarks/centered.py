@@ -73,12 +73,13 @@ def main() -> None:
     texts = {"held_out": EVAL_TEXT, "calibration": default_calibration_text()}
     result = {"benchmark": "centered", "ratio": args.ratio, "windows": args.max_windows, "machine": machine(),
               "texts": {name: path.name for name, path in texts.items()}}
+    models = {name: streamrom.load(folder) for name, folder in {"dense": dense, **outputs}.items()}
     for text, path in texts.items():
         ids = torch.from_numpy(evaluation_windows(tokenize_files(tokenizer, [path]), 512, args.max_windows))
-        reference, reference_nll = hidden_states(streamrom.load(dense), ids)
+        reference, reference_nll = hidden_states(models["dense"], ids)
         entry = {"dense": {"perplexity": float(reference_nll.mean().exp())}}
-        for method, folder in outputs.items():
-            states, nll = hidden_states(streamrom.load(folder), ids)
+        for method in outputs:
+            states, nll = hidden_states(models[method], ids)
             per_block = []
             for dense_state, state in zip(reference, states):
                 error = (state - dense_state).pow(2).sum(-1)

@@ -151,7 +151,7 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
     if first_pass:
         parts["pass1_autograd"] = chunk * (4 * hidden + 6 * q_width + 5 * inter) * 4 + 2 * chunk * inter * 4
         parts["pass1_statistics"] = 4 * moment_size ** 2 * 8 + moment_size ** 2 * work_bytes
-        (out_f, in_f) = max((spec.linear_shape(n) for n in plan), default=(0, 0), key=lambda s: s[0] * s[1])
+        # out_f x in_f: the widest linear of `plan`, which for pass 1 holds every linear at full rank
         parts["pass1_decomposition"] = (6 * out_f * in_f + 4 * moment_size ** 2) * work_bytes
         parts["head"] = spec.vocab_size * hidden * (4 + source_bytes) + 3 * HEAD_POSITIONS * spec.vocab_size * 4
     return parts
