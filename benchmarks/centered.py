@@ -11,9 +11,17 @@ with its massive activations) is where centering loses; the second whether the l
 generalisation (centered better on the calibration text, worse off it) or compounding through the
 blocks (worse on both).
 
+Two more measurements locate the loss. *Module swap*: the uncentered model with one module type
+(q, k, v, o, gate, up or down, in every block) taken from the centered model, its perplexity on
+Pride and Prejudice — for the pair at --ratio and for the pair that the spectrum allocation makes at
+--spectrum-reduction (the same command as benchmarks/quality.py's row, so the two share the folder
+and pass 1). *Value sink*: per block, on the dense model's own block inputs, how much attention
+goes to the first position and how large its value vector is next to the others', and the relative
+error of each variant's v_proj at that position and at the rest.
+
 Results: benchmarks/results/centered.json and a Markdown table on stdout.
 
-    python benchmarks/centered.py --max-windows 8
+    python benchmarks/centered.py --max-windows 8 --threads 1
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from real_model import EVAL_TEXT, dense_model, run, streamrom_cli  # noqa: E402
 
 import streamrom  # noqa: E402
+from streamrom.modeling import apply_rotary  # noqa: E402
 from streamrom.calibration import default_calibration_text, evaluation_windows, load_tokenizer, tokenize_files  # noqa: E402
 from streamrom.report import machine  # noqa: E402
 
@@ -50,10 +59,66 @@ def hidden_states(model, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.T
     return states, nll
 
 
+MODULE_TYPES = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),
+                "o": ("self_attn", "o_proj"), "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
+                "down": ("mlp", "down_proj")}
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor) -> float:
+    return float(hidden_states(model, ids)[1].mean().exp())
+
+
+@torch.no_grad()
+def module_swap(base, donor, ids: torch.Tensor) -> dict[str, float]:
+    """Perplexity of `base` with each module type, in every block, taken from `donor` (then put back)."""
+    result = {"base": perplexity(base, ids), "donor": perplexity(donor, ids)}
+    for short, (part, name) in MODULE_TYPES.items():
+        kept = [getattr(getattr(block, part), name) for block in base.layers]
+        for block, other in zip(base.layers, donor.layers):
+            setattr(getattr(block, part), name, getattr(getattr(other, part), name))
+        result[short] = perplexity(base, ids)
+        for block, module in zip(base.layers, kept):
+            setattr(getattr(block, part), name, module)
+    return result
+
+
+@torch.no_grad()
+def value_sink(dense, variants: dict, ids: torch.Tensor) -> list[dict]:
+    """Per block, on the dense model's block inputs: attention on position 0 and the v_proj errors there."""
+    x = dense.embed_tokens(ids)
+    cos, sin = dense.rotary.cos_sin(ids.shape[-1])
+    length = ids.shape[-1]
+    per_block = []
+    for index, block in enumerate(dense.layers):
+        attn, h = block.self_attn, block.input_layernorm(x)
+        q = attn.q_proj(h).view(*ids.shape, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(*ids.shape, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = k.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / attn.head_dim ** 0.5
+        causal = torch.ones(length, length, dtype=torch.bool).triu(1)
+        weights = scores.masked_fill(causal, float("-inf")).softmax(-1)
+        value = attn.v_proj(h)
+        size = value.pow(2).sum(-1)
+        entry = {"attention_on_position_0": float(weights[:, :, 16:, 0].mean()),  # queries past the first few
+                 "value_norm2_position_0": float(size[:, 0].mean()),
+                 "value_norm2_other_positions": float(size[:, 1:].mean())}
+        for method, model in variants.items():
+            error = (model.layers[index].self_attn.v_proj(h) - value).pow(2).sum(-1)
+            entry[method] = {"position_0": float(error[:, 0].sum() / size[:, 0].sum()),
+                             "other_positions": float(error[:, 1:].sum() / size[:, 1:].sum())}
+        per_block.append(entry)
+        x = block(x, cos, sin)
+    return per_block
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratio", type=float, default=0.8)
     parser.add_argument("--max-windows", type=int, default=8)
+    parser.add_argument("--spectrum-reduction", type=int, default=40,
+                        help="whole-model reduction (percent) of the spectrum-allocated pair for the module swap")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "centered.json")
@@ -68,6 +133,14 @@ def main() -> None:
         if not (outputs[method] / "model.safetensors.index.json").is_file():
             run(cli + ["compress", str(dense), str(outputs[method]), "--method", method, "--ratio", str(args.ratio),
                        "--overwrite"])
+
+    spectrum_pair = {}
+    for method in ("rom", "rom-centered"):  # benchmarks/quality.py's folder and command for this row
+        spectrum_pair[method] = args.work / f"quality-{method}-spectrum-{args.spectrum_reduction}"
+        if not (spectrum_pair[method] / "model.safetensors.index.json").is_file():
+            run(cli + ["compress", str(dense), str(spectrum_pair[method]), "--method", method, "--allocate", "spectrum",
+                       "--target-params", f"{1 - args.spectrum_reduction / 100:.2f}", "--overwrite",
+                       "--spectra", str(args.work / f"quality-pass1-{method}.npz")])
 
     tokenizer = load_tokenizer(dense)
     texts = {"held_out": EVAL_TEXT, "calibration": default_calibration_text()}
@@ -98,6 +171,14 @@ def main() -> None:
             }
             del states
         result[text] = entry
+
+    held_out = torch.from_numpy(evaluation_windows(tokenize_files(tokenizer, [EVAL_TEXT]), 512, args.max_windows))
+    result["module_swap"] = {f"ratio_{args.ratio}": module_swap(models["rom"], models["rom-centered"], held_out)}
+    spectrum_models = {method: streamrom.load(folder) for method, folder in spectrum_pair.items()}
+    result["module_swap"][f"spectrum_{args.spectrum_reduction}"] = module_swap(
+        spectrum_models["rom"], spectrum_models["rom-centered"], held_out)
+    del spectrum_models
+    result["value_sink"] = value_sink(models["dense"], {m: models[m] for m in outputs}, held_out[:4])
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     for text, path in texts.items():
@@ -112,6 +193,23 @@ def main() -> None:
             print(f"| {index} | {a['first_position']:.2e} / {b['first_position']:.2e} "
                   f"| {a['other_positions']:.2e} / {b['other_positions']:.2e} "
                   f"| {a['other_positions_median']:.2e} / {b['other_positions_median']:.2e} |")
+
+    print(f"\nModule swap on {EVAL_TEXT.name}, {args.max_windows} windows: perplexity of the uncentered model with "
+          "one module type (every block) from the centered one")
+    print("| pair | rom | rom-centered | " + " | ".join(f"{t} from centered" for t in MODULE_TYPES) + " |")
+    print("|---|---|---|" + "---|" * len(MODULE_TYPES))
+    for pair, swap in result["module_swap"].items():
+        print(f"| {pair} | {swap['base']:.2f} | {swap['donor']:.2f} | "
+              + " | ".join(f"{swap[t]:.2f} ({swap[t] / swap['base'] - 1:+.1%})" for t in MODULE_TYPES) + " |")
+    print(f"\nValue sink on {EVAL_TEXT.name}, 4 windows, dense block inputs")
+    print("| block | attention on position 0 | ‖v‖² position 0 / others | v_proj error at position 0: rom / centered "
+          "| elsewhere: rom / centered |")
+    print("|---|---|---|---|---|")
+    for index, entry in enumerate(result["value_sink"]):
+        print(f"| {index} | {entry['attention_on_position_0']:.2f} | {entry['value_norm2_position_0']:.3g} / "
+              f"{entry['value_norm2_other_positions']:.3g} | {entry['rom']['position_0']:.2f} / "
+              f"{entry['rom-centered']['position_0']:.2f} | {entry['rom']['other_positions']:.3f} / "
+              f"{entry['rom-centered']['other_positions']:.3f} |")
     print(f"\nwritten {args.out}")
 
 
