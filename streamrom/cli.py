@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated linears to compress, e.g. q_proj,k_proj,gate_proj (default: all seven)")
     comp.add_argument("--method", default="rom", choices=["rom", "rom-centered", "svd"],
                       help="rom: uncentered output second moment (default, best rank-r fit of W X); "
-                           "rom-centered: covariance plus the mean-correction bias; "
+                           "rom-centered: covariance plus the mean-correction bias (worse than rom with uniform ranks, better "
+                           "with --allocate spectrum or bayes; README: Rank allocation and methods); "
                            "svd: weight-space truncated SVD, no calibration (a baseline)")
     comp.add_argument("--allocate", default="uniform", choices=["uniform", "last-n", "spectrum", "bayes"],
                       help="how ranks are spread: uniform (one ratio everywhere, default); last-n (ROM: only "
