@@ -37,10 +37,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from quality import quality_row  # noqa: E402
 from real_model import EVAL_TEXT, dense_model, run, streamrom_cli  # noqa: E402
 
 import streamrom  # noqa: E402
-from streamrom.modeling import apply_rotary  # noqa: E402
 from streamrom.calibration import default_calibration_text, evaluation_windows, load_tokenizer, tokenize_files  # noqa: E402
 from streamrom.report import machine  # noqa: E402
 
@@ -88,20 +88,21 @@ def value_sink(dense, variants: dict, ids: torch.Tensor) -> list[dict]:
     """Per block, on the dense model's block inputs: attention on position 0 and the v_proj errors there."""
     x = dense.embed_tokens(ids)
     cos, sin = dense.rotary.cos_sin(ids.shape[-1])
-    length = ids.shape[-1]
     per_block = []
     for index, block in enumerate(dense.layers):
         attn, h = block.self_attn, block.input_layernorm(x)
-        q = attn.q_proj(h).view(*ids.shape, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(*ids.shape, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k = k.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
-        scores = (q @ k.transpose(-1, -2)) / attn.head_dim ** 0.5
-        causal = torch.ones(length, length, dtype=torch.bool).triu(1)
-        weights = scores.masked_fill(causal, float("-inf")).softmax(-1)
         value = attn.v_proj(h)
         size = value.pow(2).sum(-1)
-        entry = {"attention_on_position_0": float(weights[:, :, 16:, 0].mean()),  # queries past the first few
+        # The model's own attention with every value 1 at position 0 and 0 elsewhere: each output is
+        # then the attention weight its query gives position 0.
+        indicator = torch.zeros_like(value)
+        indicator[:, 0] = 1.0
+        replace_values = attn.v_proj.register_forward_hook(lambda module, args, output: indicator)
+        try:
+            on_first = attn.core(h, cos, sin)
+        finally:
+            replace_values.remove()
+        entry = {"attention_on_position_0": float(on_first[:, 16:].mean()),  # queries past the first few
                  "value_norm2_position_0": float(size[:, 0].mean()),
                  "value_norm2_other_positions": float(size[:, 1:].mean())}
         for method, model in variants.items():
@@ -135,20 +136,19 @@ def main() -> None:
                        "--overwrite"])
 
     spectrum_pair = {}
-    for method in ("rom", "rom-centered"):  # benchmarks/quality.py's folder and command for this row
-        spectrum_pair[method] = args.work / f"quality-{method}-spectrum-{args.spectrum_reduction}"
+    for method in ("rom", "rom-centered"):  # benchmarks/quality.py's row: the same folder and pass 1
+        spectrum_pair[method], command = quality_row(cli, dense, args.work, method, "spectrum", args.spectrum_reduction)
         if not (spectrum_pair[method] / "model.safetensors.index.json").is_file():
-            run(cli + ["compress", str(dense), str(spectrum_pair[method]), "--method", method, "--allocate", "spectrum",
-                       "--target-params", f"{1 - args.spectrum_reduction / 100:.2f}", "--overwrite",
-                       "--spectra", str(args.work / f"quality-pass1-{method}.npz")])
+            run(command)
 
     tokenizer = load_tokenizer(dense)
     texts = {"held_out": EVAL_TEXT, "calibration": default_calibration_text()}
     result = {"benchmark": "centered", "ratio": args.ratio, "windows": args.max_windows, "machine": machine(),
               "texts": {name: path.name for name, path in texts.items()}}
     models = {name: streamrom.load(folder) for name, folder in {"dense": dense, **outputs}.items()}
-    for text, path in texts.items():
-        ids = torch.from_numpy(evaluation_windows(tokenize_files(tokenizer, [path]), 512, args.max_windows))
+    windows = {text: torch.from_numpy(evaluation_windows(tokenize_files(tokenizer, [path]), 512, args.max_windows))
+               for text, path in texts.items()}
+    for text, ids in windows.items():
         reference, reference_nll = hidden_states(models["dense"], ids)
         entry = {"dense": {"perplexity": float(reference_nll.mean().exp())}}
         for method in outputs:
@@ -172,7 +172,7 @@ def main() -> None:
             del states
         result[text] = entry
 
-    held_out = torch.from_numpy(evaluation_windows(tokenize_files(tokenizer, [EVAL_TEXT]), 512, args.max_windows))
+    held_out = windows["held_out"]
     result["module_swap"] = {f"ratio_{args.ratio}": module_swap(models["rom"], models["rom-centered"], held_out)}
     spectrum_models = {method: streamrom.load(folder) for method, folder in spectrum_pair.items()}
     result["module_swap"][f"spectrum_{args.spectrum_reduction}"] = module_swap(

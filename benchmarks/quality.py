@@ -28,6 +28,17 @@ from real_model import EVAL_TEXT, dense_model, run, streamrom_cli  # noqa: E402
 from streamrom.report import machine  # noqa: E402
 
 
+def quality_row(cli: list[str], dense: Path, work: Path, method: str, allocate: str,
+                reduction: int) -> tuple[Path, list[str]]:
+    """A row's output folder in `work` and its `compress` command (benchmarks/centered.py reuses the folders)."""
+    output = work / f"quality-{method}-{allocate}-{reduction}"
+    command = cli + ["compress", str(dense), str(output), "--method", method, "--allocate", allocate,
+                     "--target-params", f"{1 - reduction / 100:.2f}", "--overwrite"]
+    if allocate in ("spectrum", "bayes"):  # pass 1 does not depend on the size: made once per method
+        command += ["--spectra", str(work / f"quality-pass1-{method}.npz")]
+    return output, command
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reductions", type=int, nargs="+", default=[10, 20, 30, 40],
@@ -60,13 +71,9 @@ def main() -> None:
         for method in args.methods:
             for allocate in args.allocations:
                 key = f"{method}/{allocate}/{reduction}"
-                output = args.work / f"quality-{method}-{allocate}-{reduction}"
-                command = streamrom + ["compress", str(dense), str(output), "--method", method, "--allocate", allocate,
-                                       "--target-params", f"{1 - reduction / 100:.2f}", "--overwrite"]
                 if method == "svd" and allocate in ("spectrum", "bayes"):
                     continue  # both price the directions ROM keeps; svd has none to price
-                if allocate in ("spectrum", "bayes"):  # pass 1 does not depend on the size: made once per method
-                    command += ["--spectra", str(args.work / f"quality-pass1-{method}.npz")]
+                output, command = quality_row(streamrom, dense, args.work, method, allocate, reduction)
                 compress_seconds = run(command)
                 compressed = json.loads((output / "streamrom-report.json").read_text())
                 eval_report = args.work / f"quality-{method}-{allocate}-{reduction}.eval.json"
