@@ -7,6 +7,7 @@ calibration sequences.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -20,12 +21,17 @@ from .modeling import Block
 class ActivationBuffer:
     """A float32 file of shape (sequences, length, hidden), read and written by sequence ranges."""
 
-    def __init__(self, path: Path, sequences: int, length: int, hidden: int, reopen: bool = False):
+    def __init__(self, path: Path, sequences: int, length: int, hidden: int, reopen: bool = False,
+                 anonymous: bool = False):
+        """`anonymous`: a nameless file in the folder `path` (gone with the process, even on SIGKILL)."""
         self.path = Path(path)
         self.shape = (sequences, length, hidden)
         self._row_bytes = length * hidden * 4
         size = sequences * self._row_bytes
-        if reopen:  # a resumed run: keep what the interrupted one wrote
+        if anonymous:
+            self._file = tempfile.TemporaryFile(dir=self.path, buffering=0)
+            self._file.truncate(size)
+        elif reopen:  # a resumed run: keep what the interrupted one wrote
             if not self.path.is_file() or self.path.stat().st_size != size:
                 raise OutputError(f"activation file {self.path} is missing or damaged; pass --overwrite to start over")
             self._file = open(self.path, "r+b", buffering=0)
@@ -59,7 +65,7 @@ class ActivationBuffer:
 
     def close(self, remove: bool = False) -> None:
         self._file.close()
-        if remove:
+        if remove and not self.path.is_dir():  # an anonymous file's path is its folder
             self.path.unlink(missing_ok=True)
 
 
@@ -73,8 +79,12 @@ class ActivationPair:
     """
 
     def __init__(self, folder: Path, sequences: int, length: int, hidden: int,
-                 inputs_name: str | None = None):
+                 inputs_name: str | None = None, anonymous: bool = False):
         folder.mkdir(parents=True, exist_ok=True)
+        if anonymous:  # nothing to resume from: nameless files that no kill can leave behind
+            self.inputs, self.outputs = (ActivationBuffer(folder, sequences, length, hidden, anonymous=True)
+                                         for _ in range(2))
+            return
         if inputs_name is not None and inputs_name not in FILE_NAMES:
             raise OutputError(f"progress record names an unknown activation file {inputs_name!r}")
         first = inputs_name or FILE_NAMES[0]

@@ -93,6 +93,8 @@ def load_token_file(path: Path, vocab_size: int) -> np.ndarray:
         raise InputError(f"token file not found: {path}") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"token file {path} is not a readable .npy of integers: {exc}") from None
+    if not isinstance(ids, np.ndarray):  # an .npz archive
+        raise InputError(f"token file {path} is an archive of several arrays; give a .npy of token ids")
     if ids.dtype.kind not in "iu" or ids.ndim not in (1, 2):
         raise InputError(f"token file {path} must hold a 1-D or 2-D array of integers, got {ids.dtype} {ids.shape}")
     return check_vocabulary(ids.astype(np.int64), vocab_size, f"token file {path}")

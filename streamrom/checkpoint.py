@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -20,10 +21,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import InputError, NumericalError, OutputError
-from .layout import (CONFIG_FILE, INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, TOKENIZER_FILES, read_json,  # noqa: F401
+from .errors import InputError, NumericalError
+from .layout import (CONFIG_FILE, INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, TOKENIZER_FILES,  # noqa: F401
+                     check_output_path, read_json,
                      tensor_bytes, write_atomic)
-from .modeling import BLOCK_LINEARS, ModelSpec, block_prefix
+from .modeling import BLOCK_LINEARS, LM_HEAD, ModelSpec, block_prefix
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,8 @@ class CheckpointReader:
         if not isinstance(self.config, dict):
             raise InputError(f"config.json in {self.folder} is not a JSON object")
         self.spec = ModelSpec.from_config(self.config)
-        self.weight_map = self._weight_map()
+        self.weight_map = {name: shard for name, shard in self._weight_map().items()
+                           if not name.endswith(IGNORED_SUFFIXES)}
         self.shapes, self.dtypes = self._read_headers()
         self._check_tensors()
 
@@ -97,8 +100,16 @@ class CheckpointReader:
         return shapes, dtypes
 
     def _check_tensors(self) -> None:
-        """Every tensor the config implies is present with its shape; stops at the first that is not."""
+        """Config and tensors agree: every tensor the config implies is present with its shape and a
+        float dtype, and no tensor lies outside it; stops at the first that does not."""
         spec = self.spec
+        for name, code in sorted(self.dtypes.items()):
+            if code not in _TORCH_DTYPES:
+                raise InputError(f"tensor {name} has dtype {code}; streamrom reads float32, float16 and bfloat16 weights")
+        if spec.tie_word_embeddings and LM_HEAD in self.weight_map:
+            raise InputError(f"config.json says tie_word_embeddings, but the checkpoint has its own {LM_HEAD}; "
+                             "set tie_word_embeddings to false to use it, or remove it")
+        self._check_known_names()
         self._check_shapes(spec.global_shapes())
         dense_block = spec.dense_block_shapes()
         for index in range(spec.num_layers):
@@ -113,6 +124,22 @@ class CheckpointReader:
             for linear in BLOCK_LINEARS:
                 if f"{prefix}{linear}.reduce.weight" in self.weight_map:
                     self._check_factors(prefix + linear, spec.linear_shape(linear))
+
+    def _check_known_names(self) -> None:
+        spec = self.spec
+        known = set(spec.global_shapes())
+        block_names = set(spec.dense_block_shapes())
+        for linear in BLOCK_LINEARS:
+            block_names.update(f"{linear}.{part}.{kind}" for part in ("reduce", "expand") for kind in ("weight", "bias"))
+        for name in sorted(self.weight_map):
+            if name in known:
+                continue
+            match = _BLOCK_NAME.fullmatch(name)
+            if match is None or match.group(2) not in block_names:
+                raise InputError(f"tensor {name} in {self.folder} is not part of the model config.json describes")
+            if int(match.group(1)) >= spec.num_layers:
+                raise InputError(f"tensor {name} belongs to block {match.group(1)}, but config.json has "
+                                 f"num_hidden_layers {spec.num_layers}")
 
     def _check_shapes(self, expected: Mapping[str, tuple[int, ...]]) -> None:
         for name, shape in expected.items():
@@ -182,24 +209,10 @@ class CheckpointReader:
         return sum((self.folder / shard).stat().st_size for shard in set(self.weight_map.values()))
 
 
+# Buffers that older checkpoints saved and that the model recomputes.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+_BLOCK_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def check_output_path(source: Path, output: Path) -> None:
-    """Refuse outputs that are, contain or lie inside the source: the source is never written to."""
-    src, dst = source.resolve(), output.resolve()
-    if dst == src:
-        raise OutputError(f"output folder is the source folder: {output}")
-    if src in dst.parents:
-        raise OutputError(f"output folder {output} is inside the source folder; the source is never written to")
-    if dst in src.parents:
-        raise OutputError(f"output folder {output} contains the source folder; choose another")
-    if dst.exists() and not dst.is_dir():
-        raise OutputError(f"output path exists and is not a folder: {output}")
-    try:
-        dst.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder {output}: {exc.strerror}") from None
 
 
 def clear_folder(folder: Path, keep: Iterable[str] = ()) -> None:
@@ -212,6 +225,26 @@ def clear_folder(folder: Path, keep: Iterable[str] = ()) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def shard_is_complete(path: Path) -> bool:
+    """Whether a safetensors file is all there: a readable header, and exactly as long as it says."""
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 0 < length < 100_000_000:
+                return False
+            header = json.loads(handle.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return Path(path).stat().st_size == 8 + length + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
 
 
 class CheckpointWriter:
@@ -229,12 +262,19 @@ class CheckpointWriter:
         return f"model-{number:05d}-of-{self.total_shards:05d}.safetensors"
 
     def write_shard(self, number: int, tensors: Mapping[str, torch.Tensor],
-                    before_rename: Callable[[], None] | None = None) -> str:
+                    before_rename: Callable[[], None] | None = None, scratch: Path | None = None) -> str:
+        """Write shard `number` under a temporary name in `scratch` (default: the folder), then rename it.
+
+        safetensors writes through a temporary file of its own beside its target: in a scratch folder
+        that the run removes, a kill mid-write leaves no stray file in the model's folder."""
         name = self.shard_name(number)
         final = self.folder / name
-        tmp = self.folder / f".{name}.tmp"
+        scratch = Path(scratch) if scratch is not None else self.folder
+        scratch.mkdir(parents=True, exist_ok=True)
+        tmp = scratch / f".{name}.tmp"
         contiguous = {key: value.contiguous() for key, value in tensors.items()}
         save_file(contiguous, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files: follow the umask, as open() does
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         if before_rename is not None:

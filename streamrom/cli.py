@@ -4,14 +4,41 @@ Errors end with one line on stderr and the exit codes of streamrom.errors (READM
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
+import signal
 import sys
-from pathlib import Path
 
-from .console import configure as configure_logging
+
+class _Interrupt:
+    """Ctrl-C at any moment of the command, start-up included: remembered, and raised as
+    KeyboardInterrupt only once `main` can turn it into one line and exit 130 (a library's import
+    may swallow the exception; the flag stays)."""
+
+    seen = False
+    armed = False
+
+    @classmethod
+    def on_signal(cls, signum, frame) -> None:
+        cls.seen = True
+        if cls.armed:
+            raise KeyboardInterrupt
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.seen:
+            raise KeyboardInterrupt
+
+
+# Run as the command (not imported as a library): hold Ctrl-C from the first line on.
+if __name__ == "__main__" or sys.argv and sys.argv[0].endswith("/streamrom"):
+    signal.signal(signal.SIGINT, _Interrupt.on_signal)
+
+import argparse  # noqa: E402
+import json
+import logging  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .console import configure as configure_logging  # noqa: E402
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, OutputError, StreamromError
 
 log = logging.getLogger("streamrom")
@@ -30,6 +57,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -121,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="calibration sequences (default 32)")
     comp.add_argument("--calib-seqlen", type=_positive_int, default=512,
                       help="tokens per calibration sequence (default 512)")
-    comp.add_argument("--seed", type=int, default=0, help="seed for drawing calibration sequences (default 0)")
+    comp.add_argument("--seed", type=_non_negative_int, default=0, help="seed for drawing calibration sequences (default 0)")
     comp.add_argument("--chunk-tokens", type=_positive_int, default=2048,
                       help="tokens per forward chunk; bounds activation memory (default 2048)")
     comp.add_argument("--dtype", default="source", choices=["source", "float32", "float16", "bfloat16"],
@@ -182,6 +219,7 @@ def _run(args: argparse.Namespace) -> None:
         from .calibration import CalibrationConfig
         from .pipeline import CompressConfig, compress
 
+        _Interrupt.check()  # pressed while torch and scipy were importing
         calibration = CalibrationConfig(
             text_files=tuple(args.calib_text), token_file=args.calib_tokens,
             sequences=args.calib_sequences, seqlen=args.calib_seqlen, seed=args.seed)
@@ -198,7 +236,8 @@ def _run(args: argparse.Namespace) -> None:
             precision=args.precision,
             **({"modules": args.modules} if args.modules else {}))
         report = compress(args.source, args.output, config, args.report, eval_text=args.eval_text,
-                          eval_max_windows=args.eval_max_windows)
+                          eval_max_windows=args.eval_max_windows,
+                          keep_files=(args.log_file,) if args.log_file else ())
         compressed = sum(1 for r in report.ranks.values() if r is not None)
         print(f"compressed {compressed} linears; parameters {report.parameters_before:,} -> "
               f"{report.parameters_after:,} ({report.parameter_ratio:.4f}); "
@@ -208,6 +247,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "eval":
         from .evaluation import evaluate
 
+        _Interrupt.check()
         report_path = args.report or Path(f"{args.checkpoint.resolve().name}.eval.json")
         report = evaluate(args.checkpoint, args.text, seqlen=args.seqlen, max_windows=args.max_windows,
                           chunk_tokens=args.chunk_tokens, report_path=report_path)
@@ -227,8 +267,33 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:  # a background job's ignored SIGINT stays ignored
+        signal.signal(signal.SIGINT, _Interrupt.on_signal)
+    _Interrupt.armed = True
     try:
+        code = _main(argv)
+    finally:
+        _Interrupt.armed, _Interrupt.seen = False, False
+        if previous is not signal.SIG_IGN and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if code == EXIT_INTERRUPTED and argv is None:
+        # As the command: CPython remembers a KeyboardInterrupt that a library's import code met (even
+        # though it was handled) and would end the process by SIGINT instead of our exit status.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
+    command = "compress" if argv is None and "compress" in sys.argv else None
+    args = None
+    try:
+        _Interrupt.check()
+        args = build_parser().parse_args(argv)
+        command = args.command
         try:
             configure_logging(args.quiet, args.log_file)
         except OSError as exc:
@@ -245,17 +310,23 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        resume = " (rerun the same command to resume)" if args.command == "compress" else ""
-        print(f"streamrom: interrupted{resume}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(command)
     except Exception as exc:  # never a traceback for the user, unless asked for
-        if args.debug:
+        if _Interrupt.seen:  # an import broken by Ctrl-C fails oddly (RecursionError, ImportError)
+            return _interrupted(command)
+        if args is not None and args.debug:
             raise
         message = str(exc).splitlines()[0] if str(exc) else ""
         print(f"streamrom: internal error: {type(exc).__name__}: {message} (rerun with --debug)",
               file=sys.stderr)
         return EXIT_INTERNAL
     return 0
+
+
+def _interrupted(command: str | None) -> int:
+    resume = " (rerun the same command to resume)" if command == "compress" else ""
+    print(f"streamrom: interrupted{resume}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ is installed.
 """
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import logging
@@ -25,8 +26,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import InputError, OutputError
-from .layout import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, tensor_bytes, write_atomic
+from .errors import InputError, OutputError, ResourceError
+from .layout import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, check_output_path, tensor_bytes, write_atomic
+from .locking import OutputLock
 
 log = logging.getLogger(__name__)
 
@@ -417,23 +419,31 @@ def import_gguf(source: str, output: str | Path, overwrite: bool = False, dtype:
     model = GGUFModel(gguf_path)
     config = model.config(dtype)
     tokenizer, tokenizer_settings = gguf_tokenizer(model)
-    output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        if not overwrite:
-            raise OutputError(f"output folder is not empty: {output} (pass --overwrite to replace it)")
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {tmp}: {exc.strerror}") from None
-    try:
-        total = _write_folder(model, tmp, config, tokenizer, tokenizer_settings, dtype, shard_bytes)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written folder behind
-        raise
-    if output.exists():
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
-    os.replace(tmp, output)
+    output = Path(output).absolute()  # "." has no name to build the temporary folder's from
+    check_output_path(gguf_path, output, create=False)
+    # The output appears by renaming a finished temporary folder beside it: the lock lives there too.
+    with OutputLock(output.parent, lock_path=output.with_name(f".{output.name}.streamrom.lock")):
+        if output.exists() and (not output.is_dir() or any(output.iterdir())):
+            if not overwrite:
+                raise OutputError(f"output folder is not empty: {output} (pass --overwrite to replace it)")
+        tmp = output.with_name(f".{output.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {tmp}: {exc.strerror}") from None
+        try:
+            total = _write_folder(model, tmp, config, tokenizer, tokenizer_settings, dtype, shard_bytes)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written folder behind
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise ResourceError(f"no space left writing {exc.filename or tmp}: {exc.strerror}") from None
+            raise OutputError(f"cannot write {exc.filename or tmp}: {exc.strerror}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        os.replace(tmp, output)
     log.info("imported %s -> %s (%d tensors, %.0f MB)", gguf_path, output, len(model.tensors), total / 1e6)
     return output

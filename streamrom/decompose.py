@@ -21,8 +21,10 @@ def rank_for(ratio: float, out_features: int, in_features: int, multiple: int = 
     return int(exact // multiple) * multiple
 
 
-def saves_parameters(rank: int, out_features: int, in_features: int) -> bool:
-    return 0 < rank and rank * (out_features + in_features) < out_features * in_features
+def saves_parameters(rank: int, out_features: int, in_features: int, at_least: float = 0.0) -> bool:
+    """Whether rank-`rank` factors hold fewer parameters than the dense matrix, by more than the
+    fraction `at_least` of them."""
+    return 0 < rank and rank * (out_features + in_features) < (1.0 - at_least) * out_features * in_features
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -14,12 +15,26 @@ import torch.nn.functional as F
 from .activations import ActivationPair, chunk_ranges, embed_into, run_block
 from .calibration import check_vocabulary, evaluation_windows, load_tokenizer, tokenize_files
 from .checkpoint import CheckpointReader
-from .errors import UsageError
+from .errors import OutputError, ResourceError, UsageError
 from .memory import RSSMonitor
 from .modeling import EMBED, FINAL_NORM, LM_HEAD, Block, RMSNorm, Rotary
 from .report import Report, StageTimer, memory_summary
 
 log = logging.getLogger(__name__)
+
+LOGIT_SLICE_BYTES = 256 * 2**20  # the logits held at once
+
+
+def _check_disk(folder: Path, needed: int) -> None:
+    """The two activation files must fit before the work starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        raise OutputError(f"cannot use {folder} for the activation files: {exc.strerror}") from None
+    if needed > free:
+        raise ResourceError(f"not enough free disk space in {folder} for the activation files: need "
+                            f"{needed / 2**30:.2f} GiB, have {free / 2**30:.2f} GiB")
 
 
 @torch.no_grad()
@@ -51,41 +66,45 @@ def evaluate(checkpoint: str | Path, text_files: list[Path] | tuple[Path, ...], 
                 windows = evaluation_windows(stream, seqlen, max_windows)
         seqlen = windows.shape[1]
         chunk_sequences = max(1, chunk_tokens // seqlen)
-        with tempfile.TemporaryDirectory(prefix="streamrom-eval-", dir=work_dir) as tmp:
-            activations = ActivationPair(Path(tmp), len(windows), seqlen, spec.hidden_size)
-            try:
+        folder = Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir())
+        _check_disk(folder, 2 * windows.size * spec.hidden_size * 4)
+        activations = ActivationPair(folder, len(windows), seqlen, spec.hidden_size, anonymous=True)
+        try:
+            with timer("read"):
+                embedding = reader.tensor(EMBED)
+            with timer("forward"):
+                embed_into(embedding, windows, activations.inputs, chunk_sequences)
+            if not spec.tie_word_embeddings:
+                del embedding
+            cos, sin = Rotary(spec).cos_sin(seqlen)
+            for index in range(spec.num_layers):
                 with timer("read"):
-                    embedding = reader.tensor(EMBED)
+                    block = Block.from_tensors(spec, reader.block_tensors(index))
                 with timer("forward"):
-                    embed_into(embedding, windows, activations.inputs, chunk_sequences)
-                if not spec.tie_word_embeddings:
-                    del embedding
-                cos, sin = Rotary(spec).cos_sin(seqlen)
-                for index in range(spec.num_layers):
-                    with timer("read"):
-                        block = Block.from_tensors(spec, reader.block_tensors(index))
-                    with timer("forward"):
-                        run_block(block, activations.inputs, activations.outputs, cos, sin, chunk_sequences)
-                    activations.swap()
-                    del block
-                    log.info("eval block %d/%d", index + 1, spec.num_layers,
-                             extra={"progress": (index + 1, spec.num_layers, "eval")})
-                with timer("read"):
-                    norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-                    norm.weight.data = reader.tensor(FINAL_NORM).float()
-                    head = (embedding if spec.tie_word_embeddings else reader.tensor(LM_HEAD)).float()
-                total_nll, count = 0.0, 0
-                with timer("forward"):
-                    # One window at a time: the logits (length x vocab) are the largest tensor here.
-                    for begin, end in chunk_ranges(len(windows), 1):
-                        logits = F.linear(norm(activations.inputs.read(begin, end)), head)
-                        targets = torch.from_numpy(windows[begin:end, 1:])
-                        total_nll += F.cross_entropy(
-                            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                            reduction="sum", ).item()
-                        count += targets.numel()
-            finally:
-                activations.close()
+                    run_block(block, activations.inputs, activations.outputs, cos, sin, chunk_sequences)
+                activations.swap()
+                del block
+                log.info("eval block %d/%d", index + 1, spec.num_layers,
+                         extra={"progress": (index + 1, spec.num_layers, "eval")})
+            with timer("read"):
+                norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+                norm.weight.data = reader.tensor(FINAL_NORM).float()
+                head = (embedding if spec.tie_word_embeddings else reader.tensor(LM_HEAD)).float()
+            total_nll, count = 0.0, 0
+            with timer("forward"):
+                # One window at a time, its logits in slices of positions: positions x vocab floats
+                # are the largest tensor here (a 4096-token window of a 150k vocabulary: 2.4 GB).
+                positions = max(1, LOGIT_SLICE_BYTES // (4 * head.shape[0]))
+                for begin, end in chunk_ranges(len(windows), 1):
+                    hidden = norm(activations.inputs.read(begin, end))[0, :-1]
+                    targets = torch.from_numpy(windows[begin, 1:])
+                    for first in range(0, len(targets), positions):
+                        logits = F.linear(hidden[first:first + positions], head)
+                        total_nll += F.cross_entropy(logits, targets[first:first + positions],
+                                                     reduction="sum").item()
+                    count += targets.numel()
+        finally:
+            activations.close()
     perplexity = math.exp(total_nll / count)
     report = Report(
         command="eval", source=str(checkpoint), model_type=spec.model_type, num_layers=spec.num_layers,

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import InputError
+from .errors import InputError, OutputError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -47,3 +47,37 @@ def write_atomic(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file or folder (device and inode), whatever their text says:
+    a bind mount or a symlinked parent of the source is the source."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(source: Path, output: Path, create: bool = True) -> None:
+    """Refuse outputs that are, contain or lie inside the source (a folder or a file): the source is
+    never written to. Compared by identity, not by path text. Creates the output folder unless
+    `create` is false."""
+    src, dst = Path(source).absolute(), Path(output).absolute()
+    for ancestor in (dst, *dst.parents):
+        if _same_file(ancestor, src):
+            if ancestor == dst:
+                kind = "folder" if src.is_dir() else "file"
+                raise OutputError(f"output folder {output} is the source {kind}; the source is never written to")
+            raise OutputError(f"output folder {output} is inside the source folder; the source is never written to")
+    if dst.exists():
+        for ancestor in src.parents:
+            if _same_file(ancestor, dst):
+                raise OutputError(f"output folder {output} contains the source {source}; choose another")
+    if dst.exists() and not dst.is_dir():
+        raise OutputError(f"output path exists and is not a folder: {output}")
+    if not create:
+        return
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {output}: {exc.strerror}") from None

@@ -107,6 +107,8 @@ class ModelSpec:
         attention_bias = bool(config.get("attention_bias", False))
         use_sliding = model_type == "mistral" or bool(config.get("use_sliding_window", False))
         window = config.get("sliding_window") if use_sliding else None
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+            raise InputError(f"config.json: sliding_window must be a positive integer or null, got {window!r}")
         spec = cls(
             **spec_kwargs,
             rope_theta=rope_theta,

@@ -3,12 +3,14 @@
 A run holds an exclusive lock on ``DST/.streamrom.lock`` (released by the OS even on SIGKILL). After
 each block it records, in ``DST/.streamrom-progress.json`` (written atomically, after the shard and the
 activations are on disk), how many blocks are done, which activation file holds the next block's
-inputs, and the fingerprints of the arguments and of the source. A rerun with the same fingerprints
-resumes from the first unfinished block; with others it is refused unless ``--overwrite``.
+inputs, and the fingerprints of the arguments and of the source (with each source file's modification
+time and inode). A rerun with the same fingerprints resumes from the first unfinished block, or only
+finishes the steps after the index (clean-up, evaluation, report); with others it is refused unless
+``--overwrite``. The lock is held, and the progress record kept, until the run has done everything it
+does to the folder.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -17,44 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import CheckpointReader, write_atomic
-from .errors import BusyError, OutputError
+from .checkpoint import CONFIG_FILE, CheckpointReader, write_atomic
+from .errors import OutputError
+from .locking import LOCK_FILE, OutputLock  # noqa: F401 (the lock lives with the run state)
 
-LOCK_FILE = ".streamrom.lock"
 PROGRESS_FILE = ".streamrom-progress.json"
 PROGRESS_FORMAT = 1
-
-
-class OutputLock:
-    """An exclusive, non-blocking flock on the output folder's lock file."""
-
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / LOCK_FILE
-        self._handle = None
-
-    def __enter__(self) -> "OutputLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise BusyError(f"another streamrom run is writing {self.path.parent} (lock {self.path})") from None
-        self._handle = handle
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-    def release_and_remove(self) -> None:
-        """At a successful end: nothing is left to protect."""
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
-        self.__exit__()
 
 
 def source_fingerprint(reader: CheckpointReader) -> str:
@@ -75,6 +45,24 @@ def source_fingerprint(reader: CheckpointReader) -> str:
     return digest.hexdigest()
 
 
+def source_files(reader: CheckpointReader) -> dict[str, list[int]]:
+    """Each source file's size, modification time (ns), device and inode: a shard rewritten in place
+    with the same header and size (which `source_fingerprint` cannot see) changes its time or inode."""
+    files = {}
+    for name in [CONFIG_FILE, *sorted(set(reader.weight_map.values()))]:
+        stat = (reader.folder / name).stat()
+        files[name] = [stat.st_size, stat.st_mtime_ns, stat.st_dev, stat.st_ino]
+    return files
+
+
+def changed_source_file(recorded: dict[str, list[int]], now: dict[str, list[int]]) -> str | None:
+    """The first source file that differs between two `source_files` records (None: none does)."""
+    for name in sorted(set(recorded) | set(now)):
+        if recorded.get(name) != now.get(name):
+            return name
+    return None
+
+
 def arguments_fingerprint(settings: dict[str, Any], tokens: np.ndarray) -> str:
     """Everything that shapes the output: the settings and the calibration tokens themselves."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -93,6 +81,11 @@ class Progress:
     weight_map: dict[str, str] = field(default_factory=dict)
     total_size: int = 0
     format: int = PROGRESS_FORMAT
+    # "compressing" until the model's index is in place, then "written": a rerun only finishes the
+    # remaining steps (clean-up, evaluation, report)
+    stage: str = "compressing"
+    source_files: dict[str, list[int]] = field(default_factory=dict)  # see source_files()
+    trials: list[dict] = field(default_factory=list)  # bayes: each trial's multipliers and score
 
     def save(self, folder: Path) -> None:
         write_atomic(Path(folder) / PROGRESS_FILE, (json.dumps(asdict(self), indent=1) + "\n").encode())
@@ -106,6 +99,9 @@ class Progress:
             data = json.loads(path.read_text())
             if data.get("format") != PROGRESS_FORMAT:
                 return None
-            return cls(**data)
+            progress = cls(**data)
+            if not isinstance(progress.blocks_done, int) or progress.stage not in ("compressing", "written"):
+                raise ValueError(path)
+            return progress
         except (OSError, ValueError, TypeError):
             raise OutputError(f"progress file {path} is unreadable; pass --overwrite to start over") from None

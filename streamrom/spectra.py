@@ -119,6 +119,15 @@ def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output
     return costs
 
 
+def read_saved(path: Path) -> dict[str, np.ndarray]:
+    """A saved first pass, every array read (a damaged file fails here, with one line, not later)."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return {key: stored[key] for key in stored.files}
+    except Exception as exc:  # numpy raises several types (BadZipFile, EOFError, ...) for damaged files
+        raise InputError(f"cannot read the first-pass file {path}: {type(exc).__name__}: {exc}") from None
+
+
 def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[int], names: list[str],
                     work: Path, chunk_tokens: int, centered: bool, work_dtype, timer: StageTimer,
                     saved: Path | None = None, fingerprint: str = "") -> dict[str, np.ndarray]:
@@ -131,11 +140,7 @@ def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[i
     """
     path = Path(saved) if saved is not None else Path(work) / SPECTRA_FILE
     if path.is_file():
-        try:
-            with np.load(path) as stored:
-                found = {key: stored[key] for key in stored.files}
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read the first-pass file {path}: {exc}") from None
+        found = read_saved(path)
         made_for = str(found.pop(FINGERPRINT_KEY, ""))
         if made_for != fingerprint:
             raise UsageError(f"{path} was made for another model, calibration or method; remove it or name "

@@ -114,3 +114,27 @@ def tiny_tokens(tmp_path_factory) -> Path:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def deep_tiny(tmp_path_factory) -> Path:
+    """A tiny llama with 6 blocks, so that kills can land before, between and after blocks."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 6
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("deep") / "src"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def reference(deep_tiny, tiny_tokens, tmp_path_factory) -> dict[str, bytes]:
+    output = tmp_path_factory.mktemp("ref") / "out"
+    from test_reliability import cli_command, model_files, run
+
+    result = run(cli_command(deep_tiny, output, tiny_tokens))
+    assert result.returncode == 0, result.stderr
+    assert not (output / ".streamrom-progress.json").exists() and not (output / ".streamrom-work").exists()
+    return model_files(output)

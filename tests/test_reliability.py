@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 import streamrom
@@ -28,21 +27,6 @@ from streamrom.progress import PROGRESS_FILE, OutputLock
 from conftest import folder_digest, make_tiny
 
 MODEL_FILES = ("*.safetensors", "model.safetensors.index.json", "config.json")
-
-
-@pytest.fixture(scope="module")
-def deep_tiny(tmp_path_factory) -> Path:
-    """A tiny llama with 6 blocks, so that kills can land before, between and after blocks."""
-    from transformers import AutoModelForCausalLM
-
-    from conftest import tiny_config
-
-    config = tiny_config("llama")
-    config.num_hidden_layers = 6
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("deep") / "src"
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
 
 
 def cli_command(source, output, tokens, *extra) -> list[str]:
@@ -65,15 +49,6 @@ def model_files(folder: Path) -> dict[str, bytes]:
         for path in folder.glob(pattern):
             files[path.name] = path.read_bytes()
     return files
-
-
-@pytest.fixture(scope="module")
-def reference(deep_tiny, tiny_tokens, tmp_path_factory) -> dict[str, bytes]:
-    output = tmp_path_factory.mktemp("ref") / "out"
-    result = run(cli_command(deep_tiny, output, tiny_tokens))
-    assert result.returncode == 0, result.stderr
-    assert not (output / PROGRESS_FILE).exists() and not (output / ".streamrom-work").exists()
-    return model_files(output)
 
 
 def test_same_command_gives_bit_identical_files(deep_tiny, tiny_tokens, tmp_path, reference):
