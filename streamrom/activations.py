@@ -101,26 +101,25 @@ class ActivationPair:
 
 
 class BlockCache:
-    """Disk buffers for one block's intermediates while it is compressed group by group: the
-    attention output (o_proj's input), the residual after attention, and the SwiGLU activations
-    (down_proj's input). Each is written by the pass that first computes it with the layers before
-    it already compressed, so the block costs one forward pass however many groups it has."""
+    """Disk buffers for one block's intermediates while it is compressed group by group (the values its
+    steps mark as cached: for a Llama block the attention output, the residual after attention and the
+    SwiGLU activations). Each is written by the pass that first computes it with the layers before it
+    already compressed, so the block costs one forward pass however many groups it has."""
 
-    NAMES = ("attention", "residual", "mlp")
-
-    def __init__(self, folder: Path, sequences: int, length: int, attention_width: int, hidden: int,
-                 intermediate: int):
+    def __init__(self, folder: Path, sequences: int, length: int, widths: dict[str, int]):
         folder.mkdir(parents=True, exist_ok=True)
-        widths = dict(zip(self.NAMES, (attention_width, hidden, intermediate)))
         self.buffers = {name: ActivationBuffer(folder / f"cache-{name}.f32", sequences, length, width)
                         for name, width in widths.items()}
 
     def __getitem__(self, name: str) -> ActivationBuffer:
         return self.buffers[name]
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.buffers
+
     @staticmethod
-    def bytes_needed(tokens: int, attention_width: int, hidden: int, intermediate: int) -> int:
-        return tokens * (attention_width + hidden + intermediate) * 4
+    def bytes_needed(tokens: int, widths: dict[str, int]) -> int:
+        return tokens * sum(widths.values()) * 4
 
     def close(self, remove: bool = True) -> None:
         for buffer in self.buffers.values():

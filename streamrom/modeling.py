@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +28,6 @@ ATTENTION_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
 MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 BLOCK_LINEARS = ATTENTION_LINEARS + MLP_LINEARS
 NORMS = ("input_layernorm", "post_attention_layernorm")
-
-# Linears that read the same input are compressed together, in the order the data flows through the
-# block: each group's input statistics come from the groups before it, already compressed.
-LINEAR_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-
 
 def block_prefix(index: int) -> str:
     return f"model.layers.{index}."
@@ -344,8 +334,79 @@ class MLP(nn.Module):
         return F.silu(self.gate_proj(h)) * self.up_proj(h)
 
 
+@dataclass(frozen=True)
+class Step:
+    """One step of a block's forward pass: the value `name`, computed from earlier values (read from a
+    BlockValues as `values["x"]`). `cached`: worth keeping on disk between compression passes, since it
+    applies a linear; its width (features per token) comes from the spec."""
+
+    name: str
+    compute: Callable[["Block", "BlockValues", torch.Tensor, torch.Tensor], torch.Tensor]
+    cached_width: Callable[[ModelSpec], int] | None = None
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears that read one value of the forward pass (`reads`), compressed together. A lone linear may
+    name the value that is its own output (`writes`): its moments can be taken there when narrower."""
+
+    linears: tuple[str, ...]
+    reads: str
+    writes: str | None = None
+
+    def observes_output(self, out_features: int, in_features: int) -> bool:
+        """Accumulate the output moment directly (out x out) instead of the input's: a lone linear
+        narrower at its output than at its input (down_proj)."""
+        return self.writes is not None and len(self.linears) == 1 and out_features < in_features
+
+
+class BlockValues:
+    """The values of one block's forward pass for one chunk of tokens: given ones (the block's input
+    "x", or intermediates cached on disk) are read when first asked for, the others computed by the
+    block's steps, each once."""
+
+    def __init__(self, block: "Block", cos: torch.Tensor, sin: torch.Tensor,
+                 given: Mapping[str, Callable[[], torch.Tensor]]):
+        self.block, self.cos, self.sin = block, cos, sin
+        self.given = given
+        self.computed: dict[str, torch.Tensor] = {}
+        self._read: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.computed:
+            return self.computed[name]
+        if name in self.given:
+            if name not in self._read:
+                self._read[name] = self.given[name]()
+            return self._read[name]
+        self.computed[name] = self.block.step(name).compute(self.block, self, self.cos, self.sin)
+        return self.computed[name]
+
+
 class Block(nn.Module):
-    """One decoder block; its forward is split into the steps the compressor needs to observe."""
+    """One decoder block, its forward described once as ordered steps (STEPS) and the groups of linears
+    that read their values (GROUPS). Compression, pass 1 (under autograd), evaluation and loading all
+    run these steps (BlockValues); `forward` is the whole chain from "x" to "output"."""
+
+    STEPS: tuple[Step, ...] = (
+        Step("normed", lambda b, v, cos, sin: b.input_layernorm(v["x"])),
+        Step("attention", lambda b, v, cos, sin: b.self_attn.core(v["normed"], cos, sin),
+             cached_width=lambda spec: spec.num_heads * spec.head_dim),
+        Step("residual", lambda b, v, cos, sin: v["x"] + b.self_attn.o_proj(v["attention"]),
+             cached_width=lambda spec: spec.hidden_size),
+        Step("mlp_normed", lambda b, v, cos, sin: b.post_attention_layernorm(v["residual"])),
+        Step("mlp", lambda b, v, cos, sin: b.mlp.hidden(v["mlp_normed"]),
+             cached_width=lambda spec: spec.intermediate_size),
+        Step("mlp_output", lambda b, v, cos, sin: b.mlp.down_proj(v["mlp"])),
+        Step("output", lambda b, v, cos, sin: v["residual"] + v["mlp_output"]),
+    )
+    # In the order the data flows: each group's statistics come from the groups before it, compressed.
+    GROUPS: tuple[LinearGroup, ...] = (
+        LinearGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), reads="normed"),
+        LinearGroup(("self_attn.o_proj",), reads="attention"),
+        LinearGroup(("mlp.gate_proj", "mlp.up_proj"), reads="mlp_normed"),
+        LinearGroup(("mlp.down_proj",), reads="mlp", writes="mlp_output"),
+    )
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -354,26 +415,20 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    # The forward pass in the steps the compressor observes; each returns a group's input or what
-    # the next step needs, so cached intermediates and a plain forward compute the same thing.
-    def attention_output(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The input of o_proj."""
-        return self.self_attn.core(self.input_layernorm(x), cos, sin)
+    @classmethod
+    def step(cls, name: str) -> Step:
+        for step in cls.STEPS:
+            if step.name == name:
+                return step
+        raise KeyError(f"no step computes {name!r}")
 
-    def after_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The residual stream after attention."""
-        return x + self.self_attn.o_proj(attn)
-
-    def mlp_activations(self, mid: torch.Tensor) -> torch.Tensor:
-        """The input of down_proj."""
-        return self.mlp.hidden(self.post_attention_layernorm(mid))
-
-    def block_output(self, mid: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
-        return mid + self.mlp.down_proj(activations)
+    @classmethod
+    def cached_widths(cls, spec: ModelSpec) -> dict[str, int]:
+        """Features per token of each value worth caching between compression passes."""
+        return {step.name: step.cached_width(spec) for step in cls.STEPS if step.cached_width is not None}
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        mid = self.after_attention(x, self.attention_output(x, cos, sin))
-        return self.block_output(mid, self.mlp_activations(mid))
+        return BlockValues(self, cos, sin, {"x": lambda: x})["output"]
 
     def linear(self, name: str) -> nn.Module:
         return self.get_submodule(name)
@@ -430,3 +485,7 @@ class CausalLM(nn.Module):
         for block in self.layers:
             x = block(x, cos, sin)
         return F.linear(self.norm(x), self.lm_head_weight)
+
+
+# Linears that read the same input, in the order the data flows through the block.
+LINEAR_GROUPS: tuple[tuple[str, ...], ...] = tuple(group.linears for group in Block.GROUPS)

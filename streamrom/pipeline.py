@@ -21,8 +21,7 @@ import psutil
 import torch
 
 from . import allocation, bayes, decompose, plots
-from .activations import (ActivationBuffer, ActivationPair, BlockCache, chunk_ranges, embed_into,
-                          require_finite, run_block)
+from .activations import ActivationBuffer, ActivationPair, BlockCache, chunk_ranges, embed_into, require_finite
 from .bayes import BayesConfig
 from .calibration import CalibrationConfig, calibration_tokens, held_out_windows
 from .checkpoint import CheckpointReader, CheckpointWriter, check_output_path, clear_folder, shard_is_complete
@@ -31,7 +30,7 @@ from .evaluation import evaluate
 from .memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak, release_freed_memory
 from .progress import (LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments_fingerprint, changed_source_file,
                        source_files, source_fingerprint)
-from .modeling import (BLOCK_LINEARS, EMBED, FINAL_NORM, LINEAR_GROUPS, LM_HEAD, Block,
+from .modeling import (BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD, Block, BlockValues,
                        LowRankLinear, ModelSpec, Rotary, block_prefix)
 from .report import Report, StageTimer, memory_summary
 from .spectra import collect_spectra
@@ -291,38 +290,41 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
                     del linear, weight
                     block.set_linear(name, _low_rank_module(factors))
         return
-    work = [[name for name in group if plan[name] is not None] for group in LINEAR_GROUPS]
+    work = [[name for name in group.linears if plan[name] is not None] for group in block.GROUPS]
     last = max((g for g, todo in enumerate(work) if todo), default=-1)
-    if last < 0:
-        if outputs is not None:
-            with timer("forward"):
-                run_block(block, inputs, outputs, cos, sin, chunk_sequences)
-        return
-    for group_index in range(last + 1):
-        todo = work[group_index]
-        if group_index == 0 and not todo:
-            continue  # the input norm is recomputed where needed; nothing to observe here
-        moments, observe_outputs = None, False
-        if todo:
-            first = block.linear(todo[0])
-            out_features, in_features = first.weight.shape
-            # A lone linear narrower at its output than its input (down_proj) has its output moment
-            # accumulated directly: out x out is the smaller matrix. Otherwise the shared input moment.
-            observe_outputs = len(LINEAR_GROUPS[group_index]) == 1 and out_features < in_features
-            # one accumulator per calibration text: [general, target] with a target, else [all]
-            moments = [MomentAccumulator(out_features if observe_outputs else in_features,
-                                         torch.float64 if config.precision == "float64" else torch.float32)
-                       for _ in range(2 if target_from else 1)]
+    cached: list[str] = []  # values of the passes so far, on disk for all chunks
+
+    def chunk_values(start: int, stop: int) -> BlockValues:
+        given = {"x": lambda: inputs.read(start, stop)}
+        given.update({name: (lambda name=name: cache[name].read(start, stop)) for name in cached})
+        return BlockValues(block, cos, sin, given)
+
+    def keep(values: BlockValues, start: int) -> list[str]:
+        """Write what this pass computed and later passes read instead of computing again."""
+        new = [name for name in values.computed if name in cache and name not in cached]
+        for name in new:
+            cache[name].write(start, values.computed[name])
+        return new
+
+    for group, todo in zip(block.GROUPS[:last + 1], work):
+        if not todo:
+            continue  # what this group's pass would compute, the next one computes on its way
+        first = block.linear(todo[0])
+        out_features, in_features = first.weight.shape
+        observe_outputs = group.observes_output(out_features, in_features)
+        # one accumulator per calibration text: [general, target] with a target, else [all]
+        moments = [MomentAccumulator(out_features if observe_outputs else in_features,
+                                     torch.float64 if config.precision == "float64" else torch.float32)
+                   for _ in range(2 if target_from else 1)]
+        written: list[str] = []
         for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences, target_from):
             with timer("forward"):
-                features = _group_features(block, group_index, inputs, cache, start, stop, cos, sin)
-                if observe_outputs:
-                    features = first(features)
-            if moments is not None:
-                with timer("statistics"):
-                    moments[1 if target_from and start >= target_from else 0].add(features)
-        if moments is None:
-            continue
+                values = chunk_values(start, stop)
+                features = values[group.writes if observe_outputs else group.reads]
+                written = keep(values, start)
+            with timer("statistics"):
+                moments[1 if target_from and start >= target_from else 0].add(features)
+        cached.extend(written)
         if not all(accumulator.is_finite() for accumulator in moments):
             raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo)} "
                                  "(overflow in the source weights or in the layers before)")
@@ -357,7 +359,7 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
     if outputs is not None:
         with timer("forward"):
             for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
-                result = _finish_block(block, last, inputs, cache, start, stop, cos, sin)
+                result = chunk_values(start, stop)["output"]
                 outputs.write(start, require_finite(result, f"leave {block_label.rstrip('.')}"))
 
 
@@ -390,37 +392,6 @@ def _selected_basis(mixed: decompose.InputMoments, target: decompose.InputMoment
         factor = w_tilde @ target.root(with_bias)
         extra = target.rom_basis(weight, bias, rank)
     return decompose.select_basis(candidates, factor, rank, extra)
-
-
-def _group_features(block: Block, group: int, inputs: ActivationBuffer, cache: BlockCache,
-                    start: int, stop: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The input of LINEAR_GROUPS[group] for one chunk; caches what the next group's pass needs."""
-    if group == 0:
-        return block.input_layernorm(inputs.read(start, stop))
-    if group == 1:
-        attention = block.attention_output(inputs.read(start, stop), cos, sin)
-        cache["attention"].write(start, attention)
-        return attention
-    if group == 2:
-        residual = block.after_attention(inputs.read(start, stop), cache["attention"].read(start, stop))
-        cache["residual"].write(start, residual)
-        return block.post_attention_layernorm(residual)
-    activations = block.mlp_activations(cache["residual"].read(start, stop))
-    cache["mlp"].write(start, activations)
-    return activations
-
-
-def _finish_block(block: Block, last_group: int, inputs: ActivationBuffer, cache: BlockCache,
-                  start: int, stop: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The block's output for one chunk, from the intermediates the last statistics pass cached."""
-    if last_group == 0:
-        return block(inputs.read(start, stop), cos, sin)
-    if last_group == 1:
-        residual = block.after_attention(inputs.read(start, stop), cache["attention"].read(start, stop))
-    else:
-        residual = cache["residual"].read(start, stop)
-    activations = cache["mlp"].read(start, stop) if last_group == 3 else block.mlp_activations(residual)
-    return block.block_output(residual, activations)
 
 
 def _block_tensors(block: Block, index: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -621,8 +592,7 @@ def _plan_and_run(reader: CheckpointReader, output: Path, tokens: np.ndarray, la
     """Resources, the plan (pass 1, bayes) and the block loop, for a run whose model is not yet written."""
     spec = reader.spec
     damaged = damaged_shards(output, progress) if progress.blocks_done >= 0 else []
-    activation_bytes = BlockCache.bytes_needed(tokens.size, spec.num_heads * spec.head_dim,
-                                               spec.hidden_size, spec.intermediate_size)
+    activation_bytes = BlockCache.bytes_needed(tokens.size, Block.cached_widths(spec))
     if progress.blocks_done < 0:  # a resumed run has its two activation files already
         activation_bytes += 2 * tokens.size * spec.hidden_size * 4
     if damaged:  # redone from fresh activations beside the resumed run's
@@ -844,8 +814,7 @@ class _BlockSteps:
     def cache(self, shape: tuple[int, int]) -> BlockCache:
         if self._cache is None:
             spec = self.reader.spec
-            self._cache = BlockCache(self.work, *shape, spec.num_heads * spec.head_dim, spec.hidden_size,
-                                     spec.intermediate_size)
+            self._cache = BlockCache(self.work, *shape, Block.cached_widths(spec))
         return self._cache
 
     def compress(self, index: int, activations: ActivationPair | None) -> Block:

@@ -30,13 +30,12 @@ from .activations import ActivationBuffer, chunk_ranges, embed_into, require_fin
 from .checkpoint import CheckpointReader
 from .errors import InputError, NumericalError, UsageError
 from .memory import HEAD_POSITIONS, release_freed_memory
-from .modeling import EMBED, FINAL_NORM, LINEAR_GROUPS, LM_HEAD, Block, RMSNorm, Rotary, block_prefix
+from .modeling import EMBED, FINAL_NORM, LM_HEAD, Block, BlockValues, LinearGroup, RMSNorm, Rotary, block_prefix
 from .report import StageTimer
 from .statistics import MomentAccumulator
 
 log = logging.getLogger(__name__)
 
-DOWN = LINEAR_GROUPS[3][0]
 SPECTRA_FILE = "sensitivity-spectra.npz"
 FINGERPRINT_KEY = "__made_for__"
 
@@ -46,12 +45,15 @@ def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output
                 centered: bool, work_dtype, timer: StageTimer) -> dict[str, np.ndarray]:
     """Per chosen linear of this dense block, the loss cost of dropping each output direction (in the
     order ROM keeps them); writes the loss gradient with respect to the block's inputs (unless None)."""
-    groups = [g for g, group in enumerate(LINEAR_GROUPS) if any(n in names for n in group)]
     product = torch.float64 if work_dtype == np.float64 else torch.float32
-    down = block.linear(DOWN)
-    sizes = {0: block.linear(LINEAR_GROUPS[0][0]).weight.shape[1], 1: block.linear(LINEAR_GROUPS[1][0]).weight.shape[1],
-             2: block.linear(LINEAR_GROUPS[2][0]).weight.shape[1], 3: down.weight.shape[0]}
-    moments = {g: MomentAccumulator(sizes[g], product) for g in groups}
+    groups = [group for group in block.GROUPS if any(name in names for name in group.linears)]
+    observed: dict[LinearGroup, str] = {}  # the value whose moment each group's pricing needs
+    moments: dict[LinearGroup, MomentAccumulator] = {}
+    for group in groups:
+        out_features, in_features = block.linear(group.linears[0]).weight.shape
+        at_output = group.observes_output(out_features, in_features)
+        observed[group] = group.writes if at_output else group.reads
+        moments[group] = MomentAccumulator(out_features if at_output else in_features, product)
     squares = {name: torch.zeros(block.linear(name).weight.shape[0], dtype=torch.float64) for name in names}
 
     def capture(name: str):
@@ -68,22 +70,15 @@ def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output
         for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
             with timer("backward"), torch.enable_grad():
                 x = inputs.read(start, stop).requires_grad_(True)
-                # block.forward in its steps, keeping each group's input (and down's output) for the moments
-                normed = block.input_layernorm(x)
-                attention = block.self_attn.core(normed, cos, sin)
-                residual = block.after_attention(x, attention)
-                mlp_normed = block.post_attention_layernorm(residual)
-                down_output = down(block.mlp.hidden(mlp_normed))
-                output = residual + down_output
-                output.backward(output_grads.read(start, stop))
+                values = BlockValues(block, cos, sin, {"x": lambda x=x: x})  # the block's steps, each value kept
+                values["output"].backward(output_grads.read(start, stop))
             if input_grads is not None:
                 input_grads.write(start, require_finite(x.grad, "in the loss gradient"))
             tokens += x.shape[0] * x.shape[1]
             with timer("statistics"):
-                features = {0: normed, 1: attention, 2: mlp_normed, 3: down_output}
-                for g, accumulator in moments.items():
-                    accumulator.add(features[g].detach())
-            del x, normed, attention, residual, mlp_normed, down_output, output, features
+                for group, accumulator in moments.items():
+                    accumulator.add(values[observed[group]].detach())
+            del x, values
     finally:
         for hook in hooks:
             hook.remove()
@@ -93,22 +88,22 @@ def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output
 
     costs: dict[str, np.ndarray] = {}
     with timer("eigen"):
-        for g in list(moments):
-            accumulator = moments.pop(g)  # each group's float64 sums go once its linears are priced
+        for group in list(moments):
+            accumulator = moments.pop(group)  # each group's float64 sums go once its linears are priced
             if not accumulator.is_finite():
-                raise NumericalError(f"NaN or Inf activations reach {', '.join(LINEAR_GROUPS[g])}")
+                raise NumericalError(f"NaN or Inf activations reach {', '.join(group.linears)}")
             second = accumulator.second_moment().astype(work_dtype, copy=False)
             mean = accumulator.mean().astype(work_dtype, copy=False)
             group_inputs = decompose.InputMoments(second, mean, centered)
-            for name in LINEAR_GROUPS[g]:
+            for name in group.linears:
                 if name not in names:
                     continue
-                if g == 3:  # down's output moment was accumulated directly
+                linear = block.linear(name)
+                if observed[group] == group.writes:  # the output's moment was accumulated directly
                     values, vectors = decompose.top_eigenvectors(
-                        decompose.output_moment(second, mean, centered), min(down.weight.shape))
+                        decompose.output_moment(second, mean, centered), min(linear.weight.shape))
                     values = np.clip(values, 0.0, None)
                 else:
-                    linear = block.linear(name)
                     bias = linear.bias.detach().numpy() if linear.bias is not None else None
                     values, vectors = decompose.output_eigenpairs(group_inputs, linear.weight.detach().numpy(), bias)
                 sensitivity = (squares[name] / tokens).numpy().astype(vectors.dtype)
