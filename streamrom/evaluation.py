@@ -10,19 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .activations import ActivationPair, chunk_ranges, embed_into, run_block
+from .activations import ActivationPair, chunk_ranges, embed_into
 from .calibration import check_vocabulary, evaluation_windows, load_tokenizer, tokenize_files
 from .checkpoint import CheckpointReader
 from .errors import OutputError, ResourceError, UsageError
 from .memory import RSSMonitor
-from .modeling import EMBED, FINAL_NORM, LM_HEAD, Block, RMSNorm, Rotary
+from .head import LossHead
+from .modeling import EMBED, Rotary
 from .report import Report, StageTimer, memory_summary
+from .streaming import forward_blocks
 
 log = logging.getLogger(__name__)
 
-LOGIT_SLICE_BYTES = 256 * 2**20  # the logits held at once
 
 
 def _check_disk(folder: Path, needed: int) -> None:
@@ -77,31 +77,14 @@ def evaluate(checkpoint: str | Path, text_files: list[Path] | tuple[Path, ...], 
             if not spec.tie_word_embeddings:
                 del embedding
             cos, sin = Rotary(spec).cos_sin(seqlen)
-            for index in range(spec.num_layers):
-                with timer("read"):
-                    block = Block.from_tensors(spec, reader.block_tensors(index))
-                with timer("forward"):
-                    run_block(block, activations.inputs, activations.outputs, cos, sin, chunk_sequences)
-                activations.swap()
-                del block
-                log.info("eval block %d/%d", index + 1, spec.num_layers,
-                         extra={"progress": (index + 1, spec.num_layers, "eval")})
+            forward_blocks(reader, activations, cos, sin, chunk_sequences, timer, "eval")
             with timer("read"):
-                norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-                norm.weight.data = reader.tensor(FINAL_NORM).float()
-                head = (embedding if spec.tie_word_embeddings else reader.tensor(LM_HEAD)).float()
+                head = LossHead(reader, embedding if spec.tie_word_embeddings else None)
             total_nll, count = 0.0, 0
             with timer("forward"):
-                # One window at a time, its logits in slices of positions: positions x vocab floats
-                # are the largest tensor here (a 4096-token window of a 150k vocabulary: 2.4 GB).
-                positions = max(1, LOGIT_SLICE_BYTES // (4 * head.shape[0]))
-                for begin, end in chunk_ranges(len(windows), 1):
-                    hidden = norm(activations.inputs.read(begin, end))[0, :-1]
-                    targets = torch.from_numpy(windows[begin, 1:])
-                    for first in range(0, len(targets), positions):
-                        logits = F.linear(hidden[first:first + positions], head)
-                        total_nll += F.cross_entropy(logits, targets[first:first + positions],
-                                                     reduction="sum").item()
+                for begin, end in chunk_ranges(len(windows), 1):  # one window at a time: the logits are large
+                    targets = torch.from_numpy(np.ascontiguousarray(windows[begin:end, 1:], dtype=np.int64))
+                    total_nll += head.loss(activations.inputs.read(begin, end)[:, :-1], targets)
                     count += targets.numel()
         finally:
             activations.close()

@@ -9,7 +9,7 @@ import time
 
 import psutil
 
-HEAD_POSITIONS = 128  # positions per slice of logits in pass 1 (spectra.py): 128 x vocabulary floats
+HEAD_POSITIONS = 128  # positions per slice of logits (head.py): 128 x vocabulary floats
 
 
 def vm_hwm_bytes(pid: int | str = "self") -> int | None:

@@ -23,15 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import decompose
 from .activations import ActivationBuffer, chunk_ranges, embed_into, require_finite, run_block
 from .checkpoint import CheckpointReader
 from .errors import InputError, NumericalError, UsageError
-from .memory import HEAD_POSITIONS, release_freed_memory
-from .modeling import EMBED, FINAL_NORM, LM_HEAD, Block, BlockValues, LinearGroup, RMSNorm, Rotary, block_prefix
+from .head import LossHead
+from .memory import release_freed_memory
+from .modeling import EMBED, Block, BlockValues, LinearGroup, Rotary, block_prefix
 from .report import StageTimer
+from .streaming import read_blocks
 from .statistics import MomentAccumulator
 
 log = logging.getLogger(__name__)
@@ -162,49 +163,32 @@ def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[i
             with timer("forward"):
                 embed_into(embedding, tokens, block_inputs[0] if first == 0 else below[0], chunk_sequences)
             del embedding
-            for index in range(spec.num_layers):
+            for index, block in read_blocks(reader, range(spec.num_layers), timer, "spectra forward"):
                 source = block_inputs[index] if index >= first else below[index % 2]
                 target = block_inputs[index + 1] if index + 1 >= first else below[(index + 1) % 2]
-                with timer("read"):
-                    block = Block.from_tensors(spec, reader.block_tensors(index))
                 with timer("forward"):
                     run_block(block, source, target, cos, sin, chunk_sequences)
                 del block
-                log.info("spectra forward: block %d/%d", index + 1, spec.num_layers,
-                         extra={"progress": (index + 1, spec.num_layers, "spectra forward")})
         finally:
             for buffer in below:
                 buffer.close(remove=True)
 
         with timer("read"):
-            norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-            norm.weight.data = reader.tensor(FINAL_NORM).float()
-            head = reader.tensor(EMBED if spec.tie_word_embeddings else LM_HEAD).float()
+            head = LossHead(reader)
         total_nll = 0.0
         with timer("backward"):
             for begin, end in chunk_ranges(sequences, 1):
                 hidden = block_inputs[spec.num_layers].read(begin, end)
                 targets = torch.from_numpy(np.ascontiguousarray(tokens[begin:end, 1:], dtype=np.int64))
                 grad = torch.zeros_like(hidden)  # the last position predicts nothing: no gradient
-                # Logits are the largest tensor (positions x vocabulary); each position's loss depends on
-                # its own hidden state only, so positions go in slices, exactly.
-                for first_position in range(0, seqlen - 1, HEAD_POSITIONS):
-                    last_position = min(first_position + HEAD_POSITIONS, seqlen - 1)
-                    with torch.enable_grad():
-                        piece = hidden[:, first_position:last_position].clone().requires_grad_(True)
-                        logits = F.linear(norm(piece), head)
-                        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                               targets[:, first_position:last_position].reshape(-1), reduction="sum")
-                        loss.backward()
-                    grad[:, first_position:last_position] = piece.grad
-                    total_nll += loss.item()
+                loss, grad[:, :-1] = head.loss_and_gradient(hidden[:, :-1], targets)
+                total_nll += loss
                 grads[0].write(begin, grad)
-        del head, norm
+        del head
         log.info("spectra: dense calibration loss %.4f per token", total_nll / (sequences * (seqlen - 1)))
 
-        for step, index in enumerate(range(spec.num_layers - 1, first - 1, -1)):
-            with timer("read"):
-                block = Block.from_tensors(spec, reader.block_tensors(index))
+        backward = read_blocks(reader, range(spec.num_layers - 1, first - 1, -1), timer, "spectra backward")
+        for step, (index, block) in enumerate(backward):
             chosen = names if index in layers else []
             output_grads, input_grads = grads[step % 2], grads[(step + 1) % 2]
             found = block_costs(block, chosen, block_inputs[index], output_grads,
@@ -213,9 +197,6 @@ def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[i
             costs.update({f"{block_prefix(index)}{name}": values for name, values in found.items()})
             del block
             block_inputs.pop(index + 1).close(remove=True)  # its gradient is through; the file is done
-            done = spec.num_layers - index
-            log.info("spectra backward: block %d/%d", index + 1, spec.num_layers,
-                     extra={"progress": (done, spec.num_layers - first, "spectra backward")})
     finally:
         for buffer in [*block_inputs.values(), *grads]:
             buffer.close(remove=True)

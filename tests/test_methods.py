@@ -158,10 +158,10 @@ def test_pass_one_prices_directions_as_whole_model_autograd_does(tiny_models, tm
 
     from streamrom.modeling import EMBED, FINAL_NORM, LM_HEAD, Block, RMSNorm, Rotary, block_prefix
     from streamrom.report import StageTimer
-    from streamrom import spectra
+    from streamrom import memory
     from streamrom.spectra import collect_spectra
 
-    monkeypatch.setattr(spectra, "HEAD_POSITIONS", 7)  # the logits at the top in several slices of positions
+    monkeypatch.setattr(memory, "HEAD_POSITIONS", 7)  # the logits at the top in several slices of positions
     reader = CheckpointReader(tiny_models["llama"])
     spec = reader.spec
     tokens = np.random.default_rng(3).integers(0, spec.vocab_size, size=(5, 24))
