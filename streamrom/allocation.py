@@ -35,15 +35,14 @@ class Slot:
     out_features: int
     in_features: int
     bias: bool = False
-    centered: bool = False  # the centered method adds an out-sized mean-correction bias
+    extra: int = 0  # parameters the method adds to a factored linear (methods.Method.extra_parameters)
 
     @property
     def dense(self) -> int:
         return self.out_features * self.in_features + (self.out_features if self.bias else 0)
 
     def factored(self, rank: int) -> int:
-        return (rank * (self.out_features + self.in_features) + (rank if self.bias else 0)
-                + (self.out_features if self.centered else 0))
+        return rank * (self.out_features + self.in_features) + (rank if self.bias else 0) + self.extra
 
     def params(self, rank: int | None) -> int:
         return self.dense if rank is None else self.factored(rank)

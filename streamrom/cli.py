@@ -43,6 +43,9 @@ from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, OutputError, St
 
 log = logging.getLogger("streamrom")
 
+# methods.METHODS's names, spelled here so that --help needs no torch (a test keeps the two equal)
+METHOD_NAMES = ("rom", "rom-centered", "svd")
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not argparse's usage block
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="blocks to compress: all, last:N (ROM: the last N blocks), or e.g. 0-3,7 (default all)")
     comp.add_argument("--modules", type=_modules,
                       help="comma-separated linears to compress, e.g. q_proj,k_proj,gate_proj (default: all seven)")
-    comp.add_argument("--method", default="rom", choices=["rom", "rom-centered", "svd"],
+    comp.add_argument("--method", default="rom", choices=list(METHOD_NAMES),
                       help="rom: uncentered output second moment (default, best rank-r fit of W X); "
                            "rom-centered: covariance plus the mean-correction bias (worse than rom with uniform ranks, better "
                            "with --allocate spectrum or bayes; README: Rank allocation and methods); "

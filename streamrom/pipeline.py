@@ -30,18 +30,17 @@ from .evaluation import evaluate
 from .memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak, release_freed_memory
 from .progress import (LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments_fingerprint, changed_source_file,
                        source_files, source_fingerprint)
-from .modeling import (BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD, Block, BlockValues,
-                       LowRankLinear, ModelSpec, Rotary, block_prefix)
+from .modeling import BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD, Block, BlockValues, ModelSpec, Rotary, block_prefix
 from .report import Report, StageTimer, memory_summary
 from .spectra import collect_spectra
 from .spectra import read_saved as read_saved_spectra
-from .statistics import MomentAccumulator
+from .methods import METHODS, Method
+from .statistics import GroupStatistics
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 WORK_FOLDER = ".streamrom-work"
-METHODS = ("rom", "rom-centered", "svd")
 ALLOCATIONS = ("uniform", "last-n", "spectrum", "bayes")
 FIRST_PASS_ALLOCATIONS = ("spectrum", "bayes")  # need spectrum's pass 1 (bayes starts from its plan)
 # Half target, half general (each normalised to unit output energy first): until benchmarks/targeted.py
@@ -107,18 +106,18 @@ class CompressConfig:
             raise UsageError(f"unknown --target-basis {self.target_basis!r}: choose mix or select")
         if self.target_basis == "select" and self.target_calibration is None:
             raise UsageError("--target-basis select needs --target-text")
-        if self.target_calibration is not None:
-            if self.method == "svd":
-                raise UsageError("--method svd uses no calibration text, so no target text either")
-            if self.target_calibration.seqlen != self.calibration.seqlen:
-                raise UsageError("the target and general calibration sequences must have the same length")
-        if self.method == "svd" and self.allocate in FIRST_PASS_ALLOCATIONS:
-            raise UsageError(f"--allocate {self.allocate} prices the directions ROM keeps; with --method svd use "
-                             "uniform or last-n")
-        if self.spectra_file is not None and self.allocate not in FIRST_PASS_ALLOCATIONS:
-            raise UsageError("--spectra keeps the first pass of --allocate spectrum: use it with that allocation")
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
+        if self.target_calibration is not None:
+            if not self.compression_method.uses_calibration:
+                raise UsageError(f"--method {self.method} uses no calibration text, so no target text either")
+            if self.target_calibration.seqlen != self.calibration.seqlen:
+                raise UsageError("the target and general calibration sequences must have the same length")
+        if not self.compression_method.priced_by_pass_one and self.allocate in FIRST_PASS_ALLOCATIONS:
+            raise UsageError(f"--allocate {self.allocate} prices the directions ROM keeps; with --method "
+                             f"{self.method} use uniform or last-n")
+        if self.spectra_file is not None and self.allocate not in FIRST_PASS_ALLOCATIONS:
+            raise UsageError("--spectra keeps the first pass of --allocate spectrum: use it with that allocation")
         unknown = [m for m in self.modules if m not in BLOCK_LINEARS]
         if unknown:
             raise UsageError(f"unknown module {unknown[0]!r}: choose from {', '.join(BLOCK_LINEARS)}")
@@ -135,8 +134,12 @@ class CompressConfig:
         return source_dtype if self.dtype == "source" else OUTPUT_DTYPES[self.dtype]
 
     @property
-    def centered(self) -> bool:
-        return self.method == "rom-centered"
+    def compression_method(self) -> Method:
+        return METHODS[self.method]
+
+    @property
+    def centered(self) -> bool:  # (pass 1 prices the directions of ROM's centered or uncentered fit)
+        return self.compression_method.centered
 
     @property
     def has_target(self) -> bool:
@@ -198,7 +201,8 @@ def allocation_slots(spec: ModelSpec, config: CompressConfig, layers: list[int])
             if name in config.modules:
                 out_features, in_features = spec.linear_shape(name)
                 slots.append(allocation.Slot(f"{block_prefix(index)}{name}", index, out_features, in_features,
-                                             spec.has_bias(name), config.centered))
+                                             spec.has_bias(name),
+                                             config.compression_method.extra_parameters(out_features)))
     return slots
 
 
@@ -255,14 +259,6 @@ def block_plan(plan: dict[str, int | None], index: int) -> dict[str, int | None]
     return {name: plan.get(f"{block_prefix(index)}{name}") for name in BLOCK_LINEARS}
 
 
-def _low_rank_module(factors: decompose.Factors) -> LowRankLinear:
-    def tensor(array: np.ndarray | None) -> torch.Tensor | None:
-        return None if array is None else torch.from_numpy(np.ascontiguousarray(array))
-
-    return LowRankLinear.from_factors(tensor(factors.reduce_weight), tensor(factors.expand_weight),
-                                      tensor(factors.reduce_bias), tensor(factors.expand_bias))
-
-
 @torch.no_grad()
 def compress_block(block: Block, plan: dict[str, int | None], inputs: ActivationBuffer,
                    outputs: ActivationBuffer | None, cache: BlockCache, cos: torch.Tensor, sin: torch.Tensor,
@@ -279,18 +275,15 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
     the general text's: their moments are kept apart and mixed per linear (decompose.mixture_weights
     with config.target_weight).
     """
-    if config.method == "svd":  # weight-space: no statistics, and nothing downstream needs outputs
+    method = config.compression_method
+    work_dtype = PRECISIONS[config.precision]
+    if not method.uses_calibration:  # weight space: no statistics, and nothing downstream needs outputs
         with timer("eigen"):
-            for name, rank in plan.items():
-                if rank is not None:
-                    linear = block.linear(name)
-                    weight = linear.weight.detach().numpy().astype(PRECISIONS[config.precision], copy=False)
-                    bias = linear.bias.detach().numpy() if linear.bias is not None else None
-                    factors = decompose.factorise(weight, bias, decompose.weight_svd_basis(weight, rank))
-                    del linear, weight
-                    block.set_linear(name, _low_rank_module(factors))
+            for group in block.GROUPS:
+                ranks = {name: plan[name] for name in group.linears if plan[name] is not None}
+                method.compress_group(block, group, ranks, None, False, work_dtype, config.damping)
         return
-    work = [[name for name in group.linears if plan[name] is not None] for group in block.GROUPS]
+    work = [{name: plan[name] for name in group.linears if plan[name] is not None} for group in block.GROUPS]
     last = max((g for g, todo in enumerate(work) if todo), default=-1)
     cached: list[str] = []  # values of the passes so far, on disk for all chunks
 
@@ -309,89 +302,33 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
     for group, todo in zip(block.GROUPS[:last + 1], work):
         if not todo:
             continue  # what this group's pass would compute, the next one computes on its way
-        first = block.linear(todo[0])
-        out_features, in_features = first.weight.shape
-        observe_outputs = group.observes_output(out_features, in_features)
-        # one accumulator per calibration text: [general, target] with a target, else [all]
-        moments = [MomentAccumulator(out_features if observe_outputs else in_features,
-                                     torch.float64 if config.precision == "float64" else torch.float32)
-                   for _ in range(2 if target_from else 1)]
+        out_features, in_features = block.linear(next(iter(todo))).weight.shape
+        at_output = group.observes_output(out_features, in_features)
+        statistics = GroupStatistics(out_features if at_output else in_features,
+                                     torch.float64 if config.precision == "float64" else torch.float32,
+                                     target_from, config.target_weight, config.target_basis)
         written: list[str] = []
         for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences, target_from):
             with timer("forward"):
                 values = chunk_values(start, stop)
-                features = values[group.writes if observe_outputs else group.reads]
+                features = values[group.writes if at_output else group.reads]
                 written = keep(values, start)
             with timer("statistics"):
-                moments[1 if target_from and start >= target_from else 0].add(features)
+                statistics.add(features, start)
         cached.extend(written)
-        if not all(accumulator.is_finite() for accumulator in moments):
+        if not statistics.is_finite():
             raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo)} "
                                  "(overflow in the source weights or in the layers before)")
         with timer("eigen"):
-            work_dtype = PRECISIONS[config.precision]
-            parts = [decompose.InputMoments(accumulator.second_moment().astype(work_dtype, copy=False),
-                                            accumulator.mean().astype(work_dtype, copy=False),
-                                            config.centered, config.damping) for accumulator in moments]
-            del moments  # the float64 accumulators are not needed past here
-            for name in todo:
-                linear = block.linear(name)
-                # float32: the block's own weight, no copy (the factors are new arrays)
-                weight = linear.weight.detach().numpy().astype(work_dtype, copy=False)
-                bias = linear.bias.detach().numpy().astype(work_dtype, copy=False) if linear.bias is not None else None
-                moments_here = parts[0] if len(parts) == 1 else _mixed(parts, weight, bias, observe_outputs,
-                                                                        config.target_weight)
-                if len(parts) == 2 and config.target_basis == "select":
-                    basis = _selected_basis(moments_here, parts[1], weight, bias, plan[name], observe_outputs)
-                elif observe_outputs:
-                    basis = decompose.rom_basis_from_outputs(moments_here.second_moment, moments_here.mean, plan[name],
-                                                             config.centered, config.damping)
-                else:
-                    basis = moments_here.rom_basis(weight, bias, plan[name])
-                output_mean = (moments_here.mean if observe_outputs
-                               else decompose.output_mean_from_inputs(weight, bias, moments_here.mean))
-                factors = decompose.factorise(weight, bias, basis, output_mean if config.centered else None)
-                del linear, weight, basis, moments_here  # the dense weight (or its copy) goes before the next linear
-                block.set_linear(name, _low_rank_module(factors))
-                del factors
-            del parts
+            moments = statistics.moments(work_dtype, method.centered, config.damping)
+            method.compress_group(block, group, todo, moments, at_output, work_dtype, config.damping)
+            del moments, statistics
         release_freed_memory()
     if outputs is not None:
         with timer("forward"):
             for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
                 result = chunk_values(start, stop)["output"]
                 outputs.write(start, require_finite(result, f"leave {block_label.rstrip('.')}"))
-
-
-def _mixed(parts: list[decompose.InputMoments], weight: np.ndarray, bias: np.ndarray | None, observed_outputs: bool,
-           target_weight: float) -> decompose.InputMoments:
-    """One linear's mix of its [general, target] moments, each part normalised by its output energy."""
-    general, target = parts
-    if observed_outputs:  # the moments are of the output itself
-        energies = [float(np.trace(decompose.output_moment(p.second_moment, p.mean, p.centered))) for p in (target, general)]
-    else:
-        energies = [decompose.output_energy(p, weight, bias) for p in (target, general)]
-    return decompose.mix_moments(target, general, decompose.mixture_weights(*energies, target_weight))
-
-
-def _selected_basis(mixed: decompose.InputMoments, target: decompose.InputMoments, weight: np.ndarray,
-                    bias: np.ndarray | None, rank: int, observed_outputs: bool) -> np.ndarray:
-    """Basis selection for one linear: among all of the mix's output eigenvectors and the target's own
-    top `rank`, the `rank` directions that keep the most target output energy."""
-    if observed_outputs:  # the moments are of the output itself (out x out)
-        size = mixed.second_moment.shape[0]
-        candidates = decompose.top_eigenvectors(
-            decompose.output_moment(mixed.second_moment, mixed.mean, mixed.centered, mixed.damping), size)[1]
-        values, vectors = decompose.top_eigenvectors(
-            decompose.output_moment(target.second_moment, target.mean, target.centered), size)
-        factor = vectors * np.sqrt(np.clip(values, 0.0, None))
-        extra = vectors[:, :rank]
-    else:
-        candidates = decompose.output_eigenpairs(mixed, weight, bias)[1]
-        w_tilde, with_bias = target.augmented_weight(weight, bias)
-        factor = w_tilde @ target.root(with_bias)
-        extra = target.rom_basis(weight, bias, rank)
-    return decompose.select_basis(candidates, factor, rank, extra)
 
 
 def _block_tensors(block: Block, index: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -411,19 +348,18 @@ def _fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def _output_bytes(spec: ModelSpec, plan: dict[str, int | None], dtype_bytes: int, centered: bool = False) -> int:
+def _output_bytes(spec: ModelSpec, plan: dict[str, int | None], dtype_bytes: int, method: Method) -> int:
     """Size of the compressed checkpoint's tensors, from the model's rank plan."""
     params = sum(math.prod(shape) for shape in spec.global_shapes().values())
+    dense = spec.dense_block_shapes()
     for index in range(spec.num_layers):
-        for name, shape in spec.dense_block_shapes().items():
+        for name, shape in dense.items():
             linear, _, kind = name.rpartition(".")
             rank = plan.get(f"{block_prefix(index)}{linear}")
             if not rank:
                 params += math.prod(shape)
-            elif kind == "weight":  # factors rank x (out + in), and the centered mean correction
-                params += rank * sum(shape) + (shape[0] if centered else 0)
-            else:  # a bias becomes Vᵀ b, rank entries
-                params += rank
+            elif kind == "weight":  # the linear's replacement, its bias included
+                params += method.parameters(*shape, rank, f"{linear}.bias" in dense)
     return params * dtype_bytes
 
 
@@ -601,7 +537,7 @@ def _plan_and_run(reader: CheckpointReader, output: Path, tokens: np.ndarray, la
         # pass 1 keeps every block's inputs from the first chosen block up, plus two gradient files
         activation_bytes += (spec.num_layers - min(layers) + 3) * tokens.size * spec.hidden_size * 4
     written = sum(p.stat().st_size for p in output.glob("model-*.safetensors"))
-    check_resources(output, {"output": max(0, _output_bytes(spec, sizing_plan, dtype_bytes, config.centered) - written),
+    check_resources(output, {"output": max(0, _output_bytes(spec, sizing_plan, dtype_bytes, config.compression_method) - written),
                              "activations": activation_bytes}, memory_parts)
     progress.save(output)  # from here on, a failed run's leftovers are resumable, not foreign
     try:
@@ -763,7 +699,7 @@ def _run(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[
                     embedding = reader.tensor(EMBED)
                 with timer("write"):
                     writer.write_shard(1, {EMBED: embedding.to(dtype)}, scratch=work)
-                if config.method != "svd":  # weight-space SVD needs no calibration data
+                if config.compression_method.uses_calibration:
                     with timer("forward"):
                         embed_into(embedding, tokens, activations.inputs, chunk_sequences)
                         activations.inputs.sync()
@@ -822,9 +758,10 @@ class _BlockSteps:
         with self.timer("read"):
             block = Block.from_tensors(spec, self.reader.block_tensors(index))
         # the last block's outputs feed nothing; nor do any, for weight-space SVD
-        has_next = activations is not None and index + 1 < spec.num_layers and self.config.method != "svd"
+        uses_calibration = self.config.compression_method.uses_calibration
+        has_next = activations is not None and index + 1 < spec.num_layers and uses_calibration
         inputs = activations.inputs if activations is not None else None
-        cache = self.cache(inputs.shape[:2]) if inputs is not None and self.config.method != "svd" else None
+        cache = self.cache(inputs.shape[:2]) if inputs is not None and uses_calibration else None
         compress_block(block, block_plan(self.plan, index), inputs, activations.outputs if has_next else None,
                        cache, self.cos, self.sin, self.config, self.chunk_sequences, self.timer,
                        block_label=block_prefix(index), target_from=self.target_from)
@@ -848,7 +785,7 @@ def _redo_blocks(steps: _BlockSteps, writer: CheckpointWriter, redo: list[int], 
     reader, config = steps.reader, steps.config
     log.info("redoing block(s) %s (their shards were lost)", ", ".join(map(str, redo)))
     activations = None
-    if config.method != "svd":
+    if config.compression_method.uses_calibration:
         sequences, seqlen = tokens.shape
         activations = ActivationPair(steps.work / "redo", sequences, seqlen, reader.spec.hidden_size)
         with steps.timer("forward"):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import decompose
+
 
 class MomentAccumulator:
     """Running Σ x xᵀ, Σ x and the count, in float64, over any number of chunks of features."""
@@ -35,3 +37,73 @@ class MomentAccumulator:
 
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.sum_outer).all() and torch.isfinite(self.sum).all())
+
+
+class GroupStatistics:
+    """One group's moments over the calibration chunks, one accumulator per calibration text: [general,
+    target] with a target text (the sequences from `target_from` on), else one. The task-targeted mix
+    and basis selection (decompose.mix_moments, decompose.select_basis) live here, per linear."""
+
+    def __init__(self, size: int, product_dtype: torch.dtype, target_from: int | None = None,
+                 target_weight: float = 0.5, target_basis: str = "mix"):
+        self.parts = [MomentAccumulator(size, product_dtype) for _ in range(2 if target_from else 1)]
+        self.target_from, self.target_weight, self.target_basis = target_from, target_weight, target_basis
+
+    def add(self, features: torch.Tensor, start: int) -> None:
+        """A chunk of features whose first sequence is `start` (chunks never straddle the texts)."""
+        self.parts[1 if self.target_from and start >= self.target_from else 0].add(features)
+
+    def is_finite(self) -> bool:
+        return all(part.is_finite() for part in self.parts)
+
+    def moments(self, work_dtype, centered: bool, damping: float) -> "TextMoments":
+        """The float64 sums, handed over as moments in `work_dtype` (the accumulators are freed)."""
+        parts = [decompose.InputMoments(part.second_moment().astype(work_dtype, copy=False),
+                                        part.mean().astype(work_dtype, copy=False), centered, damping)
+                 for part in self.parts]
+        self.parts = []
+        return TextMoments(parts, self.target_weight, self.target_basis)
+
+
+class TextMoments:
+    """A group's moments per calibration text, and what one linear's basis is fitted to."""
+
+    def __init__(self, parts: list[decompose.InputMoments], target_weight: float, target_basis: str):
+        self.parts, self.target_weight, self.target_basis = parts, target_weight, target_basis
+
+    def for_linear(self, weight: np.ndarray, bias: np.ndarray | None, at_output: bool) -> decompose.InputMoments:
+        """The moments alone, or the mix of [general, target], each part normalised by its output energy
+        (`at_output`: the moments are of the linear's output itself)."""
+        if len(self.parts) == 1:
+            return self.parts[0]
+        general, target = self.parts
+        if at_output:
+            energies = [float(np.trace(decompose.output_moment(p.second_moment, p.mean, p.centered)))
+                        for p in (target, general)]
+        else:
+            energies = [decompose.output_energy(p, weight, bias) for p in (target, general)]
+        return decompose.mix_moments(target, general, decompose.mixture_weights(*energies, self.target_weight))
+
+    @property
+    def selects(self) -> bool:
+        return len(self.parts) == 2 and self.target_basis == "select"
+
+    def selected_basis(self, mixed: decompose.InputMoments, weight: np.ndarray, bias: np.ndarray | None,
+                       rank: int, at_output: bool) -> np.ndarray:
+        """Basis selection: among all of the mix's output eigenvectors and the target's own top `rank`,
+        the `rank` directions that keep the most target output energy."""
+        target = self.parts[1]
+        if at_output:  # the moments are of the output itself (out x out)
+            size = mixed.second_moment.shape[0]
+            candidates = decompose.top_eigenvectors(
+                decompose.output_moment(mixed.second_moment, mixed.mean, mixed.centered, mixed.damping), size)[1]
+            values, vectors = decompose.top_eigenvectors(
+                decompose.output_moment(target.second_moment, target.mean, target.centered), size)
+            factor = vectors * np.sqrt(np.clip(values, 0.0, None))
+            extra = vectors[:, :rank]
+        else:
+            candidates = decompose.output_eigenpairs(mixed, weight, bias)[1]
+            w_tilde, with_bias = target.augmented_weight(weight, bias)
+            factor = w_tilde @ target.root(with_bias)
+            extra = target.rom_basis(weight, bias, rank)
+        return decompose.select_basis(candidates, factor, rank, extra)

@@ -114,7 +114,10 @@ def test_last_n_factors_the_fewest_last_blocks():
 
 
 def test_bias_and_centered_costs_are_counted():
-    slot = Slot("q", 0, 64, 64, bias=True, centered=True)
+    from streamrom.methods import METHODS
+
+    centered = METHODS["rom-centered"]
+    slot = Slot("q", 0, 64, 64, bias=True, extra=centered.extra_parameters(64))
     assert slot.dense == 64 * 64 + 64
-    assert slot.factored(16) == 16 * 128 + 16 + 64
+    assert slot.factored(16) == 16 * 128 + 16 + 64 == centered.parameters(64, 64, 16, bias=True)
     assert slot.max_saving_rank() == 24  # 32*128+32+64 > 4160 >= 24*128+24+64

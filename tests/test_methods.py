@@ -228,3 +228,10 @@ def test_bayes_allocation_meets_the_size_and_is_seeded(tiny_models, tiny_tokens,
         assert first.ranks == spectrum.ranks
     else:
         assert first.ranks != spectrum.ranks
+
+
+def test_the_command_line_offers_every_method():
+    from streamrom.cli import METHOD_NAMES
+    from streamrom.methods import METHODS
+
+    assert set(METHOD_NAMES) == set(METHODS)

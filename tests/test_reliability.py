@@ -283,5 +283,5 @@ def test_disk_estimate_equals_the_written_size(tiny_models, tiny_tokens, tmp_pat
     spec = CheckpointReader(tiny_models[kind]).spec
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     plan = model_plan(spec, config, parse_layers(layers, spec.num_layers), CheckpointReader(tiny_models[kind]).parameter_count(), 4)
-    estimate = _output_bytes(spec, plan, 4, config.centered)
+    estimate = _output_bytes(spec, plan, 4, config.compression_method)
     assert estimate == index["metadata"]["total_size"]

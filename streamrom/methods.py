@@ -1,0 +1,98 @@
+"""Compression methods, one interface: what a method needs from a group of linears (statistics of
+the value they read, or nothing), how it turns them into new modules for the group's linears at once,
+and what those modules cost in parameters.
+
+A new method is one class here (registered in METHODS) plus its tests; the pipeline, the allocation,
+the memory and disk estimates and pass 1 ask the method, never its name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import decompose
+from .modeling import Block, LinearGroup, LowRankLinear
+from .statistics import TextMoments
+
+
+def low_rank_module(factors: decompose.Factors) -> LowRankLinear:
+    def tensor(array: np.ndarray | None) -> torch.Tensor | None:
+        return None if array is None else torch.from_numpy(np.ascontiguousarray(array))
+
+    return LowRankLinear.from_factors(tensor(factors.reduce_weight), tensor(factors.expand_weight),
+                                      tensor(factors.reduce_bias), tensor(factors.expand_bias))
+
+
+def _weight_and_bias(block: Block, name: str, work_dtype) -> tuple[np.ndarray, np.ndarray | None]:
+    linear = block.linear(name)
+    # float32: the block's own weight, no copy (the factors are new arrays)
+    weight = linear.weight.detach().numpy().astype(work_dtype, copy=False)
+    bias = linear.bias.detach().numpy().astype(work_dtype, copy=False) if linear.bias is not None else None
+    return weight, bias
+
+
+@dataclass(frozen=True)
+class Method:
+    """A low-rank method: each planned linear of a group becomes factors V·(VᵀW) of its planned rank."""
+
+    name: str
+    uses_calibration: bool  # needs the group's statistics (and so the calibration activations)
+    priced_by_pass_one: bool = False  # pass 1 (spectrum, bayes) prices the directions this method keeps
+    # the moments are centered: the basis fits the covariance, and an out-sized mean-correction bias
+    # (I − V Vᵀ)μ is added to each factored linear
+    centered: bool = False
+
+    def parameters(self, out_features: int, in_features: int, rank: int, bias: bool) -> int:
+        """Parameters of a linear's replacement at `rank` (a bias b becomes Vᵀb, rank entries)."""
+        return rank * (out_features + in_features) + (rank if bias else 0) + self.extra_parameters(out_features)
+
+    def extra_parameters(self, out_features: int) -> int:
+        """What the method adds to every factored linear beyond its factors."""
+        return out_features if self.centered else 0
+
+    def compress_group(self, block: Block, group: LinearGroup, ranks: dict[str, int],
+                       moments: TextMoments | None, at_output: bool, work_dtype, damping: float) -> None:
+        """Replace each linear of `ranks` (all in `group`) by its factors. `moments`: of the value the
+        group reads, or (`at_output`) of the lone linear's output; None for a method without calibration."""
+        for name, rank in ranks.items():
+            weight, bias = _weight_and_bias(block, name, work_dtype)
+            factors = self.factors(weight, bias, rank, moments, at_output, damping)
+            del weight, bias  # the dense weight (or its copy) goes before the next linear
+            block.set_linear(name, low_rank_module(factors))
+            del factors
+
+    def factors(self, weight: np.ndarray, bias: np.ndarray | None, rank: int, moments: TextMoments | None,
+                at_output: bool, damping: float) -> decompose.Factors:
+        raise NotImplementedError
+
+
+class ReducedOrderModel(Method):
+    """ROM: the top-`rank` eigenvectors of the output's moment (the best rank-r fit of W X), from the
+    input's moment (Cy = W Cx Wᵀ) or, for a lone narrow-output linear, from the output's own."""
+
+    def factors(self, weight, bias, rank, moments, at_output, damping):
+        fitted = moments.for_linear(weight, bias, at_output)
+        if moments.selects:
+            basis = moments.selected_basis(fitted, weight, bias, rank, at_output)
+        elif at_output:
+            basis = decompose.rom_basis_from_outputs(fitted.second_moment, fitted.mean, rank, self.centered, damping)
+        else:
+            basis = fitted.rom_basis(weight, bias, rank)
+        output_mean = fitted.mean if at_output else decompose.output_mean_from_inputs(weight, bias, fitted.mean)
+        return decompose.factorise(weight, bias, basis, output_mean if self.centered else None)
+
+
+class WeightSVD(Method):
+    """Weight-space truncated SVD (a baseline): no calibration, nothing downstream needs outputs."""
+
+    def factors(self, weight, bias, rank, moments, at_output, damping):
+        return decompose.factorise(weight, bias, decompose.weight_svd_basis(weight, rank))
+
+
+METHODS: dict[str, Method] = {
+    "rom": ReducedOrderModel("rom", uses_calibration=True, priced_by_pass_one=True),
+    "rom-centered": ReducedOrderModel("rom-centered", uses_calibration=True, priced_by_pass_one=True, centered=True),
+    "svd": WeightSVD("svd", uses_calibration=False),
+}
