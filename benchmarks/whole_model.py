@@ -44,7 +44,9 @@ def compress_in_memory(source: Path, output: Path, token_file: Path, sequences: 
     from streamrom.calibration import CalibrationConfig, calibration_tokens
     from streamrom.checkpoint import CheckpointReader, CheckpointWriter
     from streamrom.modeling import EMBED, FINAL_NORM, LM_HEAD, Block, Rotary, block_prefix
-    from streamrom.pipeline import CompressConfig, compress_block, parse_layers, rank_plan
+    from streamrom.config import CompressConfig, parse_layers
+    from streamrom.execute import compress_block
+    from streamrom.planning import rank_plan
     from streamrom.report import StageTimer
 
     timer = StageTimer()
@@ -63,9 +65,7 @@ def compress_in_memory(source: Path, output: Path, token_file: Path, sequences: 
         tail = {k: v.float() for k, v in reader.read([FINAL_NORM] + ([] if spec.tie_word_embeddings else [LM_HEAD])).items()}
     chunk_sequences = max(1, config.chunk_tokens // seqlen)
     inputs, outputs = (MemoryBuffer(sequences, seqlen, spec.hidden_size) for _ in range(2))
-    cache = {"attention": MemoryBuffer(sequences, seqlen, spec.num_heads * spec.head_dim),
-             "residual": MemoryBuffer(sequences, seqlen, spec.hidden_size),
-             "mlp": MemoryBuffer(sequences, seqlen, spec.intermediate_size)}
+    cache = {name: MemoryBuffer(sequences, seqlen, width) for name, width in Block.cached_widths(spec).items()}
     with timer("forward"):
         embed_into(embedding, tokens, inputs, chunk_sequences)
     cos, sin = Rotary(spec).cos_sin(seqlen)

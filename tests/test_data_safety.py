@@ -393,7 +393,13 @@ def test_killed_eval_leaves_no_activation_files(smollm2_dir, tmp_path):
                                 "--text", str(EVAL_TEXT), "--max-windows", "8", "--report", str(tmp_path / "r.json")],
                                env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not any(str(tmp_path) in os.readlink(fd) for fd in Path(f"/proc/{process.pid}/fd").iterdir()):
+    def open_in_tmp() -> bool:
+        try:
+            return any(str(tmp_path) in os.readlink(fd) for fd in Path(f"/proc/{process.pid}/fd").iterdir())
+        except OSError:  # a descriptor closed while we looked
+            return False
+
+    while not open_in_tmp():
         assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
         time.sleep(0.05)
     process.kill()
@@ -403,7 +409,8 @@ def test_killed_eval_leaves_no_activation_files(smollm2_dir, tmp_path):
 
 def test_ratio_near_one_leaves_linears_dense():
     from streamrom.modeling import ModelSpec
-    from streamrom.pipeline import CompressConfig, rank_plan
+    from streamrom.config import CompressConfig
+    from streamrom.planning import rank_plan
 
     spec = ModelSpec.from_config({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
                                   "num_hidden_layers": 2, "num_attention_heads": 32, "vocab_size": 32000})

@@ -275,7 +275,9 @@ def test_fuzzed_configs_never_traceback_or_hang(tmp_path, tiny_models):
 @pytest.mark.parametrize("kind,layers,method", [("qwen2", "all", "rom"), ("qwen2", "all", "rom-centered"),
                                                ("llama", "last:2", "rom"), ("mistral", "0", "rom")])
 def test_disk_estimate_equals_the_written_size(tiny_models, tiny_tokens, tmp_path, kind, layers, method):
-    from streamrom.pipeline import _output_bytes, model_plan, parse_layers
+    from streamrom.config import parse_layers
+    from streamrom.pipeline import _output_bytes
+    from streamrom.planning import model_plan
 
     config = CompressConfig(ratio=0.5, layers=layers, method=method,
                             calibration=CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=64))

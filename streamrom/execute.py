@@ -1,0 +1,328 @@
+"""Execute a plan: the streamed block loop that compresses each block of the source and writes it.
+
+    reader ─(one block)─► Block ─► per group (Block.GROUPS): statistics ─► method ─► new modules
+    calibration tokens ─► embeddings ─► activation files ─(chunks)─► block ─► next activation file
+    compressed block ─► its own shard; index and config written last
+
+After every block, its shard and the next block's inputs are on disk before the progress record says
+so: a rerun picks up from there; shards lost since are redone alone. A bayes trial runs this stage
+alone, on what the prepare stage already holds.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .activations import ActivationBuffer, ActivationPair, BlockCache, chunk_ranges, embed_into, require_finite
+from .checkpoint import CheckpointReader, CheckpointWriter, shard_is_complete
+from .config import PRECISIONS, CompressConfig
+from .errors import NumericalError
+from .memory import RSSMonitor, release_freed_memory
+from .modeling import BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD, Block, BlockValues, Rotary, block_prefix
+from .progress import Progress
+from .report import StageTimer
+from .statistics import GroupStatistics
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WORK_FOLDER = ".streamrom-work"
+HF_MODELING_FILE = Path(__file__).parent / "hf" / "modeling_streamrom.py"
+HF_MODEL_CLASSES = {"llama": "StreamromLlamaForCausalLM", "mistral": "StreamromMistralForCausalLM",
+                    "qwen2": "StreamromQwen2ForCausalLM"}
+
+
+def block_plan(plan: dict[str, int | None], index: int) -> dict[str, int | None]:
+    return {name: plan.get(f"{block_prefix(index)}{name}") for name in BLOCK_LINEARS}
+
+
+@torch.no_grad()
+def compress_block(block: Block, plan: dict[str, int | None], inputs: ActivationBuffer,
+                   outputs: ActivationBuffer | None, cache: BlockCache, cos: torch.Tensor, sin: torch.Tensor,
+                   config: CompressConfig, chunk_sequences: int, timer: StageTimer,
+                   block_label: str = "", target_from: int | None = None) -> None:
+    """Replace the planned linears of `block` by ROM factors, one group after the other, and write
+    the compressed block's outputs for `inputs` to `outputs` (unless None).
+
+    Each group's statistics are gathered with the groups before it already compressed, so later
+    factors compensate for the error of earlier ones. Pass g computes the block up to group g's
+    input from the intermediates pass g-1 left in `cache`, so all passes together cost one forward.
+
+    With `target_from`, the sequences from that index on are the target text's and those before it
+    the general text's: their moments are kept apart and mixed per linear (decompose.mixture_weights
+    with config.target_weight).
+    """
+    method = config.compression_method
+    work_dtype = PRECISIONS[config.precision]
+    if not method.uses_calibration:  # weight space: no statistics, and nothing downstream needs outputs
+        with timer("eigen"):
+            for group in block.GROUPS:
+                ranks = {name: plan[name] for name in group.linears if plan[name] is not None}
+                method.compress_group(block, group, ranks, None, False, work_dtype, config.damping)
+        return
+    work = [{name: plan[name] for name in group.linears if plan[name] is not None} for group in block.GROUPS]
+    last = max((g for g, todo in enumerate(work) if todo), default=-1)
+    cached: list[str] = []  # values of the passes so far, on disk for all chunks
+
+    def chunk_values(start: int, stop: int) -> BlockValues:
+        given = {"x": lambda: inputs.read(start, stop)}
+        given.update({name: (lambda name=name: cache[name].read(start, stop)) for name in cached})
+        return BlockValues(block, cos, sin, given)
+
+    def keep(values: BlockValues, start: int) -> list[str]:
+        """Write what this pass computed and later passes read instead of computing again."""
+        new = [name for name in values.computed if name in cache and name not in cached]
+        for name in new:
+            cache[name].write(start, values.computed[name])
+        return new
+
+    for group, todo in zip(block.GROUPS[:last + 1], work):
+        if not todo:
+            continue  # what this group's pass would compute, the next one computes on its way
+        out_features, in_features = block.linear(next(iter(todo))).weight.shape
+        at_output = group.observes_output(out_features, in_features)
+        statistics = GroupStatistics(out_features if at_output else in_features,
+                                     torch.float64 if config.precision == "float64" else torch.float32,
+                                     target_from, config.target_weight, config.target_basis)
+        written: list[str] = []
+        for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences, target_from):
+            with timer("forward"):
+                values = chunk_values(start, stop)
+                features = values[group.writes if at_output else group.reads]
+                written = keep(values, start)
+            with timer("statistics"):
+                statistics.add(features, start)
+        cached.extend(written)
+        if not statistics.is_finite():
+            raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo)} "
+                                 "(overflow in the source weights or in the layers before)")
+        with timer("eigen"):
+            moments = statistics.moments(work_dtype, method.centered, config.damping)
+            method.compress_group(block, group, todo, moments, at_output, work_dtype, config.damping)
+            del moments, statistics
+        release_freed_memory()
+    if outputs is not None:
+        with timer("forward"):
+            for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
+                result = chunk_values(start, stop)["output"]
+                outputs.write(start, require_finite(result, f"leave {block_label.rstrip('.')}"))
+
+
+def _block_tensors(block: Block, index: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    prefix = block_prefix(index)
+    return {prefix + key: value.to(dtype) for key, value in block.state_dict().items()}
+
+
+def fault_point(name: str) -> None:
+    """Test hook: STREAMROM_FAULT=<name> kills the process here with SIGKILL, as a crash would;
+    STREAMROM_FAULT=sigint:<name> sends it SIGINT, as Ctrl-C would; stop:<name> stops it (SIGSTOP)."""
+    fault = os.environ.get("STREAMROM_FAULT")
+    if fault == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == f"sigint:{name}":
+        os.kill(os.getpid(), signal.SIGINT)
+    elif fault == f"stop:{name}":  # held there (SIGSTOP) until the test sends SIGCONT
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def damaged_shards(output: Path, progress: Progress) -> list[int]:
+    """Numbers of the shards an interrupted run recorded as written that are now missing or truncated
+    (1: the embedding; i + 2: block i), found before any work so that only they are redone."""
+    damaged = []
+    for name in sorted(set(progress.weight_map.values())):
+        if not shard_is_complete(output / name):
+            log.warning("shard %s of the interrupted run is missing or damaged: it is redone", name)
+            damaged.append(int(name.split("-")[1]))
+    return damaged
+
+
+def _remove_stray_temporaries(output: Path) -> None:
+    """Temporary files of a write that a kill interrupted (earlier versions wrote them beside the shards)."""
+    for path in output.glob(".*tmp*"):
+        if path.is_file():
+            path.unlink()
+
+
+def write_model(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[str, int | None],
+         layers: list[int], config: CompressConfig, progress: Progress, timer: StageTimer,
+         monitor: RSSMonitor, target_from: int | None = None, damaged: list[int] = ()) -> None:
+    """The block loop. After every block, its shard and the next block's inputs are on disk before
+    the progress record says so; a rerun picks up from there. Ends with the index in place and the
+    progress record at stage "written"."""
+    spec = reader.spec
+    dtype = config.output_dtype(reader.weight_dtype)
+    sequences, seqlen = tokens.shape
+    chunk_sequences = max(1, config.chunk_tokens // seqlen)
+    work = output / WORK_FOLDER
+    writer = CheckpointWriter(output, spec.num_layers + 2, progress.weight_map)
+    resuming = progress.blocks_done >= 0
+    if resuming:
+        _remove_stray_temporaries(output)
+    cos, sin = Rotary(spec).cos_sin(seqlen)
+    steps = _BlockSteps(reader, plan, config, chunk_sequences, timer, target_from, cos, sin, work)
+
+    def record(blocks_done: int, inputs_file: str) -> None:
+        progress.blocks_done = blocks_done
+        progress.inputs_file = inputs_file
+        progress.weight_map = dict(writer.weight_map)
+        progress.save(output)
+
+    if 1 in damaged:
+        with timer("write"):
+            writer.write_shard(1, {EMBED: reader.tensor(EMBED).to(dtype)}, scratch=work)
+    redo = sorted(number - 2 for number in damaged if 2 <= number < spec.num_layers + 2)
+    if redo:
+        _redo_blocks(steps, writer, redo, tokens, dtype)
+        record(progress.blocks_done, progress.inputs_file)
+    if progress.blocks_done < spec.num_layers:
+        activations = ActivationPair(work, sequences, seqlen, spec.hidden_size,
+                                     inputs_name=progress.inputs_file if resuming else None)
+        finished = False
+        try:
+            if not resuming:
+                with timer("read"):
+                    embedding = reader.tensor(EMBED)
+                with timer("write"):
+                    writer.write_shard(1, {EMBED: embedding.to(dtype)}, scratch=work)
+                if config.compression_method.uses_calibration:
+                    with timer("forward"):
+                        embed_into(embedding, tokens, activations.inputs, chunk_sequences)
+                        activations.inputs.sync()
+                del embedding
+                record(0, activations.inputs.path.name)
+            log.info("compressing blocks %d..%d", progress.blocks_done + 1, spec.num_layers,
+                     extra={"progress": (progress.blocks_done, spec.num_layers, "compress")})
+            for index in range(progress.blocks_done, spec.num_layers):
+                monitor.mark(f"block {index}")
+                block = steps.compress(index, activations)
+                with timer("write"):
+                    writer.write_shard(index + 2, _block_tensors(block, index, dtype), scratch=work,
+                                       before_rename=lambda: fault_point(f"writing-block-{index}"))
+                for name, rank in block_plan(plan, index).items():
+                    progress.ranks[f"{block_prefix(index)}{name}"] = rank
+                record(index + 1, activations.inputs.path.name)
+                fault_point(f"after-block-{index}")
+                del block
+                release_freed_memory()
+                log.info("block %d/%d done", index + 1, spec.num_layers,
+                         extra={"progress": (index + 1, spec.num_layers, "compress")})
+            finished = True
+        finally:
+            # Kept on failure or interruption: the activations are what a rerun resumes from.
+            activations.close(remove=finished)
+            steps.close()
+    steps.close()
+    with timer("write"):
+        _write_tail(reader, writer, config, layers, progress, dtype, sequences, seqlen, work)
+    fault_point("after-tail")
+    progress.weight_map = dict(writer.weight_map)
+    progress.stage = "written"
+    progress.save(output)
+
+
+class _BlockSteps:
+    """Compressing one block of the source: read it, compress it group by group on its inputs (when the
+    method needs calibration), and hand its outputs on as the next block's inputs."""
+
+    def __init__(self, reader: CheckpointReader, plan: dict[str, int | None], config: CompressConfig,
+                 chunk_sequences: int, timer: StageTimer, target_from: int | None, cos: torch.Tensor,
+                 sin: torch.Tensor, work: Path):
+        self.reader, self.plan, self.config = reader, plan, config
+        self.chunk_sequences, self.timer, self.target_from = chunk_sequences, timer, target_from
+        self.cos, self.sin, self.work = cos, sin, work
+        self._cache: BlockCache | None = None
+
+    def cache(self, shape: tuple[int, int]) -> BlockCache:
+        if self._cache is None:
+            spec = self.reader.spec
+            self._cache = BlockCache(self.work, *shape, Block.cached_widths(spec))
+        return self._cache
+
+    def compress(self, index: int, activations: ActivationPair | None) -> Block:
+        spec = self.reader.spec
+        with self.timer("read"):
+            block = Block.from_tensors(spec, self.reader.block_tensors(index))
+        # the last block's outputs feed nothing; nor do any, for weight-space SVD
+        uses_calibration = self.config.compression_method.uses_calibration
+        has_next = activations is not None and index + 1 < spec.num_layers and uses_calibration
+        inputs = activations.inputs if activations is not None else None
+        cache = self.cache(inputs.shape[:2]) if inputs is not None and uses_calibration else None
+        compress_block(block, block_plan(self.plan, index), inputs, activations.outputs if has_next else None,
+                       cache, self.cos, self.sin, self.config, self.chunk_sequences, self.timer,
+                       block_label=block_prefix(index), target_from=self.target_from)
+        fault_point(f"during-block-{index}")
+        if has_next:
+            activations.outputs.sync()
+            activations.swap()
+        return block
+
+    def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+
+def _redo_blocks(steps: _BlockSteps, writer: CheckpointWriter, redo: list[int], tokens: np.ndarray,
+                 dtype: torch.dtype) -> None:
+    """Rewrite the shards of the blocks in `redo` (finished before, lost since). Each block's inputs
+    come from compressing the blocks before it again, from the embeddings up (deterministic: the same
+    bytes as before); only the lost shards are written."""
+    reader, config = steps.reader, steps.config
+    log.info("redoing block(s) %s (their shards were lost)", ", ".join(map(str, redo)))
+    activations = None
+    if config.compression_method.uses_calibration:
+        sequences, seqlen = tokens.shape
+        activations = ActivationPair(steps.work / "redo", sequences, seqlen, reader.spec.hidden_size)
+        with steps.timer("forward"):
+            embed_into(reader.tensor(EMBED), tokens, activations.inputs, steps.chunk_sequences)
+    try:
+        for index in (redo if activations is None else range(max(redo) + 1)):
+            block = steps.compress(index, activations)
+            if index in redo:
+                with steps.timer("write"):
+                    writer.write_shard(index + 2, _block_tensors(block, index, dtype), scratch=steps.work)
+            del block
+    finally:
+        if activations is not None:
+            activations.close(remove=True)
+        steps.close()
+        shutil.rmtree(steps.work / "redo", ignore_errors=True)
+
+
+def _write_tail(reader: CheckpointReader, writer: CheckpointWriter, config: CompressConfig, layers: list[int],
+                progress: Progress, dtype: torch.dtype, sequences: int, seqlen: int, work: Path) -> None:
+    """The final norm and head, then config, tokenizer and the index (last: it marks the model complete)."""
+    spec = reader.spec
+    tail = [FINAL_NORM] + ([] if spec.tie_word_embeddings else [LM_HEAD])
+    writer.write_shard(spec.num_layers + 2, {k: v.to(dtype) for k, v in reader.read(tail).items()}, scratch=work)
+    out_config = dict(reader.config)
+    out_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if "dtype" in out_config:  # transformers 5 writes "dtype"
+        out_config["dtype"] = out_config["torch_dtype"]
+    out_config["streamrom"] = {
+        "format_version": FORMAT_VERSION,
+        "method": config.method,
+        "allocate": config.allocate,
+        "target_params": config.target_params,
+        "target_size_gb": config.target_size_gb,
+        "ratio": config.ratio,
+        "rank": config.rank,
+        "layers": layers,
+        "ranks": progress.ranks,
+        "factor_tensors": {
+            "reduce": "<linear>.reduce.weight: (rank, in) = Vᵀ W; <linear>.reduce.bias = Vᵀ b",
+            "expand": "<linear>.expand.weight: (out, rank) = V; <linear>.expand.bias = (I − V Vᵀ) μ (centered only)",
+        },
+        "calibration": {"sequences": sequences, "seqlen": seqlen, "seed": config.calibration.seed},
+    }
+    # transformers builds the factored model from the file beside it (trust_remote_code=True)
+    model_class = HF_MODEL_CLASSES[spec.model_type]
+    out_config["auto_map"] = {"AutoModelForCausalLM": f"{HF_MODELING_FILE.stem}.{model_class}"}
+    out_config["architectures"] = [model_class]
+    writer.finish(out_config, [*reader.tokenizer_files(), HF_MODELING_FILE])

@@ -1,0 +1,175 @@
+"""Plan the ranks: every block linear's rank, fixed once before the block loop. Uniform and last-n come
+from the shapes; spectrum from pass 1 (spectra.py); bayes searches multipliers of the spectrum plan, each
+trial the execute stage alone (on what prepare holds) scored on held-out calibration text.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import allocation, bayes, decompose
+from .config import FIRST_PASS_ALLOCATIONS, PRECISIONS, CompressConfig
+from .errors import UsageError
+from .evaluation import evaluate
+from .execute import WORK_FOLDER, write_model
+from .memory import RSSMonitor
+from .modeling import BLOCK_LINEARS, ModelSpec, block_prefix
+from .progress import Progress, arguments_fingerprint, source_fingerprint
+from .report import StageTimer
+from .spectra import collect_spectra
+
+if TYPE_CHECKING:
+    from .pipeline import Prepared
+
+log = logging.getLogger(__name__)
+
+# --ratio (uniform) factors a linear only where that saves more than this fraction of its parameters.
+MIN_FACTOR_SAVING = 0.02
+
+
+def rank_plan(spec: ModelSpec, config: CompressConfig) -> dict[str, int | None]:
+    """Rank per block linear at `config.ratio` (or `config.rank`); None keeps it dense (not chosen,
+    or factors would not save)."""
+    plan: dict[str, int | None] = {}
+    for name in BLOCK_LINEARS:
+        out_features, in_features = spec.linear_shape(name)
+        if name not in config.modules:
+            plan[name] = None
+        elif config.rank is not None:
+            plan[name] = min(config.rank, out_features, in_features)
+        else:
+            rank = decompose.rank_for(config.ratio, out_features, in_features)
+            # near ratio 1 the factors keep about half the rank for a sliver of the parameters: not worth it
+            saves = decompose.saves_parameters(rank, out_features, in_features, MIN_FACTOR_SAVING)
+            plan[name] = rank if saves else None
+    return plan
+
+
+def allocation_slots(spec: ModelSpec, config: CompressConfig, layers: list[int]) -> list[allocation.Slot]:
+    slots = []
+    for index in layers:
+        for name in BLOCK_LINEARS:
+            if name in config.modules:
+                out_features, in_features = spec.linear_shape(name)
+                slots.append(allocation.Slot(f"{block_prefix(index)}{name}", index, out_features, in_features,
+                                             spec.has_bias(name),
+                                             config.compression_method.extra_parameters(out_features)))
+    return slots
+
+
+def model_plan(spec: ModelSpec, config: CompressConfig, layers: list[int], total_params: int, dtype_bytes: int,
+               spectra: dict[str, np.ndarray] | None = None) -> dict[str, int | None]:
+    """Rank of every block linear of the model ("model.layers.<i>.<name>"; None: dense).
+
+    Without a target, `uniform` is `rank_plan` in every chosen block; `last-n` and `spectrum`
+    spend what that plan would. With a target, the chosen allocation meets the whole-model
+    parameter count within one rank step.
+    """
+    if config.ranks is not None:
+        return _checked_ranks(spec, config.ranks)
+    per_block = rank_plan(spec, config)
+    plan = {f"{block_prefix(i)}{name}": (per_block[name] if i in layers else None)
+            for i in range(spec.num_layers) for name in BLOCK_LINEARS}
+    if config.rank is not None or (config.allocate == "uniform" and not config.has_target):
+        return plan
+    slots = allocation_slots(spec, config, layers)
+    budget = slot_budget(slots, config, total_params, dtype_bytes, plan)
+    if config.allocate == "uniform":
+        ranks = allocation.uniform_ranks(slots, budget)
+    elif config.allocate == "last-n":
+        ranks = allocation.last_n_ranks(slots, budget, config.ratio, spec.num_layers)
+    else:
+        ranks = allocation.spectrum_ranks(slots, spectra or {}, budget)
+    return {key: ranks.get(key) for key in plan}
+
+
+def slot_budget(slots: list[allocation.Slot], config: CompressConfig, total_params: int, dtype_bytes: int,
+                plan: dict[str, int | None]) -> int:
+    """Parameters the factorable linears may use: the target's, less everything else in the model
+    (without a target, what `plan` — uniform at --ratio — spends)."""
+    fixed = total_params - sum(slot.dense for slot in slots)
+    if config.target_params is not None:
+        return int(config.target_params * total_params) - fixed
+    if config.target_size_gb is not None:
+        return int(config.target_size_gb * 1e9 // dtype_bytes) - fixed
+    return allocation.total_params(slots, plan)
+
+
+def _checked_ranks(spec: ModelSpec, ranks: dict[str, int | None]) -> dict[str, int | None]:
+    plan = {f"{block_prefix(i)}{name}": None for i in range(spec.num_layers) for name in BLOCK_LINEARS}
+    for key, rank in ranks.items():
+        if key not in plan:
+            raise UsageError(f"ranks name {key!r}, which is not a block linear of this model")
+        if rank is not None and not (isinstance(rank, int) and 0 < rank <= min(spec.linear_shape(key.split(".", 3)[3]))):
+            raise UsageError(f"rank of {key} must be a positive integer up to min(out, in), got {rank!r}")
+        plan[key] = rank
+    return plan
+
+
+def plan_ranks(prepared: "Prepared", output: Path, progress: Progress, timer: StageTimer,
+               monitor: RSSMonitor) -> None:
+    """Every block linear's rank, fixed once (pass 1 and bayes when the allocation needs them) and
+    recorded in the progress file, so that a resumed run keeps it."""
+    reader, config, spec, layers = prepared.reader, prepared.config, prepared.spec, prepared.layers
+    if progress.plan:
+        return
+    spectra = None
+    if config.allocate in FIRST_PASS_ALLOCATIONS:
+        log.info("pass 1: output spectra of %d blocks", len(layers))
+        pass_one = {"source": source_fingerprint(reader), "layers": layers, "modules": list(config.modules),
+                    "centered": config.centered, "precision": config.precision}
+        # with a target text, directions are priced by the target's statistics and loss alone
+        tokens = prepared.tokens
+        priced_on = tokens if prepared.target_from is None else tokens[prepared.target_from:]
+        spectra = collect_spectra(reader, priced_on, layers, list(config.modules), output / WORK_FOLDER,
+                                  config.chunk_tokens, config.centered, PRECISIONS[config.precision], timer,
+                                  saved=config.spectra_file, fingerprint=arguments_fingerprint(pass_one, priced_on))
+    plan = (model_plan(spec, config, layers, prepared.total_params, prepared.dtype_bytes, spectra)
+            if spectra is not None else prepared.sizing_plan)
+    if config.allocate == "bayes":
+        log.info("bayes: %d trials, each a compression scored on held-out calibration text", config.bayes.trials)
+        plan = _bayes_plan(prepared, output, plan, progress.trials, monitor)
+    progress.plan = plan
+    progress.save(output)
+
+
+def _bayes_plan(prepared: "Prepared", output: Path, base: dict[str, int | None], trials_out: list,
+                monitor: RSSMonitor) -> dict[str, int | None]:
+    """bayes.search over group multipliers of the spectrum plan `base`. Each trial is the execute stage
+    alone, on the reader, tokens and settings prepare already holds (no re-reading, tokenizing,
+    fingerprinting, lock or pictures), into the work folder, scored by streamed perplexity on the
+    held-out calibration slice. Each trial's seconds are recorded: executing, scoring, and the rest."""
+    config, spec = prepared.config, prepared.spec
+    slots = allocation_slots(spec, config, prepared.layers)
+    budget = slot_budget(slots, config, prepared.total_params, prepared.dtype_bytes, prepared.sizing_plan)
+    work = output / WORK_FOLDER
+    trial_folder = work / "bayes-trial"
+    seconds: list[dict[str, float]] = []
+
+    def score(ranks: dict[str, int | None]) -> float:
+        started = time.perf_counter()
+        shutil.rmtree(trial_folder, ignore_errors=True)
+        trial_folder.mkdir(parents=True)
+        timer = StageTimer()
+        executed = time.perf_counter()
+        write_model(prepared.reader, trial_folder, prepared.tokens, {**base, **ranks}, prepared.layers,
+                    config, Progress(arguments="bayes trial", source=""), timer, monitor, prepared.target_from)
+        scored = time.perf_counter()
+        value = evaluate(trial_folder, (), windows=prepared.held_out_windows(), chunk_tokens=config.chunk_tokens,
+                         work_dir=work).perplexity
+        ended = time.perf_counter()
+        seconds.append({"execute_seconds": scored - executed, "score_seconds": ended - scored,
+                        "overhead_seconds": executed - started})
+        return value
+
+    result = bayes.search(slots, budget, {slot.key: base[slot.key] for slot in slots}, score, config.bayes,
+                          spec.num_layers)
+    shutil.rmtree(trial_folder, ignore_errors=True)
+    trials_out.extend({**trial, **times} for trial, times in zip(result.trials, seconds))
+    return {**base, **result.ranks}
