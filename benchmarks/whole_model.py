@@ -43,7 +43,7 @@ def compress_in_memory(source: Path, output: Path, token_file: Path, sequences: 
     from streamrom.activations import embed_into
     from streamrom.calibration import CalibrationConfig, calibration_tokens
     from streamrom.checkpoint import CheckpointReader, CheckpointWriter
-    from streamrom.modeling import EMBED, FINAL_NORM, LM_HEAD, Block, Rotary, block_prefix
+    from streamrom.modeling import EMBED, FINAL_NORM, LM_HEAD, Rotary, block_class, block_prefix
     from streamrom.config import CompressConfig, parse_layers
     from streamrom.execute import compress_block
     from streamrom.planning import rank_plan
@@ -61,11 +61,11 @@ def compress_in_memory(source: Path, output: Path, token_file: Path, sequences: 
     dtype = reader.weight_dtype
     with timer("read"):  # the whole model, in the dtype it computes in
         embedding = reader.tensor(EMBED).float()
-        blocks = [Block.from_tensors(spec, reader.block_tensors(i)) for i in range(spec.num_layers)]
+        blocks = [block_class(spec).from_tensors(spec, reader.block_tensors(i)) for i in range(spec.num_layers)]
         tail = {k: v.float() for k, v in reader.read([FINAL_NORM] + ([] if spec.tie_word_embeddings else [LM_HEAD])).items()}
     chunk_sequences = max(1, config.chunk_tokens // seqlen)
     inputs, outputs = (MemoryBuffer(sequences, seqlen, spec.hidden_size) for _ in range(2))
-    cache = {name: MemoryBuffer(sequences, seqlen, width) for name, width in Block.cached_widths(spec).items()}
+    cache = {name: MemoryBuffer(sequences, seqlen, width) for name, width in block_class(spec).cached_widths(spec).items()}
     with timer("forward"):
         embed_into(embedding, tokens, inputs, chunk_sequences)
     cos, sin = Rotary(spec).cos_sin(seqlen)

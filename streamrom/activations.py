@@ -150,7 +150,7 @@ def require_finite(values: torch.Tensor, where: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_block(block: Block, source: ActivationBuffer, target: ActivationBuffer,
+def run_block(block: Block, source: ActivationBuffer, destination: ActivationBuffer,
               cos: torch.Tensor, sin: torch.Tensor, chunk_sequences: int) -> None:
     for start, stop in chunk_ranges(source.shape[0], chunk_sequences):
-        target.write(start, require_finite(block(source.read(start, stop), cos, sin), "leave a block"))
+        destination.write(start, require_finite(block(source.read(start, stop), cos, sin), "leave a block"))

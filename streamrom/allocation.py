@@ -112,10 +112,10 @@ def _top_up(slots: Sequence[Slot], ranks: dict[str, int | None], budget: int) ->
             rank = ranks[slot.key]
             if rank is None:
                 continue
-            target = None if rank + STEP > slot.max_saving_rank() else rank + STEP  # or dense, cheaper than a step
-            cost = slot.params(target) - slot.factored(rank)
+            next_rank = None if rank + STEP > slot.max_saving_rank() else rank + STEP  # or dense, cheaper than a step
+            cost = slot.params(next_rank) - slot.factored(rank)
             if used + cost <= budget:
-                ranks[slot.key] = target
+                ranks[slot.key] = next_rank
                 used += cost
                 progress = True
     return ranks
@@ -164,14 +164,14 @@ def spectrum_ranks(slots: Sequence[Slot], spectra: Mapping[str, np.ndarray], bud
     while heap:
         _, order, key = heapq.heappop(heap)
         slot, rank = by_key[key], ranks[key]
-        target = None if rank + STEP > slot.max_saving_rank() else rank + STEP
-        cost = slot.params(target) - slot.factored(rank)
+        next_rank = None if rank + STEP > slot.max_saving_rank() else rank + STEP
+        cost = slot.params(next_rank) - slot.factored(rank)
         if used + cost > budget:
             continue  # this slot's next step does not fit; cheaper steps of others still might
-        ranks[key] = target
+        ranks[key] = next_rank
         used += cost
-        if target is not None:
-            heapq.heappush(heap, (-_step_value(slot, target, values_of[key]), order, key))
+        if next_rank is not None:
+            heapq.heappush(heap, (-_step_value(slot, next_rank, values_of[key]), order, key))
     return ranks
 
 

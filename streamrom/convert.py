@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .architectures import ARCHITECTURES
 from .errors import InputError, OutputError, ResourceError
 from .layout import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, check_output_path, tensor_bytes, write_atomic
 from .locking import OutputLock
@@ -42,7 +43,8 @@ BLOCK_NAMES = {
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM")}
+# llama.cpp's architecture names to ours (architectures.py: the entries that name one)
+GGUF_ARCHITECTURES = {a.gguf_architecture: a for a in ARCHITECTURES.values() if a.gguf_architecture}
 
 # llama.cpp's pre-tokenizer rules by `tokenizer.ggml.pre` (llama-vocab.cpp): which byte-level BPE
 # vocabularies split every digit apart before the GPT-2 regex.
@@ -151,9 +153,9 @@ class GGUFModel:
         self.metadata = {name: field.contents() for name, field in reader.fields.items()
                          if not name.startswith("GGUF.")}
         self.arch = self.value("general.architecture")
-        if self.arch not in ARCHITECTURES:
+        if self.arch not in GGUF_ARCHITECTURES:
             raise InputError(f"{path}: GGUF architecture {self.arch!r} is not supported "
-                             f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+                             f"(supported: {', '.join(sorted(GGUF_ARCHITECTURES))})")
         self.heads = int(self.value(f"{self.arch}.attention.head_count"))
         self.kv_heads = int(self.value(f"{self.arch}.attention.head_count_kv", self.heads))
         self.tensors = [self._tensor(t) for t in reader.tensors]
@@ -185,7 +187,8 @@ class GGUFModel:
 
     def config(self, dtype: str) -> dict[str, Any]:
         arch, names = self.arch, {t.hf_name for t in self.tensors}
-        model_type, architecture = ARCHITECTURES[arch]
+        entry = GGUF_ARCHITECTURES[arch]
+        model_type, architecture = entry.model_type, entry.transformers_class
         hidden = int(self.value(f"{arch}.embedding_length"))
         scaling = self.value(f"{arch}.rope.scaling.type", "none")
         if scaling not in ("none", None):

@@ -24,7 +24,8 @@ from .checkpoint import CheckpointReader, CheckpointWriter, shard_is_complete
 from .config import PRECISIONS, CompressConfig
 from .errors import NumericalError
 from .memory import RSSMonitor, release_freed_memory
-from .modeling import BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD, Block, BlockValues, Rotary, block_prefix
+from .architectures import ARCHITECTURES
+from .modeling import BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD, Block, BlockValues, Rotary, block_class, block_prefix
 from .progress import Progress
 from .report import StageTimer
 from .statistics import GroupStatistics
@@ -34,8 +35,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 WORK_FOLDER = ".streamrom-work"
 HF_MODELING_FILE = Path(__file__).parent / "hf" / "modeling_streamrom.py"
-HF_MODEL_CLASSES = {"llama": "StreamromLlamaForCausalLM", "mistral": "StreamromMistralForCausalLM",
-                    "qwen2": "StreamromQwen2ForCausalLM"}
 
 
 def block_plan(plan: dict[str, int | None], index: int) -> dict[str, int | None]:
@@ -241,13 +240,13 @@ class _BlockSteps:
     def cache(self, shape: tuple[int, int]) -> BlockCache:
         if self._cache is None:
             spec = self.reader.spec
-            self._cache = BlockCache(self.work, *shape, Block.cached_widths(spec))
+            self._cache = BlockCache(self.work, *shape, block_class(spec).cached_widths(spec))
         return self._cache
 
     def compress(self, index: int, activations: ActivationPair | None) -> Block:
         spec = self.reader.spec
         with self.timer("read"):
-            block = Block.from_tensors(spec, self.reader.block_tensors(index))
+            block = block_class(spec).from_tensors(spec, self.reader.block_tensors(index))
         # the last block's outputs feed nothing; nor do any, for weight-space SVD
         uses_calibration = self.config.compression_method.uses_calibration
         has_next = activations is not None and index + 1 < spec.num_layers and uses_calibration
@@ -322,7 +321,7 @@ def _write_tail(reader: CheckpointReader, writer: CheckpointWriter, config: Comp
         "calibration": {"sequences": sequences, "seqlen": seqlen, "seed": config.calibration.seed},
     }
     # transformers builds the factored model from the file beside it (trust_remote_code=True)
-    model_class = HF_MODEL_CLASSES[spec.model_type]
+    model_class = ARCHITECTURES[spec.model_type].remote_class
     out_config["auto_map"] = {"AutoModelForCausalLM": f"{HF_MODELING_FILE.stem}.{model_class}"}
     out_config["architectures"] = [model_class]
     writer.finish(out_config, [*reader.tokenizer_files(), HF_MODELING_FILE])

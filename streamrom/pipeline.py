@@ -32,7 +32,7 @@ from .evaluation import evaluate
 from .execute import WORK_FOLDER, damaged_shards, fault_point, write_model
 from .memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak
 from .methods import Method
-from .modeling import BLOCK_LINEARS, Block, ModelSpec, block_prefix
+from .modeling import BLOCK_LINEARS, ModelSpec, block_class, block_prefix
 from .planning import model_plan, plan_ranks, rank_plan
 from .progress import (LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments_fingerprint, changed_source_file,
                        source_files, source_fingerprint)
@@ -161,7 +161,7 @@ def _plan_and_execute(prepared: Prepared, output: Path, progress: Progress, time
     """Resources, then the plan and the block loop, for a run whose model is not yet written."""
     spec, config, tokens = prepared.spec, prepared.config, prepared.tokens
     damaged = damaged_shards(output, progress) if progress.blocks_done >= 0 else []
-    activation_bytes = BlockCache.bytes_needed(tokens.size, Block.cached_widths(spec))
+    activation_bytes = BlockCache.bytes_needed(tokens.size, block_class(spec).cached_widths(spec))
     if progress.blocks_done < 0:  # a resumed run has its two activation files already
         activation_bytes += 2 * tokens.size * spec.hidden_size * 4
     if damaged:  # redone from fresh activations beside the resumed run's

@@ -165,9 +165,9 @@ def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[i
             del embedding
             for index, block in read_blocks(reader, range(spec.num_layers), timer, "spectra forward"):
                 source = block_inputs[index] if index >= first else below[index % 2]
-                target = block_inputs[index + 1] if index + 1 >= first else below[(index + 1) % 2]
+                destination = block_inputs[index + 1] if index + 1 >= first else below[(index + 1) % 2]
                 with timer("forward"):
-                    run_block(block, source, target, cos, sin, chunk_sequences)
+                    run_block(block, source, destination, cos, sin, chunk_sequences)
                 del block
         finally:
             for buffer in below:

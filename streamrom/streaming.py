@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 from .activations import ActivationPair, run_block
 from .checkpoint import CheckpointReader
 from .memory import release_freed_memory
-from .modeling import Block
+from .modeling import Block, block_class
 from .report import StageTimer
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ def read_blocks(reader: CheckpointReader, indices: Iterable[int], timer: StageTi
     indices = list(indices)
     for done, index in enumerate(indices, 1):
         with timer("read"):
-            block = Block.from_tensors(reader.spec, reader.block_tensors(index))
+            block = block_class(reader.spec).from_tensors(reader.spec, reader.block_tensors(index))
         yield index, block
         del block
         release_freed_memory()

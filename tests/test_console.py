@@ -66,7 +66,7 @@ def test_log_file_gets_every_line_even_when_quiet(tiny_models, tiny_tokens, tmp_
     assert code == 0
     assert capsys.readouterr().err == ""
     text = log_file.read_text()
-    assert "INFO streamrom.pipeline: block 1/" in text and "(compress 1/" in text
+    assert "INFO streamrom.execute: block 1/" in text and "(compress 1/" in text
     assert "compressed" in text
 
 

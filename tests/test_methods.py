@@ -218,7 +218,11 @@ def test_bayes_allocation_meets_the_size_and_is_seeded(tiny_models, tiny_tokens,
         allocate="spectrum", target_params=0.7, calibration=tiny_calibration(tiny_tokens)))
     scores = [trial["score"] for trial in first.settings["bayes"]["scores"]]
     assert len(scores) == STARTUP_TRIALS + 1 and first.ranks == again.ranks
-    assert first.settings["bayes"]["scores"] == again.settings["bayes"]["scores"]
+    def without_times(trials):
+        return [{k: v for k, v in trial.items() if not k.endswith("_seconds")} for trial in trials]
+    assert without_times(first.settings["bayes"]["scores"]) == without_times(again.settings["bayes"]["scores"])
+    assert all(trial["execute_seconds"] > 0 and trial["score_seconds"] > 0 and trial["overhead_seconds"] >= 0
+               for trial in first.settings["bayes"]["scores"])
     for trial in first.settings["bayes"]["scores"][1:]:
         assert all(MULTIPLIER_RANGE[0] <= m <= MULTIPLIER_RANGE[1] for m in trial["multipliers"].values())
     before = CheckpointReader(source).parameter_count()

@@ -1,0 +1,209 @@
+"""What streamrom knows of each model family, in one place: one registry entry per architecture
+(ARCHITECTURES), the tensor names, and ModelSpec (a checkpoint's shapes, read from its config.json).
+
+Torch-free, so that commands which only move bytes (import-gguf) start light. Adding an architecture:
+an entry here (and a Block subclass in modeling.py where its forward differs), a tiny config in
+tests/conftest.py's tiny_config, and tests/test_architectures.py's contract test passing for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One model family: its config.json model_type, the names transformers and llama.cpp give it, and
+    what its config leaves implicit."""
+
+    model_type: str
+    transformers_class: str  # the dense model in transformers (plain checkpoints load as this)
+    remote_class: str  # our subclass of it in hf/modeling_streamrom.py, for factored checkpoints
+    gguf_architecture: str | None = None  # llama.cpp's general.architecture (import-gguf)
+    block: str = "Block"  # the block variant in modeling.BLOCKS
+    qkv_bias: bool = False  # q/k/v always have biases (else only with attention_bias)
+    o_bias_with_attention_bias: bool = False  # attention_bias also gives o_proj a bias
+    sliding_window: bool = False  # the sliding window applies without use_sliding_window
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("llama", "LlamaForCausalLM", "StreamromLlamaForCausalLM", gguf_architecture="llama",
+                          o_bias_with_attention_bias=True),
+    "mistral": Architecture("mistral", "MistralForCausalLM", "StreamromMistralForCausalLM", sliding_window=True),
+    "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", "StreamromQwen2ForCausalLM", gguf_architecture="qwen2",
+                          qkv_bias=True),
+}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+ATTENTION_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+BLOCK_LINEARS = ATTENTION_LINEARS + MLP_LINEARS
+NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def block_prefix(index: int) -> str:
+    return f"model.layers.{index}."
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What streamrom needs to know of a checkpoint's architecture, read from its config.json."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Mapping[str, Any] | None
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    raw_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "ModelSpec":
+        model_type = config.get("model_type")
+        if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+            raise InputError(
+                f"unsupported model_type {model_type!r}: streamrom supports "
+                + ", ".join(ARCHITECTURES)
+            )
+        architecture = ARCHITECTURES[model_type]
+        act = config.get("hidden_act", "silu")
+        if act != "silu":
+            raise InputError(f"unsupported hidden_act {act!r}: streamrom supports silu (SwiGLU)")
+        sizes = {}
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "vocab_size", "num_key_value_heads", "head_dim"):
+            value = config.get(key)
+            if value is None and key in ("num_key_value_heads", "head_dim"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+                raise InputError(f"config.json: {key} must be a positive integer, got {value!r}")
+            sizes[key] = value
+        hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+        try:
+            eps = float(config.get("rms_norm_eps", 1e-6))
+        except (TypeError, ValueError):
+            raise InputError(f"config.json: rms_norm_eps must be a number, got {config.get('rms_norm_eps')!r}") from None
+        spec_kwargs = dict(
+            model_type=model_type,
+            hidden_size=hidden,
+            intermediate_size=sizes["intermediate_size"],
+            num_layers=sizes["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=sizes.get("num_key_value_heads", heads),
+            head_dim=sizes.get("head_dim", hidden // heads),
+            vocab_size=sizes["vocab_size"],
+            rms_norm_eps=eps,
+        )
+        if spec_kwargs["head_dim"] < 1 or spec_kwargs["head_dim"] % 2:
+            raise InputError(f"config.json: head_dim must be a positive even number, got {spec_kwargs['head_dim']}")
+        rope_theta, rope_scaling = _rope_settings(config)
+        attention_bias = bool(config.get("attention_bias", False))
+        use_sliding = architecture.sliding_window or bool(config.get("use_sliding_window", False))
+        window = config.get("sliding_window") if use_sliding else None
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+            raise InputError(f"config.json: sliding_window must be a positive integer or null, got {window!r}")
+        spec = cls(
+            **spec_kwargs,
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=architecture.qkv_bias or attention_bias,
+            o_bias=architecture.o_bias_with_attention_bias and attention_bias,
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            sliding_window=int(window) if window else None,
+            raw_config=dict(config),
+        )
+        if spec.num_heads % spec.num_kv_heads:
+            raise InputError(
+                f"num_attention_heads={spec.num_heads} is not a multiple of "
+                f"num_key_value_heads={spec.num_kv_heads}"
+            )
+        return spec
+
+    def linear_shape(self, name: str) -> tuple[int, int]:
+        """(out, in) of a block linear."""
+        q_width = self.num_heads * self.head_dim
+        kv_width = self.num_kv_heads * self.head_dim
+        return {
+            "self_attn.q_proj": (q_width, self.hidden_size),
+            "self_attn.k_proj": (kv_width, self.hidden_size),
+            "self_attn.v_proj": (kv_width, self.hidden_size),
+            "self_attn.o_proj": (self.hidden_size, q_width),
+            "mlp.gate_proj": (self.intermediate_size, self.hidden_size),
+            "mlp.up_proj": (self.intermediate_size, self.hidden_size),
+            "mlp.down_proj": (self.hidden_size, self.intermediate_size),
+        }[name]
+
+    def has_bias(self, name: str) -> bool:
+        if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            return self.qkv_bias
+        if name == "self_attn.o_proj":
+            return self.o_bias
+        return self.mlp_bias
+
+    def dense_block_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor names (without the block prefix) and shapes of an uncompressed block."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in BLOCK_LINEARS:
+            out_features, in_features = self.linear_shape(name)
+            shapes[f"{name}.weight"] = (out_features, in_features)
+            if self.has_bias(name):
+                shapes[f"{name}.bias"] = (out_features,)
+        for norm in NORMS:
+            shapes[f"{norm}.weight"] = (self.hidden_size,)
+        return shapes
+
+    def global_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {EMBED: (self.vocab_size, self.hidden_size), FINAL_NORM: (self.hidden_size,)}
+        if not self.tie_word_embeddings:
+            shapes[LM_HEAD] = (self.vocab_size, self.hidden_size)
+        return shapes
+
+
+def _rope_settings(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    # transformers 4 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters.
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or None
+    if not isinstance(params, dict) or not (scaling is None or isinstance(scaling, dict)):
+        raise InputError("config.json: rope_parameters / rope_scaling must be objects")
+    try:
+        theta = float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    except (TypeError, ValueError):
+        raise InputError("config.json: rope_theta must be a number") from None
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = dict(params)
+    if scaling is not None:
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise InputError(
+                f"unsupported rope scaling {rope_type!r}: streamrom supports "
+                + ", ".join(SUPPORTED_ROPE_TYPES)
+            )
+        scaling = {**scaling, "rope_type": rope_type}
+        needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                    "original_max_position_embeddings")}.get(rope_type, ())
+        for key in needed:
+            if not isinstance(scaling.get(key), (int, float)) or isinstance(scaling.get(key), bool):
+                raise InputError(f"config.json: {rope_type} rope scaling needs a number {key}")
+        if rope_type == "default":
+            scaling = None
+    return theta, scaling
+
+

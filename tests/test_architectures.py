@@ -1,0 +1,96 @@
+"""The contract every architecture adapter (architectures.ARCHITECTURES) passes, on a tiny random-weight
+model of it built by transformers (shapes and exactness, not accuracy): a new entry is tested here
+without a line of test code more than its tiny config in conftest.tiny_config.
+
+1. our block and model reproduce transformers' logits (float32);
+2. full-rank compression reproduces the dense model's logits;
+3. the streamed evaluation equals an in-memory computation on the same windows;
+4. a compressed checkpoint loads in transformers through the remote code and matches streamrom.load.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import streamrom
+from streamrom import CalibrationConfig, CompressConfig
+from streamrom.architectures import ARCHITECTURES
+
+from conftest import make_tiny
+
+KINDS = sorted(ARCHITECTURES)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("contract")
+    return {kind: make_tiny(root / kind, kind) for kind in KINDS}
+
+
+def ids(seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(seed))
+
+
+def transformers_model(folder: Path, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+
+
+def compressed(source: Path, output: Path, tiny_tokens: Path, **settings) -> Path:
+    streamrom.compress(source, output, CompressConfig(
+        calibration=CalibrationConfig(token_file=tiny_tokens, sequences=8, seqlen=64), **settings))
+    return output
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_entry_names_what_exists(kind):
+    import transformers
+
+    entry = ARCHITECTURES[kind]
+    assert entry.model_type == kind and hasattr(transformers, entry.transformers_class)
+    remote_code = (Path(streamrom.__file__).parent / "hf" / "modeling_streamrom.py").read_text()
+    assert f"class {entry.remote_class}({entry.transformers_class})" in remote_code
+    from streamrom.modeling import BLOCKS
+
+    assert entry.block in BLOCKS
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@torch.no_grad()
+def test_model_matches_transformers(tiny, kind):
+    tokens = ids(0)
+    expected = transformers_model(tiny[kind])(tokens).logits
+    assert (streamrom.load(tiny[kind])(tokens) - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@torch.no_grad()
+def test_full_rank_reproduces_the_logits(tiny, tiny_tokens, tmp_path, kind):
+    output = compressed(tiny[kind], tmp_path / kind, tiny_tokens, rank=10**6)
+    tokens = ids(1)
+    assert (streamrom.load(output)(tokens) - streamrom.load(tiny[kind])(tokens)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@torch.no_grad()
+def test_streamed_evaluation_equals_in_memory(tiny, tiny_tokens, tmp_path, kind):
+    output = compressed(tiny[kind], tmp_path / kind, tiny_tokens, ratio=0.5)
+    windows = ids(2).numpy()
+    streamed = streamrom.evaluate(output, (), windows=windows, chunk_tokens=48).perplexity
+    logits = streamrom.load(output)(torch.from_numpy(windows))
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), torch.from_numpy(windows[:, 1:]).reshape(-1))
+    assert streamed == pytest.approx(math.exp(nll.item()), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@torch.no_grad()
+def test_compressed_checkpoint_loads_in_transformers(tiny, tiny_tokens, tmp_path, kind):
+    output = compressed(tiny[kind], tmp_path / kind, tiny_tokens, ratio=0.5, method="rom-centered")
+    tokens = ids(3)
+    theirs = transformers_model(output, trust_remote_code=True)(tokens).logits
+    torch.testing.assert_close(theirs, streamrom.load(output)(tokens), atol=1e-4, rtol=1e-4)
