@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import InputError, NumericalError
@@ -273,7 +273,14 @@ class CheckpointWriter:
         scratch.mkdir(parents=True, exist_ok=True)
         tmp = scratch / f".{name}.tmp"
         contiguous = {key: value.contiguous() for key, value in tensors.items()}
-        save_file(contiguous, str(tmp), metadata={"format": "pt"})
+        try:
+            save_file(contiguous, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as exc:  # its I/O errors are not OSErrors: give them their errno back
+            found = re.search(r"os error (\d+)", str(exc))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(tmp)) from None
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files: follow the umask, as open() does
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())

@@ -245,9 +245,11 @@ def _run(args: argparse.Namespace) -> None:
             print(f"perplexity {report.perplexity:.4f} over {report.evaluation['windows']} windows")
     elif args.command == "eval":
         from .evaluation import evaluate
+        from .layout import check_report_path
 
         _Interrupt.check()
         report_path = args.report or Path(f"{args.checkpoint.resolve().name}.eval.json")
+        check_report_path(report_path)  # before the work, not after it
         report = evaluate(args.checkpoint, args.text, seqlen=args.seqlen, max_windows=args.max_windows,
                           chunk_tokens=args.chunk_tokens, report_path=report_path)
         print(f"perplexity {report.perplexity:.4f} over {report.evaluation['windows']} windows of "

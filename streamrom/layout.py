@@ -81,3 +81,14 @@ def check_output_path(source: Path, output: Path, create: bool = True) -> None:
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create output folder {output}: {exc.strerror}") from None
+
+
+def check_report_path(path: Path) -> None:
+    """Fail before the work when the report cannot be written where asked."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OutputError(f"--report {path} is a folder; give a file path")
+    if not folder.is_dir():
+        raise OutputError(f"--report {path}: its folder {folder} does not exist or is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputError(f"--report {path} cannot be written (permission denied)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -26,6 +25,7 @@ from . import plots
 from .activations import BlockCache
 from .calibration import calibration_tokens, held_out_windows
 from .checkpoint import CheckpointReader, check_output_path, clear_folder
+from .layout import check_report_path
 from .config import FIRST_PASS_ALLOCATIONS, PRECISIONS, CompressConfig, parse_layers  # noqa: F401 (the API)
 from .errors import InputError, OutputError, ResourceError
 from .evaluation import evaluate
@@ -245,17 +245,6 @@ def _start_or_resume(output: Path, overwrite: bool, arguments: str, source: str,
     if any(p.name not in ignored for p in output.iterdir()):
         raise OutputError(f"output folder is not empty: {output} (pass --overwrite to replace it)")
     return Progress(arguments=arguments, source=source, source_files=files)
-
-
-def check_report_path(path: Path) -> None:
-    """Fail before the work when the report cannot be written where asked."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise OutputError(f"--report {path} is a folder; give a file path")
-    if not folder.is_dir():
-        raise OutputError(f"--report {path}: its folder {folder} does not exist or is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise OutputError(f"--report {path} cannot be written (permission denied)")
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -417,3 +417,61 @@ def test_ratio_near_one_leaves_linears_dense():
     assert all(rank is not None for rank in rank_plan(spec, CompressConfig(ratio=0.9)).values())
     # rank 2040 of 4096 would save 0.4 % of a 4096 x 4096 projection: left dense
     assert all(rank is None for rank in rank_plan(spec, CompressConfig(ratio=0.999)).values())
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 192 KiB (tmpfs), where writes fail with ENOSPC; skipped without mounts."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(folder)]).returncode != 0:
+        pytest.skip("cannot mount a small file system here")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_really_full_disk_is_exit_6_and_resumable(deep_tiny, tiny_tokens, tmp_path, small_disk, reference,
+                                                    monkeypatch, capsys):
+    """ENOSPC from the file system itself (safetensors reports it as its own error type), past an up-front
+    check that saw room (another process filled the disk meanwhile)."""
+    from collections import namedtuple
+
+    from streamrom.cli import main
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("streamrom.pipeline.shutil.disk_usage", lambda path: usage(10**12, 0, 10**12))
+    output = small_disk / "out"
+    arguments = cli_command(deep_tiny, output, tiny_tokens)[3:]  # without "python -m streamrom.cli"
+    assert main(arguments) == EXIT_RESOURCES
+    err = capsys.readouterr().err
+    assert "no space left" in err and len(err.splitlines()) == 1 and not (output / INDEX).exists()
+    moved = tmp_path / "moved"  # the user frees space: here, by moving the run to a larger disk
+    shutil.copytree(output, moved)
+    arguments[arguments.index(str(output))] = str(moved)
+    assert main(arguments) == 0
+    assert model_files(moved) == reference
+
+
+def test_import_gguf_onto_a_full_disk_is_exit_6(tiny_gguf, small_disk):
+    filler = small_disk / "filler"
+    filler.write_bytes(bytes(150_000))
+    result = import_cli(str(tiny_gguf), str(small_disk / "imported"))
+    assert result.returncode == EXIT_RESOURCES and "no space left" in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and not (small_disk / "imported").exists()
+
+
+def test_eval_from_a_read_only_folder_refuses_before_the_work(tiny_models, tmp_path):
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)]).returncode != 0:
+        pytest.skip("cannot mount a read-only file system here")
+    try:
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "streamrom.cli", "eval", str(tiny_models["llama"]),
+                                 "--text", str(tmp_path / "none.txt")], capture_output=True, text=True,
+                                cwd=readonly, timeout=300)
+    finally:
+        subprocess.run(["umount", str(readonly)], check=False)
+    # refused for the report before the (missing) text is even looked at
+    assert result.returncode == EXIT_OUTPUT and "cannot be written" in result.stderr, result.stderr
+    assert time.monotonic() - started < 60
