@@ -61,13 +61,13 @@ def compress_in_memory(source: Path, output: Path, token_file: Path, sequences: 
     dtype = reader.weight_dtype
     with timer("read"):  # the whole model, in the dtype it computes in
         embedding = reader.tensor(EMBED).float()
-        blocks = [block_class(spec).from_tensors(spec, reader.block_tensors(i)) for i in range(spec.num_layers)]
+        blocks = [block_class(spec).from_tensors(spec, reader.block_tensors(i), i) for i in range(spec.num_layers)]
         tail = {k: v.float() for k, v in reader.read([FINAL_NORM] + ([] if spec.tie_word_embeddings else [LM_HEAD])).items()}
     chunk_sequences = max(1, config.chunk_tokens // seqlen)
     inputs, outputs = (MemoryBuffer(sequences, seqlen, spec.hidden_size) for _ in range(2))
     cache = {name: MemoryBuffer(sequences, seqlen, width) for name, width in block_class(spec).cached_widths(spec).items()}
     with timer("forward"):
-        embed_into(embedding, tokens, inputs, chunk_sequences)
+        embed_into(embedding, tokens, inputs, chunk_sequences, spec.embedding_scale)
     cos, sin = Rotary(spec).cos_sin(seqlen)
     for index, block in enumerate(blocks):
         has_next = index + 1 < spec.num_layers

@@ -135,10 +135,12 @@ def chunk_ranges(sequences: int, chunk_sequences: int, boundary: int | None = No
 
 @torch.no_grad()
 def embed_into(embedding: torch.Tensor, tokens: np.ndarray, buffer: ActivationBuffer,
-               chunk_sequences: int) -> None:
+               chunk_sequences: int, scale: float = 1.0) -> None:
+    """The embeddings of `tokens`, times `scale` (Gemma: √hidden, in float32 as transformers does)."""
     for start, stop in chunk_ranges(len(tokens), chunk_sequences):
         ids = torch.from_numpy(np.ascontiguousarray(tokens[start:stop], dtype=np.int64))
-        buffer.write(start, embedding[ids].float())
+        rows = embedding[ids].float()
+        buffer.write(start, rows * torch.tensor(scale, dtype=torch.float32) if scale != 1.0 else rows)
 
 
 def require_finite(values: torch.Tensor, where: str) -> torch.Tensor:

@@ -26,6 +26,10 @@ class Architecture:
     qkv_bias: bool = False  # q/k/v always have biases (else only with attention_bias)
     o_bias_with_attention_bias: bool = False  # attention_bias also gives o_proj a bias
     sliding_window: bool = False  # the sliding window applies without use_sliding_window
+    activations: tuple[str, ...] = ("silu",)  # hidden_act (hidden_activation) values it takes
+    # Gemma-style blocks: norms multiply by (1 + w), q and k are normed per head, the MLP is normed
+    # before and after, the embeddings are scaled by √hidden, layer_types mix sliding and full attention
+    gemma_style: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -34,7 +38,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": Architecture("mistral", "MistralForCausalLM", "StreamromMistralForCausalLM", sliding_window=True),
     "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", "StreamromQwen2ForCausalLM", gguf_architecture="qwen2",
                           qkv_bias=True),
+    "gemma3_text": Architecture("gemma3_text", "Gemma3ForCausalLM", "StreamromGemma3ForCausalLM",
+                                gguf_architecture="gemma3", block="Gemma3Block", activations=("gelu_pytorch_tanh",),
+                                gemma_style=True),
 }
+GEMMA_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # besides NORMS, hidden-sized
+GEMMA_HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")  # head_dim-sized
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -72,6 +81,12 @@ class ModelSpec:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    hidden_act: str = "silu"
+    gemma_style: bool = False  # see Architecture.gemma_style
+    attention_scale: float | None = None  # None: 1/√head_dim
+    # per block, whether it attends within the sliding window (None: every block, when there is a window)
+    sliding_layers: tuple[bool, ...] | None = None
+    rope_local_theta: float | None = None  # the rope base of sliding-window blocks, where it differs
     raw_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -83,9 +98,10 @@ class ModelSpec:
                 + ", ".join(ARCHITECTURES)
             )
         architecture = ARCHITECTURES[model_type]
-        act = config.get("hidden_act", "silu")
-        if act != "silu":
-            raise InputError(f"unsupported hidden_act {act!r}: streamrom supports silu (SwiGLU)")
+        act = config.get("hidden_act") or config.get("hidden_activation") or "silu"
+        if act not in architecture.activations:
+            raise InputError(f"unsupported hidden_act {act!r} for {model_type}: streamrom supports "
+                             f"{', '.join(architecture.activations)}")
         sizes = {}
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "vocab_size", "num_key_value_heads", "head_dim"):
@@ -113,9 +129,11 @@ class ModelSpec:
         )
         if spec_kwargs["head_dim"] < 1 or spec_kwargs["head_dim"] % 2:
             raise InputError(f"config.json: head_dim must be a positive even number, got {spec_kwargs['head_dim']}")
-        rope_theta, rope_scaling = _rope_settings(config)
+        gemma = _gemma_settings(config, sizes["num_hidden_layers"]) if architecture.gemma_style else {}
+        rope_theta, rope_scaling = _rope_settings(gemma.pop("rope_config", config))
         attention_bias = bool(config.get("attention_bias", False))
-        use_sliding = architecture.sliding_window or bool(config.get("use_sliding_window", False))
+        use_sliding = (architecture.sliding_window or architecture.gemma_style
+                       or bool(config.get("use_sliding_window", False)))
         window = config.get("sliding_window") if use_sliding else None
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
             raise InputError(f"config.json: sliding_window must be a positive integer or null, got {window!r}")
@@ -128,6 +146,9 @@ class ModelSpec:
             o_bias=architecture.o_bias_with_attention_bias and attention_bias,
             mlp_bias=bool(config.get("mlp_bias", False)),
             sliding_window=int(window) if window else None,
+            hidden_act=act,
+            gemma_style=architecture.gemma_style,
+            **gemma,
             raw_config=dict(config),
         )
         if spec.num_heads % spec.num_kv_heads:
@@ -166,15 +187,67 @@ class ModelSpec:
             shapes[f"{name}.weight"] = (out_features, in_features)
             if self.has_bias(name):
                 shapes[f"{name}.bias"] = (out_features,)
-        for norm in NORMS:
+        for norm in NORMS + (GEMMA_NORMS if self.gemma_style else ()):
             shapes[f"{norm}.weight"] = (self.hidden_size,)
+        for norm in GEMMA_HEAD_NORMS if self.gemma_style else ():
+            shapes[f"{norm}.weight"] = (self.head_dim,)
         return shapes
+
+    @property
+    def norm_offset(self) -> float:
+        """RMSNorm multiplies by (offset + w): Gemma stores w around 0."""
+        return 1.0 if self.gemma_style else 0.0
+
+    @property
+    def embedding_scale(self) -> float:
+        return self.hidden_size ** 0.5 if self.gemma_style else 1.0
+
+    def window_of(self, index: int) -> int | None:
+        """The sliding window block `index` attends within (None: all earlier positions)."""
+        if self.sliding_layers is not None and not self.sliding_layers[index]:
+            return None
+        return self.sliding_window
+
+    def rope_theta_of(self, index: int) -> float:
+        if self.sliding_layers is not None and self.sliding_layers[index] and self.rope_local_theta is not None:
+            return self.rope_local_theta
+        return self.rope_theta
 
     def global_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {EMBED: (self.vocab_size, self.hidden_size), FINAL_NORM: (self.hidden_size,)}
         if not self.tie_word_embeddings:
             shapes[LM_HEAD] = (self.vocab_size, self.hidden_size)
         return shapes
+
+
+def _gemma_settings(config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Gemma 3's layer types, attention scale and per-type rope bases (transformers 5 writes
+    rope_parameters per layer type; transformers 4 rope_theta and rope_local_base_freq)."""
+    types = config.get("layer_types")
+    if types is None:  # every sliding_window_pattern-th block attends fully
+        pattern = config.get("sliding_window_pattern", config.get("_sliding_window_pattern", 6))
+        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+            raise InputError(f"config.json: sliding_window_pattern must be a positive integer, got {pattern!r}")
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
+    if (not isinstance(types, list) or len(types) != num_layers
+            or any(t not in ("sliding_attention", "full_attention") for t in types)):
+        raise InputError(f"config.json: layer_types must list sliding_attention or full_attention for each of "
+                         f"the {num_layers} blocks")
+    scalar = config.get("query_pre_attn_scalar")
+    if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or scalar <= 0:
+        raise InputError(f"config.json: query_pre_attn_scalar must be a positive number, got {scalar!r}")
+    per_type = config.get("rope_parameters")
+    if isinstance(per_type, dict) and "full_attention" in per_type:
+        full, local = per_type.get("full_attention") or {}, per_type.get("sliding_attention") or {}
+        rope_config = {"rope_parameters": full}
+        local_theta = local.get("rope_theta", 10000.0)
+    else:
+        rope_config = config
+        local_theta = config.get("rope_local_base_freq", 10000.0)
+    if isinstance(local_theta, bool) or not isinstance(local_theta, (int, float)):
+        raise InputError(f"config.json: the sliding layers' rope base must be a number, got {local_theta!r}")
+    return {"sliding_layers": tuple(t == "sliding_attention" for t in types), "attention_scale": float(scalar) ** -0.5,
+            "rope_local_theta": float(local_theta), "rope_config": rope_config}
 
 
 def _rope_settings(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:

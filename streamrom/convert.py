@@ -41,6 +41,16 @@ BLOCK_NAMES = {
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
+# Gemma 3's blocks have more norms, named differently (ffn_norm is its pre-feed-forward norm), and
+# llama.cpp's converter stores Gemma norms as 1 + w (its RMSNorm multiplies by the weight alone).
+GEMMA3_BLOCK_NAMES = {
+    **BLOCK_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+}
+BLOCK_NAMES_OF = {"gemma3": GEMMA3_BLOCK_NAMES}
+NORMS_STORED_PLUS_ONE = ("gemma3",)
+GEMMA3_SLIDING_PATTERN = 6  # every 6th block attends fully (not in the GGUF metadata)
+GEMMA3_LOCAL_ROPE_BASE = 10000.0  # the sliding blocks' rope base (not in the GGUF metadata)
 # llama.cpp's architecture names to ours (architectures.py: the entries that name one)
 GGUF_ARCHITECTURES = {a.gguf_architecture: a for a in ARCHITECTURES.values() if a.gguf_architecture}
 
@@ -116,6 +126,7 @@ class GGUFTensor:
     data_offset: int
     n_bytes: int
     rotary_heads: int | None  # heads to un-permute q/k rows by, or None
+    offset: float = 0.0  # subtracted from every value (Gemma's norms, stored as 1 + w)
 
     @property
     def elements(self) -> int:
@@ -157,11 +168,12 @@ class GGUFModel:
     def _tensor(self, tensor: Any) -> GGUFTensor:
         name = tensor.name
         stem, _, kind = name.rpartition(".")
+        block_names = BLOCK_NAMES_OF.get(self.arch, BLOCK_NAMES)
         if stem in GLOBAL_NAMES:
             hf = f"{GLOBAL_NAMES[stem]}.{kind}"
-        elif stem.startswith("blk.") and stem.split(".", 2)[2] in BLOCK_NAMES:
+        elif stem.startswith("blk.") and stem.split(".", 2)[2] in block_names:
             _, index, key = stem.split(".", 2)
-            hf = f"model.layers.{int(index)}.{BLOCK_NAMES[key]}.{kind}"
+            hf = f"model.layers.{int(index)}.{block_names[key]}.{kind}"
         else:
             raise InputError(f"{self.path}: tensor {name!r} has no Hugging Face {self.arch} counterpart "
                              "(e.g. llama3 rope_freqs or an unsupported variant)")
@@ -169,7 +181,9 @@ class GGUFModel:
         if self.arch == "llama" and stem.endswith((".attn_q", ".attn_k")):  # only llama's converter permutes
             rotary = self.heads if stem.endswith(".attn_q") else self.kv_heads
         shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-        return GGUFTensor(name, hf, tensor.tensor_type, shape, int(tensor.data_offset), int(tensor.n_bytes), rotary)
+        offset = 1.0 if self.arch in NORMS_STORED_PLUS_ONE and hf.endswith("norm.weight") else 0.0
+        return GGUFTensor(name, hf, tensor.tensor_type, shape, int(tensor.data_offset), int(tensor.n_bytes), rotary,
+                          offset)
 
     def config(self, dtype: str) -> dict[str, Any]:
         arch, names = self.arch, {t.hf_name for t in self.tensors}
@@ -196,6 +210,20 @@ class GGUFModel:
         if arch == "llama":
             config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in names
             config["mlp_bias"] = False
+        if arch == "gemma3":  # transformers 5's Gemma3TextConfig: rope per layer type
+            del config["hidden_act"]
+            layers = config["num_hidden_layers"]
+            config.update({
+                "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": head_dim,
+                "sliding_window": int(self.value(f"{arch}.attention.sliding_window")),
+                "layer_types": ["full_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention"
+                                for i in range(layers)],
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": config.pop("rope_theta")},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": GEMMA3_LOCAL_ROPE_BASE}},
+                "attn_logit_softcapping": None, "final_logit_softcapping": None,
+                "attention_bias": False, "use_bidirectional_attention": False,
+            })
         for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding"),
                           ("unk_token_id", "unknown")):
             token = self.value(f"tokenizer.ggml.{name}_token_id", None)
@@ -233,6 +261,8 @@ class GGUFModel:
             except NotImplementedError as exc:
                 raise InputError(f"{self.path}: tensor {tensor.gguf_name}: {exc}") from None
             values = np.asarray(values, dtype=np.float32).reshape(count, columns)
+            if tensor.offset:
+                values = values - np.float32(tensor.offset)
             if tensor.rotary_heads is not None:
                 values = unpermute_rotary(values, count // (rows // tensor.rotary_heads))
             yield values

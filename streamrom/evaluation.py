@@ -73,7 +73,7 @@ def evaluate(checkpoint: str | Path, text_files: list[Path] | tuple[Path, ...], 
             with timer("read"):
                 embedding = reader.tensor(EMBED)
             with timer("forward"):
-                embed_into(embedding, windows, activations.inputs, chunk_sequences)
+                embed_into(embedding, windows, activations.inputs, chunk_sequences, spec.embedding_scale)
             if not spec.tie_word_embeddings:
                 del embedding
             cos, sin = Rotary(spec).cos_sin(seqlen)

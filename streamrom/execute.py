@@ -191,7 +191,7 @@ def write_model(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan
                     writer.write_shard(1, {EMBED: embedding.to(dtype)}, scratch=work)
                 if config.compression_method.uses_calibration:
                     with timer("forward"):
-                        embed_into(embedding, tokens, activations.inputs, chunk_sequences)
+                        embed_into(embedding, tokens, activations.inputs, chunk_sequences, spec.embedding_scale)
                         activations.inputs.sync()
                 del embedding
                 record(0, activations.inputs.path.name)
@@ -246,7 +246,7 @@ class _BlockSteps:
     def compress(self, index: int, activations: ActivationPair | None) -> Block:
         spec = self.reader.spec
         with self.timer("read"):
-            block = block_class(spec).from_tensors(spec, self.reader.block_tensors(index))
+            block = block_class(spec).from_tensors(spec, self.reader.block_tensors(index), index)
         # the last block's outputs feed nothing; nor do any, for weight-space SVD
         uses_calibration = self.config.compression_method.uses_calibration
         has_next = activations is not None and index + 1 < spec.num_layers and uses_calibration
@@ -279,7 +279,8 @@ def _redo_blocks(steps: _BlockSteps, writer: CheckpointWriter, redo: list[int], 
         sequences, seqlen = tokens.shape
         activations = ActivationPair(steps.work / "redo", sequences, seqlen, reader.spec.hidden_size)
         with steps.timer("forward"):
-            embed_into(reader.tensor(EMBED), tokens, activations.inputs, steps.chunk_sequences)
+            embed_into(reader.tensor(EMBED), tokens, activations.inputs, steps.chunk_sequences,
+                       reader.spec.embedding_scale)
     try:
         for index in (redo if activations is None else range(max(redo) + 1)):
             block = steps.compress(index, activations)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from . import memory
 from .checkpoint import CheckpointReader
-from .modeling import EMBED, FINAL_NORM, LM_HEAD, RMSNorm
+from .modeling import EMBED, FINAL_NORM, LM_HEAD, norm
 
 
 class LossHead:
@@ -19,7 +19,7 @@ class LossHead:
     def __init__(self, reader: CheckpointReader, embedding: torch.Tensor | None = None):
         """`embedding`: the input embedding if already read (a tied head reuses it)."""
         spec = reader.spec
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm = norm(spec)
         self.norm.weight.data = reader.tensor(FINAL_NORM).float()
         if spec.tie_word_embeddings:
             self.weight = (embedding if embedding is not None else reader.tensor(EMBED)).float()

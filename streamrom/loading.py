@@ -11,7 +11,7 @@ def load(checkpoint: str | Path) -> CausalLM:
     """The whole model in memory: `model(input_ids) -> logits`; low-rank linears stay factored."""
     reader = CheckpointReader(checkpoint)
     spec = reader.spec
-    blocks = [block_class(spec).from_tensors(spec, reader.block_tensors(i)) for i in range(spec.num_layers)]
+    blocks = [block_class(spec).from_tensors(spec, reader.block_tensors(i), i) for i in range(spec.num_layers)]
     head = None if spec.tie_word_embeddings else reader.tensor(LM_HEAD)
     model = CausalLM(spec, blocks, reader.tensor(EMBED), reader.tensor(FINAL_NORM), head)
     return model.eval()

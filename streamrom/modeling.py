@@ -21,11 +21,13 @@ from .architectures import ARCHITECTURES, BLOCK_LINEARS, ModelSpec
 from .architectures import EMBED, FINAL_NORM, LM_HEAD, block_prefix  # noqa: F401 (where most callers look)
 
 
-def rope_inverse_frequencies(spec: ModelSpec) -> torch.Tensor:
-    """Per-pair rotation frequencies, computed in float32 as transformers does."""
+def rope_inverse_frequencies(spec: ModelSpec, theta: float | None = None) -> torch.Tensor:
+    """Per-pair rotation frequencies, computed in float32 as transformers does (`theta`: another base,
+    e.g. of sliding-window blocks, unscaled)."""
     dim = spec.head_dim
-    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = spec.rope_scaling
+    base = spec.rope_theta if theta is None else theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = spec.rope_scaling if theta is None else None
     if scaling is None:
         return inv_freq
     factor = float(scaling["factor"])
@@ -48,8 +50,8 @@ def rope_inverse_frequencies(spec: ModelSpec) -> torch.Tensor:
 class Rotary:
     """cos/sin tables for positions 0..L-1, cached per length."""
 
-    def __init__(self, spec: ModelSpec):
-        self.inv_freq = rope_inverse_frequencies(spec)
+    def __init__(self, spec: ModelSpec, theta: float | None = None):
+        self.inv_freq = rope_inverse_frequencies(spec, theta)
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,15 +73,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
+    """RMS normalisation times (offset + weight): offset 1 where weights are stored around 0 (Gemma)."""
+
+    def __init__(self, size: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return ((self.offset + self.weight.float()) * x32).to(x.dtype)
         return self.weight * x32.to(x.dtype)
+
+
+def norm(spec: ModelSpec, size: int | None = None) -> RMSNorm:
+    return RMSNorm(spec.hidden_size if size is None else size, spec.rms_norm_eps, spec.norm_offset)
 
 
 class LowRankLinear(nn.Module):
@@ -123,11 +133,14 @@ def _dense(in_features: int, out_features: int, bias: bool) -> nn.Linear:
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, index: int = 0):
         super().__init__()
         hidden, head_dim = spec.hidden_size, spec.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, head_dim
-        self.sliding_window = spec.sliding_window
+        self.sliding_window = spec.window_of(index)
+        self.scale = spec.attention_scale  # None: SDPA's 1/√head_dim
+        if spec.gemma_style:  # q and k normed per head before rotary
+            self.q_norm, self.k_norm = norm(spec, head_dim), norm(spec, head_dim)
         self.q_proj = _dense(hidden, spec.num_heads * head_dim, spec.qkv_bias)
         self.k_proj = _dense(hidden, spec.num_kv_heads * head_dim, spec.qkv_bias)
         self.v_proj = _dense(hidden, spec.num_kv_heads * head_dim, spec.qkv_bias)
@@ -139,6 +152,8 @@ class Attention(nn.Module):
         q = self.q_proj(h).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
@@ -148,23 +163,27 @@ class Attention(nn.Module):
             pos = torch.arange(length)
             offset = pos[:, None] - pos[None, :]
             mask = (offset >= 0) & (offset < self.sliding_window)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         hidden, inter = spec.hidden_size, spec.intermediate_size
+        self.act = ACTIVATIONS[spec.hidden_act]
         self.gate_proj = _dense(hidden, inter, spec.mlp_bias)
         self.up_proj = _dense(hidden, inter, spec.mlp_bias)
         self.down_proj = _dense(inter, hidden, spec.mlp_bias)
 
     def hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """SwiGLU activations, the input of down_proj."""
-        return F.silu(self.gate_proj(h)) * self.up_proj(h)
+        """Gated activations (SwiGLU, GeGLU), the input of down_proj."""
+        return self.act(self.gate_proj(h)) * self.up_proj(h)
 
 
 @dataclass(frozen=True)
@@ -241,11 +260,11 @@ class Block(nn.Module):
         LinearGroup(("mlp.down_proj",), reads="mlp", writes="mlp_output"),
     )
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, index: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.input_layernorm = norm(spec)
+        self.self_attn = Attention(spec, index)
+        self.post_attention_layernorm = norm(spec)
         self.mlp = MLP(spec)
 
     @classmethod
@@ -271,10 +290,10 @@ class Block(nn.Module):
         setattr(self.get_submodule(parent), child, module)
 
     @classmethod
-    def from_tensors(cls, spec: ModelSpec, tensors: Mapping[str, torch.Tensor]) -> "Block":
+    def from_tensors(cls, spec: ModelSpec, tensors: Mapping[str, torch.Tensor], index: int = 0) -> "Block":
         """Build a float32 block from its tensors (dense or factored), names without the prefix."""
         with torch.device("meta"):  # parameters are assigned from `tensors`, never initialised
-            block = cls(spec)
+            block = cls(spec, index)
             for name in BLOCK_LINEARS:
                 if f"{name}.reduce.weight" in tensors:
                     reduce_w = tensors[f"{name}.reduce.weight"]
@@ -295,6 +314,39 @@ class Block(nn.Module):
         return block.requires_grad_(False)
 
 
+class Gemma3Block(Block):
+    """Gemma 3's block: q/k normed per head, the attention and MLP outputs normed before their residual
+    adds, the MLP input normed by its own norm, GeGLU; sliding-window blocks rotate with their own base."""
+
+    STEPS: tuple[Step, ...] = (
+        Step("normed", lambda b, v, cos, sin: b.input_layernorm(v["x"])),
+        Step("attention", lambda b, v, cos, sin: b.self_attn.core(v["normed"], *b.rotary_tables(cos, sin)),
+             cached_width=lambda spec: spec.num_heads * spec.head_dim),
+        Step("residual", lambda b, v, cos, sin: v["x"] + b.post_attention_layernorm(b.self_attn.o_proj(v["attention"])),
+             cached_width=lambda spec: spec.hidden_size),
+        Step("mlp_normed", lambda b, v, cos, sin: b.pre_feedforward_layernorm(v["residual"])),
+        Step("mlp", lambda b, v, cos, sin: b.mlp.hidden(v["mlp_normed"]),
+             cached_width=lambda spec: spec.intermediate_size),
+        Step("mlp_output", lambda b, v, cos, sin: b.mlp.down_proj(v["mlp"])),
+        Step("output", lambda b, v, cos, sin: v["residual"] + b.post_feedforward_layernorm(v["mlp_output"])),
+    )
+
+    def __init__(self, spec: ModelSpec, index: int = 0):
+        super().__init__(spec, index)
+        self.pre_feedforward_layernorm = norm(spec)
+        self.post_feedforward_layernorm = norm(spec)
+        self._spec, self._theta = spec, spec.rope_theta_of(index)
+        self._rotary: Rotary | None = None  # made on first use (blocks are built on the meta device)
+
+    def rotary_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's tables, or this block's own where its rope base differs (sliding-window blocks)."""
+        if self._theta == self._spec.rope_theta:
+            return cos, sin
+        if self._rotary is None:
+            self._rotary = Rotary(self._spec, self._theta)
+        return self._rotary.cos_sin(cos.shape[0])
+
+
 class CausalLM(nn.Module):
     """A whole model built from our blocks, for inference after loading (``streamrom.load``)."""
 
@@ -304,7 +356,7 @@ class CausalLM(nn.Module):
         self.spec = spec
         self.embed_tokens = nn.Embedding.from_pretrained(embed.float(), freeze=True)
         self.layers = nn.ModuleList(blocks)
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm = norm(spec)
         self.norm.weight.data.copy_(final_norm.float())
         head = self.embed_tokens.weight if lm_head is None else lm_head.float()
         self.lm_head_weight = head if lm_head is None else nn.Parameter(head, requires_grad=False)
@@ -314,6 +366,8 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits (batch, length, vocab) for token ids (batch, length)."""
         x = self.embed_tokens(input_ids)
+        if self.spec.embedding_scale != 1.0:
+            x = x * torch.tensor(self.spec.embedding_scale, dtype=x.dtype)
         cos, sin = self.rotary.cos_sin(input_ids.shape[-1])
         for block in self.layers:
             x = block(x, cos, sin)
@@ -324,7 +378,7 @@ class CausalLM(nn.Module):
 LINEAR_GROUPS: tuple[tuple[str, ...], ...] = tuple(group.linears for group in Block.GROUPS)
 
 # The block variants that architectures.Architecture.block names.
-BLOCKS: dict[str, type[Block]] = {"Block": Block}
+BLOCKS: dict[str, type[Block]] = {"Block": Block, "Gemma3Block": Gemma3Block}
 
 
 def block_class(spec: ModelSpec) -> type[Block]:

@@ -161,7 +161,8 @@ def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[i
             with timer("read"):
                 embedding = reader.tensor(EMBED)
             with timer("forward"):
-                embed_into(embedding, tokens, block_inputs[0] if first == 0 else below[0], chunk_sequences)
+                embed_into(embedding, tokens, block_inputs[0] if first == 0 else below[0], chunk_sequences,
+                           spec.embedding_scale)
             del embedding
             for index, block in read_blocks(reader, range(spec.num_layers), timer, "spectra forward"):
                 source = block_inputs[index] if index >= first else below[index % 2]

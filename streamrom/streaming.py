@@ -23,7 +23,7 @@ def read_blocks(reader: CheckpointReader, indices: Iterable[int], timer: StageTi
     indices = list(indices)
     for done, index in enumerate(indices, 1):
         with timer("read"):
-            block = block_class(reader.spec).from_tensors(reader.spec, reader.block_tensors(index))
+            block = block_class(reader.spec).from_tensors(reader.spec, reader.block_tensors(index), index)
         yield index, block
         del block
         release_freed_memory()

@@ -71,7 +71,7 @@ TINY_COMMON = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, n
 
 
 def tiny_config(model_type: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     if model_type == "llama":  # GQA, Llama-3 rope scaling, untied head
         return LlamaConfig(**TINY_COMMON, tie_word_embeddings=False, rope_scaling={
@@ -81,6 +81,11 @@ def tiny_config(model_type: str):
         return MistralConfig(**TINY_COMMON, sliding_window=16, tie_word_embeddings=False)
     if model_type == "qwen2":  # q/k/v biases, tied embeddings
         return Qwen2Config(**TINY_COMMON, tie_word_embeddings=True)
+    if model_type == "gemma3_text":  # one KV head, head_dim != hidden/heads, a query scale of its own,
+        # sliding (window < length, rope base 10000) and full (base 1e6) blocks, GeGLU, scaled embeddings
+        return Gemma3TextConfig(**{**TINY_COMMON, "num_key_value_heads": 1}, head_dim=32, query_pre_attn_scalar=24,
+                                sliding_window=16, layer_types=["sliding_attention", "full_attention",
+                                                                "sliding_attention"])
     raise ValueError(model_type)
 
 
@@ -94,6 +99,8 @@ def make_tiny(folder: Path, model_type: str, dtype: torch.dtype = torch.float32,
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0, 0.5)
+            elif model_type == "gemma3_text" and name.endswith("norm.weight"):  # stored around 0
+                param.normal_(0, 0.3)
     model.to(dtype).save_pretrained(folder)
     return folder
 

@@ -54,7 +54,7 @@ def test_entry_names_what_exists(kind):
     entry = ARCHITECTURES[kind]
     assert entry.model_type == kind and hasattr(transformers, entry.transformers_class)
     remote_code = (Path(streamrom.__file__).parent / "hf" / "modeling_streamrom.py").read_text()
-    assert f"class {entry.remote_class}({entry.transformers_class})" in remote_code
+    assert f"class {entry.remote_class}({entry.transformers_class}):" in remote_code
     from streamrom.modeling import BLOCKS
 
     assert entry.block in BLOCKS

@@ -5,7 +5,7 @@ named by `auto_map` in its config.json, so that
 
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
-builds the architecture of `model_type` (llama, mistral, qwen2) and replaces each compressed
+builds the architecture of `model_type` (llama, mistral, qwen2, gemma3_text) and replaces each compressed
 linear, before the weights are loaded, by two linears `reduce` (rank x in, V^T W) and `expand`
 (out x rank, V), with the ranks of config.json's "streamrom" section. Only torch and transformers
 are needed; streamrom itself is not.
@@ -14,6 +14,11 @@ from __future__ import annotations
 
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+
+try:  # transformers 4.50 and later
+    from transformers import Gemma3ForCausalLM
+except ImportError:  # older ones load the other architectures still
+    Gemma3ForCausalLM = None
 
 
 class LowRankLinear(nn.Module):
@@ -58,3 +63,10 @@ class StreamromQwen2ForCausalLM(Qwen2ForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         install_low_rank(self, config)
+
+
+if Gemma3ForCausalLM is not None:
+    class StreamromGemma3ForCausalLM(Gemma3ForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            install_low_rank(self, config)
