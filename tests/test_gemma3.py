@@ -65,7 +65,7 @@ def test_blocks_and_logits_match_transformers(gemma3_dir, eval_windows):
     for index in (0, 5):  # a sliding-window block and a full-attention one
         assert isinstance(ours.layers[index], block_class(spec))
         out = ours.layers[index](hidden[index], cos, sin)
-        assert (out - hidden[index + 1]).abs().max().item() <= 1e-4 * max(1.0, hidden[index + 1].abs().max().item())
+        assert (out - hidden[index + 1]).abs().max().item() <= 1e-4  # (hidden states reach ~4000 in block 5)
     assert (ours(ids) - model(ids).logits).abs().max().item() <= 1e-4
 
 
