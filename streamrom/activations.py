@@ -25,6 +25,7 @@ class ActivationBuffer:
                  anonymous: bool = False):
         """`anonymous`: a nameless file in the folder `path` (gone with the process, even on SIGKILL)."""
         self.path = Path(path)
+        self.anonymous = anonymous
         self.shape = (sequences, length, hidden)
         self._row_bytes = length * hidden * 4
         size = sequences * self._row_bytes
@@ -65,7 +66,7 @@ class ActivationBuffer:
 
     def close(self, remove: bool = False) -> None:
         self._file.close()
-        if remove and not self.path.is_dir():  # an anonymous file's path is its folder
+        if remove and not self.anonymous:  # (an anonymous file is gone once closed)
             self.path.unlink(missing_ok=True)
 
 

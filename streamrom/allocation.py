@@ -26,6 +26,12 @@ from .decompose import RANK_MULTIPLE as STEP, rank_for
 from .errors import UsageError
 
 
+def factored_parameters(out_features: int, in_features: int, rank: int, bias: bool, extra: int = 0) -> int:
+    """Parameters of rank-`rank` factors of an out x in linear: a bias b becomes Vᵀb (rank entries);
+    `extra`: what the method adds beyond the factors (methods.Method.extra_parameters)."""
+    return rank * (out_features + in_features) + (rank if bias else 0) + extra
+
+
 @dataclass(frozen=True)
 class Slot:
     """One factorable linear: `key` is its full tensor prefix, e.g. model.layers.3.mlp.down_proj."""
@@ -42,7 +48,7 @@ class Slot:
         return self.out_features * self.in_features + (self.out_features if self.bias else 0)
 
     def factored(self, rank: int) -> int:
-        return rank * (self.out_features + self.in_features) + (rank if self.bias else 0) + self.extra
+        return factored_parameters(self.out_features, self.in_features, rank, self.bias, self.extra)
 
     def params(self, rank: int | None) -> int:
         return self.dense if rank is None else self.factored(rank)

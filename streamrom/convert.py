@@ -10,7 +10,6 @@ The tokenizer is rebuilt from the GGUF's vocabulary (gguf_vocab.py).
 """
 from __future__ import annotations
 
-import errno
 import importlib.util
 import json
 import logging
@@ -24,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .architectures import ARCHITECTURES
-from .errors import InputError, OutputError, ResourceError
+from .errors import InputError, OutputError, write_failure
 from .layout import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, check_output_path, tensor_bytes, write_atomic
 from .gguf_vocab import gguf_tokenizer
 from .locking import OutputLock
@@ -370,9 +369,7 @@ def import_gguf(source: str, output: str | Path, overwrite: bool = False, dtype:
             total = _write_folder(model, tmp, config, tokenizer, tokenizer_settings, dtype, shard_bytes)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written folder behind
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise ResourceError(f"no space left writing {exc.filename or tmp}: {exc.strerror}") from None
-            raise OutputError(f"cannot write {exc.filename or tmp}: {exc.strerror}") from None
+            raise write_failure(exc, tmp) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

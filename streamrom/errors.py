@@ -4,6 +4,8 @@ Library code raises these; only the CLI turns them into a message and an exit st
 """
 from __future__ import annotations
 
+import errno
+
 # Exit codes, documented in the README ("Exit codes").
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -52,3 +54,11 @@ class ResourceError(StreamromError):
 
 class NumericalError(InputError):
     """NaN or Inf in source weights or in activations."""
+
+
+def write_failure(exc: OSError, where: object, hint: str = "") -> StreamromError:
+    """A failed write as the user's error: exit 6 when the disk is full (with `hint`, e.g. how to
+    resume), exit 4 otherwise."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ResourceError(f"no space left writing {exc.filename or where}: {exc.strerror}{hint}")
+    return OutputError(f"cannot write {exc.filename or where}: {exc.strerror}")

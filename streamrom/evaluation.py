@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -14,27 +13,23 @@ import torch
 from .activations import ActivationPair, chunk_ranges, embed_into
 from .calibration import check_vocabulary, evaluation_windows, load_tokenizer, tokenize_files
 from .checkpoint import CheckpointReader
-from .errors import OutputError, ResourceError, UsageError
+from .errors import OutputError, UsageError
 from .memory import RSSMonitor
 from .head import LossHead
+from .layout import check_free_disk
 from .modeling import EMBED, Rotary
 from .report import Report, StageTimer, memory_summary
 from .streaming import forward_blocks
 
 log = logging.getLogger(__name__)
 
-
-
 def _check_disk(folder: Path, needed: int) -> None:
     """The two activation files must fit before the work starts."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(folder).free
+        check_free_disk(folder, {"activations": needed})
     except OSError as exc:
         raise OutputError(f"cannot use {folder} for the activation files: {exc.strerror}") from None
-    if needed > free:
-        raise ResourceError(f"not enough free disk space in {folder} for the activation files: need "
-                            f"{needed / 2**30:.2f} GiB, have {free / 2**30:.2f} GiB")
 
 
 @torch.no_grad()

@@ -46,8 +46,8 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
                    outputs: ActivationBuffer | None, cache: BlockCache, cos: torch.Tensor, sin: torch.Tensor,
                    config: CompressConfig, chunk_sequences: int, timer: StageTimer,
                    block_label: str = "", target_from: int | None = None) -> None:
-    """Replace the planned linears of `block` by ROM factors, one group after the other, and write
-    the compressed block's outputs for `inputs` to `outputs` (unless None).
+    """Replace the planned linears of `block` by the method's modules, one group after the other, and
+    write the compressed block's outputs for `inputs` to `outputs` (unless None).
 
     Each group's statistics are gathered with the groups before it already compressed, so later
     factors compensate for the error of earlier ones. Pass g computes the block up to group g's
@@ -84,16 +84,14 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
     for group, todo in zip(block.GROUPS[:last + 1], work):
         if not todo:
             continue  # what this group's pass would compute, the next one computes on its way
-        out_features, in_features = block.linear(next(iter(todo))).weight.shape
-        at_output = group.observes_output(out_features, in_features)
-        statistics = GroupStatistics(out_features if at_output else in_features,
-                                     torch.float64 if config.precision == "float64" else torch.float32,
+        observed, width, at_output = group.observed(block)
+        statistics = GroupStatistics(width, torch.float64 if config.precision == "float64" else torch.float32,
                                      target_from, config.target_weight, config.target_basis)
         written: list[str] = []
         for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences, target_from):
             with timer("forward"):
                 values = chunk_values(start, stop)
-                features = values[group.writes if at_output else group.reads]
+                features = values[observed]
                 written = keep(values, start)
             with timer("statistics"):
                 statistics.add(features, start)
@@ -149,8 +147,8 @@ def _remove_stray_temporaries(output: Path) -> None:
 
 
 def write_model(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[str, int | None],
-         layers: list[int], config: CompressConfig, progress: Progress, timer: StageTimer,
-         monitor: RSSMonitor, target_from: int | None = None, damaged: list[int] = ()) -> None:
+                layers: list[int], config: CompressConfig, progress: Progress, timer: StageTimer,
+                monitor: RSSMonitor, target_from: int | None = None, damaged: list[int] = ()) -> None:
     """The block loop. After every block, its shard and the next block's inputs are on disk before
     the progress record says so; a rerun picks up from there. Ends with the index in place and the
     progress record at stage "written"."""
@@ -216,7 +214,6 @@ def write_model(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan
             # Kept on failure or interruption: the activations are what a rerun resumes from.
             activations.close(remove=finished)
             steps.close()
-    steps.close()
     with timer("write"):
         _write_tail(reader, writer, config, layers, progress, dtype, sequences, seqlen, work)
     fault_point("after-tail")

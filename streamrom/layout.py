@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, ResourceError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -92,3 +93,15 @@ def check_report_path(path: Path) -> None:
         raise OutputError(f"--report {path}: its folder {folder} does not exist or is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise OutputError(f"--report {path} cannot be written (permission denied)")
+
+
+def check_free_disk(folder: Path, needed: dict[str, int]) -> None:
+    """Fail before the long work when `folder`'s file system cannot hold what the run will write
+    (`needed`: bytes by what they are for, named in the message)."""
+    gib = 2 ** 30
+    free = shutil.disk_usage(folder).free
+    total = sum(needed.values())
+    if total > free:
+        detail = ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in needed.items())
+        raise ResourceError(f"not enough free disk space in {folder}: need {total / gib:.2f} GiB "
+                            f"({detail}), have {free / gib:.2f} GiB")

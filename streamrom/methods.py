@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import decompose
+from .allocation import factored_parameters
 from .modeling import Block, LinearGroup, LowRankLinear
 from .statistics import TextMoments
 
@@ -46,7 +47,7 @@ class Method:
 
     def parameters(self, out_features: int, in_features: int, rank: int, bias: bool) -> int:
         """Parameters of a linear's replacement at `rank` (a bias b becomes Vᵀb, rank entries)."""
-        return rank * (out_features + in_features) + (rank if bias else 0) + self.extra_parameters(out_features)
+        return factored_parameters(out_features, in_features, rank, bias, self.extra_parameters(out_features))
 
     def extra_parameters(self, out_features: int) -> int:
         """What the method adds to every factored linear beyond its factors."""

@@ -206,10 +206,14 @@ class LinearGroup:
     reads: str
     writes: str | None = None
 
-    def observes_output(self, out_features: int, in_features: int) -> bool:
-        """Accumulate the output moment directly (out x out) instead of the input's: a lone linear
-        narrower at its output than at its input (down_proj)."""
-        return self.writes is not None and len(self.linears) == 1 and out_features < in_features
+    def observed(self, block: "Block") -> tuple[str, int, bool]:
+        """Where the group's moments are taken: the value, its width, and whether it is the output.
+        A lone linear narrower at its output than at its input (down_proj) has its output moment
+        accumulated directly (out x out); otherwise the input's, shared by the group."""
+        out_features, in_features = block.linear(self.linears[0]).weight.shape
+        if self.writes is not None and len(self.linears) == 1 and out_features < in_features:
+            return self.writes, out_features, True
+        return self.reads, in_features, False
 
 
 class BlockValues:

@@ -8,7 +8,6 @@ execute stage (and its scoring) on what prepare holds.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import shutil
@@ -25,9 +24,9 @@ from . import plots
 from .activations import BlockCache
 from .calibration import calibration_tokens, held_out_windows
 from .checkpoint import CheckpointReader, check_output_path, clear_folder
-from .layout import check_report_path
+from .layout import check_free_disk, check_report_path
 from .config import FIRST_PASS_ALLOCATIONS, PRECISIONS, CompressConfig, parse_layers  # noqa: F401 (the API)
-from .errors import InputError, OutputError, ResourceError
+from .errors import InputError, OutputError, ResourceError, write_failure
 from .evaluation import evaluate
 from .execute import WORK_FOLDER, damaged_shards, fault_point, write_model
 from .memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak
@@ -179,10 +178,7 @@ def _plan_and_execute(prepared: Prepared, output: Path, progress: Progress, time
         write_model(prepared.reader, output, tokens, progress.plan, prepared.layers, config, progress, timer,
                     monitor, prepared.target_from, damaged)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise ResourceError(f"no space left writing {exc.filename or output}: {exc.strerror}; "
-                                "free some and rerun the same command to resume") from None
-        raise OutputError(f"cannot write {exc.filename or output}: {exc.strerror}") from None
+        raise write_failure(exc, output, "; free some and rerun the same command to resume") from None
 
 
 def _output_bytes(spec: ModelSpec, plan: dict[str, int | None], dtype_bytes: int, method: Method) -> int:
@@ -203,12 +199,7 @@ def _output_bytes(spec: ModelSpec, plan: dict[str, int | None], dtype_bytes: int
 def check_resources(output: Path, disk_needed: dict[str, int], memory_parts: dict[str, int]) -> None:
     """Fail before the long work when the disk or the memory cannot hold the run."""
     gib = 2 ** 30
-    free = shutil.disk_usage(output).free
-    needed = sum(disk_needed.values())
-    if needed > free:
-        detail = ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in disk_needed.items())
-        raise ResourceError(f"not enough free disk space in {output}: need {needed / gib:.2f} GiB "
-                            f"({detail}), have {free / gib:.2f} GiB")
+    check_free_disk(output, disk_needed)
     peak = estimated_peak(memory_parts)
     available = psutil.virtual_memory().available + memory_parts["runtime"]
     if peak > available:
@@ -261,7 +252,7 @@ def _write_report(prepared: Prepared, output: Path, progress: Progress, timer: S
     report = Report(
         command="compress", source=str(reader.folder), output=str(output), model_type=spec.model_type,
         num_layers=spec.num_layers, method=config.method, settings=settings, ranks=progress.ranks,
-        parameters_before=reader.parameter_count(),
+        parameters_before=prepared.total_params,
         parameters_after=CheckpointReader(output).parameter_count(),
         stage_seconds=timer.seconds, wall_seconds=time.perf_counter() - start,
         memory={**memory_summary(monitor), "source_bytes_on_disk": reader.size_on_disk(),

@@ -30,7 +30,7 @@ from .checkpoint import CheckpointReader
 from .errors import InputError, NumericalError, UsageError
 from .head import LossHead
 from .memory import release_freed_memory
-from .modeling import EMBED, Block, BlockValues, LinearGroup, Rotary, block_prefix
+from .modeling import EMBED, Block, BlockValues, Rotary, block_prefix
 from .report import StageTimer
 from .streaming import read_blocks
 from .statistics import MomentAccumulator
@@ -48,13 +48,8 @@ def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output
     order ROM keeps them); writes the loss gradient with respect to the block's inputs (unless None)."""
     product = torch.float64 if work_dtype == np.float64 else torch.float32
     groups = [group for group in block.GROUPS if any(name in names for name in group.linears)]
-    observed: dict[LinearGroup, str] = {}  # the value whose moment each group's pricing needs
-    moments: dict[LinearGroup, MomentAccumulator] = {}
-    for group in groups:
-        out_features, in_features = block.linear(group.linears[0]).weight.shape
-        at_output = group.observes_output(out_features, in_features)
-        observed[group] = group.writes if at_output else group.reads
-        moments[group] = MomentAccumulator(out_features if at_output else in_features, product)
+    observed = {group: group.observed(block) for group in groups}  # as compression takes them
+    moments = {group: MomentAccumulator(width, product) for group, (_, width, _) in observed.items()}
     squares = {name: torch.zeros(block.linear(name).weight.shape[0], dtype=torch.float64) for name in names}
 
     def capture(name: str):
@@ -78,7 +73,7 @@ def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output
             tokens += x.shape[0] * x.shape[1]
             with timer("statistics"):
                 for group, accumulator in moments.items():
-                    accumulator.add(values[observed[group]].detach())
+                    accumulator.add(values[observed[group][0]].detach())
             del x, values
     finally:
         for hook in hooks:
@@ -100,7 +95,7 @@ def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output
                 if name not in names:
                     continue
                 linear = block.linear(name)
-                if observed[group] == group.writes:  # the output's moment was accumulated directly
+                if observed[group][2]:  # the output's moment was accumulated directly
                     values, vectors = decompose.top_eigenvectors(
                         decompose.output_moment(second, mean, centered), min(linear.weight.shape))
                     values = np.clip(values, 0.0, None)

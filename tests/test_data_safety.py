@@ -439,7 +439,7 @@ def test_a_really_full_disk_is_exit_6_and_resumable(deep_tiny, tiny_tokens, tmp_
     from streamrom.cli import main
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("streamrom.pipeline.shutil.disk_usage", lambda path: usage(10**12, 0, 10**12))
+    monkeypatch.setattr("streamrom.layout.shutil.disk_usage", lambda path: usage(10**12, 0, 10**12))
     output = small_disk / "out"
     arguments = cli_command(deep_tiny, output, tiny_tokens)[3:]  # without "python -m streamrom.cli"
     assert main(arguments) == EXIT_RESOURCES

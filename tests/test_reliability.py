@@ -161,7 +161,7 @@ def test_up_front_disk_check_names_the_numbers(deep_tiny, tiny_tokens, tmp_path,
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("streamrom.pipeline.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr("streamrom.layout.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     config = CompressConfig(calibration=CalibrationConfig(token_file=tiny_tokens, sequences=8, seqlen=64))
     with pytest.raises(ResourceError, match=r"not enough free disk space .* need 0\.\d+ GiB \(output .* activations"):
         streamrom.compress(deep_tiny, tmp_path / "out", config)
