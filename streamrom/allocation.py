@@ -34,7 +34,9 @@ def factored_parameters(out_features: int, in_features: int, rank: int, bias: bo
 
 @dataclass(frozen=True)
 class Slot:
-    """One factorable linear: `key` is its full tensor prefix, e.g. model.layers.3.mlp.down_proj."""
+    """One factorable linear: `key` is its full tensor prefix, e.g. model.layers.3.mlp.down_proj; or,
+    with `unit_size`, one structured unit of a block (model.layers.3.mlp.neurons): its "rank" is how
+    many of its `unit_size` units stay, each holding `unit_parameters` (out/in unused)."""
 
     key: str
     block: int
@@ -42,20 +44,41 @@ class Slot:
     in_features: int
     bias: bool = False
     extra: int = 0  # parameters the method adds to a factored linear (methods.Method.extra_parameters)
+    unit_size: int = 0
+    unit_parameters: int = 0
+
+    @property
+    def structured(self) -> bool:
+        return self.unit_size > 0
+
+    @property
+    def full_rank(self) -> int:
+        """How many directions (or units) the slot has."""
+        return self.unit_size if self.structured else min(self.out_features, self.in_features)
 
     @property
     def dense(self) -> int:
+        if self.structured:
+            return self.unit_size * self.unit_parameters
         return self.out_features * self.in_features + (self.out_features if self.bias else 0)
 
     def factored(self, rank: int) -> int:
+        if self.structured:
+            return rank * self.unit_parameters
         return factored_parameters(self.out_features, self.in_features, rank, self.bias, self.extra)
 
     def params(self, rank: int | None) -> int:
         return self.dense if rank is None else self.factored(rank)
 
+    def rank_at(self, ratio: float) -> int:
+        """The rank (units) holding `ratio` of the dense parameters, rounded down to STEP."""
+        if self.structured:
+            return int(ratio * self.unit_size // STEP) * STEP
+        return rank_for(ratio, self.out_features, self.in_features, STEP)
+
     def max_saving_rank(self) -> int:
-        """The largest multiple of STEP whose factors are smaller than the dense linear (0: none)."""
-        rank = (min(self.out_features, self.in_features) // STEP) * STEP
+        """The largest multiple of STEP whose factors (units) are smaller than the dense linear (0: none)."""
+        rank = (self.full_rank // STEP) * STEP
         while rank > 0 and self.factored(rank) >= self.dense:
             rank -= STEP
         return rank
@@ -73,7 +96,7 @@ def _at_ratio(slots: Sequence[Slot], ratio: float, weights: Mapping[str, float] 
     for slot in slots:
         top = slot.max_saving_rank()
         here = ratio * (weights[slot.key] if weights is not None else 1.0)
-        rank = rank_for(min(here, 1.0), slot.out_features, slot.in_features, STEP)
+        rank = slot.rank_at(min(here, 1.0))
         ranks[slot.key] = None if here >= 1.0 or top == 0 else min(max(rank, STEP), top)
     return ranks
 
@@ -157,7 +180,7 @@ def spectrum_ranks(slots: Sequence[Slot], spectra: Mapping[str, np.ndarray], bud
     used = 0
     for order, slot in enumerate(slots):
         values = np.clip(np.asarray(spectra[slot.key], dtype=np.float64), 0.0, None)
-        values_of[slot.key] = values[:min(slot.out_features, slot.in_features)]
+        values_of[slot.key] = values[:slot.full_rank]
         if slot.max_saving_rank() == 0:
             ranks[slot.key] = None  # factors never save here: it stays dense, at its dense cost
             used += slot.dense
@@ -194,3 +217,54 @@ def _step_value(slot: Slot, rank: int, values: np.ndarray) -> float:
         kept += float(values[upper - STEP:upper].sum())
         best = max(best, kept / (slot.factored(upper) - base))
     return max(best, float(values[rank:].sum()) / max(1, slot.dense - base))
+
+
+def choose_alternatives(slots: Sequence[Slot], spectra: Mapping[str, np.ndarray], budget: int,
+                        alternatives: Sequence[tuple[Slot, Sequence[Slot]]]) -> list[Slot]:
+    """The mixed mode's choice: for each (structured unit, factored slots of the same linears), the
+    form that prices best, by Lagrangian relaxation. At a price μ per parameter every slot takes the
+    rank minimising lost value + μ·parameters, and each alternative the form whose sum is lower; μ is
+    the smallest price whose choices fit `budget`. Returns the slots to allocate over (spectrum_ranks
+    then meets the budget within a step); the others stay dense (a unit not chosen is not narrowed)."""
+    curves = {slot.key: _curve(slot, spectra[slot.key]) for slot in slots}
+    in_alternative = {s.key for unit, factored in alternatives for s in (unit, *factored)}
+    fixed = [slot for slot in slots if slot.key not in in_alternative]
+
+    def choose(price: float) -> tuple[list[Slot], int]:
+        chosen, used = list(fixed), sum(_best(curves[s.key], price)[1] for s in fixed)
+        for unit, factored in alternatives:
+            unit_value, unit_params = _best(curves[unit.key], price)
+            factored_best = [_best(curves[s.key], price) for s in factored]
+            if unit_value <= sum(value for value, _ in factored_best):
+                chosen.append(unit)
+                used += unit_params
+            else:
+                chosen.extend(factored)
+                used += sum(params for _, params in factored_best)
+        return chosen, used
+
+    low, high = -60.0, 60.0  # log10 of the price; the parameters used fall as it rises
+    for _ in range(100):
+        middle = (low + high) / 2
+        if choose(10.0 ** middle)[1] <= budget:
+            high = middle
+        else:
+            low = middle
+    return choose(10.0 ** high)[0]
+
+
+def _curve(slot: Slot, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lost value, parameters) at each rank step from STEP up to the largest saving rank, and dense."""
+    values = np.clip(np.asarray(values, dtype=np.float64)[:slot.full_rank], 0.0, None)
+    tail = np.concatenate([np.cumsum(values[::-1])[::-1], [0.0]])  # tail[r]: value of directions r.. dropped
+    ranks = list(range(STEP, slot.max_saving_rank() + 1, STEP))
+    lost = np.array([tail[min(r, values.size)] for r in ranks] + [0.0])
+    params = np.array([slot.factored(r) for r in ranks] + [slot.dense], dtype=np.float64)
+    return lost, params
+
+
+def _best(curve: tuple[np.ndarray, np.ndarray], price: float) -> tuple[float, int]:
+    lost, params = curve
+    total = lost + price * params
+    at = int(np.argmin(total))
+    return float(total[at]), int(params[at])

@@ -57,6 +57,24 @@ BLOCK_LINEARS = ATTENTION_LINEARS + MLP_LINEARS
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
+@dataclass(frozen=True)
+class StructuredUnit:
+    """Linears narrowed together by structured ROM (structured.py): `name` is the plan's key within a
+    block (its value: how many units stay), `reads` the block value whose moment chooses the units and
+    refits the consumer, produced by the first linears and read by the last."""
+
+    name: str
+    linears: tuple[str, ...]
+    reads: str
+
+
+# MLP neurons (gate and up rows, down columns) and value dimensions per KV head (v_proj rows, o_proj
+# columns of every query head of the group), in the order the data flows.
+UNITS = (StructuredUnit("self_attn.value_dims", ("self_attn.v_proj", "self_attn.o_proj"), reads="attention"),
+         StructuredUnit("mlp.neurons", MLP_LINEARS, reads="mlp"))
+UNIT_NAMES = tuple(unit.name for unit in UNITS)
+
+
 def block_prefix(index: int) -> str:
     return f"model.layers.{index}."
 
@@ -87,6 +105,9 @@ class ModelSpec:
     # per block, whether it attends within the sliding window (None: every block, when there is a window)
     sliding_layers: tuple[bool, ...] | None = None
     rope_local_theta: float | None = None  # the rope base of sliding-window blocks, where it differs
+    # structured ROM's per-block widths (None: intermediate_size and head_dim in every block)
+    layer_intermediate_sizes: tuple[int, ...] | None = None
+    layer_value_head_dims: tuple[int, ...] | None = None
     raw_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -149,6 +170,7 @@ class ModelSpec:
             hidden_act=act,
             gemma_style=architecture.gemma_style,
             **gemma,
+            **_layer_widths(config, sizes["num_hidden_layers"], sizes["intermediate_size"], spec_kwargs["head_dim"]),
             raw_config=dict(config),
         )
         if spec.num_heads % spec.num_kv_heads:
@@ -158,19 +180,44 @@ class ModelSpec:
             )
         return spec
 
-    def linear_shape(self, name: str) -> tuple[int, int]:
-        """(out, in) of a block linear."""
+    def intermediate_size_of(self, index: int | None) -> int:
+        """The MLP width of block `index` (None: the config's intermediate_size)."""
+        if index is None or self.layer_intermediate_sizes is None:
+            return self.intermediate_size
+        return self.layer_intermediate_sizes[index]
+
+    def value_head_dim_of(self, index: int | None) -> int:
+        """The value width per KV head of block `index` (None: head_dim)."""
+        if index is None or self.layer_value_head_dims is None:
+            return self.head_dim
+        return self.layer_value_head_dims[index]
+
+    def linear_shape(self, name: str, index: int | None = None) -> tuple[int, int]:
+        """(out, in) of a block linear (of block `index`, where structured ROM narrowed it)."""
         q_width = self.num_heads * self.head_dim
         kv_width = self.num_kv_heads * self.head_dim
+        inter = self.intermediate_size_of(index)
+        value_dim = self.value_head_dim_of(index)
         return {
             "self_attn.q_proj": (q_width, self.hidden_size),
             "self_attn.k_proj": (kv_width, self.hidden_size),
-            "self_attn.v_proj": (kv_width, self.hidden_size),
-            "self_attn.o_proj": (self.hidden_size, q_width),
-            "mlp.gate_proj": (self.intermediate_size, self.hidden_size),
-            "mlp.up_proj": (self.intermediate_size, self.hidden_size),
-            "mlp.down_proj": (self.hidden_size, self.intermediate_size),
+            "self_attn.v_proj": (self.num_kv_heads * value_dim, self.hidden_size),
+            "self_attn.o_proj": (self.hidden_size, self.num_heads * value_dim),
+            "mlp.gate_proj": (inter, self.hidden_size),
+            "mlp.up_proj": (inter, self.hidden_size),
+            "mlp.down_proj": (self.hidden_size, inter),
         }[name]
+
+    def unit_size(self, unit: str) -> int:
+        """How many units a dense block has: neurons, or value dimensions per KV head."""
+        return self.intermediate_size if unit == "mlp.neurons" else self.head_dim
+
+    def unit_parameters(self, unit: str) -> int:
+        """Parameters one unit holds in a block (what keeping one more costs)."""
+        if unit == "mlp.neurons":  # a row of gate and up, a column of down
+            return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
+        # per KV head a row of v_proj; a column of o_proj for each of its query heads
+        return self.num_kv_heads * (self.hidden_size + (1 if self.qkv_bias else 0)) + self.num_heads * self.hidden_size
 
     def has_bias(self, name: str) -> bool:
         if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
@@ -179,11 +226,12 @@ class ModelSpec:
             return self.o_bias
         return self.mlp_bias
 
-    def dense_block_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Tensor names (without the block prefix) and shapes of an uncompressed block."""
+    def dense_block_shapes(self, index: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Tensor names (without the block prefix) and shapes of an unfactored block (block `index`,
+        with its structured widths)."""
         shapes: dict[str, tuple[int, ...]] = {}
         for name in BLOCK_LINEARS:
-            out_features, in_features = self.linear_shape(name)
+            out_features, in_features = self.linear_shape(name, index)
             shapes[f"{name}.weight"] = (out_features, in_features)
             if self.has_bias(name):
                 shapes[f"{name}.bias"] = (out_features,)
@@ -218,6 +266,21 @@ class ModelSpec:
         if not self.tie_word_embeddings:
             shapes[LM_HEAD] = (self.vocab_size, self.hidden_size)
         return shapes
+
+
+def _layer_widths(config: Mapping[str, Any], num_layers: int, intermediate: int, head_dim: int) -> dict[str, Any]:
+    """Structured ROM's per-block widths (layer_intermediate_sizes, layer_value_head_dims), checked."""
+    found = {}
+    for key, field_name, largest in (("layer_intermediate_sizes", "layer_intermediate_sizes", intermediate),
+                                     ("layer_value_head_dims", "layer_value_head_dims", head_dim)):
+        widths = config.get(key)
+        if widths is None:
+            continue
+        if (not isinstance(widths, list) or len(widths) != num_layers
+                or any(isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= largest for w in widths)):
+            raise InputError(f"config.json: {key} must list {num_layers} positive integers up to {largest}")
+        found[field_name] = tuple(widths)
+    return found
 
 
 def _gemma_settings(config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:

@@ -111,8 +111,8 @@ class CheckpointReader:
                              "set tie_word_embeddings to false to use it, or remove it")
         self._check_known_names()
         self._check_shapes(spec.global_shapes())
-        dense_block = spec.dense_block_shapes()
         for index in range(spec.num_layers):
+            dense_block = spec.dense_block_shapes(index)
             prefix = block_prefix(index)
             expected = {}
             for name, shape in dense_block.items():
@@ -123,7 +123,7 @@ class CheckpointReader:
             self._check_shapes(expected)
             for linear in BLOCK_LINEARS:
                 if f"{prefix}{linear}.reduce.weight" in self.weight_map:
-                    self._check_factors(prefix + linear, spec.linear_shape(linear))
+                    self._check_factors(prefix + linear, spec.linear_shape(linear, index))
 
     def _check_known_names(self) -> None:
         spec = self.spec

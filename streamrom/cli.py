@@ -38,13 +38,14 @@ import logging  # noqa: E402
 import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from .architectures import UNITS  # noqa: E402
 from .console import configure as configure_logging  # noqa: E402
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, OutputError, StreamromError
 
 log = logging.getLogger("streamrom")
 
 # methods.METHODS's names, spelled here so that --help needs no torch (a test keeps the two equal)
-METHOD_NAMES = ("rom", "rom-centered", "svd")
+METHOD_NAMES = ("rom", "rom-centered", "svd", "structured", "mixed")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,7 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="rom: uncentered output second moment (default, best rank-r fit of W X); "
                            "rom-centered: covariance plus the mean-correction bias (worse than rom with uniform ranks, better "
                            "with --allocate spectrum or bayes; README: Rank allocation and methods); "
-                           "svd: weight-space truncated SVD, no calibration (a baseline)")
+                           "svd: weight-space truncated SVD, no calibration (a baseline); "
+                           "structured: narrower dense matrices: MLP neurons kept (gate/up rows) with down refitted, "
+                           "value dimensions per KV head narrowed with o_proj refitted; q/k factored as rom-centered; "
+                           "mixed: per linear group the allocator (spectrum, bayes) picks dense, factored or structured "
+                           "by loss saved per parameter (README: Structured ROM)")
+    comp.add_argument("--neuron-selection", choices=["obs", "leverage"], default="obs",
+                      help="structured/mixed: how MLP neurons are chosen: obs (greedy removal by the structured "
+                           "OBS cost, default) or leverage (ridge leverage scores, as MoDeGPT)")
     comp.add_argument("--allocate", default="uniform", choices=["uniform", "last-n", "spectrum", "bayes"],
                       help="how ranks are spread: uniform (one ratio everywhere, default); last-n (ROM: only "
                            "the last N blocks, N the fewest that reach the target at --ratio); spectrum (a first "
@@ -232,12 +240,13 @@ def _run(args: argparse.Namespace) -> None:
             target_calibration=target, target_basis=args.target_basis,
             bayes=BayesConfig(trials=args.trials, seed=args.seed),
             **({"target_weight": args.target_weight} if args.target_weight is not None else {}),
-            precision=args.precision,
+            precision=args.precision, neuron_selection=args.neuron_selection,
             **({"modules": args.modules} if args.modules else {}))
         report = compress(args.source, args.output, config, args.report, eval_text=args.eval_text,
                           eval_max_windows=args.eval_max_windows,
                           keep_files=(args.log_file,) if args.log_file else ())
-        compressed = sum(1 for r in report.ranks.values() if r is not None)
+        unit_linears = {unit.name: len(unit.linears) for unit in UNITS}  # a narrowed unit changes all its linears
+        compressed = sum(unit_linears.get(name.split(".", 3)[3], 1) for name, r in report.ranks.items() if r)
         print(f"compressed {compressed} linears; parameters {report.parameters_before:,} -> "
               f"{report.parameters_after:,} ({report.parameter_ratio:.4f}); "
               f"peak RSS {report.memory['peak_rss_bytes'] / 2**20:.0f} MiB; {report.wall_seconds:.1f} s")

@@ -14,6 +14,7 @@ from .calibration import CalibrationConfig
 from .errors import UsageError
 from .methods import METHODS, Method
 from .modeling import BLOCK_LINEARS
+from .structured import NEURON_SELECTIONS
 
 ALLOCATIONS = ("uniform", "last-n", "spectrum", "bayes")
 FIRST_PASS_ALLOCATIONS = ("spectrum", "bayes")  # need spectrum's pass 1 (bayes starts from its plan)
@@ -51,6 +52,7 @@ class CompressConfig:
     # energy among the mix's eigenvectors and the target's own top r (decompose.select_basis)
     target_basis: str = "mix"
     bayes: BayesConfig = field(default_factory=BayesConfig)  # --allocate bayes: trials, seed, held-out windows
+    neuron_selection: str = "obs"  # structured MLP: greedy structured OBS, or ridge leverage (structured.py)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -76,6 +78,11 @@ class CompressConfig:
             raise UsageError("--target-basis select needs --target-text")
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}: choose from {', '.join(METHODS)}")
+        if self.neuron_selection not in NEURON_SELECTIONS:
+            raise UsageError(f"unknown --neuron-selection {self.neuron_selection!r}: choose from "
+                             f"{', '.join(NEURON_SELECTIONS)}")
+        if self.compression_method.structured and (self.target_calibration is not None or self.rank is not None):
+            raise UsageError(f"--method {self.method} takes neither a target text nor --rank (yet): use rom-centered")
         if self.target_calibration is not None:
             if not self.compression_method.uses_calibration:
                 raise UsageError(f"--method {self.method} uses no calibration text, so no target text either")
@@ -120,6 +127,7 @@ class CompressConfig:
                     "target_params": self.target_params, "target_size_gb": self.target_size_gb,
                     "damping": self.damping, "chunk_tokens": self.chunk_tokens, "dtype": self.dtype,
                     "precision": self.precision, "ranks": self.ranks,
+                    **({"neuron_selection": self.neuron_selection} if self.compression_method.structured else {}),
                     "calibration": {"files": [str(p) for p in self.calibration.text_files] or ["(default)"],
                                     "token_file": str(self.calibration.token_file or ""),
                                     "sequences": sequences, "seqlen": seqlen,

@@ -24,7 +24,7 @@ from .checkpoint import CheckpointReader, CheckpointWriter, shard_is_complete
 from .config import PRECISIONS, CompressConfig
 from .errors import NumericalError
 from .memory import RSSMonitor, release_freed_memory
-from .architectures import ARCHITECTURES
+from .architectures import ARCHITECTURES, UNIT_NAMES, UNITS
 from .modeling import BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD, Block, BlockValues, Rotary, block_class, block_prefix
 from .progress import Progress
 from .report import StageTimer
@@ -38,7 +38,10 @@ HF_MODELING_FILE = Path(__file__).parent / "hf" / "modeling_streamrom.py"
 
 
 def block_plan(plan: dict[str, int | None], index: int) -> dict[str, int | None]:
-    return {name: plan.get(f"{block_prefix(index)}{name}") for name in BLOCK_LINEARS}
+    """Block `index`'s part of the plan: each linear's rank and each structured unit's width."""
+    prefix = block_prefix(index)
+    return {name: plan.get(f"{prefix}{name}") for name in BLOCK_LINEARS + UNIT_NAMES
+            if name in BLOCK_LINEARS or f"{prefix}{name}" in plan}
 
 
 @torch.no_grad()
@@ -66,8 +69,12 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
                 method.compress_group(block, group, ranks, None, False, work_dtype, config.damping)
         return
     work = [{name: plan[name] for name in group.linears if plan[name] is not None} for group in block.GROUPS]
-    last = max((g for g, todo in enumerate(work) if todo), default=-1)
+    # a structured unit is narrowed where its consumer's group reads the unit's features
+    units = [next((unit for unit in UNITS if unit.reads == group.reads and plan.get(unit.name)), None)
+             for group in block.GROUPS]
+    last = max((g for g, todo in enumerate(work) if todo or units[g]), default=-1)
     cached: list[str] = []  # values of the passes so far, on disk for all chunks
+    narrowed: set[str] = set()  # values a unit made narrower: never cached (the cache has the dense widths)
 
     def chunk_values(start: int, stop: int) -> BlockValues:
         given = {"x": lambda: inputs.read(start, stop)}
@@ -76,15 +83,18 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
 
     def keep(values: BlockValues, start: int) -> list[str]:
         """Write what this pass computed and later passes read instead of computing again."""
-        new = [name for name in values.computed if name in cache and name not in cached]
+        new = [name for name in values.computed if name in cache and name not in cached and name not in narrowed]
         for name in new:
             cache[name].write(start, values.computed[name])
         return new
 
-    for group, todo in zip(block.GROUPS[:last + 1], work):
-        if not todo:
+    for group, todo, unit in zip(block.GROUPS[:last + 1], work, units):
+        if not todo and unit is None:
             continue  # what this group's pass would compute, the next one computes on its way
-        observed, width, at_output = group.observed(block)
+        if unit is not None:  # the unit's features themselves (input side), uncentered
+            observed, width, at_output = unit.reads, block.linear(group.linears[0]).weight.shape[1], False
+        else:
+            observed, width, at_output = group.observed(block)
         statistics = GroupStatistics(width, torch.float64 if config.precision == "float64" else torch.float32,
                                      target_from, config.target_weight, config.target_basis)
         written: list[str] = []
@@ -97,11 +107,17 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
                 statistics.add(features, start)
         cached.extend(written)
         if not statistics.is_finite():
-            raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo)} "
-                                 "(overflow in the source weights or in the layers before)")
+            raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo or unit.linears)}")
         with timer("eigen"):
             moments = statistics.moments(work_dtype, method.centered, config.damping)
-            method.compress_group(block, group, todo, moments, at_output, work_dtype, config.damping)
+            if unit is not None:
+                method.compress_unit(block, unit, plan[unit.name], moments.parts[0].second_moment,
+                                     config.neuron_selection, config.damping)
+                # the unit's features are narrower now: recomputed, never read from the cache again
+                narrowed.add(unit.reads)
+                cached = [name for name in cached if name != unit.reads]
+            else:
+                method.compress_group(block, group, todo, moments, at_output, work_dtype, config.damping)
             del moments, statistics
         release_freed_memory()
     if outputs is not None:
@@ -302,24 +318,56 @@ def _write_tail(reader: CheckpointReader, writer: CheckpointWriter, config: Comp
     out_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if "dtype" in out_config:  # transformers 5 writes "dtype"
         out_config["dtype"] = out_config["torch_dtype"]
+    ranks = {key: rank for key, rank in progress.ranks.items() if key.endswith("_proj")}
+    widths = {key: width for key, width in progress.ranks.items() if not key.endswith("_proj") and width}
+    out_config.update(_layer_widths(spec, widths))
     out_config["streamrom"] = {
         "format_version": FORMAT_VERSION,
         "method": config.method,
+        "centered": config.centered,  # factored linears' expand has a bias
         "allocate": config.allocate,
         "target_params": config.target_params,
         "target_size_gb": config.target_size_gb,
         "ratio": config.ratio,
         "rank": config.rank,
         "layers": layers,
-        "ranks": progress.ranks,
+        "dense_parameters": reader.parameter_count(),  # the source's (the config's widths may be narrowed)
+        "ranks": ranks,
+        **({"widths": widths} if widths else {}),
         "factor_tensors": {
             "reduce": "<linear>.reduce.weight: (rank, in) = Vᵀ W; <linear>.reduce.bias = Vᵀ b",
             "expand": "<linear>.expand.weight: (out, rank) = V; <linear>.expand.bias = (I − V Vᵀ) μ (centered only)",
         },
         "calibration": {"sequences": sequences, "seqlen": seqlen, "seed": config.calibration.seed},
     }
-    # transformers builds the factored model from the file beside it (trust_remote_code=True)
-    model_class = ARCHITECTURES[spec.model_type].remote_class
-    out_config["auto_map"] = {"AutoModelForCausalLM": f"{HF_MODELING_FILE.stem}.{model_class}"}
-    out_config["architectures"] = [model_class]
-    writer.finish(out_config, [*reader.tokenizer_files(), HF_MODELING_FILE])
+    extra_files = [HF_MODELING_FILE]
+    if not any(ranks.values()) and "layer_value_head_dims" not in out_config \
+            and "layer_intermediate_sizes" not in out_config:
+        # dense tensors of the source's shapes (one MLP width, no factors): a plain checkpoint of the
+        # source architecture, which transformers loads without remote code
+        out_config.pop("auto_map", None)
+        out_config["architectures"] = [ARCHITECTURES[spec.model_type].transformers_class]
+        extra_files = []
+    else:
+        # transformers builds the factored model from the file beside it (trust_remote_code=True)
+        model_class = ARCHITECTURES[spec.model_type].remote_class
+        out_config["auto_map"] = {"AutoModelForCausalLM": f"{HF_MODELING_FILE.stem}.{model_class}"}
+        out_config["architectures"] = [model_class]
+    writer.finish(out_config, [*reader.tokenizer_files(), *extra_files])
+
+
+def _layer_widths(spec, widths: dict[str, int]) -> dict[str, object]:
+    """config.json's per-block widths after structured ROM: intermediate_size itself where every block
+    keeps one MLP width, else layer_intermediate_sizes; layer_value_head_dims where values narrowed."""
+    found: dict[str, object] = {}
+    neurons = [widths.get(f"{block_prefix(i)}mlp.neurons") or spec.intermediate_size for i in range(spec.num_layers)]
+    if any(width != spec.intermediate_size for width in neurons):
+        if len(set(neurons)) == 1:
+            found["intermediate_size"] = neurons[0]
+        else:
+            found["layer_intermediate_sizes"] = neurons
+    values = [widths.get(f"{block_prefix(i)}self_attn.value_dims") or spec.head_dim for i in range(spec.num_layers)]
+    if any(width != spec.head_dim for width in values):
+        found["layer_value_head_dims"] = values
+        found["head_dim"] = spec.head_dim  # keys and queries keep it; it must not be derived from hidden/heads
+    return found

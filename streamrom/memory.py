@@ -105,7 +105,8 @@ def release_freed_memory() -> None:
 
 
 def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: int, seqlen: int,
-                             runtime_bytes: int, work_bytes: int = 4, first_pass: bool = False) -> dict[str, int]:
+                             runtime_bytes: int, work_bytes: int = 4, first_pass: bool = False,
+                             unit_width: int = 0) -> dict[str, int]:
     """The parts of a compression's peak RSS, from shapes alone (bytes).
 
     runtime: the interpreter, torch and the tokenizer, as measured before the run;
@@ -116,6 +117,12 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
     decomposition: the largest linear's eigen work: W·L and the basis (out x in, out x rank), and
     some n x n matrices (moment, its damped copy, root, Aᵀ A, eigenvectors, solver workspace);
     embedding: the token embedding as read, while the first activations are computed.
+
+    With `unit_width` (structured ROM: the widest features a unit reads, intermediate_size for the
+    MLP's neurons), its moment C (unit_width²) is summed in float64 like the others; the greedy
+    removal then holds C and its inverse in the work dtype plus one shrinking copy of the inverse a
+    round, and the refit C[S,S] and its factor in float64 (structured.py): "decomposition" takes the
+    larger of that and the factored linears' eigen work.
 
     With `first_pass` (the spectrum and bayes allocations' pass 1, spectra.py), three more parts:
     pass1_autograd: one chunk through the block under autograd: the tensors kept for the backward
@@ -131,7 +138,7 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
     hidden, inter = spec.hidden_size, spec.intermediate_size
     q_width = spec.num_heads * spec.head_dim
     block_params = sum(math.prod(shape) for shape in spec.dense_block_shapes().values())
-    moment_size = max(hidden, q_width) + 1  # inputs of q/k/v, o, gate/up; outputs of down (+1: bias)
+    moment_size = max(hidden, q_width, unit_width) + 1  # inputs of q/k/v, o, gate/up (units: theirs); outputs of down
     chosen = [(spec.linear_shape(n), r) for n, r in plan.items() if r]
     (out_f, in_f), rank = max(chosen, default=((0, 0), 0), key=lambda item: item[0][0] * item[0][1])
     float64_copy = out_f * in_f * 8 if work_bytes == 8 else 0  # float32 work uses the weight itself
@@ -145,14 +152,18 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
         # residual, normed input, q, k, v (repeated), attention, gate, up, SwiGLU
         "activations": chunk * (6 * hidden + 3 * q_width + 4 * inter) * 4
         + sequences_per_chunk * spec.num_heads * seqlen * seqlen * 4,
-        "decomposition": (out_f * in_f + out_f * rank + 6 * moment_size ** 2) * work_bytes + float64_copy,
+        "decomposition": max((out_f * in_f + out_f * rank + 6 * moment_size ** 2) * work_bytes + float64_copy,
+                             unit_width ** 2 * (3 * work_bytes + 2 * 8) + 2 * hidden * unit_width * work_bytes),
         "embedding": spec.vocab_size * hidden * source_bytes + chunk * hidden * 4,
     }
     if first_pass:
         parts["pass1_autograd"] = chunk * (4 * hidden + 6 * q_width + 5 * inter) * 4 + 2 * chunk * inter * 4
         parts["pass1_statistics"] = 4 * moment_size ** 2 * 8 + moment_size ** 2 * work_bytes
+        if unit_width:  # the units' own moments beside the groups' (the MLP's: intermediate_size²)
+            parts["pass1_statistics"] += 2 * unit_width ** 2 * 8
         # out_f x in_f: the widest linear of `plan`, which for pass 1 holds every linear at full rank
-        parts["pass1_decomposition"] = (6 * out_f * in_f + 4 * moment_size ** 2) * work_bytes
+        parts["pass1_decomposition"] = max((6 * out_f * in_f + 4 * moment_size ** 2) * work_bytes,
+                                           unit_width ** 2 * 3 * work_bytes + 2 * hidden * unit_width * work_bytes)
         parts["head"] = spec.vocab_size * hidden * (4 + source_bytes) + 3 * HEAD_POSITIONS * spec.vocab_size * 4
     return parts
 

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import decompose
+from . import decompose, structured
 from .allocation import factored_parameters
-from .modeling import Block, LinearGroup, LowRankLinear
+from .architectures import StructuredUnit
+from .modeling import Block, LinearGroup, LowRankLinear, dense_linear
 from .statistics import TextMoments
 
 
@@ -44,6 +45,11 @@ class Method:
     # the moments are centered: the basis fits the covariance, and an out-sized mean-correction bias
     # (I − V Vᵀ)μ is added to each factored linear
     centered: bool = False
+    # narrows the structured units (architectures.UNITS) where the plan gives them a width
+    structured: bool = False
+    # the allocator chooses per group between dense, factored and structured (else: structured
+    # wherever a unit's linears are all chosen, factored elsewhere)
+    mixed: bool = False
 
     def parameters(self, out_features: int, in_features: int, rank: int, bias: bool) -> int:
         """Parameters of a linear's replacement at `rank` (a bias b becomes Vᵀb, rank entries)."""
@@ -67,6 +73,14 @@ class Method:
     def factors(self, weight: np.ndarray, bias: np.ndarray | None, rank: int, moments: TextMoments | None,
                 at_output: bool, damping: float) -> decompose.Factors:
         raise NotImplementedError
+
+    def compress_unit(self, block: Block, unit: StructuredUnit, width: int, moment: np.ndarray,
+                      selection: str, damping: float) -> None:
+        """Narrow `unit` of the block to `width` units, from the (uncentered) moment of unit.reads."""
+        if unit.name == "mlp.neurons":
+            narrow_mlp(block, width, moment, selection, damping)
+        else:
+            narrow_values(block, width, moment, damping)
 
 
 class ReducedOrderModel(Method):
@@ -92,8 +106,50 @@ class WeightSVD(Method):
         return decompose.factorise(weight, bias, decompose.weight_svd_basis(weight, rank))
 
 
+def _array(tensor: torch.Tensor, dtype) -> np.ndarray:
+    return tensor.detach().numpy().astype(dtype, copy=False)
+
+
+def narrow_mlp(block: Block, width: int, moment: np.ndarray, selection: str, damping: float) -> None:
+    """Keep `width` neurons: their rows of gate and up as they are, down refitted on them."""
+    mlp = block.mlp
+    down = _array(mlp.down_proj.weight, moment.dtype)
+    kept = structured.select_neurons(moment, down, width, selection, damping)
+    refitted = torch.from_numpy(np.ascontiguousarray(structured.refit_columns(down, moment, kept, damping)))
+    rows = torch.from_numpy(kept)
+    for name in ("gate_proj", "up_proj"):
+        linear = getattr(mlp, name)
+        setattr(mlp, name, dense_linear(linear.weight[rows], None if linear.bias is None else linear.bias[rows]))
+    mlp.down_proj = dense_linear(refitted, mlp.down_proj.bias)
+
+
+def narrow_values(block: Block, width: int, moment: np.ndarray, damping: float) -> None:
+    """Narrow each KV head's values to `width` dimensions (v_proj rows), o_proj refitted on them."""
+    attention = block.self_attn
+    head_dim, kv_heads = attention.value_head_dim, attention.num_kv_heads
+    o_weight = _array(attention.o_proj.weight, moment.dtype)
+    maps, _ = structured.value_maps(moment, o_weight, attention.num_heads, kv_heads, head_dim, width, damping)
+    o_new = structured.refit_output(o_weight, moment, maps, attention.num_heads, head_dim, damping)
+    v_weight = _array(attention.v_proj.weight, moment.dtype)
+    v_rows = [maps[g].T @ v_weight[g * head_dim:(g + 1) * head_dim] for g in range(kv_heads)]
+    v_bias = None
+    if attention.v_proj.bias is not None:
+        bias = _array(attention.v_proj.bias, moment.dtype)
+        v_bias = torch.from_numpy(np.concatenate([maps[g].T @ bias[g * head_dim:(g + 1) * head_dim]
+                                                  for g in range(kv_heads)]))
+    attention.v_proj = dense_linear(torch.from_numpy(np.ascontiguousarray(np.vstack(v_rows))), v_bias)
+    attention.o_proj = dense_linear(torch.from_numpy(np.ascontiguousarray(o_new)), attention.o_proj.bias)
+    attention.value_head_dim = width
+
+
 METHODS: dict[str, Method] = {
     "rom": ReducedOrderModel("rom", uses_calibration=True, priced_by_pass_one=True),
     "rom-centered": ReducedOrderModel("rom-centered", uses_calibration=True, priced_by_pass_one=True, centered=True),
     "svd": WeightSVD("svd", uses_calibration=False),
+    # MLP neurons and value dimensions narrowed (structured.py); q and k factored as rom-centered
+    "structured": ReducedOrderModel("structured", uses_calibration=True, priced_by_pass_one=True, centered=True,
+                                    structured=True),
+    # per linear group, dense, factored (rom-centered) or structured: whichever pass 1 prices best
+    "mixed": ReducedOrderModel("mixed", uses_calibration=True, priced_by_pass_one=True, centered=True,
+                               structured=True, mixed=True),
 }

@@ -132,26 +132,38 @@ def _dense(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     return linear
 
 
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    """A linear holding these float32 tensors (structured ROM's narrower matrices), never initialised."""
+    with torch.device("meta"):
+        linear = _dense(weight.shape[1], weight.shape[0], bias is not None)
+    state = {"weight": weight.float().contiguous()}
+    if bias is not None:
+        state["bias"] = bias.float().contiguous()
+    linear.load_state_dict(state, assign=True)
+    return linear.requires_grad_(False)
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, index: int = 0):
         super().__init__()
         hidden, head_dim = spec.hidden_size, spec.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, head_dim
+        self.value_head_dim = spec.value_head_dim_of(index)  # narrower than head_dim after structured ROM
         self.sliding_window = spec.window_of(index)
         self.scale = spec.attention_scale  # None: SDPA's 1/√head_dim
         if spec.gemma_style:  # q and k normed per head before rotary
             self.q_norm, self.k_norm = norm(spec, head_dim), norm(spec, head_dim)
         self.q_proj = _dense(hidden, spec.num_heads * head_dim, spec.qkv_bias)
         self.k_proj = _dense(hidden, spec.num_kv_heads * head_dim, spec.qkv_bias)
-        self.v_proj = _dense(hidden, spec.num_kv_heads * head_dim, spec.qkv_bias)
-        self.o_proj = _dense(spec.num_heads * head_dim, hidden, spec.o_bias)
+        self.v_proj = _dense(hidden, spec.num_kv_heads * self.value_head_dim, spec.qkv_bias)
+        self.o_proj = _dense(spec.num_heads * self.value_head_dim, hidden, spec.o_bias)
 
     def core(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Attention output before o_proj: (batch, length, heads*head_dim)."""
         batch, length, _ = h.shape
         q = self.q_proj(h).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(batch, length, self.num_kv_heads, self.value_head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -166,16 +178,16 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return out.transpose(1, 2).reshape(batch, length, self.num_heads * self.value_head_dim)
 
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, index: int | None = None):
         super().__init__()
-        hidden, inter = spec.hidden_size, spec.intermediate_size
+        hidden, inter = spec.hidden_size, spec.intermediate_size_of(index)
         self.act = ACTIVATIONS[spec.hidden_act]
         self.gate_proj = _dense(hidden, inter, spec.mlp_bias)
         self.up_proj = _dense(hidden, inter, spec.mlp_bias)
@@ -269,7 +281,7 @@ class Block(nn.Module):
         self.input_layernorm = norm(spec)
         self.self_attn = Attention(spec, index)
         self.post_attention_layernorm = norm(spec)
-        self.mlp = MLP(spec)
+        self.mlp = MLP(spec, index)
 
     @classmethod
     def step(cls, name: str) -> Step:

@@ -32,7 +32,7 @@ from .execute import WORK_FOLDER, damaged_shards, fault_point, write_model
 from .memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak
 from .methods import Method
 from .modeling import BLOCK_LINEARS, ModelSpec, block_class, block_prefix
-from .planning import model_plan, plan_ranks, rank_plan
+from .planning import active_units, model_plan, plan_ranks, rank_plan
 from .progress import (LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments_fingerprint, changed_source_file,
                        source_files, source_fingerprint)
 from .report import Report, StageTimer, memory_summary
@@ -99,11 +99,13 @@ def prepare(source: Path, config: CompressConfig, timer: StageTimer, runtime_byt
                      if config.allocate in FIRST_PASS_ALLOCATIONS else config)
     sizing_plan = model_plan(spec, sizing_config, layers, total_params, dtype_bytes)
     widest = {name: (min(spec.linear_shape(name)) if config.allocate != "uniform" else rank)
-              for name, rank in rank_plan(spec, config).items()}
+              for name, rank in rank_plan(spec, config).items() if name in BLOCK_LINEARS}
     memory_parts = estimate_compress_memory(spec, widest, source_bytes, config.chunk_tokens, seqlen,
                                             runtime_bytes, np.dtype(PRECISIONS[config.precision]).itemsize,
                                             first_pass=config.allocate in FIRST_PASS_ALLOCATIONS
-                                            and not (config.spectra_file and Path(config.spectra_file).is_file()))
+                                            and not (config.spectra_file and Path(config.spectra_file).is_file()),
+                                            unit_width=max((_unit_width(spec, unit.name) for unit in active_units(config)),
+                                                           default=0))
     return Prepared(config, reader, layers, tokens, target_from, settings, config.fingerprint(settings, target_from),
                     dtype_bytes, total_params, sizing_plan, memory_parts)
 
@@ -181,11 +183,20 @@ def _plan_and_execute(prepared: Prepared, output: Path, progress: Progress, time
         raise write_failure(exc, output, "; free some and rerun the same command to resume") from None
 
 
+def _unit_width(spec: ModelSpec, unit: str) -> int:
+    """The width of the features a structured unit reads (its moment is that squared)."""
+    return spec.intermediate_size if unit == "mlp.neurons" else spec.num_heads * spec.head_dim
+
+
 def _output_bytes(spec: ModelSpec, plan: dict[str, int | None], dtype_bytes: int, method: Method) -> int:
-    """Size of the compressed checkpoint's tensors, from the model's rank plan."""
+    """Size of the compressed checkpoint's tensors, from the model's rank plan (and unit widths)."""
     params = sum(math.prod(shape) for shape in spec.global_shapes().values())
-    dense = spec.dense_block_shapes()
+    narrowed = replace(spec, layer_intermediate_sizes=tuple(
+        plan.get(f"{block_prefix(i)}mlp.neurons") or spec.intermediate_size for i in range(spec.num_layers)),
+        layer_value_head_dims=tuple(plan.get(f"{block_prefix(i)}self_attn.value_dims") or spec.head_dim
+                                    for i in range(spec.num_layers)))
     for index in range(spec.num_layers):
+        dense = narrowed.dense_block_shapes(index)
         for name, shape in dense.items():
             linear, _, kind = name.rpartition(".")
             rank = plan.get(f"{block_prefix(index)}{linear}")

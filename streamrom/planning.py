@@ -19,6 +19,7 @@ from .errors import UsageError
 from .evaluation import evaluate
 from .execute import WORK_FOLDER, write_model
 from .memory import RSSMonitor
+from .architectures import UNIT_NAMES, UNITS, StructuredUnit
 from .modeling import BLOCK_LINEARS, ModelSpec, block_prefix
 from .progress import Progress, arguments_fingerprint, source_fingerprint
 from .report import StageTimer
@@ -33,9 +34,21 @@ log = logging.getLogger(__name__)
 MIN_FACTOR_SAVING = 0.02
 
 
+def active_units(config: CompressConfig) -> list[StructuredUnit]:
+    """The structured units a run narrows: those whose linears are all chosen, for a structured method."""
+    if not config.compression_method.structured:
+        return []
+    return [unit for unit in UNITS if all(name in config.modules for name in unit.linears)]
+
+
+def plan_names(config: CompressConfig) -> tuple[str, ...]:
+    """What a block's plan holds: every linear's rank, and for structured methods every unit's width."""
+    return BLOCK_LINEARS + (UNIT_NAMES if config.compression_method.structured else ())
+
+
 def rank_plan(spec: ModelSpec, config: CompressConfig) -> dict[str, int | None]:
     """Rank per block linear at `config.ratio` (or `config.rank`); None keeps it dense (not chosen,
-    or factors would not save)."""
+    or factors would not save). Structured methods narrow their units at the ratio instead."""
     plan: dict[str, int | None] = {}
     for name in BLOCK_LINEARS:
         out_features, in_features = spec.linear_shape(name)
@@ -48,34 +61,63 @@ def rank_plan(spec: ModelSpec, config: CompressConfig) -> dict[str, int | None]:
             # near ratio 1 the factors keep about half the rank for a sliver of the parameters: not worth it
             saves = decompose.saves_parameters(rank, out_features, in_features, MIN_FACTOR_SAVING)
             plan[name] = rank if saves else None
+    if config.compression_method.structured:
+        plan.update(dict.fromkeys(UNIT_NAMES))
+        for unit in active_units(config):
+            slot = _unit_slot(spec, unit, 0)
+            width = max(slot.rank_at(config.ratio), decompose.RANK_MULTIPLE)
+            plan[unit.name] = width if width < slot.unit_size else None
+            plan.update(dict.fromkeys(unit.linears))  # narrowed, not factored
     return plan
 
 
+def _unit_slot(spec: ModelSpec, unit: StructuredUnit, index: int) -> allocation.Slot:
+    return allocation.Slot(f"{block_prefix(index)}{unit.name}", index, 0, 0, unit_size=spec.unit_size(unit.name),
+                           unit_parameters=spec.unit_parameters(unit.name))
+
+
+def _factored_slot(spec: ModelSpec, config: CompressConfig, name: str, index: int) -> allocation.Slot:
+    out_features, in_features = spec.linear_shape(name)
+    return allocation.Slot(f"{block_prefix(index)}{name}", index, out_features, in_features, spec.has_bias(name),
+                           config.compression_method.extra_parameters(out_features))
+
+
 def allocation_slots(spec: ModelSpec, config: CompressConfig, layers: list[int]) -> list[allocation.Slot]:
+    """What the allocation sizes, each parameter once: the chosen linears outside structured units
+    (factored) and the structured units."""
+    units = active_units(config)
+    in_units = {name for unit in units for name in unit.linears}
     slots = []
     for index in layers:
         for name in BLOCK_LINEARS:
-            if name in config.modules:
-                out_features, in_features = spec.linear_shape(name)
-                slots.append(allocation.Slot(f"{block_prefix(index)}{name}", index, out_features, in_features,
-                                             spec.has_bias(name),
-                                             config.compression_method.extra_parameters(out_features)))
+            if name in config.modules and name not in in_units:
+                slots.append(_factored_slot(spec, config, name, index))
+        slots.extend(_unit_slot(spec, unit, index) for unit in units)
     return slots
+
+
+def mixed_alternatives(spec: ModelSpec, config: CompressConfig,
+                       layers: list[int]) -> list[tuple[allocation.Slot, list[allocation.Slot]]]:
+    """For the mixed mode: each unit of each chosen block with the factored slots of its linears."""
+    return [(_unit_slot(spec, unit, index), [_factored_slot(spec, config, name, index) for name in unit.linears])
+            for index in layers for unit in active_units(config)]
 
 
 def model_plan(spec: ModelSpec, config: CompressConfig, layers: list[int], total_params: int, dtype_bytes: int,
                spectra: dict[str, np.ndarray] | None = None) -> dict[str, int | None]:
-    """Rank of every block linear of the model ("model.layers.<i>.<name>"; None: dense).
+    """Rank of every block linear of the model ("model.layers.<i>.<name>"; None: dense), and for
+    structured methods every unit's width ("model.layers.<i>.mlp.neurons"; None: not narrowed).
 
     Without a target, `uniform` is `rank_plan` in every chosen block; `last-n` and `spectrum`
     spend what that plan would. With a target, the chosen allocation meets the whole-model
-    parameter count within one rank step.
+    parameter count within one rank step. The mixed method's spectrum first chooses per unit
+    between narrowing it and factoring its linears (allocation.choose_alternatives).
     """
     if config.ranks is not None:
-        return _checked_ranks(spec, config.ranks)
+        return _checked_ranks(spec, config, config.ranks)
     per_block = rank_plan(spec, config)
     plan = {f"{block_prefix(i)}{name}": (per_block[name] if i in layers else None)
-            for i in range(spec.num_layers) for name in BLOCK_LINEARS}
+            for i in range(spec.num_layers) for name in plan_names(config)}
     if config.rank is not None or (config.allocate == "uniform" and not config.has_target):
         return plan
     slots = allocation_slots(spec, config, layers)
@@ -85,6 +127,10 @@ def model_plan(spec: ModelSpec, config: CompressConfig, layers: list[int], total
     elif config.allocate == "last-n":
         ranks = allocation.last_n_ranks(slots, budget, config.ratio, spec.num_layers)
     else:
+        if config.compression_method.mixed:
+            alternatives = mixed_alternatives(spec, config, layers)
+            every = slots + [slot for _, factored in alternatives for slot in factored]
+            slots = allocation.choose_alternatives(every, spectra or {}, budget, alternatives)
         ranks = allocation.spectrum_ranks(slots, spectra or {}, budget)
     return {key: ranks.get(key) for key in plan}
 
@@ -101,14 +147,24 @@ def slot_budget(slots: list[allocation.Slot], config: CompressConfig, total_para
     return allocation.total_params(slots, plan)
 
 
-def _checked_ranks(spec: ModelSpec, ranks: dict[str, int | None]) -> dict[str, int | None]:
-    plan = {f"{block_prefix(i)}{name}": None for i in range(spec.num_layers) for name in BLOCK_LINEARS}
+def _checked_ranks(spec: ModelSpec, config: CompressConfig, ranks: dict[str, int | None]) -> dict[str, int | None]:
+    names = plan_names(config)
+    plan = {f"{block_prefix(i)}{name}": None for i in range(spec.num_layers) for name in names}
     for key, rank in ranks.items():
         if key not in plan:
-            raise UsageError(f"ranks name {key!r}, which is not a block linear of this model")
-        if rank is not None and not (isinstance(rank, int) and 0 < rank <= min(spec.linear_shape(key.split(".", 3)[3]))):
-            raise UsageError(f"rank of {key} must be a positive integer up to min(out, in), got {rank!r}")
+            raise UsageError(f"ranks name {key!r}, which is not a block linear of this model"
+                             + ("" if config.compression_method.structured or not key.endswith(UNIT_NAMES)
+                                else f" that --method {config.method} sizes (a structured run's plan)"))
+        name = key.split(".", 3)[3]
+        largest = spec.unit_size(name) if name in UNIT_NAMES else min(spec.linear_shape(name))
+        if rank is not None and not (isinstance(rank, int) and 0 < rank <= largest):
+            raise UsageError(f"rank of {key} must be a positive integer up to {largest}, got {rank!r}")
         plan[key] = rank
+    for index in range(spec.num_layers):
+        prefix = block_prefix(index)
+        for unit in UNITS:
+            if plan.get(prefix + unit.name) and any(plan[prefix + name] for name in unit.linears):
+                raise UsageError(f"{prefix}{unit.name} is narrowed, so its linears cannot also be factored")
     return plan
 
 
@@ -122,14 +178,21 @@ def plan_ranks(prepared: "Prepared", output: Path, progress: Progress, timer: St
     spectra = None
     if config.allocate in FIRST_PASS_ALLOCATIONS:
         log.info("pass 1: output spectra of %d blocks", len(layers))
-        pass_one = {"source": source_fingerprint(reader), "layers": layers, "modules": list(config.modules),
+        units = [unit.name for unit in active_units(config)]
+        # factored slots are priced for the linears outside units (mixed: for all, as the alternative)
+        in_units = {name for unit in active_units(config) for name in unit.linears}
+        names = [name for name in config.modules if config.compression_method.mixed or name not in in_units]
+        pass_one = {"source": source_fingerprint(reader), "layers": layers, "modules": names,
                     "centered": config.centered, "precision": config.precision}
+        if units:
+            pass_one.update(units=units, neuron_selection=config.neuron_selection)
         # with a target text, directions are priced by the target's statistics and loss alone
         tokens = prepared.tokens
         priced_on = tokens if prepared.target_from is None else tokens[prepared.target_from:]
-        spectra = collect_spectra(reader, priced_on, layers, list(config.modules), output / WORK_FOLDER,
+        spectra = collect_spectra(reader, priced_on, layers, names, output / WORK_FOLDER,
                                   config.chunk_tokens, config.centered, PRECISIONS[config.precision], timer,
-                                  saved=config.spectra_file, fingerprint=arguments_fingerprint(pass_one, priced_on))
+                                  saved=config.spectra_file, fingerprint=arguments_fingerprint(pass_one, priced_on),
+                                  units=units, neuron_selection=config.neuron_selection)
     plan = (model_plan(spec, config, layers, prepared.total_params, prepared.dtype_bytes, spectra)
             if spectra is not None else prepared.sizing_plan)
     if config.allocate == "bayes":
@@ -148,6 +211,10 @@ def _bayes_plan(prepared: "Prepared", output: Path, base: dict[str, int | None],
     config, spec = prepared.config, prepared.spec
     slots = allocation_slots(spec, config, prepared.layers)
     budget = slot_budget(slots, config, prepared.total_params, prepared.dtype_bytes, prepared.sizing_plan)
+    if config.compression_method.mixed:  # the forms the spectrum plan chose are searched, the others stay off
+        slots = [slot for slot in slots if not slot.structured or base[slot.key]] + [
+            slot for unit, factored in mixed_alternatives(spec, config, prepared.layers) if not base[unit.key]
+            for slot in factored]
     work = output / WORK_FOLDER
     trial_folder = work / "bayes-trial"
     seconds: list[dict[str, float]] = []

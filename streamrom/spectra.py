@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import decompose
+from . import decompose, structured
+from .architectures import UNITS
 from .activations import ActivationBuffer, chunk_ranges, embed_into, require_finite, run_block
 from .checkpoint import CheckpointReader
 from .errors import InputError, NumericalError, UsageError
@@ -43,14 +44,21 @@ FINGERPRINT_KEY = "__made_for__"
 
 def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output_grads: ActivationBuffer,
                 input_grads: ActivationBuffer | None, cos: torch.Tensor, sin: torch.Tensor, chunk_sequences: int,
-                centered: bool, work_dtype, timer: StageTimer) -> dict[str, np.ndarray]:
+                centered: bool, work_dtype, timer: StageTimer, units: list[str] = (),
+                neuron_selection: str = "obs", damping: float = 1e-6) -> dict[str, np.ndarray]:
     """Per chosen linear of this dense block, the loss cost of dropping each output direction (in the
-    order ROM keeps them); writes the loss gradient with respect to the block's inputs (unless None)."""
+    order ROM keeps them), and per chosen structured unit the cost of dropping each unit (in the order
+    structured ROM keeps them); writes the loss gradient with respect to the block's inputs (unless None)."""
     product = torch.float64 if work_dtype == np.float64 else torch.float32
     groups = [group for group in block.GROUPS if any(name in names for name in group.linears)]
     observed = {group: group.observed(block) for group in groups}  # as compression takes them
     moments = {group: MomentAccumulator(width, product) for group, (_, width, _) in observed.items()}
-    squares = {name: torch.zeros(block.linear(name).weight.shape[0], dtype=torch.float64) for name in names}
+    chosen_units = [unit for unit in UNITS if unit.name in units]
+    # a unit is priced in its consumer's output (down, o), from the moment of the features it reads
+    unit_moments = {unit.name: MomentAccumulator(block.linear(unit.linears[-1]).weight.shape[1], product)
+                    for unit in chosen_units}
+    graded = list(dict.fromkeys([*names, *(unit.linears[-1] for unit in chosen_units)]))
+    squares = {name: torch.zeros(block.linear(name).weight.shape[0], dtype=torch.float64) for name in graded}
 
     def capture(name: str):
         def on_gradient(grad: torch.Tensor) -> None:  # returns None: the gradient flows on unchanged
@@ -60,7 +68,7 @@ def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output
             output.register_hook(on_gradient)
         return on_forward
 
-    hooks = [block.linear(name).register_forward_hook(capture(name)) for name in names]
+    hooks = [block.linear(name).register_forward_hook(capture(name)) for name in graded]
     tokens = 0
     try:
         for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
@@ -74,6 +82,8 @@ def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output
             with timer("statistics"):
                 for group, accumulator in moments.items():
                     accumulator.add(values[observed[group][0]].detach())
+                for unit in chosen_units:
+                    unit_moments[unit.name].add(values[unit.reads].detach())
             del x, values
     finally:
         for hook in hooks:
@@ -107,6 +117,25 @@ def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output
                 del values, vectors
             del accumulator, second, mean, group_inputs
             release_freed_memory()
+        for unit in chosen_units:
+            accumulator = unit_moments.pop(unit.name)
+            if not accumulator.is_finite():
+                raise NumericalError(f"NaN or Inf activations reach {', '.join(unit.linears)}")
+            second = accumulator.second_moment().astype(work_dtype, copy=False)
+            del accumulator
+            consumer = block.linear(unit.linears[-1]).weight.detach().numpy().astype(work_dtype)
+            # rows scaled by the root mean squared loss gradient: the output error in loss units
+            consumer *= torch.sqrt(squares[unit.linears[-1]] / tokens).numpy().astype(work_dtype)[:, None]
+            if unit.name == "mlp.neurons":
+                costs[unit.name] = structured.neuron_costs(second, consumer, neuron_selection, damping,
+                                                           decompose.RANK_MULTIPLE)
+            else:
+                attention = block.self_attn
+                costs[unit.name] = structured.value_maps(second, consumer, attention.num_heads,
+                                                         attention.num_kv_heads, attention.head_dim,
+                                                         attention.head_dim, damping)[1]
+            del second, consumer
+            release_freed_memory()
     return costs
 
 
@@ -121,7 +150,8 @@ def read_saved(path: Path) -> dict[str, np.ndarray]:
 
 def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[int], names: list[str],
                     work: Path, chunk_tokens: int, centered: bool, work_dtype, timer: StageTimer,
-                    saved: Path | None = None, fingerprint: str = "") -> dict[str, np.ndarray]:
+                    saved: Path | None = None, fingerprint: str = "", units: list[str] = (),
+                    neuron_selection: str = "obs") -> dict[str, np.ndarray]:
     """{"model.layers.<i>.<name>": loss cost of dropping each output direction} for every chosen block
     and linear, from one streamed forward and backward pass of the dense model.
 
@@ -189,7 +219,7 @@ def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[i
             output_grads, input_grads = grads[step % 2], grads[(step + 1) % 2]
             found = block_costs(block, chosen, block_inputs[index], output_grads,
                                 input_grads if index > first else None, cos, sin, chunk_sequences, centered,
-                                work_dtype, timer)
+                                work_dtype, timer, list(units) if index in layers else [], neuron_selection)
             costs.update({f"{block_prefix(index)}{name}": values for name, values in found.items()})
             del block
             block_inputs.pop(index + 1).close(remove=True)  # its gradient is through; the file is done

@@ -12,6 +12,10 @@ import torch
 from . import decompose
 
 
+WIDE = 4096  # moments wider than this (the MLP's neurons at 7B shape) are summed and read in bands
+BAND = 1024
+
+
 class MomentAccumulator:
     """Running Σ x xᵀ, Σ x and the count, in float64, over any number of chunks of features."""
 
@@ -24,13 +28,26 @@ class MomentAccumulator:
 
     def add(self, features: torch.Tensor) -> None:
         rows = features.reshape(-1, self.size).to(self.product_dtype)
-        self.sum_outer += rows.T @ rows
+        if self.size <= WIDE:
+            self.sum_outer += rows.T @ rows
+        else:  # a full-width product would be another size² in float32 (485 MB at 11008)
+            for start in range(0, self.size, BAND):
+                self.sum_outer[start:start + BAND] += rows[:, start:start + BAND].T @ rows
         self.sum += rows.sum(dim=0, dtype=torch.float64)
         self.count += rows.shape[0]
 
     def second_moment(self) -> np.ndarray:
         """E[x xᵀ] (uncentered)."""
         return (self.sum_outer / self.count).numpy()
+
+    def second_moment_as(self, dtype) -> np.ndarray:
+        """E[x xᵀ] in `dtype`, without a second float64 copy (wide moments: band by band)."""
+        if self.size <= WIDE:
+            return self.second_moment().astype(dtype, copy=False)
+        result = np.empty((self.size, self.size), dtype=dtype)
+        for start in range(0, self.size, BAND):
+            result[start:start + BAND] = (self.sum_outer[start:start + BAND] / self.count).numpy()
+        return result
 
     def mean(self) -> np.ndarray:
         return (self.sum / self.count).numpy()
@@ -58,10 +75,12 @@ class GroupStatistics:
 
     def moments(self, work_dtype, centered: bool, damping: float) -> "TextMoments":
         """The float64 sums, handed over as moments in `work_dtype` (the accumulators are freed)."""
-        parts = [decompose.InputMoments(part.second_moment().astype(work_dtype, copy=False),
-                                        part.mean().astype(work_dtype, copy=False), centered, damping)
-                 for part in self.parts]
-        self.parts = []
+        parts = []
+        while self.parts:  # each float64 sum goes as soon as it is handed over
+            part = self.parts.pop(0)
+            parts.append(decompose.InputMoments(part.second_moment_as(work_dtype),
+                                                part.mean().astype(work_dtype, copy=False), centered, damping))
+            del part
         return TextMoments(parts, self.target_weight, self.target_basis)
 
 

@@ -33,11 +33,14 @@ def checkpoint_summary(folder: str | Path) -> dict[str, Any]:
             modules[linear] = {"rank": reader.shapes[reduce_name][0] if reduce_name in reader.shapes else None,
                                "parameters": params, "bytes": nbytes}
         params, nbytes = size(names)
-        blocks.append({"index": index, "parameters": params, "bytes": nbytes, "modules": modules})
-    dense_equivalent = (sum(math.prod(s) for s in spec.global_shapes().values())
-                        + spec.num_layers * sum(math.prod(s) for s in spec.dense_block_shapes().values()))
-    total_params, total_bytes = size(list(reader.shapes))
+        blocks.append({"index": index, "parameters": params, "bytes": nbytes, "modules": modules,
+                       "mlp_width": spec.intermediate_size_of(index), "value_head_dim": spec.value_head_dim_of(index)})
     section = reader.config.get("streamrom") or {}
+    # structured ROM narrows the config's own widths: the source's count is recorded beside them
+    dense_equivalent = section.get("dense_parameters") or (
+        sum(math.prod(s) for s in spec.global_shapes().values())
+        + spec.num_layers * sum(math.prod(s) for s in spec.dense_block_shapes().values()))
+    total_params, total_bytes = size(list(reader.shapes))
     return {
         "checkpoint": str(folder),
         "model_type": spec.model_type,
@@ -48,6 +51,7 @@ def checkpoint_summary(folder: str | Path) -> dict[str, Any]:
         "dense_parameters": dense_equivalent,
         "parameter_ratio": total_params / dense_equivalent,
         "compressed_linears": sum(1 for b in blocks for m in b["modules"].values() if m["rank"] is not None),
+        "structured": bool(section.get("widths")),
         "blocks": blocks,
     }
 
@@ -55,12 +59,15 @@ def checkpoint_summary(folder: str | Path) -> dict[str, Any]:
 def format_summary(summary: dict[str, Any]) -> str:
     """A table a person reads: one row per block, the rank of each module ('-' = dense)."""
     short = [name.rsplit(".", 1)[1].removesuffix("_proj") for name in BLOCK_LINEARS]
-    header = f"{'block':>5} " + " ".join(f"{s:>6}" for s in short) + f" {'params':>12} {'MiB':>8}"
+    widths = summary.get("structured", False)  # structured ROM: each block's MLP and value widths too
+    header = (f"{'block':>5} " + " ".join(f"{s:>6}" for s in short) + (f" {'mlp':>6} {'v/head':>6}" if widths else "")
+              + f" {'params':>12} {'MiB':>8}")
     lines = [f"{summary['checkpoint']}: {summary['model_type']}, {summary['num_layers']} blocks, "
              f"method {summary['method']}", header]
     for block in summary["blocks"]:
         ranks = " ".join(f"{m['rank'] if m['rank'] is not None else '-':>6}" for m in block["modules"].values())
-        lines.append(f"{block['index']:>5} {ranks} {block['parameters']:>12,} {block['bytes'] / 2**20:>8.2f}")
+        narrowed = f" {block['mlp_width']:>6} {block['value_head_dim']:>6}" if widths else ""
+        lines.append(f"{block['index']:>5} {ranks}{narrowed} {block['parameters']:>12,} {block['bytes'] / 2**20:>8.2f}")
     lines.append(f"whole model: {summary['parameters']:,} parameters, {summary['bytes'] / 2**20:.1f} MiB; "
                  f"{summary['parameter_ratio']:.4f} of the dense {summary['dense_parameters']:,}; "
                  f"{summary['compressed_linears']} linears factored")

@@ -7,11 +7,15 @@ named by `auto_map` in its config.json, so that
 
 builds the architecture of `model_type` (llama, mistral, qwen2, gemma3_text) and replaces each compressed
 linear, before the weights are loaded, by two linears `reduce` (rank x in, V^T W) and `expand`
-(out x rank, V), with the ranks of config.json's "streamrom" section. Only torch and transformers
-are needed; streamrom itself is not.
+(out x rank, V), with the ranks of config.json's "streamrom" section. Structured ROM's narrower
+blocks (layer_intermediate_sizes, layer_value_head_dims) get narrower gate/up/down, and narrower
+v_proj/o_proj whose values are padded to head_dim around the attention (transformers' attention
+takes one head width). Only torch and transformers are needed; streamrom itself is not.
 """
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
@@ -33,10 +37,58 @@ class LowRankLinear(nn.Module):
         return self.expand(self.reduce(x))
 
 
+class PaddedValues(nn.Linear):
+    """v_proj narrowed to `width` values per KV head, each head zero-padded back to head_dim."""
+
+    def __init__(self, in_features: int, kv_heads: int, width: int, head_dim: int, bias: bool):
+        super().__init__(in_features, kv_heads * width, bias=bias)
+        self.width, self.head_dim = width, head_dim
+
+    def forward(self, x):
+        values = super().forward(x).unflatten(-1, (-1, self.width))
+        return F.pad(values, (0, self.head_dim - self.width)).flatten(-2)
+
+
+class NarrowOutput(nn.Linear):
+    """o_proj reading only the first `width` of each head's head_dim (the rest are PaddedValues' zeros)."""
+
+    def __init__(self, heads: int, width: int, head_dim: int, out_features: int, bias: bool):
+        super().__init__(heads * width, out_features, bias=bias)
+        self.width, self.head_dim = width, head_dim
+
+    def forward(self, x):
+        return super().forward(x.unflatten(-1, (-1, self.head_dim))[..., :self.width].flatten(-2))
+
+
+def install_structured(model: nn.Module, config) -> None:
+    """Narrower MLPs and values in the blocks that structured ROM narrowed."""
+    inter = getattr(config, "layer_intermediate_sizes", None)
+    values = getattr(config, "layer_value_head_dims", None)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for index, layer in enumerate(model.model.layers):
+        mlp, attention = layer.mlp, layer.self_attn
+        if inter is not None and inter[index] != mlp.down_proj.in_features:
+            width, hidden = inter[index], mlp.down_proj.out_features
+            mlp.gate_proj = nn.Linear(hidden, width, bias=mlp.gate_proj.bias is not None)
+            mlp.up_proj = nn.Linear(hidden, width, bias=mlp.up_proj.bias is not None)
+            mlp.down_proj = nn.Linear(width, hidden, bias=mlp.down_proj.bias is not None)
+        if values is not None and values[index] != head_dim:
+            width = values[index]
+            kv_heads = attention.v_proj.out_features // head_dim
+            heads = attention.o_proj.in_features // head_dim
+            attention.v_proj = PaddedValues(attention.v_proj.in_features, kv_heads, width, head_dim,
+                                            attention.v_proj.bias is not None)
+            attention.o_proj = NarrowOutput(heads, width, head_dim, attention.o_proj.out_features,
+                                            attention.o_proj.bias is not None)
+
+
 def install_low_rank(model: nn.Module, config) -> None:
-    """Swap every linear named in config.streamrom["ranks"] (with a rank) for a LowRankLinear."""
+    """Narrow structured blocks, then swap every linear named in config.streamrom["ranks"] (with a
+    rank) for a LowRankLinear."""
+    install_structured(model, config)
     section = getattr(config, "streamrom", None) or {}
-    centered = section.get("method") == "rom-centered"
+    # factors with a mean-correction bias (older checkpoints say so only by their method's name)
+    centered = section.get("centered", section.get("method") == "rom-centered")
     for name, rank in section.get("ranks", {}).items():
         if not rank:
             continue

@@ -1,0 +1,204 @@
+"""The math of structured ROM, as functions of numpy arrays (no model, no I/O): joint decompositions
+that leave narrower *dense* matrices instead of two factors per linear.
+
+MLP. With z = act(gate·x) ⊙ (up·x) the intermediate activation and C = E[z zᵀ], keeping the neurons S
+leaves gate and up their rows S unchanged (the nonlinearity stays exact for kept neurons) and refits
+down to W·C[:,S]·C[S,S]⁻¹, the least-squares optimum of W z from z_S. The neurons are chosen either
+by ridge leverage, diag(C (C + λI)⁻¹) (MoDeGPT's Nyström), or by greedy removal with the structured
+OBS cost ‖w_j‖² / [C⁻¹]_jj and its compensation of the kept columns (ZipLM, SlimGPT), removed in
+batches so the work is matrix products.
+
+Values and o_proj. Per KV head g the attention output is Σ_{h∈g} W_o,h·a_h with a_h = A_h·V_g mixed
+values, linear in the values. A map R_g (head_dim × width) shared by the query heads of the group
+narrows the values to Rᵀ v (v_proj's rows become R_gᵀ W_v,g); o_proj is then refitted in closed form
+on the narrowed mixed values, all heads at once: W_o·C·B (Bᵀ C B)⁻¹, B the block diagonal of the
+heads' R, C the moment of the attention output (before o_proj). R_g spans the top eigenvectors of
+C_g^½ (Σ_h W_o,hᵀ W_o,h) C_g^½ mapped back by C_g^-½ (C_g: the group's mean head moment), which is
+the exact reduced-rank optimum for one query head per group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import scipy.linalg.blas
+
+from .decompose import damped, top_eigenvectors
+
+NEURON_SELECTIONS = ("obs", "leverage")
+LEVERAGE_RIDGE = 1e-2  # λ of the ridge leverage, relative to the mean diagonal of C
+# The greedy removal's inverse is damped by this fraction of C's mean diagonal (SparseGPT's and
+# ZipLM's 1 %): it is taken in float32 at 7B shape, and a nearly singular C would give costs of noise.
+# The final refit is solved apart, in float64, with the run's own damping.
+SELECTION_DAMPING = 1e-2
+
+
+def refit_columns(weight: np.ndarray, moment: np.ndarray, kept: np.ndarray, damping: float) -> np.ndarray:
+    """W·C[:,S]·(C[S,S] + δ)⁻¹: the least-squares fit of W z from the kept features z_S (out x |S|).
+    In the moment's dtype, one copy of C[S,S] factored in place (485 MB at 7B shape in float32)."""
+    cross = (weight @ moment)[:, kept]  # = W C[:, S], without an (n x |S|) copy of C
+    return _least_squares(lambda: moment[np.ix_(kept, kept)], cross, damping)
+
+
+def _least_squares(gram_copy, cross: np.ndarray, damping: float) -> np.ndarray:
+    """cross·(G + δ)⁻¹ by a Cholesky factor of a fresh copy of G (`gram_copy()`), in place; where the
+    damped G is not numerically positive (float32, nearly dependent features) the damping grows
+    tenfold until it is."""
+    for attempt in range(8):
+        gram = gram_copy()
+        scale = max(float(np.mean(np.diag(gram))), 1e-30)
+        gram[np.diag_indices_from(gram)] += max(damping, 1e-12) * 10.0 ** attempt * scale
+        try:
+            factor = scipy.linalg.cho_factor(gram, overwrite_a=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            continue
+        return scipy.linalg.cho_solve(factor, np.ascontiguousarray(cross.T), check_finite=False).T
+    raise np.linalg.LinAlgError("the kept features' moment stays singular under damping")
+
+
+def leverage_order(moment: np.ndarray, ridge: float = LEVERAGE_RIDGE) -> np.ndarray:
+    """Feature indices, most important first, by ridge leverage diag(C (C + λI)⁻¹)."""
+    values, vectors = scipy.linalg.eigh(damped(moment, 0.0), driver="evd")
+    values = np.clip(values, 0.0, None)
+    shrink = values / (values + ridge * max(float(np.mean(np.diag(moment))), 1e-30))
+    scores = (vectors ** 2) @ shrink
+    return np.argsort(-scores, kind="stable")
+
+
+@dataclass(frozen=True)
+class Removal:
+    """A greedy removal: `order` lists every feature, the most important first (the last removed
+    first); `costs[i]` is what removing order[i] cost, given the features after it already removed
+    (inf where it was never removed). Keeping order[:k] costs costs[k:].sum()."""
+
+    order: np.ndarray
+    costs: np.ndarray
+
+
+def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: float,
+                order: np.ndarray | None = None) -> Removal:
+    """Greedy structured-OBS removal of features until `keep` are left.
+
+    Removing the set R from the live set, with the live columns of W refitted, costs
+    tr(W_R (H_RR)⁻¹ W_Rᵀ), H the inverse of C on the live set; then W and H are updated in closed
+    form (W_A −= W_R H_RR⁻¹ H_RA, H_AA −= H_AR H_RR⁻¹ H_RA). Each round removes the cheapest batch
+    (about 1/64 of the live set), its joint cost shared among its features by their single costs.
+    With `order` (most important first) the features go in that order instead, and only the costs
+    are computed (to price another selection by the same measure).
+    """
+    size = moment.shape[0]
+    keep = max(0, min(keep, size))
+    work_dtype = moment.dtype
+    # in the moment's dtype and in place: at 7B shape (11008 neurons) each copy is 485 MB in float32
+    inverse = scipy.linalg.inv(damped(moment, damping), overwrite_a=True, check_finite=False)
+    columns = np.array(weight, dtype=work_dtype, copy=True)
+    live = np.arange(size)  # original indices of inverse's and columns' rows
+    removed: list[np.ndarray] = []
+    costs: list[np.ndarray] = []
+    planned = None if order is None else list(order[::-1])  # least important first
+    while live.size > keep:
+        batch = min(live.size - keep, max(1, live.size // 64))
+        diagonal = np.clip(np.diag(inverse), 1e-30, None)
+        single = (columns ** 2).sum(axis=0) / diagonal
+        if planned is None:
+            chosen = np.argsort(single, kind="stable")[:batch]
+        else:
+            position = {index: at for at, index in enumerate(live)}
+            chosen = np.array([position[index] for index in planned[:batch]])
+            del planned[:batch]
+        rest = np.setdiff1d(np.arange(live.size), chosen, assume_unique=True)
+        block = inverse[np.ix_(chosen, chosen)].astype(np.float64)
+        block_inv = np.linalg.pinv(0.5 * (block + block.T), hermitian=True)
+        w_r = columns[:, chosen].astype(np.float64)
+        joint = float(np.einsum("ij,jk,ik->", w_r, block_inv, w_r))
+        share = single[chosen] / max(float(single[chosen].sum()), 1e-300)
+        removed.append(live[chosen])
+        costs.append(max(joint, 0.0) * share)
+        correction = (block_inv @ inverse[np.ix_(chosen, rest)].astype(np.float64)).astype(work_dtype)
+        columns = columns[:, rest] - columns[:, chosen] @ correction
+        inverse = _subtract_product(inverse[np.ix_(rest, rest)], inverse[np.ix_(rest, chosen)], correction)
+        live = live[rest]
+    # the order kept: the live ones (never removed) first, then the removed, the last removed first
+    if order is not None:
+        still = set(live.tolist())
+        tail = np.array([index for index in order if index in still], dtype=np.int64)
+    elif live.size:
+        diagonal = np.clip(np.diag(inverse), 1e-30, None)
+        tail = live[np.argsort(-((columns ** 2).sum(axis=0) / diagonal), kind="stable")]
+    else:
+        tail = live
+    removed_order = [batch[::-1] for batch in removed[::-1]]
+    removed_costs = [cost[::-1] for cost in costs[::-1]]
+    return Removal(np.concatenate([tail, *removed_order]).astype(np.int64),
+                   np.concatenate([np.full(tail.size, np.inf), *removed_costs]))
+
+
+def _subtract_product(target: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """target − left·right, written into target (C-ordered) by BLAS gemm: no temporary of its size."""
+    gemm = scipy.linalg.blas.get_blas_funcs("gemm", (target,))
+    result = gemm(-1.0, right.T, left.T, beta=1.0, c=target.T, overwrite_c=True)  # (target − l·r)ᵀ
+    return result.T
+
+
+def select_neurons(moment: np.ndarray, weight: np.ndarray, keep: int, selection: str, damping: float) -> np.ndarray:
+    """The `keep` features to keep, sorted by index."""
+    if selection == "leverage":
+        kept = leverage_order(moment)[:keep]
+    elif selection == "obs":
+        kept = obs_removal(moment, weight, keep, max(damping, SELECTION_DAMPING)).order[:keep]
+    else:
+        raise ValueError(f"unknown neuron selection {selection!r}")
+    return np.sort(kept)
+
+
+def neuron_costs(moment: np.ndarray, weight: np.ndarray, selection: str, damping: float, smallest: int) -> np.ndarray:
+    """What keeping each neuron is worth, in the order `selection` keeps them: the refit error
+    ‖ΔW z‖² (in `weight`'s output metric) of removing it after those behind it. The `smallest`
+    always kept are never removed: they get the largest cost found."""
+    order = leverage_order(moment) if selection == "leverage" else None
+    costs = obs_removal(moment, weight, smallest, max(damping, SELECTION_DAMPING), order).costs
+    finite = costs[np.isfinite(costs)]
+    return np.where(np.isfinite(costs), costs, finite.max() if finite.size else 0.0)
+
+
+# -- values and o_proj ------------------------------------------------------------------------------
+
+def _head_blocks(moment: np.ndarray, heads: int, head_dim: int) -> list[np.ndarray]:
+    return [moment[h * head_dim:(h + 1) * head_dim, h * head_dim:(h + 1) * head_dim] for h in range(heads)]
+
+
+def value_maps(attention_moment: np.ndarray, o_weight: np.ndarray, num_heads: int, num_kv_heads: int,
+               head_dim: int, width: int, damping: float) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per KV head the map R_g (head_dim x width) and, per value dimension in the order kept, its
+    worth summed over the KV heads (the eigenvalues: what dropping it costs in o_proj's output,
+    in o_weight's output metric)."""
+    group = num_heads // num_kv_heads
+    blocks = _head_blocks(attention_moment, num_heads, head_dim)
+    maps, worth = [], np.zeros(head_dim)
+    for g in range(num_kv_heads):
+        heads = range(g * group, (g + 1) * group)
+        mean = damped(sum(blocks[h] for h in heads) / group, damping).astype(np.float64)
+        values, vectors = scipy.linalg.eigh(mean)
+        values = np.clip(values, 1e-12 * max(float(values.max()), 1e-30), None)
+        root, inverse_root = (vectors * np.sqrt(values)) @ vectors.T, (vectors / np.sqrt(values)) @ vectors.T
+        reads = sum(o_weight[:, h * head_dim:(h + 1) * head_dim].T.astype(np.float64)
+                    @ o_weight[:, h * head_dim:(h + 1) * head_dim].astype(np.float64) for h in heads)
+        energy, directions = top_eigenvectors(root @ reads @ root, head_dim)
+        worth += np.clip(energy, 0.0, None)
+        # only the span matters (o_proj is refitted on it): an orthonormal basis keeps the values' scale
+        span = np.linalg.qr(inverse_root @ directions[:, :width])[0]
+        maps.append(span.astype(attention_moment.dtype))
+    return maps, worth
+
+
+def refit_output(o_weight: np.ndarray, attention_moment: np.ndarray, maps: list[np.ndarray], num_heads: int,
+                 head_dim: int, damping: float) -> np.ndarray:
+    """o_proj refitted on the narrowed values: W_o C B (Bᵀ C B)⁻¹ (hidden x heads·width)."""
+    group = num_heads // len(maps)
+    width = maps[0].shape[1]
+    selection = np.zeros((num_heads * head_dim, num_heads * width), dtype=attention_moment.dtype)
+    for h in range(num_heads):
+        selection[h * head_dim:(h + 1) * head_dim, h * width:(h + 1) * width] = maps[h // group]
+    projected = attention_moment @ selection
+    return _least_squares(lambda: selection.T @ projected, o_weight @ projected, damping)

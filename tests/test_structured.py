@@ -1,0 +1,283 @@
+"""Structured ROM (issue 21): known-answer math, planted redundancies, exact references for the model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import streamrom
+from streamrom import CalibrationConfig, CompressConfig, structured
+from streamrom.calibration import calibration_tokens
+from streamrom.allocation import Slot, choose_alternatives, spectrum_ranks, total_params
+from streamrom.methods import narrow_mlp, narrow_values
+from streamrom.modeling import Block, Rotary
+from streamrom.statistics import MomentAccumulator
+
+from conftest import read_json
+
+RNG = np.random.default_rng(0)
+
+
+def moment_of(features: np.ndarray) -> np.ndarray:
+    return features.T @ features / features.shape[0]
+
+
+def refit_error(weight, features, kept, refitted) -> float:
+    residual = features @ weight.T - features[:, kept] @ refitted.T
+    return float((residual ** 2).sum() / features.shape[0])
+
+
+# -- MLP neurons -----------------------------------------------------------------------------------
+
+def test_refit_is_the_least_squares_optimum():
+    features = RNG.standard_normal((3000, 24)) @ RNG.standard_normal((24, 24))
+    weight = RNG.standard_normal((10, 24))
+    kept = np.array([0, 3, 4, 9, 11, 17, 20])
+    refitted = structured.refit_columns(weight, moment_of(features), kept, 0.0)
+    brute = np.linalg.lstsq(features[:, kept], features @ weight.T, rcond=None)[0].T
+    np.testing.assert_allclose(refitted, brute, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("selection", ["obs", "leverage"])
+def test_a_neuron_that_is_a_combination_of_others_goes_first_at_no_cost(selection):
+    features = RNG.standard_normal((4000, 32))
+    features[:, 7] = 0.5 * features[:, 1] - 2.0 * features[:, 30]  # planted: no information of its own
+    weight = RNG.standard_normal((12, 32))
+    moment = moment_of(features)
+    kept = structured.select_neurons(moment, weight, 31, selection, 1e-12)
+    dropped = sorted(set(range(32)) - set(kept.tolist()))
+    assert dropped[0] in (1, 7, 30)  # one of the three dependent ones, whichever
+    refitted = structured.refit_columns(weight, moment, kept, 1e-12)
+    assert refit_error(weight, features, kept, refitted) < 1e-8 * float((features @ weight.T).var())
+
+
+def test_greedy_removal_costs_add_up_to_the_refit_error():
+    features = RNG.standard_normal((5000, 40)) @ RNG.standard_normal((40, 40))
+    weight = RNG.standard_normal((16, 40))
+    moment = moment_of(features)
+    removal = structured.obs_removal(moment, weight, 8, 1e-12)
+    assert sorted(removal.order.tolist()) == list(range(40))
+    for keep in (30, 20, 8):
+        kept = removal.order[:keep]
+        exact = refit_error(weight, features, kept, structured.refit_columns(weight, moment, kept, 1e-12))
+        assert removal.costs[keep:].sum() == pytest.approx(exact, rel=1e-6)
+    # greedy OBS keeps more than ridge leverage (the usual case; the test's data is fixed)
+    leverage = np.sort(structured.leverage_order(moment)[:20])
+    by_leverage = refit_error(weight, features, leverage, structured.refit_columns(weight, moment, leverage, 1e-12))
+    assert removal.costs[20:].sum() <= by_leverage
+
+
+# -- values and o_proj -----------------------------------------------------------------------------
+
+def test_values_of_one_head_per_group_reach_the_reduced_rank_optimum():
+    heads, head_dim, hidden, width = 2, 8, 12, 3
+    mixed = RNG.standard_normal((6000, heads * head_dim)) @ RNG.standard_normal((heads * head_dim,) * 2)
+    o_weight = RNG.standard_normal((hidden, heads * head_dim))
+    # no correlation between heads: the optimum is per head, the tail of C^½ W_oᵀ W_o C^½'s spectrum
+    mixed[:, head_dim:] = RNG.standard_normal((6000, head_dim)) @ RNG.standard_normal((head_dim, head_dim))
+    mixed[:, :head_dim] = RNG.standard_normal((6000, head_dim)) @ RNG.standard_normal((head_dim, head_dim))
+    moment = moment_of(mixed)
+    maps, worth = structured.value_maps(moment, o_weight, heads, heads, head_dim, width, 0.0)
+    refitted = structured.refit_output(o_weight, moment, maps, heads, head_dim, 0.0)
+    narrowed = np.hstack([mixed[:, h * head_dim:(h + 1) * head_dim] @ maps[h] for h in range(heads)])
+    error = float(((mixed @ o_weight.T - narrowed @ refitted.T) ** 2).sum() / len(mixed))
+    optimum = 0.0
+    for h in range(heads):
+        part = slice(h * head_dim, (h + 1) * head_dim)
+        values, vectors = np.linalg.eigh(moment[part, part])
+        root = (vectors * np.sqrt(values)) @ vectors.T
+        spectrum = np.linalg.eigvalsh(root @ o_weight[:, part].T @ o_weight[:, part] @ root)
+        optimum += spectrum[:head_dim - width].sum()
+    # the cross-head terms of the sample moment are small, not zero: the joint refit can only gain
+    assert error == pytest.approx(optimum, rel=2e-2)
+    assert worth[width:].sum() == pytest.approx(optimum, rel=1e-6)
+
+
+def test_a_value_dimension_never_read_is_removed_at_no_cost():
+    heads, kv_heads, head_dim, hidden = 4, 2, 6, 10
+    values = RNG.standard_normal((3000, kv_heads * head_dim))
+    mixed = np.hstack([values[:, (h // 2) * head_dim:(h // 2 + 1) * head_dim] for h in range(heads)])
+    o_weight = RNG.standard_normal((hidden, heads * head_dim))
+    for h in range(heads):
+        o_weight[:, h * head_dim + 2] = 0.0  # dimension 2 of every head: no query head reads it
+    moment = moment_of(mixed)
+    maps, _ = structured.value_maps(moment, o_weight, heads, kv_heads, head_dim, head_dim - 1, 1e-12)
+    refitted = structured.refit_output(o_weight, moment, maps, heads, head_dim, 1e-12)
+    narrowed = np.hstack([mixed[:, h * head_dim:(h + 1) * head_dim] @ maps[h // 2] for h in range(heads)])
+    np.testing.assert_allclose(narrowed @ refitted.T, mixed @ o_weight.T, atol=1e-6)
+
+
+# -- the block and the model -----------------------------------------------------------------------
+
+def _block_and_inputs(tiny_models, index=0):
+    reader = streamrom.checkpoint.CheckpointReader(tiny_models["llama"])
+    spec = reader.spec
+    block = Block.from_tensors(spec, reader.block_tensors(index), index)
+    x = torch.from_numpy(RNG.standard_normal((4, 40, spec.hidden_size)).astype(np.float32))
+    cos, sin = Rotary(spec).cos_sin(40)
+    return spec, block, x, cos, sin
+
+
+def _moment(features: torch.Tensor, chunk: int | None = None) -> np.ndarray:
+    """E[z zᵀ] as the pipeline takes it: float32 products per chunk of sequences, summed in float64,
+    handed to the math in float32."""
+    accumulator = MomentAccumulator(features.shape[-1], torch.float32)
+    for start in range(0, features.shape[0], chunk or features.shape[0]):
+        accumulator.add(features[start:start + (chunk or features.shape[0])])
+    return accumulator.second_moment().astype(np.float32)
+
+
+@torch.no_grad()
+def test_keeping_every_neuron_and_value_dimension_reproduces_the_block(tiny_models):
+    spec, block, x, cos, sin = _block_and_inputs(tiny_models)
+    before = block(x, cos, sin)
+    narrow_values(block, spec.head_dim, _moment(block.self_attn.core(block.input_layernorm(x), cos, sin)), 1e-9)
+    values = streamrom.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
+    narrow_mlp(block, spec.intermediate_size, _moment(values["mlp"]), "obs", 1e-9)
+    torch.testing.assert_close(block(x, cos, sin), before, atol=2e-4, rtol=1e-4)
+    assert block.self_attn.value_head_dim == spec.head_dim
+
+
+@torch.no_grad()
+def test_narrowed_block_has_narrower_dense_matrices(tiny_models):
+    spec, block, x, cos, sin = _block_and_inputs(tiny_models)
+    narrow_values(block, 8, _moment(block.self_attn.core(block.input_layernorm(x), cos, sin)), 1e-6)
+    values = streamrom.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
+    narrow_mlp(block, 96, _moment(values["mlp"]), "obs", 1e-6)
+    shapes = {name: tuple(value.shape) for name, value in block.state_dict().items()}
+    assert shapes["self_attn.v_proj.weight"] == (spec.num_kv_heads * 8, spec.hidden_size)
+    assert shapes["self_attn.o_proj.weight"] == (spec.hidden_size, spec.num_heads * 8)
+    assert shapes["mlp.gate_proj.weight"] == shapes["mlp.up_proj.weight"] == (96, spec.hidden_size)
+    assert shapes["mlp.down_proj.weight"] == (spec.hidden_size, 96)
+    assert block(x, cos, sin).shape == x.shape
+
+
+def _config(tiny_tokens, **settings) -> CompressConfig:
+    return CompressConfig(calibration=CalibrationConfig(token_file=tiny_tokens, sequences=6, seqlen=64),
+                          method="structured", **settings)
+
+
+@torch.no_grad()
+def test_streamed_structured_equals_an_in_memory_reference(tiny_models, tiny_tokens, tmp_path):
+    """Every block narrowed in memory, in the data's order, on the inputs the narrowed blocks before it
+    give; the streamed run (chunks of 2 sequences, intermediates cached on disk) writes the same."""
+    modules = ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    output = tmp_path / "out"
+    streamrom.compress(tiny_models["llama"], output, _config(tiny_tokens, ratio=0.6, modules=modules,
+                                                             chunk_tokens=128))
+    widths = read_json(output / "config.json")["streamrom"]["widths"]
+    dense = streamrom.load(tiny_models["llama"])
+    spec = dense.spec
+    tokens = calibration_tokens(CalibrationConfig(token_file=tiny_tokens, sequences=6, seqlen=64), None,
+                                spec.vocab_size)
+    cos, sin = Rotary(spec).cos_sin(64)
+    x = dense.embed_tokens(torch.from_numpy(tokens.astype(np.int64)))
+    ours = streamrom.load(output)
+    for index, block in enumerate(dense.layers):
+        value_width = widths[f"model.layers.{index}.self_attn.value_dims"]
+        neurons = widths[f"model.layers.{index}.mlp.neurons"]
+        narrow_values(block, value_width, _moment(block.self_attn.core(block.input_layernorm(x), cos, sin), 2),
+                      1e-6)
+        values = streamrom.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
+        narrow_mlp(block, neurons, _moment(values["mlp"], 2), "obs", 1e-6)
+        x = block(x, cos, sin)
+        for name, tensor in block.state_dict().items():
+            torch.testing.assert_close(ours.layers[index].state_dict()[name], tensor, atol=1e-5, rtol=1e-4,
+                                       msg=lambda m, name=name: f"block {index} {name}: {m}")
+
+
+def test_plain_checkpoint_loads_in_transformers_without_remote_code(tiny_models, tiny_tokens, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    output = tmp_path / "plain"
+    streamrom.compress(tiny_models["llama"], output,
+                       _config(tiny_tokens, ratio=0.6, modules=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")))
+    config = read_json(output / "config.json")
+    assert config["intermediate_size"] == 96 and "auto_map" not in config
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert not (output / "modeling_streamrom.py").exists()
+    model = transformers.AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, streamrom.load(output)(ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_per_block_widths_load_in_transformers_with_remote_code(tiny_models, tiny_tokens, tmp_path, kind):
+    transformers = pytest.importorskip("transformers")
+    output = tmp_path / kind
+    # spectrum: per-block widths; q/k factored beside narrowed values and MLPs
+    streamrom.compress(tiny_models[kind], output, _config(tiny_tokens, allocate="spectrum", target_params=0.75))
+    config = read_json(output / "config.json")
+    assert "layer_value_head_dims" in config or "layer_intermediate_sizes" in config
+    model = transformers.AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True,
+                                                              dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, streamrom.load(output)(ids), atol=1e-4, rtol=1e-4)
+    report = read_json(output / "streamrom-report.json")
+    assert report["parameters_after"] <= 0.75 * report["parameters_before"]
+
+
+# -- allocation ------------------------------------------------------------------------------------
+
+def test_unit_slots_are_sized_in_units():
+    slot = Slot("model.layers.0.mlp.neurons", 0, 0, 0, unit_size=160, unit_parameters=3 * 64)
+    assert slot.dense == 160 * 192 and slot.factored(40) == 40 * 192
+    assert slot.max_saving_rank() == 152 and slot.full_rank == 160
+    assert slot.rank_at(0.5) == 80
+
+
+def test_spectrum_meets_the_budget_with_units_within_a_step():
+    slots = [Slot(f"model.layers.{i}.mlp.neurons", i, 0, 0, unit_size=256, unit_parameters=100) for i in range(3)]
+    slots += [Slot(f"model.layers.{i}.self_attn.q_proj", i, 64, 64) for i in range(3)]
+    spectra = {slot.key: np.sort(RNG.random(slot.full_rank))[::-1] for slot in slots}
+    budget = int(0.6 * sum(slot.dense for slot in slots))
+    ranks = spectrum_ranks(slots, spectra, budget)
+    used = total_params(slots, ranks)
+    assert budget - 8 * 100 < used <= budget
+
+
+def test_mixed_choice_takes_the_form_that_loses_less_per_parameter():
+    unit = Slot("model.layers.0.mlp.neurons", 0, 0, 0, unit_size=128, unit_parameters=3 * 64)
+    factored = [Slot(f"model.layers.0.mlp.{name}", 0, *shape) for name, shape in
+                (("gate_proj", (128, 64)), ("up_proj", (128, 64)), ("down_proj", (64, 128)))]
+    flat = np.ones(128)  # every neuron (direction) worth the same: halving the neurons loses 64, the
+    # factors at the same size (rank 21 of 64 each) lose 3 x 43
+    steep = np.concatenate([np.full(4, 100.0), np.zeros(124)])  # factors of rank 8 lose nothing
+    for factored_values, expected in ((flat, unit.key), (steep, factored[0].key)):
+        spectra = {unit.key: flat, **{s.key: factored_values for s in factored}}
+        budget = int(0.5 * unit.dense)
+        chosen = choose_alternatives([unit, *factored], spectra, budget, [(unit, factored)])
+        assert expected in {slot.key for slot in chosen}
+
+
+def test_structured_refuses_a_target_text(tiny_models, tiny_tokens, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "streamrom.cli", "compress", str(tiny_models["llama"]),
+                             str(tmp_path / "out"), "--method", "structured", "--calib-tokens", str(tiny_tokens),
+                             "--target-text", str(tiny_tokens)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "structured" in result.stderr
+
+
+def test_pass_one_prices_units_and_mixed_writes_both_forms(tiny_models, tiny_tokens, tmp_path):
+    spectra_file = tmp_path / "pass1.npz"
+    output = tmp_path / "mixed"
+    streamrom.compress(tiny_models["llama"], output, CompressConfig(
+        calibration=CalibrationConfig(token_file=tiny_tokens, sequences=6, seqlen=64), method="mixed",
+        allocate="spectrum", target_params=0.7, spectra_file=spectra_file))
+    with np.load(spectra_file) as found:
+        assert found["model.layers.1.mlp.neurons"].shape == (160,)
+        assert found["model.layers.1.self_attn.value_dims"].shape == (16,)
+        assert "model.layers.1.mlp.down_proj" in found.files  # the factored alternative is priced too
+    report = read_json(output / "streamrom-report.json")
+    assert report["parameters_after"] <= 0.7 * report["parameters_before"]
+    plan = report["ranks"]
+    for index in range(3):  # a unit narrowed or its linears factored, never both
+        prefix = f"model.layers.{index}."
+        if plan.get(prefix + "mlp.neurons"):
+            assert not any(plan[prefix + name] for name in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    json.dumps(plan)
