@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--allocate", choices=["uniform", "spectrum"], default="uniform",
                         help="spectrum adds pass 1 (a streamed forward and backward of the dense model) before "
                              "compressing with the ranks it allocates for the same budget (default uniform)")
+    parser.add_argument("--method", default="rom", help="compression method (default rom; structured and mixed "
+                        "hold the MLP's intermediate_size² moment)")
     parser.add_argument("--threads", type=int, help="torch threads in the compress run (default: torch's)")
     parser.add_argument("--whole-model", type=int, nargs="*", default=[], metavar="DEPTH",
                         help="at these depths, also run the whole-model way and compare")
@@ -95,8 +97,9 @@ def main() -> None:
     out = args.results / f"memory_{args.shape}.json"
     previous = json.loads(out.read_text())["rows"] if out.is_file() else []
     tokens_count = args.sequences * args.seqlen
-    rows = [row for row in previous if (row["depth"], row["calibration_tokens"], row.get("allocate", "uniform")) not in
-            {(depth, tokens_count, args.allocate) for depth in args.depths}]
+    rows = [row for row in previous if (row["depth"], row["calibration_tokens"], row.get("allocate", "uniform"),
+                                        row.get("method", "rom")) not in
+            {(depth, tokens_count, args.allocate, args.method) for depth in args.depths}]
     for depth in args.depths:
         source = write_synthetic(args.shape, depth, args.work / f"{args.shape}-{depth}")
         output = args.work / f"{args.shape}-{depth}-rom"
@@ -106,8 +109,12 @@ def main() -> None:
         command += ["compress", str(source), str(output), "--ratio", str(args.ratio), "--calib-tokens",
                     str(tokens), "--calib-sequences", str(args.sequences), "--calib-seqlen", str(args.seqlen),
                     "--overwrite", "--report", str(report_path)] + (["--allocate", "spectrum"] if spectrum else [])
+        if args.method != "rom":
+            command += ["--method", args.method]
+            if spectrum:  # the same whole-model size as uniform at --ratio gives, by pass 1's prices
+                command += ["--target-params", str(args.ratio)]
         suffix = (f"d{depth}" + ("" if tokens_count == 16384 else f"_t{tokens_count}")
-                  + ("_spectrum" if spectrum else ""))
+                  + ("_spectrum" if spectrum else "") + ("" if args.method == "rom" else f"_{args.method}"))
         timeline = args.results / f"memory_{args.shape}_{suffix}_rss.csv"
         print("$", shlex.join(command[1:]), flush=True)
         wall, sampled_here, _ = profile(command, timeline)
@@ -116,15 +123,16 @@ def main() -> None:
         ranks = {name.rsplit(".", 1)[-1].removesuffix("_proj"): rank
                  for name, rank in report["ranks"].items() if name.startswith("model.layers.0.")}
         # pass 1 adds a forward and a backward the GEMM count below does not model: no bound for spectrum
-        flops = {} if spectrum else {stage: depth * count for stage, count in
+        flops = {} if spectrum or args.method != "rom" else {stage: depth * count for stage, count in
                                      block_flops(config_for(args.shape, depth), ranks, args.sequences, args.seqlen).items()}
         seconds = report["stage_seconds"]
         picture = rss_timeline_png(memory["timeline"], memory["marks"], args.results / f"memory_{args.shape}_{suffix}_rss.png",
                                    title=f"streamrom compress, {args.shape.upper()} shape, {depth} blocks, "
-                                         f"{args.sequences}x{args.seqlen} tokens" + (", spectrum" if spectrum else ""),
+                                         f"{args.sequences}x{args.seqlen} tokens" + (", spectrum" if spectrum else "")
+                                         + ("" if args.method == "rom" else f", {args.method}"),
                                    estimate_bytes=memory["estimated_peak_bytes"])
         rows.append({
-            "depth": depth, "allocate": args.allocate, "command": shlex.join(["streamrom", *command[3:]]),
+            "depth": depth, "allocate": args.allocate, "method": args.method, "command": shlex.join(["streamrom", *command[3:]]),
             "wall_seconds": wall, "stage_seconds": seconds,
             "peak_rss_bytes": max(memory["peak_rss_bytes"], sampled_here),
             "os_peak_rss_bytes": memory["os_peak_rss_bytes"],
@@ -155,7 +163,8 @@ def main() -> None:
             }
             print("whole-model way:", {k: v for k, v in rows[-1]["whole_model"].items() if "ratio" in k or k == "outputs"},
                   flush=True)
-    rows.sort(key=lambda row: (row.get("allocate", "uniform"), row["calibration_tokens"], row["depth"]))
+    rows.sort(key=lambda row: (row.get("method", "rom"), row.get("allocate", "uniform"), row["calibration_tokens"],
+                               row["depth"]))
     result = {"benchmark": "memory_profile", "shape": args.shape, "ratio": args.ratio, "machine": machine(),
               "rows": rows}
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -167,7 +176,7 @@ def main() -> None:
     for row in rows:
         st = row["stage_seconds"]
         bound = row.get("seconds_over_bound", {})
-        print(f"| {row['depth']} | {row['calibration_tokens']} | {row.get('allocate', 'uniform')} "
+        print(f"| {row['depth']} | {row['calibration_tokens']} | {row.get('method', 'rom')} {row.get('allocate', 'uniform')} "
               f"| {row['wall_seconds']:.0f} s | {st.get('forward', 0):.0f} s "
               f"| {st.get('statistics', 0):.0f} s | {st.get('eigen', 0):.0f} s "
               f"| {st.get('read', 0) + st.get('write', 0):.0f} s "

@@ -30,10 +30,14 @@ from streamrom.report import machine  # noqa: E402
 
 def quality_row(cli: list[str], dense: Path, work: Path, method: str, allocate: str,
                 reduction: int) -> tuple[Path, list[str]]:
-    """A row's output folder in `work` and its `compress` command (benchmarks/centered.py reuses the folders)."""
+    """A row's output folder in `work` and its `compress` command (benchmarks/centered.py reuses the folders).
+    `method` may carry a neuron selection, e.g. structured+leverage."""
     output = work / f"quality-{method}-{allocate}-{reduction}"
-    command = cli + ["compress", str(dense), str(output), "--method", method, "--allocate", allocate,
+    name, _, selection = method.partition("+")
+    command = cli + ["compress", str(dense), str(output), "--method", name, "--allocate", allocate,
                      "--target-params", f"{1 - reduction / 100:.2f}", "--overwrite"]
+    if selection:
+        command += ["--neuron-selection", selection]
     if allocate in ("spectrum", "bayes"):  # pass 1 does not depend on the size: made once per method
         command += ["--spectra", str(work / f"quality-pass1-{method}.npz")]
     return output, command
@@ -43,7 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reductions", type=int, nargs="+", default=[10, 20, 30, 40],
                         help="whole-model parameter reductions in percent (default 10 20 30 40)")
-    parser.add_argument("--methods", nargs="+", default=["rom", "rom-centered", "svd"])
+    parser.add_argument("--methods", nargs="+", default=["rom", "rom-centered", "svd"],
+                        help="methods, a neuron selection after + (structured+leverage; default: obs)")
     parser.add_argument("--allocations", nargs="+", default=["uniform", "last-n", "spectrum", "bayes"])
     parser.add_argument("--max-windows", type=int, help="evaluate only the first N windows of 512 (default: all)")
     parser.add_argument("--threads", type=int)

@@ -273,7 +273,8 @@ def test_fuzzed_configs_never_traceback_or_hang(tmp_path, tiny_models):
 
 
 @pytest.mark.parametrize("kind,layers,method", [("qwen2", "all", "rom"), ("qwen2", "all", "rom-centered"),
-                                               ("llama", "last:2", "rom"), ("mistral", "0", "rom")])
+                                               ("llama", "last:2", "rom"), ("mistral", "0", "rom"),
+                                               ("qwen2", "all", "structured"), ("llama", "1-2", "structured")])
 def test_disk_estimate_equals_the_written_size(tiny_models, tiny_tokens, tmp_path, kind, layers, method):
     from streamrom.config import parse_layers
     from streamrom.pipeline import _output_bytes

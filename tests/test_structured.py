@@ -281,3 +281,18 @@ def test_pass_one_prices_units_and_mixed_writes_both_forms(tiny_models, tiny_tok
         if plan.get(prefix + "mlp.neurons"):
             assert not any(plan[prefix + name] for name in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
     json.dumps(plan)
+
+
+def test_inspect_shows_each_blocks_widths(tiny_models, tiny_tokens, tmp_path):
+    from streamrom.summary import checkpoint_summary, format_summary
+
+    output = tmp_path / "out"
+    streamrom.compress(tiny_models["llama"], output, _config(tiny_tokens, ratio=0.6, layers="1"))
+    summary = checkpoint_summary(output)
+    assert [block["mlp_width"] for block in summary["blocks"]] == [160, 96, 160]
+    assert [block["value_head_dim"] for block in summary["blocks"]] == [16, 8, 16]
+    assert summary["parameter_ratio"] == pytest.approx(
+        read_json(output / "streamrom-report.json")["parameter_ratio"])
+    table = format_summary(summary).splitlines()
+    assert table[1].split()[-4:] == ["mlp", "v/head", "params", "MiB"]
+    assert table[3].split()[8:10] == ["96", "8"]
