@@ -1,12 +1,14 @@
 """Inference benchmark: prefill and decode speed and resident memory of compressed models against the
 dense one, in Hugging Face transformers on CPU (the runtime most people load a checkpoint in).
 
-Each model is loaded by its own child process (so its RSS is its own): float32, `trust_remote_code`
-for factored and per-block-width checkpoints, plain loading otherwise. In the child: prefill of one
-sequence of --prefill tokens (median of --repeats), and greedy decoding of --decode tokens after a
-128-token prompt with the KV cache (decode rate = tokens / (time of the whole generation − time of
-its first token)). Models are measured in alternation, --rounds times, so that a slow spell of the
-shared machine lands on all of them; the table gives each model's best round.
+Each model is loaded by its own child process (so its RSS is its own), by transformers (float32,
+`trust_remote_code` for factored and per-block-width checkpoints, plain loading otherwise) and by
+`streamrom.load`. In the child: prefill of one sequence of --prefill tokens (median of --repeats),
+and, in transformers, greedy decoding of --decode tokens after a 128-token prompt with the KV cache
+(decode rate = tokens / (time of the whole generation − time of its first token)); streamrom.load's
+model has no KV cache, so only its prefill is measured. Models are measured in alternation, --rounds
+times, at each thread count, so that a slow spell of the shared machine lands on all of them; the
+table gives each model's best round.
 Results: benchmarks/results/inference.json and a Markdown table on stdout.
 
     python benchmarks/inference.py dense=.cache/bench/smollm2 structured=.cache/bench/quality-structured-spectrum-20
@@ -27,8 +29,8 @@ from streamrom.report import machine  # noqa: E402
 CHILD = r"""
 import json, resource, sys, time, threading
 import psutil, torch
-from transformers import AutoModelForCausalLM
-folder, prefill, decode, repeats, threads = sys.argv[1], *map(int, sys.argv[2:6])
+folder, loader = sys.argv[1], sys.argv[6]
+prefill, decode, repeats, threads = map(int, sys.argv[2:6])
 torch.set_num_threads(threads)
 process = psutil.Process()
 peak = [process.memory_info().rss]
@@ -41,7 +43,12 @@ before = process.memory_info().rss
 config = json.load(open(f"{folder}/config.json"))
 remote = "auto_map" in config
 start = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=remote).eval()
+if loader == "transformers":
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=remote).eval()
+else:
+    import streamrom
+    model = streamrom.load(folder)
 load_seconds = time.perf_counter() - start
 loaded = process.memory_info().rss
 parameters = sum(p.numel() for p in model.parameters())
@@ -53,27 +60,29 @@ with torch.no_grad():
         start = time.perf_counter()
         model(ids)
         times.append(time.perf_counter() - start)
-    prompt = ids[:, :128]
-    settings = dict(do_sample=False, pad_token_id=0, use_cache=True)
-    start = time.perf_counter()
-    model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **settings)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    model.generate(prompt, max_new_tokens=decode + 1, min_new_tokens=decode + 1, **settings)
-    whole = time.perf_counter() - start
+    decode_rate = None
+    if loader == "transformers":
+        prompt = ids[:, :128]
+        settings = dict(do_sample=False, pad_token_id=0, use_cache=True)
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **settings)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=decode + 1, min_new_tokens=decode + 1, **settings)
+        decode_rate = decode / max(time.perf_counter() - start - first, 1e-9)
 stop.set()
 times.sort()
 print(json.dumps({"parameters": parameters, "remote_code": remote, "load_seconds": load_seconds,
                   "prefill_tokens_per_second": prefill / times[len(times) // 2],
-                  "decode_tokens_per_second": decode / max(whole - first, 1e-9),
+                  "decode_tokens_per_second": decode_rate,
                   "rss_before_load_bytes": before, "rss_loaded_bytes": loaded, "peak_rss_bytes": peak[0],
                   "os_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
-def measure(folder: Path, args) -> dict:
+def measure(folder: Path, loader: str, threads: int, args) -> dict:
     result = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(args.prefill), str(args.decode),
-                             str(args.repeats), str(args.threads)], capture_output=True, text=True, check=True)
+                             str(args.repeats), str(threads), loader], capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -81,35 +90,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", metavar="LABEL=FOLDER", help="the models, the dense one first")
     parser.add_argument("--prefill", type=int, default=512)
-    parser.add_argument("--decode", type=int, default=64)
+    parser.add_argument("--decode", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--loaders", nargs="+", default=["transformers", "streamrom"])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "inference.json")
     args = parser.parse_args()
     models = dict(item.split("=", 1) for item in args.models)
-    rounds: dict[str, list[dict]] = {label: [] for label in models}
+    cases = [(label, loader, threads) for threads in args.threads for loader in args.loaders for label in models]
+    rounds: dict[tuple, list[dict]] = {case: [] for case in cases}
     for number in range(args.rounds):
-        for label, folder in models.items():
-            print(f"round {number + 1}: {label}", flush=True)
-            rounds[label].append(measure(Path(folder), args))
+        for label, loader, threads in cases:
+            print(f"round {number + 1}: {label}, {loader}, {threads} thread(s)", flush=True)
+            rounds[(label, loader, threads)].append(measure(Path(models[label]), loader, threads, args))
     rows = []
-    for label, folder in models.items():
-        best = max(rounds[label], key=lambda r: r["decode_tokens_per_second"])
-        rows.append({"label": label, "folder": str(folder), **best,
-                     "prefill_rounds": [r["prefill_tokens_per_second"] for r in rounds[label]],
-                     "decode_rounds": [r["decode_tokens_per_second"] for r in rounds[label]]})
+    for (label, loader, threads), found in rounds.items():
+        best = max(found, key=lambda r: r["prefill_tokens_per_second"])
+        rows.append({"label": label, "loader": loader, "threads": threads, "folder": str(models[label]), **best,
+                     "prefill_rounds": [r["prefill_tokens_per_second"] for r in found],
+                     "decode_rounds": [r["decode_tokens_per_second"] for r in found]})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "inference", "runtime": "transformers, CPU, float32",
+    args.out.write_text(json.dumps({"benchmark": "inference", "dtype": "float32",
                                     "prefill_tokens": args.prefill, "decode_tokens": args.decode,
-                                    "threads": args.threads, "machine": machine(), "rows": rows}, indent=2) + "\n")
-    dense = rows[0]
-    print("\n| model | parameters | prefill tok/s | decode tok/s | RSS loaded | peak RSS |")
-    print("|---|---|---|---|---|---|")
+                                    "machine": machine(), "rows": rows}, indent=2) + "\n")
+    print("\n| model | loader | threads | parameters | prefill tok/s | decode tok/s | RSS loaded | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
+    first = next(iter(models))
     for row in rows:
-        print(f"| {row['label']} | {row['parameters'] / 1e6:.1f} M ({row['parameters'] / dense['parameters']:.3f}) "
-              f"| {row['prefill_tokens_per_second']:.0f} ({row['prefill_tokens_per_second'] / dense['prefill_tokens_per_second']:.2f}x) "
-              f"| {row['decode_tokens_per_second']:.1f} ({row['decode_tokens_per_second'] / dense['decode_tokens_per_second']:.2f}x) "
+        dense = next(r for r in rows if r["label"] == first and r["loader"] == row["loader"]
+                     and r["threads"] == row["threads"])
+        decode = (f"{row['decode_tokens_per_second']:.1f} "
+                  f"({row['decode_tokens_per_second'] / dense['decode_tokens_per_second']:.2f}x)"
+                  if row["decode_tokens_per_second"] else "-")
+        print(f"| {row['label']} | {row['loader']} | {row['threads']} "
+              f"| {row['parameters'] / 1e6:.1f} M ({row['parameters'] / dense['parameters']:.3f}) "
+              f"| {row['prefill_tokens_per_second']:.0f} "
+              f"({row['prefill_tokens_per_second'] / dense['prefill_tokens_per_second']:.2f}x) | {decode} "
               f"| {(row['rss_loaded_bytes'] - row['rss_before_load_bytes']) / 2**20:.0f} MiB "
               f"| {row['peak_rss_bytes'] / 2**20:.0f} MiB |")
     print(f"\nwritten {args.out}")
