@@ -166,6 +166,7 @@ class Attention(nn.Module):
         v = self.v_proj(h).view(batch, length, self.num_kv_heads, self.value_head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # (a no-op in float32; a bf16 model stays bf16)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
@@ -306,8 +307,10 @@ class Block(nn.Module):
         setattr(self.get_submodule(parent), child, module)
 
     @classmethod
-    def from_tensors(cls, spec: ModelSpec, tensors: Mapping[str, torch.Tensor], index: int = 0) -> "Block":
-        """Build a float32 block from its tensors (dense or factored), names without the prefix."""
+    def from_tensors(cls, spec: ModelSpec, tensors: Mapping[str, torch.Tensor], index: int = 0,
+                     dtype: torch.dtype | None = torch.float32) -> "Block":
+        """Build a block from its tensors (dense or factored), names without the prefix, in `dtype`
+        (float32, the work dtype of compression; None: as stored, no copy)."""
         with torch.device("meta"):  # parameters are assigned from `tensors`, never initialised
             block = cls(spec, index)
             for name in BLOCK_LINEARS:
@@ -319,7 +322,7 @@ class Block(nn.Module):
                         reduce_bias=f"{name}.reduce.bias" in tensors,
                         expand_bias=f"{name}.expand.bias" in tensors,
                     ))
-        state = {key: value.float().contiguous() for key, value in tensors.items()}
+        state = {key: (value if dtype is None else value.to(dtype)).contiguous() for key, value in tensors.items()}
         missing, unexpected = block.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise InputError(
@@ -370,11 +373,12 @@ class CausalLM(nn.Module):
                  final_norm: torch.Tensor, lm_head: torch.Tensor | None):
         super().__init__()
         self.spec = spec
-        self.embed_tokens = nn.Embedding.from_pretrained(embed.float(), freeze=True)
+        # the tensors as given (their dtype, no copies): load() hands them over as stored
+        self.embed_tokens = nn.Embedding.from_pretrained(embed, freeze=True)
         self.layers = nn.ModuleList(blocks)
         self.norm = norm(spec)
-        self.norm.weight.data.copy_(final_norm.float())
-        head = self.embed_tokens.weight if lm_head is None else lm_head.float()
+        self.norm.weight = nn.Parameter(final_norm, requires_grad=False)
+        head = self.embed_tokens.weight if lm_head is None else lm_head
         self.lm_head_weight = head if lm_head is None else nn.Parameter(head, requires_grad=False)
         self.rotary = Rotary(spec)
 
@@ -387,7 +391,7 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary.cos_sin(input_ids.shape[-1])
         for block in self.layers:
             x = block(x, cos, sin)
-        return F.linear(self.norm(x), self.lm_head_weight)
+        return F.linear(self.norm(x), self.lm_head_weight).float()
 
 
 # Linears that read the same input, in the order the data flows through the block.

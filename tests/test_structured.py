@@ -296,3 +296,20 @@ def test_inspect_shows_each_blocks_widths(tiny_models, tiny_tokens, tmp_path):
     table = format_summary(summary).splitlines()
     assert table[1].split()[-4:] == ["mlp", "v/head", "params", "MiB"]
     assert table[3].split()[8:10] == ["96", "8"]
+
+
+@torch.no_grad()
+def test_load_keeps_the_stored_dtype(tmp_path):
+    """A bf16 checkpoint loads as bf16 (one copy of each tensor), float32 on request; both agree."""
+    from conftest import make_tiny
+
+    folder = make_tiny(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
+    model = streamrom.load(folder)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    wide = streamrom.load(folder, dtype=torch.float32)
+    assert {p.dtype for p in wide.parameters()} == {torch.float32}
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    logits, reference = model(ids), wide(ids)
+    assert logits.dtype == torch.float32
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
+    torch.testing.assert_close(logits, reference, atol=0.1, rtol=0.05)
