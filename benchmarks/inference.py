@@ -8,7 +8,9 @@ and, in transformers, greedy decoding of --decode tokens after a 128-token promp
 (decode rate = tokens / (time of the whole generation − time of its first token)); streamrom.load's
 model has no KV cache, so only its prefill is measured. Models are measured in alternation, --rounds
 times, at each thread count, so that a slow spell of the shared machine lands on all of them; the
-table gives each model's best round.
+table gives each model's best round. "model RSS": the resident memory the model adds once it has
+run (after prefill and generation, so every weight is really in memory: transformers maps the file
+and touches pages lazily), over the process before loading; peak RSS: the whole process, sampled.
 Results: benchmarks/results/inference.json and a Markdown table on stdout.
 
     python benchmarks/inference.py dense=.cache/bench/smollm2 structured=.cache/bench/quality-structured-spectrum-20
@@ -70,12 +72,14 @@ with torch.no_grad():
         start = time.perf_counter()
         model.generate(prompt, max_new_tokens=decode + 1, min_new_tokens=decode + 1, **settings)
         decode_rate = decode / max(time.perf_counter() - start - first, 1e-9)
+steady = process.memory_info().rss  # every weight touched by now (transformers maps the file lazily)
 stop.set()
 times.sort()
 print(json.dumps({"parameters": parameters, "remote_code": remote, "load_seconds": load_seconds,
                   "prefill_tokens_per_second": prefill / times[len(times) // 2],
                   "decode_tokens_per_second": decode_rate,
-                  "rss_before_load_bytes": before, "rss_loaded_bytes": loaded, "peak_rss_bytes": peak[0],
+                  "rss_before_load_bytes": before, "rss_loaded_bytes": loaded, "rss_steady_bytes": steady,
+                  "peak_rss_bytes": peak[0],
                   "os_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
@@ -114,7 +118,7 @@ def main() -> None:
     args.out.write_text(json.dumps({"benchmark": "inference", "dtype": "float32",
                                     "prefill_tokens": args.prefill, "decode_tokens": args.decode,
                                     "machine": machine(), "rows": rows}, indent=2) + "\n")
-    print("\n| model | loader | threads | parameters | prefill tok/s | decode tok/s | RSS loaded | peak RSS |")
+    print("\n| model | loader | threads | parameters | prefill tok/s | decode tok/s | model RSS | peak RSS |")
     print("|---|---|---|---|---|---|---|---|")
     first = next(iter(models))
     for row in rows:
@@ -127,7 +131,7 @@ def main() -> None:
               f"| {row['parameters'] / 1e6:.1f} M ({row['parameters'] / dense['parameters']:.3f}) "
               f"| {row['prefill_tokens_per_second']:.0f} "
               f"({row['prefill_tokens_per_second'] / dense['prefill_tokens_per_second']:.2f}x) | {decode} "
-              f"| {(row['rss_loaded_bytes'] - row['rss_before_load_bytes']) / 2**20:.0f} MiB "
+              f"| {(row['rss_steady_bytes'] - row['rss_before_load_bytes']) / 2**20:.0f} MiB "
               f"| {row['peak_rss_bytes'] / 2**20:.0f} MiB |")
     print(f"\nwritten {args.out}")
 

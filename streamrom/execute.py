@@ -105,6 +105,7 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
                 written = keep(values, start)
             with timer("statistics"):
                 statistics.add(features, start)
+        del values, features  # the last chunk's activations, not needed by the decomposition
         cached.extend(written)
         if not statistics.is_finite():
             raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo or unit.linears)}")

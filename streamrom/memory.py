@@ -119,10 +119,10 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
     embedding: the token embedding as read, while the first activations are computed.
 
     With `unit_width` (structured ROM: the widest features a unit reads, intermediate_size for the
-    MLP's neurons), its moment C (unit_width²) is summed in float64 like the others; the greedy
-    removal then holds C and its inverse in the work dtype plus one shrinking copy of the inverse a
-    round, and the refit C[S,S] and its factor in float64 (structured.py): "decomposition" takes the
-    larger of that and the factored linears' eigen work.
+    MLP's neurons), its moment C (unit_width²) is summed in float32 when wider than 4096
+    (statistics.WIDE); the greedy removal then holds C and, updated in place, its inverse, and the
+    refit one Cholesky factor of C[S,S] (structured.py): "decomposition" takes the larger of that
+    and the factored linears' eigen work.
 
     With `first_pass` (the spectrum and bayes allocations' pass 1, spectra.py), three more parts:
     pass1_autograd: one chunk through the block under autograd: the tensors kept for the backward
@@ -148,12 +148,17 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
         "runtime": runtime_bytes,
         "block": block_params * 4,
         "read": block_params * source_bytes if source_bytes != 4 else 0,
-        "statistics": moment_size ** 2 * (8 + work_bytes),
+        "statistics": max((max(hidden, q_width) + 1) ** 2 * (8 + work_bytes),
+                          # a unit's wide moment: summed in float32 (statistics.WIDE), 1024-row bands
+                          unit_width ** 2 * 4 + 1024 * unit_width * 4 if unit_width > 4096
+                          else unit_width ** 2 * (8 + work_bytes)),
         # residual, normed input, q, k, v (repeated), attention, gate, up, SwiGLU
         "activations": chunk * (6 * hidden + 3 * q_width + 4 * inter) * 4
         + sequences_per_chunk * spec.num_heads * seqlen * seqlen * 4,
-        "decomposition": max((out_f * in_f + out_f * rank + 6 * moment_size ** 2) * work_bytes + float64_copy,
-                             unit_width ** 2 * (3 * work_bytes + 2 * 8) + 2 * hidden * unit_width * work_bytes),
+        "decomposition": max((out_f * in_f + out_f * rank + 6 * (max(hidden, q_width) + 1) ** 2) * work_bytes
+                             + float64_copy,
+                             # C and, in place, its inverse; down's columns, their update, W·C
+                             unit_width ** 2 * 2 * work_bytes + 3 * hidden * unit_width * work_bytes),
         "embedding": spec.vocab_size * hidden * source_bytes + chunk * hidden * 4,
     }
     if first_pass:

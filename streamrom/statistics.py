@@ -2,7 +2,8 @@
 
 Each chunk's Σ x xᵀ is one matrix product in `product_dtype` (float32 by default: half the time of
 float64, the rate the forward pass runs at); the chunks are summed in float64, so rounding does not
-grow with the token count.
+grow with the token count, except for moments wider than WIDE (structured ROM's MLP neurons), summed
+in the product dtype to halve their memory.
 """
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ class MomentAccumulator:
     def __init__(self, size: int, product_dtype: torch.dtype = torch.float32):
         self.size = size
         self.product_dtype = product_dtype
-        self.sum_outer = torch.zeros(size, size, dtype=torch.float64)
+        # A wide moment (the MLP's neurons: 11008² at 7B shape) is summed in the product dtype: in
+        # float64 it alone would be 970 MB. A calibration set is some tens of chunks, so float32
+        # rounding over the sum stays near float32's own (~1e-7 x the chunk count).
+        wide_in_float32 = size > WIDE and product_dtype == torch.float32
+        self.sum_outer = torch.zeros(size, size, dtype=torch.float32 if wide_in_float32 else torch.float64)
         self.sum = torch.zeros(size, dtype=torch.float64)
         self.count = 0
 
@@ -46,7 +51,7 @@ class MomentAccumulator:
             return self.second_moment().astype(dtype, copy=False)
         result = np.empty((self.size, self.size), dtype=dtype)
         for start in range(0, self.size, BAND):
-            result[start:start + BAND] = (self.sum_outer[start:start + BAND] / self.count).numpy()
+            result[start:start + BAND] = (self.sum_outer[start:start + BAND].double() / self.count).numpy()
         return result
 
     def mean(self) -> np.ndarray:

@@ -32,6 +32,7 @@ LEVERAGE_RIDGE = 1e-2  # λ of the ridge leverage, relative to the mean diagonal
 # ZipLM's 1 %): it is taken in float32 at 7B shape, and a nearly singular C would give costs of noise.
 # The final refit is solved apart, in float64, with the run's own damping.
 SELECTION_DAMPING = 1e-2
+IN_PLACE_FROM = 4096  # obs_removal: wider moments are updated in place (see there)
 
 
 def refit_columns(weight: np.ndarray, moment: np.ndarray, kept: np.ndarray, damping: float) -> np.ndarray:
@@ -90,35 +91,51 @@ def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: floa
     size = moment.shape[0]
     keep = max(0, min(keep, size))
     work_dtype = moment.dtype
-    # in the moment's dtype and in place: at 7B shape (11008 neurons) each copy is 485 MB in float32
-    inverse = scipy.linalg.inv(damped(moment, damping), overwrite_a=True, check_finite=False)
+    # Up to IN_PLACE_FROM features the live set is compacted every round (later rounds are cheaper);
+    # wider (the MLP at 7B shape: 11008, 485 MB per float32 copy) H and W stay full-size and are
+    # updated in place, the removed rows and columns falling to zero, so no round copies H.
+    in_place = size > IN_PLACE_FROM
+    damped_moment = damped(moment, damping)
+    # symmetric, so its transpose is the Fortran-ordered matrix LAPACK inverts in place
+    inverse = (scipy.linalg.inv(damped_moment.T, overwrite_a=True, check_finite=False).T if in_place
+               else scipy.linalg.inv(damped_moment, overwrite_a=True, check_finite=False))
+    del damped_moment
     columns = np.array(weight, dtype=work_dtype, copy=True)
-    live = np.arange(size)  # original indices of inverse's and columns' rows
+    live = np.arange(size)  # original indices of the live features (compacted: of inverse's rows too)
     removed: list[np.ndarray] = []
     costs: list[np.ndarray] = []
     planned = None if order is None else list(order[::-1])  # least important first
     while live.size > keep:
         batch = min(live.size - keep, max(1, live.size // 64))
-        diagonal = np.clip(np.diag(inverse), 1e-30, None)
-        single = (columns ** 2).sum(axis=0) / diagonal
+        at = live if in_place else slice(None)  # where the live features sit in inverse and columns
+        diagonal = np.clip(np.diag(inverse)[at], 1e-30, None)
+        single = np.einsum("ij,ij->j", columns, columns)[at] / diagonal
         if planned is None:
             chosen = np.argsort(single, kind="stable")[:batch]
         else:
-            position = {index: at for at, index in enumerate(live)}
+            position = {index: where for where, index in enumerate(live)}
             chosen = np.array([position[index] for index in planned[:batch]])
             del planned[:batch]
         rest = np.setdiff1d(np.arange(live.size), chosen, assume_unique=True)
-        block = inverse[np.ix_(chosen, chosen)].astype(np.float64)
+        rows = live[chosen] if in_place else chosen  # the chosen ones' rows in inverse and columns
+        block = inverse[np.ix_(rows, rows)].astype(np.float64)
         block_inv = np.linalg.pinv(0.5 * (block + block.T), hermitian=True)
-        w_r = columns[:, chosen].astype(np.float64)
+        w_r = columns[:, rows].astype(np.float64)
         joint = float(np.einsum("ij,jk,ik->", w_r, block_inv, w_r))
         share = single[chosen] / max(float(single[chosen].sum()), 1e-300)
         removed.append(live[chosen])
         costs.append(max(joint, 0.0) * share)
-        correction = (block_inv @ inverse[np.ix_(chosen, rest)].astype(np.float64)).astype(work_dtype)
-        columns = columns[:, rest] - columns[:, chosen] @ correction
-        inverse = _subtract_product(inverse[np.ix_(rest, rest)], inverse[np.ix_(rest, chosen)], correction)
+        if in_place:
+            correction = (block_inv @ inverse[rows].astype(np.float64)).astype(work_dtype)
+            columns = _subtract_product(columns, columns[:, rows], correction)
+            inverse = _subtract_product(inverse, np.ascontiguousarray(inverse[:, rows]), correction)
+        else:
+            correction = (block_inv @ inverse[np.ix_(chosen, rest)].astype(np.float64)).astype(work_dtype)
+            columns = columns[:, rest] - columns[:, chosen] @ correction
+            inverse = _subtract_product(inverse[np.ix_(rest, rest)], inverse[np.ix_(rest, chosen)], correction)
         live = live[rest]
+    if in_place:  # the live features' part, as the compacted path leaves it
+        inverse, columns = inverse[np.ix_(live, live)], columns[:, live]
     # the order kept: the live ones (never removed) first, then the removed, the last removed first
     if order is not None:
         still = set(live.tolist())

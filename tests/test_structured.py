@@ -313,3 +313,14 @@ def test_load_keeps_the_stored_dtype(tmp_path):
     assert logits.dtype == torch.float32
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
     torch.testing.assert_close(logits, reference, atol=0.1, rtol=0.05)
+
+
+def test_in_place_removal_equals_the_compacting_one(monkeypatch):
+    """The wide path (H and W updated in place, full size) removes the same features at the same costs."""
+    features = RNG.standard_normal((3000, 96)) @ RNG.standard_normal((96, 96))
+    moment, weight = moment_of(features).astype(np.float32), RNG.standard_normal((20, 96)).astype(np.float32)
+    compacted = structured.obs_removal(moment, weight, 24, 1e-2)
+    monkeypatch.setattr(structured, "IN_PLACE_FROM", 10)
+    in_place = structured.obs_removal(moment, weight, 24, 1e-2)
+    assert in_place.order.tolist() == compacted.order.tolist()
+    np.testing.assert_allclose(in_place.costs[24:], compacted.costs[24:], rtol=1e-3)
