@@ -109,7 +109,7 @@ def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: floa
         batch = min(live.size - keep, max(1, live.size // 64))
         at = live if in_place else slice(None)  # where the live features sit in inverse and columns
         diagonal = np.clip(np.diag(inverse)[at], 1e-30, None)
-        single = np.einsum("ij,ij->j", columns, columns)[at] / diagonal
+        single = _column_energy(columns, live if in_place else None) / diagonal
         if planned is None:
             chosen = np.argsort(single, kind="stable")[:batch]
         else:
@@ -134,21 +134,27 @@ def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: floa
             columns = columns[:, rest] - columns[:, chosen] @ correction
             inverse = _subtract_product(inverse[np.ix_(rest, rest)], inverse[np.ix_(rest, chosen)], correction)
         live = live[rest]
-    if in_place:  # the live features' part, as the compacted path leaves it
-        inverse, columns = inverse[np.ix_(live, live)], columns[:, live]
     # the order kept: the live ones (never removed) first, then the removed, the last removed first
     if order is not None:
         still = set(live.tolist())
         tail = np.array([index for index in order if index in still], dtype=np.int64)
-    elif live.size:
-        diagonal = np.clip(np.diag(inverse), 1e-30, None)
-        tail = live[np.argsort(-((columns ** 2).sum(axis=0) / diagonal), kind="stable")]
+    elif live.size:  # by their single cost at the end (in place: read where they sit, no copy)
+        at = live if in_place else slice(None)
+        diagonal = np.clip(np.diag(inverse)[at], 1e-30, None)
+        tail = live[np.argsort(-(_column_energy(columns, live if in_place else None) / diagonal), kind="stable")]
     else:
         tail = live
     removed_order = [batch[::-1] for batch in removed[::-1]]
     removed_costs = [cost[::-1] for cost in costs[::-1]]
     return Removal(np.concatenate([tail, *removed_order]).astype(np.int64),
                    np.concatenate([np.full(tail.size, np.inf), *removed_costs]))
+
+
+def _column_energy(columns: np.ndarray, live: np.ndarray | None) -> np.ndarray:
+    """‖w_j‖² of every column (compacted), or of the live ones, read in place (no copy of W)."""
+    if live is None:
+        return (columns ** 2).sum(axis=0)
+    return np.einsum("ij,ij->j", columns, columns)[live]
 
 
 def _subtract_product(target: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
