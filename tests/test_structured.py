@@ -324,3 +324,12 @@ def test_in_place_removal_equals_the_compacting_one(monkeypatch):
     in_place = structured.obs_removal(moment, weight, 24, 1e-2)
     assert in_place.order.tolist() == compacted.order.tolist()
     np.testing.assert_allclose(in_place.costs[24:], compacted.costs[24:], rtol=1e-3)
+
+
+def test_wide_refit_equals_the_narrow_one(monkeypatch):
+    features = RNG.standard_normal((2000, 64)) @ RNG.standard_normal((64, 64))
+    moment, weight = moment_of(features).astype(np.float32), RNG.standard_normal((12, 64)).astype(np.float32)
+    kept = np.sort(RNG.choice(64, 40, replace=False))
+    narrow = structured.refit_columns(weight, moment, kept, 1e-6)
+    monkeypatch.setattr(structured, "IN_PLACE_FROM", 10)
+    np.testing.assert_allclose(structured.refit_columns(weight, moment, kept, 1e-6), narrow, rtol=1e-3, atol=1e-4)
