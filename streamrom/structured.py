@@ -40,10 +40,12 @@ def refit_columns(weight: np.ndarray, moment: np.ndarray, kept: np.ndarray, damp
     In the moment's dtype, one copy of C[S,S] factored in place (310 MB at 7B shape, 80 % kept)."""
     if moment.shape[0] <= IN_PLACE_FROM:
         cross_t = np.ascontiguousarray((weight @ moment)[:, kept].T)  # = (W C[:, S])ᵀ
-    else:  # C is symmetric: (W C[:, S])ᵀ = C[S, :] Wᵀ, built band by band (no out x n product)
-        cross_t = np.empty((kept.size, weight.shape[0]), dtype=moment.dtype)
+    else:  # C is symmetric: (W C[:, S])ᵀ = C[S, :] Wᵀ, built band by band (no out x n product),
+        # Fortran-ordered like C[S,S]ᵀ below, so that LAPACK factors and solves in place, no copies
+        cross_t = np.empty((kept.size, weight.shape[0]), dtype=moment.dtype, order="F")
         for start in range(0, kept.size, 1024):
             cross_t[start:start + 1024] = moment[kept[start:start + 1024]] @ weight.T
+        return _least_squares(lambda: moment[np.ix_(kept, kept)].T, cross_t, damping)
     return _least_squares(lambda: moment[np.ix_(kept, kept)], cross_t, damping)
 
 
@@ -55,11 +57,13 @@ def _least_squares(gram_copy, cross_t: np.ndarray, damping: float) -> np.ndarray
         gram = gram_copy()
         scale = max(float(np.mean(np.diag(gram))), 1e-30)
         gram[np.diag_indices_from(gram)] += max(damping, 1e-12) * 10.0 ** attempt * scale
+        # (a C-ordered gram is copied by LAPACK's wrapper; the wide path hands its transpose)
         try:
             factor = scipy.linalg.cho_factor(gram, overwrite_a=True, check_finite=False)
         except np.linalg.LinAlgError:
             continue
-        return scipy.linalg.cho_solve(factor, cross_t, check_finite=False).T
+        return scipy.linalg.cho_solve(factor, cross_t, overwrite_b=cross_t.flags.f_contiguous,
+                                      check_finite=False).T
     raise np.linalg.LinAlgError("the kept features' moment stays singular under damping")
 
 
