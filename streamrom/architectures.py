@@ -7,7 +7,7 @@ tests/conftest.py's tiny_config, and tests/test_architectures.py's contract test
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from .errors import InputError
@@ -207,6 +207,15 @@ class ModelSpec:
             "mlp.up_proj": (inter, self.hidden_size),
             "mlp.down_proj": (self.hidden_size, inter),
         }[name]
+
+    def narrowed(self, widths: Mapping[str, int | None]) -> "ModelSpec":
+        """This spec with the per-block widths that a plan's structured units give ("model.layers.<i>.
+        mlp.neurons", "…self_attn.value_dims"); blocks without a width keep this spec's own."""
+        blocks = range(self.num_layers)
+        return replace(self, layer_intermediate_sizes=tuple(
+            widths.get(f"{block_prefix(i)}mlp.neurons") or self.intermediate_size_of(i) for i in blocks),
+            layer_value_head_dims=tuple(
+                widths.get(f"{block_prefix(i)}self_attn.value_dims") or self.value_head_dim_of(i) for i in blocks))
 
     def unit_size(self, unit: str) -> int:
         """How many units a dense block has: neurons, or value dimensions per KV head."""

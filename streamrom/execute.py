@@ -108,7 +108,8 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
         del values, features  # the last chunk's activations, not needed by the decomposition
         cached.extend(written)
         if not statistics.is_finite():
-            raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo or unit.linears)}")
+            raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo or unit.linears)} "
+                                 "(overflow in the source weights or in the layers before)")
         with timer("eigen"):
             moments = statistics.moments(work_dtype, method.centered, config.damping)
             if unit is not None:
@@ -319,8 +320,8 @@ def _write_tail(reader: CheckpointReader, writer: CheckpointWriter, config: Comp
     out_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if "dtype" in out_config:  # transformers 5 writes "dtype"
         out_config["dtype"] = out_config["torch_dtype"]
-    ranks = {key: rank for key, rank in progress.ranks.items() if key.endswith("_proj")}
-    widths = {key: width for key, width in progress.ranks.items() if not key.endswith("_proj") and width}
+    ranks = {key: rank for key, rank in progress.ranks.items() if not key.endswith(UNIT_NAMES)}
+    widths = {key: width for key, width in progress.ranks.items() if key.endswith(UNIT_NAMES) and width}
     out_config.update(_layer_widths(spec, widths))
     out_config["streamrom"] = {
         "format_version": FORMAT_VERSION,
@@ -361,13 +362,14 @@ def _layer_widths(spec, widths: dict[str, int]) -> dict[str, object]:
     """config.json's per-block widths after structured ROM: intermediate_size itself where every block
     keeps one MLP width, else layer_intermediate_sizes; layer_value_head_dims where values narrowed."""
     found: dict[str, object] = {}
-    neurons = [widths.get(f"{block_prefix(i)}mlp.neurons") or spec.intermediate_size for i in range(spec.num_layers)]
+    narrowed = spec.narrowed(widths)
+    neurons = list(narrowed.layer_intermediate_sizes)
     if any(width != spec.intermediate_size for width in neurons):
         if len(set(neurons)) == 1:
             found["intermediate_size"] = neurons[0]
         else:
             found["layer_intermediate_sizes"] = neurons
-    values = [widths.get(f"{block_prefix(i)}self_attn.value_dims") or spec.head_dim for i in range(spec.num_layers)]
+    values = list(narrowed.layer_value_head_dims)
     if any(width != spec.head_dim for width in values):
         found["layer_value_head_dims"] = values
         found["head_dim"] = spec.head_dim  # keys and queries keep it; it must not be derived from hidden/heads

@@ -191,10 +191,7 @@ def _unit_width(spec: ModelSpec, unit: str) -> int:
 def _output_bytes(spec: ModelSpec, plan: dict[str, int | None], dtype_bytes: int, method: Method) -> int:
     """Size of the compressed checkpoint's tensors, from the model's rank plan (and unit widths)."""
     params = sum(math.prod(shape) for shape in spec.global_shapes().values())
-    narrowed = replace(spec, layer_intermediate_sizes=tuple(
-        plan.get(f"{block_prefix(i)}mlp.neurons") or spec.intermediate_size for i in range(spec.num_layers)),
-        layer_value_head_dims=tuple(plan.get(f"{block_prefix(i)}self_attn.value_dims") or spec.head_dim
-                                    for i in range(spec.num_layers)))
+    narrowed = spec.narrowed(plan)
     for index in range(spec.num_layers):
         dense = narrowed.dense_block_shapes(index)
         for name, shape in dense.items():

@@ -178,9 +178,10 @@ def plan_ranks(prepared: "Prepared", output: Path, progress: Progress, timer: St
     spectra = None
     if config.allocate in FIRST_PASS_ALLOCATIONS:
         log.info("pass 1: output spectra of %d blocks", len(layers))
-        units = [unit.name for unit in active_units(config)]
+        chosen_units = active_units(config)
+        units = [unit.name for unit in chosen_units]
         # factored slots are priced for the linears outside units (mixed: for all, as the alternative)
-        in_units = {name for unit in active_units(config) for name in unit.linears}
+        in_units = {name for unit in chosen_units for name in unit.linears}
         names = [name for name in config.modules if config.compression_method.mixed or name not in in_units]
         pass_one = {"source": source_fingerprint(reader), "layers": layers, "modules": names,
                     "centered": config.centered, "precision": config.precision}
