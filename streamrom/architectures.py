@@ -60,19 +60,107 @@ NORMS = ("input_layernorm", "post_attention_layernorm")
 @dataclass(frozen=True)
 class StructuredUnit:
     """Linears narrowed together by structured ROM (structured.py): `name` is the plan's key within a
-    block (its value: how many units stay), `reads` the block value whose moment chooses the units and
-    refits the consumer, produced by the first linears and read by the last."""
+    block (its value: how many units stay), `reads` the block value whose moment chooses the units.
+    A block's width is recorded in features (config.json's `widths_key`, also a ModelSpec field);
+    one unit holds `features_per_unit` of them."""
 
     name: str
     linears: tuple[str, ...]
     reads: str
+    widths_key: str
+    features_per_unit: int = 1
+    # the unit's features are the value it reads (so that value is narrower afterwards); else it
+    # reads its linears' common input, which narrowing leaves as it is
+    narrows_reads: bool = True
+
+    def dense_features(self, spec: "ModelSpec") -> int:
+        """Features of the unit in an unnarrowed block."""
+        raise NotImplementedError
+
+    def parameters(self, spec: "ModelSpec") -> int:
+        """Parameters one unit holds in a block (what keeping one more costs)."""
+        raise NotImplementedError
+
+    def read_width(self, spec: "ModelSpec") -> int:
+        """Width of the value it reads (its moment is that squared)."""
+        raise NotImplementedError
+
+    def applies_to(self, spec: "ModelSpec") -> bool:
+        return True
+
+    def size(self, spec: "ModelSpec") -> int:
+        """How many units an unnarrowed block has."""
+        return self.dense_features(spec) // self.features_per_unit
+
+    def features_of(self, spec: "ModelSpec", index: int | None) -> int:
+        """The unit's features in block `index` (None: unnarrowed)."""
+        widths = getattr(spec, self.widths_key)
+        return self.dense_features(spec) if index is None or widths is None else widths[index]
 
 
-# MLP neurons (gate and up rows, down columns) and value dimensions per KV head (v_proj rows, o_proj
-# columns of every query head of the group), in the order the data flows.
-UNITS = (StructuredUnit("self_attn.value_dims", ("self_attn.v_proj", "self_attn.o_proj"), reads="attention"),
-         StructuredUnit("mlp.neurons", MLP_LINEARS, reads="mlp"))
+@dataclass(frozen=True)
+class RotaryPairs(StructuredUnit):
+    """Query and key dimensions per KV head, kept in rotary pairs (j, j + head_dim/2) so that the
+    rotation stays exact; q_proj's rows for every query head of the group, k_proj's for the head."""
+
+    def dense_features(self, spec):
+        return spec.head_dim
+
+    def parameters(self, spec):
+        # two rows of q_proj per query head, two of k_proj per KV head, and the pair's index entry
+        return (2 * (spec.num_heads + spec.num_kv_heads) * (spec.hidden_size + (1 if spec.qkv_bias else 0))
+                + spec.num_kv_heads)
+
+    def read_width(self, spec):
+        return spec.hidden_size
+
+    def applies_to(self, spec):
+        return not spec.gemma_style  # Gemma norms q and k over the whole head: a narrower head changes the norm
+
+
+@dataclass(frozen=True)
+class ValueDims(StructuredUnit):
+    """Value dimensions per KV head: v_proj rows, o_proj columns of every query head of the group."""
+
+    def dense_features(self, spec):
+        return spec.head_dim
+
+    def parameters(self, spec):
+        return spec.num_kv_heads * (spec.hidden_size + (1 if spec.qkv_bias else 0)) + spec.num_heads * spec.hidden_size
+
+    def read_width(self, spec):
+        return spec.num_heads * spec.head_dim
+
+
+@dataclass(frozen=True)
+class MlpNeurons(StructuredUnit):
+    """MLP neurons: rows of gate and up, columns of down."""
+
+    def dense_features(self, spec):
+        return spec.intermediate_size
+
+    def parameters(self, spec):
+        return 3 * spec.hidden_size + (2 if spec.mlp_bias else 0)
+
+    def read_width(self, spec):
+        return spec.intermediate_size
+
+
+# In the order the data flows. Pairs are chosen from the q/k input's moment (`normed`); values and
+# neurons from the features their consumer (o_proj, down_proj) reads.
+UNITS: tuple[StructuredUnit, ...] = (
+    RotaryPairs("self_attn.rotary_pairs", ("self_attn.q_proj", "self_attn.k_proj"), reads="normed",
+                widths_key="layer_query_key_head_dims", features_per_unit=2, narrows_reads=False),
+    ValueDims("self_attn.value_dims", ("self_attn.v_proj", "self_attn.o_proj"), reads="attention",
+              widths_key="layer_value_head_dims"),
+    MlpNeurons("mlp.neurons", MLP_LINEARS, reads="mlp", widths_key="layer_intermediate_sizes"),
+)
 UNIT_NAMES = tuple(unit.name for unit in UNITS)
+UNIT_BY_NAME = {unit.name: unit for unit in UNITS}
+# The tensor of a block whose queries and keys lost pairs: per KV head, the rotary pairs kept
+# (indices j < head_dim/2, ascending). Stored in the model's float dtype so that every tool that
+# casts a checkpoint keeps it: the indices are below 256, exact in bf16 and fp16.
+ROTARY_PAIRS = "self_attn.rotary_pairs"
 
 
 def block_prefix(index: int) -> str:
@@ -105,9 +193,10 @@ class ModelSpec:
     # per block, whether it attends within the sliding window (None: every block, when there is a window)
     sliding_layers: tuple[bool, ...] | None = None
     rope_local_theta: float | None = None  # the rope base of sliding-window blocks, where it differs
-    # structured ROM's per-block widths (None: intermediate_size and head_dim in every block)
+    # structured ROM's per-block widths in features (None: intermediate_size and head_dim in every block)
     layer_intermediate_sizes: tuple[int, ...] | None = None
     layer_value_head_dims: tuple[int, ...] | None = None
+    layer_query_key_head_dims: tuple[int, ...] | None = None
     raw_config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -170,9 +259,9 @@ class ModelSpec:
             hidden_act=act,
             gemma_style=architecture.gemma_style,
             **gemma,
-            **_layer_widths(config, sizes["num_hidden_layers"], sizes["intermediate_size"], spec_kwargs["head_dim"]),
             raw_config=dict(config),
         )
+        spec = replace(spec, **_layer_widths(config, spec))
         if spec.num_heads % spec.num_kv_heads:
             raise InputError(
                 f"num_attention_heads={spec.num_heads} is not a multiple of "
@@ -182,25 +271,24 @@ class ModelSpec:
 
     def intermediate_size_of(self, index: int | None) -> int:
         """The MLP width of block `index` (None: the config's intermediate_size)."""
-        if index is None or self.layer_intermediate_sizes is None:
-            return self.intermediate_size
-        return self.layer_intermediate_sizes[index]
+        return UNIT_BY_NAME["mlp.neurons"].features_of(self, index)
 
     def value_head_dim_of(self, index: int | None) -> int:
         """The value width per KV head of block `index` (None: head_dim)."""
-        if index is None or self.layer_value_head_dims is None:
-            return self.head_dim
-        return self.layer_value_head_dims[index]
+        return UNIT_BY_NAME["self_attn.value_dims"].features_of(self, index)
+
+    def query_key_head_dim_of(self, index: int | None) -> int:
+        """The query and key width per head of block `index` (None: head_dim)."""
+        return UNIT_BY_NAME["self_attn.rotary_pairs"].features_of(self, index)
 
     def linear_shape(self, name: str, index: int | None = None) -> tuple[int, int]:
         """(out, in) of a block linear (of block `index`, where structured ROM narrowed it)."""
-        q_width = self.num_heads * self.head_dim
-        kv_width = self.num_kv_heads * self.head_dim
+        query_key_dim = self.query_key_head_dim_of(index)
         inter = self.intermediate_size_of(index)
         value_dim = self.value_head_dim_of(index)
         return {
-            "self_attn.q_proj": (q_width, self.hidden_size),
-            "self_attn.k_proj": (kv_width, self.hidden_size),
+            "self_attn.q_proj": (self.num_heads * query_key_dim, self.hidden_size),
+            "self_attn.k_proj": (self.num_kv_heads * query_key_dim, self.hidden_size),
             "self_attn.v_proj": (self.num_kv_heads * value_dim, self.hidden_size),
             "self_attn.o_proj": (self.hidden_size, self.num_heads * value_dim),
             "mlp.gate_proj": (inter, self.hidden_size),
@@ -210,23 +298,13 @@ class ModelSpec:
 
     def narrowed(self, widths: Mapping[str, int | None]) -> "ModelSpec":
         """This spec with the per-block widths that a plan's structured units give ("model.layers.<i>.
-        mlp.neurons", "…self_attn.value_dims"); blocks without a width keep this spec's own."""
-        blocks = range(self.num_layers)
-        return replace(self, layer_intermediate_sizes=tuple(
-            widths.get(f"{block_prefix(i)}mlp.neurons") or self.intermediate_size_of(i) for i in blocks),
-            layer_value_head_dims=tuple(
-                widths.get(f"{block_prefix(i)}self_attn.value_dims") or self.value_head_dim_of(i) for i in blocks))
-
-    def unit_size(self, unit: str) -> int:
-        """How many units a dense block has: neurons, or value dimensions per KV head."""
-        return self.intermediate_size if unit == "mlp.neurons" else self.head_dim
-
-    def unit_parameters(self, unit: str) -> int:
-        """Parameters one unit holds in a block (what keeping one more costs)."""
-        if unit == "mlp.neurons":  # a row of gate and up, a column of down
-            return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
-        # per KV head a row of v_proj; a column of o_proj for each of its query heads
-        return self.num_kv_heads * (self.hidden_size + (1 if self.qkv_bias else 0)) + self.num_heads * self.hidden_size
+        mlp.neurons": units kept); blocks without a width keep this spec's own."""
+        fields = {}
+        for unit in UNITS:
+            fields[unit.widths_key] = tuple(
+                (widths.get(f"{block_prefix(i)}{unit.name}") or 0) * unit.features_per_unit
+                or unit.features_of(self, i) for i in range(self.num_layers))
+        return replace(self, **fields)
 
     def has_bias(self, name: str) -> bool:
         if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
@@ -248,6 +326,8 @@ class ModelSpec:
             shapes[f"{norm}.weight"] = (self.hidden_size,)
         for norm in GEMMA_HEAD_NORMS if self.gemma_style else ():
             shapes[f"{norm}.weight"] = (self.head_dim,)
+        if self.query_key_head_dim_of(index) < self.head_dim:
+            shapes[ROTARY_PAIRS] = (self.num_kv_heads, self.query_key_head_dim_of(index) // 2)
         return shapes
 
     @property
@@ -277,18 +357,22 @@ class ModelSpec:
         return shapes
 
 
-def _layer_widths(config: Mapping[str, Any], num_layers: int, intermediate: int, head_dim: int) -> dict[str, Any]:
-    """Structured ROM's per-block widths (layer_intermediate_sizes, layer_value_head_dims), checked."""
+def _layer_widths(config: Mapping[str, Any], spec: ModelSpec) -> dict[str, Any]:
+    """Structured ROM's per-block widths (layer_intermediate_sizes, layer_value_head_dims,
+    layer_query_key_head_dims), checked."""
     found = {}
-    for key, field_name, largest in (("layer_intermediate_sizes", "layer_intermediate_sizes", intermediate),
-                                     ("layer_value_head_dims", "layer_value_head_dims", head_dim)):
-        widths = config.get(key)
+    for unit in UNITS:
+        widths, largest, step = config.get(unit.widths_key), unit.dense_features(spec), unit.features_per_unit
         if widths is None:
             continue
-        if (not isinstance(widths, list) or len(widths) != num_layers
-                or any(isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= largest for w in widths)):
-            raise InputError(f"config.json: {key} must list {num_layers} positive integers up to {largest}")
-        found[field_name] = tuple(widths)
+        if (not isinstance(widths, list) or len(widths) != spec.num_layers
+                or any(isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= largest or w % step
+                       for w in widths)):
+            raise InputError(f"config.json: {unit.widths_key} must list {spec.num_layers} positive integers up to "
+                             f"{largest}" + (f", multiples of {step}" if step > 1 else ""))
+        if not unit.applies_to(spec) and any(w != largest for w in widths):
+            raise InputError(f"config.json: {unit.widths_key} narrows a {spec.model_type} model, which cannot be")
+        found[unit.widths_key] = tuple(widths)
     return found
 
 

@@ -128,7 +128,7 @@ class CheckpointReader:
     def _check_known_names(self) -> None:
         spec = self.spec
         known = set(spec.global_shapes())
-        block_names = set(spec.dense_block_shapes())
+        block_names = {name for index in range(spec.num_layers) for name in spec.dense_block_shapes(index)}
         for linear in BLOCK_LINEARS:
             block_names.update(f"{linear}.{part}.{kind}" for part in ("reduce", "expand") for kind in ("weight", "bias"))
         for name in sorted(self.weight_map):

@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-windows", type=_positive_int, help="evaluate only the first N windows (default: all)")
     ev.add_argument("--chunk-tokens", type=_positive_int, default=2048, help="tokens per forward chunk (default 2048)")
     ev.add_argument("--report", type=Path, help="JSON report path (default: ./<checkpoint name>.eval.json)")
+    ev.add_argument("--reference", type=Path, metavar="DENSE_CKPT",
+                    help="also compare with this checkpoint (e.g. the dense source) on the same windows: the "
+                         "mean KL divergence of the next-token distribution from the reference's, and the share "
+                         "of positions whose most likely token agrees")
 
     ins = sub.add_parser("inspect", help="ranks, parameters and bytes per block and module",
                          description="Summarise a checkpoint (compressed or dense) from its tensor headers.")
@@ -260,9 +264,11 @@ def _run(args: argparse.Namespace) -> None:
         report_path = args.report or Path(f"{args.checkpoint.resolve().name}.eval.json")
         check_report_path(report_path)  # before the work, not after it
         report = evaluate(args.checkpoint, args.text, seqlen=args.seqlen, max_windows=args.max_windows,
-                          chunk_tokens=args.chunk_tokens, report_path=report_path)
+                          chunk_tokens=args.chunk_tokens, report_path=report_path, reference=args.reference)
+        closeness = ("" if args.reference is None else f"; KL from the reference {report.evaluation['mean_kl']:.4f}, "
+                     f"top-1 agreement {100 * report.evaluation['top1_agreement']:.2f} %")
         print(f"perplexity {report.perplexity:.4f} over {report.evaluation['windows']} windows of "
-              f"{args.seqlen} tokens; peak RSS {report.memory['peak_rss_bytes'] / 2**20:.0f} MiB; "
+              f"{args.seqlen} tokens{closeness}; peak RSS {report.memory['peak_rss_bytes'] / 2**20:.0f} MiB; "
               f"{report.wall_seconds:.1f} s; report {report_path}")
     elif args.command == "inspect":
         from .summary import checkpoint_summary, format_summary

@@ -113,12 +113,14 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
         with timer("eigen"):
             moments = statistics.moments(work_dtype, method.centered, config.damping)
             if unit is not None:
-                method.compress_unit(block, unit, plan[unit.name], moments.parts[0].second_moment,
+                method.compress_unit(block, unit, plan[unit.name], moments.parts[0],
                                      config.neuron_selection, config.damping)
-                # the unit's features are narrower now: recomputed, never read from the cache again
-                narrowed.add(unit.reads)
-                cached = [name for name in cached if name != unit.reads]
-            else:
+                if unit.narrows_reads:  # its features are narrower now: recomputed, never read from the cache
+                    narrowed.add(unit.reads)
+                    cached = [name for name in cached if name != unit.reads]
+                # the group's other linears (v_proj beside the query–key pairs) are factored from the same moments
+                todo = {name: rank for name, rank in todo.items() if name not in unit.linears}
+            if todo:
                 method.compress_group(block, group, todo, moments, at_output, work_dtype, config.damping)
             del moments, statistics
         release_freed_memory()
@@ -343,8 +345,7 @@ def _write_tail(reader: CheckpointReader, writer: CheckpointWriter, config: Comp
         "calibration": {"sequences": sequences, "seqlen": seqlen, "seed": config.calibration.seed},
     }
     extra_files = [HF_MODELING_FILE]
-    if not any(ranks.values()) and "layer_value_head_dims" not in out_config \
-            and "layer_intermediate_sizes" not in out_config:
+    if not any(ranks.values()) and not any(unit.widths_key in out_config for unit in UNITS):
         # dense tensors of the source's shapes (one MLP width, no factors): a plain checkpoint of the
         # source architecture, which transformers loads without remote code
         out_config.pop("auto_map", None)
@@ -360,17 +361,18 @@ def _write_tail(reader: CheckpointReader, writer: CheckpointWriter, config: Comp
 
 def _layer_widths(spec, widths: dict[str, int]) -> dict[str, object]:
     """config.json's per-block widths after structured ROM: intermediate_size itself where every block
-    keeps one MLP width, else layer_intermediate_sizes; layer_value_head_dims where values narrowed."""
+    keeps one MLP width, else layer_intermediate_sizes; the head widths (layer_value_head_dims,
+    layer_query_key_head_dims) where they narrowed."""
     found: dict[str, object] = {}
     narrowed = spec.narrowed(widths)
-    neurons = list(narrowed.layer_intermediate_sizes)
-    if any(width != spec.intermediate_size for width in neurons):
-        if len(set(neurons)) == 1:
-            found["intermediate_size"] = neurons[0]
+    for unit in UNITS:
+        per_block = [unit.features_of(narrowed, index) for index in range(spec.num_layers)]
+        if all(width == unit.dense_features(spec) for width in per_block):
+            continue
+        if unit.name == "mlp.neurons" and len(set(per_block)) == 1:
+            found["intermediate_size"] = per_block[0]  # what the source architecture reads itself
         else:
-            found["layer_intermediate_sizes"] = neurons
-    values = list(narrowed.layer_value_head_dims)
-    if any(width != spec.head_dim for width in values):
-        found["layer_value_head_dims"] = values
-        found["head_dim"] = spec.head_dim  # keys and queries keep it; it must not be derived from hidden/heads
+            found[unit.widths_key] = per_block
+    if any(key in found for key in ("layer_value_head_dims", "layer_query_key_head_dims")):
+        found["head_dim"] = spec.head_dim  # the dense head's: it must not be derived from hidden/heads
     return found

@@ -42,6 +42,12 @@ class LossHead:
                                      reduction="sum").item()
         return total
 
+    @torch.no_grad()
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probabilities of a few positions (batch, positions, vocabulary): call it on
+        one of `slices` at a time."""
+        return F.log_softmax(F.linear(self.norm(hidden), self.weight), dim=-1)
+
     def loss_and_gradient(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
         """The same loss, and its gradient with respect to `hidden`."""
         total, grad = 0.0, torch.zeros_like(hidden)

@@ -14,7 +14,7 @@ import torch
 
 from . import decompose, structured
 from .allocation import factored_parameters
-from .architectures import StructuredUnit
+from .architectures import UNIT_NAMES, StructuredUnit
 from .modeling import Block, LinearGroup, LowRankLinear, dense_linear
 from .statistics import TextMoments
 
@@ -45,11 +45,15 @@ class Method:
     # the moments are centered: the basis fits the covariance, and an out-sized mean-correction bias
     # (I − V Vᵀ)μ is added to each factored linear
     centered: bool = False
-    # narrows the structured units (architectures.UNITS) where the plan gives them a width
-    structured: bool = False
+    # the structured units (architectures.UNITS) it narrows where the plan gives them a width
+    units: tuple[str, ...] = ()
     # the allocator chooses per group between dense, factored and structured (else: structured
     # wherever a unit's linears are all chosen, factored elsewhere)
     mixed: bool = False
+
+    @property
+    def structured(self) -> bool:
+        return bool(self.units)
 
     def parameters(self, out_features: int, in_features: int, rank: int, bias: bool) -> int:
         """Parameters of a linear's replacement at `rank` (a bias b becomes Vᵀb, rank entries)."""
@@ -74,13 +78,10 @@ class Method:
                 at_output: bool, damping: float) -> decompose.Factors:
         raise NotImplementedError
 
-    def compress_unit(self, block: Block, unit: StructuredUnit, width: int, moment: np.ndarray,
+    def compress_unit(self, block: Block, unit: StructuredUnit, width: int, moments: decompose.InputMoments,
                       selection: str, damping: float) -> None:
-        """Narrow `unit` of the block to `width` units, from the (uncentered) moment of unit.reads."""
-        if unit.name == "mlp.neurons":
-            narrow_mlp(block, width, moment, selection, damping)
-        else:
-            narrow_values(block, width, moment, damping)
+        """Narrow `unit` of the block to `width` units, from the moments of unit.reads."""
+        NARROWERS[unit.name](block, width, moments, selection, damping)
 
 
 class ReducedOrderModel(Method):
@@ -110,8 +111,28 @@ def _array(tensor: torch.Tensor, dtype) -> np.ndarray:
     return tensor.detach().numpy().astype(dtype, copy=False)
 
 
-def narrow_mlp(block: Block, width: int, moment: np.ndarray, selection: str, damping: float) -> None:
+def narrow_query_key(block: Block, width: int, moments: decompose.InputMoments, selection: str,
+                     damping: float) -> None:
+    """Keep `width` rotary pairs per KV head: their rows of q_proj (every query head of the group) and
+    k_proj as they are, chosen by the scores they carry (structured.rotary_pair_order)."""
+    attention = block.self_attn
+    dtype = moments.second_moment.dtype
+    energies = []
+    for linear, heads in ((attention.q_proj, attention.num_heads), (attention.k_proj, attention.num_kv_heads)):
+        bias = None if linear.bias is None else _array(linear.bias, dtype)
+        energies.append(structured.pair_energies(_array(linear.weight, dtype), bias, moments.second_moment,
+                                                 moments.mean, heads, attention.head_dim))
+    pairs = np.sort(structured.rotary_pair_order(*energies)[:, :width], axis=1)
+    for name, heads in (("q_proj", attention.num_heads), ("k_proj", attention.num_kv_heads)):
+        linear = getattr(attention, name)
+        rows = torch.from_numpy(structured.kept_pair_rows(pairs, attention.head_dim, heads))
+        setattr(attention, name, dense_linear(linear.weight[rows], None if linear.bias is None else linear.bias[rows]))
+    attention.keep_rotary_pairs(torch.from_numpy(pairs.astype(np.float32)))
+
+
+def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, selection: str, damping: float) -> None:
     """Keep `width` neurons: their rows of gate and up as they are, down refitted on them."""
+    moment = moments.second_moment
     mlp = block.mlp
     down = _array(mlp.down_proj.weight, moment.dtype)
     kept = structured.select_neurons(moment, down, width, selection, damping)
@@ -123,8 +144,9 @@ def narrow_mlp(block: Block, width: int, moment: np.ndarray, selection: str, dam
     mlp.down_proj = dense_linear(refitted, mlp.down_proj.bias)
 
 
-def narrow_values(block: Block, width: int, moment: np.ndarray, damping: float) -> None:
+def narrow_values(block: Block, width: int, moments: decompose.InputMoments, selection: str, damping: float) -> None:
     """Narrow each KV head's values to `width` dimensions (v_proj rows), o_proj refitted on them."""
+    moment = moments.second_moment
     attention = block.self_attn
     head_dim, kv_heads = attention.value_head_dim, attention.num_kv_heads
     o_weight = _array(attention.o_proj.weight, moment.dtype)
@@ -142,14 +164,18 @@ def narrow_values(block: Block, width: int, moment: np.ndarray, damping: float) 
     attention.value_head_dim = width
 
 
+# each structured unit's narrowing (architectures.UNITS), by the unit's name
+NARROWERS = {"self_attn.rotary_pairs": narrow_query_key, "self_attn.value_dims": narrow_values,
+             "mlp.neurons": narrow_mlp}
+
 METHODS: dict[str, Method] = {
     "rom": ReducedOrderModel("rom", uses_calibration=True, priced_by_pass_one=True),
     "rom-centered": ReducedOrderModel("rom-centered", uses_calibration=True, priced_by_pass_one=True, centered=True),
     "svd": WeightSVD("svd", uses_calibration=False),
-    # MLP neurons and value dimensions narrowed (structured.py); q and k factored as rom-centered
+    # query–key pairs, value dimensions and MLP neurons narrowed (structured.py)
     "structured": ReducedOrderModel("structured", uses_calibration=True, priced_by_pass_one=True, centered=True,
-                                    structured=True),
+                                    units=UNIT_NAMES),
     # per linear group, dense, factored (rom-centered) or structured: whichever pass 1 prices best
     "mixed": ReducedOrderModel("mixed", uses_calibration=True, priced_by_pass_one=True, centered=True,
-                               structured=True, mixed=True),
+                               units=UNIT_NAMES, mixed=True),
 }

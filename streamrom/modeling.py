@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import InputError
 
-from .architectures import ARCHITECTURES, BLOCK_LINEARS, ModelSpec
+from .architectures import ARCHITECTURES, BLOCK_LINEARS, ROTARY_PAIRS, ModelSpec
 from .architectures import EMBED, FINAL_NORM, LM_HEAD, block_prefix  # noqa: F401 (where most callers look)
 
 
@@ -148,26 +148,56 @@ class Attention(nn.Module):
         super().__init__()
         hidden, head_dim = spec.hidden_size, spec.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, head_dim
-        self.value_head_dim = spec.value_head_dim_of(index)  # narrower than head_dim after structured ROM
+        # narrower than head_dim after structured ROM
+        self.value_head_dim = spec.value_head_dim_of(index)
+        query_key_dim = spec.query_key_head_dim_of(index)
         self.sliding_window = spec.window_of(index)
         self.scale = spec.attention_scale  # None: SDPA's 1/√head_dim
         if spec.gemma_style:  # q and k normed per head before rotary
             self.q_norm, self.k_norm = norm(spec, head_dim), norm(spec, head_dim)
-        self.q_proj = _dense(hidden, spec.num_heads * head_dim, spec.qkv_bias)
-        self.k_proj = _dense(hidden, spec.num_kv_heads * head_dim, spec.qkv_bias)
+        self.q_proj = _dense(hidden, spec.num_heads * query_key_dim, spec.qkv_bias)
+        self.k_proj = _dense(hidden, spec.num_kv_heads * query_key_dim, spec.qkv_bias)
+        self.register_buffer("rotary_pairs", None)  # (a None buffer is not in the state dict)
+        if query_key_dim < head_dim:
+            self.keep_rotary_pairs(torch.zeros(spec.num_kv_heads, query_key_dim // 2))
         self.v_proj = _dense(hidden, spec.num_kv_heads * self.value_head_dim, spec.qkv_bias)
         self.o_proj = _dense(spec.num_heads * self.value_head_dim, hidden, spec.o_bias)
 
+    def keep_rotary_pairs(self, pairs: torch.Tensor) -> None:
+        """Queries and keys hold only these rotary pairs per KV head (structured ROM): the buffer
+        rotary_pairs (kv_heads x pairs), in a float dtype (see architectures.ROTARY_PAIRS); the
+        scale stays the dense head's."""
+        self.register_buffer(ROTARY_PAIRS.rpartition(".")[2], pairs)
+        if self.scale is None:
+            self.scale = self.head_dim ** -0.5
+
+    @property
+    def query_key_dim(self) -> int:
+        return self.head_dim if self.rotary_pairs is None else 2 * self.rotary_pairs.shape[1]
+
+    def _kept_rotary(self, table: torch.Tensor, heads: int) -> torch.Tensor:
+        """The (length x head_dim) cos or sin table at each head's kept dimensions: (heads, length, dims),
+        the pairs' first halves then their partners, as rotate_half pairs them."""
+        pairs = self.rotary_pairs.long()
+        dims = torch.cat((pairs, pairs + self.head_dim // 2), dim=1)
+        kept = table[:, dims].transpose(0, 1)
+        return kept.repeat_interleave(heads // self.num_kv_heads, dim=0)
+
     def core(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Attention output before o_proj: (batch, length, heads*head_dim)."""
+        """Attention output before o_proj: (batch, length, heads*value_head_dim)."""
         batch, length, _ = h.shape
-        q = self.q_proj(h).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        width = self.query_key_dim
+        q = self.q_proj(h).view(batch, length, self.num_heads, width).transpose(1, 2)
+        k = self.k_proj(h).view(batch, length, self.num_kv_heads, width).transpose(1, 2)
         v = self.v_proj(h).view(batch, length, self.num_kv_heads, self.value_head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # (a no-op in float32; a bf16 model stays bf16)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.rotary_pairs is None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        else:
+            q = apply_rotary(q, self._kept_rotary(cos, self.num_heads), self._kept_rotary(sin, self.num_heads))
+            k = apply_rotary(k, self._kept_rotary(cos, self.num_kv_heads), self._kept_rotary(sin, self.num_kv_heads))
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)

@@ -104,7 +104,7 @@ def prepare(source: Path, config: CompressConfig, timer: StageTimer, runtime_byt
                                             runtime_bytes, np.dtype(PRECISIONS[config.precision]).itemsize,
                                             first_pass=config.allocate in FIRST_PASS_ALLOCATIONS
                                             and not (config.spectra_file and Path(config.spectra_file).is_file()),
-                                            unit_width=max((_unit_width(spec, unit.name) for unit in active_units(config)),
+                                            unit_width=max((unit.read_width(spec) for unit in active_units(spec, config)),
                                                            default=0))
     return Prepared(config, reader, layers, tokens, target_from, settings, config.fingerprint(settings, target_from),
                     dtype_bytes, total_params, sizing_plan, memory_parts)
@@ -181,11 +181,6 @@ def _plan_and_execute(prepared: Prepared, output: Path, progress: Progress, time
                     monitor, prepared.target_from, damaged)
     except OSError as exc:
         raise write_failure(exc, output, "; free some and rerun the same command to resume") from None
-
-
-def _unit_width(spec: ModelSpec, unit: str) -> int:
-    """The width of the features a structured unit reads (its moment is that squared)."""
-    return spec.intermediate_size if unit == "mlp.neurons" else spec.num_heads * spec.head_dim
 
 
 def _output_bytes(spec: ModelSpec, plan: dict[str, int | None], dtype_bytes: int, method: Method) -> int:

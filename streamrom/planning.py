@@ -19,7 +19,7 @@ from .errors import UsageError
 from .evaluation import evaluate
 from .execute import WORK_FOLDER, write_model
 from .memory import RSSMonitor
-from .architectures import UNIT_NAMES, UNITS, StructuredUnit
+from .architectures import UNIT_BY_NAME, UNIT_NAMES, UNITS, StructuredUnit
 from .modeling import BLOCK_LINEARS, ModelSpec, block_prefix
 from .progress import Progress, arguments_fingerprint, source_fingerprint
 from .report import StageTimer
@@ -34,11 +34,11 @@ log = logging.getLogger(__name__)
 MIN_FACTOR_SAVING = 0.02
 
 
-def active_units(config: CompressConfig) -> list[StructuredUnit]:
-    """The structured units a run narrows: those whose linears are all chosen, for a structured method."""
-    if not config.compression_method.structured:
-        return []
-    return [unit for unit in UNITS if all(name in config.modules for name in unit.linears)]
+def active_units(spec: ModelSpec, config: CompressConfig) -> list[StructuredUnit]:
+    """The structured units a run narrows: the method's, where the architecture has them and their
+    linears are all chosen."""
+    return [unit for unit in UNITS if unit.name in config.compression_method.units and unit.applies_to(spec)
+            and all(name in config.modules for name in unit.linears)]
 
 
 def plan_names(config: CompressConfig) -> tuple[str, ...]:
@@ -63,7 +63,7 @@ def rank_plan(spec: ModelSpec, config: CompressConfig) -> dict[str, int | None]:
             plan[name] = rank if saves else None
     if config.compression_method.structured:
         plan.update(dict.fromkeys(UNIT_NAMES))
-        for unit in active_units(config):
+        for unit in active_units(spec, config):
             slot = _unit_slot(spec, unit, 0)
             width = max(slot.rank_at(config.ratio), decompose.RANK_MULTIPLE)
             plan[unit.name] = width if width < slot.unit_size else None
@@ -72,8 +72,8 @@ def rank_plan(spec: ModelSpec, config: CompressConfig) -> dict[str, int | None]:
 
 
 def _unit_slot(spec: ModelSpec, unit: StructuredUnit, index: int) -> allocation.Slot:
-    return allocation.Slot(f"{block_prefix(index)}{unit.name}", index, 0, 0, unit_size=spec.unit_size(unit.name),
-                           unit_parameters=spec.unit_parameters(unit.name))
+    return allocation.Slot(f"{block_prefix(index)}{unit.name}", index, 0, 0, unit_size=unit.size(spec),
+                           unit_parameters=unit.parameters(spec))
 
 
 def _factored_slot(spec: ModelSpec, config: CompressConfig, name: str, index: int) -> allocation.Slot:
@@ -85,7 +85,7 @@ def _factored_slot(spec: ModelSpec, config: CompressConfig, name: str, index: in
 def allocation_slots(spec: ModelSpec, config: CompressConfig, layers: list[int]) -> list[allocation.Slot]:
     """What the allocation sizes, each parameter once: the chosen linears outside structured units
     (factored) and the structured units."""
-    units = active_units(config)
+    units = active_units(spec, config)
     in_units = {name for unit in units for name in unit.linears}
     slots = []
     for index in layers:
@@ -100,7 +100,7 @@ def mixed_alternatives(spec: ModelSpec, config: CompressConfig,
                        layers: list[int]) -> list[tuple[allocation.Slot, list[allocation.Slot]]]:
     """For the mixed mode: each unit of each chosen block with the factored slots of its linears."""
     return [(_unit_slot(spec, unit, index), [_factored_slot(spec, config, name, index) for name in unit.linears])
-            for index in layers for unit in active_units(config)]
+            for index in layers for unit in active_units(spec, config)]
 
 
 def model_plan(spec: ModelSpec, config: CompressConfig, layers: list[int], total_params: int, dtype_bytes: int,
@@ -156,7 +156,9 @@ def _checked_ranks(spec: ModelSpec, config: CompressConfig, ranks: dict[str, int
                              + ("" if config.compression_method.structured or not key.endswith(UNIT_NAMES)
                                 else f" that --method {config.method} sizes (a structured run's plan)"))
         name = key.split(".", 3)[3]
-        largest = spec.unit_size(name) if name in UNIT_NAMES else min(spec.linear_shape(name))
+        if rank and name in UNIT_NAMES and not UNIT_BY_NAME[name].applies_to(spec):
+            raise UsageError(f"ranks narrow {key}, which a {spec.model_type} model cannot narrow")
+        largest = UNIT_BY_NAME[name].size(spec) if name in UNIT_NAMES else min(spec.linear_shape(name))
         if rank is not None and not (isinstance(rank, int) and 0 < rank <= largest):
             raise UsageError(f"rank of {key} must be a positive integer up to {largest}, got {rank!r}")
         plan[key] = rank
@@ -178,7 +180,7 @@ def plan_ranks(prepared: "Prepared", output: Path, progress: Progress, timer: St
     spectra = None
     if config.allocate in FIRST_PASS_ALLOCATIONS:
         log.info("pass 1: output spectra of %d blocks", len(layers))
-        chosen_units = active_units(config)
+        chosen_units = active_units(spec, config)
         units = [unit.name for unit in chosen_units]
         # factored slots are priced for the linears outside units (mixed: for all, as the alternative)
         in_units = {name for unit in chosen_units for name in unit.linears}

@@ -54,10 +54,10 @@ def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output
     observed = {group: group.observed(block) for group in groups}  # as compression takes them
     moments = {group: MomentAccumulator(width, product) for group, (_, width, _) in observed.items()}
     chosen_units = [unit for unit in UNITS if unit.name in units]
-    # a unit is priced in its consumer's output (down, o), from the moment of the features it reads
+    # a unit is priced in the outputs of PRICED_IN's linears, from the moment of the value it reads
     unit_moments = {unit.name: MomentAccumulator(block.linear(unit.linears[-1]).weight.shape[1], product)
                     for unit in chosen_units}
-    graded = list(dict.fromkeys([*names, *(unit.linears[-1] for unit in chosen_units)]))
+    graded = list(dict.fromkeys([*names, *(name for unit in chosen_units for name in _priced_in(unit))]))
     squares = {name: torch.zeros(block.linear(name).weight.shape[0], dtype=torch.float64) for name in graded}
 
     def capture(name: str):
@@ -122,21 +122,49 @@ def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output
             if not accumulator.is_finite():
                 raise NumericalError(f"NaN or Inf activations reach {', '.join(unit.linears)}")
             second = accumulator.second_moment().astype(work_dtype, copy=False)
+            mean = accumulator.mean().astype(work_dtype, copy=False)
             del accumulator
-            consumer = block.linear(unit.linears[-1]).weight.detach().numpy().astype(work_dtype)
-            # rows scaled by the root mean squared loss gradient: the output error in loss units
-            consumer *= torch.sqrt(squares[unit.linears[-1]] / tokens).numpy().astype(work_dtype)[:, None]
-            if unit.name == "mlp.neurons":
-                costs[unit.name] = structured.neuron_costs(second, consumer, neuron_selection, damping,
-                                                           decompose.RANK_MULTIPLE)
-            else:
-                attention = block.self_attn
-                costs[unit.name] = structured.value_maps(second, consumer, attention.num_heads,
-                                                         attention.num_kv_heads, attention.head_dim,
-                                                         attention.head_dim, damping)[1]
-            del second, consumer
+            # mean squared loss gradient of each output feature of the linears it is priced in
+            sensitivity = {name: (squares[name] / tokens).numpy().astype(work_dtype) for name in _priced_in(unit)}
+            costs[unit.name] = _unit_costs(unit.name, block, second, mean, sensitivity, work_dtype,
+                                           neuron_selection, damping)
+            del second, mean
             release_freed_memory()
     return costs
+
+
+def _priced_in(unit) -> tuple[str, ...]:
+    """The linears whose output a unit's cost is measured in: its consumer (down, o_proj), or for the
+    query–key pairs both producers."""
+    return unit.linears if unit.name == "self_attn.rotary_pairs" else unit.linears[-1:]
+
+
+def _unit_costs(name: str, block: Block, second: np.ndarray, mean: np.ndarray, sensitivity: dict[str, np.ndarray],
+                work_dtype, neuron_selection: str, damping: float) -> np.ndarray:
+    """What keeping each unit is worth in loss units, in the order structured ROM keeps them: the
+    error its removal leaves in the priced outputs, each output feature weighted by its mean
+    squared loss gradient."""
+    attention = block.self_attn
+
+    def array(tensor):
+        return None if tensor is None else tensor.detach().numpy().astype(work_dtype)
+
+    if name == "self_attn.rotary_pairs":
+        linears = ((attention.q_proj, attention.num_heads), (attention.k_proj, attention.num_kv_heads))
+        energies = [structured.pair_energies(array(linear.weight), array(linear.bias), second, mean, heads,
+                                             attention.head_dim) for linear, heads in linears]
+        weighted = [structured.pair_energies(array(linear.weight), array(linear.bias), second, mean, heads,
+                                             attention.head_dim, sensitivity[f"self_attn.{proj}"])
+                    for (linear, heads), proj in zip(linears, ("q_proj", "k_proj"))]
+        return structured.pair_costs(*weighted, structured.rotary_pair_order(*energies))
+    consumer_name = "self_attn.o_proj" if name == "self_attn.value_dims" else "mlp.down_proj"
+    consumer = array(block.linear(consumer_name).weight)
+    # rows scaled by the root mean squared loss gradient: the output error in loss units
+    consumer *= np.sqrt(sensitivity[consumer_name])[:, None]
+    if name == "mlp.neurons":
+        return structured.neuron_costs(second, consumer, neuron_selection, damping, decompose.RANK_MULTIPLE)
+    return structured.value_maps(second, consumer, attention.num_heads, attention.num_kv_heads, attention.head_dim,
+                                 attention.head_dim, damping)[1]
 
 
 def read_saved(path: Path) -> dict[str, np.ndarray]:

@@ -15,6 +15,12 @@ on the narrowed mixed values, all heads at once: W_o·C·B (Bᵀ C B)⁻¹, B th
 heads' R, C the moment of the attention output (before o_proj). R_g spans the top eigenvectors of
 C_g^½ (Σ_h W_o,hᵀ W_o,h) C_g^½ mapped back by C_g^-½ (C_g: the group's mean head moment), which is
 the exact reduced-rank optimum for one query head per group.
+
+Queries and keys. Rotary turns each pair of dimensions (j, j + head_dim/2) of a head by its own
+angle, so whole pairs can go and the rotation of the others stays exact. Per KV head the pairs kept
+are shared by its query heads and ranked by Σ_h E‖q_h,j‖²·E‖k_j‖² (the expected squared part of the
+scores the pair carries, for independent q and k: MoDeGPT's column–row products), read from the
+input's moment and q/k's weights; the kept rows stay as they are (no refit: the scores are bilinear).
 """
 from __future__ import annotations
 
@@ -234,3 +240,44 @@ def refit_output(o_weight: np.ndarray, attention_moment: np.ndarray, maps: list[
         selection[h * head_dim:(h + 1) * head_dim, h * width:(h + 1) * width] = maps[h // group]
     projected = attention_moment @ selection
     return _least_squares(lambda: selection.T @ projected, np.ascontiguousarray((o_weight @ projected).T), damping)
+
+
+# -- queries and keys: rotary pairs ------------------------------------------------------------------
+
+def pair_energies(weight: np.ndarray, bias: np.ndarray | None, second_moment: np.ndarray, mean: np.ndarray,
+                  heads: int, head_dim: int, row_weights: np.ndarray | None = None) -> np.ndarray:
+    """E[y_j² + y_{j+half}²] of y = W x + b per head and rotary pair j (heads x head_dim/2), from the
+    input's uncentered moment and mean (with `row_weights`, each y_r² weighted). Rotary turns each
+    pair by an angle, so the pair's energy is the same before and after it."""
+    rows = np.einsum("ij,ij->i", weight @ second_moment, weight)
+    if bias is not None:
+        rows = rows + 2.0 * bias * (weight @ mean) + bias ** 2
+    rows = np.clip(rows, 0.0, None) * (1.0 if row_weights is None else row_weights)
+    return rows.reshape(heads, 2, head_dim // 2).sum(axis=1)
+
+
+def rotary_pair_order(query_energy: np.ndarray, key_energy: np.ndarray) -> np.ndarray:
+    """Per KV head, its pairs most important first (kv_heads x head_dim/2): by Σ_h E‖q_h,j‖²·E‖k_j‖²
+    over the group's query heads, the expected squared score the pair adds when q and k are
+    independent (the column–row norm products of MoDeGPT's CR decomposition, squared)."""
+    kv_heads = key_energy.shape[0]
+    group = query_energy.reshape(kv_heads, -1, key_energy.shape[1]).sum(axis=1)
+    return np.argsort(-(group * key_energy), axis=1, kind="stable")
+
+
+def kept_pair_rows(pairs: np.ndarray, head_dim: int, heads: int) -> np.ndarray:
+    """Row indices of a q_proj (heads query heads) or k_proj (heads = KV heads) that keep `pairs`
+    (kv_heads x m, ascending): per head its pairs' first halves, then their partners."""
+    kv_heads = pairs.shape[0]
+    dims = np.concatenate([pairs, pairs + head_dim // 2], axis=1)
+    per_head = np.repeat(dims, heads // kv_heads, axis=0)
+    return (per_head + head_dim * np.arange(heads)[:, None]).reshape(-1)
+
+
+def pair_costs(query_cost: np.ndarray, key_cost: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """What keeping each pair is worth, in the order `order` keeps them, summed over the KV heads:
+    per pair the mean of its query-side cost (summed over the group's heads) and its key-side cost.
+    Dropping either side takes the pair's part of the scores away, so the two estimate one loss."""
+    kv_heads = key_cost.shape[0]
+    per_pair = 0.5 * (query_cost.reshape(kv_heads, -1, key_cost.shape[1]).sum(axis=1) + key_cost)
+    return np.take_along_axis(per_pair, order, axis=1).sum(axis=0)

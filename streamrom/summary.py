@@ -34,7 +34,8 @@ def checkpoint_summary(folder: str | Path) -> dict[str, Any]:
                                "parameters": params, "bytes": nbytes}
         params, nbytes = size(names)
         blocks.append({"index": index, "parameters": params, "bytes": nbytes, "modules": modules,
-                       "mlp_width": spec.intermediate_size_of(index), "value_head_dim": spec.value_head_dim_of(index)})
+                       "mlp_width": spec.intermediate_size_of(index), "value_head_dim": spec.value_head_dim_of(index),
+                       "query_key_head_dim": spec.query_key_head_dim_of(index)})
     section = reader.config.get("streamrom") or {}
     # structured ROM narrows the config's own widths: the source's count is recorded beside them
     dense_equivalent = section.get("dense_parameters") or (
@@ -59,14 +60,16 @@ def checkpoint_summary(folder: str | Path) -> dict[str, Any]:
 def format_summary(summary: dict[str, Any]) -> str:
     """A table a person reads: one row per block, the rank of each module ('-' = dense)."""
     short = [name.rsplit(".", 1)[1].removesuffix("_proj") for name in BLOCK_LINEARS]
-    widths = summary.get("structured", False)  # structured ROM: each block's MLP and value widths too
-    header = (f"{'block':>5} " + " ".join(f"{s:>6}" for s in short) + (f" {'mlp':>6} {'v/head':>6}" if widths else "")
+    widths = summary.get("structured", False)  # structured ROM: each block's MLP, value and q/k widths too
+    header = (f"{'block':>5} " + " ".join(f"{s:>6}" for s in short)
+              + (f" {'mlp':>6} {'v/head':>6} {'qk/head':>7}" if widths else "")
               + f" {'params':>12} {'MiB':>8}")
     lines = [f"{summary['checkpoint']}: {summary['model_type']}, {summary['num_layers']} blocks, "
              f"method {summary['method']}", header]
     for block in summary["blocks"]:
         ranks = " ".join(f"{m['rank'] if m['rank'] is not None else '-':>6}" for m in block["modules"].values())
-        narrowed = f" {block['mlp_width']:>6} {block['value_head_dim']:>6}" if widths else ""
+        narrowed = (f" {block['mlp_width']:>6} {block['value_head_dim']:>6} {block['query_key_head_dim']:>7}"
+                    if widths else "")
         lines.append(f"{block['index']:>5} {ranks}{narrowed} {block['parameters']:>12,} {block['bytes'] / 2**20:>8.2f}")
     lines.append(f"whole model: {summary['parameters']:,} parameters, {summary['bytes'] / 2**20:.1f} MiB; "
                  f"{summary['parameter_ratio']:.4f} of the dense {summary['dense_parameters']:,}; "

@@ -13,7 +13,8 @@ import streamrom
 from streamrom import CalibrationConfig, CompressConfig, structured
 from streamrom.calibration import calibration_tokens
 from streamrom.allocation import Slot, choose_alternatives, spectrum_ranks, total_params
-from streamrom.methods import narrow_mlp, narrow_values
+from streamrom.decompose import InputMoments
+from streamrom.methods import narrow_mlp, narrow_query_key, narrow_values
 from streamrom.modeling import Block, Rotary
 from streamrom.statistics import MomentAccumulator
 
@@ -111,6 +112,32 @@ def test_a_value_dimension_never_read_is_removed_at_no_cost():
     np.testing.assert_allclose(narrowed @ refitted.T, mixed @ o_weight.T, atol=1e-6)
 
 
+# -- queries and keys: rotary pairs -----------------------------------------------------------------
+
+def test_pair_order_ranks_by_the_scores_a_pair_carries():
+    # 2 KV heads of 2 query heads, 3 pairs: head 0's pair 1 has the largest q·k energy product; pair 2
+    # of KV head 1 has no key energy at all
+    query = np.array([[1.0, 4.0, 2.0], [1.0, 0.0, 2.0], [3.0, 1.0, 1.0], [3.0, 1.0, 1.0]])
+    key = np.array([[1.0, 2.0, 1.0], [1.0, 5.0, 0.0]])
+    order = structured.rotary_pair_order(query, key)
+    assert order.tolist() == [[1, 2, 0], [1, 0, 2]]  # products [2, 8, 4] and [6, 10, 0]
+    rows = structured.kept_pair_rows(np.array([[0, 2], [1, 2]]), head_dim=6, heads=4)
+    assert rows.tolist() == [0, 2, 3, 5, 6, 8, 9, 11, 13, 14, 16, 17, 19, 20, 22, 23]
+    # costs in the kept order, each pair the mean of its query side (summed over the group) and key side
+    costs = structured.pair_costs(query, key, order)
+    # per pair: KV head 0 ½([2, 4, 4] + [1, 2, 1]) = [1.5, 3, 2.5], KV head 1 ½([6, 2, 2] + [1, 5, 0]) = [3.5, 3.5, 1]
+    np.testing.assert_allclose(costs, [3 + 3.5, 2.5 + 3.5, 1.5 + 1])
+
+
+def test_pair_energies_are_the_rotation_free_output_energies():
+    x = RNG.standard_normal((5000, 10))
+    weight, bias = RNG.standard_normal((2 * 8, 10)), RNG.standard_normal(2 * 8)
+    y = x @ weight.T + bias
+    energies = structured.pair_energies(weight, bias, moment_of(x), x.mean(axis=0), heads=2, head_dim=8)
+    expected = (y ** 2).mean(axis=0).reshape(2, 2, 4).sum(axis=1)  # dims j and j + 4 of each head
+    np.testing.assert_allclose(energies, expected, rtol=1e-10)
+
+
 # -- the block and the model -----------------------------------------------------------------------
 
 def _block_and_inputs(tiny_models, index=0):
@@ -122,20 +149,22 @@ def _block_and_inputs(tiny_models, index=0):
     return spec, block, x, cos, sin
 
 
-def _moment(features: torch.Tensor, chunk: int | None = None) -> np.ndarray:
-    """E[z zᵀ] as the pipeline takes it: float32 products per chunk of sequences, summed in float64,
-    handed to the math in float32."""
+def _moment(features: torch.Tensor, chunk: int | None = None) -> InputMoments:
+    """E[z zᵀ] and E[z] as the pipeline takes them: float32 products per chunk of sequences, summed in
+    float64, handed to the math in float32."""
     accumulator = MomentAccumulator(features.shape[-1], torch.float32)
     for start in range(0, features.shape[0], chunk or features.shape[0]):
         accumulator.add(features[start:start + (chunk or features.shape[0])])
-    return accumulator.second_moment().astype(np.float32)
+    return InputMoments(accumulator.second_moment().astype(np.float32), accumulator.mean().astype(np.float32), True)
 
 
 @torch.no_grad()
 def test_keeping_every_neuron_and_value_dimension_reproduces_the_block(tiny_models):
     spec, block, x, cos, sin = _block_and_inputs(tiny_models)
     before = block(x, cos, sin)
-    narrow_values(block, spec.head_dim, _moment(block.self_attn.core(block.input_layernorm(x), cos, sin)), 1e-9)
+    narrow_query_key(block, spec.head_dim // 2, _moment(block.input_layernorm(x)), "obs", 1e-9)
+    assert block.self_attn.rotary_pairs is not None  # every pair kept, reordered per head: the scores stay
+    narrow_values(block, spec.head_dim, _moment(block.self_attn.core(block.input_layernorm(x), cos, sin)), "obs", 1e-9)
     values = streamrom.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
     narrow_mlp(block, spec.intermediate_size, _moment(values["mlp"]), "obs", 1e-9)
     torch.testing.assert_close(block(x, cos, sin), before, atol=2e-4, rtol=1e-4)
@@ -145,10 +174,14 @@ def test_keeping_every_neuron_and_value_dimension_reproduces_the_block(tiny_mode
 @torch.no_grad()
 def test_narrowed_block_has_narrower_dense_matrices(tiny_models):
     spec, block, x, cos, sin = _block_and_inputs(tiny_models)
-    narrow_values(block, 8, _moment(block.self_attn.core(block.input_layernorm(x), cos, sin)), 1e-6)
+    narrow_query_key(block, 3, _moment(block.input_layernorm(x)), "obs", 1e-6)
+    narrow_values(block, 8, _moment(block.self_attn.core(block.input_layernorm(x), cos, sin)), "obs", 1e-6)
     values = streamrom.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
     narrow_mlp(block, 96, _moment(values["mlp"]), "obs", 1e-6)
     shapes = {name: tuple(value.shape) for name, value in block.state_dict().items()}
+    assert shapes["self_attn.q_proj.weight"] == (spec.num_heads * 6, spec.hidden_size)
+    assert shapes["self_attn.k_proj.weight"] == (spec.num_kv_heads * 6, spec.hidden_size)
+    assert shapes["self_attn.rotary_pairs"] == (spec.num_kv_heads, 3)
     assert shapes["self_attn.v_proj.weight"] == (spec.num_kv_heads * 8, spec.hidden_size)
     assert shapes["self_attn.o_proj.weight"] == (spec.hidden_size, spec.num_heads * 8)
     assert shapes["mlp.gate_proj.weight"] == shapes["mlp.up_proj.weight"] == (96, spec.hidden_size)
@@ -156,20 +189,60 @@ def test_narrowed_block_has_narrower_dense_matrices(tiny_models):
     assert block(x, cos, sin).shape == x.shape
 
 
+@torch.no_grad()
+def test_narrowed_queries_and_keys_equal_the_dense_block_with_the_dropped_pairs_zeroed(tiny_models):
+    """Per-head rotary tables at the kept pairs, GQA groups sharing their KV head's pairs, the dense
+    scale: the narrowed attention computes exactly what the dense one does without those pairs."""
+    spec, block, x, cos, sin = _block_and_inputs(tiny_models)
+    zeroed = Block.from_tensors(spec, {k: v.clone() for k, v in block.state_dict().items()}, 0)
+    narrow_query_key(block, 3, _moment(block.input_layernorm(x)), "obs", 1e-6)
+    pairs = block.self_attn.rotary_pairs.long().numpy()
+    half, group = spec.head_dim // 2, spec.num_heads // spec.num_kv_heads
+    for proj, heads in (("q_proj", spec.num_heads), ("k_proj", spec.num_kv_heads)):
+        weight = zeroed.linear(f"self_attn.{proj}").weight
+        for head in range(heads):
+            kv_head = head // group if proj == "q_proj" else head
+            for pair in set(range(half)) - set(pairs[kv_head].tolist()):
+                weight[[head * spec.head_dim + pair, head * spec.head_dim + pair + half]] = 0.0
+    torch.testing.assert_close(block(x, cos, sin), zeroed(x, cos, sin), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_pair_that_adds_nothing_to_the_scores_goes_at_no_cost(tiny_models):
+    spec, block, x, cos, sin = _block_and_inputs(tiny_models)
+    half = spec.head_dim // 2
+    key = block.self_attn.k_proj.weight
+    key[[3, 3 + half]] = 0.0  # KV head 0: pair 3 has no key, so it adds nothing to any score
+    key[[spec.head_dim + 5, spec.head_dim + 5 + half]] = 0.0  # KV head 1: pair 5
+    before = block(x, cos, sin)
+    narrow_query_key(block, half - 1, _moment(block.input_layernorm(x)), "obs", 1e-6)
+    pairs = block.self_attn.rotary_pairs.long().tolist()
+    assert 3 not in pairs[0] and 5 not in pairs[1]
+    torch.testing.assert_close(block(x, cos, sin), before, atol=1e-5, rtol=1e-5)
+
+
 def _config(tiny_tokens, **settings) -> CompressConfig:
     return CompressConfig(calibration=CalibrationConfig(token_file=tiny_tokens, sequences=6, seqlen=64),
                           method="structured", **settings)
+
+
+# per block: rotary pairs, value dimensions per KV head, neurons (None: as dense); block 2 untouched
+NARROWING = {"self_attn.rotary_pairs": (5, 3, None), "self_attn.value_dims": (8, 12, None),
+             "mlp.neurons": (96, 120, None)}
+
+
+def _narrowing_plan() -> dict[str, int | None]:
+    return {f"model.layers.{index}.{unit}": widths[index] for unit, widths in NARROWING.items() for index in range(3)}
 
 
 @torch.no_grad()
 def test_streamed_structured_equals_an_in_memory_reference(tiny_models, tiny_tokens, tmp_path):
     """Every block narrowed in memory, in the data's order, on the inputs the narrowed blocks before it
     give; the streamed run (chunks of 2 sequences, intermediates cached on disk) writes the same."""
-    modules = ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     output = tmp_path / "out"
-    streamrom.compress(tiny_models["llama"], output, _config(tiny_tokens, ratio=0.6, modules=modules,
-                                                             chunk_tokens=128))
-    widths = read_json(output / "config.json")["streamrom"]["widths"]
+    streamrom.compress(tiny_models["llama"], output, _config(tiny_tokens, ranks=_narrowing_plan(), chunk_tokens=128))
+    config = read_json(output / "config.json")
+    assert config["layer_query_key_head_dims"] == [10, 6, 16] and config["layer_value_head_dims"] == [8, 12, 16]
     dense = streamrom.load(tiny_models["llama"])
     spec = dense.spec
     tokens = calibration_tokens(CalibrationConfig(token_file=tiny_tokens, sequences=6, seqlen=64), None,
@@ -178,13 +251,17 @@ def test_streamed_structured_equals_an_in_memory_reference(tiny_models, tiny_tok
     x = dense.embed_tokens(torch.from_numpy(tokens.astype(np.int64)))
     ours = streamrom.load(output)
     for index, block in enumerate(dense.layers):
-        value_width = widths[f"model.layers.{index}.self_attn.value_dims"]
-        neurons = widths[f"model.layers.{index}.mlp.neurons"]
-        narrow_values(block, value_width, _moment(block.self_attn.core(block.input_layernorm(x), cos, sin), 2),
-                      1e-6)
-        values = streamrom.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
-        narrow_mlp(block, neurons, _moment(values["mlp"], 2), "obs", 1e-6)
+        pairs, value_width, neurons = (NARROWING[unit][index] for unit in NARROWING)
+        if pairs:
+            narrow_query_key(block, pairs, _moment(block.input_layernorm(x), 2), "obs", 1e-6)
+        if value_width:
+            narrow_values(block, value_width, _moment(block.self_attn.core(block.input_layernorm(x), cos, sin), 2),
+                          "obs", 1e-6)
+        if neurons:
+            values = streamrom.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
+            narrow_mlp(block, neurons, _moment(values["mlp"], 2), "obs", 1e-6)
         x = block(x, cos, sin)
+        assert ours.layers[index].state_dict().keys() == block.state_dict().keys()
         for name, tensor in block.state_dict().items():
             torch.testing.assert_close(ours.layers[index].state_dict()[name], tensor, atol=1e-5, rtol=1e-4,
                                        msg=lambda m, name=name: f"block {index} {name}: {m}")
@@ -220,6 +297,18 @@ def test_per_block_widths_load_in_transformers_with_remote_code(tiny_models, tin
         torch.testing.assert_close(model(ids).logits, streamrom.load(output)(ids), atol=1e-4, rtol=1e-4)
     report = read_json(output / "streamrom-report.json")
     assert report["parameters_after"] <= 0.75 * report["parameters_before"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_narrowed_queries_and_keys_load_in_transformers_with_remote_code(tiny_models, tiny_tokens, tmp_path, kind):
+    transformers = pytest.importorskip("transformers")
+    output = tmp_path / kind
+    streamrom.compress(tiny_models[kind], output, _config(tiny_tokens, ranks=_narrowing_plan()))
+    model = transformers.AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True,
+                                                              dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, streamrom.load(output)(ids), atol=1e-4, rtol=1e-4)
 
 
 # -- allocation ------------------------------------------------------------------------------------
@@ -294,8 +383,8 @@ def test_inspect_shows_each_blocks_widths(tiny_models, tiny_tokens, tmp_path):
     assert summary["parameter_ratio"] == pytest.approx(
         read_json(output / "streamrom-report.json")["parameter_ratio"])
     table = format_summary(summary).splitlines()
-    assert table[1].split()[-4:] == ["mlp", "v/head", "params", "MiB"]
-    assert table[3].split()[8:10] == ["96", "8"]
+    assert table[1].split()[-5:] == ["mlp", "v/head", "qk/head", "params", "MiB"]
+    assert table[3].split()[8:11] == ["96", "8", "16"]
 
 
 @torch.no_grad()

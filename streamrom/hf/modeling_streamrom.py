@@ -8,9 +8,11 @@ named by `auto_map` in its config.json, so that
 builds the architecture of `model_type` (llama, mistral, qwen2, gemma3_text) and replaces each compressed
 linear, before the weights are loaded, by two linears `reduce` (rank x in, V^T W) and `expand`
 (out x rank, V), with the ranks of config.json's "streamrom" section. Structured ROM's narrower
-blocks (layer_intermediate_sizes, layer_value_head_dims) get narrower gate/up/down, and narrower
-v_proj/o_proj whose values are padded to head_dim around the attention (transformers' attention
-takes one head width). Only torch and transformers are needed; streamrom itself is not.
+blocks (layer_intermediate_sizes, layer_value_head_dims, layer_query_key_head_dims) get narrower
+gate/up/down, narrower v_proj/o_proj whose values are padded to head_dim around the attention, and
+q_proj/k_proj holding only the kept rotary pairs, scattered back into zeros of head_dim at their
+places (transformers' attention and rotary take one head width; zeros add nothing to a score). Only
+torch and transformers are needed; streamrom itself is not.
 """
 from __future__ import annotations
 
@@ -60,13 +62,41 @@ class NarrowOutput(nn.Linear):
         return super().forward(x.unflatten(-1, (-1, self.head_dim))[..., :self.width].flatten(-2))
 
 
+class ScatteredPairs(nn.Linear):
+    """q_proj or k_proj holding each head's kept rotary pairs (the attention's rotary_pairs, per KV
+    head: first halves j, then partners j + head_dim/2), scattered back to their places in head_dim."""
+
+    def __init__(self, in_features: int, heads: int, width: int, head_dim: int, bias: bool, attention: nn.Module):
+        super().__init__(in_features, heads * width, bias=bias)
+        self.heads, self.width, self.head_dim = heads, width, head_dim
+        self._attention = [attention]  # a list: the attention is this module's parent, not a submodule
+
+    def forward(self, x):
+        pairs = self._attention[0].rotary_pairs.long()
+        dims = torch.cat((pairs, pairs + self.head_dim // 2), dim=1).repeat_interleave(
+            self.heads // pairs.shape[0], dim=0)
+        kept = super().forward(x).unflatten(-1, (self.heads, self.width))
+        full = kept.new_zeros(*kept.shape[:-1], self.head_dim)
+        return full.scatter(-1, dims.expand_as(kept), kept).flatten(-2)
+
+
 def install_structured(model: nn.Module, config) -> None:
-    """Narrower MLPs and values in the blocks that structured ROM narrowed."""
+    """Narrower MLPs, values, queries and keys in the blocks that structured ROM narrowed."""
     inter = getattr(config, "layer_intermediate_sizes", None)
     values = getattr(config, "layer_value_head_dims", None)
+    query_keys = getattr(config, "layer_query_key_head_dims", None)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     for index, layer in enumerate(model.model.layers):
         mlp, attention = layer.mlp, layer.self_attn
+        if query_keys is not None and query_keys[index] != head_dim:
+            width = query_keys[index]
+            kv_heads = attention.k_proj.out_features // head_dim
+            # float, as stored (indices below 256 are exact in any float dtype)
+            attention.register_buffer("rotary_pairs", torch.zeros(kv_heads, width // 2))
+            for name in ("q_proj", "k_proj"):
+                dense = getattr(attention, name)
+                setattr(attention, name, ScatteredPairs(dense.in_features, dense.out_features // head_dim, width,
+                                                        head_dim, dense.bias is not None, attention))
         if inter is not None and inter[index] != mlp.down_proj.in_features:
             width, hidden = inter[index], mlp.down_proj.out_features
             mlp.gate_proj = nn.Linear(hidden, width, bias=mlp.gate_proj.bias is not None)
