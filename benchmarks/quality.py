@@ -82,13 +82,16 @@ def main() -> None:
                 compress_seconds = run(command)
                 compressed = json.loads((output / "streamrom-report.json").read_text())
                 eval_report = args.work / f"quality-{method}-{allocate}-{reduction}.eval.json"
+                # against the dense model on the same windows: KL of the next-token distributions, top-1
                 eval_seconds = run(streamrom + ["eval", str(output), "--text", str(EVAL_TEXT), "--report",
-                                                str(eval_report), *windows])
+                                                str(eval_report), "--reference", str(dense), *windows])
+                evaluation = json.loads(eval_report.read_text())["evaluation"]
                 ranks = [r for r in compressed["ranks"].values() if r is not None]
                 rows[key] = {
                     "key": key, "method": method, "allocate": allocate, "reduction": reduction,
                     "command": shlex.join(["streamrom", *command[len(streamrom) - 1 + 1:]]),
                     "perplexity": json.loads(eval_report.read_text())["perplexity"],
+                    "mean_kl": evaluation["mean_kl"], "top1_agreement": evaluation["top1_agreement"],
                     "parameter_ratio": compressed["parameter_ratio"], "factored_linears": len(ranks),
                     "compress_seconds": compress_seconds, "stage_seconds": compressed["stage_seconds"],
                     "eval_seconds": eval_seconds,
@@ -104,15 +107,18 @@ def main() -> None:
                                                 "eval_text": EVAL_TEXT.name, "max_windows": args.max_windows,
                                                 "machine": machine(), "rows": list(rows.values())}, indent=2) + "\n")
 
-    print("\n| reduction | method | allocation | parameters kept | perplexity | vs uniform | compress |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| reduction | method | allocation | parameters kept | perplexity | vs uniform | KL from dense "
+          "| top-1 agreement | compress |")
+    print("|---|---|---|---|---|---|---|---|---|")
     ordered = sorted(rows.values(), key=lambda r: (r["reduction"], r["method"], r["allocate"]))
     for row in ordered:
         uniform = rows.get(f"{row['method']}/uniform/{row['reduction']}")
         versus = f"{row['perplexity'] / uniform['perplexity'] - 1:+.1%}" if uniform and row is not uniform else ""
         compress = f"{row['compress_seconds']:.0f} s" if "compress_seconds" in row else "-"
+        closeness = (f"{row['mean_kl']:.3f} | {100 * row['top1_agreement']:.1f} %" if "mean_kl" in row
+                     else "- | -")  # (rows measured before eval --reference existed)
         print(f"| {row['reduction']}% | {row['method']} | {row['allocate']} | {row['parameter_ratio']:.3f} "
-              f"| {row['perplexity']:.2f} | {versus} | {compress} |")
+              f"| {row['perplexity']:.2f} | {versus} | {closeness} | {compress} |")
     print(f"\nwritten {args.out}")
 
 
