@@ -138,7 +138,7 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
     hidden, inter = spec.hidden_size, spec.intermediate_size
     q_width = spec.num_heads * spec.head_dim
     block_params = sum(math.prod(shape) for shape in spec.dense_block_shapes().values())
-    moment_size = max(hidden, q_width, unit_width) + 1  # inputs of q/k/v, o, gate/up (units: theirs); outputs of down
+    moment_size = max(hidden, q_width) + 1  # inputs of q/k/v, o, gate/up; outputs of down
     chosen = [(spec.linear_shape(n), r) for n, r in plan.items() if r]
     (out_f, in_f), rank = max(chosen, default=((0, 0), 0), key=lambda item: item[0][0] * item[0][1])
     float64_copy = out_f * in_f * 8 if work_bytes == 8 else 0  # float32 work uses the weight itself
@@ -157,18 +157,21 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
         + sequences_per_chunk * spec.num_heads * seqlen * seqlen * 4,
         "decomposition": max((out_f * in_f + out_f * rank + 6 * (max(hidden, q_width) + 1) ** 2) * work_bytes
                              + float64_copy,
-                             # C and, in place, its inverse; down's columns, their update, W·C
+                             # C (the statistics' sum, handed over) and, in place, its inverse; down's
+                             # columns, their update, W·C
                              unit_width ** 2 * 2 * work_bytes + 3 * hidden * unit_width * work_bytes),
         "embedding": spec.vocab_size * hidden * source_bytes + chunk * hidden * 4,
     }
     if first_pass:
         parts["pass1_autograd"] = chunk * (4 * hidden + 6 * q_width + 5 * inter) * 4 + 2 * chunk * inter * 4
         parts["pass1_statistics"] = 4 * moment_size ** 2 * 8 + moment_size ** 2 * work_bytes
-        if unit_width:  # the units' own moments beside the groups' (the MLP's: intermediate_size²)
-            parts["pass1_statistics"] += 2 * unit_width ** 2 * 8
-        # out_f x in_f: the widest linear of `plan`, which for pass 1 holds every linear at full rank
+        if unit_width:  # the units' own moments beside the groups': the widest (the MLP's, intermediate_size²,
+            # float32 when wide) and two of at most a group's size (the q/k input, the attention output)
+            parts["pass1_statistics"] += unit_width ** 2 * (4 if unit_width > 4096 else 8) + 2 * moment_size ** 2 * 8
+        # out_f x in_f: the widest linear of `plan`, which for pass 1 holds every linear at full rank; the
+        # units are priced first: C handed over, its inverse, the consumer and its refitted copy
         parts["pass1_decomposition"] = max((6 * out_f * in_f + 4 * moment_size ** 2) * work_bytes,
-                                           unit_width ** 2 * 3 * work_bytes + 2 * hidden * unit_width * work_bytes)
+                                           unit_width ** 2 * 2 * work_bytes + 2 * hidden * unit_width * work_bytes)
         parts["head"] = spec.vocab_size * hidden * (4 + source_bytes) + 3 * HEAD_POSITIONS * spec.vocab_size * 4
     return parts
 

@@ -43,7 +43,7 @@ def active_units(spec: ModelSpec, config: CompressConfig) -> list[StructuredUnit
 
 def plan_names(config: CompressConfig) -> tuple[str, ...]:
     """What a block's plan holds: every linear's rank, and for structured methods every unit's width."""
-    return BLOCK_LINEARS + (UNIT_NAMES if config.compression_method.structured else ())
+    return BLOCK_LINEARS + config.compression_method.units
 
 
 def rank_plan(spec: ModelSpec, config: CompressConfig) -> dict[str, int | None]:
@@ -62,7 +62,7 @@ def rank_plan(spec: ModelSpec, config: CompressConfig) -> dict[str, int | None]:
             saves = decompose.saves_parameters(rank, out_features, in_features, MIN_FACTOR_SAVING)
             plan[name] = rank if saves else None
     if config.compression_method.structured:
-        plan.update(dict.fromkeys(UNIT_NAMES))
+        plan.update(dict.fromkeys(config.compression_method.units))
         for unit in active_units(spec, config):
             slot = _unit_slot(spec, unit, 0)
             width = max(slot.rank_at(config.ratio), decompose.RANK_MULTIPLE)
@@ -153,8 +153,8 @@ def _checked_ranks(spec: ModelSpec, config: CompressConfig, ranks: dict[str, int
     for key, rank in ranks.items():
         if key not in plan:
             raise UsageError(f"ranks name {key!r}, which is not a block linear of this model"
-                             + ("" if config.compression_method.structured or not key.endswith(UNIT_NAMES)
-                                else f" that --method {config.method} sizes (a structured run's plan)"))
+                             + ("" if not key.endswith(UNIT_NAMES)
+                                else f" that --method {config.method} sizes (another method's plan)"))
         name = key.split(".", 3)[3]
         if rank and name in UNIT_NAMES and not UNIT_BY_NAME[name].applies_to(spec):
             raise UsageError(f"ranks narrow {key}, which a {spec.model_type} model cannot narrow")

@@ -46,9 +46,15 @@ class MomentAccumulator:
         return (self.sum_outer / self.count).numpy()
 
     def second_moment_as(self, dtype) -> np.ndarray:
-        """E[x xᵀ] in `dtype`, without a second float64 copy (wide moments: band by band)."""
+        """E[x xᵀ] in `dtype`, without a second float64 copy (wide moments: band by band). A wide
+        float32 sum wanted in float32 is divided in place and handed over, so that no second copy
+        (485 MB at 7B shape) lives beside it while the caller works: the accumulator is spent."""
         if self.size <= WIDE:
             return self.second_moment().astype(dtype, copy=False)
+        if self.sum_outer.dtype == torch.float32 and np.dtype(dtype) == np.float32:
+            moment = self.sum_outer.div_(self.count).numpy()
+            self.sum_outer = None  # spent: the moment is the caller's now
+            return moment
         result = np.empty((self.size, self.size), dtype=dtype)
         for start in range(0, self.size, BAND):
             result[start:start + BAND] = (self.sum_outer[start:start + BAND].double() / self.count).numpy()

@@ -223,7 +223,7 @@ def test_a_pair_that_adds_nothing_to_the_scores_goes_at_no_cost(tiny_models):
 
 def _config(tiny_tokens, **settings) -> CompressConfig:
     return CompressConfig(calibration=CalibrationConfig(token_file=tiny_tokens, sequences=6, seqlen=64),
-                          method="structured", **settings)
+                          **{"method": "structured", **settings})
 
 
 # per block: rotary pairs, value dimensions per KV head, neurons (None: as dense); block 2 untouched
@@ -240,7 +240,9 @@ def test_streamed_structured_equals_an_in_memory_reference(tiny_models, tiny_tok
     """Every block narrowed in memory, in the data's order, on the inputs the narrowed blocks before it
     give; the streamed run (chunks of 2 sequences, intermediates cached on disk) writes the same."""
     output = tmp_path / "out"
-    streamrom.compress(tiny_models["llama"], output, _config(tiny_tokens, ranks=_narrowing_plan(), chunk_tokens=128))
+    # (mixed: the method that narrows all three units)
+    streamrom.compress(tiny_models["llama"], output, _config(tiny_tokens, method="mixed", ranks=_narrowing_plan(),
+                                                             chunk_tokens=128))
     config = read_json(output / "config.json")
     assert config["layer_query_key_head_dims"] == [10, 6, 16] and config["layer_value_head_dims"] == [8, 12, 16]
     dense = streamrom.load(tiny_models["llama"])
@@ -303,7 +305,7 @@ def test_per_block_widths_load_in_transformers_with_remote_code(tiny_models, tin
 def test_narrowed_queries_and_keys_load_in_transformers_with_remote_code(tiny_models, tiny_tokens, tmp_path, kind):
     transformers = pytest.importorskip("transformers")
     output = tmp_path / kind
-    streamrom.compress(tiny_models[kind], output, _config(tiny_tokens, ranks=_narrowing_plan()))
+    streamrom.compress(tiny_models[kind], output, _config(tiny_tokens, method="mixed", ranks=_narrowing_plan()))
     model = transformers.AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True,
                                                               dtype=torch.float32).eval()
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))
