@@ -38,10 +38,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from quality import quality_row  # noqa: E402
-from real_model import EVAL_TEXT, dense_model, run, streamrom_cli  # noqa: E402
+from real_model import EMMA, EVAL_TEXT, dense_model, run, streamrom_cli  # noqa: E402
 
 import streamrom  # noqa: E402
-from streamrom.calibration import default_calibration_text, evaluation_windows, load_tokenizer, tokenize_files  # noqa: E402
+from streamrom.calibration import evaluation_windows, load_tokenizer, tokenize_files  # noqa: E402
 from streamrom.report import machine  # noqa: E402
 
 
@@ -133,7 +133,7 @@ def main() -> None:
         outputs[method] = args.work / f"centered-{method}-{args.ratio}"
         if not (outputs[method] / "model.safetensors.index.json").is_file():
             run(cli + ["compress", str(dense), str(outputs[method]), "--method", method, "--ratio", str(args.ratio),
-                       "--overwrite"])
+                       "--overwrite", "--calib-text", str(EMMA)])
 
     spectrum_pair = {}
     for method in ("rom", "rom-centered"):  # benchmarks/quality.py's row: the same folder and pass 1
@@ -142,7 +142,7 @@ def main() -> None:
             run(command)
 
     tokenizer = load_tokenizer(dense)
-    texts = {"held_out": EVAL_TEXT, "calibration": default_calibration_text()}
+    texts = {"held_out": EVAL_TEXT, "calibration": EMMA}
     result = {"benchmark": "centered", "ratio": args.ratio, "windows": args.max_windows, "machine": machine(),
               "texts": {name: path.name for name, path in texts.items()}}
     models = {name: streamrom.load(folder) for name, folder in {"dense": dense, **outputs}.items()}

@@ -1,6 +1,6 @@
 """Quality benchmark: method x allocation x whole-model size on the real model.
 
-SmolLM2-135M-Instruct, calibrated with the defaults (32 x 512 tokens of Emma), perplexity on Pride
+SmolLM2-135M-Instruct, calibrated on 32 x 512 tokens of Emma (`--calib-text`; the default before the general set), perplexity on Pride
 and Prejudice (never used for calibration). Each row is one `streamrom compress --target-params`
 command (a whole-model parameter target) followed by `streamrom eval`, each its own process, read
 back from their JSON reports. Rows already in the results file are kept unless rerun. The spectrum
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from real_model import EVAL_TEXT, dense_model, run, streamrom_cli  # noqa: E402
+from real_model import EMMA, EVAL_TEXT, dense_model, run, streamrom_cli  # noqa: E402
 
 from streamrom.report import machine  # noqa: E402
 
@@ -35,7 +35,7 @@ def quality_row(cli: list[str], dense: Path, work: Path, method: str, allocate: 
     output = work / f"quality-{method}-{allocate}-{reduction}"
     name, _, selection = method.partition("+")
     command = cli + ["compress", str(dense), str(output), "--method", name, "--allocate", allocate,
-                     "--target-params", f"{1 - reduction / 100:.2f}", "--overwrite"]
+                     "--target-params", f"{1 - reduction / 100:.2f}", "--overwrite", "--calib-text", str(EMMA)]
     if selection:
         command += ["--neuron-selection", selection]
     if allocate in ("spectrum", "bayes"):  # pass 1 does not depend on the size: made once per method

@@ -1,15 +1,22 @@
 """Calibration and evaluation tokens: text files through the model's own tokenizer, or a .npy of ids.
 
-Defaults (CalibrationConfig): 32 sequences of 512 tokens, seed 0, drawn at random offsets from the
-whole token stream. 16,384 tokens are over three times the widest hidden size of a 7B/13B model
-(4096/5120), so the input second moments are well conditioned; 512-token windows give attention
-realistic context; and the forward passes over them keep a 7B run on a laptop CPU within hours. The
-same 32 x 512 setting was used for the reference measurements in the issues. Random offsets (as in
-GPTQ and ROM) sample the whole text rather than its first pages.
+Defaults (CalibrationConfig): 32 sequences of 512 tokens, seed 0, drawn at random offsets. 16,384
+tokens are over three times the widest hidden size of a 7B/13B model (4096/5120), so the input
+second moments are well conditioned; 512-token windows give attention realistic context; and the
+forward passes over them keep a 7B run on a laptop CPU within hours. Random offsets (as in GPTQ and
+ROM) sample a whole text rather than its first pages.
+
+The default text is the general calibration set shipped in streamrom/data/general (data/
+build_general.py rebuilds it; SOURCES.json lists sources and licences): narrative prose of two
+authors and periods (Austen's Emma, Carroll's Alice with its dialogue), technical documentation and
+code. Several text files are parts: each gives an equal share of the sequences (the first ones one
+more where they do not divide), so that no text dominates by its length; a part's sequences are
+drawn from it alone, with its own seed. One file is exactly the single-text draw.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -23,16 +30,19 @@ from .errors import InputError, UsageError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CALIBRATION_TEXT = "emma.txt"  # shipped in streamrom/data, public domain (Jane Austen)
+GENERAL_SET = "general"  # streamrom/data/general: the default calibration parts, SOURCES.json their record
 
 
-def default_calibration_text() -> Path:
-    return Path(str(resources.files("streamrom") / "data" / DEFAULT_CALIBRATION_TEXT))
+def default_calibration_texts() -> tuple[Path, ...]:
+    """The general calibration set's parts, in SOURCES.json's order."""
+    folder = Path(str(resources.files("streamrom") / "data" / GENERAL_SET))
+    names = json.loads((folder / "SOURCES.json").read_text(encoding="utf-8"))["parts"]
+    return tuple(folder / f"{name}.txt" for name in names)
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    text_files: tuple[Path, ...] = ()  # empty: the packaged default text
+    text_files: tuple[Path, ...] = ()  # empty: the packaged general set; several: parts of equal share
     token_file: Path | None = None  # a .npy of token ids, 1-D stream or 2-D (sequences, length)
     sequences: int = 32
     seqlen: int = 512
@@ -118,14 +128,19 @@ def draw_sequences(stream: np.ndarray, sequences: int, seqlen: int, seed: int) -
     return np.stack([stream[s:s + seqlen] for s in starts])
 
 
-def _calibration_ids(config: CalibrationConfig, checkpoint: Path, vocab_size: int) -> np.ndarray:
-    """The calibration source as token ids: a token file as saved (1-D stream or 2-D rows), or the
-    text files (default: the packaged one) through the checkpoint's tokenizer."""
+def _calibration_streams(config: CalibrationConfig, checkpoint: Path, vocab_size: int) -> list[np.ndarray]:
+    """The calibration source as token ids: a token file as saved (one 1-D stream or 2-D rows), or each
+    text file (default: the general set's parts) through the checkpoint's tokenizer, one stream each."""
     if config.token_file is not None:
-        return load_token_file(config.token_file, vocab_size)
-    files = config.text_files or (default_calibration_text(),)
-    return check_vocabulary(tokenize_files(load_tokenizer(checkpoint), files), vocab_size,
-                            f"the tokenizer of {checkpoint}")
+        return [load_token_file(config.token_file, vocab_size)]
+    tokenizer = load_tokenizer(checkpoint)
+    return [check_vocabulary(tokenize_files(tokenizer, [path]), vocab_size, f"the tokenizer of {checkpoint}")
+            for path in config.text_files or default_calibration_texts()]
+
+
+def part_shares(sequences: int, parts: int) -> list[int]:
+    """Sequences per part: equal, the first `sequences % parts` one more."""
+    return [sequences // parts + (1 if index < sequences % parts else 0) for index in range(parts)]
 
 
 def _chosen_rows(rows: int, config: CalibrationConfig) -> np.ndarray:
@@ -134,33 +149,47 @@ def _chosen_rows(rows: int, config: CalibrationConfig) -> np.ndarray:
     return np.sort(rng.choice(rows, size=min(config.sequences, rows), replace=False))
 
 
+def _part_draws(streams: list[np.ndarray], config: CalibrationConfig) -> list[tuple[np.ndarray, int, int]]:
+    """(stream, sequences, seed) of each part that calibration draws from (one part: the config's seed)."""
+    counts = part_shares(config.sequences, len(streams))
+    return [(stream, count, config.seed + index) for index, (stream, count) in enumerate(zip(streams, counts))
+            if count]
+
+
 def calibration_tokens(config: CalibrationConfig, checkpoint: Path, vocab_size: int) -> np.ndarray:
     """(sequences, seqlen) token ids for calibration."""
-    ids = _calibration_ids(config, checkpoint, vocab_size)
+    streams = _calibration_streams(config, checkpoint, vocab_size)
+    ids = streams[0]
     if ids.ndim == 2:
         if ids.shape[1] < config.seqlen or ids.shape[0] < 1:
             raise InputError(f"token file rows are {ids.shape[1]} tokens, shorter than seqlen {config.seqlen}")
         return ids[_chosen_rows(ids.shape[0], config), :config.seqlen]
-    return draw_sequences(ids, config.sequences, config.seqlen, config.seed)
+    return np.concatenate([draw_sequences(stream, count, config.seqlen, seed)
+                           for stream, count, seed in _part_draws(streams, config)])
 
 
 def held_out_windows(config: CalibrationConfig, checkpoint: Path, vocab_size: int, count: int) -> np.ndarray:
     """Up to `count` consecutive `seqlen` windows of the calibration text that no calibration sequence
-    touches: a held-out slice of the same text, for scoring allocation trials."""
-    stream = _calibration_ids(config, checkpoint, vocab_size)
-    if stream.ndim == 2:  # rows: calibration takes some, the others are held out
+    touches: a held-out slice of the same text (of every part in turn), for scoring allocation trials."""
+    streams = _calibration_streams(config, checkpoint, vocab_size)
+    if streams[0].ndim == 2:  # rows: calibration takes some, the others are held out
+        stream = streams[0]
         taken = set(_chosen_rows(stream.shape[0], config).tolist())
         free = [row for row in range(stream.shape[0]) if row not in taken][:count]
         if not free:
             raise UsageError("every row of the token file is used for calibration: none is left to score on")
         return stream[free, :config.seqlen]
-    if len(stream) < config.seqlen:
-        raise InputError(f"calibration text too short: {len(stream)} tokens")
-    used = np.zeros(len(stream), dtype=bool)
-    for start in _draw_starts(len(stream), config.sequences, config.seqlen, config.seed):
-        used[start:start + config.seqlen] = True
-    windows = [stream[s:s + config.seqlen] for s in range(0, len(stream) - config.seqlen + 1, config.seqlen)
-               if not used[s:s + config.seqlen].any()][:count]
+    per_part = []
+    for stream, sequences, seed in _part_draws(streams, config):
+        if len(stream) < config.seqlen:
+            raise InputError(f"calibration text too short: {len(stream)} tokens")
+        used = np.zeros(len(stream), dtype=bool)
+        for start in _draw_starts(len(stream), sequences, config.seqlen, seed):
+            used[start:start + config.seqlen] = True
+        per_part.append([stream[s:s + config.seqlen] for s in range(0, len(stream) - config.seqlen + 1, config.seqlen)
+                         if not used[s:s + config.seqlen].any()])
+    # round robin over the parts, so a few windows still see every genre
+    windows = [part[i] for i in range(max(map(len, per_part), default=0)) for part in per_part if i < len(part)][:count]
     if not windows:
         raise UsageError("the calibration text has no window left that calibration does not use: give a longer "
                          "text or fewer --calib-sequences")

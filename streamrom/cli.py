@@ -148,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--target-size", type=float, metavar="GB", dest="target_size_gb",
                         help="the output's tensor bytes in GB (1e9 bytes), in the output dtype")
     comp.add_argument("--calib-text", "--general-text", type=Path, nargs="+", default=[],
-                      help="calibration text files (default: the packaged Emma, public domain); with "
-                           "--target-text, the general text")
+                      help="calibration text files, each a part drawn from for an equal share of the sequences "
+                           "(default: the packaged general set: Austen's Emma, Carroll's Alice, Python's "
+                           "documentation and standard library code); with --target-text, the general text")
     comp.add_argument("--target-text", type=Path, nargs="+", default=[],
                       help="the application's text (e.g. code): drawn like the general text (--calib-sequences "
                            "more sequences), its moments mixed with the general ones per linear")

@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from streamrom.calibration import default_calibration_text
-
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("STREAMROM_TEST_CACHE", REPO / ".cache"))
 EVAL_TEXT = REPO / "data" / "austen" / "prideprejudice.txt"  # never used for calibration
-CALIBRATION_TEXT = default_calibration_text()  # Emma, shipped in the package
+# Emma, a part of the general calibration set shipped in the package
+CALIBRATION_TEXT = REPO / "streamrom" / "data" / "general" / "austen-emma.txt"
 
 
 def smollm2_gguf() -> Path:

@@ -19,7 +19,9 @@ HERE = Path(__file__).resolve().parent
 RECORD = HERE / "reference_outputs.json"
 # Three blocks (first, middle, last) and 4 x 128 calibration tokens: every code path of the block loop,
 # pass 1 and the task-targeted statistics, in about a minute for all cases.
-COMMON = ["--layers", "0,14,29", "--calib-sequences", "4", "--calib-seqlen", "128", "--ratio", "0.6"]
+# Emma: the default calibration text when the digests were recorded
+COMMON = ["--layers", "0,14,29", "--calib-sequences", "4", "--calib-seqlen", "128", "--ratio", "0.6",
+          "--calib-text", str(HERE.parent / "streamrom" / "data" / "general" / "austen-emma.txt")]
 CASES = {
     "rom-uniform": ["--method", "rom"],
     "rom-centered-uniform": ["--method", "rom-centered"],
