@@ -48,7 +48,7 @@ def block_plan(plan: dict[str, int | None], index: int) -> dict[str, int | None]
 def compress_block(block: Block, plan: dict[str, int | None], inputs: ActivationBuffer,
                    outputs: ActivationBuffer | None, cache: BlockCache, cos: torch.Tensor, sin: torch.Tensor,
                    config: CompressConfig, chunk_sequences: int, timer: StageTimer,
-                   block_label: str = "", target_from: int | None = None) -> None:
+                   block_label: str = "", target_from: int | None = None, scratch: Path | None = None) -> None:
     """Replace the planned linears of `block` by the method's modules, one group after the other, and
     write the compressed block's outputs for `inputs` to `outputs` (unless None).
 
@@ -106,6 +106,7 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
             with timer("statistics"):
                 statistics.add(features, start)
         del values, features  # the last chunk's activations, not needed by the decomposition
+        release_freed_memory()
         cached.extend(written)
         if not statistics.is_finite():
             raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo or unit.linears)} "
@@ -114,7 +115,7 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
             moments = statistics.moments(work_dtype, method.centered, config.damping)
             if unit is not None:
                 method.compress_unit(block, unit, plan[unit.name], moments.parts[0],
-                                     config.neuron_selection, config.damping)
+                                     config.neuron_selection, config.damping, scratch)
                 if unit.narrows_reads:  # its features are narrower now: recomputed, never read from the cache
                     narrowed.add(unit.reads)
                     cached = [name for name in cached if name != unit.reads]
@@ -271,7 +272,7 @@ class _BlockSteps:
         cache = self.cache(inputs.shape[:2]) if inputs is not None and uses_calibration else None
         compress_block(block, block_plan(self.plan, index), inputs, activations.outputs if has_next else None,
                        cache, self.cos, self.sin, self.config, self.chunk_sequences, self.timer,
-                       block_label=block_prefix(index), target_from=self.target_from)
+                       block_label=block_prefix(index), target_from=self.target_from, scratch=self.work)
         fault_point(f"during-block-{index}")
         if has_next:
             activations.outputs.sync()

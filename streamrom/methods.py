@@ -7,7 +7,10 @@ the memory and disk estimates and pass 1 ask the method, never its name.
 """
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,9 +82,10 @@ class Method:
         raise NotImplementedError
 
     def compress_unit(self, block: Block, unit: StructuredUnit, width: int, moments: decompose.InputMoments,
-                      selection: str, damping: float) -> None:
-        """Narrow `unit` of the block to `width` units, from the moments of unit.reads."""
-        NARROWERS[unit.name](block, width, moments, selection, damping)
+                      selection: str, damping: float, scratch: Path | None = None) -> None:
+        """Narrow `unit` of the block to `width` units, from the moments of unit.reads (`scratch`: a
+        folder for what waits on disk meanwhile)."""
+        NARROWERS[unit.name](block, width, moments, selection, damping, scratch)
 
 
 class ReducedOrderModel(Method):
@@ -112,7 +116,7 @@ def _array(tensor: torch.Tensor, dtype) -> np.ndarray:
 
 
 def narrow_query_key(block: Block, width: int, moments: decompose.InputMoments, selection: str,
-                     damping: float) -> None:
+                     damping: float, scratch: Path | None = None) -> None:
     """Keep `width` rotary pairs per KV head: their rows of q_proj (every query head of the group) and
     k_proj as they are, chosen by the scores they carry (structured.rotary_pair_order)."""
     attention = block.self_attn
@@ -130,12 +134,28 @@ def narrow_query_key(block: Block, width: int, moments: decompose.InputMoments, 
     attention.keep_rotary_pairs(torch.from_numpy(pairs.astype(np.float32)))
 
 
-def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, selection: str, damping: float) -> None:
-    """Keep `width` neurons: their rows of gate and up as they are, down refitted on them."""
+def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, selection: str, damping: float,
+               scratch: Path | None = None) -> None:
+    """Keep `width` neurons: their rows of gate and up as they are, down refitted on them. With
+    `scratch` (a folder) a wide moment (the MLP's at 7B shape: 485 MB) waits there on disk while
+    its own buffer holds the greedy removal's inverse, and is read back for the refit."""
     moment = moments.second_moment
     mlp = block.mlp
     down = _array(mlp.down_proj.weight, moment.dtype)
-    kept = structured.select_neurons(moment, down, width, selection, damping)
+    spill = (scratch is not None and selection == "obs" and moment.shape[0] > structured.IN_PLACE_FROM
+             and moment.flags.c_contiguous)
+    with tempfile.TemporaryFile(dir=scratch) if spill else contextlib.nullcontext() as parked:
+        if spill:
+            moment.tofile(parked)
+        kept = structured.select_neurons(moment, down, width, selection, damping, overwrite_moment=spill)
+        if spill:  # the inverse is done with: C back into its own buffer
+            parked.seek(0)
+            view, done = memoryview(moment).cast("B"), 0
+            while done < len(view):
+                got = parked.readinto(view[done:])
+                if not got:
+                    raise OSError("the parked moment is shorter than written")
+                done += got
     refitted = torch.from_numpy(np.ascontiguousarray(structured.refit_columns(down, moment, kept, damping)))
     rows = torch.from_numpy(kept)
     for name in ("gate_proj", "up_proj"):
@@ -144,7 +164,8 @@ def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, select
     mlp.down_proj = dense_linear(refitted, mlp.down_proj.bias)
 
 
-def narrow_values(block: Block, width: int, moments: decompose.InputMoments, selection: str, damping: float) -> None:
+def narrow_values(block: Block, width: int, moments: decompose.InputMoments, selection: str, damping: float,
+                  scratch: Path | None = None) -> None:
     """Narrow each KV head's values to `width` dimensions (v_proj rows), o_proj refitted on them."""
     moment = moments.second_moment
     attention = block.self_attn

@@ -93,7 +93,7 @@ class Removal:
 
 
 def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: float,
-                order: np.ndarray | None = None) -> Removal:
+                order: np.ndarray | None = None, overwrite_moment: bool = False) -> Removal:
     """Greedy structured-OBS removal of features until `keep` are left.
 
     Removing the set R from the live set, with the live columns of W refitted, costs
@@ -101,7 +101,9 @@ def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: floa
     form (W_A −= W_R H_RR⁻¹ H_RA, H_AA −= H_AR H_RR⁻¹ H_RA). Each round removes the cheapest batch
     (about 1/64 of the live set), its joint cost shared among its features by their single costs.
     With `order` (most important first) the features go in that order instead, and only the costs
-    are computed (to price another selection by the same measure).
+    are computed (to price another selection by the same measure). With `overwrite_moment`, a wide
+    moment's own buffer becomes the inverse (its contents are lost: the caller keeps a copy where it
+    needs C again), so that no second n x n array is alive during the removal.
     """
     size = moment.shape[0]
     keep = max(0, min(keep, size))
@@ -110,7 +112,11 @@ def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: floa
     # wider (the MLP at 7B shape: 11008, 485 MB per float32 copy) H and W stay full-size and are
     # updated in place, the removed rows and columns falling to zero, so no round copies H.
     in_place = size > IN_PLACE_FROM
-    damped_moment = damped(moment, damping)
+    if in_place and overwrite_moment and moment.flags.c_contiguous:
+        damped_moment = moment  # damped in place (a sum of x xᵀ is symmetric to its rounding; LU needs no symmetry)
+        damped_moment[np.diag_indices_from(damped_moment)] += damping * float(np.mean(np.diag(damped_moment)))
+    else:
+        damped_moment = damped(moment, damping)
     # symmetric, so its transpose is the Fortran-ordered matrix LAPACK inverts in place
     inverse = (scipy.linalg.inv(damped_moment.T, overwrite_a=True, check_finite=False).T if in_place
                else scipy.linalg.inv(damped_moment, overwrite_a=True, check_finite=False))
@@ -179,12 +185,14 @@ def _subtract_product(target: np.ndarray, left: np.ndarray, right: np.ndarray) -
     return result.T
 
 
-def select_neurons(moment: np.ndarray, weight: np.ndarray, keep: int, selection: str, damping: float) -> np.ndarray:
-    """The `keep` features to keep, sorted by index."""
+def select_neurons(moment: np.ndarray, weight: np.ndarray, keep: int, selection: str, damping: float,
+                   overwrite_moment: bool = False) -> np.ndarray:
+    """The `keep` features to keep, sorted by index (`overwrite_moment`: see obs_removal)."""
     if selection == "leverage":
         kept = leverage_order(moment)[:keep]
     elif selection == "obs":
-        kept = obs_removal(moment, weight, keep, max(damping, SELECTION_DAMPING)).order[:keep]
+        kept = obs_removal(moment, weight, keep, max(damping, SELECTION_DAMPING),
+                           overwrite_moment=overwrite_moment).order[:keep]
     else:
         raise ValueError(f"unknown neuron selection {selection!r}")
     return np.sort(kept)

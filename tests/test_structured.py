@@ -424,3 +424,21 @@ def test_wide_refit_equals_the_narrow_one(monkeypatch):
     narrow = structured.refit_columns(weight, moment, kept, 1e-6)
     monkeypatch.setattr(structured, "IN_PLACE_FROM", 10)
     np.testing.assert_allclose(structured.refit_columns(weight, moment, kept, 1e-6), narrow, rtol=1e-3, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_parked_moment_gives_the_same_narrowing_and_comes_back_whole(tiny_models, tmp_path, monkeypatch):
+    """Wide moments (in place path) wait on disk while their buffer holds the inverse: the same
+    neurons are kept, the refit agrees, and the caller's moment is bit for bit what it was."""
+    monkeypatch.setattr(structured, "IN_PLACE_FROM", 10)
+    spec, block, x, cos, sin = _block_and_inputs(tiny_models)
+    twin = Block.from_tensors(spec, {k: v.clone() for k, v in block.state_dict().items()}, 0)
+    values = streamrom.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
+    moments = _moment(values["mlp"])
+    original = moments.second_moment.copy()
+    narrow_mlp(twin, 96, _moment(values["mlp"]), "obs", 1e-6)
+    narrow_mlp(block, 96, moments, "obs", 1e-6, scratch=tmp_path)
+    np.testing.assert_array_equal(moments.second_moment, original)
+    assert list(tmp_path.iterdir()) == []  # the parked copy is gone
+    torch.testing.assert_close(block.mlp.gate_proj.weight, twin.mlp.gate_proj.weight)  # the same neurons
+    torch.testing.assert_close(block.mlp.down_proj.weight, twin.mlp.down_proj.weight, atol=1e-5, rtol=1e-4)
