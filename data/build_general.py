@@ -185,13 +185,14 @@ def main() -> None:
     files.update({EVALUATION / f"{name}.txt": text for name, text in evaluation.items()})
     files[SOURCES_FILE] = json.dumps(sources, indent=1, ensure_ascii=False) + "\n"
     if args.check:
+        # bytes, not text: Alice keeps Project Gutenberg's CRLF line ends, which reading text would translate
         differ = [str(p.relative_to(REPO)) for p, text in files.items()
-                  if not p.is_file() or p.read_text(encoding="utf-8") != text]
+                  if not p.is_file() or p.read_bytes() != text.encode("utf-8")]
         print("identical" if not differ else "differ: " + ", ".join(differ))
         sys.exit(1 if differ else 0)
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        path.write_bytes(text.encode("utf-8"))
         print(f"{len(text.encode()):>9,} bytes  {path.relative_to(REPO)}")
 
 
