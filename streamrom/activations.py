@@ -18,6 +18,16 @@ from .errors import NumericalError, OutputError
 from .modeling import Block
 
 
+def read_into(file, array: np.ndarray, what: str) -> None:
+    """Fill a C-contiguous `array` from `file`'s current position (short reads retried)."""
+    view, done = memoryview(array).cast("B"), 0
+    while done < len(view):
+        got = file.readinto(view[done:])
+        if not got:
+            raise OSError(f"{what} is shorter than expected")
+        done += got
+
+
 class ActivationBuffer:
     """A float32 file of shape (sequences, length, hidden), read and written by sequence ranges."""
 
@@ -43,13 +53,7 @@ class ActivationBuffer:
     def read(self, start: int, stop: int) -> torch.Tensor:
         out = np.empty((stop - start,) + self.shape[1:], dtype=np.float32)
         self._file.seek(start * self._row_bytes)
-        view = memoryview(out).cast("B")
-        done = 0
-        while done < len(view):
-            got = self._file.readinto(view[done:])
-            if not got:
-                raise OSError(f"activation file {self.path} is shorter than expected")
-            done += got
+        read_into(self._file, out, f"activation file {self.path}")
         return torch.from_numpy(out)
 
     def write(self, start: int, values: torch.Tensor) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import decompose, structured
+from .activations import read_into
 from .allocation import factored_parameters
 from .architectures import UNIT_NAMES, StructuredUnit
 from .modeling import Block, LinearGroup, LowRankLinear, dense_linear
@@ -150,12 +151,7 @@ def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, select
         kept = structured.select_neurons(moment, down, width, selection, damping, overwrite_moment=spill)
         if spill:  # the inverse is done with: C back into its own buffer
             parked.seek(0)
-            view, done = memoryview(moment).cast("B"), 0
-            while done < len(view):
-                got = parked.readinto(view[done:])
-                if not got:
-                    raise OSError("the parked moment is shorter than written")
-                done += got
+            read_into(parked, moment, "the parked moment")
     refitted = torch.from_numpy(np.ascontiguousarray(structured.refit_columns(down, moment, kept, damping)))
     rows = torch.from_numpy(kept)
     for name in ("gate_proj", "up_proj"):

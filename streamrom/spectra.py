@@ -152,12 +152,12 @@ def _unit_costs(name: str, block: Block, second: np.ndarray, mean: np.ndarray, s
         return None if tensor is None else tensor.detach().numpy().astype(work_dtype)
 
     if name == "self_attn.rotary_pairs":
-        linears = ((attention.q_proj, attention.num_heads), (attention.k_proj, attention.num_kv_heads))
-        energies = [structured.pair_energies(array(linear.weight), array(linear.bias), second, mean, heads,
-                                             attention.head_dim) for linear, heads in linears]
-        weighted = [structured.pair_energies(array(linear.weight), array(linear.bias), second, mean, heads,
-                                             attention.head_dim, sensitivity[f"self_attn.{proj}"])
-                    for (linear, heads), proj in zip(linears, ("q_proj", "k_proj"))]
+        energies, weighted = [], []
+        for proj, heads in (("q_proj", attention.num_heads), ("k_proj", attention.num_kv_heads)):
+            linear = getattr(attention, proj)
+            rows = structured.output_energies(array(linear.weight), array(linear.bias), second, mean)
+            energies.append(structured.per_pair(rows, heads, attention.head_dim))
+            weighted.append(structured.per_pair(rows * sensitivity[f"self_attn.{proj}"], heads, attention.head_dim))
         return structured.pair_costs(*weighted, structured.rotary_pair_order(*energies))
     consumer_name = "self_attn.o_proj" if name == "self_attn.value_dims" else "mlp.down_proj"
     consumer = array(block.linear(consumer_name).weight)

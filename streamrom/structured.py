@@ -252,16 +252,25 @@ def refit_output(o_weight: np.ndarray, attention_moment: np.ndarray, maps: list[
 
 # -- queries and keys: rotary pairs ------------------------------------------------------------------
 
-def pair_energies(weight: np.ndarray, bias: np.ndarray | None, second_moment: np.ndarray, mean: np.ndarray,
-                  heads: int, head_dim: int, row_weights: np.ndarray | None = None) -> np.ndarray:
-    """E[y_j² + y_{j+half}²] of y = W x + b per head and rotary pair j (heads x head_dim/2), from the
-    input's uncentered moment and mean (with `row_weights`, each y_r² weighted). Rotary turns each
-    pair by an angle, so the pair's energy is the same before and after it."""
+def output_energies(weight: np.ndarray, bias: np.ndarray | None, second_moment: np.ndarray,
+                    mean: np.ndarray) -> np.ndarray:
+    """E[y_r²] of each output of y = W x + b, from the input's uncentered moment and mean."""
     rows = np.einsum("ij,ij->i", weight @ second_moment, weight)
     if bias is not None:
         rows = rows + 2.0 * bias * (weight @ mean) + bias ** 2
-    rows = np.clip(rows, 0.0, None) * (1.0 if row_weights is None else row_weights)
+    return np.clip(rows, 0.0, None)
+
+
+def per_pair(rows: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
+    """Per-output values summed per head and rotary pair (j, j + head_dim/2): heads x head_dim/2."""
     return rows.reshape(heads, 2, head_dim // 2).sum(axis=1)
+
+
+def pair_energies(weight: np.ndarray, bias: np.ndarray | None, second_moment: np.ndarray, mean: np.ndarray,
+                  heads: int, head_dim: int) -> np.ndarray:
+    """E[y_j² + y_{j+half}²] of y = W x + b per head and rotary pair j (heads x head_dim/2). Rotary
+    turns each pair by an angle, so the pair's energy is the same before and after it."""
+    return per_pair(output_energies(weight, bias, second_moment, mean), heads, head_dim)
 
 
 def rotary_pair_order(query_energy: np.ndarray, key_energy: np.ndarray) -> np.ndarray:
