@@ -125,13 +125,15 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
     and the factored linears' eigen work.
 
     With `first_pass` (the spectrum and bayes allocations' pass 1, spectra.py), three more parts:
-    pass1_autograd: one chunk through the block under autograd: the tensors kept for the backward
-    (norms' inputs and scales, q/k/v before and after rotation, attention output, gate, up, SwiGLU
-    and its parts) and the largest gradients alive at once;
-    pass1_statistics: the output moments of all four input groups, summed together in one pass;
-    pass1_decomposition: the widest linear's full spectrum, the priced basis (out x in) and, where
-    its columns of tiny eigenvalue lose orthogonality, Householder QR with its copies of that basis
-    (measured at 7B shape for gate/up: 1352 MiB of numpy arrays against 428 MiB at rank 0.8);
+    pass1_autograd: one backward chunk (half a forward chunk's tokens) through the block under
+    autograd: the tensors kept for the backward (norms' inputs and scales, q/k/v before and after
+    rotation, attention output, gate, up, SwiGLU and its parts) and the largest gradients alive at once;
+    pass1_statistics: the moments of the four values the groups read (and the units with them), summed
+    in the work dtype, and the MLP neurons' wide moment;
+    pass1_decomposition: after the backward the block is gone and each weight is read back when priced:
+    the largest of the neurons' greedy removal (C turned into its inverse in place, down read back
+    and its refitted copy) and a factored linear's pricing (the weight read back and a few in x in
+    products: no out x in basis, decompose.direction_costs), beside the narrow moments;
     head: the output head in float32 (and as read) with one slice of logits, their softmax and its
     gradient, at the top between the forward and the backward.
     """
@@ -163,15 +165,15 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
         "embedding": spec.vocab_size * hidden * source_bytes + chunk * hidden * 4,
     }
     if first_pass:
-        parts["pass1_autograd"] = chunk * (4 * hidden + 6 * q_width + 5 * inter) * 4 + 2 * chunk * inter * 4
-        parts["pass1_statistics"] = 4 * moment_size ** 2 * 8 + moment_size ** 2 * work_bytes
-        if unit_width:  # the units' own moments beside the groups': the widest (the MLP's, intermediate_size²,
-            # float32 when wide) and two of at most a group's size (the q/k input, the attention output)
-            parts["pass1_statistics"] += unit_width ** 2 * (4 if unit_width > 4096 else 8) + 2 * moment_size ** 2 * 8
-        # out_f x in_f: the widest linear of `plan`, which for pass 1 holds every linear at full rank; the
-        # units are priced first: C handed over, its inverse, the consumer and its refitted copy
-        parts["pass1_decomposition"] = max((6 * out_f * in_f + 4 * moment_size ** 2) * work_bytes,
-                                           unit_width ** 2 * 2 * work_bytes + 2 * hidden * unit_width * work_bytes)
+        backward_chunk = max(seqlen, (chunk_tokens // (2 * seqlen)) * seqlen)
+        parts["pass1_autograd"] = (backward_chunk * (4 * hidden + 6 * q_width + 5 * inter) * 4
+                                   + 2 * backward_chunk * inter * 4)
+        narrow_moments = 4 * moment_size ** 2 * work_bytes
+        wide_moment = unit_width ** 2 * (4 if unit_width > 4096 else work_bytes)
+        parts["pass1_statistics"] = narrow_moments + wide_moment
+        # out_f x in_f: the widest linear of `plan`, which for pass 1 holds every linear at full rank
+        parts["pass1_decomposition"] = narrow_moments + max((out_f * in_f + 6 * moment_size ** 2) * work_bytes,
+                                                            wide_moment + 2 * hidden * unit_width * work_bytes)
         parts["head"] = spec.vocab_size * hidden * (4 + source_bytes) + 3 * HEAD_POSITIONS * spec.vocab_size * 4
     return parts
 
@@ -180,8 +182,8 @@ def estimated_peak(parts: dict[str, int]) -> int:
     """The largest sum of parts alive together: reading a block, gathering statistics with the
     block and a chunk's activations, or decomposing; before the first block, the embedding."""
     working = parts["block"] + max(parts["statistics"] + parts["activations"], parts["decomposition"])
-    if "pass1_autograd" in parts:  # pass 1: the backward's chunk with all four moments, or the head
-        working = max(working, parts["block"] + parts["pass1_statistics"]
-                      + max(parts["pass1_autograd"], parts["pass1_decomposition"]))
+    if "pass1_autograd" in parts:  # pass 1: the backward's chunk with every moment, the pricing, or the head
+        working = max(working, parts["block"] + parts["pass1_statistics"] + parts["pass1_autograd"],
+                      parts["pass1_decomposition"])
         working = max(working, parts["head"])
     return parts["runtime"] + max(working, parts["block"] + parts["read"], parts["embedding"] + parts["activations"])

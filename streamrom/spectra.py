@@ -19,22 +19,23 @@ RAM: one block, one chunk's autograd graph, the moments. Disk: L+3 activation fi
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import decompose, structured
-from .architectures import UNITS
+from .architectures import UNITS, StructuredUnit
 from .activations import ActivationBuffer, chunk_ranges, embed_into, require_finite, run_block
 from .checkpoint import CheckpointReader
 from .errors import InputError, NumericalError, UsageError
 from .head import LossHead
 from .memory import release_freed_memory
-from .modeling import EMBED, Block, BlockValues, Rotary, block_prefix
+from .modeling import EMBED, Block, BlockValues, LinearGroup, Rotary, block_prefix
 from .report import StageTimer
 from .streaming import read_blocks
-from .statistics import MomentAccumulator
+from .statistics import WIDE, MomentAccumulator
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +43,41 @@ SPECTRA_FILE = "sensitivity-spectra.npz"
 FINGERPRINT_KEY = "__made_for__"
 
 
-def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output_grads: ActivationBuffer,
-                input_grads: ActivationBuffer | None, cos: torch.Tensor, sin: torch.Tensor, chunk_sequences: int,
-                centered: bool, work_dtype, timer: StageTimer, units: list[str] = (),
-                neuron_selection: str = "obs", damping: float = 1e-6) -> dict[str, np.ndarray]:
-    """Per chosen linear of this dense block, the loss cost of dropping each output direction (in the
-    order ROM keeps them), and per chosen structured unit the cost of dropping each unit (in the order
-    structured ROM keeps them); writes the loss gradient with respect to the block's inputs (unless None)."""
+@dataclass
+class Observation:
+    """What pass 1 keeps of a dense block once its backward is through: the moment of every value a
+    chosen group or unit reads (one accumulator per value, shared), the summed squared loss gradient of
+    each output feature of the linears priced, and the attention's shape."""
+
+    moments: dict[str, MomentAccumulator]
+    groups: list[tuple[LinearGroup, str, bool]]  # (group, the value its moment is of, at its output)
+    units: list[StructuredUnit]
+    squares: dict[str, torch.Tensor]
+    tokens: int
+    heads: tuple[int, int, int]  # query heads, KV heads, head_dim
+
+
+def observe_block(block: Block, names: list[str], units: list[str], inputs: ActivationBuffer,
+                  output_grads: ActivationBuffer, input_grads: ActivationBuffer | None, cos: torch.Tensor,
+                  sin: torch.Tensor, chunk_sequences: int, work_dtype, timer: StageTimer) -> Observation:
+    """The block's backward, chunk by chunk, with the moments and gradient squares pass 1 prices from;
+    writes the loss gradient with respect to the block's inputs (unless None)."""
     product = torch.float64 if work_dtype == np.float64 else torch.float32
-    groups = [group for group in block.GROUPS if any(name in names for name in group.linears)]
-    observed = {group: group.observed(block) for group in groups}  # as compression takes them
-    moments = {group: MomentAccumulator(width, product) for group, (_, width, _) in observed.items()}
+    groups = []
+    for group in block.GROUPS:
+        if any(name in names for name in group.linears):
+            value, _, at_output = group.observed(block)
+            groups.append((group, value, at_output))
     chosen_units = [unit for unit in UNITS if unit.name in units]
-    # a unit is priced in the outputs of PRICED_IN's linears, from the moment of the value it reads
-    unit_moments = {unit.name: MomentAccumulator(block.linear(unit.linears[-1]).weight.shape[1], product)
-                    for unit in chosen_units}
+    widths = {value: group.observed(block)[1] for group, value, _ in groups}
+    # a unit reads its last linear's input (its consumer's, or q/k's own input for the rotary pairs)
+    widths.update({unit.reads: block.linear(unit.linears[-1]).weight.shape[1] for unit in chosen_units})
+    # Summed in the product dtype: pass 1 only ranks directions, and at 7B shape float64 sums of the
+    # four 4096-wide moments alive beside the autograd graph would add 270 MB to its peak. A wide one
+    # (the MLP neurons': 485 MB at 7B shape) is summed in a no-grad pass of its own after the backward,
+    # never beside the graph (one more forward of the block, against 0.5 GB less at the peak).
+    moments = {value: MomentAccumulator(width, product, sum_dtype=product) for value, width in widths.items()
+               if width <= WIDE}
     graded = list(dict.fromkeys([*names, *(name for unit in chosen_units for name in _priced_in(unit))]))
     squares = {name: torch.zeros(block.linear(name).weight.shape[0], dtype=torch.float64) for name in graded}
 
@@ -80,57 +101,86 @@ def block_costs(block: Block, names: list[str], inputs: ActivationBuffer, output
                 input_grads.write(start, require_finite(x.grad, "in the loss gradient"))
             tokens += x.shape[0] * x.shape[1]
             with timer("statistics"):
-                for group, accumulator in moments.items():
-                    accumulator.add(values[observed[group][0]].detach())
-                for unit in chosen_units:
-                    unit_moments[unit.name].add(values[unit.reads].detach())
+                for value, accumulator in moments.items():
+                    accumulator.add(values[value].detach())
             del x, values
+            release_freed_memory()
     finally:
         for hook in hooks:
             hook.remove()
-    # The autograd graph's freed tensors of up to 32 MiB stay on the malloc heap: hand them back
-    # before the eigen work (at 7B shape, with each group's sums freed once used: −500 MiB there).
-    release_freed_memory()
+    wide = [(value, width) for value, width in widths.items() if width > WIDE]
+    if wide:
+        release_freed_memory()  # the graph's freed tensors, before the wide sum is allocated
+        moments.update({value: MomentAccumulator(width, product) for value, width in wide})
+        with torch.no_grad():  # one sequence at a time: its activations beside the wide sum
+            for start, stop in chunk_ranges(inputs.shape[0], 1):
+                with timer("forward"):
+                    values = BlockValues(block, cos, sin, {"x": lambda: inputs.read(start, stop)})
+                    features = {value: values[value] for value, _ in wide}
+                with timer("statistics"):
+                    for value, _ in wide:
+                        moments[value].add(features[value])
+                del values, features
+                release_freed_memory()  # else the heap creeps chunk by chunk (+200 MB over 4 at 7B shape)
+    attention = block.self_attn
+    return Observation(moments, groups, chosen_units, squares, tokens,
+                       (attention.num_heads, attention.num_kv_heads, attention.head_dim))
 
+
+def price_block(seen: Observation, names: list[str], fetch, centered: bool, work_dtype, timer: StageTimer,
+                neuron_selection: str = "obs", damping: float = 1e-6) -> dict[str, np.ndarray]:
+    """Per chosen linear the loss cost of dropping each output direction (in the order ROM keeps them),
+    and per chosen unit the cost of dropping each unit (in the order structured ROM keeps them).
+
+    The block is gone by now: `fetch(name)` reads a linear's (weight, bias) back as numpy arrays in
+    the work dtype, one at a time, each dropped once priced; each moment goes once its last reader is
+    priced. The units come first (the MLP's wide moment is the largest thing held), each unit before
+    the group that reads the same value.
+    """
+    jobs = [("unit", unit, unit.reads) for unit in seen.units]
+    jobs += [("group", group, value) for group, value, _ in seen.groups]
+    at_output = {group: flag for group, _, flag in seen.groups}
+    last_reader = {value: index for index, (_, _, value) in enumerate(jobs)}
+    sensitivity = {name: (squares / seen.tokens).numpy().astype(work_dtype) for name, squares in seen.squares.items()}
+    # The autograd graph's freed tensors of up to 32 MiB stay on the malloc heap: hand them back
+    # before the eigen work.
+    release_freed_memory()
     costs: dict[str, np.ndarray] = {}
+    taken: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with timer("eigen"):
-        # units first: their wide moment (the MLP's) and its inverse go before the full-rank spectra of
-        # the factored linears are taken (at 7B shape gate/up's, 1.3 GB)
-        for unit in chosen_units:
-            accumulator = unit_moments.pop(unit.name)
-            if not accumulator.is_finite():
-                raise NumericalError(f"NaN or Inf activations reach {', '.join(unit.linears)}")
-            second = accumulator.second_moment_as(work_dtype)  # (a wide one handed over, not copied)
-            mean = accumulator.mean().astype(work_dtype, copy=False)
-            del accumulator
-            # mean squared loss gradient of each output feature of the linears it is priced in
-            sensitivity = {name: (squares[name] / tokens).numpy().astype(work_dtype) for name in _priced_in(unit)}
-            costs[unit.name] = _unit_costs(unit.name, block, second, mean, sensitivity, work_dtype,
-                                           neuron_selection, damping)
+        for index, (kind, item, value) in enumerate(jobs):
+            if value not in taken:
+                accumulator = seen.moments.pop(value)
+                if not accumulator.is_finite():
+                    raise NumericalError(f"NaN or Inf activations reach {', '.join(item.linears)}")
+                # a wide moment (the MLP's) is handed over, not copied, and read by one unit only
+                taken[value] = (accumulator.second_moment_as(work_dtype), accumulator.mean().astype(work_dtype))
+                del accumulator
+            second, mean = taken[value]
+            spent = last_reader[value] == index
+            if kind == "unit":
+                costs[item.name] = _unit_costs(item.name, fetch, seen.heads, second, mean, sensitivity,
+                                               neuron_selection, damping, overwrite_moment=spent)
+            else:
+                group_inputs = decompose.InputMoments(second, mean, centered)
+                for name in item.linears:
+                    if name not in names:
+                        continue
+                    if at_output[item]:  # the output's moment was accumulated directly
+                        values, vectors = decompose.top_eigenvectors(
+                            decompose.output_moment(second, mean, centered), len(second))
+                        costs[name] = decompose.sensitivity_weighted(np.clip(values, 0.0, None), vectors,
+                                                                     sensitivity[name].astype(vectors.dtype))
+                        del values, vectors
+                    else:
+                        weight, bias = fetch(name)
+                        costs[name] = decompose.direction_costs(group_inputs, weight, bias, sensitivity[name])
+                        del weight, bias
+                    costs[name] = costs[name].astype(np.float64)
+                del group_inputs
             del second, mean
-            release_freed_memory()
-        for group in list(moments):
-            accumulator = moments.pop(group)  # each group's float64 sums go once its linears are priced
-            if not accumulator.is_finite():
-                raise NumericalError(f"NaN or Inf activations reach {', '.join(group.linears)}")
-            second = accumulator.second_moment().astype(work_dtype, copy=False)
-            mean = accumulator.mean().astype(work_dtype, copy=False)
-            group_inputs = decompose.InputMoments(second, mean, centered)
-            for name in group.linears:
-                if name not in names:
-                    continue
-                linear = block.linear(name)
-                if observed[group][2]:  # the output's moment was accumulated directly
-                    values, vectors = decompose.top_eigenvectors(
-                        decompose.output_moment(second, mean, centered), min(linear.weight.shape))
-                    values = np.clip(values, 0.0, None)
-                else:
-                    bias = linear.bias.detach().numpy() if linear.bias is not None else None
-                    values, vectors = decompose.output_eigenpairs(group_inputs, linear.weight.detach().numpy(), bias)
-                sensitivity = (squares[name] / tokens).numpy().astype(vectors.dtype)
-                costs[name] = decompose.sensitivity_weighted(values, vectors, sensitivity).astype(np.float64)
-                del values, vectors
-            del accumulator, second, mean, group_inputs
+            if spent:
+                del taken[value]
             release_freed_memory()
     return costs
 
@@ -141,32 +191,45 @@ def _priced_in(unit) -> tuple[str, ...]:
     return unit.linears if unit.name == "self_attn.rotary_pairs" else unit.linears[-1:]
 
 
-def _unit_costs(name: str, block: Block, second: np.ndarray, mean: np.ndarray, sensitivity: dict[str, np.ndarray],
-                work_dtype, neuron_selection: str, damping: float) -> np.ndarray:
+def _unit_costs(name: str, fetch, heads: tuple[int, int, int], second: np.ndarray, mean: np.ndarray,
+                sensitivity: dict[str, np.ndarray], neuron_selection: str, damping: float,
+                overwrite_moment: bool = False) -> np.ndarray:
     """What keeping each unit is worth in loss units, in the order structured ROM keeps them: the
     error its removal leaves in the priced outputs, each output feature weighted by its mean
-    squared loss gradient."""
-    attention = block.self_attn
-
-    def array(tensor):
-        return None if tensor is None else tensor.detach().numpy().astype(work_dtype)
-
+    squared loss gradient. `overwrite_moment`: the moment is not needed afterwards (the greedy
+    removal may turn its buffer into the inverse)."""
+    num_heads, num_kv_heads, head_dim = heads
     if name == "self_attn.rotary_pairs":
         energies, weighted = [], []
-        for proj, heads in (("q_proj", attention.num_heads), ("k_proj", attention.num_kv_heads)):
-            linear = getattr(attention, proj)
-            rows = structured.output_energies(array(linear.weight), array(linear.bias), second, mean)
-            energies.append(structured.per_pair(rows, heads, attention.head_dim))
-            weighted.append(structured.per_pair(rows * sensitivity[f"self_attn.{proj}"], heads, attention.head_dim))
+        for proj, count in (("q_proj", num_heads), ("k_proj", num_kv_heads)):
+            weight, bias = fetch(f"self_attn.{proj}")
+            rows = structured.output_energies(weight, bias, second, mean)
+            del weight, bias
+            energies.append(structured.per_pair(rows, count, head_dim))
+            weighted.append(structured.per_pair(rows * sensitivity[f"self_attn.{proj}"], count, head_dim))
         return structured.pair_costs(*weighted, structured.rotary_pair_order(*energies))
     consumer_name = "self_attn.o_proj" if name == "self_attn.value_dims" else "mlp.down_proj"
-    consumer = array(block.linear(consumer_name).weight)
+    consumer, _ = fetch(consumer_name)
     # rows scaled by the root mean squared loss gradient: the output error in loss units
     consumer *= np.sqrt(sensitivity[consumer_name])[:, None]
     if name == "mlp.neurons":
-        return structured.neuron_costs(second, consumer, neuron_selection, damping, decompose.RANK_MULTIPLE)
-    return structured.value_maps(second, consumer, attention.num_heads, attention.num_kv_heads, attention.head_dim,
-                                 attention.head_dim, damping)[1]
+        return structured.neuron_costs(second, consumer, neuron_selection, damping, decompose.RANK_MULTIPLE,
+                                       overwrite_moment=overwrite_moment)
+    return structured.value_maps(second, consumer, num_heads, num_kv_heads, head_dim, head_dim, damping)[1]
+
+
+def _weight_reader(reader: CheckpointReader, index: int, work_dtype):
+    """fetch(name) -> (weight, bias or None) of block `index`'s linear, read from the checkpoint as
+    numpy arrays in the work dtype (a fresh copy the caller may change)."""
+    prefix = block_prefix(index)
+
+    def fetch(name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        wanted = [f"{prefix}{name}.weight"] + [f"{prefix}{name}.bias"] * (f"{prefix}{name}.bias" in reader.weight_map)
+        tensors = reader.read(wanted)
+        weight, bias = (tensors[key].to(torch.float64 if work_dtype == np.float64 else torch.float32).numpy()
+                        if key in tensors else None for key in (wanted[0], f"{prefix}{name}.bias"))
+        return weight, bias
+    return fetch
 
 
 def read_saved(path: Path) -> dict[str, np.ndarray]:
@@ -201,6 +264,9 @@ def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[i
     spec = reader.spec
     sequences, seqlen = tokens.shape
     chunk_sequences = max(1, chunk_tokens // seqlen)
+    # The backward's chunk holds the block's values under autograd (about twice a forward chunk's
+    # activations, beside every moment): half the tokens of a forward chunk.
+    backward_sequences = max(1, chunk_tokens // (2 * seqlen))
     folder = Path(work) / "spectra-pass"
     folder.mkdir(parents=True, exist_ok=True)
     first = min(layers)
@@ -247,11 +313,17 @@ def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[i
         for step, (index, block) in enumerate(backward):
             chosen = names if index in layers else []
             output_grads, input_grads = grads[step % 2], grads[(step + 1) % 2]
-            found = block_costs(block, chosen, block_inputs[index], output_grads,
-                                input_grads if index > first else None, cos, sin, chunk_sequences, centered,
-                                work_dtype, timer, list(units) if index in layers else [], neuron_selection)
-            costs.update({f"{block_prefix(index)}{name}": values for name, values in found.items()})
+            seen = observe_block(block, chosen, list(units) if index in layers else [], block_inputs[index],
+                                 output_grads, input_grads if index > first else None, cos, sin,
+                                 backward_sequences, work_dtype, timer)
+            # The pricing reads each weight back when its turn comes, one at a time. The streaming loop
+            # holds the module until its next turn: its tensors go now (the block is spent).
+            block.to(device="meta")
             del block
+            found = price_block(seen, chosen, _weight_reader(reader, index, work_dtype), centered, work_dtype,
+                                timer, neuron_selection)
+            del seen
+            costs.update({f"{block_prefix(index)}{name}": values for name, values in found.items()})
             block_inputs.pop(index + 1).close(remove=True)  # its gradient is through; the file is done
     finally:
         for buffer in [*block_inputs.values(), *grads]:

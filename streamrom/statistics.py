@@ -18,16 +18,17 @@ BAND = 1024
 
 
 class MomentAccumulator:
-    """Running Σ x xᵀ, Σ x and the count, in float64, over any number of chunks of features."""
+    """Running Σ x xᵀ, Σ x and the count, over any number of chunks of features: Σ x xᵀ in `sum_dtype`
+    (float64 unless the caller only ranks with it) or, when wide, in the product dtype; Σ x in float64."""
 
-    def __init__(self, size: int, product_dtype: torch.dtype = torch.float32):
+    def __init__(self, size: int, product_dtype: torch.dtype = torch.float32, sum_dtype: torch.dtype = torch.float64):
         self.size = size
         self.product_dtype = product_dtype
         # A wide moment (the MLP's neurons: 11008² at 7B shape) is summed in the product dtype: in
         # float64 it alone would be 970 MB. A calibration set is some tens of chunks, so float32
         # rounding over the sum stays near float32's own (~1e-7 x the chunk count).
         wide_in_float32 = size > WIDE and product_dtype == torch.float32
-        self.sum_outer = torch.zeros(size, size, dtype=torch.float32 if wide_in_float32 else torch.float64)
+        self.sum_outer = torch.zeros(size, size, dtype=torch.float32 if wide_in_float32 else sum_dtype)
         self.sum = torch.zeros(size, dtype=torch.float64)
         self.count = 0
 

