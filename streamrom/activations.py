@@ -75,6 +75,9 @@ class ActivationBuffer:
 
 
 FILE_NAMES = ("activations-a.f32", "activations-b.f32")
+# the dense model's stream beside the compressed one (anchored fits); it swaps with the compressed pair,
+# so the compressed pair's inputs file names the dense one's too
+DENSE_FILE_NAMES = ("dense-a.f32", "dense-b.f32")
 
 
 class ActivationPair:
@@ -84,16 +87,16 @@ class ActivationPair:
     """
 
     def __init__(self, folder: Path, sequences: int, length: int, hidden: int,
-                 inputs_name: str | None = None, anonymous: bool = False):
+                 inputs_name: str | None = None, anonymous: bool = False, names: tuple[str, str] = FILE_NAMES):
         folder.mkdir(parents=True, exist_ok=True)
         if anonymous:  # nothing to resume from: nameless files that no kill can leave behind
             self.inputs, self.outputs = (ActivationBuffer(folder, sequences, length, hidden, anonymous=True)
                                          for _ in range(2))
             return
-        if inputs_name is not None and inputs_name not in FILE_NAMES:
+        if inputs_name is not None and inputs_name not in names:
             raise OutputError(f"progress record names an unknown activation file {inputs_name!r}")
-        first = inputs_name or FILE_NAMES[0]
-        second = FILE_NAMES[1] if first == FILE_NAMES[0] else FILE_NAMES[0]
+        first = inputs_name or names[0]
+        second = names[1] if first == names[0] else names[0]
         self.inputs = ActivationBuffer(folder / first, sequences, length, hidden, reopen=inputs_name is not None)
         self.outputs = ActivationBuffer(folder / second, sequences, length, hidden)
 

@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--neuron-selection", choices=["obs", "leverage"], default="obs",
                       help="structured/mixed: how MLP neurons are chosen: obs (greedy removal by the structured "
                            "OBS cost, default) or leverage (ridge leverage scores, as MoDeGPT)")
+    comp.add_argument("--anchor", type=float, default=0.0, metavar="STRENGTH",
+                      help="anchored fits: stream the dense model's activations beside the compressed ones (a "
+                           "second pair of activation files) and fit each part toward the dense model's outputs: "
+                           "0 off (default), 1 fully anchored, between: a blend (README: Anchored fits)")
     comp.add_argument("--allocate", default="uniform", choices=["uniform", "last-n", "spectrum", "bayes"],
                       help="how ranks are spread: uniform (one ratio everywhere, default); last-n (ROM: only "
                            "the last N blocks, N the fewest that reach the target at --ratio); spectrum (a first "
@@ -245,7 +249,7 @@ def _run(args: argparse.Namespace) -> None:
             target_calibration=target, target_basis=args.target_basis,
             bayes=BayesConfig(trials=args.trials, seed=args.seed),
             **({"target_weight": args.target_weight} if args.target_weight is not None else {}),
-            precision=args.precision, neuron_selection=args.neuron_selection,
+            precision=args.precision, neuron_selection=args.neuron_selection, anchor=args.anchor,
             **({"modules": args.modules} if args.modules else {}))
         report = compress(args.source, args.output, config, args.report, eval_text=args.eval_text,
                           eval_max_windows=args.eval_max_windows,

@@ -53,6 +53,9 @@ class CompressConfig:
     target_basis: str = "mix"
     bayes: BayesConfig = field(default_factory=BayesConfig)  # --allocate bayes: trials, seed, held-out windows
     neuron_selection: str = "obs"  # structured MLP: greedy structured OBS, or ridge leverage (structured.py)
+    # anchored fits: a dense stream beside the compressed one, and each fit's target moved from the
+    # dense weights' outputs on the compressed inputs (0: off) to the dense model's outputs (1)
+    anchor: float = 0.0
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -70,6 +73,12 @@ class CompressConfig:
             raise UsageError(f"--target-size must be positive, got {self.target_size_gb}")
         if (self.rank is not None or self.ranks is not None) and (self.allocate != "uniform" or self.has_target):
             raise UsageError("--rank and --ranks-from fix the ranks: they do not combine with --allocate or a target")
+        if not 0.0 <= self.anchor <= 1.0:
+            raise UsageError(f"--anchor must be in [0, 1], got {self.anchor}")
+        if self.anchor and not self.compression_method.uses_calibration:
+            raise UsageError(f"--method {self.method} uses no calibration text, so nothing to anchor")
+        if self.anchor and self.target_calibration is not None:
+            raise UsageError("--anchor does not combine with a target text (yet)")
         if not 0.0 <= self.target_weight <= 1.0:
             raise UsageError(f"--target-weight must be in [0, 1], got {self.target_weight}")
         if self.target_basis not in ("mix", "select"):
@@ -128,6 +137,7 @@ class CompressConfig:
                     "damping": self.damping, "chunk_tokens": self.chunk_tokens, "dtype": self.dtype,
                     "precision": self.precision, "ranks": self.ranks,
                     **({"neuron_selection": self.neuron_selection} if self.compression_method.structured else {}),
+                    **({"anchor": self.anchor} if self.anchor else {}),
                     "calibration": {"files": [str(p) for p in self.calibration.text_files] or ["(default)"],
                                     "token_file": str(self.calibration.token_file or ""),
                                     "sequences": sequences, "seqlen": seqlen,

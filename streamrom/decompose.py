@@ -350,3 +350,91 @@ def factorise(weight: np.ndarray, bias: np.ndarray | None, basis: np.ndarray,
 def output_mean_from_inputs(weight: np.ndarray, bias: np.ndarray | None, input_mean: np.ndarray) -> np.ndarray:
     mean = weight @ input_mean
     return mean + bias if bias is not None else mean
+
+
+# -- anchored fits: the dense model's outputs as the target ------------------------------------------
+
+# The anchored least squares is damped by this fraction of the compressed input's mean variance: the
+# unconstrained map W·P·C̃⁻¹ would otherwise follow directions the calibration barely excites.
+ANCHOR_RIDGE = 1e-2
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """The dense model's side of one fit. `cross` = E[t x̃ᵀ] and `mean` = E[t], t the dense stream's value
+    (the group's input, or the lone linear's output where its moments are taken there), x̃ the
+    compressed stream's; `strength` in [0, 1] moves the target from what the dense weights make of the
+    compressed stream's inputs (0: plain ROM) to the dense model's own outputs (1)."""
+
+    cross: np.ndarray
+    mean: np.ndarray
+    strength: float
+
+
+def least_squares(gram_copy, cross_t: np.ndarray, damping: float) -> np.ndarray:
+    """X with X (G + δ) = crossᵀ's transpose, i.e. crossᵀ solved by a Cholesky factor of a fresh copy
+    of G (`gram_copy()`), in place; where the damped G is not numerically positive (float32, nearly
+    dependent features) the damping grows tenfold until it is. `cross_t`: (features x out); an
+    F-ordered one is solved in place."""
+    for attempt in range(8):
+        gram = gram_copy()
+        scale = max(float(np.mean(np.diag(gram))), 1e-30)
+        gram[np.diag_indices_from(gram)] += max(damping, 1e-12) * 10.0 ** attempt * scale
+        # (a C-ordered gram is copied by LAPACK's wrapper; the wide path hands its transpose)
+        try:
+            factor = scipy.linalg.cho_factor(gram, overwrite_a=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            continue
+        return scipy.linalg.cho_solve(factor, cross_t, overwrite_b=cross_t.flags.f_contiguous,
+                                      check_finite=False).T
+    raise np.linalg.LinAlgError("the moment stays singular under damping")
+
+
+def anchored_map(moments: InputMoments, anchor: Anchor, weight: np.ndarray, bias: np.ndarray | None,
+                 ridge: float | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(M, c, μ_t): the map of the compressed stream's input x̃ that best reproduces the dense outputs
+    W x + b (least squares over the calibration tokens, ridge-damped), blended with (W, b) by
+    1 − strength, and the mean output it is fitted to. Affine (intercept c) where the fit has a bias
+    slot (centered, or a linear with a bias): M = W Cov(x, x̃) Cov(x̃)⁻¹, c = μ_t − M μ̃; else linear:
+    M = W E[x x̃ᵀ] E[x̃ x̃ᵀ]⁻¹, c None. ROM of M on the moments of x̃ is then the reduced-rank regression
+    of the dense outputs on x̃ (its optimum, for the uncentered moments)."""
+    alpha = anchor.strength
+    mean = moments.mean
+    affine = moments.centered or bias is not None
+    if affine:
+        covariance = moments.second_moment - np.outer(mean, mean)
+        cross = anchor.cross - np.outer(anchor.mean, mean)
+    else:
+        covariance, cross = moments.second_moment, anchor.cross
+    target = np.asfortranarray((weight @ cross).T)  # (in x out): solved in place
+    fitted = least_squares(lambda: damped(covariance, 0.0), target, ANCHOR_RIDGE if ridge is None else ridge)
+    del target
+    fitted *= alpha
+    fitted += (1.0 - alpha) * weight
+    own_mean = output_mean_from_inputs(weight, bias, mean)
+    output_mean = (1.0 - alpha) * own_mean + alpha * output_mean_from_inputs(weight, bias, anchor.mean)
+    intercept = output_mean - fitted @ mean if affine else None
+    return fitted, intercept, output_mean
+
+
+def anchored_output_basis(moments: InputMoments, anchor: Anchor, rank: int) -> np.ndarray:
+    """For a lone linear whose outputs' moments are taken directly (ỹ = W x̃, the compressed stream's):
+    the rank-r projection V Vᵀ ỹ nearest the dense outputs y maximises tr Vᵀ (2 sym E[y ỹᵀ] − E[ỹ ỹᵀ]) V
+    (covariances when centered): its top eigenvectors, the second term weighted 1 − 2·strength so that
+    strength 0 is plain ROM."""
+    alpha = anchor.strength
+    own = output_moment(moments.second_moment, moments.mean, moments.centered)
+    cross = anchor.cross - np.outer(anchor.mean, moments.mean) if moments.centered else anchor.cross
+    matrix = own * (1.0 - 2.0 * alpha)
+    matrix += alpha * (cross + cross.T)
+    return top_eigenvectors(matrix, rank)[1]
+
+
+def with_output_mean(factors: Factors, input_mean: np.ndarray, output_mean: np.ndarray) -> Factors:
+    """The factors with the expand bias that makes their mean output `output_mean` on inputs of mean
+    `input_mean` (the centered variant's bias, for a fit whose target mean is not its own)."""
+    reduced = factors.reduce_weight @ input_mean
+    if factors.reduce_bias is not None:
+        reduced = reduced + factors.reduce_bias
+    return Factors(factors.reduce_weight, factors.expand_weight, factors.reduce_bias,
+                   output_mean - factors.expand_weight @ reduced)

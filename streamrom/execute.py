@@ -14,12 +14,15 @@ import logging
 import os
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from .activations import ActivationBuffer, ActivationPair, BlockCache, chunk_ranges, embed_into, require_finite
+from .activations import (DENSE_FILE_NAMES, FILE_NAMES, ActivationBuffer, ActivationPair, BlockCache, chunk_ranges,
+                          embed_into, require_finite)
 from .checkpoint import CheckpointReader, CheckpointWriter, shard_is_complete
 from .config import PRECISIONS, CompressConfig
 from .errors import NumericalError
@@ -28,7 +31,7 @@ from .architectures import ARCHITECTURES, UNIT_NAMES, UNITS
 from .modeling import BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD, Block, BlockValues, Rotary, block_class, block_prefix
 from .progress import Progress
 from .report import StageTimer
-from .statistics import GroupStatistics
+from .statistics import WIDE, CrossAccumulator, GroupStatistics
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +47,45 @@ def block_plan(plan: dict[str, int | None], index: int) -> dict[str, int | None]
             if name in BLOCK_LINEARS or f"{prefix}{name}" in plan}
 
 
+@dataclass
+class DenseStream:
+    """The dense model's activations beside the compressed ones (anchored fits): this block's inputs,
+    where its outputs go (None: nothing reads them), and disk buffers for the dense block's values that
+    the fits are anchored to (filled per block; `values(name, width)` gives one)."""
+
+    inputs: ActivationBuffer
+    outputs: ActivationBuffer | None
+    values: Callable[[str, int], ActivationBuffer]
+    strength: float
+
+
+def _anchor_points(block: Block, units: list) -> list[str | None]:
+    """Per group, the dense value its fit is anchored to: the value its moments are taken of; for a
+    structured unit, its consumer's output where the group names it (down's, for the neurons: the
+    refit's target), else the value the unit reads."""
+    points = []
+    for group, unit in zip(block.GROUPS, units):
+        points.append(group.observed(block)[0] if unit is None else (group.writes or unit.reads))
+    return points
+
+
+def _value_width(block: Block, name: str) -> int:
+    """Features per token of a value some group reads or writes."""
+    for group in block.GROUPS:
+        out_features, in_features = block.linear(group.linears[0]).weight.shape
+        if group.reads == name:
+            return in_features
+        if group.writes == name:
+            return out_features
+    raise KeyError(name)
+
+
 @torch.no_grad()
 def compress_block(block: Block, plan: dict[str, int | None], inputs: ActivationBuffer,
                    outputs: ActivationBuffer | None, cache: BlockCache, cos: torch.Tensor, sin: torch.Tensor,
                    config: CompressConfig, chunk_sequences: int, timer: StageTimer,
-                   block_label: str = "", target_from: int | None = None, scratch: Path | None = None) -> None:
+                   block_label: str = "", target_from: int | None = None, scratch: Path | None = None,
+                   dense: DenseStream | None = None) -> None:
     """Replace the planned linears of `block` by the method's modules, one group after the other, and
     write the compressed block's outputs for `inputs` to `outputs` (unless None).
 
@@ -59,6 +96,11 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
     With `target_from`, the sequences from that index on are the target text's and those before it
     the general text's: their moments are kept apart and mixed per linear (decompose.mixture_weights
     with config.target_weight).
+
+    With `dense`, the dense block first runs on the dense stream's inputs (its outputs go on as the
+    next block's dense inputs, the values the fits anchor to wait on disk), and each group's fit is
+    anchored to them (decompose.Anchor) — except while both streams are still equal (nothing upstream
+    compressed), where the anchored fit is the plain one and the plain one runs.
     """
     method = config.compression_method
     work_dtype = PRECISIONS[config.precision]
@@ -73,6 +115,22 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
     units = [next((unit for unit in UNITS if unit.reads == group.reads and plan.get(unit.name)), None)
              for group in block.GROUPS]
     last = max((g for g, todo in enumerate(work) if todo or units[g]), default=-1)
+    points = _anchor_points(block, units)
+    point_widths = {point: _value_width(block, point) for point in points}  # (while the block is dense)
+    streams_equal = True  # the compressed stream is still the dense one: inputs equal, nothing changed yet
+    if dense is not None:
+        anchored_values = {points[g]: dense.values(points[g], point_widths[points[g]])
+                           for g in range(last + 1) if work[g] or units[g]} if dense.strength > 0 else {}
+        with timer("forward"):
+            for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
+                x = dense.inputs.read(start, stop)
+                streams_equal = streams_equal and torch.equal(x, inputs.read(start, stop))
+                values = BlockValues(block, cos, sin, {"x": lambda: x})
+                for name, buffer in anchored_values.items():
+                    buffer.write(start, values[name])
+                if dense.outputs is not None:
+                    dense.outputs.write(start, require_finite(values["output"], f"leave {block_label.rstrip('.')}"))
+                del x, values
     cached: list[str] = []  # values of the passes so far, on disk for all chunks
     narrowed: set[str] = set()  # values a unit made narrower: never cached (the cache has the dense widths)
 
@@ -88,42 +146,54 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
             cache[name].write(start, values.computed[name])
         return new
 
-    for group, todo, unit in zip(block.GROUPS[:last + 1], work, units):
+    product = torch.float64 if config.precision == "float64" else torch.float32
+    for group, todo, unit, point in zip(block.GROUPS[:last + 1], work, units, points):
         if not todo and unit is None:
             continue  # what this group's pass would compute, the next one computes on its way
         if unit is not None:  # the unit's features themselves (input side), uncentered
             observed, width, at_output = unit.reads, block.linear(group.linears[0]).weight.shape[1], False
         else:
             observed, width, at_output = group.observed(block)
-        statistics = GroupStatistics(width, torch.float64 if config.precision == "float64" else torch.float32,
-                                     target_from, config.target_weight, config.target_basis)
+        statistics = GroupStatistics(width, product, target_from, config.target_weight, config.target_basis)
+        anchored = dense is not None and dense.strength > 0 and not streams_equal
+        cross = CrossAccumulator(point_widths[point], width, product) if anchored else None
         written: list[str] = []
-        for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences, target_from):
+        # a wide moment (the MLP neurons': 485 MB at 7B shape) is summed beside half a chunk's activations
+        pass_sequences = max(1, chunk_sequences // 2) if width > WIDE else chunk_sequences
+        for start, stop in chunk_ranges(inputs.shape[0], pass_sequences, target_from):
             with timer("forward"):
                 values = chunk_values(start, stop)
                 features = values[observed]
                 written = keep(values, start)
             with timer("statistics"):
                 statistics.add(features, start)
+                if cross is not None:
+                    cross.add(anchored_values[point].read(start, stop), features)
         del values, features  # the last chunk's activations, not needed by the decomposition
         release_freed_memory()
         cached.extend(written)
-        if not statistics.is_finite():
+        if not statistics.is_finite() or (cross is not None and not cross.is_finite()):
             raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo or unit.linears)} "
                                  "(overflow in the source weights or in the layers before)")
         with timer("eigen"):
             moments = statistics.moments(work_dtype, method.centered, config.damping)
+            anchor = cross.anchor(dense.strength, work_dtype) if cross is not None else None
+            del cross
+            streams_equal = False  # this group changes the block: later groups see the difference
             if unit is not None:
                 method.compress_unit(block, unit, plan[unit.name], moments.parts[0],
-                                     config.neuron_selection, config.damping, scratch)
+                                     config.neuron_selection, config.damping, scratch, anchor)
                 if unit.narrows_reads:  # its features are narrower now: recomputed, never read from the cache
                     narrowed.add(unit.reads)
                     cached = [name for name in cached if name != unit.reads]
                 # the group's other linears (v_proj beside the query–key pairs) are factored from the same moments
                 todo = {name: rank for name, rank in todo.items() if name not in unit.linears}
             if todo:
-                method.compress_group(block, group, todo, moments, at_output, work_dtype, config.damping)
-            del moments, statistics
+                # (a unit's anchor is its refit's; the group's other linears read the unit's own value)
+                group_anchor = anchor if unit is None or point == observed else None
+                method.compress_group(block, group, todo, moments, at_output, work_dtype, config.damping,
+                                      group_anchor)
+            del moments, statistics, anchor
         release_freed_memory()
     if outputs is not None:
         with timer("forward"):
@@ -201,6 +271,8 @@ def write_model(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan
     if progress.blocks_done < spec.num_layers:
         activations = ActivationPair(work, sequences, seqlen, spec.hidden_size,
                                      inputs_name=progress.inputs_file if resuming else None)
+        dense = _dense_pair(config, work, sequences, seqlen, spec.hidden_size,
+                            progress.inputs_file if resuming else None)
         finished = False
         try:
             if not resuming:
@@ -212,13 +284,16 @@ def write_model(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan
                     with timer("forward"):
                         embed_into(embedding, tokens, activations.inputs, chunk_sequences, spec.embedding_scale)
                         activations.inputs.sync()
+                        if dense is not None:
+                            embed_into(embedding, tokens, dense.inputs, chunk_sequences, spec.embedding_scale)
+                            dense.inputs.sync()
                 del embedding
                 record(0, activations.inputs.path.name)
             log.info("compressing blocks %d..%d", progress.blocks_done + 1, spec.num_layers,
                      extra={"progress": (progress.blocks_done, spec.num_layers, "compress")})
             for index in range(progress.blocks_done, spec.num_layers):
                 monitor.mark(f"block {index}")
-                block = steps.compress(index, activations)
+                block = steps.compress(index, activations, dense)
                 with timer("write"):
                     writer.write_shard(index + 2, _block_tensors(block, index, dtype), scratch=work,
                                        before_rename=lambda: fault_point(f"writing-block-{index}"))
@@ -234,6 +309,8 @@ def write_model(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan
         finally:
             # Kept on failure or interruption: the activations are what a rerun resumes from.
             activations.close(remove=finished)
+            if dense is not None:
+                dense.close(remove=finished)
             steps.close()
     with timer("write"):
         _write_tail(reader, writer, config, layers, progress, dtype, sequences, seqlen, work)
@@ -254,6 +331,7 @@ class _BlockSteps:
         self.chunk_sequences, self.timer, self.target_from = chunk_sequences, timer, target_from
         self.cos, self.sin, self.work = cos, sin, work
         self._cache: BlockCache | None = None
+        self._dense_values: dict[str, ActivationBuffer] = {}
 
     def cache(self, shape: tuple[int, int]) -> BlockCache:
         if self._cache is None:
@@ -261,7 +339,17 @@ class _BlockSteps:
             self._cache = BlockCache(self.work, *shape, block_class(spec).cached_widths(spec))
         return self._cache
 
-    def compress(self, index: int, activations: ActivationPair | None) -> Block:
+    def dense_value(self, shape: tuple[int, int]) -> Callable[[str, int], ActivationBuffer]:
+        """values(name, width): the disk buffer for one anchored value (nameless files: they hold one
+        block's values at a time and nothing resumes from them)."""
+        def value(name: str, width: int) -> ActivationBuffer:
+            if name not in self._dense_values:
+                self.work.mkdir(parents=True, exist_ok=True)
+                self._dense_values[name] = ActivationBuffer(self.work, *shape, width, anonymous=True)
+            return self._dense_values[name]
+        return value
+
+    def compress(self, index: int, activations: ActivationPair | None, dense: ActivationPair | None = None) -> Block:
         spec = self.reader.spec
         with self.timer("read"):
             block = block_class(spec).from_tensors(spec, self.reader.block_tensors(index), index)
@@ -270,19 +358,30 @@ class _BlockSteps:
         has_next = activations is not None and index + 1 < spec.num_layers and uses_calibration
         inputs = activations.inputs if activations is not None else None
         cache = self.cache(inputs.shape[:2]) if inputs is not None and uses_calibration else None
+        stream = None
+        if dense is not None and inputs is not None:
+            stream = DenseStream(dense.inputs, dense.outputs if has_next else None,
+                                 self.dense_value(inputs.shape[:2]), self.config.anchor)
         compress_block(block, block_plan(self.plan, index), inputs, activations.outputs if has_next else None,
                        cache, self.cos, self.sin, self.config, self.chunk_sequences, self.timer,
-                       block_label=block_prefix(index), target_from=self.target_from, scratch=self.work)
+                       block_label=block_prefix(index), target_from=self.target_from, scratch=self.work,
+                       dense=stream)
         fault_point(f"during-block-{index}")
         if has_next:
             activations.outputs.sync()
             activations.swap()
+            if dense is not None:
+                dense.outputs.sync()
+                dense.swap()
         return block
 
     def close(self) -> None:
         if self._cache is not None:
             self._cache.close()
             self._cache = None
+        for buffer in self._dense_values.values():
+            buffer.close()
+        self._dense_values = {}
 
 
 def _redo_blocks(steps: _BlockSteps, writer: CheckpointWriter, redo: list[int], tokens: np.ndarray,
@@ -292,16 +391,20 @@ def _redo_blocks(steps: _BlockSteps, writer: CheckpointWriter, redo: list[int], 
     bytes as before); only the lost shards are written."""
     reader, config = steps.reader, steps.config
     log.info("redoing block(s) %s (their shards were lost)", ", ".join(map(str, redo)))
-    activations = None
+    activations = dense = None
     if config.compression_method.uses_calibration:
         sequences, seqlen = tokens.shape
         activations = ActivationPair(steps.work / "redo", sequences, seqlen, reader.spec.hidden_size)
+        dense = _dense_pair(config, steps.work / "redo", sequences, seqlen, reader.spec.hidden_size, None)
         with steps.timer("forward"):
-            embed_into(reader.tensor(EMBED), tokens, activations.inputs, steps.chunk_sequences,
-                       reader.spec.embedding_scale)
+            embedding = reader.tensor(EMBED)
+            for pair in (activations, dense):
+                if pair is not None:
+                    embed_into(embedding, tokens, pair.inputs, steps.chunk_sequences, reader.spec.embedding_scale)
+            del embedding
     try:
         for index in (redo if activations is None else range(max(redo) + 1)):
-            block = steps.compress(index, activations)
+            block = steps.compress(index, activations, dense)
             if index in redo:
                 with steps.timer("write"):
                     writer.write_shard(index + 2, _block_tensors(block, index, dtype), scratch=steps.work)
@@ -309,8 +412,20 @@ def _redo_blocks(steps: _BlockSteps, writer: CheckpointWriter, redo: list[int], 
     finally:
         if activations is not None:
             activations.close(remove=True)
+        if dense is not None:
+            dense.close(remove=True)
         steps.close()
         shutil.rmtree(steps.work / "redo", ignore_errors=True)
+
+
+def _dense_pair(config: CompressConfig, folder: Path, sequences: int, seqlen: int, hidden: int,
+                compressed_inputs: str | None) -> ActivationPair | None:
+    """The dense stream's pair of activation files (anchored fits only); a resumed run reopens the one
+    that pairs with the compressed stream's inputs (both swap after every block)."""
+    if not config.anchor or not config.compression_method.uses_calibration:
+        return None
+    inputs = None if compressed_inputs is None else DENSE_FILE_NAMES[FILE_NAMES.index(compressed_inputs)]
+    return ActivationPair(folder, sequences, seqlen, hidden, inputs_name=inputs, names=DENSE_FILE_NAMES)
 
 
 def _write_tail(reader: CheckpointReader, writer: CheckpointWriter, config: CompressConfig, layers: list[int],

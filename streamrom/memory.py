@@ -106,7 +106,7 @@ def release_freed_memory() -> None:
 
 def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: int, seqlen: int,
                              runtime_bytes: int, work_bytes: int = 4, first_pass: bool = False,
-                             unit_width: int = 0) -> dict[str, int]:
+                             unit_width: int = 0, anchored: bool = False) -> dict[str, int]:
     """The parts of a compression's peak RSS, from shapes alone (bytes).
 
     runtime: the interpreter, torch and the tokenizer, as measured before the run;
@@ -120,9 +120,14 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
 
     With `unit_width` (structured ROM: the widest features a unit reads, intermediate_size for the
     MLP's neurons), its moment C (unit_width²) is summed in float32 when wider than 4096
-    (statistics.WIDE); the greedy removal then holds C and, updated in place, its inverse, and the
+    (statistics.WIDE), beside half a chunk's activations ("wide_statistics"); the greedy removal then holds C and, updated in place, its inverse, and the
     refit one Cholesky factor of C[S,S] (structured.py): "decomposition" takes the larger of that
     and the factored linears' eigen work.
+
+    With `anchored` (--anchor), the cross moment of the dense stream's value with the compressed one's
+    is summed beside each moment (a group's: its width squared in float64; the neurons': down's output
+    width by the MLP's, in float32), and a factored linear's anchored map (out x in) is formed before
+    its eigen work.
 
     With `first_pass` (the spectrum and bayes allocations' pass 1, spectra.py), three more parts:
     pass1_autograd: one backward chunk (half a forward chunk's tokens) through the block under
@@ -151,9 +156,7 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
         "block": block_params * 4,
         "read": block_params * source_bytes if source_bytes != 4 else 0,
         "statistics": max((max(hidden, q_width) + 1) ** 2 * (8 + work_bytes),
-                          # a unit's wide moment: summed in float32 (statistics.WIDE), 1024-row bands
-                          unit_width ** 2 * 4 + 1024 * unit_width * 4 if unit_width > 4096
-                          else unit_width ** 2 * (8 + work_bytes)),
+                          unit_width ** 2 * (8 + work_bytes) if unit_width <= 4096 else 0),
         # residual, normed input, q, k, v (repeated), attention, gate, up, SwiGLU
         "activations": chunk * (6 * hidden + 3 * q_width + 4 * inter) * 4
         + sequences_per_chunk * spec.num_heads * seqlen * seqlen * 4,
@@ -164,6 +167,14 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
                              unit_width ** 2 * 2 * work_bytes + 3 * hidden * unit_width * work_bytes),
         "embedding": spec.vocab_size * hidden * source_bytes + chunk * hidden * 4,
     }
+    if unit_width > 4096:  # a unit's wide moment: summed in float32 (statistics.WIDE), 1024-row bands, beside
+        # half a chunk's activations (execute.compress_block)
+        parts["wide_statistics"] = unit_width ** 2 * 4 + 1024 * unit_width * 4
+    if anchored:
+        parts["statistics"] += max((max(hidden, q_width) + 1) ** 2 * 8, unit_width ** 2 * 8 if unit_width <= 4096 else 0)
+        if "wide_statistics" in parts:
+            parts["wide_statistics"] += hidden * unit_width * 4
+        parts["decomposition"] += max(out_f * in_f * work_bytes, hidden * unit_width * work_bytes)
     if first_pass:
         backward_chunk = max(seqlen, (chunk_tokens // (2 * seqlen)) * seqlen)
         parts["pass1_autograd"] = (backward_chunk * (4 * hidden + 6 * q_width + 5 * inter) * 4
@@ -181,7 +192,8 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
 def estimated_peak(parts: dict[str, int]) -> int:
     """The largest sum of parts alive together: reading a block, gathering statistics with the
     block and a chunk's activations, or decomposing; before the first block, the embedding."""
-    working = parts["block"] + max(parts["statistics"] + parts["activations"], parts["decomposition"])
+    working = parts["block"] + max(parts["statistics"] + parts["activations"], parts["decomposition"],
+                                   parts.get("wide_statistics", 0) + parts["activations"] // 2)
     if "pass1_autograd" in parts:  # pass 1: the backward's chunk with every moment, the pricing, or the head
         working = max(working, parts["block"] + parts["pass1_statistics"] + parts["pass1_autograd"],
                       parts["pass1_decomposition"])

@@ -68,33 +68,38 @@ class Method:
         return out_features if self.centered else 0
 
     def compress_group(self, block: Block, group: LinearGroup, ranks: dict[str, int],
-                       moments: TextMoments | None, at_output: bool, work_dtype, damping: float) -> None:
+                       moments: TextMoments | None, at_output: bool, work_dtype, damping: float,
+                       anchor: decompose.Anchor | None = None) -> None:
         """Replace each linear of `ranks` (all in `group`) by its factors. `moments`: of the value the
-        group reads, or (`at_output`) of the lone linear's output; None for a method without calibration."""
+        group reads, or (`at_output`) of the lone linear's output; None for a method without calibration.
+        `anchor`: the dense model's side of the same value (anchored fits)."""
         for name, rank in ranks.items():
             weight, bias = _weight_and_bias(block, name, work_dtype)
-            factors = self.factors(weight, bias, rank, moments, at_output, damping)
+            factors = self.factors(weight, bias, rank, moments, at_output, damping, anchor)
             del weight, bias  # the dense weight (or its copy) goes before the next linear
             block.set_linear(name, low_rank_module(factors))
             del factors
 
     def factors(self, weight: np.ndarray, bias: np.ndarray | None, rank: int, moments: TextMoments | None,
-                at_output: bool, damping: float) -> decompose.Factors:
+                at_output: bool, damping: float, anchor: decompose.Anchor | None = None) -> decompose.Factors:
         raise NotImplementedError
 
     def compress_unit(self, block: Block, unit: StructuredUnit, width: int, moments: decompose.InputMoments,
-                      selection: str, damping: float, scratch: Path | None = None) -> None:
+                      selection: str, damping: float, scratch: Path | None = None,
+                      anchor: decompose.Anchor | None = None) -> None:
         """Narrow `unit` of the block to `width` units, from the moments of unit.reads (`scratch`: a
-        folder for what waits on disk meanwhile)."""
-        NARROWERS[unit.name](block, width, moments, selection, damping, scratch)
+        folder for what waits on disk meanwhile; `anchor`: the dense model's side of the refit)."""
+        NARROWERS[unit.name](block, width, moments, selection, damping, scratch, anchor)
 
 
 class ReducedOrderModel(Method):
     """ROM: the top-`rank` eigenvectors of the output's moment (the best rank-r fit of W X), from the
     input's moment (Cy = W Cx Wᵀ) or, for a lone narrow-output linear, from the output's own."""
 
-    def factors(self, weight, bias, rank, moments, at_output, damping):
+    def factors(self, weight, bias, rank, moments, at_output, damping, anchor=None):
         fitted = moments.for_linear(weight, bias, at_output)
+        if anchor is not None:
+            return self._anchored_factors(weight, bias, rank, fitted, at_output, anchor)
         if moments.selects:
             basis = moments.selected_basis(fitted, weight, bias, rank, at_output)
         elif at_output:
@@ -105,10 +110,33 @@ class ReducedOrderModel(Method):
         return decompose.factorise(weight, bias, basis, output_mean if self.centered else None)
 
 
+    def _anchored_factors(self, weight, bias, rank, fitted: decompose.InputMoments, at_output: bool,
+                          anchor: decompose.Anchor) -> decompose.Factors:
+        """The reduced-rank fit of the dense model's outputs from the compressed stream's inputs:
+        ROM of the anchored map (decompose.anchored_map), or where the moments are the output's, the
+        projection nearest the dense outputs (decompose.anchored_output_basis)."""
+        if at_output:
+            basis = decompose.anchored_output_basis(fitted, anchor, rank)
+            factors = decompose.factorise(weight, bias, basis)
+            if not self.centered:
+                return factors
+            own_mean = fitted.mean  # the compressed stream's output mean, ỹ = W x̃ + b
+            target_mean = own_mean + anchor.strength * (anchor.mean - own_mean)
+            # E[V Vᵀ ỹ + e] = target: e = target − V Vᵀ μ_ỹ
+            return decompose.Factors(factors.reduce_weight, basis, factors.reduce_bias,
+                                     target_mean - basis @ (basis.T @ own_mean))
+        mapped, intercept, output_mean = decompose.anchored_map(fitted, anchor, weight, bias)
+        # the intercept rides on the linear's own bias slot, if it has one; centered, the expand bias
+        # takes what is left (with_output_mean), so no linear gains parameters
+        slot = intercept if bias is not None else None
+        factors = decompose.factorise(mapped, slot, fitted.rom_basis(mapped, slot, rank))
+        return decompose.with_output_mean(factors, fitted.mean, output_mean) if self.centered else factors
+
+
 class WeightSVD(Method):
     """Weight-space truncated SVD (a baseline): no calibration, nothing downstream needs outputs."""
 
-    def factors(self, weight, bias, rank, moments, at_output, damping):
+    def factors(self, weight, bias, rank, moments, at_output, damping, anchor=None):
         return decompose.factorise(weight, bias, decompose.weight_svd_basis(weight, rank))
 
 
@@ -117,9 +145,10 @@ def _array(tensor: torch.Tensor, dtype) -> np.ndarray:
 
 
 def narrow_query_key(block: Block, width: int, moments: decompose.InputMoments, selection: str,
-                     damping: float, scratch: Path | None = None) -> None:
+                     damping: float, scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
     """Keep `width` rotary pairs per KV head: their rows of q_proj (every query head of the group) and
-    k_proj as they are, chosen by the scores they carry (structured.rotary_pair_order)."""
+    k_proj as they are, chosen by the scores they carry (structured.rotary_pair_order). Nothing is
+    refitted (the scores are bilinear in the kept rows), so nothing is anchored."""
     attention = block.self_attn
     dtype = moments.second_moment.dtype
     energies = []
@@ -136,10 +165,11 @@ def narrow_query_key(block: Block, width: int, moments: decompose.InputMoments, 
 
 
 def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, selection: str, damping: float,
-               scratch: Path | None = None) -> None:
-    """Keep `width` neurons: their rows of gate and up as they are, down refitted on them. With
-    `scratch` (a folder) a wide moment (the MLP's at 7B shape: 485 MB) waits there on disk while
-    its own buffer holds the greedy removal's inverse, and is read back for the refit."""
+               scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
+    """Keep `width` neurons: their rows of gate and up as they are, down refitted on them (`anchor`:
+    toward the dense model's down outputs). With `scratch` (a folder) a wide moment (the MLP's at 7B
+    shape: 485 MB) waits there on disk while its own buffer holds the greedy removal's inverse, and is
+    read back for the refit."""
     moment = moments.second_moment
     mlp = block.mlp
     down = _array(mlp.down_proj.weight, moment.dtype)
@@ -152,7 +182,7 @@ def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, select
         if spill:  # the inverse is done with: C back into its own buffer
             parked.seek(0)
             read_into(parked, moment, "the parked moment")
-    refitted = torch.from_numpy(np.ascontiguousarray(structured.refit_columns(down, moment, kept, damping)))
+    refitted = torch.from_numpy(np.ascontiguousarray(structured.refit_columns(down, moment, kept, damping, anchor)))
     rows = torch.from_numpy(kept)
     for name in ("gate_proj", "up_proj"):
         linear = getattr(mlp, name)
@@ -161,14 +191,15 @@ def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, select
 
 
 def narrow_values(block: Block, width: int, moments: decompose.InputMoments, selection: str, damping: float,
-                  scratch: Path | None = None) -> None:
-    """Narrow each KV head's values to `width` dimensions (v_proj rows), o_proj refitted on them."""
+                  scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
+    """Narrow each KV head's values to `width` dimensions (v_proj rows), o_proj refitted on them
+    (`anchor`: toward the dense model's o_proj outputs)."""
     moment = moments.second_moment
     attention = block.self_attn
     head_dim, kv_heads = attention.value_head_dim, attention.num_kv_heads
     o_weight = _array(attention.o_proj.weight, moment.dtype)
     maps, _ = structured.value_maps(moment, o_weight, attention.num_heads, kv_heads, head_dim, width, damping)
-    o_new = structured.refit_output(o_weight, moment, maps, attention.num_heads, head_dim, damping)
+    o_new = structured.refit_output(o_weight, moment, maps, attention.num_heads, head_dim, damping, anchor)
     v_weight = _array(attention.v_proj.weight, moment.dtype)
     v_rows = [maps[g].T @ v_weight[g * head_dim:(g + 1) * head_dim] for g in range(kv_heads)]
     v_bias = None

@@ -105,7 +105,8 @@ def prepare(source: Path, config: CompressConfig, timer: StageTimer, runtime_byt
                                             first_pass=config.allocate in FIRST_PASS_ALLOCATIONS
                                             and not (config.spectra_file and Path(config.spectra_file).is_file()),
                                             unit_width=max((unit.read_width(spec) for unit in active_units(spec, config)),
-                                                           default=0))
+                                                           default=0),
+                                            anchored=config.anchor > 0 and config.compression_method.uses_calibration)
     return Prepared(config, reader, layers, tokens, target_from, settings, config.fingerprint(settings, target_from),
                     dtype_bytes, total_params, sizing_plan, memory_parts)
 
@@ -167,6 +168,11 @@ def _plan_and_execute(prepared: Prepared, output: Path, progress: Progress, time
         activation_bytes += 2 * tokens.size * spec.hidden_size * 4
     if damaged:  # redone from fresh activations beside the resumed run's
         activation_bytes += 2 * tokens.size * spec.hidden_size * 4
+    if config.anchor and config.compression_method.uses_calibration:
+        # the dense stream: its two activation files (a resumed run has them) and one block's anchored
+        # values (the inputs of q/k/v, o and gate/up, and down's output)
+        activation_bytes += tokens.size * (3 * spec.hidden_size + spec.num_heads * spec.head_dim) * 4
+        activation_bytes += (2 * (progress.blocks_done < 0) + 2 * bool(damaged)) * tokens.size * spec.hidden_size * 4
     if config.allocate in FIRST_PASS_ALLOCATIONS and not progress.plan:
         # pass 1 keeps every block's inputs from the first chosen block up, plus two gradient files
         activation_bytes += (spec.num_layers - min(prepared.layers) + 3) * tokens.size * spec.hidden_size * 4

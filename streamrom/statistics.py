@@ -140,3 +140,41 @@ class TextMoments:
             factor = w_tilde @ target.root(with_bias)
             extra = target.rom_basis(weight, bias, rank)
         return decompose.select_basis(candidates, factor, rank, extra)
+
+
+class CrossAccumulator:
+    """Running Σ t x̃ᵀ and Σ t of the dense stream's value t against the compressed stream's x̃, over
+    chunks, and whether the two were equal on every chunk (then an anchored fit is the plain one, and
+    the plain one is taken: bit for bit where nothing upstream was compressed)."""
+
+    def __init__(self, rows: int, columns: int, product_dtype: torch.dtype = torch.float32):
+        self.rows, self.columns, self.product_dtype = rows, columns, product_dtype
+        # like a wide moment, a cross moment with a wide side (down's output against the MLP's
+        # neurons: 4096 x 11008 at 7B shape) is summed in the product dtype
+        wide_in_float32 = max(rows, columns) > WIDE and product_dtype == torch.float32
+        self.sum_outer = torch.zeros(rows, columns, dtype=torch.float32 if wide_in_float32 else torch.float64)
+        self.sum = torch.zeros(rows, dtype=torch.float64)
+        self.count = 0
+        self.identical = rows == columns
+
+    def add(self, target: torch.Tensor, features: torch.Tensor) -> None:
+        t = target.reshape(-1, self.rows).to(self.product_dtype)
+        x = features.reshape(-1, self.columns).to(self.product_dtype)
+        self.identical = self.identical and torch.equal(t, x)
+        for start in range(0, self.columns, BAND):  # no full-size product beside the sum
+            self.sum_outer[:, start:start + BAND] += t.T @ x[:, start:start + BAND]
+        self.sum += t.sum(dim=0, dtype=torch.float64)
+        self.count += t.shape[0]
+
+    def is_finite(self) -> bool:
+        return bool(torch.isfinite(self.sum).all()) and all(
+            bool(torch.isfinite(self.sum_outer[:, start:start + BAND]).all()) for start in range(0, self.columns, BAND))
+
+    def anchor(self, strength: float, dtype) -> decompose.Anchor:
+        """E[t x̃ᵀ] and E[t] in `dtype` (the accumulator is spent: its sum is handed over where it can be)."""
+        if self.sum_outer.dtype == torch.float32 and np.dtype(dtype) == np.float32:
+            cross = self.sum_outer.div_(self.count).numpy()
+        else:
+            cross = (self.sum_outer / self.count).numpy().astype(dtype, copy=False)
+        self.sum_outer = None
+        return decompose.Anchor(cross, (self.sum / self.count).numpy().astype(dtype), strength)

@@ -30,7 +30,7 @@ import numpy as np
 import scipy.linalg
 import scipy.linalg.blas
 
-from .decompose import damped, top_eigenvectors
+from .decompose import Anchor, damped, least_squares, top_eigenvectors
 
 NEURON_SELECTIONS = ("obs", "leverage")
 LEVERAGE_RIDGE = 1e-2  # λ of the ridge leverage, relative to the mean diagonal of C
@@ -41,36 +41,28 @@ SELECTION_DAMPING = 1e-2
 IN_PLACE_FROM = 4096  # obs_removal: wider moments are updated in place (see there)
 
 
-def refit_columns(weight: np.ndarray, moment: np.ndarray, kept: np.ndarray, damping: float) -> np.ndarray:
+def refit_columns(weight: np.ndarray, moment: np.ndarray, kept: np.ndarray, damping: float,
+                  anchor: Anchor | None = None) -> np.ndarray:
     """W·C[:,S]·(C[S,S] + δ)⁻¹: the least-squares fit of W z from the kept features z_S (out x |S|).
-    In the moment's dtype, one copy of C[S,S] factored in place (310 MB at 7B shape, 80 % kept)."""
+    In the moment's dtype, one copy of C[S,S] factored in place (310 MB at 7B shape, 80 % kept).
+    With `anchor` (cross = E[y zᵀ], y the dense model's outputs of W), the target W z moves to y by
+    its strength: W·C[:,S] becomes (1 − α)·W·C[:,S] + α·E[y z_Sᵀ]."""
     if moment.shape[0] <= IN_PLACE_FROM:
         cross_t = np.ascontiguousarray((weight @ moment)[:, kept].T)  # = (W C[:, S])ᵀ
-    else:  # C is symmetric: (W C[:, S])ᵀ = C[S, :] Wᵀ, built band by band (no out x n product),
-        # Fortran-ordered like C[S,S]ᵀ below, so that LAPACK factors and solves in place, no copies
-        cross_t = np.empty((kept.size, weight.shape[0]), dtype=moment.dtype, order="F")
-        for start in range(0, kept.size, 1024):
-            cross_t[start:start + 1024] = moment[kept[start:start + 1024]] @ weight.T
-        return _least_squares(lambda: moment[np.ix_(kept, kept)].T, cross_t, damping)
-    return _least_squares(lambda: moment[np.ix_(kept, kept)], cross_t, damping)
-
-
-def _least_squares(gram_copy, cross_t: np.ndarray, damping: float) -> np.ndarray:
-    """X with X (G + δ) = crossᵀ's transpose, i.e. crossᵀ solved by a Cholesky factor of a fresh copy
-    of G (`gram_copy()`), in place; where the damped G is not numerically positive (float32, nearly
-    dependent features) the damping grows tenfold until it is. `cross_t`: (features x out), C-ordered."""
-    for attempt in range(8):
-        gram = gram_copy()
-        scale = max(float(np.mean(np.diag(gram))), 1e-30)
-        gram[np.diag_indices_from(gram)] += max(damping, 1e-12) * 10.0 ** attempt * scale
-        # (a C-ordered gram is copied by LAPACK's wrapper; the wide path hands its transpose)
-        try:
-            factor = scipy.linalg.cho_factor(gram, overwrite_a=True, check_finite=False)
-        except np.linalg.LinAlgError:
-            continue
-        return scipy.linalg.cho_solve(factor, cross_t, overwrite_b=cross_t.flags.f_contiguous,
-                                      check_finite=False).T
-    raise np.linalg.LinAlgError("the kept features' moment stays singular under damping")
+        if anchor is not None:
+            cross_t *= 1.0 - anchor.strength
+            cross_t += anchor.strength * anchor.cross[:, kept].T
+        return least_squares(lambda: moment[np.ix_(kept, kept)], cross_t, damping)
+    # C is symmetric: (W C[:, S])ᵀ = C[S, :] Wᵀ, built band by band (no out x n product), Fortran-ordered
+    # like C[S,S]ᵀ below, so that LAPACK factors and solves in place, no copies
+    cross_t = np.empty((kept.size, weight.shape[0]), dtype=moment.dtype, order="F")
+    for start in range(0, kept.size, 1024):
+        band = kept[start:start + 1024]
+        cross_t[start:start + 1024] = moment[band] @ weight.T
+        if anchor is not None:
+            cross_t[start:start + 1024] *= 1.0 - anchor.strength
+            cross_t[start:start + 1024] += anchor.strength * anchor.cross[:, band].T
+    return least_squares(lambda: moment[np.ix_(kept, kept)].T, cross_t, damping)
 
 
 def leverage_order(moment: np.ndarray, ridge: float = LEVERAGE_RIDGE) -> np.ndarray:
@@ -242,15 +234,19 @@ def value_maps(attention_moment: np.ndarray, o_weight: np.ndarray, num_heads: in
 
 
 def refit_output(o_weight: np.ndarray, attention_moment: np.ndarray, maps: list[np.ndarray], num_heads: int,
-                 head_dim: int, damping: float) -> np.ndarray:
-    """o_proj refitted on the narrowed values: W_o C B (Bᵀ C B)⁻¹ (hidden x heads·width)."""
+                 head_dim: int, damping: float, anchor: Anchor | None = None) -> np.ndarray:
+    """o_proj refitted on the narrowed values: W_o C B (Bᵀ C B)⁻¹ (hidden x heads·width). With `anchor`
+    (cross = E[a ãᵀ], a the dense stream's attention output), W_o C becomes W_o ((1 − α) C + α E[a ãᵀ]):
+    the fit's target moves to the dense model's o_proj output by the strength α."""
     group = num_heads // len(maps)
     width = maps[0].shape[1]
     selection = np.zeros((num_heads * head_dim, num_heads * width), dtype=attention_moment.dtype)
     for h in range(num_heads):
         selection[h * head_dim:(h + 1) * head_dim, h * width:(h + 1) * width] = maps[h // group]
     projected = attention_moment @ selection
-    return _least_squares(lambda: selection.T @ projected, np.ascontiguousarray((o_weight @ projected).T), damping)
+    target = projected if anchor is None else ((1.0 - anchor.strength) * projected
+                                               + anchor.strength * (anchor.cross @ selection))
+    return least_squares(lambda: selection.T @ projected, np.ascontiguousarray((o_weight @ target).T), damping)
 
 
 # -- queries and keys: rotary pairs ------------------------------------------------------------------

@@ -1,0 +1,207 @@
+"""Anchored fits (a dense stream beside the compressed one): known-answer math on small random matrices,
+and the streamed pipeline on tiny random-weight models (control flow and exactness, not accuracy)."""
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import streamrom
+from streamrom import CalibrationConfig, CompressConfig
+from streamrom import decompose, structured
+from streamrom.checkpoint import CheckpointReader
+
+from test_reliability import cli_command, model_files, run
+
+
+def streams(rng, size: int, count: int, noise: float):
+    """Dense-stream inputs x and compressed-stream inputs x̃ = x + a correlated error."""
+    mixing = rng.standard_normal((size, size)) * np.logspace(0, -1.5, size)
+    x = mixing @ rng.standard_normal((size, count)) + 0.3
+    error = noise * (rng.standard_normal((size, size)) / np.sqrt(size)) @ x + noise * rng.standard_normal((size, count))
+    return x, x + error
+
+
+def rank_r_regression_error(y: np.ndarray, x_tilde: np.ndarray, rank: int) -> float:
+    """min over rank-r M of ‖Y − M X̃‖_F, the textbook way: the rank-r truncation of the least-squares
+    fitted values Ŷ = Y X̃⁺ X̃ (Eckart–Young on Ŷ; Ŷ ⟂ Y − Ŷ row-wise)."""
+    fitted = y @ np.linalg.pinv(x_tilde) @ x_tilde
+    u, s, vt = np.linalg.svd(fitted, full_matrices=False)
+    best = (u[:, :rank] * s[:rank]) @ vt[:rank]
+    return float(np.linalg.norm(y - best))
+
+
+def predict(factors: decompose.Factors, x: np.ndarray) -> np.ndarray:
+    hidden = factors.reduce_weight @ x
+    if factors.reduce_bias is not None:
+        hidden = hidden + factors.reduce_bias[:, None]
+    y = factors.expand_weight @ hidden
+    return y if factors.expand_bias is None else y + factors.expand_bias[:, None]
+
+
+@pytest.mark.parametrize("out_f,in_f", [(12, 20), (30, 16)])
+def test_anchored_rom_is_the_reduced_rank_regression_optimum(out_f, in_f):
+    """Uncentered, no bias: ROM of the anchored map on the compressed moments reaches the rank-r
+    regression optimum of the dense outputs W x on x̃, which plain ROM (fitting W x̃) does not."""
+    rng = np.random.default_rng(0)
+    x, x_tilde = streams(rng, in_f, 400, noise=0.3)
+    weight = rng.standard_normal((out_f, in_f))
+    y = weight @ x
+    count, rank = x.shape[1], 6
+    moments = decompose.InputMoments(x_tilde @ x_tilde.T / count, x_tilde.mean(axis=1))
+    anchor = decompose.Anchor(x @ x_tilde.T / count, x.mean(axis=1), 1.0)
+    mapped, intercept, _ = decompose.anchored_map(moments, anchor, weight, None, ridge=1e-14)
+    assert intercept is None
+    factors = decompose.factorise(mapped, None, moments.rom_basis(mapped, None, rank))
+    error = float(np.linalg.norm(y - predict(factors, x_tilde)))
+    assert error == pytest.approx(rank_r_regression_error(y, x_tilde, rank), rel=1e-6)
+    plain = decompose.factorise(weight, None, moments.rom_basis(weight, None, rank))
+    assert error < 0.95 * float(np.linalg.norm(y - predict(plain, x_tilde)))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_centered_anchored_fit_is_the_affine_optimum_and_keeps_the_parameter_count(with_bias, monkeypatch):
+    """Centered (rom-centered): the affine rank-r regression optimum (center both sides, then the
+    rank-r regression), with the intercept carried by the bias slots the plain fit has."""
+    monkeypatch.setattr(decompose, "ANCHOR_RIDGE", 1e-14)  # the optimum itself, undamped
+    rng = np.random.default_rng(1)
+    out_f, in_f, rank = 14, 18, 5
+    x, x_tilde = streams(rng, in_f, 500, noise=0.4)
+    weight = rng.standard_normal((out_f, in_f))
+    bias = rng.standard_normal(out_f) if with_bias else None
+    y = weight @ x + (bias[:, None] if with_bias else 0.0)
+    count = x.shape[1]
+    moments = decompose.InputMoments(x_tilde @ x_tilde.T / count, x_tilde.mean(axis=1), centered=True)
+    anchor = decompose.Anchor(x @ x_tilde.T / count, x.mean(axis=1), 1.0)
+    method = streamrom.methods.METHODS["rom-centered"]
+    factors = method._anchored_factors(weight, bias, rank, moments, False, anchor)
+    error = float(np.linalg.norm(y - predict(factors, x_tilde)))
+    centered_y = y - y.mean(axis=1, keepdims=True)
+    centered_x = x_tilde - x_tilde.mean(axis=1, keepdims=True)
+    assert error == pytest.approx(rank_r_regression_error(centered_y, centered_x, rank), rel=1e-6)
+    assert (factors.reduce_bias is not None) == with_bias and factors.expand_bias is not None
+
+
+def test_anchor_strength_zero_is_the_plain_fit_and_between_is_a_blend():
+    rng = np.random.default_rng(2)
+    x, x_tilde = streams(rng, 10, 300, noise=0.5)
+    weight = rng.standard_normal((8, 10))
+    moments = decompose.InputMoments(x_tilde @ x_tilde.T / 300, x_tilde.mean(axis=1))
+    maps = [decompose.anchored_map(moments, decompose.Anchor(x @ x_tilde.T / 300, x.mean(axis=1), s), weight, None)[0]
+            for s in (0.0, 0.25, 1.0)]
+    np.testing.assert_array_equal(maps[0], weight)
+    np.testing.assert_allclose(maps[1], 0.75 * weight + 0.25 * maps[2], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_anchored_output_projection_is_the_nearest_projection_of_the_outputs(centered):
+    """A lone linear whose moments are its outputs' (down_proj): of all rank-r projections V Vᵀ of the
+    compressed stream's outputs ỹ, the anchored basis leaves the least error to the dense outputs y
+    (beats plain ROM's basis and every random one; for equal streams it is ROM's span)."""
+    rng = np.random.default_rng(3)
+    out_f, rank, count = 12, 4, 400
+    y, y_tilde = streams(rng, out_f, count, noise=0.6)
+    moments = decompose.InputMoments(y_tilde @ y_tilde.T / count, y_tilde.mean(axis=1), centered=centered)
+    anchor = decompose.Anchor(y @ y_tilde.T / count, y.mean(axis=1), 1.0)
+    basis = decompose.anchored_output_basis(moments, anchor, rank)
+
+    def error(v):
+        shift_y = y.mean(axis=1, keepdims=True) if centered else 0.0
+        shift_t = y_tilde.mean(axis=1, keepdims=True) if centered else 0.0
+        return float(np.linalg.norm((y - shift_y) - v @ (v.T @ (y_tilde - shift_t))))
+
+    plain = decompose.rom_basis_from_outputs(moments.second_moment, moments.mean, rank, centered)
+    assert error(basis) < error(plain)
+    for _ in range(50):
+        random = np.linalg.qr(basis + 0.1 * rng.standard_normal(basis.shape))[0]
+        assert error(basis) <= error(random) + 1e-9
+    same = decompose.anchored_output_basis(moments, decompose.Anchor(moments.second_moment, moments.mean, 1.0), rank)
+    np.testing.assert_allclose(same @ same.T, plain @ plain.T, atol=1e-8)
+
+
+def test_anchored_structured_refits_are_least_squares_fits_of_the_dense_outputs():
+    """down refitted on the kept neurons of the compressed stream toward the dense outputs y: the
+    least-squares optimum of Y from Z̃_S; o_proj's refit likewise on the narrowed values."""
+    rng = np.random.default_rng(4)
+    z, z_tilde = streams(rng, 24, 600, noise=0.3)
+    weight = rng.standard_normal((10, 24))
+    y = weight @ z
+    kept = np.sort(rng.choice(24, 15, replace=False))
+    moment = z_tilde @ z_tilde.T / 600
+    anchor = decompose.Anchor(y @ z_tilde.T / 600, y.mean(axis=1), 1.0)
+    refitted = structured.refit_columns(weight, moment, kept, 1e-14, anchor)
+    expected = np.linalg.lstsq(z_tilde[kept].T, y.T, rcond=None)[0].T
+    np.testing.assert_allclose(refitted, expected, rtol=1e-6, atol=1e-8)
+
+    heads, head_dim, width = 2, 4, 2
+    a, a_tilde = streams(rng, heads * head_dim, 600, noise=0.3)
+    o_weight = rng.standard_normal((6, heads * head_dim))
+    maps = [np.linalg.qr(rng.standard_normal((head_dim, width)))[0] for _ in range(heads)]
+    selection = np.zeros((heads * head_dim, heads * width))
+    for h in range(heads):
+        selection[h * head_dim:(h + 1) * head_dim, h * width:(h + 1) * width] = maps[h]
+    anchor = decompose.Anchor(a @ a_tilde.T / 600, a.mean(axis=1), 1.0)
+    o_new = structured.refit_output(o_weight, a_tilde @ a_tilde.T / 600, maps, heads, head_dim, 1e-14, anchor)
+    narrowed = selection.T @ a_tilde
+    expected = np.linalg.lstsq(narrowed.T, (o_weight @ a).T, rcond=None)[0].T
+    np.testing.assert_allclose(o_new, expected, rtol=1e-6, atol=1e-8)
+
+
+def tiny_config(tokens, **settings) -> CompressConfig:
+    return CompressConfig(calibration=CalibrationConfig(token_file=tokens, sequences=8, seqlen=64), **settings)
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    reader = CheckpointReader(folder)
+    return {name: reader.tensor(name) for name in reader.weight_map}
+
+
+@pytest.mark.parametrize("method", ["rom-centered", "structured"])
+def test_with_nothing_compressed_upstream_anchored_equals_plain_bit_for_bit(tiny_models, tiny_tokens, tmp_path,
+                                                                           method):
+    """One group of one block compressed (the first thing the streams differ after): the dense and the
+    compressed stream agree up to it, so the anchored run is the plain one, bit for bit; with every
+    block compressed they differ (so the comparison can fail)."""
+    source = tiny_models["llama"]
+    modules = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] if method == "structured" else ["mlp.gate_proj",
+                                                                                               "mlp.up_proj"]
+    outputs = {}
+    for anchor in (0.0, 1.0):
+        outputs[anchor] = tmp_path / f"one-{anchor}"
+        streamrom.compress(source, outputs[anchor], tiny_config(tiny_tokens, method=method, ratio=0.5, layers="1",
+                                                               modules=modules, anchor=anchor))
+    plain, anchored = tensors(outputs[0.0]), tensors(outputs[1.0])
+    assert plain.keys() == anchored.keys()
+    assert all(torch.equal(plain[name], anchored[name]) for name in plain)
+    for anchor in (0.0, 1.0):
+        streamrom.compress(source, tmp_path / f"all-{anchor}", tiny_config(tiny_tokens, method=method, ratio=0.5,
+                                                                          anchor=anchor))
+    plain, anchored = tensors(tmp_path / "all-0.0"), tensors(tmp_path / "all-1.0")
+    assert not all(torch.equal(plain[name], anchored[name]) for name in plain)
+
+
+def test_anchored_run_killed_then_rerun_resumes_to_identical_files(deep_tiny, tiny_tokens, tmp_path):
+    """Both streams' activation files are what a rerun resumes from."""
+    reference = tmp_path / "reference"
+    assert run(cli_command(deep_tiny, reference, tiny_tokens, "--anchor", "1")).returncode == 0
+    output = tmp_path / "out"
+    killed = run(cli_command(deep_tiny, output, tiny_tokens, "--anchor", "1"), fault="after-block-2")
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (output / ".streamrom-work").glob("dense-*.f32")) == ["dense-a.f32", "dense-b.f32"]
+    resumed = run(cli_command(deep_tiny, output, tiny_tokens, "--anchor", "1"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert model_files(output) == model_files(reference)
+    plain = tmp_path / "plain"
+    assert run(cli_command(deep_tiny, plain, tiny_tokens)).returncode == 0
+    assert model_files(plain) != model_files(reference)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"anchor": 1.5}, "--anchor must be in"),
+    ({"anchor": 1.0, "method": "svd"}, "nothing to anchor"),
+])
+def test_bad_anchor_settings_are_refused(tiny_tokens, settings, message):
+    with pytest.raises(streamrom.UsageError, match=message):
+        tiny_config(tiny_tokens, **settings)
