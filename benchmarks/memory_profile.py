@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--method", default="rom", help="compression method (default rom; structured and mixed "
                         "hold the MLP's intermediate_size² moment)")
     parser.add_argument("--threads", type=int, help="torch threads in the compress run (default: torch's)")
+    parser.add_argument("--anchor", type=float, default=0.0, help="anchored fits' strength (default 0: off; with it "
+                        "the dense stream runs beside the compressed one)")
     parser.add_argument("--whole-model", type=int, nargs="*", default=[], metavar="DEPTH",
                         help="at these depths, also run the whole-model way and compare")
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "synthetic")
@@ -98,8 +100,8 @@ def main() -> None:
     previous = json.loads(out.read_text())["rows"] if out.is_file() else []
     tokens_count = args.sequences * args.seqlen
     rows = [row for row in previous if (row["depth"], row["calibration_tokens"], row.get("allocate", "uniform"),
-                                        row.get("method", "rom")) not in
-            {(depth, tokens_count, args.allocate, args.method) for depth in args.depths}]
+                                        row.get("method", "rom"), row.get("anchor", 0.0)) not in
+            {(depth, tokens_count, args.allocate, args.method, args.anchor) for depth in args.depths}]
     for depth in args.depths:
         source = write_synthetic(args.shape, depth, args.work / f"{args.shape}-{depth}")
         output = args.work / f"{args.shape}-{depth}-rom"
@@ -113,8 +115,11 @@ def main() -> None:
             command += ["--method", args.method]
             if spectrum:  # the same whole-model size as uniform at --ratio gives, by pass 1's prices
                 command += ["--target-params", str(args.ratio)]
+        if args.anchor:
+            command += ["--anchor", f"{args.anchor:g}"]
         suffix = (f"d{depth}" + ("" if tokens_count == 16384 else f"_t{tokens_count}")
-                  + ("_spectrum" if spectrum else "") + ("" if args.method == "rom" else f"_{args.method}"))
+                  + ("_spectrum" if spectrum else "") + ("" if args.method == "rom" else f"_{args.method}")
+                  + (f"_anchor{args.anchor:g}" if args.anchor else ""))
         timeline = args.results / f"memory_{args.shape}_{suffix}_rss.csv"
         print("$", shlex.join(command[1:]), flush=True)
         wall, sampled_here, _ = profile(command, timeline)
@@ -123,7 +128,7 @@ def main() -> None:
         ranks = {name.rsplit(".", 1)[-1].removesuffix("_proj"): rank
                  for name, rank in report["ranks"].items() if name.startswith("model.layers.0.")}
         # pass 1 adds a forward and a backward the GEMM count below does not model: no bound for spectrum
-        flops = {} if spectrum or args.method != "rom" else {stage: depth * count for stage, count in
+        flops = {} if spectrum or args.method != "rom" or args.anchor else {stage: depth * count for stage, count in
                                      block_flops(config_for(args.shape, depth), ranks, args.sequences, args.seqlen).items()}
         seconds = report["stage_seconds"]
         picture = rss_timeline_png(memory["timeline"], memory["marks"], args.results / f"memory_{args.shape}_{suffix}_rss.png",
@@ -132,7 +137,8 @@ def main() -> None:
                                          + ("" if args.method == "rom" else f", {args.method}"),
                                    estimate_bytes=memory["estimated_peak_bytes"])
         rows.append({
-            "depth": depth, "allocate": args.allocate, "method": args.method, "command": shlex.join(["streamrom", *command[3:]]),
+            "depth": depth, "allocate": args.allocate, "method": args.method,
+            **({"anchor": args.anchor} if args.anchor else {}), "command": shlex.join(["streamrom", *command[3:]]),
             "wall_seconds": wall, "stage_seconds": seconds,
             "peak_rss_bytes": max(memory["peak_rss_bytes"], sampled_here),
             "os_peak_rss_bytes": memory["os_peak_rss_bytes"],
