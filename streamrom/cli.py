@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--anchor", type=float, default=0.0, metavar="STRENGTH",
                       help="anchored fits: stream the dense model's activations beside the compressed ones (a "
                            "second pair of activation files) and fit each part toward the dense model's outputs: "
-                           "0 off (default), 1 fully anchored, between: a blend (README: Anchored fits)")
+                           "0 off (default), 1 fully anchored, between: a blend; measured: -9 to -31 %% perplexity "
+                           "for rom-centered at 20-40 %% smaller, worse for structured (README: Anchored fits)")
     comp.add_argument("--allocate", default="uniform", choices=["uniform", "last-n", "spectrum", "bayes"],
                       help="how ranks are spread: uniform (one ratio everywhere, default); last-n (ROM: only "
                            "the last N blocks, N the fewest that reach the target at --ratio); spectrum (a first "
