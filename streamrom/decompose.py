@@ -205,24 +205,24 @@ def direction_costs(moments: InputMoments, weight: np.ndarray, bias: np.ndarray 
     with_bias = w_tilde_shape[1] > weight.shape[1]
     dtype = moments.second_moment.dtype
     root = moments.root(with_bias)
-    plain = root.T @ _row_gram(weight, bias if with_bias else None, None, dtype) @ root
-    weighted = root.T @ _row_gram(weight, bias if with_bias else None, feature_sensitivity, dtype) @ root
+    plain, weighted = _row_grams(weight, bias if with_bias else None, feature_sensitivity, dtype)
+    plain, weighted = root.T @ plain @ root, root.T @ weighted @ root
     _, rotations = top_eigenvectors(damped(plain, 0.0), w_tilde_shape[1])
     return np.einsum("ik,ik->k", rotations, weighted @ rotations)
 
 
-def _row_gram(weight: np.ndarray, bias: np.ndarray | None, row_weights: np.ndarray | None, dtype,
-              band: int = 1024) -> np.ndarray:
-    """W̃ᵀ diag(row_weights) W̃ (W̃ = [W b] with a bias), summed over bands of W's rows."""
+def _row_grams(weight: np.ndarray, bias: np.ndarray | None, row_weights: np.ndarray, dtype,
+               band: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """W̃ᵀ W̃ and W̃ᵀ diag(row_weights) W̃ (W̃ = [W b] with a bias), in one pass over bands of W's rows."""
     size = weight.shape[1] + (bias is not None)
-    gram = np.zeros((size, size), dtype=dtype)
+    plain, weighted = np.zeros((size, size), dtype=dtype), np.zeros((size, size), dtype=dtype)
     for start in range(0, weight.shape[0], band):
         rows = weight[start:start + band].astype(dtype)
         if bias is not None:
             rows = np.hstack([rows, bias[start:start + band, None].astype(dtype)])
-        scaled = rows if row_weights is None else rows * row_weights[start:start + band, None].astype(dtype)
-        gram += scaled.T @ rows
-    return gram
+        plain += rows.T @ rows
+        weighted += (rows * row_weights[start:start + band, None].astype(dtype)).T @ rows
+    return plain, weighted
 
 
 def sensitivity_weighted(values: np.ndarray, vectors: np.ndarray, feature_sensitivity: np.ndarray) -> np.ndarray:
