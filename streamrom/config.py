@@ -1,6 +1,7 @@
 """How to compress: the settings of one run (CompressConfig), validated up front, and the layer list."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,8 @@ class CompressConfig:
         if not self.compression_method.priced_by_pass_one and self.allocate in FIRST_PASS_ALLOCATIONS:
             raise UsageError(f"--allocate {self.allocate} prices the directions ROM keeps; with --method "
                              f"{self.method} use uniform or last-n")
+        if self.bayes.study is not None and self.allocate != "bayes":
+            raise UsageError("--study shares the search of --allocate bayes: use it with that allocation")
         if self.spectra_file is not None and self.allocate not in FIRST_PASS_ALLOCATIONS:
             raise UsageError("--spectra keeps the first pass of --allocate spectrum: use it with that allocation")
         unknown = [m for m in self.modules if m not in BLOCK_LINEARS]
@@ -149,7 +152,9 @@ class CompressConfig:
                         "target_weight": self.target_weight}}
         if self.allocate == "bayes":
             settings["bayes"] = {"trials": self.bayes.trials, "seed": self.bayes.seed,
-                                 "held_out_windows": self.bayes.held_out_windows}
+                                 "held_out_windows": self.bayes.held_out_windows,
+                                 # shared or not, the same search (its storage and name: not the result's)
+                                 **({"shared_study": True} if self.bayes.study else {})}
         return settings
 
     def fingerprint(self, settings: dict[str, Any], target_from: int | None) -> dict[str, Any]:
@@ -157,6 +162,36 @@ class CompressConfig:
         fingerprint = {k: v for k, v in settings.items() if k not in ("calibration", "target")}
         fingerprint["target"] = None if target_from is None else [target_from, self.target_weight]
         return fingerprint
+
+
+def config_to_json(config: CompressConfig) -> dict[str, Any]:
+    """The settings as plain JSON (paths absolute), for a worker elsewhere to rebuild them: see config_from_json."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value.absolute())
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return value
+    return plain(config)
+
+
+def config_from_json(data: dict[str, Any]) -> CompressConfig:
+    def calibration(part: dict[str, Any] | None) -> CalibrationConfig | None:
+        if part is None:
+            return None
+        return CalibrationConfig(**{**part, "text_files": tuple(Path(p) for p in part["text_files"]),
+                                    "token_file": Path(part["token_file"]) if part["token_file"] else None})
+    try:
+        return CompressConfig(**{
+            **data, "modules": tuple(data["modules"]), "calibration": calibration(data["calibration"]),
+            "target_calibration": calibration(data["target_calibration"]), "bayes": BayesConfig(**data["bayes"]),
+            "spectra_file": Path(data["spectra_file"]) if data["spectra_file"] else None})
+    except (KeyError, TypeError) as exc:
+        raise UsageError(f"settings from another streamrom version: {exc}") from None
 
 
 def parse_layers(text: str, num_layers: int) -> list[int]:

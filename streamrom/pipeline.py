@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
@@ -32,11 +33,14 @@ from .execute import WORK_FOLDER, damaged_shards, fault_point, write_model
 from .memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak
 from .methods import Method
 from .modeling import BLOCK_LINEARS, ModelSpec, block_class, block_prefix
-from .planning import active_units, model_plan, plan_ranks, rank_plan
+from .planning import TrialScorer, active_units, join_study, model_plan, plan_ranks, rank_plan, search_space
 from .progress import (LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments_fingerprint, changed_source_file,
                        source_files, source_fingerprint)
 from .report import Report, StageTimer, memory_summary
 from .spectra import read_saved as read_saved_spectra
+
+if TYPE_CHECKING:
+    from .bayes import SearchResult
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +99,8 @@ def prepare(source: Path, config: CompressConfig, timer: StageTimer, runtime_byt
     source_bytes = torch.finfo(reader.weight_dtype).bits // 8
     total_params = reader.parameter_count()
     # The spectrum plan needs pass 1; a uniform plan of the same budget has its size within a step.
-    sizing_config = (replace(config, allocate="uniform", spectra_file=None)
+    sizing_config = (replace(config, allocate="uniform", spectra_file=None,
+                             bayes=replace(config.bayes, study=None, study_name=None))
                      if config.allocate in FIRST_PASS_ALLOCATIONS else config)
     sizing_plan = model_plan(spec, sizing_config, layers, total_params, dtype_bytes)
     widest = {name: (min(spec.linear_shape(name)) if config.allocate != "uniform" else rank)
@@ -109,6 +114,37 @@ def prepare(source: Path, config: CompressConfig, timer: StageTimer, runtime_byt
                                             anchored=config.anchor > 0 and config.compression_method.uses_calibration)
     return Prepared(config, reader, layers, tokens, target_from, settings, config.fingerprint(settings, target_from),
                     dtype_bytes, total_params, sizing_plan, memory_parts)
+
+
+def tune_worker(storage: str, study_name: str, source: str | Path | None = None,
+                work_dir: str | Path | None = None, wait_seconds: float = 0) -> tuple["SearchResult", int]:
+    """Join the shared bayes study `study_name` on `storage` (made by `compress` with --study) and run its
+    trials until the search has all of them. The settings, calibration and base plan come from the
+    study; the source checkpoint from the path the study records unless `source` says where it lies on
+    this machine. Trials are written in a temporary folder under `work_dir` (default: the system's).
+    `wait_seconds`: how long to wait for the study to appear (workers started before the compress command).
+    Returns the study's result and how many trials this process ran."""
+    from .config import config_from_json
+    from .study import SharedSearch
+
+    timer = StageTimer()
+    runtime_bytes = current_rss_bytes()
+    record = SharedSearch(storage, study_name, create=False, wait_seconds=wait_seconds).wait_for_record()
+    config = config_from_json(record["config"])
+    config = replace(config, spectra_file=None, overwrite=False,
+                     bayes=replace(config.bayes, study=storage, study_name=study_name))
+    source = Path(source) if source is not None else Path(record["source"])
+    if not source.is_dir():
+        raise InputError(f"the study's source checkpoint {source} is not on this machine: give its path with --source")
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    with RSSMonitor() as monitor:
+        prepared = prepare(source, config, timer, runtime_bytes)
+        shared = join_study(prepared, create=False, name=study_name)
+        with tempfile.TemporaryDirectory(prefix="streamrom-worker-", dir=work_dir) as work:
+            scorer = TrialScorer(prepared, Path(work), record["base"], monitor)
+            shared.run(search_space(prepared, record["base"]), scorer)
+        return shared.result(), len(scorer.seconds)
 
 
 def compress(source: str | Path, output: str | Path, config: CompressConfig = CompressConfig(),
@@ -269,6 +305,8 @@ def _write_report(prepared: Prepared, output: Path, progress: Progress, timer: S
     )
     if progress.trials:
         settings["bayes"]["scores"] = progress.trials
+    if progress.study:
+        settings["bayes"]["study_name"] = progress.study
     log.info("compressed %s -> %s: parameters %.3f of the original",
              reader.folder, output, report.parameter_ratio or 0.0)
     if eval_text:

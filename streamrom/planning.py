@@ -17,7 +17,7 @@ from . import allocation, bayes, decompose
 from .config import FIRST_PASS_ALLOCATIONS, PRECISIONS, CompressConfig
 from .errors import UsageError
 from .evaluation import evaluate
-from .execute import WORK_FOLDER, write_model
+from .execute import WORK_FOLDER, fault_point, write_model
 from .memory import RSSMonitor
 from .architectures import UNIT_BY_NAME, UNIT_NAMES, UNITS, StructuredUnit
 from .modeling import BLOCK_LINEARS, ModelSpec, block_prefix
@@ -27,6 +27,7 @@ from .spectra import collect_spectra
 
 if TYPE_CHECKING:
     from .pipeline import Prepared
+    from .study import SearchSpace, SharedSearch
 
 log = logging.getLogger(__name__)
 
@@ -174,43 +175,66 @@ def plan_ranks(prepared: "Prepared", output: Path, progress: Progress, timer: St
                monitor: RSSMonitor) -> None:
     """Every block linear's rank, fixed once (pass 1 and bayes when the allocation needs them) and
     recorded in the progress file, so that a resumed run keeps it."""
-    reader, config, spec, layers = prepared.reader, prepared.config, prepared.spec, prepared.layers
+    config = prepared.config
     if progress.plan:
         return
-    spectra = None
-    if config.allocate in FIRST_PASS_ALLOCATIONS:
-        log.info("pass 1: output spectra of %d blocks", len(layers))
-        chosen_units = active_units(spec, config)
-        units = [unit.name for unit in chosen_units]
-        # factored slots are priced for the linears outside units (mixed: for all, as the alternative)
-        in_units = {name for unit in chosen_units for name in unit.linears}
-        names = [name for name in config.modules if config.compression_method.mixed or name not in in_units]
-        pass_one = {"source": source_fingerprint(reader), "layers": layers, "modules": names,
-                    "centered": config.centered, "precision": config.precision}
-        if units:
-            pass_one.update(units=units, neuron_selection=config.neuron_selection)
-        # with a target text, directions are priced by the target's statistics and loss alone
-        tokens = prepared.tokens
-        priced_on = tokens if prepared.target_from is None else tokens[prepared.target_from:]
-        spectra = collect_spectra(reader, priced_on, layers, names, output / WORK_FOLDER,
-                                  config.chunk_tokens, config.centered, PRECISIONS[config.precision], timer,
-                                  saved=config.spectra_file, fingerprint=arguments_fingerprint(pass_one, priced_on),
-                                  units=units, neuron_selection=config.neuron_selection)
-    plan = (model_plan(spec, config, layers, prepared.total_params, prepared.dtype_bytes, spectra)
-            if spectra is not None else prepared.sizing_plan)
+    shared = join_study(prepared, create=True) if config.bayes.study and config.allocate == "bayes" else None
+    record = shared.record() if shared is not None else None
+    if record is not None:  # another process made pass 1's plan already
+        log.info("bayes: joining study %s, which has its base plan", shared.name)
+        plan = record["base"]
+    else:
+        plan = _first_plan(prepared, output, timer)
     if config.allocate == "bayes":
         log.info("bayes: %d trials, each a compression scored on held-out calibration text", config.bayes.trials)
-        plan = _bayes_plan(prepared, output, plan, progress.trials, monitor)
+        space = search_space(prepared, plan)
+        scorer = TrialScorer(prepared, output / WORK_FOLDER, plan, monitor)
+        if shared is None:
+            result = bayes.search(space.slots, space.budget, space.base, lambda ranks: scorer(ranks)[0],
+                                  config.bayes, space.num_layers)
+            progress.trials.extend({**trial, **times} for trial, times in zip(result.trials, scorer.seconds))
+        else:
+            shared.publish(study_record(prepared, plan), bayes.search_groups(space.slots, space.num_layers))
+            log.info("bayes: study %s on %s; more workers join with: streamrom tune-worker %s --study-name %s",
+                     shared.name, shared.shown_url, shared.shown_url, shared.name)
+            shared.run(space, scorer)
+            result = shared.result()
+            progress.study = shared.name
+            progress.trials.extend(result.trials)
+        plan = {**plan, **result.ranks}
     progress.plan = plan
     progress.save(output)
 
 
-def _bayes_plan(prepared: "Prepared", output: Path, base: dict[str, int | None], trials_out: list,
-                monitor: RSSMonitor) -> dict[str, int | None]:
-    """bayes.search over group multipliers of the spectrum plan `base`. Each trial is the execute stage
-    alone, on the reader, tokens and settings prepare already holds (no re-reading, tokenizing,
-    fingerprinting, lock or pictures), into the work folder, scored by streamed perplexity on the
-    held-out calibration slice. Each trial's seconds are recorded: executing, scoring, and the rest."""
+def _first_plan(prepared: "Prepared", output: Path, timer: StageTimer) -> dict[str, int | None]:
+    """The plan of the allocation itself: from the shapes, or from pass 1's prices (spectrum, bayes)."""
+    reader, config, spec, layers = prepared.reader, prepared.config, prepared.spec, prepared.layers
+    if config.allocate not in FIRST_PASS_ALLOCATIONS:
+        return prepared.sizing_plan
+    log.info("pass 1: output spectra of %d blocks", len(layers))
+    chosen_units = active_units(spec, config)
+    units = [unit.name for unit in chosen_units]
+    # factored slots are priced for the linears outside units (mixed: for all, as the alternative)
+    in_units = {name for unit in chosen_units for name in unit.linears}
+    names = [name for name in config.modules if config.compression_method.mixed or name not in in_units]
+    pass_one = {"source": source_fingerprint(reader), "layers": layers, "modules": names,
+                "centered": config.centered, "precision": config.precision}
+    if units:
+        pass_one.update(units=units, neuron_selection=config.neuron_selection)
+    # with a target text, directions are priced by the target's statistics and loss alone
+    tokens = prepared.tokens
+    priced_on = tokens if prepared.target_from is None else tokens[prepared.target_from:]
+    spectra = collect_spectra(reader, priced_on, layers, names, output / WORK_FOLDER,
+                              config.chunk_tokens, config.centered, PRECISIONS[config.precision], timer,
+                              saved=config.spectra_file, fingerprint=arguments_fingerprint(pass_one, priced_on),
+                              units=units, neuron_selection=config.neuron_selection)
+    return model_plan(spec, config, layers, prepared.total_params, prepared.dtype_bytes, spectra)
+
+
+def search_space(prepared: "Prepared", base: dict[str, int | None]) -> "SearchSpace":
+    """The slots bayes searches over, their budget, and the base (spectrum) plan's ranks of them."""
+    from .study import SearchSpace
+
     config, spec = prepared.config, prepared.spec
     slots = allocation_slots(spec, config, prepared.layers)
     budget = slot_budget(slots, config, prepared.total_params, prepared.dtype_bytes, prepared.sizing_plan)
@@ -218,28 +242,58 @@ def _bayes_plan(prepared: "Prepared", output: Path, base: dict[str, int | None],
         slots = [slot for slot in slots if not slot.structured or base[slot.key]] + [
             slot for unit, factored in mixed_alternatives(spec, config, prepared.layers) if not base[unit.key]
             for slot in factored]
-    work = output / WORK_FOLDER
-    trial_folder = work / "bayes-trial"
-    seconds: list[dict[str, float]] = []
+    return SearchSpace(slots, budget, {slot.key: base[slot.key] for slot in slots}, spec.num_layers)
 
-    def score(ranks: dict[str, int | None]) -> float:
+
+class TrialScorer:
+    """A bayes trial: the execute stage alone, on the reader, tokens and settings prepare already holds
+    (no re-reading, tokenizing, fingerprinting, lock or pictures), into `work`/bayes-trial, scored by
+    streamed perplexity on the held-out calibration slice. Returns the score and the trial's seconds
+    (executing, scoring, and the rest), also kept in `seconds`."""
+
+    def __init__(self, prepared: "Prepared", work: Path, base: dict[str, int | None], monitor: RSSMonitor) -> None:
+        self.prepared, self.work, self.base, self.monitor = prepared, work, base, monitor
+        self.seconds: list[dict[str, float]] = []
+
+    def __call__(self, ranks: dict[str, int | None]) -> tuple[float, dict[str, float]]:
+        prepared, work = self.prepared, self.work
+        folder = work / "bayes-trial"
         started = time.perf_counter()
-        shutil.rmtree(trial_folder, ignore_errors=True)
-        trial_folder.mkdir(parents=True)
-        timer = StageTimer()
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
         executed = time.perf_counter()
-        write_model(prepared.reader, trial_folder, prepared.tokens, {**base, **ranks}, prepared.layers,
-                    config, Progress(arguments="bayes trial", source=""), timer, monitor, prepared.target_from)
+        write_model(prepared.reader, folder, prepared.tokens, {**self.base, **ranks}, prepared.layers,
+                    prepared.config, Progress(arguments="bayes trial", source=""), StageTimer(), self.monitor,
+                    prepared.target_from)
+        fault_point("during-bayes-trial")
         scored = time.perf_counter()
-        value = evaluate(trial_folder, (), windows=prepared.held_out_windows(), chunk_tokens=config.chunk_tokens,
+        value = evaluate(folder, (), windows=prepared.held_out_windows(), chunk_tokens=prepared.config.chunk_tokens,
                          work_dir=work).perplexity
         ended = time.perf_counter()
-        seconds.append({"execute_seconds": scored - executed, "score_seconds": ended - scored,
-                        "overhead_seconds": executed - started})
-        return value
+        shutil.rmtree(folder, ignore_errors=True)
+        times = {"execute_seconds": scored - executed, "score_seconds": ended - scored,
+                 "overhead_seconds": executed - started}
+        self.seconds.append(times)
+        return value, times
 
-    result = bayes.search(slots, budget, {slot.key: base[slot.key] for slot in slots}, score, config.bayes,
-                          spec.num_layers)
-    shutil.rmtree(trial_folder, ignore_errors=True)
-    trials_out.extend({**trial, **times} for trial, times in zip(result.trials, seconds))
-    return {**base, **result.ranks}
+
+def join_study(prepared: "Prepared", create: bool, name: str | None = None) -> "SharedSearch":
+    """This process in the run's shared study (named after its arguments unless --study-name), checked
+    to be a study of the same source, settings and calibration tokens."""
+    from .study import SharedSearch, default_name
+
+    bayes_config = prepared.config.bayes
+    arguments = arguments_fingerprint(prepared.fingerprint, prepared.tokens)
+    shared = SharedSearch(bayes_config.study, name or bayes_config.study_name or default_name(arguments), create,
+                          bayes_config.trials, bayes_config.seed, bayes_config.heartbeat_seconds)
+    shared.check(arguments, source_fingerprint(prepared.reader))
+    return shared
+
+
+def study_record(prepared: "Prepared", base: dict[str, int | None]) -> dict:
+    """What a worker elsewhere needs to run this study's trials (study.py)."""
+    from .config import config_to_json
+
+    return {"format": 1, "config": config_to_json(prepared.config), "source": str(prepared.reader.folder.absolute()),
+            "source_fingerprint": source_fingerprint(prepared.reader),
+            "arguments": arguments_fingerprint(prepared.fingerprint, prepared.tokens), "base": base}

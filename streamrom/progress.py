@@ -86,6 +86,7 @@ class Progress:
     stage: str = "compressing"
     source_files: dict[str, list[int]] = field(default_factory=dict)  # see source_files()
     trials: list[dict] = field(default_factory=list)  # bayes: each trial's multipliers and score
+    study: str = ""  # bayes --study: the shared study's name
 
     def save(self, folder: Path) -> None:
         write_atomic(Path(folder) / PROGRESS_FILE, (json.dumps(asdict(self), indent=1) + "\n").encode())

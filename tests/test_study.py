@@ -1,0 +1,226 @@
+"""The shared bayes search (study.py): real worker processes on one optuna storage, SQLite and a real
+PostgreSQL server, a worker killed by SIGKILL mid-trial, a study resumed after every worker died.
+
+Tiny random-weight models: these tests check scheduling, files and control flow, not accuracy."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from streamrom.checkpoint import CheckpointReader
+from streamrom.errors import EXIT_INPUT, EXIT_USAGE
+
+optuna = pytest.importorskip("optuna")
+
+TRIALS = 7
+BLOCKS = 3
+
+
+def compress_command(source: Path, output: Path, tokens: Path, storage: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "streamrom.cli", "--quiet", "--threads", "1", "compress", str(source), str(output),
+            "--calib-tokens", str(tokens), "--calib-sequences", "8", "--calib-seqlen", "64", "--chunk-tokens", "128",
+            "--allocate", "bayes", "--target-params", "0.7", "--trials", str(TRIALS), "--study", storage,
+            "--study-name", "tiny", "--heartbeat", "1", *extra]
+
+
+def worker_command(storage: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "streamrom.cli", "--quiet", "--threads", "1", "tune-worker", storage,
+            "--study-name", "tiny", "--wait", "60", *extra]
+
+
+def start(command: list[str], fault: str | None = None) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "STREAMROM_FAULT"}
+    if fault:
+        env["STREAMROM_FAULT"] = fault
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=300)
+    return process.returncode, out, err
+
+
+def trials_by_state(storage: str) -> dict[str, list]:
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    states: dict[str, list] = {}
+    for trial in study.trials:
+        states.setdefault(trial.state.name, []).append(trial)
+    return states
+
+
+def check_finished_study(storage: str, output: Path, dead_workers: int) -> list:
+    """The study has exactly its trials done, each dead worker's trial run again, and the output is the
+    best trial's plan."""
+    states = trials_by_state(storage)
+    complete = states["COMPLETE"]
+    assert len(complete) == TRIALS
+    assert len(states.get("FAIL", [])) == dead_workers
+    retried = [trial for trial in complete if "failed_trial" in trial.system_attrs]
+    assert len(retried) == dead_workers  # the dead workers' points, run again by the living
+    for trial in retried:
+        failed = next(t for t in states["FAIL"] if t.number == trial.system_attrs["failed_trial"])
+        assert failed.params == trial.params
+    report = json.loads((output / "streamrom-report.json").read_text())
+    scores = report["settings"]["bayes"]["scores"]
+    assert sorted(trial["trial"] for trial in scores) == sorted(trial.number for trial in complete)
+    best = min(complete, key=lambda trial: (trial.value, trial.number))
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert study.user_attrs["chosen_trial"] == best.number
+    for key, rank in best.user_attrs["ranks"].items():
+        assert report["ranks"].get(key) == rank, key
+    assert report["settings"]["bayes"]["study_name"] == "tiny"
+    assert abs(report["parameters_after"] / report["parameters_before"] - 0.7) < 0.05
+    CheckpointReader(output)  # a complete checkpoint
+    return complete
+
+
+def test_workers_share_the_study_and_a_killed_workers_trial_runs_again(tiny_models, tiny_tokens, tmp_path):
+    """Round 1: the compress command and a worker both die by SIGKILL in the middle of a trial (every
+    worker dead). Round 2: the same command and a new worker resume the study: both dead trials are
+    failed after three silent heartbeats and their points run again; the two processes share the work."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    source, output = tiny_models["llama"], tmp_path / "out"
+    command = compress_command(source, output, tiny_tokens, storage)
+    first = start(command, fault="during-bayes-trial")
+    doomed = start(worker_command(storage), fault="during-bayes-trial")
+    assert finish(first)[0] == -signal.SIGKILL
+    code, _, err = finish(doomed)
+    assert code == -signal.SIGKILL, err
+    assert len(trials_by_state(storage)["RUNNING"]) == 2  # the dead workers' trials, not yet known dead
+    assert not (output / "model.safetensors.index.json").exists()
+
+    resumed = start(command)
+    worker = start(worker_command(storage, "--work-dir", str(tmp_path / "work")))
+    code, _, err = finish(resumed)
+    assert code == 0, err
+    code, out, err = finish(worker)
+    assert code == 0, err
+    assert out.startswith("study tiny finished: 7 trials, best held-out perplexity")
+    complete = check_finished_study(storage, output, dead_workers=2)
+    assert len({trial.user_attrs["worker"] for trial in complete}) == 2  # both round-2 processes ran trials
+    assert not any((tmp_path / "work").iterdir())  # the worker's trial folders are gone
+
+
+def test_a_late_worker_finds_the_search_finished(tiny_models, tiny_tokens, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    code, _, err = finish(start(compress_command(tiny_models["llama"], tmp_path / "out", tiny_tokens, storage)))
+    assert code == 0, err
+    code, out, _ = finish(start(worker_command(storage)))
+    assert code == 0 and out.strip().endswith("this worker ran 0")
+    assert len(trials_by_state(storage)["COMPLETE"]) == TRIALS
+
+
+def test_bad_studies_are_refused_in_one_line(tiny_models, tiny_tokens, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    missing = start(worker_command(storage)[:-2])  # without --wait
+    code, _, err = finish(missing)
+    assert code == EXIT_USAGE and "no study named 'tiny'" in err and len(err.splitlines()) == 1
+    without_bayes = compress_command(tiny_models["llama"], tmp_path / "o", tiny_tokens, storage)
+    without_bayes[without_bayes.index("bayes")] = "spectrum"
+    code, _, err = finish(start(without_bayes))
+    assert code == EXIT_USAGE and "--study" in err and len(err.splitlines()) == 1
+    unreachable = compress_command(tiny_models["llama"], tmp_path / "o", tiny_tokens,
+                                   "postgresql+psycopg2://nobody@127.0.0.1:1/none")
+    code, _, err = finish(start(unreachable))
+    assert code == EXIT_INPUT and "cannot open the study storage" in err and len(err.splitlines()) == 1
+    assert "password" not in err
+
+
+def test_a_worker_with_another_source_is_refused(tiny_models, tiny_tokens, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    code, _, err = finish(start(compress_command(tiny_models["llama"], tmp_path / "out", tiny_tokens, storage)))
+    assert code == 0, err
+    code, _, err = finish(start(worker_command(storage, "--source", str(tiny_models["qwen2"]))))
+    assert code == EXIT_INPUT and "the source checkpoint here is another one" in err and len(err.splitlines()) == 1
+    code, _, err = finish(start(worker_command(storage, "--source", str(tmp_path / "nowhere"))))
+    assert code == EXIT_INPUT and "--source" in err and len(err.splitlines()) == 1
+
+
+# -- a real PostgreSQL server, from Debian's packages, started here
+
+
+def _postgres_binaries() -> Path | None:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    return Path(versions[-1]).parent if versions else None
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throw-away PostgreSQL cluster on a free loopback port (as the postgres user when run as root:
+    the server refuses root), stopped afterwards. Skipped, with the reason, where it cannot start."""
+    pytest.importorskip("psycopg2", reason="the PostgreSQL driver is missing: pip install psycopg2-binary")
+    binaries = _postgres_binaries()
+    if binaries is None:
+        pytest.skip("no PostgreSQL server here (Debian: apt-get install postgresql)")
+    prefix: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="streamrom-pg-"))
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user to run the server as")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    data = folder / "data"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=120)
+
+    steps = [(str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "streamrom", "--no-sync"),
+             (str(binaries / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w", "-o",
+              f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start"),
+             (str(binaries / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "streamrom", "studies")]
+    try:
+        for step in steps:
+            result = run(*step)
+            if result.returncode != 0:
+                pytest.skip(f"PostgreSQL did not start: {Path(step[0]).name}: "
+                            f"{(result.stderr or result.stdout).strip().splitlines()[-1:]}")
+        yield f"postgresql+psycopg2://streamrom@127.0.0.1:{port}/studies"
+    finally:
+        run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_workers_share_a_study_on_a_postgresql_server(postgres_url, tiny_models, tiny_tokens, tmp_path):
+    output = tmp_path / "out"
+    compressing = start(compress_command(tiny_models["llama"], output, tiny_tokens, postgres_url))
+    workers = [start(worker_command(postgres_url)) for _ in range(2)]
+    code, _, err = finish(compressing)
+    assert code == 0, err
+    for worker in workers:
+        code, _, err = finish(worker)
+        assert code == 0, err
+    complete = check_finished_study(postgres_url, output, dead_workers=0)
+    assert len({trial.user_attrs["worker"] for trial in complete}) >= 2
+
+
+def test_without_a_study_the_search_runs_in_process(tiny_models, tiny_tokens, tmp_path):
+    """No storage, no optuna study left behind: the in-process search records its trials as before."""
+    command = compress_command(tiny_models["llama"], tmp_path / "out", tiny_tokens, "x")
+    cut = command.index("--study")
+    command = command[:cut] + command[cut + 6:]
+    command[command.index("--trials") + 1] = "2"
+    code, _, err = finish(start(command))
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "streamrom-report.json").read_text())
+    assert len(report["settings"]["bayes"]["scores"]) == 2 and "study_name" not in report["settings"]["bayes"]
+    assert not list(tmp_path.glob("*.db"))
