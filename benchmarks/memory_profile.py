@@ -182,7 +182,9 @@ def main() -> None:
     for row in rows:
         st = row["stage_seconds"]
         bound = row.get("seconds_over_bound", {})
-        print(f"| {row['depth']} | {row['calibration_tokens']} | {row.get('method', 'rom')} {row.get('allocate', 'uniform')} "
+        anchored = f" anchor {row['anchor']:g}" if row.get("anchor") else ""
+        print(f"| {row['depth']} | {row['calibration_tokens']} | {row.get('method', 'rom')} {row.get('allocate', 'uniform')}"
+              f"{anchored} "
               f"| {row['wall_seconds']:.0f} s | {st.get('forward', 0):.0f} s "
               f"| {st.get('statistics', 0):.0f} s | {st.get('eigen', 0):.0f} s "
               f"| {st.get('read', 0) + st.get('write', 0):.0f} s "
