@@ -374,6 +374,27 @@ def test_pass_one_prices_units_and_mixed_writes_both_forms(tiny_models, tiny_tok
     json.dumps(plan)
 
 
+@pytest.mark.parametrize("method", ["structured", "mixed"])
+def test_bayes_searches_structured_units_and_meets_the_size(tiny_models, tiny_tokens, tmp_path, method):
+    """bayes over unit widths (and, mixed, the factored alternatives the spectrum plan left out): its
+    first trial is the spectrum plan, the others differ from it, and the chosen plan meets the size."""
+    from streamrom.bayes import BayesConfig
+
+    calibration = CalibrationConfig(token_file=tiny_tokens, sequences=6, seqlen=64)
+    report = streamrom.compress(tiny_models["llama"], tmp_path / "bayes", CompressConfig(
+        calibration=calibration, method=method, allocate="bayes", target_params=0.7,
+        bayes=BayesConfig(trials=3, held_out_windows=2)))
+    spectrum = streamrom.compress(tiny_models["llama"], tmp_path / "spectrum", CompressConfig(
+        calibration=calibration, method=method, allocate="spectrum", target_params=0.7))
+    scores = [trial["score"] for trial in report.settings["bayes"]["scores"]]
+    assert len(scores) == 3 and len(set(scores)) > 1  # the other trials tried other widths
+    assert abs(report.parameter_ratio - 0.7) < 0.03 and abs(spectrum.parameter_ratio - 0.7) < 0.03
+    widths = {key: rank for key, rank in report.ranks.items() if key.endswith(("mlp.neurons", "value_dims"))}
+    assert any(widths.values())  # units narrowed by the chosen plan
+    if scores[0] == min(scores):
+        assert report.ranks == spectrum.ranks
+
+
 def test_inspect_shows_each_blocks_widths(tiny_models, tiny_tokens, tmp_path):
     from streamrom.summary import checkpoint_summary, format_summary
 
