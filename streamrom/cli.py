@@ -1,4 +1,4 @@
-"""The `streamrom` command: compress, eval, inspect, tune-worker, import-gguf.
+"""The `streamrom` command: compress, eval, inspect, tune-worker, import-gguf, export-gguf.
 
 Errors end with one line on stderr and the exit codes of streamrom.errors (README, "Exit codes").
 """
@@ -215,6 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("checkpoint", type=Path, help="checkpoint folder")
     ins.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    exp = sub.add_parser("export-gguf", help="write a checkpoint as one GGUF file for llama.cpp (convert extra)",
+                         description="Write CKPT (dense, or structured by streamrom) as a GGUF file that llama.cpp "
+                                     "loads, one tensor at a time: llama/qwen2 when every block has the same MLP "
+                                     "width, llama.cpp's deci architecture when widths differ per block; narrowed "
+                                     "value dimensions and rotary pairs are padded back with zeros (same function). "
+                                     "Factored linears have no llama.cpp form: refused unless --densify.")
+    exp.add_argument("checkpoint", type=Path, help="checkpoint folder (with tokenizer.json)")
+    exp.add_argument("output", type=Path, help="the .gguf file to write")
+    exp.add_argument("--type", dest="tensor_type", default="source",
+                     choices=["source", "f32", "f16", "bf16", "q8_0", "q4_0"],
+                     help="how weight matrices are stored (default: the checkpoint's dtype); q8_0 and q4_0 quantise "
+                          "them (rows whose length is no multiple of 32 stay f16); norms and biases stay f32")
+    exp.add_argument("--densify", action="store_true",
+                     help="multiply factored linears back into dense matrices (the file grows by what they saved)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
     work = sub.add_parser("tune-worker", help="run trials of a shared bayes search (compress --study)",
                           description="Join the optuna study that `streamrom compress ... --allocate bayes --study "
                                       "STORAGE_URL` made and run its trials until it has all of them; any number of "
@@ -310,6 +326,17 @@ def _run(args: argparse.Namespace) -> None:
 
         summary = checkpoint_summary(args.checkpoint)
         print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    elif args.command == "export-gguf":
+        from .export_gguf import export_gguf
+
+        _Interrupt.check()
+        written = export_gguf(args.checkpoint, args.output, args.tensor_type, densify=args.densify,
+                              overwrite=args.overwrite)
+        extra = (f"; {len(written['densified_linears'])} factored linears multiplied back "
+                 f"(+{written['densified_parameters']:,} parameters)" if written["densified_linears"] else "")
+        padded = f"; {written['padded_parameters']:,} parameters of zero padding" if written["padded_parameters"] else ""
+        print(f"exported {args.checkpoint} -> {args.output}: llama.cpp architecture {written['architecture']}, "
+              f"{written['tensors']} tensors, {written['bytes'] / 2**20:.1f} MiB{extra}{padded}")
     elif args.command == "tune-worker":
         from .pipeline import tune_worker
 

@@ -1,0 +1,390 @@
+"""A checkpoint (dense, or compressed by streamrom) to one GGUF file for llama.cpp, one tensor at a time
+(the `convert` extra: the `gguf` package).
+
+What llama.cpp can run, and how each kind of part maps onto it:
+- dense blocks, and MLPs narrowed to one width in every block: llama.cpp's own architecture of the
+  model (llama, qwen2), `feed_forward_length` the narrowed width;
+- MLP widths that differ from block to block: llama.cpp's `deci` architecture (llama-family models
+  only), which takes a feed-forward length and head counts per block;
+- value dimensions narrowed per KV head and query/key rotary pairs: llama.cpp has one head size for
+  the whole model, so they are padded back with zero rows and columns (exactly the same function;
+  the file grows by what the narrowing saved in those tensors, logged);
+- factored linears (two low-rank factors): llama.cpp has no such linear. They are refused, with the
+  bytes multiplying them back would add, unless `densify` (the product V·(VᵀW) is written as one
+  dense matrix: the same function up to rounding, the parameters of a dense linear).
+
+The metadata and each tensor's shape and type are known from the headers before any data is written,
+so the file is written front to back holding one tensor (as read, transformed, quantised) at a time; it
+is written under a temporary name and renamed when complete. Tokenizer: byte-level BPE vocabularies
+(tokenizer.json) with their pre-tokenizer named as llama.cpp knows it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .architectures import ModelSpec
+from .checkpoint import CheckpointReader
+from .errors import InputError, OutputError, UsageError, write_failure
+from .gguf_vocab import SPLIT_PRE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED
+from .modeling import block_prefix
+
+log = logging.getLogger(__name__)
+
+TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNUSED = 1, 5
+# --type: how 2-D weights are stored (norms and biases stay float32, as llama.cpp's converter keeps them)
+TYPES = ("source", "f32", "f16", "bf16", "q8_0", "q4_0")
+GGUF_ARCHITECTURE_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> llama.cpp's
+# the block's linears and norms as llama.cpp names them (blk.N.<name>)
+BLOCK_TENSORS = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+LINEARS = [name for name in BLOCK_TENSORS if not name.endswith("layernorm")]
+
+
+@dataclass
+class _Tensor:
+    """One tensor of the GGUF: its name, numpy shape (rows, columns), storage type, and how to make it."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # a key of TYPES other than "source"
+    make: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        import gguf
+
+        block, size = gguf.GGML_QUANT_SIZES[_ggml_type(self.kind)]
+        return math.prod(self.shape) // block * size
+
+
+def export_gguf(checkpoint: str | Path, output: str | Path, tensor_type: str = "source", densify: bool = False,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Write `checkpoint` as the GGUF file `output`. Returns what was written (architecture, tensors,
+    bytes, parameters re-added by padding or densifying)."""
+    try:
+        import gguf
+    except ImportError:
+        raise UsageError("export-gguf needs the gguf package: pip install 'streamrom[convert]'") from None
+    if tensor_type not in TYPES:
+        raise UsageError(f"unknown --type {tensor_type!r}: choose from {', '.join(TYPES)}")
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise OutputError(f"{output} exists (pass --overwrite to replace it)")
+    if output.is_dir():
+        raise OutputError(f"{output} is a folder: give the .gguf file's path")
+    reader = CheckpointReader(Path(checkpoint))
+    spec = reader.spec
+    plan = _Plan(reader, spec, tensor_type, densify)
+    temporary = output.with_name(f".{output.name}.tmp")
+    writer = gguf.GGUFWriter(None, plan.architecture)
+    try:
+        plan.metadata(writer)
+        for tensor in plan.tensors:
+            raw = _ggml_type(tensor.kind)
+            if tensor.kind in ("f32", "f16"):
+                writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32 if tensor.kind == "f32"
+                                                                           else np.float16), tensor.nbytes)
+            else:
+                writer.add_tensor_info(tensor.name, gguf.quant_shape_to_byte_shape(tensor.shape, raw),
+                                       np.dtype(np.uint8), tensor.nbytes, raw_dtype=raw)
+        writer.write_header_to_file(path=temporary)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in plan.tensors:
+            values = np.ascontiguousarray(tensor.make(), dtype=np.float32)
+            writer.write_tensor_data(gguf.quants.quantize(values, _ggml_type(tensor.kind)))
+        writer.close()
+        os.replace(temporary, output)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise write_failure(exc, output.parent, "") from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    summary = {"architecture": plan.architecture, "tensors": len(plan.tensors), "bytes": output.stat().st_size,
+               "padded_parameters": plan.padded, "densified_linears": plan.densified,
+               "densified_parameters": plan.densified_parameters}
+    if plan.padded:
+        log.info("export-gguf: narrowed value dimensions / rotary pairs padded back with zeros: %d parameters "
+                 "more than the checkpoint holds (llama.cpp has one head size per model)", plan.padded)
+    return summary
+
+
+def _ggml_type(kind: str):
+    import gguf
+
+    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+            "q4_0": gguf.GGMLQuantizationType.Q4_0}[kind]
+
+
+class _Plan:
+    """Architecture, metadata and the ordered tensors of the GGUF, from the checkpoint's headers."""
+
+    def __init__(self, reader: CheckpointReader, spec: ModelSpec, tensor_type: str, densify: bool) -> None:
+        self.reader, self.spec = reader, spec
+        self.padded = 0
+        self.densified: list[str] = []
+        self.densified_parameters = 0
+        architecture = GGUF_ARCHITECTURE_OF.get(spec.model_type)
+        if architecture is None:
+            raise InputError(f"export-gguf writes llama, mistral and qwen2 models, not {spec.model_type}")
+        if spec.rope_scaling:
+            raise InputError(f"export-gguf: rope scaling {dict(spec.rope_scaling).get('rope_type', '?')!r} is not "
+                             "exported yet (llama.cpp needs its rope_freqs tensor)")
+        if spec.sliding_window is not None:
+            raise InputError("export-gguf: a sliding attention window has no form in llama.cpp's llama "
+                             "architecture")
+        widths = spec.layer_intermediate_sizes or (spec.intermediate_size,) * spec.num_layers
+        self.per_block = len(set(widths)) > 1
+        if self.per_block:
+            if architecture != "llama" or spec.qkv_bias:
+                raise InputError("export-gguf: per-block MLP widths need llama.cpp's deci architecture, which "
+                                 "takes llama-family models only")
+            architecture = "deci"
+        self.architecture, self.widths = architecture, widths
+        self.source_kind = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(
+            str(reader.weight_dtype).removeprefix("torch."), "f32")
+        self.matrix_kind = self.source_kind if tensor_type == "source" else tensor_type
+        factored = sorted({name.rsplit(".", 2)[0] for name in reader.weight_map if name.endswith(".reduce.weight")})
+        if factored and not densify:
+            extra = sum(self._dense_parameters(name) - self._stored_parameters(name) for name in factored)
+            raise InputError(f"{len(factored)} linears are factored (two low-rank matrices), which llama.cpp cannot "
+                             f"run; --densify multiplies them back ({extra:,} more parameters, "
+                             f"{100 * extra / reader.parameter_count():.1f} % of the checkpoint's)")
+        self.tensors = self._tensors(factored)
+
+    # -- metadata
+
+    def metadata(self, writer) -> None:
+        import gguf
+
+        spec, config = self.spec, self.reader.config
+        writer.add_name(Path(self.reader.folder).name)
+        writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
+        writer.add_embedding_length(spec.hidden_size)
+        writer.add_block_count(spec.num_layers)
+        if self.per_block:
+            writer.add_feed_forward_length(list(self.widths))
+            writer.add_head_count([spec.num_heads] * spec.num_layers)
+            writer.add_head_count_kv([spec.num_kv_heads] * spec.num_layers)
+        else:
+            writer.add_feed_forward_length(self.widths[0])
+            writer.add_head_count(spec.num_heads)
+            writer.add_head_count_kv(spec.num_kv_heads)
+        writer.add_key_length(spec.head_dim)
+        writer.add_value_length(spec.head_dim)
+        writer.add_rope_dimension_count(spec.head_dim)
+        writer.add_rope_freq_base(float(spec.rope_theta))
+        writer.add_layer_norm_rms_eps(float(spec.rms_norm_eps))
+        writer.add_vocab_size(spec.vocab_size)
+        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[self.matrix_kind])
+        if "streamrom" in config:
+            writer.add_string("streamrom.settings", json.dumps(config["streamrom"], default=str)[:60000])
+        _tokenizer_metadata(writer, self.reader.folder, spec, config)
+
+    # -- tensors
+
+    def _tensors(self, factored: list[str]) -> list[_Tensor]:
+        spec, weight_map = self.spec, self.reader.weight_map
+        tensors = [self._matrix("token_embd.weight", "model.embed_tokens.weight")]
+        for index in range(spec.num_layers):
+            prefix = block_prefix(index)
+            for hf, short in BLOCK_TENSORS.items():
+                name = f"{prefix}{hf}"
+                if hf.endswith("layernorm"):
+                    tensors.append(self._vector(f"blk.{index}.{short}.weight", f"{name}.weight"))
+                    continue
+                tensors.append(self._linear(f"blk.{index}.{short}.weight", index, hf, name in factored))
+                if f"{name}.bias" in weight_map or f"{name}.expand.bias" in weight_map or (
+                        f"{name}.reduce.bias" in weight_map):
+                    tensors.append(self._bias(f"blk.{index}.{short}.bias", index, hf, name in factored))
+        tensors.append(self._vector("output_norm.weight", "model.norm.weight"))
+        if "lm_head.weight" in weight_map:
+            tensors.append(self._matrix("output.weight", "lm_head.weight"))
+        return tensors
+
+    def _kind(self, shape: tuple[int, ...]) -> str:
+        import gguf
+
+        kind = self.matrix_kind
+        if kind in ("q8_0", "q4_0") and shape[-1] % gguf.GGML_QUANT_SIZES[_ggml_type(kind)][0]:
+            return "f16"  # a narrowed width that is no multiple of the block size: not quantisable
+        return kind
+
+    def _read(self, name: str) -> np.ndarray:
+        return self.reader.tensor(name).float().numpy()
+
+    def _matrix(self, gguf_name: str, hf_name: str) -> _Tensor:
+        shape = tuple(self.reader.shapes[hf_name])
+        return _Tensor(gguf_name, shape, self._kind(shape), lambda: self._read(hf_name))
+
+    def _vector(self, gguf_name: str, hf_name: str) -> _Tensor:
+        return _Tensor(gguf_name, tuple(self.reader.shapes[hf_name]), "f32", lambda: self._read(hf_name))
+
+    def _dense_shape(self, index: int, linear: str) -> tuple[int, int]:
+        """The linear's shape in the GGUF: full head sizes, the block's own MLP width."""
+        spec = self.spec
+        width, heads, kv_heads, hidden = self.widths[index], spec.num_heads, spec.num_kv_heads, spec.hidden_size
+        return {"self_attn.q_proj": (heads * spec.head_dim, hidden),
+                "self_attn.k_proj": (kv_heads * spec.head_dim, hidden),
+                "self_attn.v_proj": (kv_heads * spec.head_dim, hidden),
+                "self_attn.o_proj": (hidden, heads * spec.head_dim),
+                "mlp.gate_proj": (width, hidden), "mlp.up_proj": (width, hidden),
+                "mlp.down_proj": (hidden, width)}[linear]
+
+    def _dense_parameters(self, name: str) -> int:
+        index, linear = int(name.split(".")[2]), name.split(".", 3)[3]
+        return math.prod(self._dense_shape(index, linear))
+
+    def _stored_parameters(self, name: str) -> int:
+        return sum(math.prod(self.reader.shapes[f"{name}.{part}.weight"]) for part in ("reduce", "expand"))
+
+    def _linear(self, gguf_name: str, index: int, linear: str, factored: bool) -> _Tensor:
+        name = f"{block_prefix(index)}{linear}"
+        shape = self._dense_shape(index, linear)
+        if factored:
+            self.densified.append(name)
+            self.densified_parameters += math.prod(shape) - self._stored_parameters(name)
+        else:
+            self.padded += math.prod(shape) - math.prod(self.reader.shapes[f"{name}.weight"])
+
+        def make() -> np.ndarray:
+            if factored:
+                weight = self._read(f"{name}.expand.weight") @ self._read(f"{name}.reduce.weight")
+            else:
+                weight = self._read(f"{name}.weight")
+            return self._to_gguf_layout(index, linear, weight)
+        return _Tensor(gguf_name, shape, self._kind(shape), make)
+
+    def _bias(self, gguf_name: str, index: int, linear: str, factored: bool) -> _Tensor:
+        name = f"{block_prefix(index)}{linear}"
+        shape = (self._dense_shape(index, linear)[0],)
+
+        def make() -> np.ndarray:
+            if not factored:
+                bias = self._read(f"{name}.bias")
+            else:  # W x + b ≈ E (R x + b_r) + b_e
+                bias = np.zeros(shape[0], dtype=np.float32)
+                if f"{name}.reduce.bias" in self.reader.weight_map:
+                    bias += self._read(f"{name}.expand.weight") @ self._read(f"{name}.reduce.bias")
+                if f"{name}.expand.bias" in self.reader.weight_map:
+                    bias += self._read(f"{name}.expand.bias")
+            return self._to_gguf_layout(index, linear, bias[:, None], bias=True)[:, 0]
+        return _Tensor(gguf_name, shape, "f32", make)
+
+    def _to_gguf_layout(self, index: int, linear: str, rows: np.ndarray, bias: bool = False) -> np.ndarray:
+        """A weight (or a bias, as one column) padded back to full heads where structured ROM narrowed
+        them; q/k rows permuted as llama.cpp's converter permutes them for the llama and deci
+        architectures (rotary halves interleaved)."""
+        spec, head_dim = self.spec, self.spec.head_dim
+        if linear == "self_attn.v_proj" and spec.layer_value_head_dims:
+            rows = _pad_rows(rows, spec.num_kv_heads, spec.layer_value_head_dims[index], head_dim)
+        if linear == "self_attn.o_proj" and spec.layer_value_head_dims and not bias:
+            width = spec.layer_value_head_dims[index]
+            rows = _pad_rows(rows.T, spec.num_heads, width, head_dim).T
+        if linear in ("self_attn.q_proj", "self_attn.k_proj"):
+            heads = spec.num_heads if linear == "self_attn.q_proj" else spec.num_kv_heads
+            if spec.layer_query_key_head_dims and spec.layer_query_key_head_dims[index] != head_dim:
+                pairs = self._read(f"{block_prefix(index)}self_attn.rotary_pairs").astype(np.int64)
+                rows = _scatter_pairs(rows, heads, pairs, head_dim)
+            if self.architecture in ("llama", "deci"):
+                rows = _permute_rotary(rows, heads)
+        return np.ascontiguousarray(rows)
+
+
+def _pad_rows(rows: np.ndarray, heads: int, width: int, head_dim: int) -> np.ndarray:
+    """Each head's `width` rows, then zero rows up to head_dim (as the remote code's PaddedValues)."""
+    if width == head_dim:
+        return rows
+    full = np.zeros((heads, head_dim, rows.shape[1]), dtype=rows.dtype)
+    full[:, :width] = rows.reshape(heads, width, rows.shape[1])
+    return full.reshape(heads * head_dim, rows.shape[1])
+
+
+def _scatter_pairs(rows: np.ndarray, heads: int, pairs: np.ndarray, head_dim: int) -> np.ndarray:
+    """Each head's kept rotary pairs (first halves j, then partners j + head_dim/2) put back in place."""
+    kept = pairs.shape[1] * 2
+    dims = np.concatenate([pairs, pairs + head_dim // 2], axis=1).repeat(heads // pairs.shape[0], axis=0)
+    full = np.zeros((heads, head_dim, rows.shape[1]), dtype=rows.dtype)
+    narrow = rows.reshape(heads, kept, rows.shape[1])
+    for head in range(heads):
+        full[head, dims[head]] = narrow[head]
+    return full.reshape(heads * head_dim, rows.shape[1])
+
+
+def _permute_rotary(rows: np.ndarray, heads: int) -> np.ndarray:
+    """HF's rotate-half layout to llama.cpp's interleaved one (the inverse of convert.unpermute_rotary)."""
+    return (rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:])
+            .swapaxes(1, 2).reshape(rows.shape))
+
+
+# -- the tokenizer
+
+def pre_tokenizer_name(tokenizer: dict[str, Any]) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer.json, from its pre-tokenizer's
+    structure (the rules gguf_vocab.py rebuilds on import)."""
+    pre = tokenizer.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [part.get("type") for part in parts]
+    if kinds == ["ByteLevel"]:
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"  # llama.cpp splits every digit apart for it (as for starcoder and others)
+    if kinds == ["Split", "ByteLevel"]:
+        pattern = (parts[0].get("pattern") or {}).get("Regex")
+        for name, regex in SPLIT_PRE.items():
+            if pattern == regex:
+                return name
+    raise InputError(f"export-gguf: a pre-tokenizer of kinds {kinds} is not known to streamrom's exporter")
+
+
+def _tokenizer_metadata(writer, folder: Path, spec: ModelSpec, config: dict[str, Any]) -> None:
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise InputError(f"export-gguf: no tokenizer.json in {folder} (llama.cpp needs the vocabulary)")
+    try:
+        tokenizer = json.loads(path.read_text())
+    except ValueError as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    model = tokenizer.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise InputError("export-gguf writes byte-level BPE vocabularies (GPT-2 style); this tokenizer is "
+                         f"{model.get('type')!r}{' with byte fallback' if model.get('byte_fallback') else ''}")
+    size = max(spec.vocab_size, len(model["vocab"]) + len(tokenizer.get("added_tokens", [])))
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [TOKEN_TYPE_UNUSED] * size
+    for text, index in model["vocab"].items():
+        tokens[index], types[index] = text, TOKEN_TYPE_NORMAL
+    for added in tokenizer.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = TOKEN_TYPE_CONTROL if added.get("special") else TOKEN_TYPE_USER_DEFINED
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    settings_path = Path(folder) / "tokenizer_config.json"
+    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                     ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
+        if isinstance(config.get(key), int):
+            add(config[key])
+    writer.add_add_bos_token(bool(settings.get("add_bos_token", False)))
+    if isinstance(settings.get("chat_template"), str):
+        writer.add_chat_template(settings["chat_template"])

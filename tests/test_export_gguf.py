@@ -1,0 +1,169 @@
+"""export-gguf: checkpoints to llama.cpp's GGUF, checked by reading the file back with the gguf package
+(and with our own importer, which inverts the exporter's layout), without llama.cpp itself.
+
+The real model for the dense round trip; tiny random-weight models (with a byte-level tokenizer made
+here) for the structured layouts: shapes and exact functions, not accuracy."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import streamrom
+from streamrom import CalibrationConfig, CompressConfig
+from streamrom.errors import EXIT_INPUT, EXIT_OUTPUT
+
+gguf = pytest.importorskip("gguf")
+
+from conftest import TINY_COMMON  # noqa: E402
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamrom.cli", "--quiet", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def byte_level_tokenizer(folder: Path) -> None:
+    """A 256-token byte-level BPE vocabulary (no merges) for the tiny models' vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={text: i for i, text in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sources(tmp_path_factory) -> dict[str, Path]:
+    """A qwen2 (biases) and a llama without rope scaling (llama.cpp's llama needs no rope_freqs), each
+    with a tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    root = tmp_path_factory.mktemp("export")
+    sources = {}
+    for kind, config in (("qwen2", Qwen2Config(**TINY_COMMON)),
+                         ("llama", LlamaConfig(**TINY_COMMON, tie_word_embeddings=False))):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.normal_(0, 0.5)
+        model.save_pretrained(root / kind)
+        byte_level_tokenizer(root / kind)
+        sources[kind] = root / kind
+    return sources
+
+
+def logits_of(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return streamrom.load(folder, dtype=torch.float32)(tokens)
+
+
+def test_dense_model_round_trips_exactly(smollm2_dir, tmp_path):
+    """The real model exported (f32) and imported back: every tensor, the config and the tokenizer's
+    ids identical."""
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    result = cli("export-gguf", smollm2_dir, tmp_path / "m.gguf")
+    assert result.returncode == 0, result.stderr
+    assert "architecture llama" in result.stdout
+    assert cli("import-gguf", tmp_path / "m.gguf", tmp_path / "back").returncode == 0
+    original, back = load_file(smollm2_dir / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert original.keys() == back.keys()
+    for name in original:
+        np.testing.assert_array_equal(original[name], back[name], err_msg=name)
+    assert json.loads((smollm2_dir / "config.json").read_text()) == json.loads((tmp_path / "back" / "config.json").read_text())
+    text = "It is a truth universally acknowledged, 1234 times.\n<|im_start|>user\nhi<|im_end|>"
+    assert (Tokenizer.from_file(str(smollm2_dir / "tokenizer.json")).encode(text).ids
+            == Tokenizer.from_file(str(tmp_path / "back" / "tokenizer.json")).encode(text).ids)
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+
+
+def test_structured_model_of_one_width_is_the_same_function(tiny_sources, tiny_tokens, tmp_path):
+    """Uniform structured ROM (one MLP width, values narrowed per KV head, q/k factored) of a qwen2:
+    refused while factored, then exported with --densify to llama.cpp's qwen2 (values padded back),
+    imported again by our importer: the same logits as the compressed checkpoint."""
+    compressed = tmp_path / "structured"
+    streamrom.compress(tiny_sources["qwen2"], compressed, CompressConfig(
+        method="structured", ratio=0.6, calibration=CalibrationConfig(token_file=tiny_tokens, sequences=6, seqlen=64)))
+    shutil.copy(tiny_sources["qwen2"] / "tokenizer.json", compressed / "tokenizer.json")
+    config = json.loads((compressed / "config.json").read_text())
+    assert "layer_intermediate_sizes" not in config and config["intermediate_size"] < 160  # one narrowed width
+    assert min(config["layer_value_head_dims"]) < 16
+    refused = cli("export-gguf", compressed, tmp_path / "s.gguf")
+    assert refused.returncode == EXIT_INPUT and "--densify" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    assert not (tmp_path / "s.gguf").exists()
+    result = cli("export-gguf", compressed, tmp_path / "s.gguf", "--densify")
+    assert result.returncode == 0, result.stderr
+    assert "architecture qwen2" in result.stdout and "multiplied back" in result.stdout
+    reader = gguf.GGUFReader(tmp_path / "s.gguf")
+    assert int(reader.fields["qwen2.feed_forward_length"].contents()) == config["intermediate_size"]
+    assert cli("import-gguf", tmp_path / "s.gguf", tmp_path / "back").returncode == 0
+    tokens = torch.from_numpy(np.random.default_rng(1).integers(0, 256, size=(2, 24)))
+    torch.testing.assert_close(logits_of(tmp_path / "back", tokens), logits_of(compressed, tokens),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_per_block_widths_go_to_deci_with_permuted_queries_and_padded_values(tiny_sources, tiny_tokens, tmp_path):
+    """Structured spectrum gives every block its own MLP width: llama.cpp's deci architecture, widths
+    per block in the metadata, each tensor as llama.cpp lays it out (q/k rows permuted, values padded
+    with zero rows, o_proj with zero columns), quantised where asked."""
+    from streamrom.checkpoint import CheckpointReader
+
+    compressed = tmp_path / "structured"
+    streamrom.compress(tiny_sources["llama"], compressed, CompressConfig(
+        method="structured", allocate="spectrum", target_params=0.7,
+        calibration=CalibrationConfig(token_file=tiny_tokens, sequences=6, seqlen=64)))
+    shutil.copy(tiny_sources["llama"] / "tokenizer.json", compressed / "tokenizer.json")
+    config = json.loads((compressed / "config.json").read_text())
+    widths = config["layer_intermediate_sizes"]
+    result = cli("export-gguf", compressed, tmp_path / "d.gguf", "--densify")
+    assert result.returncode == 0, result.stderr
+    if len(set(widths)) == 1:
+        pytest.skip("the spectrum plan happened to give one width")  # not with this seed (checked below)
+    reader = gguf.GGUFReader(tmp_path / "d.gguf")
+    assert reader.fields["general.architecture"].contents() == "deci"
+    assert list(reader.fields["deci.feed_forward_length"].contents()) == widths
+    tensors = {t.name: t for t in reader.tensors}
+    stored = CheckpointReader(compressed)
+    for index, width in enumerate(widths):
+        gate = np.array(tensors[f"blk.{index}.ffn_gate.weight"].data)
+        assert gate.shape == (width, 64)
+        np.testing.assert_array_equal(gate, stored.tensor(f"model.layers.{index}.mlp.gate_proj.weight").numpy())
+        values = np.array(tensors[f"blk.{index}.attn_v.weight"].data).reshape(2, 16, 64)
+        kept = config.get("layer_value_head_dims", [16] * 3)[index]
+        np.testing.assert_array_equal(values[:, :kept].reshape(-1, 64),
+                                      stored.tensor(f"model.layers.{index}.self_attn.v_proj.weight").numpy())
+        assert not values[:, kept:].any()
+        output = np.array(tensors[f"blk.{index}.attn_output.weight"].data).reshape(64, 4, 16)
+        assert not output[:, :, kept:].any()
+    quantised = cli("export-gguf", compressed, tmp_path / "q.gguf", "--densify", "--type", "q8_0")
+    assert quantised.returncode == 0, quantised.stderr
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors}
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert (tmp_path / "q.gguf").stat().st_size < 0.4 * (tmp_path / "d.gguf").stat().st_size
+
+
+def test_bad_exports_are_refused_in_one_line(tiny_sources, tmp_path):
+    target = tmp_path / "m.gguf"
+    assert cli("export-gguf", tiny_sources["qwen2"], target).returncode == 0
+    again = cli("export-gguf", tiny_sources["qwen2"], target)
+    assert again.returncode == EXIT_OUTPUT and "--overwrite" in again.stderr and len(again.stderr.splitlines()) == 1
+    assert cli("export-gguf", tiny_sources["qwen2"], target, "--overwrite").returncode == 0
+    without = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_sources["qwen2"], without)
+    (without / "tokenizer.json").unlink()
+    refused = cli("export-gguf", without, tmp_path / "n.gguf")
+    assert refused.returncode == EXIT_INPUT and "tokenizer.json" in refused.stderr
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "n.gguf").exists()
