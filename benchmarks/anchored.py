@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "anchored.json")
+    parser.add_argument("--redo", action="store_true", help="measure rows already in --out again (default: keep them)")
     args = parser.parse_args()
 
     streamrom = streamrom_cli(args.threads)
@@ -49,6 +50,8 @@ def main() -> None:
         for method in args.methods:
             for strength in [0.0, *args.strengths]:
                 key = f"{method}/{args.allocate}/{reduction}/{strength:g}"
+                if key in rows and not args.redo:
+                    continue
                 output, command = quality_row(streamrom, dense, args.work, method, args.allocate, reduction)
                 output = output.with_name(f"anchored-{output.name}-{strength:g}")
                 command[command.index("compress") + 2] = str(output)

@@ -1,0 +1,130 @@
+"""streamrom's GGUF export run by llama.cpp itself (llama-cpp-python), next to streamrom's own numbers.
+
+For the dense real model (SmolLM2-135M) and a structured one (the quality grid's structured spectrum
+20 % model, its factored q/k multiplied back with --densify), each exported as f32 and as Q8_0:
+file size; perplexity on the same windows of Pride and Prejudice that `streamrom eval` scores (the
+token ids come from streamrom's tokenization, so only the model differs), next to streamrom's own
+perplexity of the checkpoint; prefill tokens/s (one 512-token window) and decode tokens/s (batch 1,
+128 new tokens, greedy) in llama.cpp at 2 threads. The pairs are measured in one run.
+
+llama-cpp-python compiles llama.cpp from its source package; when it is not installed the script says
+how (`pip install llama-cpp-python`, about 15 minutes on 2 cores). It is not a test dependency.
+
+    python benchmarks/llama_cpp.py [--max-windows 40] [--structured PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from real_model import EVAL_TEXT, dense_model, streamrom_cli  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results" / "llama_cpp.json"
+THREADS = 2
+
+
+def llama_cpp_perplexity(llm, windows: np.ndarray) -> float:
+    """Mean next-token NLL over every predicted position of every window, as streamrom eval counts it."""
+    total, count = 0.0, 0
+    for window in windows:
+        llm.reset()
+        llm.eval(window.tolist())
+        logits = np.asarray(llm.scores[: len(window)], dtype=np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        total -= log_probs[np.arange(len(window) - 1), window[1:]].sum()
+        count += len(window) - 1
+    return float(np.exp(total / count))
+
+
+def speeds(llm, window: np.ndarray, new_tokens: int = 128) -> tuple[float, float]:
+    llm.reset()
+    started = time.perf_counter()
+    llm.eval(window.tolist())
+    prefill = len(window) / (time.perf_counter() - started)
+    llm.reset()
+    prompt = window[:32].tolist()
+    llm.eval(prompt)
+    started = time.perf_counter()
+    produced = 0
+    for token in llm.generate(prompt, temp=0.0, reset=False):
+        produced += 1
+        if produced >= new_tokens:
+            break
+    return prefill, produced / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench", help="scratch folder")
+    parser.add_argument("--max-windows", type=int, default=40)
+    parser.add_argument("--structured", type=Path, help="a structured checkpoint (default: the quality grid's "
+                                                         "structured spectrum 20 % model in --work)")
+    args = parser.parse_args()
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SystemExit("llama-cpp-python is not installed: pip install llama-cpp-python (compiles llama.cpp, "
+                         "about 15 minutes on 2 cores)")
+    from streamrom.calibration import evaluation_windows, load_tokenizer, tokenize_files
+    from streamrom.report import machine
+
+    cli = streamrom_cli(THREADS)
+    dense = dense_model(args.work, cli)
+    structured = args.structured or args.work / "quality-structured-spectrum-20"
+    if not (structured / "config.json").is_file():
+        raise SystemExit(f"no structured checkpoint at {structured}: run benchmarks/quality.py first or pass "
+                         "--structured")
+    stream = tokenize_files(load_tokenizer(dense), [EVAL_TEXT])
+    windows = evaluation_windows(stream, 512, args.max_windows)
+    rows = []
+    for label, folder in (("dense", dense), ("structured 20 %", structured)):
+        report = args.work / f"llama-cpp-{folder.name}.eval.json"
+        subprocess.run(cli + ["eval", str(folder), "--text", str(EVAL_TEXT), "--max-windows", str(args.max_windows),
+                              "--report", str(report)], check=True, cwd=REPO)
+        own = json.loads(report.read_text())["perplexity"]
+        for kind in ("f32", "q8_0"):
+            path = args.work / f"llama-cpp-{folder.name}-{kind}.gguf"
+            subprocess.run(cli + ["export-gguf", str(folder), str(path), "--type", kind, "--densify", "--overwrite"],
+                           check=True, cwd=REPO)
+            started = time.perf_counter()
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True,
+                                  n_threads=THREADS, verbose=False)
+            load_seconds = time.perf_counter() - started
+            perplexity = llama_cpp_perplexity(llm, windows)
+            prefill, decode = speeds(llm, windows[0])
+            rows.append({"model": label, "checkpoint": folder.name, "type": kind, "gguf_bytes": path.stat().st_size,
+                         "llama_cpp_perplexity": perplexity, "streamrom_perplexity": own,
+                         "difference": perplexity / own - 1, "load_seconds": load_seconds,
+                         "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode,
+                         "architecture": json.loads(subprocess.run(
+                             [sys.executable, "-c", "import gguf,sys,json; r=gguf.GGUFReader(sys.argv[1]); "
+                              "print(json.dumps(r.fields['general.architecture'].contents()))", str(path)],
+                             capture_output=True, text=True, check=True).stdout)})
+            del llm
+            print(f"{label} {kind}: llama.cpp {perplexity:.3f} vs streamrom {own:.3f}", flush=True)
+    RESULTS.write_text(json.dumps({"benchmark": "llama_cpp", "model": "SmolLM2-135M-Instruct",
+                                   "llama_cpp_python": llama_cpp.__version__, "eval_text": EVAL_TEXT.name,
+                                   "max_windows": args.max_windows, "threads": THREADS, "machine": machine(),
+                                   "rows": rows}, indent=2) + "\n")
+    print("| model | GGUF | architecture | size | llama.cpp ppl | streamrom ppl | difference | prefill tok/s | "
+          "decode tok/s |\n|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['model']} | {row['type']} | {row['architecture']} | {row['gguf_bytes'] / 2**20:.1f} MiB | "
+              f"{row['llama_cpp_perplexity']:.3f} | {row['streamrom_perplexity']:.3f} | {100 * row['difference']:+.2f} % | "
+              f"{row['prefill_tokens_per_second']:.0f} | {row['decode_tokens_per_second']:.1f} |")
+    print(f"written {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
