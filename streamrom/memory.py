@@ -125,9 +125,8 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
     and the factored linears' eigen work.
 
     With `anchored` (--anchor), the cross moment of the dense stream's value with the compressed one's
-    is summed beside each moment (a group's: its width squared in float64; the neurons': down's output
-    width by the MLP's, in float32), and a factored linear's anchored map (out x in) is formed before
-    its eigen work.
+    is summed beside each factored group's moment (its width squared in float64; a unit's refit is not
+    anchored), and a factored linear's anchored map (out x in) is formed before its eigen work.
 
     With `first_pass` (the spectrum and bayes allocations' pass 1, spectra.py), three more parts:
     pass1_autograd: one backward chunk (half a forward chunk's tokens) through the block under
@@ -171,10 +170,8 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
         # half a chunk's activations (execute.compress_block)
         parts["wide_statistics"] = unit_width ** 2 * 4 + 1024 * unit_width * 4
     if anchored:
-        parts["statistics"] += max((max(hidden, q_width) + 1) ** 2 * 8, unit_width ** 2 * 8 if unit_width <= 4096 else 0)
-        if "wide_statistics" in parts:
-            parts["wide_statistics"] += hidden * unit_width * 4
-        parts["decomposition"] += max(out_f * in_f * work_bytes, hidden * unit_width * work_bytes)
+        parts["statistics"] += (max(hidden, q_width) + 1) ** 2 * 8
+        parts["decomposition"] += out_f * in_f * work_bytes
     if first_pass:
         backward_chunk = max(seqlen, (chunk_tokens // (2 * seqlen)) * seqlen)
         parts["pass1_autograd"] = (backward_chunk * (4 * hidden + 6 * q_width + 5 * inter) * 4

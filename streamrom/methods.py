@@ -164,13 +164,6 @@ def narrow_query_key(block: Block, width: int, moments: decompose.InputMoments, 
     attention.keep_rotary_pairs(torch.from_numpy(pairs.astype(np.float32)))
 
 
-def _refit_damping(damping: float, anchor: decompose.Anchor | None) -> float:
-    """An anchored refit is ridge-damped as the anchored factored fits are (decompose.ANCHOR_RIDGE): its
-    cross moment with the dense stream carries the calibration's noise, which the plain refit's
-    tiny damping would let it follow."""
-    return damping if anchor is None else max(damping, decompose.ANCHOR_RIDGE)
-
-
 def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, selection: str, damping: float,
                scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
     """Keep `width` neurons: their rows of gate and up as they are, down refitted on them (`anchor`:
@@ -189,8 +182,7 @@ def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, select
         if spill:  # the inverse is done with: C back into its own buffer
             parked.seek(0)
             read_into(parked, moment, "the parked moment")
-    refitted = torch.from_numpy(np.ascontiguousarray(structured.refit_columns(
-        down, moment, kept, _refit_damping(damping, anchor), anchor)))
+    refitted = torch.from_numpy(np.ascontiguousarray(structured.refit_columns(down, moment, kept, damping, anchor)))
     rows = torch.from_numpy(kept)
     for name in ("gate_proj", "up_proj"):
         linear = getattr(mlp, name)
@@ -207,8 +199,7 @@ def narrow_values(block: Block, width: int, moments: decompose.InputMoments, sel
     head_dim, kv_heads = attention.value_head_dim, attention.num_kv_heads
     o_weight = _array(attention.o_proj.weight, moment.dtype)
     maps, _ = structured.value_maps(moment, o_weight, attention.num_heads, kv_heads, head_dim, width, damping)
-    o_new = structured.refit_output(o_weight, moment, maps, attention.num_heads, head_dim,
-                                    _refit_damping(damping, anchor), anchor)
+    o_new = structured.refit_output(o_weight, moment, maps, attention.num_heads, head_dim, damping, anchor)
     v_weight = _array(attention.v_proj.weight, moment.dtype)
     v_rows = [maps[g].T @ v_weight[g * head_dim:(g + 1) * head_dim] for g in range(kv_heads)]
     v_bias = None
