@@ -10,7 +10,7 @@ perplexity of the checkpoint; prefill tokens/s (one 512-token window) and decode
 llama-cpp-python compiles llama.cpp from its source package; when it is not installed the script says
 how (`pip install llama-cpp-python`, about 15 minutes on 2 cores). It is not a test dependency.
 
-    python benchmarks/llama_cpp.py [--max-windows 40] [--structured PATH]
+    python benchmarks/gguf_in_llama_cpp.py [--max-windows 40] [--structured PATH]
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from real_model import EVAL_TEXT, dense_model, streamrom_cli  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results" / "llama_cpp.json"
+RESULTS = REPO / "benchmarks" / "results" / "gguf_in_llama_cpp.json"
 THREADS = 2
 
 
