@@ -365,7 +365,8 @@ def _tokenizer_metadata(writer, folder: Path, spec: ModelSpec, config: dict[str,
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise InputError("export-gguf writes byte-level BPE vocabularies (GPT-2 style); this tokenizer is "
                          f"{model.get('type')!r}{' with byte fallback' if model.get('byte_fallback') else ''}")
-    size = max(spec.vocab_size, len(model["vocab"]) + len(tokenizer.get("added_tokens", [])))
+    ids = [*model["vocab"].values(), *(added["id"] for added in tokenizer.get("added_tokens", []))]
+    size = max(spec.vocab_size, max(ids) + 1)  # the embedding's rows; ids it has no token for are padding
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [TOKEN_TYPE_UNUSED] * size
     for text, index in model["vocab"].items():

@@ -87,6 +87,9 @@ def test_dense_model_round_trips_exactly(smollm2_dir, tmp_path):
             == Tokenizer.from_file(str(tmp_path / "back" / "tokenizer.json")).encode(text).ids)
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    # llama.cpp checks the embedding's rows against the token list: one entry per row, no more
+    assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == json.loads(
+        (smollm2_dir / "config.json").read_text())["vocab_size"]
 
 
 def test_structured_model_of_one_width_is_the_same_function(tiny_sources, tiny_tokens, tmp_path):
