@@ -44,6 +44,8 @@ from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, OutputError, St
 
 log = logging.getLogger("streamrom")
 
+# the anchored fits' blend measured best on the real model (README: Anchored fits; benchmarks/anchored.py)
+MEASURED_ANCHOR_STRENGTH = 0.5
 # methods.METHODS's names, spelled here so that --help needs no torch (a test keeps the two equal)
 METHOD_NAMES = ("rom", "rom-centered", "svd", "structured", "mixed")
 
@@ -123,11 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--neuron-selection", choices=["obs", "leverage"], default="obs",
                       help="structured/mixed: how MLP neurons are chosen: obs (greedy removal by the structured "
                            "OBS cost, default) or leverage (ridge leverage scores, as MoDeGPT)")
-    comp.add_argument("--anchor", type=float, default=0.0, metavar="STRENGTH",
+    comp.add_argument("--anchor", type=float, nargs="?", const=MEASURED_ANCHOR_STRENGTH, default=0.0,
+                      metavar="STRENGTH",
                       help="anchored fits: stream the dense model's activations beside the compressed ones (a "
-                           "second pair of activation files) and fit each part toward the dense model's outputs: "
-                           "0 off (default), 1 fully anchored, between: a blend; measured: -9 to -31 %% perplexity "
-                           "for rom-centered at 20-40 %% smaller, worse for structured (README: Anchored fits)")
+                           "second pair of activation files) and fit each factored linear toward the dense model's "
+                           f"outputs: 0 off (default: it costs about 1.7x the compression time), 1 fully anchored, "
+                           f"between: a blend; --anchor alone: {MEASURED_ANCHOR_STRENGTH:g}, the best measured "
+                           "(rom-centered at 30/40 %% smaller: -25/-42 %% perplexity; structured gains nothing: "
+                           "README, Anchored fits)")
     comp.add_argument("--allocate", default="uniform", choices=["uniform", "last-n", "spectrum", "bayes"],
                       help="how ranks are spread: uniform (one ratio everywhere, default); last-n (ROM: only "
                            "the last N blocks, N the fewest that reach the target at --ratio); spectrum (a first "

@@ -205,3 +205,21 @@ def test_anchored_run_killed_then_rerun_resumes_to_identical_files(deep_tiny, ti
 def test_bad_anchor_settings_are_refused(tiny_tokens, settings, message):
     with pytest.raises(streamrom.UsageError, match=message):
         tiny_config(tiny_tokens, **settings)
+
+
+def test_anchor_alone_takes_the_measured_strength_and_structured_units_stay_plain(tiny_models, tiny_tokens, tmp_path):
+    """`--anchor` without a value is the blend measured best (README); a structured unit's refit is
+    not anchored (measured worse), so a structured run whose only parts are units equals the plain one."""
+    from streamrom.cli import MEASURED_ANCHOR_STRENGTH, build_parser
+
+    parsed = build_parser().parse_args(["compress", "src", "dst", "--anchor"])
+    assert parsed.anchor == MEASURED_ANCHOR_STRENGTH == 0.5
+    assert build_parser().parse_args(["compress", "src", "dst"]).anchor == 0.0
+    modules = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # only the MLP: narrowed, never factored
+    files = {}
+    for strength in (0.0, 1.0):
+        output = tmp_path / f"s{strength:g}"
+        streamrom.compress(tiny_models["llama"], output, tiny_config(tiny_tokens, method="structured", ratio=0.6,
+                                                                     modules=modules, anchor=strength))
+        files[strength] = model_files(output)
+    assert files[0.0] == files[1.0]
