@@ -8,7 +8,9 @@ perplexity of the checkpoint; prefill tokens/s (one 512-token window) and decode
 128 new tokens, greedy) in llama.cpp at 2 threads. The pairs are measured in one run.
 
 llama-cpp-python compiles llama.cpp from its source package; when it is not installed the script says
-how (`pip install llama-cpp-python`, about 15 minutes on 2 cores). It is not a test dependency.
+how: `CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python` (about 5 minutes on 2 cores here).
+The default native build (0.3.36) crashed (SIGSEGV) on every quantised model on this machine, the
+PyPI package's own Q4_1 GGUF included; the portable build runs them. It is not a test dependency.
 
     python benchmarks/gguf_in_llama_cpp.py [--max-windows 40] [--structured PATH]
 """
@@ -75,8 +77,8 @@ def main() -> None:
     try:
         import llama_cpp
     except ImportError:
-        raise SystemExit("llama-cpp-python is not installed: pip install llama-cpp-python (compiles llama.cpp, "
-                         "about 15 minutes on 2 cores)")
+        raise SystemExit("llama-cpp-python is not installed: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install "
+                         "llama-cpp-python (compiles llama.cpp, about 5 minutes on 2 cores)")
     from streamrom.calibration import evaluation_windows, load_tokenizer, tokenize_files
     from streamrom.report import machine
 
