@@ -204,11 +204,12 @@ def _plan_and_execute(prepared: Prepared, output: Path, progress: Progress, time
         activation_bytes += 2 * tokens.size * spec.hidden_size * 4
     if damaged:  # redone from fresh activations beside the resumed run's
         activation_bytes += 2 * tokens.size * spec.hidden_size * 4
-    if config.anchor and config.compression_method.uses_calibration:
-        # the dense stream: its two activation files (a resumed run has them) and one block's anchored
-        # values (the inputs of q/k/v, o and gate/up, and down's output)
-        activation_bytes += tokens.size * (3 * spec.hidden_size + spec.num_heads * spec.head_dim) * 4
-        activation_bytes += (2 * (progress.blocks_done < 0) + 2 * bool(damaged)) * tokens.size * spec.hidden_size * 4
+    if _anchored(config):
+        # the dense stream: one block's anchored values, its two activation files (a resumed run has
+        # them; lost shards need a second pair)
+        pair = 2 * tokens.size * spec.hidden_size * 4
+        activation_bytes += (_dense_stream_bytes(spec, tokens) - pair + pair * (progress.blocks_done < 0)
+                             + pair * bool(damaged))
     if config.allocate in FIRST_PASS_ALLOCATIONS and not progress.plan:
         # pass 1 keeps every block's inputs from the first chosen block up, plus two gradient files
         activation_bytes += (spec.num_layers - min(prepared.layers) + 3) * tokens.size * spec.hidden_size * 4
@@ -223,6 +224,16 @@ def _plan_and_execute(prepared: Prepared, output: Path, progress: Progress, time
                     monitor, prepared.target_from, damaged)
     except OSError as exc:
         raise write_failure(exc, output, "; free some and rerun the same command to resume") from None
+
+
+def _anchored(config: CompressConfig) -> bool:
+    return bool(config.anchor) and config.compression_method.uses_calibration
+
+
+def _dense_stream_bytes(spec: ModelSpec, tokens: np.ndarray) -> int:
+    """The anchored fits' disk: the dense stream's two activation files and one block's anchored values
+    (the inputs of q/k/v, o and gate/up, and down's output)."""
+    return tokens.size * (2 * spec.hidden_size + 3 * spec.hidden_size + spec.num_heads * spec.head_dim) * 4
 
 
 def _output_bytes(spec: ModelSpec, plan: dict[str, int | None], dtype_bytes: int, method: Method) -> int:
@@ -303,6 +314,8 @@ def _write_report(prepared: Prepared, output: Path, progress: Progress, timer: S
         memory={**memory_summary(monitor), "source_bytes_on_disk": reader.size_on_disk(),
                 "estimate": memory_parts, "estimated_peak_bytes": estimated_peak(memory_parts)},
     )
+    if _anchored(config):
+        report.disk["dense_stream_bytes"] = _dense_stream_bytes(spec, prepared.tokens)
     if progress.trials:
         settings["bayes"]["scores"] = progress.trials
     if progress.study:

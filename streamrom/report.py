@@ -83,6 +83,7 @@ class Report:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
     memory: dict[str, Any] = field(default_factory=dict)
+    disk: dict[str, int] = field(default_factory=dict)  # compress: work files beside the output, by kind
     pictures: list[str] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=machine)
 

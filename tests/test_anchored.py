@@ -189,7 +189,16 @@ def test_anchored_run_killed_then_rerun_resumes_to_identical_files(deep_tiny, ti
     output = tmp_path / "out"
     killed = run(cli_command(deep_tiny, output, tiny_tokens, "--anchor", "1"), fault="after-block-2")
     assert killed.returncode == -signal.SIGKILL
-    assert sorted(p.name for p in (output / ".streamrom-work").glob("dense-*.f32")) == ["dense-a.f32", "dense-b.f32"]
+    dense_files = sorted((output / ".streamrom-work").glob("dense-*.f32"))
+    assert [p.name for p in dense_files] == ["dense-a.f32", "dense-b.f32"]
+    # the report gives the second stream's disk (its two files and one block's anchored values) and time
+    import json
+    report = json.loads((reference / "streamrom-report.json").read_text())
+    spec = CheckpointReader(deep_tiny).spec
+    tokens = 8 * 64
+    values = tokens * (3 * spec.hidden_size + spec.num_heads * spec.head_dim) * 4
+    assert report["disk"]["dense_stream_bytes"] == sum(p.stat().st_size for p in dense_files) + values
+    assert report["stage_seconds"]["dense stream"] > 0
     resumed = run(cli_command(deep_tiny, output, tiny_tokens, "--anchor", "1"))
     assert resumed.returncode == 0, resumed.stderr
     assert model_files(output) == model_files(reference)
