@@ -38,6 +38,8 @@ CHOSEN = "chosen_trial"
 HEARTBEAT = "heartbeat_seconds"  # study attribute: the interval every process judges the others by  # study attribute: the trial whose plan the compress processes write
 GRACE_HEARTBEATS = 3  # a running trial without a heartbeat for this many intervals belongs to a dead worker
 OPEN_ATTEMPTS = 5
+# what the loser of two processes creating a new storage's tables at once sees (SQLite, PostgreSQL)
+CREATION_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key value")
 MAX_RETRIES = 3  # times one trial's point is queued again after its worker died
 
 
@@ -99,8 +101,8 @@ class SharedSearch:
                     raise UsageError(f"--study {self.shown_url}: {exc} (install the database driver)") from None
                 except Exception as exc:  # a malformed URL, a server that does not answer, a file not writable
                     # processes starting together on a new storage race to create its tables: the
-                    # loser's error ("table ... already exists") is gone a moment later
-                    if "already exists" not in str(exc) or attempt == OPEN_ATTEMPTS - 1:
+                    # loser's error (a table or its version row already there) is gone a moment later
+                    if not any(sign in str(exc) for sign in CREATION_RACE) or attempt == OPEN_ATTEMPTS - 1:
                         raise InputError(f"cannot open the study storage {self.shown_url}: {_first_line(exc)}") \
                             from None
                     time.sleep(1.0)
@@ -173,7 +175,9 @@ class SharedSearch:
         wanted = self.trials
 
         def objective(trial) -> float:
-            if self._position(trial.number) >= wanted:  # another worker took the last trial first
+            # another worker took the last trial first (a dead worker's trial run again always runs: its
+            # retry was queued after others may have started, and its point was promised)
+            if not self._is_retry(trial.number) and self._position(trial.number) >= wanted:
                 raise optuna.TrialPruned("the search has all its trials")
             multipliers = {group: trial.suggest_float(group, *MULTIPLIER_RANGE, log=True) for group in groups}
             if self._proposed_already(trial.number, multipliers):
@@ -202,7 +206,14 @@ class SharedSearch:
             if complete + running + waiting >= wanted and not waiting:
                 time.sleep(self._poll_seconds())  # the last trials run elsewhere
                 continue
-            self.study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
+            try:
+                self.study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # this worker's heartbeat came late (an overloaded machine) and another worker declared
+                # its trial dead; the trial's point is queued again, so this result is dropped, not fatal
+                log.warning("study %s: a trial of this worker was taken for dead (its heartbeat came more than %d "
+                            "s late) and is run again; its result here is dropped", self.name,
+                            GRACE_HEARTBEATS * self.heartbeat_seconds)
 
     def result(self) -> SearchResult:
         """The finished search: its best trial (lowest score, then the earliest), fixed in the study by
@@ -225,6 +236,11 @@ class SharedSearch:
         states = self._optuna.trial.TrialState
         counted = (states.COMPLETE, states.RUNNING, states.WAITING)
         return sum(1 for trial in self.study.get_trials(deepcopy=False, states=counted) if trial.number < number)
+
+    def _is_retry(self, number: int) -> bool:
+        """Whether trial `number` runs again the point of a trial whose worker died."""
+        return any(trial.number == number and "failed_trial" in trial.system_attrs
+                   for trial in self.study.get_trials(deepcopy=False))
 
     def _proposed_already(self, number: int, multipliers: Mapping[str, float]) -> bool:
         running = self.study.get_trials(deepcopy=False, states=(self._optuna.trial.TrialState.RUNNING,))
