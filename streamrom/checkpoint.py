@@ -175,7 +175,7 @@ class CheckpointReader:
                         tensor = handle.get_tensor(name)
                     except Exception as exc:
                         raise InputError(f"cannot read tensor {name} from {self.folder / shard}: {exc}") from None
-                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    if tensor.is_floating_point() and not all_finite(tensor):
                         raise NumericalError(f"tensor {name} in {self.folder / shard} holds NaN or Inf values")
                     tensors[name] = tensor
         return tensors
@@ -207,6 +207,13 @@ class CheckpointReader:
 
     def size_on_disk(self) -> int:
         return sum((self.folder / shard).stat().st_size for shard in set(self.weight_map.values()))
+
+
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether every value is finite, checked in slices: a whole-tensor mask would add a byte per
+    value (half a bf16 tensor again) to the peak of loading."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[start:start + chunk]).all()) for start in range(0, flat.numel(), chunk))
 
 
 # Buffers that older checkpoints saved and that the model recomputes.

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 import streamrom
@@ -288,3 +289,16 @@ def test_disk_estimate_equals_the_written_size(tiny_models, tiny_tokens, tmp_pat
     plan = model_plan(spec, config, parse_layers(layers, spec.num_layers), CheckpointReader(tiny_models[kind]).parameter_count(), 4)
     estimate = _output_bytes(spec, plan, 4, config.compression_method)
     assert estimate == index["metadata"]["total_size"]
+
+
+@pytest.mark.parametrize("where", [0, 4, 9, 10, 11, 31])
+def test_finiteness_check_in_slices_finds_a_bad_value_anywhere(where):
+    """The loader's NaN/Inf check runs in slices (its peak): a value in any slice, at either edge, is found."""
+    from streamrom.checkpoint import all_finite
+
+    values = torch.arange(32, dtype=torch.bfloat16).reshape(4, 8)
+    assert all_finite(values, chunk=10)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = values.clone()
+        broken.view(-1)[where] = bad
+        assert not all_finite(broken, chunk=10)
