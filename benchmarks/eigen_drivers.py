@@ -2,7 +2,9 @@
 5120) in float32, by scipy's LAPACK drivers (OpenBLAS) and torch.linalg.eigh (MKL's LAPACK in the CPU
 wheel), at 1 and 2 threads, and two problems at once at one thread each (q, k and v of a block are
 independent problems). What streamrom's ROM needs per linear is the top r ≈ 40 % of the spectrum of
-a square 7B projection at 20 % smaller; `evr` can compute only those.
+a square 7B projection at 20 % smaller; `evr` can compute only those. At 2 threads the products
+around the solves too, as computed before and after the triangular factor and the one-triangle
+Gram products (BLAS trmm/syrk) replaced GEMMs and the root's eigh.
 
     python benchmarks/eigen_drivers.py            # writes benchmarks/results/eigen_drivers.json
 """
@@ -47,6 +49,25 @@ if threads == 1:
     with ThreadPoolExecutor(2) as pool:
         rows["two scipy evd at once (per problem)"] = timed(
             lambda: list(pool.map(lambda m: scipy.linalg.eigh(m, driver="evd"), (matrix, other)))) / 2
+if threads == 2:  # the products around the solves, as the code computed them before and now does
+    from scipy.linalg import blas
+    weight = rng.standard_normal((size, size)).astype(np.float32)
+    wide = rng.standard_normal((int(size * 2.6875), size)).astype(np.float32)  # gate/up: 11008 x 4096
+    tokens = rng.standard_normal((2048, size)).astype(np.float32)  # one chunk of activations
+    factor = scipy.linalg.cholesky(matrix, lower=True)
+    square = lambda m: np.array(m.T, order="F")
+    rows.update({
+        "W C Wᵀ, two GEMMs (before)": timed(lambda: weight @ matrix @ weight.T),
+        "W L Lᵀ Wᵀ: trmm + syrk (now)": timed(lambda: blas.ssyrk(1.0, blas.strmm(1.0, factor, square(weight), side=0,
+                                                                           lower=1, trans_a=1, overwrite_b=1), trans=0)),
+        "root of C by eigh (before)": timed(lambda: scipy.linalg.eigh(matrix, driver="evd")),
+        "root of C by Cholesky (now)": timed(lambda: scipy.linalg.cholesky(matrix, lower=True, check_finite=False)),
+        "gate/up W·root, GEMM (before)": timed(lambda: wide @ factor),
+        "gate/up W·L, trmm (now)": timed(lambda: blas.strmm(1.0, factor, square(wide), side=0, lower=1, trans_a=1,
+                                                           overwrite_b=1)),
+        "chunk Xᵀ X, torch GEMM (before)": timed(lambda: torch.from_numpy(tokens).T @ torch.from_numpy(tokens)),
+        "chunk Xᵀ X, syrk (now)": timed(lambda: blas.ssyrk(1.0, tokens.T, trans=0)),
+    })
 print(json.dumps(rows))
 """
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.blas
 
 RANK_MULTIPLE = 8
 
@@ -54,8 +55,9 @@ def damped(moment: np.ndarray, damping: float) -> np.ndarray:
     return result
 
 
-def top_eigenvectors(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-`rank` eigenpairs of a symmetric matrix, sorted descending, signs fixed deterministically.
+def top_eigenvectors(matrix: np.ndarray, rank: int, lower: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Top-`rank` eigenpairs of a symmetric matrix, sorted descending, signs fixed deterministically;
+    `lower`: the triangle that holds the matrix (a Gram product from `gram` fills only the upper one).
 
     Computed in the matrix's dtype: float32 halves the time and memory of the 4096-wide problems
     of a 7B model, and its rounding (~1e-7 of the largest eigenvalue) is far below the sampling
@@ -63,7 +65,7 @@ def top_eigenvectors(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndar
     """
     # The full divide-and-conquer solver (evd) beats the subset solver (evr) several times over at
     # these sizes, even when only a fraction of the spectrum is kept.
-    values, vectors = scipy.linalg.eigh(matrix, driver="evd", check_finite=True, overwrite_a=False)
+    values, vectors = scipy.linalg.eigh(matrix, lower=lower, driver="evd", check_finite=True, overwrite_a=False)
     values, vectors = values[::-1][:rank], vectors[:, ::-1][:, :rank]
     return values, fix_signs(np.ascontiguousarray(vectors))
 
@@ -113,18 +115,44 @@ class InputMoments:
     centered: bool = False
     damping: float = 0.0
     _roots: dict = field(default_factory=dict, repr=False)
+    _cholesky: dict = field(default_factory=dict, repr=False)
 
     def matrix(self, with_bias: bool) -> np.ndarray:
         """C, damped, with E[y yᵀ] (or Cov y) = W̃ C W̃ᵀ."""
         return damped(input_moment_matrix(self.second_moment, self.mean, self.centered, with_bias), self.damping)
 
+    def cholesky(self, with_bias: bool) -> np.ndarray | None:
+        """C's lower Cholesky factor, once per group (a twelfth of an eigen-solve's work); None where C
+        is not numerically positive (short calibration without damping)."""
+        if with_bias not in self._cholesky:
+            try:
+                self._cholesky[with_bias] = scipy.linalg.cholesky(self.matrix(with_bias), lower=True, check_finite=False)
+            except np.linalg.LinAlgError:
+                self._cholesky[with_bias] = None
+        return self._cholesky[with_bias]
+
     def root(self, with_bias: bool) -> np.ndarray:
-        """L with L Lᵀ = C, from C's eigendecomposition (negative rounding noise clipped)."""
+        """L with L Lᵀ = C (every use needs only that): the Cholesky factor, else a square root from C's
+        eigendecomposition, negative rounding noise clipped."""
+        factor = self.cholesky(with_bias)
+        if factor is not None:
+            return factor
         if with_bias not in self._roots:
             values, vectors = scipy.linalg.eigh(self.matrix(with_bias), driver="evd", overwrite_a=True)
             vectors *= np.sqrt(np.clip(values, 0.0, None))
             self._roots[with_bias] = vectors
         return self._roots[with_bias]
+
+    def times_root(self, matrix: np.ndarray, with_bias: bool) -> np.ndarray:
+        """matrix · L, a new C-ordered array: with the triangular factor by BLAS trmm, half a GEMM's work."""
+        factor = self.cholesky(with_bias)
+        if factor is None:
+            return matrix @ self.root(with_bias)
+        # (M L)ᵀ = Lᵀ Mᵀ: a C-ordered M is the F-ordered Mᵀ that trmm overwrites (in a copy: M is a weight)
+        trmm = scipy.linalg.blas.get_blas_funcs("trmm", (factor,))
+        product = trmm(1.0, factor, np.array(matrix.T, order="F", dtype=factor.dtype), side=0, lower=1,
+                       trans_a=1, overwrite_b=1)
+        return product.T
 
     def augmented_weight(self, weight: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, bool]:
         """(W̃, with_bias) in the moments' dtype: [W b] where the uncentered moment sees the bias."""
@@ -139,19 +167,22 @@ class InputMoments:
     def rom_eigenpairs(self, weight: np.ndarray, bias: np.ndarray | None, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-r eigenvalues (descending, clipped at 0) and eigenvectors of the output moment W̃ C W̃ᵀ.
 
-        Where out <= in the out x out matrix is formed and solved directly. Where out > in (gate/up
-        projections) it never is: with C = L Lᵀ and A = W̃ L, the eigenvectors of A Aᵀ come from the
-        small in x in problem Aᵀ A = Q Λ Qᵀ as A Q Λ^{-1/2}.
+        With C = L Lᵀ and A = W̃ L: where out <= in the out x out matrix A Aᵀ is formed (BLAS syrk, one
+        triangle) and solved directly. Where out > in (gate/up projections) it never is: the
+        eigenvectors of A Aᵀ come from the small in x in problem Aᵀ A = Q Λ Qᵀ as A Q Λ^{-1/2}.
         """
         dtype = self.second_moment.dtype
         w_tilde, with_bias = self.augmented_weight(weight, bias)
         out_features, in_features = w_tilde.shape
         if out_features <= in_features:
-            output_moment = w_tilde @ self.matrix(with_bias) @ w_tilde.T
-            values, vectors = top_eigenvectors(damped(output_moment, 0.0), rank)
+            if self.cholesky(with_bias) is not None:  # W̃ C W̃ᵀ = A Aᵀ, one triangle of it: a third of the work
+                values, vectors = top_eigenvectors(gram(self.times_root(w_tilde, with_bias), rows=True), rank,
+                                                   lower=False)
+            else:
+                values, vectors = top_eigenvectors(damped(w_tilde @ self.matrix(with_bias) @ w_tilde.T, 0.0), rank)
             return np.clip(values, 0.0, None), vectors
-        a = w_tilde @ self.root(with_bias)
-        small_values, small_vectors = top_eigenvectors(a.T @ a, rank)
+        a = self.times_root(w_tilde, with_bias)
+        small_values, small_vectors = top_eigenvectors(gram(a, rows=False), rank, lower=False)
         basis = a @ small_vectors
         del a  # the out x in product is the large one: keep few of them alive at once
         # Columns of tiny eigenvalue (short calibration, or float32 rounding at 1e-7 of the top
@@ -161,6 +192,14 @@ class InputMoments:
         if small_values[-1] < small_values[0] * np.sqrt(np.finfo(dtype).eps):
             basis = orthonormalize(basis)
         return np.clip(small_values, 0.0, None), fix_signs(basis)
+
+
+def gram(matrix: np.ndarray, rows: bool) -> np.ndarray:
+    """The upper triangle of M Mᵀ (`rows`) or Mᵀ M, by BLAS syrk: half the work of the product,
+    whose other triangle would only repeat it. The lower triangle is left unset (zeros)."""
+    syrk = scipy.linalg.blas.get_blas_funcs("syrk", (matrix,))
+    # a C-ordered M is the F-ordered Mᵀ = T: M Mᵀ = Tᵀ T (trans=1), Mᵀ M = T Tᵀ (trans=0)
+    return syrk(1.0, matrix.T, trans=1 if rows else 0, lower=0)
 
 
 def orthonormalize(basis: np.ndarray) -> np.ndarray:
@@ -204,9 +243,9 @@ def direction_costs(moments: InputMoments, weight: np.ndarray, bias: np.ndarray 
         return sensitivity_weighted(values, vectors, feature_sensitivity.astype(vectors.dtype, copy=False))
     with_bias = w_tilde_shape[1] > weight.shape[1]
     dtype = moments.second_moment.dtype
-    root = moments.root(with_bias)
     plain, weighted = _row_grams(weight, bias if with_bias else None, feature_sensitivity, dtype)
-    plain, weighted = root.T @ plain @ root, root.T @ weighted @ root
+    # Lᵀ M L = ((M L)ᵀ L)ᵀ for a symmetric M: two triangular products
+    plain, weighted = (moments.times_root(moments.times_root(m, with_bias).T, with_bias).T for m in (plain, weighted))
     _, rotations = top_eigenvectors(damped(plain, 0.0), w_tilde_shape[1])
     return np.einsum("ik,ik->k", rotations, weighted @ rotations)
 

@@ -1,7 +1,8 @@
 """Per-block statistics: moments of the features a linear group sees, chunk by chunk.
 
-Each chunk's Σ x xᵀ is one matrix product in `product_dtype` (float32 by default: half the time of
-float64, the rate the forward pass runs at); the chunks are summed in float64, so rounding does not
+Each chunk's Σ x xᵀ is one symmetric product in `product_dtype` (float32 by default: half the time
+of float64, the rate the forward pass runs at), of which only the lower triangle is computed (BLAS
+syrk, or the banded lower block rows of a wide moment: half the work of the full product); the chunks are summed in float64, so rounding does not
 grow with the token count, except for moments wider than WIDE (structured ROM's MLP neurons), summed
 in the product dtype to halve their memory.
 """
@@ -31,19 +32,36 @@ class MomentAccumulator:
         self.sum_outer = torch.zeros(size, size, dtype=torch.float32 if wide_in_float32 else sum_dtype)
         self.sum = torch.zeros(size, dtype=torch.float64)
         self.count = 0
+        self.symmetric = True  # whether sum_outer's upper triangle is filled in
 
     def add(self, features: torch.Tensor) -> None:
-        rows = features.reshape(-1, self.size).to(self.product_dtype)
+        """One chunk. Only the lower triangle of Σ x xᵀ is summed (half the products: the other one
+        repeats it), filled in once when the moment is handed over."""
+        rows = features.reshape(-1, self.size).to(self.product_dtype).contiguous()
         if self.size <= WIDE:
-            self.sum_outer += rows.T @ rows
+            # BLAS syrk gives the upper triangle F-ordered: read C-ordered, that is the lower one
+            self.sum_outer += torch.from_numpy(decompose.gram(rows.numpy(), rows=False).T)
         else:  # a full-width product would be another size² in float32 (485 MB at 11008)
             for start in range(0, self.size, BAND):
-                self.sum_outer[start:start + BAND] += rows[:, start:start + BAND].T @ rows
+                stop = min(start + BAND, self.size)
+                self.sum_outer[start:stop, :stop] += rows[:, start:stop].T @ rows[:, :stop]
         self.sum += rows.sum(dim=0, dtype=torch.float64)
         self.count += rows.shape[0]
+        self.symmetric = False
+
+    def _fill_upper(self) -> None:
+        """Copy the summed lower triangle onto the upper one, band by band (no second size² array)."""
+        if not self.symmetric:
+            for start in range(0, self.size, BAND):
+                stop = min(start + BAND, self.size)
+                self.sum_outer[start:stop, stop:] = self.sum_outer[stop:, start:stop].T
+                block = self.sum_outer[start:stop, start:stop]
+                block.copy_(torch.tril(block) + torch.tril(block, -1).T)
+            self.symmetric = True
 
     def second_moment(self) -> np.ndarray:
         """E[x xᵀ] (uncentered)."""
+        self._fill_upper()
         return (self.sum_outer / self.count).numpy()
 
     def second_moment_as(self, dtype) -> np.ndarray:
@@ -52,6 +70,7 @@ class MomentAccumulator:
         (485 MB at 7B shape) lives beside it while the caller works: the accumulator is spent."""
         if self.size <= WIDE:
             return self.second_moment().astype(dtype, copy=False)
+        self._fill_upper()
         if self.sum_outer.dtype == torch.float32 and np.dtype(dtype) == np.float32:
             moment = self.sum_outer.div_(self.count).numpy()
             self.sum_outer = None  # spent: the moment is the caller's now

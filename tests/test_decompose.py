@@ -136,9 +136,11 @@ def test_wide_linears_of_one_group_share_one_input_root():
     gate, up = rng.standard_normal((90, 30)), rng.standard_normal((80, 30))
     group = decompose.InputMoments(*moments(x))
     together = [group.rom_basis(gate, None, 16), group.rom_basis(up, None, 16)]
-    assert len(group._roots) == 1
+    assert len(group._cholesky) == 1 and not group._roots  # one factor, and no eigen-solve for it
     root = group.root(False)
     assert group.root(False) is root
+    np.testing.assert_array_equal(root, np.tril(root))
+    np.testing.assert_allclose(root @ root.T, group.matrix(False), rtol=1e-12, atol=1e-12)
     for weight, basis in zip((gate, up), together):
         np.testing.assert_array_equal(basis, decompose.rom_basis_from_inputs(weight, None, *moments(x), 16))
 
@@ -227,3 +229,43 @@ def test_direction_costs_equal_the_output_moments_priced_directions(out_f, in_f,
     costs = decompose.direction_costs(decompose.InputMoments(*moments(x), centered=centered), weight, bias, sensitivity)
     assert costs.shape == (count,)
     np.testing.assert_allclose(costs, expected, rtol=1e-7, atol=1e-9 * expected.max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(7, 19), (19, 7), (12, 12)])
+def test_gram_and_triangular_products_equal_the_plain_ones(dtype, shape):
+    """The BLAS syrk/trmm shortcuts: the upper triangle of M Mᵀ and Mᵀ M, and M L for the Cholesky
+    factor, equal the plain products (C-ordered and strided inputs); the weight is left untouched."""
+    rng = np.random.default_rng(11)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    for matrix in (rng.standard_normal(shape).astype(dtype), rng.standard_normal((shape[0], 2 * shape[1])).astype(dtype)[:, ::2]):
+        for rows, plain in ((True, matrix @ matrix.T), (False, matrix.T @ matrix)):
+            upper = decompose.gram(matrix, rows=rows)
+            np.testing.assert_allclose(np.triu(upper), np.triu(plain), rtol=tolerance, atol=tolerance)
+            np.testing.assert_array_equal(np.tril(upper, -1), 0)  # the moment sums rely on it being zero
+        x = correlated_inputs(rng, shape[1], 200).astype(dtype)
+        group = decompose.InputMoments(*moments(x))
+        kept = matrix.copy()
+        product = group.times_root(matrix, False)
+        np.testing.assert_array_equal(matrix, kept)
+        assert product.flags.c_contiguous and product.dtype == dtype
+        np.testing.assert_allclose(product, matrix @ group.root(False), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("out_f,in_f", [(24, 40), (64, 40), (40, 40)])
+def test_singular_input_moment_falls_back_to_the_eigen_root_and_stays_optimal(out_f, in_f):
+    """An input feature that never fires (a zero row and column in C, no damping): no Cholesky
+    factor exists, the square root from C's eigendecomposition is taken, and the basis is still the
+    best rank-r fit of the outputs."""
+    rng = np.random.default_rng(out_f * in_f)
+    x = correlated_inputs(rng, in_f, 500)
+    x[3] = 0.0
+    weight = rng.standard_normal((out_f, in_f))
+    second, mean = moments(x)
+    group = decompose.InputMoments(second, mean)
+    assert group.cholesky(False) is None
+    np.testing.assert_allclose(group.root(False) @ group.root(False).T, second, atol=1e-10)
+    for rank in (4, 12):
+        basis = group.rom_basis(weight, None, rank)
+        error = np.linalg.norm(weight @ x - reconstruct(decompose.factorise(weight, None, basis), x))
+        assert error == pytest.approx(best_error(weight @ x, rank), rel=1e-7)

@@ -1,6 +1,9 @@
 """Bit-identical model files across refactorings: the real model compressed with every method and
-allocation, each file's SHA-256 against the digests recorded from the code before the redesign
-(tests/reference_outputs.json, written by `python tests/test_identical_outputs.py --record`).
+allocation, each file's SHA-256 against the digests recorded (tests/reference_outputs.json, written by
+`python tests/test_identical_outputs.py --record LABEL`). First recorded from the code before the
+redesign; recorded again, on purpose, when the arithmetic changed: the input moment's Cholesky factor
+and one-triangle products (BLAS trmm/syrk) instead of its eigen root and full products (rounding-level
+differences; the quick start's perplexity moved from 28.446 to the README's figure).
 
 Float results depend on the BLAS kernels and library versions, so the digests are compared where the
 recording's environment (torch, numpy, scipy, CPU) is this one; elsewhere the test says so and skips.
