@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     parser.add_argument("--log-file", type=Path, help="also append every log line (with timestamps, "
                                                       "whatever --quiet) to this file")
-    parser.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=_positive_int, help="threads of torch and of numpy/scipy's BLAS (default: their choice, all cores)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     comp = sub.add_parser("compress", help="compress a Hugging Face checkpoint folder",
@@ -390,7 +390,12 @@ def _main(argv: list[str] | None) -> int:
             configure_logging(args.quiet, args.log_file)
         except OSError as exc:
             raise OutputError(f"cannot write the log file {args.log_file}: {exc.strerror}") from None
-        if args.threads:
+        if args.threads and "numpy" not in sys.modules:
+            # numpy's and scipy's OpenBLAS (the statistics' and eigen stages' products and solves) read
+            # these when they load, which is after this line in the command: the same count as torch.
+            # (Called as a library with numpy loaded, they would only reach child processes.)
+            for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ[variable] = str(args.threads)
             import torch
 
             torch.set_num_threads(args.threads)

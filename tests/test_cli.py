@@ -3,6 +3,7 @@ the source untouched, and nothing in the output folder that looks complete."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -226,3 +227,14 @@ def test_package_api_is_lazy_and_callable():
             "assert all(callable(getattr(streamrom, n)) for n in ('compress', 'evaluate', 'load')); "
             "assert streamrom.CompressConfig().ratio == 0.8")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_threads_bound_the_numpy_and_scipy_blas_too(tmp_path):
+    """`--threads N` also caps OpenBLAS (numpy/scipy: the statistics' and eigen stages' products and
+    solves) through the variables it reads when it loads, set before the command loads numpy."""
+    script = ("import os, sys, streamrom.cli as cli; cli.main(sys.argv[1:]);"
+              "print(os.environ.get('OPENBLAS_NUM_THREADS'), os.environ.get('OMP_NUM_THREADS'))")
+    found = subprocess.run([sys.executable, "-c", script, "--threads", "1", "inspect", str(tmp_path / "missing")],
+                           capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                                 if not k.endswith("_NUM_THREADS")})
+    assert found.stdout.split() == ["1", "1"], found.stderr
