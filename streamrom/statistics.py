@@ -1,8 +1,8 @@
 """Per-block statistics: moments of the features a linear group sees, chunk by chunk.
 
-Each chunk's Σ x xᵀ is one symmetric product in `product_dtype` (float32 by default: half the time
-of float64, the rate the forward pass runs at), of which only the lower triangle is computed (BLAS
-syrk, or the banded lower block rows of a wide moment: half the work of the full product); the chunks are summed in float64, so rounding does not
+Each chunk's Σ x xᵀ is one matrix product in `product_dtype` (float32 by default: half the time of
+float64, the rate the forward pass runs at; a wide moment's lower block rows only, about half the
+work); the chunks are summed in float64, so rounding does not
 grow with the token count, except for moments wider than WIDE (structured ROM's MLP neurons), summed
 in the product dtype to halve their memory.
 """
@@ -35,19 +35,20 @@ class MomentAccumulator:
         self.symmetric = True  # whether sum_outer's upper triangle is filled in
 
     def add(self, features: torch.Tensor) -> None:
-        """One chunk. Only the lower triangle of Σ x xᵀ is summed (half the products: the other one
-        repeats it), filled in once when the moment is handed over."""
-        rows = features.reshape(-1, self.size).to(self.product_dtype).contiguous()
+        """One chunk. A wide moment sums only its lower block rows (about half the products: the
+        upper triangle repeats them), filled in once when the moment is handed over."""
+        rows = features.reshape(-1, self.size).to(self.product_dtype)
         if self.size <= WIDE:
-            # BLAS syrk gives the upper triangle F-ordered: read C-ordered, that is the lower one
-            self.sum_outer += torch.from_numpy(decompose.gram(rows.numpy(), rows=False).T)
+            # the whole product in torch's GEMM: numpy/scipy's BLAS syrk (half the FLOPs) was measured
+            # slower here, and its threads, called between torch's, slowed the forward passes too
+            self.sum_outer += rows.T @ rows
         else:  # a full-width product would be another size² in float32 (485 MB at 11008)
             for start in range(0, self.size, BAND):
                 stop = min(start + BAND, self.size)
                 self.sum_outer[start:stop, :stop] += rows[:, start:stop].T @ rows[:, :stop]
+            self.symmetric = False
         self.sum += rows.sum(dim=0, dtype=torch.float64)
         self.count += rows.shape[0]
-        self.symmetric = False
 
     def _fill_upper(self) -> None:
         """Copy the summed lower triangle onto the upper one, band by band (no second size² array)."""
