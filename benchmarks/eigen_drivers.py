@@ -4,7 +4,8 @@ wheel), at 1 and 2 threads, and two problems at once at one thread each (q, k an
 independent problems). What streamrom's ROM needs per linear is the top r ≈ 40 % of the spectrum of
 a square 7B projection at 20 % smaller; `evr` can compute only those. At 2 threads the products
 around the solves too, as computed before and after the triangular factor and the one-triangle
-Gram products (BLAS trmm/syrk) replaced GEMMs and the root's eigh.
+Gram products (BLAS trmm/syrk) replaced GEMMs and the root's eigh, and a chunk's moment product in
+torch's GEMM against scipy's syrk.
 
     python benchmarks/eigen_drivers.py            # writes benchmarks/results/eigen_drivers.json
 """
@@ -65,8 +66,8 @@ if threads == 2:  # the products around the solves, as the code computed them be
         "gate/up W·root, GEMM (before)": timed(lambda: wide @ factor),
         "gate/up W·L, trmm (now)": timed(lambda: blas.strmm(1.0, factor, square(wide), side=0, lower=1, trans_a=1,
                                                            overwrite_b=1)),
-        "chunk Xᵀ X, torch GEMM (before)": timed(lambda: torch.from_numpy(tokens).T @ torch.from_numpy(tokens)),
-        "chunk Xᵀ X, syrk (now)": timed(lambda: blas.ssyrk(1.0, tokens.T, trans=0)),
+        "chunk Xᵀ X, torch GEMM (used)": timed(lambda: torch.from_numpy(tokens).T @ torch.from_numpy(tokens)),
+        "chunk Xᵀ X, scipy syrk (tried, not used)": timed(lambda: blas.ssyrk(1.0, tokens.T, trans=0)),
     })
 print(json.dumps(rows))
 """
