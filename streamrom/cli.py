@@ -312,6 +312,11 @@ def _run(args: argparse.Namespace) -> None:
               f"peak RSS {report.memory['peak_rss_bytes'] / 2**20:.0f} MiB; {report.wall_seconds:.1f} s")
         if report.perplexity is not None:
             print(f"perplexity {report.perplexity:.4f} over {report.evaluation['windows']} windows")
+        from .summary import checkpoint_summary, near_break_even_note
+
+        slow = checkpoint_summary(args.output)["near_break_even"]  # from the headers: no weight read
+        if slow:
+            print(near_break_even_note(slow))
     elif args.command == "eval":
         from .evaluation import evaluate
         from .layout import check_report_path

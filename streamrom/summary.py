@@ -12,6 +12,11 @@ from typing import Any
 from .checkpoint import CheckpointReader, tensor_bytes
 from .modeling import BLOCK_LINEARS, block_prefix
 
+# A factored linear that keeps more than this share of its dense parameters does as much work in two
+# smaller products: measured on CPU (benchmarks/factored_speed.py) it runs at about dense speed or
+# slower, while at 0.8 and below it is faster in every case but the smallest matrices in bf16.
+FACTORED_BREAK_EVEN = 0.8
+
 
 def checkpoint_summary(folder: str | Path) -> dict[str, Any]:
     reader = CheckpointReader(folder)
@@ -30,8 +35,11 @@ def checkpoint_summary(folder: str | Path) -> dict[str, Any]:
             own = [n for n in names if n.startswith(f"{prefix}{linear}.")]
             reduce_name = f"{prefix}{linear}.reduce.weight"
             params, nbytes = size(own)
-            modules[linear] = {"rank": reader.shapes[reduce_name][0] if reduce_name in reader.shapes else None,
-                               "parameters": params, "bytes": nbytes}
+            rank = reader.shapes[reduce_name][0] if reduce_name in reader.shapes else None
+            modules[linear] = {"rank": rank, "parameters": params, "bytes": nbytes}
+            if rank is not None:  # the share of the dense linear's multiply-adds the two factors do
+                out_features, in_features = spec.linear_shape(linear, index)
+                modules[linear]["fraction_of_dense"] = rank * (out_features + in_features) / (out_features * in_features)
         params, nbytes = size(names)
         blocks.append({"index": index, "parameters": params, "bytes": nbytes, "modules": modules,
                        "mlp_width": spec.intermediate_size_of(index), "value_head_dim": spec.value_head_dim_of(index),
@@ -52,6 +60,8 @@ def checkpoint_summary(folder: str | Path) -> dict[str, Any]:
         "dense_parameters": dense_equivalent,
         "parameter_ratio": total_params / dense_equivalent,
         "compressed_linears": sum(1 for b in blocks for m in b["modules"].values() if m["rank"] is not None),
+        "near_break_even": [f"{block_prefix(b['index'])}{name}" for b in blocks for name, m in b["modules"].items()
+                            if m.get("fraction_of_dense", 0.0) > FACTORED_BREAK_EVEN],
         "structured": bool(section.get("widths")),
         "blocks": blocks,
     }
@@ -74,4 +84,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"whole model: {summary['parameters']:,} parameters, {summary['bytes'] / 2**20:.1f} MiB; "
                  f"{summary['parameter_ratio']:.4f} of the dense {summary['dense_parameters']:,}; "
                  f"{summary['compressed_linears']} linears factored")
+    if summary["near_break_even"]:
+        lines.append(near_break_even_note(summary["near_break_even"]))
     return "\n".join(lines)
+
+
+def near_break_even_note(names: list[str]) -> str:
+    return (f"note: {len(names)} factored linear(s) keep more than {FACTORED_BREAK_EVEN:.0%} of their dense "
+            f"parameters (first: {names[0]}); on a CPU such a pair of products runs about as fast as the "
+            "dense linear or slower (benchmarks/factored_speed.py): a smaller size or the spectrum "
+            "allocation avoids them")

@@ -211,10 +211,29 @@ def test_inspect_reports_ranks_parameters_and_bytes(capsys, tmp_path, tiny_model
     assert q["rank"] == report["ranks"]["model.layers.1.self_attn.q_proj"] == 16
     assert q["parameters"] == 16 * (64 + 64) + 16  # factors and the factored bias Vᵀb
     assert q["bytes"] == 4 * q["parameters"]
+    assert q["fraction_of_dense"] == 16 * (64 + 64) / (64 * 64) and summary["near_break_even"] == []
     assert main(["inspect", str(output)]) == 0
     table = capsys.readouterr().out
-    assert "whole model:" in table and "method rom" in table
+    assert "whole model:" in table and "method rom" in table and "note:" not in table
     assert main(["inspect", str(tmp_path / "missing")]) == EXIT_INPUT
+
+
+def test_factored_linears_near_break_even_are_named(capsys, tmp_path, tiny_models, tiny_tokens):
+    """Rank 28 of a 64 x 64 q_proj keeps 0.875 of its multiply-adds (above the measured 0.8 break-even):
+    compress and inspect say so in one line; rank 24 (0.75) is not named."""
+    output = tmp_path / "out"
+    assert main(["compress", str(tiny_models["qwen2"]), str(output), "--calib-tokens", str(tiny_tokens),
+                 "--calib-sequences", "2", "--calib-seqlen", "32", "--rank", "28", "--layers", "1",
+                 "--modules", "q_proj,o_proj"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: 2 factored linear(s) keep more than 80% of their dense parameters" in printed
+    assert main(["inspect", str(output), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["near_break_even"] == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.o_proj"]
+    assert main(["compress", str(tiny_models["qwen2"]), str(tmp_path / "lower"), "--calib-tokens", str(tiny_tokens),
+                 "--calib-sequences", "2", "--calib-seqlen", "32", "--rank", "24", "--layers", "1",
+                 "--modules", "q_proj,o_proj"]) == 0
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_package_api_is_lazy_and_callable():
