@@ -175,7 +175,7 @@ class InputMoments:
         w_tilde, with_bias = self.augmented_weight(weight, bias)
         out_features, in_features = w_tilde.shape
         if out_features <= in_features:
-            if self.cholesky(with_bias) is not None:  # W̃ C W̃ᵀ = A Aᵀ, one triangle of it: a third of the work
+            if self.cholesky(with_bias) is not None:  # W̃ C W̃ᵀ = A Aᵀ, one triangle of it: half the products
                 values, vectors = top_eigenvectors(gram(self.times_root(w_tilde, with_bias), rows=True), rank,
                                                    lower=False)
             else:
