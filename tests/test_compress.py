@@ -70,6 +70,7 @@ class InMemoryROM:
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         self.ratio, self.layers = ratio, layers
         self.bases: dict[str, np.ndarray] = {}
+        self.eigenvalues: dict[str, np.ndarray] = {}  # descending, of each linear's output moment
 
     def rank(self, linear: nn.Linear) -> int:
         m, n = linear.weight.shape
@@ -95,6 +96,7 @@ class InMemoryROM:
                         values, vectors = np.linalg.eigh(y.T @ y)
                         basis = vectors[:, ::-1][:, :self.rank(linear)]
                         self.bases[f"model.layers.{index}.{name}"] = basis
+                        self.eigenvalues[f"model.layers.{index}.{name}"] = values[::-1]
                         factored = nn.Sequential(nn.Linear(linear.in_features, basis.shape[1], bias=False),
                                                  nn.Linear(basis.shape[1], linear.out_features, bias=False))
                         w = linear.weight.double().numpy()
@@ -127,8 +129,19 @@ def test_streamed_compressor_matches_in_memory_reference(smollm2_dir, tmp_path, 
         assert ours.shape == basis.shape
         signs = np.sign(np.sum(ours * basis, axis=0))
         aligned = basis * signs
-        # Every basis vector agrees up to sign (measured: within ~4e-6), and so does the subspace.
-        np.testing.assert_allclose(ours, aligned, atol=1e-4, err_msg=name)
+        # Every basis vector whose eigenvalue stands apart from its neighbours agrees up to sign, and
+        # the subspace agrees as a whole. A vector of a nearly double eigenvalue turns within its pair
+        # by the tiny differences (float32 factors, the machine's BLAS kernels) that compressed blocks
+        # upstream pass on, more with each block: measured on one machine, block 26 (nothing compressed
+        # upstream) within 6.2e-6 for gaps > 0.1 % of the eigenvalue, block 29 within 7.5e-5 for gaps
+        # > 0.3 % but 1.1e-4 for its down_proj's vector 186 (gap 0.11 %).
+        values = reference.eigenvalues[name]
+        gaps = np.minimum(np.abs(np.diff(values, prepend=np.inf)), np.abs(np.diff(values, append=-np.inf)))
+        relative_gaps = (gaps / np.abs(values))[:basis.shape[1]]
+        first_block = name.startswith("model.layers.26.")
+        apart = relative_gaps > (1e-3 if first_block else 3e-3)
+        assert apart.mean() > 0.8, (name, apart.mean())  # most vectors are compared one by one
+        np.testing.assert_allclose(ours[:, apart], aligned[:, apart], atol=1e-5 if first_block else 1e-4, err_msg=name)
         projector_gap = np.linalg.norm(ours @ ours.T - basis @ basis.T) / math.sqrt(basis.shape[1])
         assert projector_gap < 1e-4, (name, projector_gap)
 
