@@ -78,7 +78,8 @@ print(json.dumps({"loader": loader, "load_seconds": load_seconds, "rss_before_by
 
 
 def compressed_depth2(work: Path) -> Path:
-    """The 2-block compressed 7B-shaped checkpoint (made as memory_profile.py makes it, or reused)."""
+    """The 2-block compressed 7B-shaped checkpoint: memory_profile.py's output where it is there, else
+    made here with a short calibration (the weights' values do not matter to loading)."""
     from synthetic import random_tokens, write_synthetic
 
     output = work / "7b-2-rom"
@@ -98,7 +99,7 @@ def repeat_blocks(folder: Path, depth: int, out: Path) -> Path:
     from streamrom.architectures import block_prefix
 
     reader = CheckpointReader(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = reader.config  # edited into the repeated checkpoint's
     if (out / "config.json").is_file() and json.loads((out / "config.json").read_text())["num_hidden_layers"] == depth:
         return out
     out.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     parser.add_argument("--log-file", type=Path, help="also append every log line (with timestamps, "
                                                       "whatever --quiet) to this file")
-    parser.add_argument("--threads", type=_positive_int, help="threads of torch and of numpy/scipy's BLAS (default: their choice, all cores)")
+    parser.add_argument("--threads", type=_positive_int,
+                        help="threads of torch and of numpy/scipy's BLAS (default: their choice, all cores)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     comp = sub.add_parser("compress", help="compress a Hugging Face checkpoint folder",

@@ -2,9 +2,9 @@
 
 Each chunk's Σ x xᵀ is one matrix product in `product_dtype` (float32 by default: half the time of
 float64, the rate the forward pass runs at; a wide moment's lower block rows only, about half the
-work); the chunks are summed in float64, so rounding does not
-grow with the token count, except for moments wider than WIDE (structured ROM's MLP neurons), summed
-in the product dtype to halve their memory.
+work); the chunks are summed in float64, so rounding does not grow with the token count, except for
+moments wider than WIDE (structured ROM's MLP neurons), summed in the product dtype to halve their
+memory.
 """
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ class MomentAccumulator:
         self.count += rows.shape[0]
 
     def _fill_upper(self) -> None:
-        """Copy the summed lower triangle onto the upper one, band by band (no second size² array)."""
+        """Copy the summed lower triangle onto the upper one, band by band (no second size² array); the
+        diagonal blocks too, whose two halves were separate dot products: the moment is exactly symmetric."""
         if not self.symmetric:
             for start in range(0, self.size, BAND):
                 stop = min(start + BAND, self.size)

@@ -242,7 +242,7 @@ def test_gram_and_triangular_products_equal_the_plain_ones(dtype, shape):
         for rows, plain in ((True, matrix @ matrix.T), (False, matrix.T @ matrix)):
             upper = decompose.gram(matrix, rows=rows)
             np.testing.assert_allclose(np.triu(upper), np.triu(plain), rtol=tolerance, atol=tolerance)
-            np.testing.assert_array_equal(np.tril(upper, -1), 0)  # the moment sums rely on it being zero
+            np.testing.assert_array_equal(np.tril(upper, -1), 0)  # as gram's docstring says
         x = correlated_inputs(rng, shape[1], 200).astype(dtype)
         group = decompose.InputMoments(*moments(x))
         kept = matrix.copy()
