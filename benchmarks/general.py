@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "general.json")
+    parser.add_argument("--again", action="store_true",
+                        help="measure rows the results file already has again (default: keep them, so a stopped "
+                             "run resumes)")
     args = parser.parse_args()
 
     cli = streamrom_cli(args.threads)
@@ -100,6 +103,8 @@ def main() -> None:
                 key = f"{method}/{args.allocate}/{reduction}/{calibration}"
                 label = f"{method}-{args.allocate}-{reduction}-{calibration}"
                 output = args.work / f"general-{label}"
+                if key in rows and not args.again:
+                    continue
                 command = cli + ["compress", str(dense), str(output), "--method", method, "--allocate", args.allocate,
                                  "--target-params", f"{1 - reduction / 100:.2f}", "--overwrite",
                                  "--calib-text", *map(str, texts[calibration])]
