@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +34,7 @@ from .architectures import ModelSpec
 from .checkpoint import CheckpointReader
 from .errors import InputError, OutputError, UsageError, write_failure
 from .gguf_vocab import SPLIT_PRE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED
-from .modeling import block_prefix
+from .modeling import block_prefix, rope_inverse_frequencies
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,13 @@ def _ggml_type(kind: str):
             "q4_0": gguf.GGMLQuantizationType.Q4_0}[kind]
 
 
+def rope_factors(spec: ModelSpec) -> np.ndarray:
+    """llama.cpp's rope_freqs for llama3 rope scaling: per rotary pair, the factor its frequency is
+    divided by (the unscaled frequency over the scaled one that streamrom and transformers rotate by)."""
+    unscaled = rope_inverse_frequencies(replace(spec, rope_scaling=None))
+    return (unscaled / rope_inverse_frequencies(spec)).numpy().astype(np.float32)
+
+
 class _Plan:
     """Architecture, metadata and the ordered tensors of the GGUF, from the checkpoint's headers."""
 
@@ -141,9 +148,9 @@ class _Plan:
         architecture = GGUF_ARCHITECTURE_OF.get(spec.model_type)
         if architecture is None:
             raise InputError(f"export-gguf writes llama, mistral and qwen2 models, not {spec.model_type}")
-        if spec.rope_scaling:
-            raise InputError(f"export-gguf: rope scaling {dict(spec.rope_scaling).get('rope_type', '?')!r} is not "
-                             "exported yet (llama.cpp needs its rope_freqs tensor)")
+        self.rope_type = dict(spec.rope_scaling).get("rope_type", "?") if spec.rope_scaling else None
+        if self.rope_type not in (None, "linear", "llama3"):
+            raise InputError(f"export-gguf: rope scaling {self.rope_type!r} is not exported (linear and llama3 are)")
         if spec.sliding_window is not None:
             raise InputError("export-gguf: a sliding attention window has no form in llama.cpp's llama "
                              "architecture")
@@ -188,6 +195,9 @@ class _Plan:
         writer.add_value_length(spec.head_dim)
         writer.add_rope_dimension_count(spec.head_dim)
         writer.add_rope_freq_base(float(spec.rope_theta))
+        if self.rope_type == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(spec.rope_scaling["factor"]))
         writer.add_layer_norm_rms_eps(float(spec.rms_norm_eps))
         writer.add_vocab_size(spec.vocab_size)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -214,6 +224,8 @@ class _Plan:
                         f"{name}.reduce.bias" in weight_map):
                     tensors.append(self._bias(f"blk.{index}.{short}.bias", index, hf, name in factored))
         tensors.append(self._vector("output_norm.weight", "model.norm.weight"))
+        if self.rope_type == "llama3":
+            tensors.append(_Tensor("rope_freqs.weight", (spec.head_dim // 2,), "f32", lambda: rope_factors(spec)))
         if "lm_head.weight" in weight_map:
             tensors.append(self._matrix("output.weight", "lm_head.weight"))
         return tensors

@@ -158,6 +158,43 @@ def test_per_block_widths_go_to_deci_with_permuted_queries_and_padded_values(tin
     assert (tmp_path / "q.gguf").stat().st_size < 0.4 * (tmp_path / "d.gguf").stat().st_size
 
 
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+    {"rope_type": "linear", "factor": 4.0}])
+def test_rope_scaling_is_exported_as_llama_cpp_reads_it(scaling, tmp_path):
+    """llama3: a rope_freqs tensor, per rotary pair the factor llama.cpp divides the frequency by, so
+    that it rotates by the frequencies streamrom and transformers rotate by; linear: the scaling type
+    and factor in the metadata."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from streamrom.architectures import ModelSpec
+    from streamrom.modeling import rope_inverse_frequencies
+
+    torch.manual_seed(0)
+    source = tmp_path / "llama"
+    AutoModelForCausalLM.from_config(LlamaConfig(**TINY_COMMON, rope_scaling=scaling)).save_pretrained(source)
+    byte_level_tokenizer(source)
+    result = cli("export-gguf", source, tmp_path / "m.gguf")
+    assert result.returncode == 0, result.stderr
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    spec = ModelSpec.from_config(json.loads((source / "config.json").read_text()))
+    scaled, base_theta = rope_inverse_frequencies(spec).double().numpy(), spec.rope_theta
+    head_dim = spec.head_dim
+    unscaled = 1.0 / base_theta ** (np.arange(0, head_dim, 2) / head_dim)
+    if scaling["rope_type"] == "llama3":
+        factors = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float64)
+        assert factors.shape == (head_dim // 2,) and factors.min() == 1.0 and factors.max() == 8.0
+        np.testing.assert_allclose(unscaled / factors, scaled, rtol=1e-6)
+        assert "llama.rope.scaling.type" not in reader.fields
+    else:
+        assert "rope_freqs.weight" not in tensors
+        assert reader.fields["llama.rope.scaling.type"].contents() == "linear"
+        assert reader.fields["llama.rope.scaling.factor"].contents() == 4.0
+        np.testing.assert_allclose(unscaled / 4.0, scaled, rtol=1e-6)
+
+
 def test_bad_exports_are_refused_in_one_line(tiny_sources, tmp_path):
     target = tmp_path / "m.gguf"
     assert cli("export-gguf", tiny_sources["qwen2"], target).returncode == 0
