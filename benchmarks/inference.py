@@ -86,7 +86,10 @@ print(json.dumps({"parameters": parameters, "remote_code": remote, "load_seconds
 
 def measure(folder: Path, loader: str, threads: int, args) -> dict:
     result = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(args.prefill), str(args.decode),
-                             str(args.repeats), str(threads), loader], capture_output=True, text=True, check=True)
+                             str(args.repeats), str(threads), loader], capture_output=True, text=True)
+    if result.returncode:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"{loader} could not run {folder}: {last}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

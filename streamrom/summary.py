@@ -93,5 +93,4 @@ def format_summary(summary: dict[str, Any]) -> str:
 def near_break_even_note(names: list[str]) -> str:
     return (f"note: {len(names)} factored linear(s) keep more than {FACTORED_BREAK_EVEN:.0%} of their dense "
             f"parameters (first: {names[0]}); on a CPU such a pair of products runs about as fast as the "
-            "dense linear or slower (benchmarks/factored_speed.py): a smaller size or the spectrum "
-            "allocation avoids them")
+            "dense linear or slower (benchmarks/factored_speed.py): they save memory, not time")
