@@ -398,16 +398,24 @@ def output_mean_from_inputs(weight: np.ndarray, bias: np.ndarray | None, input_m
 ANCHOR_RIDGE = 1e-2
 
 
-@dataclass(frozen=True)
+@dataclass
 class Anchor:
     """The dense model's side of one fit. `cross` = E[t x̃ᵀ] and `mean` = E[t], t the dense stream's value
     (the group's input, or the lone linear's output where its moments are taken there), x̃ the
     compressed stream's; `strength` in [0, 1] moves the target from what the dense weights make of the
     compressed stream's inputs (0: plain ROM) to the dense model's own outputs (1)."""
 
-    cross: np.ndarray
+    cross: np.ndarray | None
     mean: np.ndarray
     strength: float
+
+    def take_cross(self) -> np.ndarray:
+        """The cross moment, handed over: the anchor holds it no more, so that the fit that takes it can
+        free it when done (a 7B MLP's is 180 MB). An anchor serves one fit."""
+        cross, self.cross = self.cross, None
+        if cross is None:
+            raise ValueError("this anchor's cross moment was already taken by a fit")
+        return cross
 
 
 def least_squares(gram_copy, cross_t: np.ndarray, damping: float) -> np.ndarray:

@@ -59,25 +59,39 @@ class DenseStream:
     strength: float
 
 
-def _anchor_points(block: Block, units: list) -> list[str | None]:
-    """Per group, the dense value its fit is anchored to: the value its moments are taken of; None for
-    a group that narrows a structured unit. Anchored unit refits (down toward the dense MLP outputs on
-    the kept neurons, o_proj on the narrowed values) were measured worse than plain ones on the real
-    model (+2.3 % perplexity at 20 % smaller, +14.7 % at 40 %; ridge-damped like the factored fits:
-    +2.5 %, +12.9 %), while anchored factored linears gain: so only factored linears are anchored
-    (structured.refit_columns / refit_output keep their anchored form, tested, for a later try)."""
-    return [group.observed(block)[0] if unit is None else None for group, unit in zip(block.GROUPS, units)]
+@dataclass(frozen=True)
+class AnchorPoint:
+    """The dense stream's value a group's fit is anchored to (`value`, `width` features per token), less
+    the compressed stream's `less` value where one is given (the residual stream a sum adds to)."""
+
+    value: str
+    width: int
+    less: str | None = None
 
 
-def _value_width(block: Block, name: str) -> int:
-    """Features per token of a value some group reads or writes."""
-    for group in block.GROUPS:
-        out_features, in_features = block.linear(group.linears[0]).weight.shape
-        if group.reads == name:
-            return in_features
-        if group.writes == name:
-            return out_features
-    raise KeyError(name)
+def _anchor_points(block: Block, units: list) -> list[AnchorPoint | None]:
+    """Per group, where its fit is anchored. A factored group: the dense value its moments are taken of.
+    A structured unit refitted in a linear that adds to the residual stream as it is (o_proj on the
+    narrowed values, down_proj on the kept neurons: Block.RESIDUAL_ADDS; none with a bias): the dense
+    sum less the compressed stream's value it is added to, i.e. what the refit would have to give for
+    the block to carry the dense model's residual stream on. Toward the dense linear's own outputs
+    instead, the refits were worse on the real model (+2.3 % perplexity at 20 % smaller, +14.7 % at
+    40 %): measured block by block (benchmarks/anchored_units.py), the plain refit's error partly undoes
+    the residual stream's upstream error (their inner product is negative), and a refit toward the
+    dense outputs fits those better but undoes less, so the block's output ends up no nearer the dense
+    one; the sum's target brings it nearer. Other units (rotary pairs) are not anchored."""
+    points: list[AnchorPoint | None] = []
+    for group, unit in zip(block.GROUPS, units):
+        if unit is None:
+            value, width, _ = group.observed(block)
+            points.append(AnchorPoint(value, width))
+        elif (len(group.linears) == 1 and group.linears[0] in block.RESIDUAL_ADDS
+              and block.linear(group.linears[0]).bias is None):
+            total, stream = block.RESIDUAL_ADDS[group.linears[0]]
+            points.append(AnchorPoint(total, block.linear(group.linears[0]).weight.shape[0], stream))
+        else:
+            points.append(None)
+    return points
 
 
 @torch.no_grad()
@@ -116,11 +130,10 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
              for group in block.GROUPS]
     last = max((g for g, todo in enumerate(work) if todo or units[g]), default=-1)
     points = _anchor_points(block, units)
-    point_widths = {point: _value_width(block, point) for point in points if point}  # (while the block is dense)
     streams_equal = True  # the compressed stream is still the dense one: inputs equal, nothing changed yet
     if dense is not None:
-        anchored_values = {points[g]: dense.values(points[g], point_widths[points[g]])
-                           for g in range(last + 1) if work[g] and points[g]} if dense.strength > 0 else {}
+        anchored_values = {points[g].value: dense.values(points[g].value, points[g].width)
+                           for g in range(last + 1) if (work[g] or units[g]) and points[g]} if dense.strength > 0 else {}
         with timer("dense stream"):  # the anchored fits' cost in time, apart in the report
             for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
                 x = dense.inputs.read(start, stop)
@@ -156,7 +169,7 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
             observed, width, at_output = group.observed(block)
         statistics = GroupStatistics(width, product, target_from, config.target_weight, config.target_basis)
         anchored = dense is not None and dense.strength > 0 and not streams_equal and point is not None
-        cross = CrossAccumulator(point_widths[point], width, product) if anchored else None
+        cross = CrossAccumulator(point.width, width, product) if anchored else None
         written: list[str] = []
         # a wide moment (the MLP neurons': 485 MB at 7B shape) is summed beside half a chunk's activations
         pass_sequences = max(1, chunk_sequences // 2) if width > WIDE else chunk_sequences
@@ -168,7 +181,8 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
             with timer("statistics"):
                 statistics.add(features, start)
                 if cross is not None:
-                    cross.add(anchored_values[point].read(start, stop), features)
+                    target = anchored_values[point.value].read(start, stop)
+                    cross.add(target if point.less is None else target - values[point.less], features)
         del values, features  # the last chunk's activations, not needed by the decomposition
         release_freed_memory()
         cached.extend(written)

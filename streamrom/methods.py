@@ -167,8 +167,8 @@ def narrow_query_key(block: Block, width: int, moments: decompose.InputMoments, 
 def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, selection: str, damping: float,
                scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
     """Keep `width` neurons: their rows of gate and up as they are, down refitted on them (`anchor`:
-    toward the dense model's down outputs). With `scratch` (a folder) a wide moment (the MLP's at 7B
-    shape: 485 MB) waits there on disk while its own buffer holds the greedy removal's inverse, and is
+    toward its target, the dense block's output less the compressed residual stream: see
+    execute._anchor_points). With `scratch` (a folder) a wide moment (the MLP's at 7B shape: 485 MB) waits there on disk while its own buffer holds the greedy removal's inverse, and is
     read back for the refit."""
     moment = moments.second_moment
     mlp = block.mlp
@@ -178,10 +178,18 @@ def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, select
     with tempfile.TemporaryFile(dir=scratch) if spill else contextlib.nullcontext() as parked:
         if spill:
             moment.tofile(parked)
+            if anchor is not None:  # the anchored refit's cross moment (180 MB at 7B) waits there too
+                cross = anchor.take_cross()
+                cross_shape, cross_dtype = cross.shape, cross.dtype
+                np.ascontiguousarray(cross).tofile(parked)
+                del cross
         kept = structured.select_neurons(moment, down, width, selection, damping, overwrite_moment=spill)
         if spill:  # the inverse is done with: C back into its own buffer
             parked.seek(0)
             read_into(parked, moment, "the parked moment")
+            if anchor is not None:
+                anchor.cross = np.empty(cross_shape, dtype=cross_dtype)
+                read_into(parked, anchor.cross, "the parked cross moment")
     refitted = torch.from_numpy(np.ascontiguousarray(structured.refit_columns(down, moment, kept, damping, anchor)))
     rows = torch.from_numpy(kept)
     for name in ("gate_proj", "up_proj"):
@@ -193,7 +201,8 @@ def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, select
 def narrow_values(block: Block, width: int, moments: decompose.InputMoments, selection: str, damping: float,
                   scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
     """Narrow each KV head's values to `width` dimensions (v_proj rows), o_proj refitted on them
-    (`anchor`: toward the dense model's o_proj outputs)."""
+    (`anchor`: toward its target, the dense residual stream after attention less the compressed
+    block's input: see execute._anchor_points)."""
     moment = moments.second_moment
     attention = block.self_attn
     head_dim, kv_heads = attention.value_head_dim, attention.num_kv_heads

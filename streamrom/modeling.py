@@ -307,6 +307,12 @@ class Block(nn.Module):
         LinearGroup(("mlp.down_proj",), reads="mlp", writes="mlp_output"),
     )
 
+    # Linears whose output is added to the residual stream as it is: {linear: (the sum's value, the
+    # stream's value it is added to)}. The dense sum less the compressed stream's value is what the
+    # linear would have to give for the sum to be the dense model's (anchored unit refits).
+    RESIDUAL_ADDS: Mapping[str, tuple[str, str]] = {"self_attn.o_proj": ("residual", "x"),
+                                                    "mlp.down_proj": ("output", "residual")}
+
     def __init__(self, spec: ModelSpec, index: int = 0):
         super().__init__()
         self.input_layernorm = norm(spec)
@@ -379,6 +385,7 @@ class Gemma3Block(Block):
         Step("mlp_output", lambda b, v, cos, sin: b.mlp.down_proj(v["mlp"])),
         Step("output", lambda b, v, cos, sin: v["residual"] + b.post_feedforward_layernorm(v["mlp_output"])),
     )
+    RESIDUAL_ADDS: Mapping[str, tuple[str, str]] = {}  # both outputs are normed before their adds
 
     def __init__(self, spec: ModelSpec, index: int = 0):
         super().__init__(spec, index)

@@ -232,7 +232,7 @@ def _anchored(config: CompressConfig) -> bool:
 
 def _dense_stream_bytes(spec: ModelSpec, tokens: np.ndarray) -> int:
     """The anchored fits' disk: the dense stream's two activation files and one block's anchored values
-    (the inputs of q/k/v, o and gate/up, and down's output)."""
+    (the inputs of q/k/v, o and gate/up, and down's output, or the block's where down is narrowed)."""
     return tokens.size * (2 * spec.hidden_size + 3 * spec.hidden_size + spec.num_heads * spec.head_dim) * 4
 
 

@@ -45,13 +45,16 @@ def refit_columns(weight: np.ndarray, moment: np.ndarray, kept: np.ndarray, damp
                   anchor: Anchor | None = None) -> np.ndarray:
     """W·C[:,S]·(C[S,S] + δ)⁻¹: the least-squares fit of W z from the kept features z_S (out x |S|).
     In the moment's dtype, one copy of C[S,S] factored in place (310 MB at 7B shape, 80 % kept).
-    With `anchor` (cross = E[y zᵀ], y the dense model's outputs of W), the target W z moves to y by
-    its strength: W·C[:,S] becomes (1 − α)·W·C[:,S] + α·E[y z_Sᵀ]."""
+    With `anchor` (cross = E[y zᵀ], y what W z should reproduce, from the dense stream), the target
+    W z moves to y by its strength: W·C[:,S] becomes (1 − α)·W·C[:,S] + α·E[y z_Sᵀ]. The anchor's cross
+    moment is taken (Anchor.take_cross) and freed before C[S,S] is copied."""
+    cross = anchor.take_cross() if anchor is not None else None
     if moment.shape[0] <= IN_PLACE_FROM:
         cross_t = np.ascontiguousarray((weight @ moment)[:, kept].T)  # = (W C[:, S])ᵀ
-        if anchor is not None:
+        if cross is not None:
             cross_t *= 1.0 - anchor.strength
-            cross_t += anchor.strength * anchor.cross[:, kept].T
+            cross_t += anchor.strength * cross[:, kept].T
+        del cross
         return least_squares(lambda: moment[np.ix_(kept, kept)], cross_t, damping)
     # C is symmetric: (W C[:, S])ᵀ = C[S, :] Wᵀ, built band by band (no out x n product), Fortran-ordered
     # like C[S,S]ᵀ below, so that LAPACK factors and solves in place, no copies
@@ -59,9 +62,10 @@ def refit_columns(weight: np.ndarray, moment: np.ndarray, kept: np.ndarray, damp
     for start in range(0, kept.size, 1024):
         band = kept[start:start + 1024]
         cross_t[start:start + 1024] = moment[band] @ weight.T
-        if anchor is not None:
+        if cross is not None:
             cross_t[start:start + 1024] *= 1.0 - anchor.strength
-            cross_t[start:start + 1024] += anchor.strength * anchor.cross[:, band].T
+            cross_t[start:start + 1024] += anchor.strength * cross[:, band].T
+    del cross  # (the 7B MLP's: 180 MB, not beside the copy of C[S,S])
     return least_squares(lambda: moment[np.ix_(kept, kept)].T, cross_t, damping)
 
 
@@ -236,17 +240,18 @@ def value_maps(attention_moment: np.ndarray, o_weight: np.ndarray, num_heads: in
 def refit_output(o_weight: np.ndarray, attention_moment: np.ndarray, maps: list[np.ndarray], num_heads: int,
                  head_dim: int, damping: float, anchor: Anchor | None = None) -> np.ndarray:
     """o_proj refitted on the narrowed values: W_o C B (Bᵀ C B)⁻¹ (hidden x heads·width). With `anchor`
-    (cross = E[a ãᵀ], a the dense stream's attention output), W_o C becomes W_o ((1 − α) C + α E[a ãᵀ]):
-    the fit's target moves to the dense model's o_proj output by the strength α."""
+    (cross = E[y ãᵀ], hidden x heads·head_dim, y what o_proj should give, from the dense stream), W_o C
+    becomes (1 − α) W_o C + α E[y ãᵀ]: the fit's target moves from W_o ã to y by the strength α."""
     group = num_heads // len(maps)
     width = maps[0].shape[1]
     selection = np.zeros((num_heads * head_dim, num_heads * width), dtype=attention_moment.dtype)
     for h in range(num_heads):
         selection[h * head_dim:(h + 1) * head_dim, h * width:(h + 1) * width] = maps[h // group]
     projected = attention_moment @ selection
-    target = projected if anchor is None else ((1.0 - anchor.strength) * projected
-                                               + anchor.strength * (anchor.cross @ selection))
-    return least_squares(lambda: selection.T @ projected, np.ascontiguousarray((o_weight @ target).T), damping)
+    target = o_weight @ projected
+    if anchor is not None:
+        target = (1.0 - anchor.strength) * target + anchor.strength * (anchor.cross @ selection)
+    return least_squares(lambda: selection.T @ projected, np.ascontiguousarray(target.T), damping)
 
 
 # -- queries and keys: rotary pairs ------------------------------------------------------------------

@@ -122,8 +122,9 @@ def test_anchored_output_projection_is_the_nearest_projection_of_the_outputs(cen
 
 
 def test_anchored_structured_refits_are_least_squares_fits_of_the_dense_outputs():
-    """down refitted on the kept neurons of the compressed stream toward the dense outputs y: the
-    least-squares optimum of Y from Z̃_S; o_proj's refit likewise on the narrowed values."""
+    """down refitted on the kept neurons of the compressed stream toward a target y in its output space
+    (the pipeline's: the dense sum less the compressed residual stream): the least-squares optimum of
+    Y from Z̃_S; o_proj's refit likewise on the narrowed values, and a strength between blends."""
     rng = np.random.default_rng(4)
     z, z_tilde = streams(rng, 24, 600, noise=0.3)
     weight = rng.standard_normal((10, 24))
@@ -142,11 +143,17 @@ def test_anchored_structured_refits_are_least_squares_fits_of_the_dense_outputs(
     selection = np.zeros((heads * head_dim, heads * width))
     for h in range(heads):
         selection[h * head_dim:(h + 1) * head_dim, h * width:(h + 1) * width] = maps[h]
-    anchor = decompose.Anchor(a @ a_tilde.T / 600, a.mean(axis=1), 1.0)
+    y = o_weight @ a  # the target, in o_proj's output space
+    anchor = decompose.Anchor(y @ a_tilde.T / 600, y.mean(axis=1), 1.0)
     o_new = structured.refit_output(o_weight, a_tilde @ a_tilde.T / 600, maps, heads, head_dim, 1e-14, anchor)
     narrowed = selection.T @ a_tilde
-    expected = np.linalg.lstsq(narrowed.T, (o_weight @ a).T, rcond=None)[0].T
+    expected = np.linalg.lstsq(narrowed.T, y.T, rcond=None)[0].T
     np.testing.assert_allclose(o_new, expected, rtol=1e-6, atol=1e-8)
+    half = structured.refit_output(o_weight, a_tilde @ a_tilde.T / 600, maps, heads, head_dim, 1e-14,
+                                   decompose.Anchor(anchor.cross, anchor.mean, 0.5))
+    plain = structured.refit_output(o_weight, a_tilde @ a_tilde.T / 600, maps, heads, head_dim, 1e-14)
+    np.testing.assert_allclose(half, 0.5 * (plain + expected), rtol=1e-6, atol=1e-8)  # linear in the target
+    assert np.abs(plain - expected).max() > 1e-2
 
 
 def tiny_config(tokens, **settings) -> CompressConfig:
@@ -216,19 +223,79 @@ def test_bad_anchor_settings_are_refused(tiny_tokens, settings, message):
         tiny_config(tiny_tokens, **settings)
 
 
-def test_anchor_alone_takes_the_measured_strength_and_structured_units_stay_plain(tiny_models, tiny_tokens, tmp_path):
-    """`--anchor` without a value is the blend measured best (README); a structured unit's refit is
-    not anchored (measured worse), so a structured run whose only parts are units equals the plain one."""
+def test_anchor_alone_takes_the_measured_strength():
+    """`--anchor` without a value is the blend measured best (README); the default is plain."""
     from streamrom.cli import MEASURED_ANCHOR_STRENGTH, build_parser
 
     parsed = build_parser().parse_args(["compress", "src", "dst", "--anchor"])
     assert parsed.anchor == MEASURED_ANCHOR_STRENGTH == 0.5
     assert build_parser().parse_args(["compress", "src", "dst"]).anchor == 0.0
+
+
+@pytest.mark.parametrize("unit", ["mlp.neurons", "self_attn.value_dims"])
+def test_anchored_unit_refit_reproduces_the_dense_residual_stream(tiny_models, tiny_tokens, tmp_path, unit):
+    """Structured, one unit, two blocks: in block 1 (its input already differs from the dense model's)
+    the refitted linear (down on the kept neurons, o_proj on the narrowed values) is the least-squares
+    fit, from its compressed-stream input z̃, of the dense residual-stream sum it adds to less the
+    compressed stream's value: E[t z̃ᵀ] (E[z̃ z̃ᵀ] + δ)⁻¹, t = output_dense − residual̃ (down) or
+    residual_dense − x̃ (o_proj), recomputed here from the two models; the plain refit is not that fit
+    (so the check can fail)."""
+    from streamrom.calibration import calibration_tokens
+
+    source = tiny_models["llama"]
+    linear = {"mlp.neurons": "mlp.down_proj", "self_attn.value_dims": "self_attn.o_proj"}[unit]
+    modules = {"mlp.neurons": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+               "self_attn.value_dims": ("self_attn.v_proj", "self_attn.o_proj")}[unit]
+    outputs = {}
+    for strength in (0.0, 1.0):
+        outputs[strength] = tmp_path / f"s{strength:g}"
+        streamrom.compress(source, outputs[strength], tiny_config(tiny_tokens, method="structured", ratio=0.6,
+                                                                  layers="0-1", modules=modules, anchor=strength,
+                                                                  precision="float64"))
+    dense, compressed = streamrom.load(source), streamrom.load(outputs[1.0])
+    ids = torch.from_numpy(calibration_tokens(tiny_config(tiny_tokens).calibration, source, dense.spec.vocab_size))
+    seen: dict[str, dict[str, torch.Tensor]] = {"dense": {}, "compressed": {}}
+    for label, model in (("dense", dense), ("compressed", compressed)):
+        values = seen[label]
+        model.layers[1].register_forward_pre_hook(lambda m, i, values=values: values.__setitem__("x", i[0]))
+        model.layers[1].register_forward_hook(lambda m, i, o, values=values: values.__setitem__("output", o))
+        model.layers[1].get_submodule(linear).register_forward_hook(
+            lambda m, i, o, values=values: values.update(z=i[0], y=o))
+        model(ids)
+
+    def rows(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.reshape(-1, tensor.shape[-1]).double().numpy()
+
+    d, c = seen["dense"], seen["compressed"]
+    if linear == "mlp.down_proj":  # the sum is the block's output, added to the residual after attention
+        target = rows(d["output"]) - (rows(c["output"]) - rows(c["y"]))
+    else:  # the sum is the residual after attention, added to the block's input
+        target = rows(d["x"]) + rows(d["y"]) - rows(c["x"])
+    z = rows(c["z"])
+    assert z.shape[1] < dense.layers[1].get_submodule(linear).weight.shape[1]  # the unit was narrowed
+    gram = z.T @ z / len(z)  # damped as the refit damps it (CompressConfig.damping of its mean diagonal)
+    gram[np.diag_indices_from(gram)] += CompressConfig.damping * np.mean(np.diag(gram))
+    expected = np.linalg.solve(gram, z.T @ target / len(z)).T
+
+    def distance(folder) -> float:
+        weight = CheckpointReader(folder).tensor(f"model.layers.1.{linear}.weight").double().numpy()
+        return float(np.linalg.norm(weight - expected) / np.linalg.norm(expected))
+
+    assert distance(outputs[1.0]) < 1e-4
+    assert distance(outputs[0.0]) > 1e-2
+
+
+def test_gemma3_mlp_refit_stays_plain_under_anchor(tiny_tokens, tmp_path):
+    """Gemma 3 norms the MLP's output before its residual add: the block-output target is not a linear
+    function of down's output, so its unit refit stays plain and the anchored run equals the plain one."""
+    from conftest import make_tiny
+
+    source = make_tiny(tmp_path / "gemma3", "gemma3_text")
     modules = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # only the MLP: narrowed, never factored
     files = {}
     for strength in (0.0, 1.0):
         output = tmp_path / f"s{strength:g}"
-        streamrom.compress(tiny_models["llama"], output, tiny_config(tiny_tokens, method="structured", ratio=0.6,
-                                                                     modules=modules, anchor=strength))
+        streamrom.compress(source, output, tiny_config(tiny_tokens, method="structured", ratio=0.6,
+                                                       modules=modules, anchor=strength))
         files[strength] = model_files(output)
     assert files[0.0] == files[1.0]

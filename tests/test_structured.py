@@ -463,3 +463,29 @@ def test_a_parked_moment_gives_the_same_narrowing_and_comes_back_whole(tiny_mode
     assert list(tmp_path.iterdir()) == []  # the parked copy is gone
     torch.testing.assert_close(block.mlp.gate_proj.weight, twin.mlp.gate_proj.weight)  # the same neurons
     torch.testing.assert_close(block.mlp.down_proj.weight, twin.mlp.down_proj.weight, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_a_parked_anchor_gives_the_same_anchored_refit_and_is_spent(tiny_models, tmp_path, monkeypatch):
+    """The anchored refit's cross moment waits on disk beside the parked moment (wide path) and comes
+    back whole: the same refit as without parking; either way the fit takes the anchor's cross."""
+    from streamrom.decompose import Anchor
+
+    monkeypatch.setattr(structured, "IN_PLACE_FROM", 10)
+    spec, block, x, cos, sin = _block_and_inputs(tiny_models)
+    twin, plain = (Block.from_tensors(spec, {k: v.clone() for k, v in block.state_dict().items()}, 0)
+                   for _ in range(2))
+    values = streamrom.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
+    neurons = values["mlp"].reshape(-1, values["mlp"].shape[-1]).double().numpy()
+    target = RNG.standard_normal((neurons.shape[0], spec.hidden_size)) + neurons @ RNG.standard_normal(
+        (neurons.shape[1], spec.hidden_size)) * 0.1
+    cross = target.T @ neurons / len(neurons)
+    anchors = [Anchor(cross.copy(), target.mean(axis=0), 0.7) for _ in range(2)]
+    narrow_mlp(twin, 96, _moment(values["mlp"]), "obs", 1e-6, anchor=anchors[0])
+    narrow_mlp(block, 96, _moment(values["mlp"]), "obs", 1e-6, scratch=tmp_path, anchor=anchors[1])
+    assert anchors[0].cross is None and anchors[1].cross is None  # taken by the refit
+    assert list(tmp_path.iterdir()) == []
+    torch.testing.assert_close(block.mlp.gate_proj.weight, twin.mlp.gate_proj.weight)
+    torch.testing.assert_close(block.mlp.down_proj.weight, twin.mlp.down_proj.weight, atol=1e-5, rtol=1e-4)
+    narrow_mlp(plain, 96, _moment(values["mlp"]), "obs", 1e-6)  # the anchor moved the refit
+    assert (plain.mlp.down_proj.weight - twin.mlp.down_proj.weight).abs().max() > 1e-2
