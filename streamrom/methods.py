@@ -168,8 +168,9 @@ def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, select
                scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
     """Keep `width` neurons: their rows of gate and up as they are, down refitted on them (`anchor`:
     toward its target, the dense block's output less the compressed residual stream: see
-    execute._anchor_points). With `scratch` (a folder) a wide moment (the MLP's at 7B shape: 485 MB) waits there on disk while its own buffer holds the greedy removal's inverse, and is
-    read back for the refit."""
+    execute._anchor_points). With `scratch` (a folder) a wide moment (the MLP's at 7B shape: 485 MB)
+    waits there on disk while its own buffer holds the greedy removal's inverse, and is read back for
+    the refit; an anchor's cross moment (180 MB) waits beside it."""
     moment = moments.second_moment
     mlp = block.mlp
     down = _array(mlp.down_proj.weight, moment.dtype)
