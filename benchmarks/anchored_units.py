@@ -75,7 +75,7 @@ def run(dense, compressed, dense_capture, compressed_capture, windows: np.ndarra
         compressed(ids)
         for index, values in compressed_capture.values.items():
             reference = dense_capture.values[index]
-            sink(index, values["h"], values["y"], values["out"] - values["y"], reference["y"], reference["out"])
+            sink(index, values["h"], values["out"] - values["y"], reference["y"], reference["out"])
 
 
 def main() -> None:
@@ -108,7 +108,7 @@ def main() -> None:
     # output − compressed residual), snapshotted after the calibration and after each extra count
     sums = {index: None for index in args.blocks}
 
-    def accumulate(index, h, y_c, residual, y, out):
+    def accumulate(index, h, residual, y, out):
         target = out - residual
         add = {"C": h.T @ h, "cross_y": y.T @ h, "cross_t": target.T @ h, "n": h.shape[0]}
         sums[index] = add if sums[index] is None else {k: sums[index][k] + v for k, v in add.items()}
@@ -125,8 +125,8 @@ def main() -> None:
     tests: dict[str, dict[int, list]] = {"seen": {}, "emma_held_out": {}, "pride": {}}
 
     def keep(name):
-        def sink(index, h, y_c, residual, y, out):
-            tests[name].setdefault(index, []).append((h, y_c, residual, y, out))
+        def sink(index, h, residual, y, out):
+            tests[name].setdefault(index, []).append((h, residual, y, out))
         return sink
 
     run(dense, compressed, dense_capture, compressed_capture, seen[:args.test_windows], 4, keep("seen"))
@@ -154,7 +154,7 @@ def main() -> None:
             row = {"block": index, "kept_neurons": kept, "neurons": dense.layers[index].mlp.down_proj.weight.shape[1],
                    "fit": name}
             for test, parts in tests.items():
-                h, y_c, residual, y, out = (torch.cat(p) for p in zip(*parts[index]))
+                h, residual, y, out = (torch.cat(p) for p in zip(*parts[index]))
                 mlp = h.numpy() @ fit.T
                 row[f"{test}_mlp_error"] = relative(y.numpy(), mlp)
                 row[f"{test}_block_error"] = relative(out.numpy(), residual.numpy() + mlp)
