@@ -98,7 +98,8 @@ def test_workers_share_the_study_and_a_killed_workers_trial_runs_again(tiny_mode
     source, output = tiny_models["llama"], tmp_path / "out"
     command = compress_command(source, output, tiny_tokens, storage)
     first = start(command, fault="during-bayes-trial")
-    doomed = start(worker_command(storage), fault="during-bayes-trial")
+    # a worker killed by SIGKILL cannot remove its trial folder: keep it inside tmp_path, not the system's
+    doomed = start(worker_command(storage, "--work-dir", str(tmp_path / "doomed")), fault="during-bayes-trial")
     assert finish(first)[0] == -signal.SIGKILL
     code, _, err = finish(doomed)
     assert code == -signal.SIGKILL, err
