@@ -224,10 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export-gguf", help="write a checkpoint as one GGUF file for llama.cpp (convert extra)",
                          description="Write CKPT (dense, or structured by streamrom) as a GGUF file that llama.cpp "
-                                     "loads, one tensor at a time: llama/qwen2 when every block has the same MLP "
-                                     "width, llama.cpp's deci architecture when widths differ per block; narrowed "
-                                     "value dimensions and rotary pairs are padded back with zeros (same function). "
-                                     "Factored linears have no llama.cpp form: refused unless --densify.")
+                                     "loads, one tensor at a time: llama/qwen2/gemma3 when every block has the same "
+                                     "MLP width; when widths differ per block, llama.cpp's deci architecture for "
+                                     "llama-family models, zero neurons up to the widest block for the others; "
+                                     "narrowed value dimensions and rotary pairs are padded back with zeros (same "
+                                     "function). Vocabulary: byte-level BPE or SentencePiece (byte-fallback BPE) "
+                                     "from tokenizer.json. Factored linears have no llama.cpp form: refused unless "
+                                     "--densify.")
     exp.add_argument("checkpoint", type=Path, help="checkpoint folder (with tokenizer.json)")
     exp.add_argument("output", type=Path, help="the .gguf file to write")
     exp.add_argument("--type", dest="tensor_type", default="source",

@@ -3,9 +3,12 @@
 
 What llama.cpp can run, and how each kind of part maps onto it:
 - dense blocks, and MLPs narrowed to one width in every block: llama.cpp's own architecture of the
-  model (llama, qwen2), `feed_forward_length` the narrowed width;
+  model (llama, qwen2, gemma3; Gemma's norms stored as 1 + w, its sliding/full layer pattern and
+  both rope bases in the metadata), `feed_forward_length` the narrowed width;
 - MLP widths that differ from block to block: llama.cpp's `deci` architecture (llama-family models
-  only), which takes a feed-forward length and head counts per block;
+  without biases), which takes a feed-forward length and head counts per block; the other
+  architectures have one width per model, so their narrower MLPs are padded with zero neurons up to
+  the widest block's (exactly the same function: gelu/silu of 0 times 0 adds nothing; logged);
 - value dimensions narrowed per KV head and query/key rotary pairs: llama.cpp has one head size for
   the whole model, so they are padded back with zero rows and columns (exactly the same function;
   the file grows by what the narrowing saved in those tensors, logged);
@@ -15,8 +18,15 @@ What llama.cpp can run, and how each kind of part maps onto it:
 
 The metadata and each tensor's shape and type are known from the headers before any data is written,
 so the file is written front to back holding one tensor (as read, transformed, quantised) at a time; it
-is written under a temporary name and renamed when complete. Tokenizer: byte-level BPE vocabularies
-(tokenizer.json) with their pre-tokenizer named as llama.cpp knows it.
+is written under a temporary name and renamed when complete.
+
+Tokenizer (from tokenizer.json): byte-level BPE vocabularies (GPT-2 style: SmolLM, Llama 3, Qwen2) as
+llama.cpp's "gpt2" model with their merges and their pre-tokenizer named as llama.cpp knows it;
+SentencePiece vocabularies (BPE with byte fallback: Llama 2, Mistral, Gemma) as its "llama" model,
+whose merges are priced by token scores: a token scores -id (SentencePiece BPE numbers its pieces in
+merge order, and transformers keeps those ids), byte tokens <0xNN> 0, control and user-defined tokens
+-1000, as llama.cpp's own converter writes them; whether a space is put before the text comes from
+the normalizer (Prepend "▁") or the Metaspace pre-tokenizer.
 """
 from __future__ import annotations
 
@@ -32,24 +42,26 @@ import numpy as np
 
 from .architectures import ModelSpec
 from .checkpoint import CheckpointReader
+from .convert import BLOCK_NAMES, BLOCK_NAMES_OF, NORMS_STORED_PLUS_ONE
 from .errors import InputError, OutputError, UsageError, write_failure
 from .gguf_vocab import SPLIT_PRE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED
 from .modeling import block_prefix, rope_inverse_frequencies
 
 log = logging.getLogger(__name__)
 
-TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNUSED = 1, 5
+TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_UNUSED, TOKEN_TYPE_BYTE = 1, 2, 5, 6
+SPECIAL_TOKEN_SCORE = -1000.0  # control and user-defined tokens, as llama.cpp's converter scores them
+SENTENCEPIECE_SPACE = "\u2581"  # "▁", SentencePiece's escaped space
 # --type: how 2-D weights are stored (norms and biases stay float32, as llama.cpp's converter keeps them)
 TYPES = ("source", "f32", "f16", "bf16", "q8_0", "q4_0")
-GGUF_ARCHITECTURE_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> llama.cpp's
-# the block's linears and norms as llama.cpp names them (blk.N.<name>)
-BLOCK_TENSORS = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-LINEARS = [name for name in BLOCK_TENSORS if not name.endswith("layernorm")]
+# model_type -> llama.cpp's architecture
+GGUF_ARCHITECTURE_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
+
+
+def block_tensors(architecture: str) -> dict[str, str]:
+    """The block's linears and norms, HF name -> llama.cpp's (blk.N.<name>): the import's table turned
+    round, so both directions share one mapping."""
+    return {hf: short for short, hf in BLOCK_NAMES_OF.get(architecture, BLOCK_NAMES).items()}
 
 
 @dataclass
@@ -117,8 +129,8 @@ def export_gguf(checkpoint: str | Path, output: str | Path, tensor_type: str = "
                "padded_parameters": plan.padded, "densified_linears": plan.densified,
                "densified_parameters": plan.densified_parameters}
     if plan.padded:
-        log.info("export-gguf: narrowed value dimensions / rotary pairs padded back with zeros: %d parameters "
-                 "more than the checkpoint holds (llama.cpp has one head size per model)", plan.padded)
+        log.info("export-gguf: narrowed widths padded back with zeros: %d parameters more than the checkpoint "
+                 "holds (llama.cpp has one head size per model, one MLP width but in deci)", plan.padded)
     return summary
 
 
@@ -147,21 +159,26 @@ class _Plan:
         self.densified_parameters = 0
         architecture = GGUF_ARCHITECTURE_OF.get(spec.model_type)
         if architecture is None:
-            raise InputError(f"export-gguf writes llama, mistral and qwen2 models, not {spec.model_type}")
+            raise InputError(f"export-gguf writes {', '.join(GGUF_ARCHITECTURE_OF)} models, not {spec.model_type}")
         self.rope_type = dict(spec.rope_scaling).get("rope_type", "?") if spec.rope_scaling else None
         if self.rope_type not in (None, "linear", "llama3"):
             raise InputError(f"export-gguf: rope scaling {self.rope_type!r} is not exported (linear and llama3 are)")
-        if spec.sliding_window is not None:
-            raise InputError("export-gguf: a sliding attention window has no form in llama.cpp's llama "
+        if spec.sliding_window is not None and architecture != "gemma3":
+            raise InputError(f"export-gguf: a sliding attention window has no form in llama.cpp's {architecture} "
                              "architecture")
-        widths = spec.layer_intermediate_sizes or (spec.intermediate_size,) * spec.num_layers
-        self.per_block = len(set(widths)) > 1
-        if self.per_block:
-            if architecture != "llama" or spec.qkv_bias:
-                raise InputError("export-gguf: per-block MLP widths need llama.cpp's deci architecture, which "
-                                 "takes llama-family models only")
+        if architecture == "gemma3":
+            _check_gemma3(spec)
+        self.block_tensors = block_tensors(architecture)
+        self.plus_one = architecture in NORMS_STORED_PLUS_ONE
+        self.widths = spec.layer_intermediate_sizes or (spec.intermediate_size,) * spec.num_layers
+        self.per_block = len(set(self.widths)) > 1
+        self.mlp_width = max(self.widths)  # the width of every block's MLP in the file, unless deci
+        if self.per_block and architecture == "llama" and not (spec.qkv_bias or spec.o_bias or spec.mlp_bias):
             architecture = "deci"
-        self.architecture, self.widths = architecture, widths
+        elif self.per_block:
+            log.info("export-gguf: llama.cpp's %s has one MLP width per model: narrower blocks padded with zero "
+                     "neurons to %d", architecture, self.mlp_width)
+        self.architecture = architecture
         self.source_kind = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(
             str(reader.weight_dtype).removeprefix("torch."), "f32")
         self.matrix_kind = self.source_kind if tensor_type == "source" else tensor_type
@@ -183,12 +200,12 @@ class _Plan:
         writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
         writer.add_embedding_length(spec.hidden_size)
         writer.add_block_count(spec.num_layers)
-        if self.per_block:
+        if self.architecture == "deci":
             writer.add_feed_forward_length(list(self.widths))
             writer.add_head_count([spec.num_heads] * spec.num_layers)
             writer.add_head_count_kv([spec.num_kv_heads] * spec.num_layers)
         else:
-            writer.add_feed_forward_length(self.widths[0])
+            writer.add_feed_forward_length(self.mlp_width)
             writer.add_head_count(spec.num_heads)
             writer.add_head_count_kv(spec.num_kv_heads)
         writer.add_key_length(spec.head_dim)
@@ -199,6 +216,11 @@ class _Plan:
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(spec.rope_scaling["factor"]))
         writer.add_layer_norm_rms_eps(float(spec.rms_norm_eps))
+        if self.architecture == "gemma3":
+            writer.add_sliding_window(int(spec.sliding_window))
+            # per block, whether it attends within the window (llama.cpp's default guess is every 6th full)
+            writer.add_sliding_window_pattern([spec.window_of(i) is not None for i in range(spec.num_layers)])
+            writer.add_rope_freq_base_swa(float(spec.rope_local_theta or spec.rope_theta))
         writer.add_vocab_size(spec.vocab_size)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
@@ -214,9 +236,9 @@ class _Plan:
         tensors = [self._matrix("token_embd.weight", "model.embed_tokens.weight")]
         for index in range(spec.num_layers):
             prefix = block_prefix(index)
-            for hf, short in BLOCK_TENSORS.items():
+            for hf, short in self.block_tensors.items():
                 name = f"{prefix}{hf}"
-                if hf.endswith("layernorm"):
+                if hf.endswith("norm"):
                     tensors.append(self._vector(f"blk.{index}.{short}.weight", f"{name}.weight"))
                     continue
                 tensors.append(self._linear(f"blk.{index}.{short}.weight", index, hf, name in factored))
@@ -246,12 +268,15 @@ class _Plan:
         return _Tensor(gguf_name, shape, self._kind(shape), lambda: self._read(hf_name))
 
     def _vector(self, gguf_name: str, hf_name: str) -> _Tensor:
-        return _Tensor(gguf_name, tuple(self.reader.shapes[hf_name]), "f32", lambda: self._read(hf_name))
+        """A norm's weight (Gemma's as 1 + w: llama.cpp's RMS norm multiplies by the weight alone)."""
+        offset = 1.0 if self.plus_one and hf_name.endswith("norm.weight") else 0.0
+        return _Tensor(gguf_name, tuple(self.reader.shapes[hf_name]), "f32", lambda: self._read(hf_name) + offset)
 
     def _dense_shape(self, index: int, linear: str) -> tuple[int, int]:
-        """The linear's shape in the GGUF: full head sizes, the block's own MLP width."""
+        """The linear's shape in the GGUF: full head sizes, the block's own MLP width (deci) or the model's."""
         spec = self.spec
-        width, heads, kv_heads, hidden = self.widths[index], spec.num_heads, spec.num_kv_heads, spec.hidden_size
+        width = self.widths[index] if self.architecture == "deci" else self.mlp_width
+        heads, kv_heads, hidden = spec.num_heads, spec.num_kv_heads, spec.hidden_size
         return {"self_attn.q_proj": (heads * spec.head_dim, hidden),
                 "self_attn.k_proj": (kv_heads * spec.head_dim, hidden),
                 "self_attn.v_proj": (kv_heads * spec.head_dim, hidden),
@@ -301,9 +326,14 @@ class _Plan:
 
     def _to_gguf_layout(self, index: int, linear: str, rows: np.ndarray, bias: bool = False) -> np.ndarray:
         """A weight (or a bias, as one column) padded back to full heads where structured ROM narrowed
-        them; q/k rows permuted as llama.cpp's converter permutes them for the llama and deci
-        architectures (rotary halves interleaved)."""
+        them, and to the model's MLP width where llama.cpp has one; q/k rows permuted as llama.cpp's
+        converter permutes them for the llama and deci architectures (rotary halves interleaved)."""
         spec, head_dim = self.spec, self.spec.head_dim
+        width = self._dense_shape(index, "mlp.down_proj")[1]
+        if linear in ("mlp.gate_proj", "mlp.up_proj") and rows.shape[0] < width:
+            rows = np.concatenate([rows, np.zeros((width - rows.shape[0], rows.shape[1]), rows.dtype)])
+        if linear == "mlp.down_proj" and not bias and rows.shape[1] < width:
+            rows = np.concatenate([rows, np.zeros((rows.shape[0], width - rows.shape[1]), rows.dtype)], axis=1)
         if linear == "self_attn.v_proj" and spec.layer_value_head_dims:
             rows = _pad_rows(rows, spec.num_kv_heads, spec.layer_value_head_dims[index], head_dim)
         if linear == "self_attn.o_proj" and spec.layer_value_head_dims and not bias:
@@ -317,6 +347,21 @@ class _Plan:
             if self.architecture in ("llama", "deci"):
                 rows = _permute_rotary(rows, heads)
         return np.ascontiguousarray(rows)
+
+
+def _check_gemma3(spec: ModelSpec) -> None:
+    """What llama.cpp's gemma3 fixes that a checkpoint could set otherwise."""
+    # llama.cpp scales queries by 1/√head_dim, but by 1/√(hidden/heads) for its 62-block (27B) model
+    scale = (spec.hidden_size / spec.num_heads if spec.num_layers == 62 else spec.head_dim) ** -0.5
+    if spec.attention_scale is not None and not math.isclose(spec.attention_scale, scale, rel_tol=1e-6):
+        raise InputError(f"export-gguf: llama.cpp's gemma3 scales queries by {scale:.6g}, this model by "
+                         f"{spec.attention_scale:.6g} (query_pre_attn_scalar)")
+    if spec.layer_query_key_head_dims and min(spec.layer_query_key_head_dims) < spec.head_dim:
+        # zero rows would enter the per-head q/k norm's mean in llama.cpp
+        raise InputError("export-gguf: Gemma queries and keys narrowed to rotary pairs have no llama.cpp form")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if spec.raw_config.get(key):
+            raise InputError(f"export-gguf: {key} is not exported")
 
 
 def _pad_rows(rows: np.ndarray, heads: int, width: int, head_dim: int) -> np.ndarray:
@@ -374,9 +419,9 @@ def _tokenizer_metadata(writer, folder: Path, spec: ModelSpec, config: dict[str,
     except ValueError as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
     model = tokenizer.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise InputError("export-gguf writes byte-level BPE vocabularies (GPT-2 style); this tokenizer is "
-                         f"{model.get('type')!r}{' with byte fallback' if model.get('byte_fallback') else ''}")
+    if model.get("type") != "BPE":
+        raise InputError("export-gguf writes BPE vocabularies (byte-level, or SentencePiece's with byte "
+                         f"fallback); this tokenizer is {model.get('type')!r}")
     ids = [*model["vocab"].values(), *(added["id"] for added in tokenizer.get("added_tokens", []))]
     size = max(spec.vocab_size, max(ids) + 1)  # the embedding's rows; ids it has no token for are padding
     tokens = [f"[PAD{i}]" for i in range(size)]
@@ -386,12 +431,15 @@ def _tokenizer_metadata(writer, folder: Path, spec: ModelSpec, config: dict[str,
     for added in tokenizer.get("added_tokens", []):
         tokens[added["id"]] = added["content"]
         types[added["id"]] = TOKEN_TYPE_CONTROL if added.get("special") else TOKEN_TYPE_USER_DEFINED
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    if model.get("byte_fallback"):
+        _sentencepiece_vocabulary(writer, tokenizer, tokens, types)
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges([merge if isinstance(merge, str) else " ".join(merge)
+                                 for merge in model.get("merges", [])])
     settings_path = Path(folder) / "tokenizer_config.json"
     settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
     for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
@@ -401,3 +449,46 @@ def _tokenizer_metadata(writer, folder: Path, spec: ModelSpec, config: dict[str,
     writer.add_add_bos_token(bool(settings.get("add_bos_token", False)))
     if isinstance(settings.get("chat_template"), str):
         writer.add_chat_template(settings["chat_template"])
+
+
+def _sentencepiece_vocabulary(writer, tokenizer: dict[str, Any], tokens: list[str], types: list[int]) -> None:
+    """llama.cpp's "llama" (SentencePiece) vocabulary: the tokens, their types and scores, and whether a
+    space goes before the text."""
+    unknown = (tokenizer.get("model") or {}).get("unk_token")
+    scores = []
+    for index, (text, kind) in enumerate(zip(tokens, types)):
+        if kind == TOKEN_TYPE_NORMAL and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            types[index] = kind = TOKEN_TYPE_BYTE  # what byte fallback emits: llama.cpp decodes it to the byte
+        elif kind == TOKEN_TYPE_NORMAL and text == unknown:
+            types[index] = kind = TOKEN_TYPE_UNKNOWN
+        scores.append(-float(index) if kind == TOKEN_TYPE_NORMAL
+                      else 0.0 if kind in (TOKEN_TYPE_BYTE, TOKEN_TYPE_UNKNOWN) else SPECIAL_TOKEN_SCORE)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(sentencepiece_space_prefix(tokenizer))
+
+
+def sentencepiece_space_prefix(tokenizer: dict[str, Any]) -> bool:
+    """Whether a SentencePiece tokenizer.json puts "▁" before the text (llama.cpp's add_space_prefix):
+    Llama 2's legacy normalizer Prepend("▁") + Replace(" ", "▁"), or a Metaspace pre-tokenizer with a
+    prepend scheme other than "never"; Gemma's normalizer only replaces spaces. A tokenizer that never
+    writes spaces as "▁" is not SentencePiece's, and llama.cpp's "llama" vocabulary always does."""
+    def parts(step: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+        step = step or {}
+        return list(step.get(key, [])) if step.get("type") == "Sequence" else ([step] if step else [])
+
+    normalizers = parts(tokenizer.get("normalizer"), "normalizers")
+    pre_tokenizers = parts(tokenizer.get("pre_tokenizer"), "pretokenizers")
+    metaspace = [part for part in pre_tokenizers if part.get("type") == "Metaspace"]
+    replaces = any(part.get("type") == "Replace" and (part.get("pattern") or {}).get("String") == " "
+                   and part.get("content") == SENTENCEPIECE_SPACE for part in normalizers)
+    if not (replaces or metaspace):
+        raise InputError("export-gguf: a byte-fallback BPE tokenizer that does not write spaces as '▁' has no "
+                         "llama.cpp vocabulary")
+    if any(part.get("type") == "Prepend" and part.get("prepend") == SENTENCEPIECE_SPACE for part in normalizers):
+        return True
+    return any(part.get("prepend_scheme", "always" if part.get("add_prefix_space", True) else "never") != "never"
+               for part in metaspace)

