@@ -490,5 +490,11 @@ def sentencepiece_space_prefix(tokenizer: dict[str, Any]) -> bool:
                          "llama.cpp vocabulary")
     if any(part.get("type") == "Prepend" and part.get("prepend") == SENTENCEPIECE_SPACE for part in normalizers):
         return True
-    return any(part.get("prepend_scheme", "always" if part.get("add_prefix_space", True) else "never") != "never"
-               for part in metaspace)
+    schemes = {part.get("prepend_scheme", "always" if part.get("add_prefix_space", True) else "never")
+               for part in metaspace}
+    if "first" in schemes:
+        # measured: benchmarks/gguf_sentencepiece.py
+        log.warning("export-gguf: the tokenizer puts '▁' before the start of the text only (Metaspace "
+                    "prepend_scheme 'first'); llama.cpp puts it there and after every special or added token, "
+                    "so text that follows one is tokenized differently")
+    return bool(schemes - {"never"})
