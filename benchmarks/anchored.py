@@ -39,7 +39,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "anchored.json")
-    parser.add_argument("--redo", action="store_true", help="measure rows already in --out again (default: keep them)")
+    parser.add_argument("--redo", type=float, nargs="*",
+                        help="measure rows already in --out again: those of these strengths, or every row when "
+                             "none is given (default: keep them)")
     args = parser.parse_args()
 
     streamrom = streamrom_cli(args.threads)
@@ -50,7 +52,7 @@ def main() -> None:
         for method in args.methods:
             for strength in [0.0, *args.strengths]:
                 key = f"{method}/{args.allocate}/{reduction}/{strength:g}"
-                if key in rows and not args.redo:
+                if key in rows and (args.redo is None or (args.redo and strength not in args.redo)):
                     continue
                 output, command = quality_row(streamrom, dense, args.work, method, args.allocate, reduction)
                 output = output.with_name(f"anchored-{output.name}-{strength:g}")

@@ -400,14 +400,17 @@ ANCHOR_RIDGE = 1e-2
 
 @dataclass
 class Anchor:
-    """The dense model's side of one fit. `cross` = E[t x̃ᵀ] and `mean` = E[t], t the dense stream's value
-    (the group's input, or the lone linear's output where its moments are taken there), x̃ the
-    compressed stream's; `strength` in [0, 1] moves the target from what the dense weights make of the
-    compressed stream's inputs (0: plain ROM) to the dense model's own outputs (1)."""
+    """The dense model's side of one fit. `cross` = E[t x̃ᵀ] and `mean` = E[t], x̃ the compressed stream's
+    features the moments are taken of, t the dense stream's value of those same features (the
+    group's input, or the lone linear's output where its moments are taken there) or, with
+    `target_is_output`, what the linear's output should be (a residual-stream target: the dense sum
+    less the compressed stream's value it is added to); `strength` in [0, 1] moves the target from
+    what the dense weights make of the compressed stream's inputs (0: plain ROM) to t's (1)."""
 
     cross: np.ndarray | None
     mean: np.ndarray
     strength: float
+    target_is_output: bool = False
 
     def take_cross(self) -> np.ndarray:
         """The cross moment, handed over: the anchor holds it no more, so that the fit that takes it can
@@ -443,8 +446,9 @@ def anchored_map(moments: InputMoments, anchor: Anchor, weight: np.ndarray, bias
     W x + b (least squares over the calibration tokens, ridge-damped), blended with (W, b) by
     1 − strength, and the mean output it is fitted to. Affine (intercept c) where the fit has a bias
     slot (centered, or a linear with a bias): M = W Cov(x, x̃) Cov(x̃)⁻¹, c = μ_t − M μ̃; else linear:
-    M = W E[x x̃ᵀ] E[x̃ x̃ᵀ]⁻¹, c None. ROM of M on the moments of x̃ is then the reduced-rank regression
-    of the dense outputs on x̃ (its optimum, for the uncentered moments)."""
+    M = W E[x x̃ᵀ] E[x̃ x̃ᵀ]⁻¹, c None. With `anchor.target_is_output` the target is the anchor's t
+    itself instead of W x + b: M = Cov(t, x̃) Cov(x̃)⁻¹. ROM of M on the moments of x̃ is then the
+    reduced-rank regression of the target on x̃ (its optimum, for the uncentered moments)."""
     alpha = anchor.strength
     mean = moments.mean
     affine = moments.centered or bias is not None
@@ -453,13 +457,14 @@ def anchored_map(moments: InputMoments, anchor: Anchor, weight: np.ndarray, bias
         cross = anchor.cross - np.outer(anchor.mean, mean)
     else:
         covariance, cross = moments.second_moment, anchor.cross
-    target = np.asfortranarray((weight @ cross).T)  # (in x out): solved in place
+    target = np.asfortranarray((cross if anchor.target_is_output else weight @ cross).T)  # (in x out): solved in place
     fitted = least_squares(lambda: damped(covariance, 0.0), target, ANCHOR_RIDGE if ridge is None else ridge)
     del target
     fitted *= alpha
     fitted += (1.0 - alpha) * weight
     own_mean = output_mean_from_inputs(weight, bias, mean)
-    output_mean = (1.0 - alpha) * own_mean + alpha * output_mean_from_inputs(weight, bias, anchor.mean)
+    dense_mean = anchor.mean if anchor.target_is_output else output_mean_from_inputs(weight, bias, anchor.mean)
+    output_mean = (1.0 - alpha) * own_mean + alpha * dense_mean
     intercept = output_mean - fitted @ mean if affine else None
     return fitted, intercept, output_mean
 

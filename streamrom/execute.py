@@ -70,25 +70,28 @@ class AnchorPoint:
 
 
 def _anchor_points(block: Block, units: list) -> list[AnchorPoint | None]:
-    """Per group, where its fit is anchored. A factored group: the dense value its moments are taken of.
-    A structured unit refitted in a linear that adds to the residual stream as it is (o_proj on the
-    narrowed values, down_proj on the kept neurons: Block.RESIDUAL_ADDS; none with a bias): the dense
-    sum less the compressed stream's value it is added to, i.e. what the refit would have to give for
-    the block to carry the dense model's residual stream on. Toward the dense linear's own outputs
-    instead, the refits were worse on the real model (+2.3 % perplexity at 20 % smaller, +14.7 % at
-    40 %): measured block by block (benchmarks/anchored_units.py), the plain refit's error partly undoes
-    the residual stream's upstream error (their inner product is negative), and a refit toward the
-    dense outputs fits those better but undoes less, so the block's output ends up no nearer the dense
-    one; the sum's target brings it nearer. Other units (rotary pairs) are not anchored."""
+    """Per group, where its fit is anchored. A lone linear that adds to the residual stream as it is
+    (o_proj, down_proj: Block.RESIDUAL_ADDS; none with a bias), factored or refitted on a structured
+    unit's kept features: the dense sum less the compressed stream's value it is added to, i.e. what
+    the linear would have to give for the block to carry the dense model's residual stream on. Other
+    factored groups: the dense value their moments are taken of. Other units (rotary pairs): none.
+
+    Toward the dense linear's own outputs instead, the structured refits were worse on the real model
+    (+2.3 % perplexity at 20 % smaller, +14.7 % at 40 %) and the factored o_proj/down fits were not as
+    good (rom-centered spectrum, strength 0.5: 35.36 against 34.67 at 20 %, 66.92 against 62.95 at
+    40 %): measured block by block (benchmarks/anchored_units.py), the plain refit's error partly
+    undoes the residual stream's upstream error (their inner product is negative), and a refit toward
+    the dense outputs fits those better but undoes less, so the block's output ends up no nearer the
+    dense one; the sum's target brings it nearer."""
     points: list[AnchorPoint | None] = []
     for group, unit in zip(block.GROUPS, units):
-        if unit is None:
+        lone = group.linears[0] if len(group.linears) == 1 else None
+        if lone in block.RESIDUAL_ADDS and block.linear(lone).bias is None:
+            total, stream = block.RESIDUAL_ADDS[lone]
+            points.append(AnchorPoint(total, block.linear(lone).weight.shape[0], stream))
+        elif unit is None:
             value, width, _ = group.observed(block)
             points.append(AnchorPoint(value, width))
-        elif (len(group.linears) == 1 and group.linears[0] in block.RESIDUAL_ADDS
-              and block.linear(group.linears[0]).bias is None):
-            total, stream = block.RESIDUAL_ADDS[group.linears[0]]
-            points.append(AnchorPoint(total, block.linear(group.linears[0]).weight.shape[0], stream))
         else:
             points.append(None)
     return points
@@ -191,7 +194,8 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
                                  "(overflow in the source weights or in the layers before)")
         with timer("eigen"):
             moments = statistics.moments(work_dtype, method.centered, config.damping)
-            anchor = cross.anchor(dense.strength, work_dtype) if cross is not None else None
+            anchor = cross.anchor(dense.strength, work_dtype, target_is_output=point.less is not None) \
+                if cross is not None else None
             del cross
             streams_equal = False  # this group changes the block: later groups see the difference
             if unit is not None:

@@ -191,11 +191,11 @@ class CrossAccumulator:
         return bool(torch.isfinite(self.sum).all()) and all(
             bool(torch.isfinite(self.sum_outer[:, start:start + BAND]).all()) for start in range(0, self.columns, BAND))
 
-    def anchor(self, strength: float, dtype) -> decompose.Anchor:
+    def anchor(self, strength: float, dtype, target_is_output: bool = False) -> decompose.Anchor:
         """E[t x̃ᵀ] and E[t] in `dtype` (the accumulator is spent: its sum is handed over where it can be)."""
         if self.sum_outer.dtype == torch.float32 and np.dtype(dtype) == np.float32:
             cross = self.sum_outer.div_(self.count).numpy()
         else:
             cross = (self.sum_outer / self.count).numpy().astype(dtype, copy=False)
         self.sum_outer = None
-        return decompose.Anchor(cross, (self.sum / self.count).numpy().astype(dtype), strength)
+        return decompose.Anchor(cross, (self.sum / self.count).numpy().astype(dtype), strength, target_is_output)
