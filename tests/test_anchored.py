@@ -61,6 +61,35 @@ def test_anchored_rom_is_the_reduced_rank_regression_optimum(out_f, in_f):
     assert error < 0.95 * float(np.linalg.norm(y - predict(plain, x_tilde)))
 
 
+@pytest.mark.parametrize("centered", [False, True])
+def test_an_output_space_target_gives_the_map_of_that_target(centered):
+    """target_is_output: the anchor holds t itself (what the linear's outputs should be), not the dense
+    inputs: with t = W x the map is the one the input-space anchor gives, and with t = W x + d (a
+    residual-stream target: the outputs plus an upstream error d) it is the least-squares map of t on
+    x̃, its intercept giving t's mean."""
+    rng = np.random.default_rng(5)
+    x, x_tilde = streams(rng, 12, 500, noise=0.3)
+    weight = rng.standard_normal((9, 12))
+    count = x.shape[1]
+    moments = decompose.InputMoments(x_tilde @ x_tilde.T / count, x_tilde.mean(axis=1), centered=centered)
+    through_inputs = decompose.anchored_map(moments, decompose.Anchor(x @ x_tilde.T / count, x.mean(axis=1), 1.0),
+                                            weight, None, ridge=1e-14)
+    y = weight @ x
+    as_output = decompose.anchored_map(moments, decompose.Anchor(y @ x_tilde.T / count, y.mean(axis=1), 1.0, True),
+                                       weight, None, ridge=1e-14)
+    np.testing.assert_allclose(as_output[0], through_inputs[0], rtol=1e-8, atol=1e-10)
+    target = y + rng.standard_normal((9, 12)) @ (x_tilde - x) + 0.5
+    mapped, intercept, target_mean = decompose.anchored_map(
+        moments, decompose.Anchor(target @ x_tilde.T / count, target.mean(axis=1), 1.0, True), weight, None,
+        ridge=1e-14)
+    design = np.vstack([x_tilde, np.ones(count)]) if centered else x_tilde
+    solution = np.linalg.lstsq(design.T, target.T, rcond=None)[0].T
+    np.testing.assert_allclose(mapped, solution[:, :12], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(target_mean, target.mean(axis=1), rtol=1e-10)
+    if centered:
+        np.testing.assert_allclose(intercept, solution[:, 12], rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_centered_anchored_fit_is_the_affine_optimum_and_keeps_the_parameter_count(with_bias, monkeypatch):
     """Centered (rom-centered): the affine rank-r regression optimum (center both sides, then the
@@ -299,3 +328,42 @@ def test_gemma3_mlp_refit_stays_plain_under_anchor(tiny_tokens, tmp_path):
                                                        modules=modules, anchor=strength))
         files[strength] = model_files(output)
     assert files[0.0] == files[1.0]
+
+
+def test_factored_o_proj_is_anchored_to_the_dense_residual_stream(tiny_models, tiny_tokens, tmp_path, monkeypatch):
+    """rom-centered o_proj, two blocks: in block 1 its anchored fit is handed E[t z̃ᵀ] and E[t] with
+    t = residual_dense − x̃ (the dense sum it adds to, less the compressed block input), recomputed here
+    from the two loaded models, as an output-space target."""
+    from streamrom.calibration import calibration_tokens
+
+    source, output = tiny_models["llama"], tmp_path / "anchored"
+    handed = []
+    real_map = decompose.anchored_map
+    monkeypatch.setattr(decompose, "anchored_map",
+                        lambda moments, anchor, *rest, **named: handed.append(
+                            (anchor.cross.copy(), anchor.mean.copy(), anchor.target_is_output))
+                        or real_map(moments, anchor, *rest, **named))
+    config = tiny_config(tiny_tokens, method="rom-centered", ratio=0.6, layers="0-1", modules=("self_attn.o_proj",),
+                         anchor=1.0, precision="float64")
+    streamrom.compress(source, output, config)
+    assert len(handed) == 1  # block 0's fit runs plain (the streams are still equal there)
+    cross, mean, target_is_output = handed[0]
+    dense, compressed = streamrom.load(source), streamrom.load(output)
+    ids = torch.from_numpy(calibration_tokens(config.calibration, source, dense.spec.vocab_size))
+    seen: dict[str, dict[str, torch.Tensor]] = {"dense": {}, "compressed": {}}
+    for label, model in (("dense", dense), ("compressed", compressed)):
+        values = seen[label]
+        model.layers[1].register_forward_pre_hook(lambda m, i, values=values: values.__setitem__("x", i[0]))
+        model.layers[1].self_attn.o_proj.register_forward_hook(lambda m, i, o, values=values: values.update(z=i[0], y=o))
+        model(ids)
+
+    def rows(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.reshape(-1, tensor.shape[-1]).double().numpy()
+
+    d, c = seen["dense"], seen["compressed"]
+    target = rows(d["x"]) + rows(d["y"]) - rows(c["x"])
+    z = rows(c["z"])
+    assert target_is_output
+    np.testing.assert_allclose(cross, target.T @ z / len(z), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(mean, target.mean(axis=0), rtol=1e-6, atol=1e-9)
+    assert np.linalg.norm(target - rows(d["y"])) > 1e-2 * np.linalg.norm(target)  # upstream error is there
