@@ -76,7 +76,9 @@ def main() -> None:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"benchmark": "anchored", "model": "SmolLM2-135M-Instruct",
                                                 "eval_text": EVAL_TEXT.name, "max_windows": args.max_windows,
-                                                "machine": machine(), "rows": list(rows.values())}, indent=2) + "\n")
+                                                "machine": machine(), "rows": list(rows.values()),
+                                                **({"note": previous["note"]} if "note" in previous else {})},
+                                               indent=2) + "\n")
 
     print("\n| reduction | method | anchor | parameters kept | same ranks | perplexity | vs plain | KL from dense "
           "| top-1 agreement | compress |")

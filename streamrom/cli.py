@@ -130,10 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="STRENGTH",
                       help="anchored fits: stream the dense model's activations beside the compressed ones (a "
                            "second pair of activation files) and fit each factored linear toward the dense model's "
-                           "outputs, each structured refit (o_proj, down_proj) toward the dense residual stream: "
+                           "outputs, o_proj and down_proj (factored or refitted) toward the dense residual stream: "
                            "0 off (default: it costs about 1.7x the compression time), 1 fully anchored, "
                            f"between: a blend; --anchor alone: {MEASURED_ANCHOR_STRENGTH:g}, the best measured "
-                           "(rom-centered at 30/40 %% smaller: -25/-42 %% perplexity; structured -3/-6 %%: "
+                           "(rom-centered at 30/40 %% smaller: -29/-46 %% perplexity; structured -3/-6 %%: "
                            "README, Anchored fits)")
     comp.add_argument("--allocate", default="uniform", choices=["uniform", "last-n", "spectrum", "bayes"],
                       help="how ranks are spread: uniform (one ratio everywhere, default); last-n (ROM: only "
