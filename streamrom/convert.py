@@ -48,8 +48,8 @@ GEMMA3_BLOCK_NAMES = {
 }
 BLOCK_NAMES_OF = {"gemma3": GEMMA3_BLOCK_NAMES}
 NORMS_STORED_PLUS_ONE = ("gemma3",)
-GEMMA3_SLIDING_PATTERN = 6  # every 6th block attends fully (not in the GGUF metadata)
-GEMMA3_LOCAL_ROPE_BASE = 10000.0  # the sliding blocks' rope base (not in the GGUF metadata)
+GEMMA3_SLIDING_PATTERN = 6  # every 6th block attends fully (unless the GGUF says otherwise)
+GEMMA3_LOCAL_ROPE_BASE = 10000.0  # the sliding blocks' rope base (unless the GGUF says otherwise)
 # llama.cpp's architecture names to ours (architectures.py: the entries that name one)
 GGUF_ARCHITECTURES = {a.gguf_architecture: a for a in ARCHITECTURES.values() if a.gguf_architecture}
 
@@ -212,14 +212,19 @@ class GGUFModel:
         if arch == "gemma3":  # transformers 5's Gemma3TextConfig: rope per layer type
             del config["hidden_act"]
             layers = config["num_hidden_layers"]
+            # per block, sliding or not: written by streamrom's export; llama.cpp's converter leaves it out
+            pattern = [bool(sliding) for sliding in self.value(f"{arch}.attention.sliding_window_pattern", [
+                (i + 1) % GEMMA3_SLIDING_PATTERN != 0 for i in range(layers)])]
+            if len(pattern) != layers:
+                raise InputError(f"{self.path}: sliding_window_pattern has {len(pattern)} entries for {layers} blocks")
             config.update({
                 "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": head_dim,
                 "sliding_window": int(self.value(f"{arch}.attention.sliding_window")),
-                "layer_types": ["full_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention"
-                                for i in range(layers)],
+                "layer_types": ["sliding_attention" if sliding else "full_attention" for sliding in pattern],
                 "rope_parameters": {
                     "full_attention": {"rope_type": "default", "rope_theta": config.pop("rope_theta")},
-                    "sliding_attention": {"rope_type": "default", "rope_theta": GEMMA3_LOCAL_ROPE_BASE}},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": float(
+                        self.value(f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE))}},
                 "attn_logit_softcapping": None, "final_logit_softcapping": None,
                 "attention_bias": False, "use_bidirectional_attention": False,
             })

@@ -290,3 +290,52 @@ def test_per_block_widths_of_a_qwen2_are_padded_to_the_widest(tiny_sources, tiny
     tokens = torch.from_numpy(np.random.default_rng(2).integers(0, 256, size=(2, 24)))
     torch.testing.assert_close(logits_of(tmp_path / "back", tokens), logits_of(compressed, tokens),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_gemma3_with_its_own_widths_and_layer_pattern_round_trips(tiny_tokens, tmp_path):
+    """A tiny Gemma 3 whose sliding/full blocks are not llama.cpp's every-6th guess, structured with its
+    own MLP width per block: exported as llama.cpp's gemma3 (norms as 1 + w, the pattern and the local
+    rope base written, MLPs padded to the widest, values padded), imported again it computes the
+    compressed checkpoint's logits. A query scale llama.cpp's gemma3 does not use is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config as tiny_model_config
+
+    config = tiny_model_config("gemma3_text")
+    config.query_pre_attn_scalar = config.head_dim  # llama.cpp's gemma3 scales queries by 1/√head_dim
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0, 0.3)
+    source = tmp_path / "gemma"
+    model.save_pretrained(source)
+    byte_level_tokenizer(source)
+    compressed = tmp_path / "structured"
+    # q/k left dense: densified centered factors carry biases that HF's Gemma 3 has no slot for on import
+    streamrom.compress(source, compressed, CompressConfig(
+        method="structured", allocate="spectrum", target_params=0.85,
+        modules=("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        calibration=CalibrationConfig(token_file=tiny_tokens, sequences=6, seqlen=64)))
+    shutil.copy(source / "tokenizer.json", compressed / "tokenizer.json")
+    widths = json.loads((compressed / "config.json").read_text()).get("layer_intermediate_sizes")
+    assert widths and len(set(widths)) > 1
+    result = cli("export-gguf", compressed, tmp_path / "g.gguf")
+    assert result.returncode == 0, result.stderr
+    fields = gguf.GGUFReader(tmp_path / "g.gguf").fields
+    assert fields["general.architecture"].contents() == "gemma3"
+    assert fields["gemma3.attention.sliding_window_pattern"].contents() == [True, False, True]
+    assert fields["gemma3.rope.freq_base_swa"].contents() == 10000.0
+    assert fields["gemma3.feed_forward_length"].contents() == max(widths)
+    assert cli("import-gguf", tmp_path / "g.gguf", tmp_path / "back").returncode == 0
+    tokens = torch.from_numpy(np.random.default_rng(3).integers(0, 256, size=(2, 40)))  # past the window of 16
+    torch.testing.assert_close(logits_of(tmp_path / "back", tokens), logits_of(compressed, tokens),
+                               rtol=1e-4, atol=1e-4)
+    scaled = tmp_path / "scaled"
+    shutil.copytree(source, scaled)
+    settings = json.loads((scaled / "config.json").read_text())
+    (scaled / "config.json").write_text(json.dumps({**settings, "query_pre_attn_scalar": 24}))
+    refused = cli("export-gguf", scaled, tmp_path / "s.gguf")
+    assert refused.returncode == EXIT_INPUT and "scales queries" in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1 and not (tmp_path / "s.gguf").exists()
