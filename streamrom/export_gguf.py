@@ -171,11 +171,11 @@ class _Plan:
         self.block_tensors = block_tensors(architecture)
         self.plus_one = architecture in NORMS_STORED_PLUS_ONE
         self.widths = spec.layer_intermediate_sizes or (spec.intermediate_size,) * spec.num_layers
-        self.per_block = len(set(self.widths)) > 1
+        per_block = len(set(self.widths)) > 1
         self.mlp_width = max(self.widths)  # the width of every block's MLP in the file, unless deci
-        if self.per_block and architecture == "llama" and not (spec.qkv_bias or spec.o_bias or spec.mlp_bias):
+        if per_block and architecture == "llama" and not (spec.qkv_bias or spec.o_bias or spec.mlp_bias):
             architecture = "deci"
-        elif self.per_block:
+        elif per_block:
             log.info("export-gguf: llama.cpp's %s has one MLP width per model: narrower blocks padded with zero "
                      "neurons to %d", architecture, self.mlp_width)
         self.architecture = architecture

@@ -309,7 +309,7 @@ class Block(nn.Module):
 
     # Linears whose output is added to the residual stream as it is: {linear: (the sum's value, the
     # stream's value it is added to)}. The dense sum less the compressed stream's value is what the
-    # linear would have to give for the sum to be the dense model's (anchored unit refits).
+    # linear would have to give for the sum to be the dense model's (its anchored fit's target).
     RESIDUAL_ADDS: Mapping[str, tuple[str, str]] = {"self_attn.o_proj": ("residual", "x"),
                                                     "mlp.down_proj": ("output", "residual")}
 
