@@ -297,21 +297,15 @@ def test_gemma3_with_its_own_widths_and_layer_pattern_round_trips(tiny_tokens, t
     own MLP width per block: exported as llama.cpp's gemma3 (norms as 1 + w, the pattern and the local
     rope base written, MLPs padded to the widest, values padded), imported again it computes the
     compressed checkpoint's logits. A query scale llama.cpp's gemma3 does not use is refused."""
-    from transformers import AutoModelForCausalLM
+    from conftest import make_tiny
 
-    from conftest import tiny_config as tiny_model_config
-
-    config = tiny_model_config("gemma3_text")
-    config.query_pre_attn_scalar = config.head_dim  # llama.cpp's gemma3 scales queries by 1/√head_dim
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.normal_(0, 0.3)
+    scaled = make_tiny(tmp_path / "scaled", "gemma3_text")  # its own query scale (query_pre_attn_scalar 24)
+    byte_level_tokenizer(scaled)
     source = tmp_path / "gemma"
-    model.save_pretrained(source)
-    byte_level_tokenizer(source)
+    shutil.copytree(scaled, source)
+    settings = json.loads((source / "config.json").read_text())
+    # llama.cpp's gemma3 scales queries by 1/√head_dim
+    (source / "config.json").write_text(json.dumps({**settings, "query_pre_attn_scalar": settings["head_dim"]}))
     compressed = tmp_path / "structured"
     # q/k left dense: densified centered factors carry biases that HF's Gemma 3 has no slot for on import
     streamrom.compress(source, compressed, CompressConfig(
@@ -332,10 +326,6 @@ def test_gemma3_with_its_own_widths_and_layer_pattern_round_trips(tiny_tokens, t
     tokens = torch.from_numpy(np.random.default_rng(3).integers(0, 256, size=(2, 40)))  # past the window of 16
     torch.testing.assert_close(logits_of(tmp_path / "back", tokens), logits_of(compressed, tokens),
                                rtol=1e-4, atol=1e-4)
-    scaled = tmp_path / "scaled"
-    shutil.copytree(source, scaled)
-    settings = json.loads((scaled / "config.json").read_text())
-    (scaled / "config.json").write_text(json.dumps({**settings, "query_pre_attn_scalar": 24}))
     refused = cli("export-gguf", scaled, tmp_path / "s.gguf")
     assert refused.returncode == EXIT_INPUT and "scales queries" in refused.stderr
     assert len(refused.stderr.splitlines()) == 1 and not (tmp_path / "s.gguf").exists()
