@@ -7,6 +7,7 @@ tests/conftest.py's tiny_config, and tests/test_architectures.py's contract test
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
@@ -222,10 +223,7 @@ class ModelSpec:
                 raise InputError(f"config.json: {key} must be a positive integer, got {value!r}")
             sizes[key] = value
         hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
-        try:
-            eps = float(config.get("rms_norm_eps", 1e-6))
-        except (TypeError, ValueError):
-            raise InputError(f"config.json: rms_norm_eps must be a number, got {config.get('rms_norm_eps')!r}") from None
+        eps = positive_number(config.get("rms_norm_eps", 1e-6), "rms_norm_eps")
         spec_kwargs = dict(
             model_type=model_type,
             hidden_size=hidden,
@@ -251,7 +249,7 @@ class ModelSpec:
             **spec_kwargs,
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_flag(config, "tie_word_embeddings"),
             qkv_bias=architecture.qkv_bias or attention_bias,
             o_bias=architecture.o_bias_with_attention_bias and attention_bias,
             mlp_bias=bool(config.get("mlp_bias", False)),
@@ -389,9 +387,7 @@ def _gemma_settings(config: Mapping[str, Any], num_layers: int) -> dict[str, Any
             or any(t not in ("sliding_attention", "full_attention") for t in types)):
         raise InputError(f"config.json: layer_types must list sliding_attention or full_attention for each of "
                          f"the {num_layers} blocks")
-    scalar = config.get("query_pre_attn_scalar")
-    if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or scalar <= 0:
-        raise InputError(f"config.json: query_pre_attn_scalar must be a positive number, got {scalar!r}")
+    scalar = positive_number(config.get("query_pre_attn_scalar"), "query_pre_attn_scalar")
     per_type = config.get("rope_parameters")
     if isinstance(per_type, dict) and "full_attention" in per_type:
         full, local = per_type.get("full_attention") or {}, per_type.get("sliding_attention") or {}
@@ -400,10 +396,23 @@ def _gemma_settings(config: Mapping[str, Any], num_layers: int) -> dict[str, Any
     else:
         rope_config = config
         local_theta = config.get("rope_local_base_freq", 10000.0)
-    if isinstance(local_theta, bool) or not isinstance(local_theta, (int, float)):
-        raise InputError(f"config.json: the sliding layers' rope base must be a number, got {local_theta!r}")
+    local_theta = positive_number(local_theta, "the sliding layers' rope base")
     return {"sliding_layers": tuple(t == "sliding_attention" for t in types), "attention_scale": float(scalar) ** -0.5,
             "rope_local_theta": float(local_theta), "rope_config": rope_config}
+
+
+def positive_number(value: Any, what: str) -> float:
+    """A finite number above 0 (a norm's epsilon, a rope base, a scale), or one line saying what it is not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InputError(f"config.json: {what} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _flag(config: Mapping[str, Any], key: str) -> bool:
+    value = config.get(key) or False  # absent or null: false
+    if not isinstance(value, bool):
+        raise InputError(f"config.json: {key} must be true or false, got {value!r}")
+    return value
 
 
 def _rope_settings(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -412,10 +421,7 @@ def _rope_settings(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | N
     scaling = config.get("rope_scaling") or None
     if not isinstance(params, dict) or not (scaling is None or isinstance(scaling, dict)):
         raise InputError("config.json: rope_parameters / rope_scaling must be objects")
-    try:
-        theta = float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
-    except (TypeError, ValueError):
-        raise InputError("config.json: rope_theta must be a number") from None
+    theta = positive_number(config.get("rope_theta") or params.get("rope_theta") or 10000.0, "rope_theta")
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = dict(params)
     if scaling is not None:
@@ -429,8 +435,7 @@ def _rope_settings(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | N
         needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                                     "original_max_position_embeddings")}.get(rope_type, ())
         for key in needed:
-            if not isinstance(scaling.get(key), (int, float)) or isinstance(scaling.get(key), bool):
-                raise InputError(f"config.json: {rope_type} rope scaling needs a number {key}")
+            positive_number(scaling.get(key), f"{rope_type} rope scaling's {key}")
         if rope_type == "default":
             scaling = None
     return theta, scaling

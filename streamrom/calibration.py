@@ -101,8 +101,9 @@ def load_token_file(path: Path, vocab_size: int) -> np.ndarray:
         ids = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise InputError(f"token file not found: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"token file {path} is not a readable .npy of integers: {exc}") from None
+    except Exception as exc:  # numpy raises many types for a damaged header (EOFError, SyntaxError, ...)
+        raise InputError(f"token file {path} is not a readable .npy of integers: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     if not isinstance(ids, np.ndarray):  # an .npz archive
         raise InputError(f"token file {path} is an archive of several arrays; give a .npy of token ids")
     if ids.dtype.kind not in "iu" or ids.ndim not in (1, 2):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import shutil
@@ -42,9 +43,12 @@ class CheckpointReader:
         self.config: dict[str, Any] = read_json(self.folder / CONFIG_FILE, "config.json")
         if not isinstance(self.config, dict):
             raise InputError(f"config.json in {self.folder} is not a JSON object")
-        self.spec = ModelSpec.from_config(self.config)
         self.weight_map = {name: shard for name, shard in self._weight_map().items()
                            if not name.endswith(IGNORED_SUFFIXES)}
+        # before the config sizes anything: a block count of 10**9 beside 30 blocks of tensors would
+        # otherwise be looped over (layer types, expected names) before any comparison fails
+        check_block_count(self.config.get("num_hidden_layers"), self.weight_map, self.folder)
+        self.spec = ModelSpec.from_config(self.config)
         self.shapes, self.dtypes = self._read_headers()
         self._check_tensors()
 
@@ -219,6 +223,29 @@ def all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
 # Buffers that older checkpoints saved and that the model recomputes.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _BLOCK_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def check_block_count(configured: Any, names: Iterable[str], folder: Path,
+                      setting: str = "config.json has num_hidden_layers") -> None:
+    """The configured block count names exactly the blocks the tensors hold (0..n-1, none missing).
+
+    Costs one pass over the names, whatever the count says; a count that is not a positive integer is
+    left to the caller's own check. `setting` says where the count comes from, for the message."""
+    if isinstance(configured, bool) or not isinstance(configured, numbers.Integral) or configured < 1:
+        return
+    configured = int(configured)
+    found = set()
+    for name in names:
+        match = _BLOCK_NAME.fullmatch(name)
+        if match is not None:
+            found.add(int(match.group(1)))
+    if not found:
+        raise InputError(f"{setting} {configured}, but {folder} holds no block tensors")
+    if max(found) + 1 != configured:  # compared before any set of `configured` numbers is made
+        raise InputError(f"the tensors in {folder} belong to blocks 0..{max(found)}, but {setting} {configured}")
+    if len(found) != configured:
+        raise InputError(f"{setting} {configured}, but the tensors in {folder} have no block "
+                         f"{min(set(range(configured)) - found)}")
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -22,7 +23,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .architectures import ARCHITECTURES
+from .architectures import ARCHITECTURES, ModelSpec, block_prefix
+from .checkpoint import check_block_count
 from .errors import InputError, OutputError, write_failure
 from .layout import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, check_output_path, tensor_bytes, write_atomic
 from .gguf_vocab import gguf_tokenizer
@@ -116,6 +118,31 @@ def safetensors_header(entries: list[tuple[str, str, tuple[int, ...], int]]) -> 
 # -------------------------------------------------------------------------------------------- metadata
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+METADATA_KINDS = {
+    "positive integer": lambda v: _is_int(v) and 0 < v < 2**31,
+    "token id": lambda v: _is_int(v) and 0 <= v < 2**31,
+    "positive number": lambda v: _is_number(v) and v > 0,
+    "string": lambda v: isinstance(v, str),
+    "flag": lambda v: isinstance(v, (bool, int)),
+    "list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "list of integers": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+    "list of flags": lambda v: isinstance(v, list) and all(isinstance(x, (bool, int)) for x in v),
+}
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 @dataclass(frozen=True)
 class GGUFTensor:
     gguf_name: str
@@ -148,21 +175,27 @@ class GGUFModel:
         # Plain values only: the reader's per-item field views of a 50k-token vocabulary weigh ~150 MB.
         self.metadata = {name: field.contents() for name, field in reader.fields.items()
                          if not name.startswith("GGUF.")}
-        self.arch = self.value("general.architecture")
+        self.arch = self.value("general.architecture", kind="string")
         if self.arch not in GGUF_ARCHITECTURES:
             raise InputError(f"{path}: GGUF architecture {self.arch!r} is not supported "
                              f"(supported: {', '.join(sorted(GGUF_ARCHITECTURES))})")
-        self.heads = int(self.value(f"{self.arch}.attention.head_count"))
-        self.kv_heads = int(self.value(f"{self.arch}.attention.head_count_kv", self.heads))
+        self.heads = self.value(f"{self.arch}.attention.head_count", kind="positive integer")
+        self.kv_heads = self.value(f"{self.arch}.attention.head_count_kv", self.heads, "positive integer")
         self.tensors = [self._tensor(t) for t in reader.tensors]
         del reader  # drops the file mapping; tensor data is read by offset
 
-    def value(self, key: str, default: Any = ...) -> Any:
+    def value(self, key: str, default: Any = ..., kind: str | None = None) -> Any:
+        """The metadata value under `key` (`default` where absent), checked to be of `kind` (one of
+        METADATA_KINDS): a file can hold any type under any key, and a value used as a size or an index
+        is only used once it is one."""
         if key not in self.metadata:
             if default is ...:
                 raise InputError(f"{self.path}: GGUF metadata has no {key}")
             return default
-        return self.metadata[key]
+        value = self.metadata[key]
+        if kind is not None and not METADATA_KINDS[kind](value):
+            raise InputError(f"{self.path}: GGUF metadata {key} must be a {kind}, got {_shown(value)}")
+        return value
 
     def _tensor(self, tensor: Any) -> GGUFTensor:
         name = tensor.name
@@ -186,23 +219,25 @@ class GGUFModel:
 
     def config(self, dtype: str) -> dict[str, Any]:
         arch, names = self.arch, {t.hf_name for t in self.tensors}
+        # the file's block_count sizes lists below (the sliding pattern): held to its tensors' blocks first
+        check_block_count(self.value(f"{arch}.block_count", kind="positive integer"), names, self.path, f"{arch}.block_count is")
         entry = GGUF_ARCHITECTURES[arch]
         model_type, architecture = entry.model_type, entry.transformers_class
-        hidden = int(self.value(f"{arch}.embedding_length"))
-        scaling = self.value(f"{arch}.rope.scaling.type", "none")
+        hidden = self.value(f"{arch}.embedding_length", kind="positive integer")
+        scaling = self.value(f"{arch}.rope.scaling.type", "none", "string")
         if scaling not in ("none", None):
             raise InputError(f"{self.path}: rope scaling {scaling!r} is not supported")
-        head_dim = int(self.value(f"{arch}.attention.key_length", hidden // self.heads))
-        tokens = self.value("tokenizer.ggml.tokens", None)
-        vocab = int(self.value(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
+        head_dim = self.value(f"{arch}.attention.key_length", max(1, hidden // self.heads), "positive integer")
+        tokens = self.value("tokenizer.ggml.tokens", None, "list of strings")
+        vocab = self.value(f"{arch}.vocab_size", len(tokens) if tokens else 0, "positive integer")
         config: dict[str, Any] = {
             "architectures": [architecture], "model_type": model_type,
-            "hidden_size": hidden, "intermediate_size": int(self.value(f"{arch}.feed_forward_length")),
-            "num_hidden_layers": int(self.value(f"{arch}.block_count")),
+            "hidden_size": hidden, "intermediate_size": self.value(f"{arch}.feed_forward_length", kind="positive integer"),
+            "num_hidden_layers": self.value(f"{arch}.block_count", kind="positive integer"),
             "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "head_dim": head_dim,
-            "max_position_embeddings": int(self.value(f"{arch}.context_length")),
-            "rms_norm_eps": float(self.value(f"{arch}.attention.layer_norm_rms_epsilon")),
-            "rope_theta": float(self.value(f"{arch}.rope.freq_base", 10000.0)),
+            "max_position_embeddings": self.value(f"{arch}.context_length", kind="positive integer"),
+            "rms_norm_eps": float(self.value(f"{arch}.attention.layer_norm_rms_epsilon", kind="positive number")),
+            "rope_theta": float(self.value(f"{arch}.rope.freq_base", 10000.0, "positive number")),
             "vocab_size": vocab, "hidden_act": "silu",
             "tie_word_embeddings": "lm_head.weight" not in names, "torch_dtype": dtype,
         }
@@ -213,24 +248,24 @@ class GGUFModel:
             del config["hidden_act"]
             layers = config["num_hidden_layers"]
             # per block, sliding or not: written by streamrom's export; llama.cpp's converter leaves it out
-            pattern = [bool(sliding) for sliding in self.value(f"{arch}.attention.sliding_window_pattern", [
+            pattern = [bool(sliding) for sliding in self.value(f"{arch}.attention.sliding_window_pattern", kind="list of flags", default=[
                 (i + 1) % GEMMA3_SLIDING_PATTERN != 0 for i in range(layers)])]
             if len(pattern) != layers:
                 raise InputError(f"{self.path}: sliding_window_pattern has {len(pattern)} entries for {layers} blocks")
             config.update({
                 "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": head_dim,
-                "sliding_window": int(self.value(f"{arch}.attention.sliding_window")),
+                "sliding_window": self.value(f"{arch}.attention.sliding_window", kind="positive integer"),
                 "layer_types": ["sliding_attention" if sliding else "full_attention" for sliding in pattern],
                 "rope_parameters": {
                     "full_attention": {"rope_type": "default", "rope_theta": config.pop("rope_theta")},
                     "sliding_attention": {"rope_type": "default", "rope_theta": float(
-                        self.value(f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE))}},
+                        self.value(f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE, "positive number"))}},
                 "attn_logit_softcapping": None, "final_logit_softcapping": None,
                 "attention_bias": False, "use_bidirectional_attention": False,
             })
         for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding"),
                           ("unk_token_id", "unknown")):
-            token = self.value(f"tokenizer.ggml.{name}_token_id", None)
+            token = self.value(f"tokenizer.ggml.{name}_token_id", None, "token id")
             if token is not None:
                 config[key] = int(token)
         return config
@@ -344,6 +379,23 @@ def _write_folder(model: GGUFModel, folder: Path, config: dict[str, Any], tokeni
     return total
 
 
+def check_tensor_shapes(model: GGUFModel, config: dict[str, Any]) -> None:
+    """Every tensor has the shape the metadata implies, before any byte is written (what the metadata
+    says, a head count say, sizes how the tensors are read)."""
+    try:
+        spec = ModelSpec.from_config(config)
+    except InputError as exc:
+        raise InputError(f"{model.path}: its metadata gives {str(exc).replace('config.json: ', '')}") from None
+    expected = dict(spec.global_shapes())
+    for index in range(spec.num_layers):
+        expected.update({block_prefix(index) + name: shape for name, shape in spec.dense_block_shapes(index).items()})
+    for tensor in model.tensors:
+        shape = expected.get(tensor.hf_name)
+        if shape is not None and tensor.shape != shape:
+            raise InputError(f"{model.path}: tensor {tensor.gguf_name} has shape {list(tensor.shape)}, but the "
+                             f"metadata implies {list(shape)}")
+
+
 def import_gguf(source: str, output: str | Path, overwrite: bool = False, dtype: str = "float32",
                 shard_bytes: int = 2 * 10 ** 9) -> Path:
     """Write `source` (a GGUF file, or a package holding one) as a safetensors folder with its tokenizer.
@@ -356,6 +408,7 @@ def import_gguf(source: str, output: str | Path, overwrite: bool = False, dtype:
     gguf_path = find_gguf(source)
     model = GGUFModel(gguf_path)
     config = model.config(dtype)
+    check_tensor_shapes(model, config)
     tokenizer, tokenizer_settings = gguf_tokenizer(model)
     output = Path(output).absolute()  # "." has no name to build the temporary folder's from
     check_output_path(gguf_path, output, create=False)

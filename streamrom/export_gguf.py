@@ -42,6 +42,7 @@ import numpy as np
 
 from .architectures import ModelSpec
 from .checkpoint import CheckpointReader
+from .layout import read_json
 from .convert import BLOCK_NAMES, BLOCK_NAMES_OF, NORMS_STORED_PLUS_ONE
 from .errors import InputError, OutputError, UsageError, write_failure
 from .gguf_vocab import SPLIT_PRE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED
@@ -416,19 +417,50 @@ def _tokenizer_metadata(writer, folder: Path, spec: ModelSpec, config: dict[str,
         raise InputError(f"export-gguf: no tokenizer.json in {folder} (llama.cpp needs the vocabulary)")
     try:
         tokenizer = json.loads(path.read_text())
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
+    try:
+        _vocabulary_metadata(writer, tokenizer, spec, path)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+        # what the checks in _vocabulary_metadata do not name: a field of another type than tokenizers writes
+        raise InputError(f"{path} is not laid out as tokenizers writes it ({type(exc).__name__}: {exc})") from None
+    settings_path = Path(folder) / "tokenizer_config.json"
+    settings = read_json(settings_path, "tokenizer_config.json") if settings_path.is_file() else {}
+    if not isinstance(settings, dict):
+        raise InputError(f"{settings_path} is not a JSON object")
+    for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                     ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
+        if isinstance(config.get(key), int) and not isinstance(config.get(key), bool) and 0 <= config[key] < 2**31:
+            add(config[key])
+    writer.add_add_bos_token(bool(settings.get("add_bos_token", False)))
+    if isinstance(settings.get("chat_template"), str):
+        writer.add_chat_template(settings["chat_template"])
+
+
+def _vocabulary_metadata(writer, tokenizer: Any, spec: ModelSpec, path: Path) -> None:
+    """Tokens, types (and merges or scores) of a tokenizer.json; every id checked before it sizes a list."""
     model = tokenizer.get("model") or {}
     if model.get("type") != "BPE":
         raise InputError("export-gguf writes BPE vocabularies (byte-level, or SentencePiece's with byte "
                          f"fallback); this tokenizer is {model.get('type')!r}")
-    ids = [*model["vocab"].values(), *(added["id"] for added in tokenizer.get("added_tokens", []))]
+    vocab, added_tokens = model.get("vocab"), tokenizer.get("added_tokens") or []
+    if (not isinstance(vocab, dict) or not isinstance(added_tokens, list)
+            or not all(isinstance(a, dict) and isinstance(a.get("content"), str) for a in added_tokens)):
+        raise InputError(f"{path}: model.vocab must map tokens to ids and added_tokens list tokens with their content")
+    ids = [*vocab.values(), *(added.get("id") for added in added_tokens)]
+    # an added token may lie past the embedding's rows (llama.cpp then has a row more), by at most one each
+    bound = spec.vocab_size + len(added_tokens)
+    bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < bound), None)
+    if not ids:
+        raise InputError(f"{path}: the vocabulary is empty")
+    if bad is not None:
+        raise InputError(f"{path}: token id {bad!r} is not an id of this model's vocabulary (0..{bound - 1})")
     size = max(spec.vocab_size, max(ids) + 1)  # the embedding's rows; ids it has no token for are padding
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [TOKEN_TYPE_UNUSED] * size
-    for text, index in model["vocab"].items():
+    for text, index in vocab.items():
         tokens[index], types[index] = text, TOKEN_TYPE_NORMAL
-    for added in tokenizer.get("added_tokens", []):
+    for added in added_tokens:
         tokens[added["id"]] = added["content"]
         types[added["id"]] = TOKEN_TYPE_CONTROL if added.get("special") else TOKEN_TYPE_USER_DEFINED
     if model.get("byte_fallback"):
@@ -440,15 +472,6 @@ def _tokenizer_metadata(writer, folder: Path, spec: ModelSpec, config: dict[str,
         writer.add_token_types(types)
         writer.add_token_merges([merge if isinstance(merge, str) else " ".join(merge)
                                  for merge in model.get("merges", [])])
-    settings_path = Path(folder) / "tokenizer_config.json"
-    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
-    for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                     ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
-        if isinstance(config.get(key), int):
-            add(config[key])
-    writer.add_add_bos_token(bool(settings.get("add_bos_token", False)))
-    if isinstance(settings.get("chat_template"), str):
-        writer.add_chat_template(settings["chat_template"])
 
 
 def _sentencepiece_vocabulary(writer, tokenizer: dict[str, Any], tokens: list[str], types: list[int]) -> None:

@@ -32,30 +32,32 @@ TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4
 
 def gguf_tokenizer(model: GGUFModel) -> tuple[Any, dict[str, Any]]:
     """A `tokenizers.Tokenizer` and the tokenizer_config.json for the GGUF's vocabulary."""
-    kind = model.value("tokenizer.ggml.model", None)
+    kind = model.value("tokenizer.ggml.model", None, "string")
     if kind is None:
         raise InputError(f"{model.path}: GGUF carries no tokenizer (tokenizer.ggml.model)")
-    tokens = model.value("tokenizer.ggml.tokens")
-    types = model.value("tokenizer.ggml.token_type", [1] * len(tokens))
+    tokens = model.value("tokenizer.ggml.tokens", kind="list of strings")
+    types = model.value("tokenizer.ggml.token_type", [1] * len(tokens), "list of integers")
+    if len(types) != len(tokens):
+        raise InputError(f"{model.path}: GGUF has {len(types)} token types for {len(tokens)} tokens")
     if kind == "gpt2":
         tokenizer = _byte_level_bpe(model, tokens, types)
     else:
         tokenizer = _transformers_tokenizer(model, kind)
 
     def token(name: str) -> str | None:
-        index = model.value(f"tokenizer.ggml.{name}_token_id", None)
+        index = model.value(f"tokenizer.ggml.{name}_token_id", None, "token id")
         return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
 
     settings: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-        "model_max_length": int(model.value(f"{model.arch}.context_length")),
-        "add_bos_token": bool(model.value("tokenizer.ggml.add_bos_token", False)),
+        "model_max_length": model.value(f"{model.arch}.context_length", kind="positive integer"),
+        "add_bos_token": bool(model.value("tokenizer.ggml.add_bos_token", False, "flag")),
     }
     for key, name in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
                       ("pad_token", "padding")):
         if token(name) is not None:
             settings[key] = token(name)
-    template = model.value("tokenizer.chat_template", None)
+    template = model.value("tokenizer.chat_template", None, "string")
     if template:
         settings["chat_template"] = template
     return tokenizer, settings
@@ -64,10 +66,10 @@ def gguf_tokenizer(model: GGUFModel) -> tuple[Any, dict[str, Any]]:
 def _byte_level_bpe(model: GGUFModel, tokens: list[str], types: list[int]) -> Any:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    merges = [tuple(merge.split(" ", 1)) for merge in model.value("tokenizer.ggml.merges", [])]
+    merges = [tuple(merge.split(" ", 1)) for merge in model.value("tokenizer.ggml.merges", [], "list of strings")]
     tokenizer = Tokenizer(models.BPE(vocab={text: i for i, text in enumerate(tokens)}, merges=merges,
                                      fuse_unk=False, byte_fallback=False))
-    pre = model.value("tokenizer.ggml.pre", "default")
+    pre = model.value("tokenizer.ggml.pre", "default", "string")
     if pre in DIGIT_SPLIT_PRE:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
@@ -82,8 +84,10 @@ def _byte_level_bpe(model: GGUFModel, tokens: list[str], types: list[int]) -> An
         raise InputError(f"{model.path}: pre-tokenizer {pre!r} is not known to streamrom "
                          f"(known: {', '.join(sorted(DIGIT_SPLIT_PRE | GPT2_PRE | set(SPLIT_PRE)))})")
     tokenizer.decoder = decoders.ByteLevel()
-    bos = model.value("tokenizer.ggml.bos_token_id", None)
-    if model.value("tokenizer.ggml.add_bos_token", False) and bos is not None:
+    bos = model.value("tokenizer.ggml.bos_token_id", None, "token id")
+    if bos is not None and bos >= len(tokens):
+        raise InputError(f"{model.path}: GGUF bos_token_id {bos} is not one of its {len(tokens)} tokens")
+    if model.value("tokenizer.ggml.add_bos_token", False, "flag") and bos is not None:
         bos_text = tokens[int(bos)]
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos_text} $A", pair=f"{bos_text} $A {bos_text} $B", special_tokens=[(bos_text, int(bos))])

@@ -134,9 +134,11 @@ def byte_level_alphabet() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def write_tiny_gguf(path, model_type: str):
+def write_tiny_gguf(path, model_type: str, block_count: int = 2, override: dict | None = None):
     """A GGUF written with the gguf package from a tiny random transformers model, the way llama.cpp's
-    converter lays it out (q/k rows permuted for llama, F16 tensors for qwen2); returns the HF state."""
+    converter lays it out (q/k rows permuted for llama, F16 tensors for qwen2); returns the HF state.
+    `block_count` and `override` (metadata key -> any value, its GGUF type taken from the value) write a
+    file that says something else than its tensors, as a hostile or broken converter could."""
     import gguf
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -149,7 +151,7 @@ def write_tiny_gguf(path, model_type: str):
     for key in [k for k in state if k.endswith(".bias")]:
         state[key] = np.random.default_rng(1).standard_normal(state[key].shape).astype(np.float32)
     writer = gguf.GGUFWriter(str(path), model_type)
-    writer.add_block_count(2)
+    writer.add_block_count(block_count)
     writer.add_context_length(128)
     writer.add_embedding_length(64)
     writer.add_feed_forward_length(96)
@@ -181,11 +183,32 @@ def write_tiny_gguf(path, model_type: str):
         else:
             name = names[key]
         writer.add_tensor(name, value.astype(np.float16) if model_type == "qwen2" and value.ndim == 2 else value)
+    for key, value in (override or {}).items():
+        writer.kv_data[0].pop(key, None)
+        if isinstance(value, list) and not value:
+            continue  # the gguf package writes no empty array: an empty list removes the key
+        writer.add_key_value(key, value, _gguf_value_type(value),
+                             _gguf_value_type(value[0]) if isinstance(value, list) else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return state
+
+
+def _gguf_value_type(value):
+    import gguf
+
+    kinds = gguf.GGUFValueType
+    if isinstance(value, bool):
+        return kinds.BOOL
+    if isinstance(value, int):
+        return kinds.INT64 if value < 2**63 else kinds.UINT64
+    if isinstance(value, float):
+        return kinds.FLOAT32
+    if isinstance(value, str):
+        return kinds.STRING
+    return kinds.ARRAY
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])

@@ -193,7 +193,7 @@ def _edit_tensors(folder: Path, edit) -> None:
 
 @pytest.mark.parametrize("case, message", [
     ("fewer layers in config", "num_hidden_layers 2"),
-    ("extra block", "belongs to block 3"),
+    ("extra block", "belong to blocks 0..3"),
     ("tied with a head", "tie_word_embeddings"),
     ("integer weight", "dtype I32"),
     ("unknown tensor", "is not part of the model"),
