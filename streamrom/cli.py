@@ -1,6 +1,6 @@
 """The `streamrom` command: compress, eval, inspect, tune-worker, import-gguf, export-gguf.
 
-Errors end with one line on stderr and the exit codes of streamrom.errors (README, "Exit codes").
+Errors end with one line on stderr and the exit codes of streamrom.errors (docs/operations.md, "Exit codes").
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import errno
 
-# Exit codes, documented in the README ("Exit codes").
+# Exit codes, documented in docs/operations.md ("Exit codes").
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_INPUT = 3

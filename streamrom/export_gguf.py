@@ -42,7 +42,7 @@ import numpy as np
 
 from .architectures import ModelSpec
 from .checkpoint import CheckpointReader
-from .layout import read_json
+from .layout import check_output_file, read_json
 from .convert import BLOCK_NAMES, BLOCK_NAMES_OF, NORMS_STORED_PLUS_ONE
 from .errors import InputError, OutputError, UsageError, write_failure
 from .gguf_vocab import SPLIT_PRE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED
@@ -93,6 +93,7 @@ def export_gguf(checkpoint: str | Path, output: str | Path, tensor_type: str = "
     if tensor_type not in TYPES:
         raise UsageError(f"unknown --type {tensor_type!r}: choose from {', '.join(TYPES)}")
     output = Path(output)
+    check_output_file(Path(checkpoint), output)
     if output.exists() and not overwrite:
         raise OutputError(f"{output} exists (pass --overwrite to replace it)")
     if output.is_dir():

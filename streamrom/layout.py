@@ -64,9 +64,13 @@ def check_output_path(source: Path, output: Path, create: bool = True) -> None:
     never written to. Compared by identity, not by path text. Creates the output folder unless
     `create` is false."""
     src, dst = Path(source).absolute(), Path(output).absolute()
-    for ancestor in (dst, *dst.parents):
+    try:  # the folder the output's text leads to, through any symlinks on its way (a link into the source)
+        resolved = dst.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise OutputError(f"output path {output} cannot be resolved: {exc}") from None
+    for ancestor in (dst, *dst.parents, resolved, *resolved.parents):
         if _same_file(ancestor, src):
-            if ancestor == dst:
+            if ancestor in (dst, resolved):
                 kind = "folder" if src.is_dir() else "file"
                 raise OutputError(f"output folder {output} is the source {kind}; the source is never written to")
             raise OutputError(f"output folder {output} is inside the source folder; the source is never written to")
@@ -82,6 +86,18 @@ def check_output_path(source: Path, output: Path, create: bool = True) -> None:
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create output folder {output}: {exc.strerror}") from None
+
+
+def check_output_file(source: Path, output: Path) -> None:
+    """An output file (export-gguf's) never lies inside the source folder, whatever path or symlink
+    leads there, and is never the source itself: the source is never written to."""
+    try:
+        resolved = Path(output).absolute().resolve()
+    except (OSError, RuntimeError) as exc:
+        raise OutputError(f"output path {output} cannot be resolved: {exc}") from None
+    for ancestor in (Path(output).absolute(), *Path(output).absolute().parents, resolved, *resolved.parents):
+        if _same_file(ancestor, source):
+            raise OutputError(f"output {output} lies inside the source {source}; the source is never written to")
 
 
 def check_report_path(path: Path) -> None:

@@ -1,5 +1,5 @@
 """Reliability, round two: no data loss, no silent mixes, a finished or interrupted run resumable or
-complete. Each test reproduces a failure of an earlier version (README "Running it nightly").
+complete. Each test reproduces a failure of an earlier version (docs/operations.md, "Running it nightly").
 
 Streaming tests on tiny random-weight models and tiny GGUFs (files and control flow, not accuracy)."""
 from __future__ import annotations

