@@ -253,14 +253,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--structured", type=float, nargs="*", default=[0.9, 0.8, 0.7, 0.6],
                         help="target parameter fractions of the structured models")
     parser.add_argument("--mixed", type=float, nargs="*", default=[0.8], help="... of the mixed models (densified)")
-    parser.add_argument("--types", nargs="*", default=TYPES)
+    parser.add_argument("--types", nargs="*", default=TYPES, help="llama.cpp types of the dense model")
+    parser.add_argument("--compressed-types", nargs="*", default=["F16", "Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K"],
+                        help="llama.cpp types of the streamrom models")
+    parser.add_argument("--speed-again", action="store_true", help="measure every file's speed again")
     parser.add_argument("--chunks", type=int, default=8, help="512-token chunks of each held-out text")
     parser.add_argument("--imatrix-chunks", type=int, default=32)
     parser.add_argument("--bench", type=int, nargs=2, default=[256, 32], metavar=("PROMPT", "GENERATE"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     out = args.out or RESULTS / f"frontier_{args.model}.json"
-    work = args.work / args.model
+    work = args.work / f"{args.model}-files"  # beside the dense folder: outputs never lie inside a source
     work.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.is_file() else {}
     results.update(header=header([sys.executable, "-m", "benchmarks.frontier", *(argv or sys.argv[1:])]),
@@ -274,10 +277,10 @@ def main(argv: list[str] | None = None) -> None:
     for variant in variants(args):
         source, info = model_file(variant, dense, work)
         matrix = importance_matrix(source, args.llama_bin, work, args.imatrix_chunks)
-        for qtype in args.types:
+        for qtype in (args.types if variant[1] is None else args.compressed_types):
             for imatrix in ([None, matrix] if qtype in IMATRIX_TYPES else [None]):
                 name = f"{variant[0]} | {qtype}{'-imatrix' if imatrix else ''}"
-                if name in results["files"] and "speed" in results["files"][name]:
+                if name in results["files"] and "scores" in results["files"][name]:
                     continue
                 path = quantized(source, qtype, imatrix, args.llama_bin, work)
                 row = {**{k: v for k, v in info.items() if k != "compress_seconds"}, **results["files"].get(name, {}),
@@ -286,11 +289,16 @@ def main(argv: list[str] | None = None) -> None:
                 row["parameters"] = gguf_parameters(path)
                 row["bits_per_weight"] = 8 * row["bytes"] / row["parameters"]
                 row["scores"] = score(path, bases, args.llama_bin)
-                row["speed"] = speed(path, args.llama_bin, *args.bench)
+                row.pop("speed", None)
                 if "compress_seconds" in info:
                     results.setdefault("compress_seconds", {})[variant[0]] = info["compress_seconds"]
                 results["files"][name] = row
                 out.write_text(json.dumps(results, indent=1) + "\n")
+    # speeds last, every file in one stretch (nothing else should run meanwhile: they are pairs)
+    for name, row in sorted(results["files"].items()):
+        if "speed" not in row or args.speed_again:
+            row["speed"] = speed(work / row["file"], args.llama_bin, *args.bench)
+            out.write_text(json.dumps(results, indent=1) + "\n")
     results["pictures"] = pictures(results, out.with_suffix(""))
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))

@@ -1,0 +1,119 @@
+"""Reliability, round three: every command killed (SIGKILL to its process group) at points found from its
+own log lines and at moments between them, then rerun to the end: the outputs are byte for byte an
+uninterrupted run's, nothing is left behind, the source is untouched (tests/kill_harness.py).
+
+The default run kills each command at one point (its middle log line, or half its uninterrupted time,
+command by command in turn); STREAMROM_KILL_SWEEP=full kills it after every log line and at eight moments,
+and writes the table (command x points x result) that `python -m benchmarks.kill_sweep` turns into
+docs/reliability.md. Tiny random-weight models (files and control flow, not accuracy)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny
+from kill_harness import Command, kill_and_rerun, reference
+from test_convert import write_tiny_gguf
+
+FULL = os.environ.get("STREAMROM_KILL_SWEEP") == "full"
+TABLE = os.environ.get("STREAMROM_KILL_TABLE")
+TEXTS = Path(__file__).resolve().parent.parent / "data" / "eval"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny llama with a small byte-level BPE tokenizer (ids below its vocabulary of 256), calibration
+    token ids, a tiny GGUF, and a compressed model for eval to compare with."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("kill")
+    source = make_tiny(root / "src", "llama")
+    vocab = {chr(c): i for i, c in enumerate(range(33, 127))}
+    vocab.update({"Ġ": len(vocab), "th": len(vocab) + 1, "Ġt": len(vocab) + 2})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[("t", "h"), ("Ġ", "t")], unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(source / "tokenizer.json"))
+    (source / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    tokens = root / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 256, size=8192))
+    gguf = root / "tiny.gguf"
+    write_tiny_gguf(gguf, "llama")
+    return {"root": root, "source": source, "tokens": tokens, "gguf": gguf}
+
+
+def commands(world) -> dict[str, Command]:
+    root, source, tokens = world["root"], world["source"], world["tokens"]
+    calibration = ["--calib-tokens", str(tokens), "--calib-sequences", "8", "--calib-seqlen", "64",
+                   "--chunk-tokens", "128"]
+
+    def compress(name: str, *extra: str, calib=calibration) -> Command:
+        output = root / f"out-{name}"
+        return Command(f"compress {name}", ["compress", str(source), str(output), *calib, *extra], source, [output])
+
+    texts = ["--calib-text", str(TEXTS / "carroll-alice.txt"), "--calib-sequences", "8", "--calib-seqlen", "64",
+             "--chunk-tokens", "128"]
+    found = {
+        "compress rom uniform": compress("rom", "--ratio", "0.5"),
+        "compress structured spectrum": compress("structured", "--method", "structured", "--allocate", "spectrum",
+                                                 "--target-params", "0.8"),
+        "compress mixed spectrum": compress("mixed", "--method", "mixed", "--allocate", "spectrum",
+                                            "--target-params", "0.8"),
+        "compress mixed --anchor": compress("anchor", "--method", "mixed", "--allocate", "spectrum",
+                                            "--target-params", "0.8", "--anchor"),
+        "compress --target-text": compress("target", "--method", "rom-centered", "--target-params", "0.8",
+                                           "--target-text", str(TEXTS / "python-code.txt"), calib=texts),
+        "compress bayes": compress("bayes", "--allocate", "bayes", "--trials", "3", "--target-params", "0.8"),
+        "compress bayes --study": compress("study", "--allocate", "bayes", "--trials", "3", "--target-params", "0.8",
+                                           "--study", f"sqlite:///{root / 'study.db'}", "--heartbeat", "2"),
+        "import-gguf": Command("import-gguf", ["import-gguf", str(world["gguf"]), str(root / "imported")],
+                               world["gguf"], [root / "imported"]),
+        "eval --reference": Command("eval --reference", ["eval", str(source), "--text", str(TEXTS / "carroll-alice.txt"),
+                                                         "--max-windows", "4", "--seqlen", "64", "--reference",
+                                                         str(source), "--report", str(root / "eval.json")],
+                                    source, [root / "eval.json"]),
+    }
+    for kind in ("source", "f32", "f16", "bf16", "q8_0", "q4_0"):
+        output = root / f"export-{kind}.gguf"
+        found[f"export-gguf --type {kind}"] = Command(f"export-gguf --type {kind}", [
+            "export-gguf", str(source), str(output), "--type", kind], source, [output])
+    return found
+
+
+NAMES = ["compress rom uniform", "compress structured spectrum", "compress mixed spectrum", "compress mixed --anchor",
+         "compress --target-text", "compress bayes", "compress bayes --study", "import-gguf", "eval --reference",
+         "export-gguf --type source", "export-gguf --type f32", "export-gguf --type f16", "export-gguf --type bf16",
+         "export-gguf --type q8_0", "export-gguf --type q4_0"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_killed_anywhere_then_rerun_is_identical(world, name):
+    command = commands(world)[name]
+    # a fresh study for each point (a finished one would only be read); the killed run's trial is given up
+    # after three silent heartbeats (2 s here), then run again by the rerun
+    study = world["root"] / "study.db"
+    study.unlink(missing_ok=True)
+    expected = reference(command)
+    if FULL:
+        lines = list(range(expected.lines + 1))
+        moments = [expected.seconds * k / 9 for k in range(1, 9)]
+    elif NAMES.index(name) % 2:  # the default run: one point per command, a log line or a moment in turn
+        lines, moments = [], [expected.seconds / 2]
+    else:
+        lines, moments = [max(1, expected.lines // 2)], []
+    results = []
+    for point in [("line", n) for n in lines] + [("seconds", round(t, 2)) for t in moments]:
+        study.unlink(missing_ok=True)
+        kwargs = {"line": point[1]} if point[0] == "line" else {"seconds": point[1]}
+        results.append((point, kill_and_rerun(command, expected, **kwargs)))
+    if TABLE:
+        table = json.loads(Path(TABLE).read_text()) if Path(TABLE).is_file() else {}
+        table[name] = {"log lines": expected.lines, "uninterrupted seconds": round(expected.seconds, 2),
+                       "points": [[kind, value, result] for (kind, value), result in results]}
+        Path(TABLE).write_text(json.dumps(table, indent=1) + "\n")
