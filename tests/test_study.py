@@ -229,3 +229,53 @@ def test_without_a_study_the_search_runs_in_process(tiny_models, tiny_tokens, tm
     report = json.loads((tmp_path / "out" / "streamrom-report.json").read_text())
     assert len(report["settings"]["bayes"]["scores"]) == 2 and "study_name" not in report["settings"]["bayes"]
     assert not list(tmp_path.glob("*.db"))
+
+
+# -- the shared search under faults (reliability round three) ------------------------------------------
+def test_a_corrupt_sqlite_file_is_one_line(tiny_models, tiny_tokens, tmp_path):
+    database = tmp_path / "study.db"
+    database.write_bytes(b"not a database, whatever its name says " * 200)
+    code, _, err = finish(start(compress_command(tiny_models["llama"], tmp_path / "out", tiny_tokens,
+                                                 f"sqlite:///{database}")))
+    assert code == EXIT_INPUT and len(err.splitlines()) == 1, err
+    assert "cannot open the study storage" in err
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_two_different_commands_on_one_study_name_are_refused(tiny_models, tiny_tokens, tmp_path):
+    """A second command with other settings pointed at the same study (name and storage) would mix two
+    searches: it is refused, and the first study is left as it was."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    code, _, err = finish(start(compress_command(tiny_models["llama"], tmp_path / "out", tiny_tokens, storage)))
+    assert code == 0, err
+    before = [(t.number, t.state.name, t.value) for t in optuna.load_study(study_name="tiny", storage=storage).trials]
+    other = compress_command(tiny_models["llama"], tmp_path / "other", tiny_tokens, storage)
+    other[other.index("--target-params") + 1] = "0.6"
+    code, _, err = finish(start(other))
+    assert code == EXIT_INPUT and len(err.splitlines()) == 1 and "other settings" in err, err
+    after = [(t.number, t.state.name, t.value) for t in optuna.load_study(study_name="tiny", storage=storage).trials]
+    assert after == before
+
+
+def test_a_password_in_the_storage_url_is_never_shown(postgres_url, tiny_models, tiny_tokens, tmp_path):
+    """The server trusts the connection, so the URL's password is not checked; it must appear in no
+    message, log line, report or output file."""
+    secret = "s3cret-pw-7f2a"
+    url = postgres_url.replace("streamrom@", f"streamrom:{secret}@")
+    output, log = tmp_path / "out", tmp_path / "run.log"
+    command = compress_command(tiny_models["llama"], output, tiny_tokens, url)
+    command[command.index("--quiet")] = f"--log-file={log}"
+    code, out, err = finish(start(command))
+    assert code == 0, err
+    worker = finish(start(worker_command(url)))
+    assert worker[0] == 0, worker[2]
+    assert "***" in log.read_text()  # the URL is logged, masked
+    for text in (out, err, worker[1], worker[2], log.read_text()):
+        assert secret not in text
+    for path in output.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    unreachable = compress_command(tiny_models["llama"], tmp_path / "o", tiny_tokens,
+                                   f"postgresql+psycopg2://someone:{secret}@127.0.0.1:1/none")
+    code, _, err = finish(start(unreachable))
+    assert code == EXIT_INPUT and secret not in err and len(err.splitlines()) == 1
