@@ -40,6 +40,7 @@ from pathlib import Path  # noqa: E402
 
 from .architectures import UNITS  # noqa: E402
 from .console import configure as configure_logging  # noqa: E402
+from .layout import GGUF_TYPES, LLAMA_QUANTIZE_TYPES  # noqa: E402
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, OutputError, StreamromError
 
 log = logging.getLogger("streamrom")
@@ -233,10 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      "--densify.")
     exp.add_argument("checkpoint", type=Path, help="checkpoint folder (with tokenizer.json)")
     exp.add_argument("output", type=Path, help="the .gguf file to write")
-    exp.add_argument("--type", dest="tensor_type", default="source",
-                     choices=["source", "f32", "f16", "bf16", "q8_0", "q4_0"],
-                     help="how weight matrices are stored (default: the checkpoint's dtype); q8_0 and q4_0 quantise "
-                          "them (rows whose length is no multiple of 32 stay f16); norms and biases stay f32")
+    exp.add_argument("--type", dest="tensor_type", default="source", metavar="TYPE",
+                     choices=[*GGUF_TYPES, *LLAMA_QUANTIZE_TYPES],
+                     help="how weight matrices are stored (default: the checkpoint's dtype): source, f32, f16, bf16, "
+                          "or q8_0 and q4_0 (quantised by streamrom; rows whose length is no multiple of 32 stay "
+                          "f16); or a type llama.cpp's own quantizer makes from the f16 export: "
+                          + ", ".join(LLAMA_QUANTIZE_TYPES) + " (needs llama-quantize, see --llama-quantize). "
+                          "Norms and biases stay f32")
+    exp.add_argument("--llama-quantize", type=Path, metavar="PATH",
+                     help="llama.cpp's llama-quantize (default: $STREAMROM_LLAMA_QUANTIZE, else the one on PATH)")
+    exp.add_argument("--imatrix", type=Path, metavar="FILE",
+                     help="with a llama-quantize --type: an importance matrix (llama.cpp's imatrix GGUF) to weigh "
+                          "the quantisation error by")
     exp.add_argument("--densify", action="store_true",
                      help="multiply factored linears back into dense matrices (the file grows by what they saved)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -346,7 +355,8 @@ def _run(args: argparse.Namespace) -> None:
 
         _Interrupt.check()
         written = export_gguf(args.checkpoint, args.output, args.tensor_type, densify=args.densify,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, llama_quantize=args.llama_quantize, imatrix=args.imatrix,
+                              threads=args.threads)
         extra = (f"; {len(written['densified_linears'])} factored linears multiplied back "
                  f"(+{written['densified_parameters']:,} parameters)" if written["densified_linears"] else "")
         padded = f"; {written['padded_parameters']:,} parameters of zero padding" if written["padded_parameters"] else ""

@@ -42,7 +42,8 @@ import numpy as np
 
 from .architectures import ModelSpec
 from .checkpoint import CheckpointReader
-from .layout import check_output_file, read_json
+from .layout import (GGUF_TYPES as TYPES, LLAMA_QUANTIZE_TYPES, LLAMA_QUANTIZE_VARIABLE, check_output_file,
+                     read_json)
 from .convert import BLOCK_NAMES, BLOCK_NAMES_OF, NORMS_STORED_PLUS_ONE
 from .errors import InputError, OutputError, UsageError, write_failure
 from .gguf_vocab import SPLIT_PRE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED
@@ -53,8 +54,6 @@ log = logging.getLogger(__name__)
 TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_UNUSED, TOKEN_TYPE_BYTE = 1, 2, 5, 6
 SPECIAL_TOKEN_SCORE = -1000.0  # control and user-defined tokens, as llama.cpp's converter scores them
 SENTENCEPIECE_SPACE = "\u2581"  # "▁", SentencePiece's escaped space
-# --type: how 2-D weights are stored (norms and biases stay float32, as llama.cpp's converter keeps them)
-TYPES = ("source", "f32", "f16", "bf16", "q8_0", "q4_0")
 # model_type -> llama.cpp's architecture
 GGUF_ARCHITECTURE_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
 
@@ -83,21 +82,41 @@ class _Tensor:
 
 
 def export_gguf(checkpoint: str | Path, output: str | Path, tensor_type: str = "source", densify: bool = False,
-                overwrite: bool = False) -> dict[str, Any]:
+                overwrite: bool = False, llama_quantize: str | Path | None = None,
+                imatrix: str | Path | None = None, threads: int | None = None) -> dict[str, Any]:
     """Write `checkpoint` as the GGUF file `output`. Returns what was written (architecture, tensors,
-    bytes, parameters re-added by padding or densifying)."""
+    bytes, parameters re-added by padding or densifying).
+
+    A type of LLAMA_QUANTIZE_TYPES is made by llama.cpp's own quantizer: the f16 export is written as a
+    temporary beside `output`, then `llama-quantize` (`llama_quantize`, else $STREAMROM_LLAMA_QUANTIZE,
+    else the one on PATH), with the importance matrix `imatrix` if given (llama.cpp's imatrix GGUF),
+    quantizes it into `output`; the file appears under its name only when complete."""
     try:
         import gguf
     except ImportError:
         raise UsageError("export-gguf needs the gguf package: pip install 'streamrom[convert]'") from None
-    if tensor_type not in TYPES:
-        raise UsageError(f"unknown --type {tensor_type!r}: choose from {', '.join(TYPES)}")
+    if tensor_type not in TYPES + LLAMA_QUANTIZE_TYPES:
+        raise UsageError(f"unknown --type {tensor_type!r}: choose from {', '.join(TYPES + LLAMA_QUANTIZE_TYPES)}")
+    quantizer = find_llama_quantize(llama_quantize, tensor_type) if tensor_type in LLAMA_QUANTIZE_TYPES else None
+    if imatrix is not None and quantizer is None:
+        raise UsageError(f"--imatrix is read by llama.cpp's quantizer: give a --type it makes "
+                         f"({', '.join(LLAMA_QUANTIZE_TYPES)})")
+    if imatrix is not None:
+        check_imatrix(Path(imatrix))
     output = Path(output)
     check_output_file(Path(checkpoint), output)
     if output.exists() and not overwrite:
         raise OutputError(f"{output} exists (pass --overwrite to replace it)")
     if output.is_dir():
         raise OutputError(f"{output} is a folder: give the .gguf file's path")
+    if quantizer is not None:
+        unquantized = output.with_name(f".{output.name}.f16.tmp")
+        try:
+            summary = export_gguf(checkpoint, unquantized, "f16", densify, overwrite=True)
+            _run_llama_quantize(quantizer, unquantized, output, tensor_type, imatrix, threads)
+        finally:
+            unquantized.unlink(missing_ok=True)
+        return {**summary, "bytes": output.stat().st_size}
     reader = CheckpointReader(Path(checkpoint))
     spec = reader.spec
     plan = _Plan(reader, spec, tensor_type, densify)
@@ -134,6 +153,60 @@ def export_gguf(checkpoint: str | Path, output: str | Path, tensor_type: str = "
         log.info("export-gguf: narrowed widths padded back with zeros: %d parameters more than the checkpoint "
                  "holds (llama.cpp has one head size per model, one MLP width but in deci)", plan.padded)
     return summary
+
+
+def check_imatrix(path: Path) -> None:
+    """An importance matrix llama-quantize reads: a GGUF file of general.type "imatrix" (checked before the
+    export, which would otherwise be written for nothing)."""
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise InputError(f"importance matrix not found: {path}")
+    try:
+        field = GGUFReader(path).fields.get("general.type")
+        kind = field.contents() if field is not None else None
+    except Exception as exc:
+        raise InputError(f"--imatrix {path} is not a GGUF file: {exc}") from None
+    if kind != "imatrix":
+        raise InputError(f"--imatrix {path} is a GGUF file of type {kind!r}, not an importance matrix (\"imatrix\")")
+
+
+def find_llama_quantize(given: str | Path | None, tensor_type: str) -> Path:
+    """llama.cpp's llama-quantize: `given`, else $STREAMROM_LLAMA_QUANTIZE, else on PATH; one line if none."""
+    import shutil
+
+    candidate = given or os.environ.get(LLAMA_QUANTIZE_VARIABLE) or shutil.which("llama-quantize")
+    if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+        return Path(candidate)
+    where = f"{candidate} is not an executable file" if candidate else "it is not installed (not on PATH)"
+    raise UsageError(f"--type {tensor_type} is made by llama.cpp's llama-quantize, and {where}: build it from "
+                     f"llama.cpp (docs/gguf.md) and pass --llama-quantize PATH or set {LLAMA_QUANTIZE_VARIABLE}")
+
+
+def _run_llama_quantize(quantizer: Path, source: Path, output: Path, tensor_type: str, imatrix: str | Path | None,
+                        threads: int | None) -> None:
+    """llama-quantize from `source` to `output`, through a temporary beside it renamed when complete."""
+    import subprocess
+
+    temporary = output.with_name(f".{output.name}.tmp")
+    command = [str(quantizer), *(["--imatrix", str(imatrix)] if imatrix is not None else []), str(source),
+               str(temporary), tensor_type.upper(), str(threads or os.cpu_count() or 1)]
+    log.info("export-gguf: %s", " ".join(command))
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0 or not temporary.is_file():
+            lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+            said = next((line for line in reversed(lines) if "error" in line.lower() or "failed" in line.lower()),
+                        lines[-1] if lines else "no output")
+            raise InputError(f"llama-quantize failed (exit {result.returncode}): {said.strip()[:300]}")
+        fallback = next((line for line in result.stderr.splitlines() if "required fallback" in line), None)
+        if fallback:  # a K-quant needs rows of a multiple of 256 values; llama.cpp stores others in a type near
+            log.warning("export-gguf: llama-quantize: %s", fallback.split("WARNING:")[-1].strip())
+        os.replace(temporary, output)
+    except OSError as exc:
+        raise write_failure(exc, output.parent, "") from None
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _ggml_type(kind: str):

@@ -22,6 +22,15 @@ TOKENIZER_FILES = (
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
+# export-gguf --type: how 2-D weights are stored (norms and biases stay float32, as llama.cpp's converter
+# keeps them); GGUF_TYPES are written by streamrom, LLAMA_QUANTIZE_TYPES by llama.cpp's own quantizer
+# (llama-quantize) from the f16 export: its K-quants and the rest
+GGUF_TYPES = ("source", "f32", "f16", "bf16", "q8_0", "q4_0")
+LLAMA_QUANTIZE_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+                        "q4_1", "q5_0", "q5_1")
+# where llama-quantize is looked for: --llama-quantize, then this variable, then PATH
+LLAMA_QUANTIZE_VARIABLE = "STREAMROM_LLAMA_QUANTIZE"
+
 
 # Bytes per element of the safetensors dtype codes.
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,

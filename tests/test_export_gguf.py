@@ -7,6 +7,7 @@ here) for the structured layouts: shapes and exact functions, not accuracy."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,17 @@ def tiny_sources(tmp_path_factory) -> dict[str, Path]:
         byte_level_tokenizer(root / kind)
         sources[kind] = root / kind
     return sources
+
+
+def _tiny_with_tokenizer(tmp_path: Path, hidden: int = 64) -> Path:
+    """A tiny llama with a byte-level tokenizer; `hidden` 256 gives rows K-quants take whole."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    sizes = {**TINY_COMMON, "hidden_size": hidden, "intermediate_size": 2 * hidden if hidden > 64 else 160}
+    AutoModelForCausalLM.from_config(LlamaConfig(**sizes, tie_word_embeddings=False)).save_pretrained(tmp_path / "src")
+    byte_level_tokenizer(tmp_path / "src")
+    return tmp_path / "src"
 
 
 def logits_of(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -329,3 +341,46 @@ def test_gemma3_with_its_own_widths_and_layer_pattern_round_trips(tiny_tokens, t
     refused = cli("export-gguf", scaled, tmp_path / "s.gguf")
     assert refused.returncode == EXIT_INPUT and "scales queries" in refused.stderr
     assert len(refused.stderr.splitlines()) == 1 and not (tmp_path / "s.gguf").exists()
+
+
+# -- llama.cpp's own quantizer (issue 34 item 2); the quantized file itself in benchmarks/frontier.py ------
+def _llama_quantize():
+    import shutil
+
+    found = os.environ.get("STREAMROM_LLAMA_QUANTIZE") or shutil.which("llama-quantize")
+    return found if found and os.access(found, os.X_OK) else None
+
+
+@pytest.mark.parametrize("case", ["not installed", "not executable", "imatrix with a streamrom type",
+                                  "imatrix that is not one"])
+def test_llama_quantize_types_refused_in_one_line(tmp_path, case):
+    source = _tiny_with_tokenizer(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "STREAMROM_LLAMA_QUANTIZE"}
+    env["PATH"] = "/usr/bin:/bin"  # no llama-quantize there
+    output = tmp_path / "out.gguf"
+    extra = {"not installed": ["--type", "q4_k_m"],
+             "not executable": ["--type", "q3_k_m", "--llama-quantize", str(tmp_path / "README")],
+             "imatrix with a streamrom type": ["--type", "q8_0", "--imatrix", str(tmp_path / "m.gguf")],
+             "imatrix that is not one": ["--type", "q2_k", "--llama-quantize", sys.executable,
+                                         "--imatrix", str(source / "config.json")]}[case]
+    (tmp_path / "README").write_text("not a program")
+    result = subprocess.run([sys.executable, "-m", "streamrom.cli", "export-gguf", str(source), str(output), *extra],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == (3 if case == "imatrix that is not one" else 2), result.stderr
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("streamrom: error:")
+    assert not output.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+@pytest.mark.skipif(_llama_quantize() is None, reason="llama.cpp's llama-quantize is not installed "
+                                                      "(set STREAMROM_LLAMA_QUANTIZE; docs/gguf.md)")
+def test_llama_quantize_makes_k_quants(tmp_path):
+    import gguf
+
+    source = _tiny_with_tokenizer(tmp_path, hidden=256)
+    result = subprocess.run([sys.executable, "-m", "streamrom.cli", "export-gguf", str(source),
+                             str(tmp_path / "out.gguf"), "--type", "q4_k_m", "--llama-quantize", _llama_quantize()],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "out.gguf").tensors}
+    assert kinds["blk.0.attn_q.weight"] in ("Q4_K", "Q5_K", "Q6_K") and kinds["blk.0.attn_norm.weight"] == "F32"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
