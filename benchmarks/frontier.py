@@ -186,16 +186,17 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def table(results: dict) -> str:
-    genres = list(EVAL_TEXTS)
-    lines = [f"| model | type | MiB | bits/weight | " + " | ".join(f"ppl {g}" for g in genres)
+    genres = list(results["eval_texts"])
+    lines = [f"| model | type | MiB | bits/weight | fallback | " + " | ".join(f"ppl {g}" for g in genres)
              + " | KL (mean) | top-1 | prefill 2t | decode 1t | decode 2t |",
-             "|---|---|---|---|" + "---|" * len(genres) + "---|---|---|---|---|"]
+             "|---|---|---|---|---|" + "---|" * len(genres) + "---|---|---|---|---|"]
     for row in sorted(results["files"].values(), key=lambda r: (r["label"] != "dense", r["label"], -r["bytes"])):
         s = row.get("scores", {})
         kl = sum(s[g]["kl"] for g in genres) / len(genres) if s else float("nan")
         top = sum(s[g]["top1"] for g in genres) / len(genres) if s else float("nan")
         v = row.get("speed", {})
         lines.append(f"| {row['label']} | {row['type']} | {row['bytes'] / 2**20:.1f} | {row['bits_per_weight']:.2f} | "
+                     f"{row.get('fallback_tensors', 0)} | "
                      + " | ".join(f"{s[g]['perplexity']:.2f}" if s else "" for g in genres)
                      + f" | {kl:.4f} | {100 * top:.1f} % | {v.get('prefill_2t', float('nan')):.0f} | "
                      f"{v.get('decode_1t', float('nan')):.1f} | {v.get('decode_2t', float('nan')):.1f} |")
@@ -247,7 +248,7 @@ def pictures(results: dict, stem: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), default="smollm2")
-    parser.add_argument("--llama-bin", type=Path, required=True, help="folder with llama-quantize, llama-perplexity, "
+    parser.add_argument("--llama-bin", type=Path, default=Path("."), help="folder with llama-quantize, llama-perplexity, "
                                                                       "llama-bench, llama-imatrix")
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "frontier")
     parser.add_argument("--structured", type=float, nargs="*", default=[0.9, 0.8, 0.7, 0.6],
@@ -261,7 +262,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--imatrix-chunks", type=int, default=32)
     parser.add_argument("--bench", type=int, nargs=2, default=[256, 32], metavar=("PROMPT", "GENERATE"))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--page-only", action="store_true", help="only write docs/results/frontier.md from the results")
     args = parser.parse_args(argv)
+    if args.page_only:
+        write_page()
+        return
     out = args.out or RESULTS / f"frontier_{args.model}.json"
     work = args.work / f"{args.model}-files"  # beside the dense folder: outputs never lie inside a source
     work.mkdir(parents=True, exist_ok=True)
@@ -301,7 +306,44 @@ def main(argv: list[str] | None = None) -> None:
             out.write_text(json.dumps(results, indent=1) + "\n")
     results["pictures"] = pictures(results, out.with_suffix(""))
     out.write_text(json.dumps(results, indent=1) + "\n")
+    write_page()
     print(table(results))
+
+
+PAGE = REPO / "docs" / "results" / "frontier.md"
+
+
+def page(all_results: list[dict]) -> str:
+    """docs/results/frontier.md from the results files (written, never edited by hand)."""
+    lines = ["# The size-quality frontier in llama.cpp: plain quantization and streamrom", "",
+             "Written by `python -m benchmarks.frontier --page-only` from benchmarks/results/frontier_*.json.",
+             "Every number is llama.cpp's: files quantized by `llama-quantize`, scored by `llama-perplexity` "
+             "(perplexity on the second half of each 512-token chunk of held-out text never used for calibration; "
+             "mean KL divergence and top-1 agreement of the next-token distribution against the dense F16 model's, "
+             "averaged over the genres) and timed by `llama-bench` (tokens/s). streamrom models: "
+             "`compress --allocate spectrum --target-params T` on the packaged general calibration set, exported "
+             "f16 (mixed: `--densify`, llama.cpp has no factored linear), then quantized like the dense model. "
+             "*+i*: with an importance matrix from `llama-imatrix` on the calibration set, made per model.", "",
+             "Both source models were themselves dequantised from 4-bit GGUF files (SmolLM2 from Q4_1, Gemma 3 from "
+             "Q4_K_M): re-quantising them at 4 bits or more is nearly free, so the telling comparison is below 4 bits "
+             "and at equal bytes. K-quants need rows of a multiple of 256 values; SmolLM2's 576 (and Gemma 3's 640) "
+             "are not, so llama.cpp stores most matrices of a \"Q2_K\" file in a larger type (column *fallback*): "
+             "the bits per weight are the file's.", ""]
+    for results in all_results:
+        header = results["header"]
+        lines += [f"## {results['model_name']}", "",
+                  f"`{header['command']}` at commit {header['commit'][:12]}, {header['date']}; "
+                  f"{results['chunks']} chunks of 512 tokens per genre ({', '.join(results['eval_texts'])}); speed: "
+                  f"llama-bench, prefill {results['bench']['prompt']} and decode {results['bench']['generate']} tokens.",
+                  "", table(results), ""]
+        lines += [f"![{p}](../../{p})" for p in results.get("pictures", []) if not p.startswith("/")] + [""]
+    return "\n".join(lines)
+
+
+def write_page() -> None:
+    found = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("frontier_*.json"))]
+    PAGE.parent.mkdir(parents=True, exist_ok=True)
+    PAGE.write_text(page([r for r in found if "header" in r]) + "\n")
 
 
 def fallback_tensors(path: Path) -> int:

@@ -1,0 +1,25 @@
+"""Result pages are written by their benchmark scripts from the results JSON, never edited by hand: each
+committed page must equal what its script writes now."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_frontier_page_is_what_its_script_writes():
+    from benchmarks import frontier
+
+    found = [json.loads(p.read_text()) for p in sorted((REPO / "benchmarks" / "results").glob("frontier_*.json"))]
+    assert found, "no frontier results"
+    assert (REPO / "docs" / "results" / "frontier.md").read_text() == frontier.page(found) + "\n"
+
+
+def test_reliability_page_is_what_its_script_writes():
+    from benchmarks import reliability_sweep
+
+    result = REPO / "benchmarks" / "results" / "reliability_sweep.json"
+    if not result.is_file():
+        return  # not run yet: no page either
+    assert (REPO / "docs" / "reliability.md").read_text() == reliability_sweep.page(json.loads(result.read_text())) + "\n"
