@@ -39,6 +39,7 @@ LEVERAGE_RIDGE = 1e-2  # λ of the ridge leverage, relative to the mean diagonal
 # The final refit is solved apart, in float64, with the run's own damping.
 SELECTION_DAMPING = 1e-2
 IN_PLACE_FROM = 4096  # obs_removal: wider moments are updated in place (see there)
+COMPACT_AT = 7 / 8  # ... and their live rows and columns compacted in place when this share of them is left
 
 
 def refit_columns(weight: np.ndarray, moment: np.ndarray, kept: np.ndarray, damping: float,
@@ -105,8 +106,9 @@ def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: floa
     keep = max(0, min(keep, size))
     work_dtype = moment.dtype
     # Up to IN_PLACE_FROM features the live set is compacted every round (later rounds are cheaper);
-    # wider (the MLP at 7B shape: 11008, 485 MB per float32 copy) H and W stay full-size and are
-    # updated in place, the removed rows and columns falling to zero, so no round copies H.
+    # wider (the MLP at 7B shape: 11008, 485 MB per float32 copy) H and W are updated in place, and
+    # compacted in their own buffers whenever an eighth of their rows has died (_compact_in_place), so
+    # no round copies H and the rank-k updates work on the live rows only.
     in_place = size > IN_PLACE_FROM
     if in_place and overwrite_moment and moment.flags.c_contiguous:
         damped_moment = moment  # damped in place (a sum of x xᵀ is symmetric to its rounding; LU needs no symmetry)
@@ -119,14 +121,15 @@ def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: floa
     del damped_moment
     columns = np.array(weight, dtype=work_dtype, copy=True)
     live = np.arange(size)  # original indices of the live features (compacted: of inverse's rows too)
+    place = np.arange(size)  # in place: where the live features sit in inverse's rows and columns' columns
     removed: list[np.ndarray] = []
     costs: list[np.ndarray] = []
     planned = None if order is None else list(order[::-1])  # least important first
     while live.size > keep:
         batch = min(live.size - keep, max(1, live.size // 64))
-        at = live if in_place else slice(None)  # where the live features sit in inverse and columns
+        at = place if in_place else slice(None)  # where the live features sit in inverse and columns
         diagonal = np.clip(np.diag(inverse)[at], 1e-30, None)
-        single = _column_energy(columns, live if in_place else None) / diagonal
+        single = _column_energy(columns, place if in_place else None) / diagonal
         if planned is None:
             chosen = np.argsort(single, kind="stable")[:batch]
         else:
@@ -134,7 +137,7 @@ def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: floa
             chosen = np.array([position[index] for index in planned[:batch]])
             del planned[:batch]
         rest = np.setdiff1d(np.arange(live.size), chosen, assume_unique=True)
-        rows = live[chosen] if in_place else chosen  # the chosen ones' rows in inverse and columns
+        rows = place[chosen] if in_place else chosen  # the chosen ones' rows in inverse and columns
         block = inverse[np.ix_(rows, rows)].astype(np.float64)
         block_inv = np.linalg.pinv(0.5 * (block + block.T), hermitian=True)
         w_r = columns[:, rows].astype(np.float64)
@@ -151,20 +154,48 @@ def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: floa
             columns = columns[:, rest] - columns[:, chosen] @ correction
             inverse = _subtract_product(inverse[np.ix_(rest, rest)], inverse[np.ix_(rest, chosen)], correction)
         live = live[rest]
+        if in_place:
+            place = place[rest]
+            if live.size <= COMPACT_AT * inverse.shape[0]:  # the dead rows and columns would cost flops
+                inverse, columns = _compact_in_place(inverse, columns, place)
+                place = np.arange(live.size)
     # the order kept: the live ones (never removed) first, then the removed, the last removed first
     if order is not None:
         still = set(live.tolist())
         tail = np.array([index for index in order if index in still], dtype=np.int64)
     elif live.size:  # by their single cost at the end (in place: read where they sit, no copy)
-        at = live if in_place else slice(None)
+        at = place if in_place else slice(None)
         diagonal = np.clip(np.diag(inverse)[at], 1e-30, None)
-        tail = live[np.argsort(-(_column_energy(columns, live if in_place else None) / diagonal), kind="stable")]
+        tail = live[np.argsort(-(_column_energy(columns, place if in_place else None) / diagonal), kind="stable")]
     else:
         tail = live
     removed_order = [batch[::-1] for batch in removed[::-1]]
     removed_costs = [cost[::-1] for cost in costs[::-1]]
     return Removal(np.concatenate([tail, *removed_order]).astype(np.int64),
                    np.concatenate([np.full(tail.size, np.inf), *removed_costs]))
+
+
+def _compact_in_place(inverse: np.ndarray, columns: np.ndarray, place: np.ndarray,
+                      rows_at_once: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """inverse[place][:, place] and columns[:, place] moved to the front of their own buffers, returned
+    as C-ordered arrays of the smaller size: no second n x n array. Safe in place because every element
+    moves to a flat index at or before its own (place is ascending), and a band of rows is read whole
+    before it is written."""
+    kept = place.size
+    for matrix, name in ((inverse, "inverse"), (columns, "columns")):
+        if not matrix.flags.c_contiguous:  # (never: both are C-ordered here) a copy, but a correct one
+            matrix = np.ascontiguousarray(matrix)
+        flat = matrix.reshape(-1)
+        count = kept if name == "inverse" else matrix.shape[0]
+        for start in range(0, count, rows_at_once):
+            stop = min(start + rows_at_once, count)
+            source = matrix[place[start:stop]] if name == "inverse" else matrix[start:stop]
+            flat[start * kept:stop * kept] = source[:, place].reshape(-1)
+        if name == "inverse":
+            inverse = flat[:kept * kept].reshape(kept, kept)
+        else:
+            columns = flat[:matrix.shape[0] * kept].reshape(matrix.shape[0], kept)
+    return inverse, columns
 
 
 def _column_energy(columns: np.ndarray, live: np.ndarray | None) -> np.ndarray:
