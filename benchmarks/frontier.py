@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compressed-types", nargs="*", default=["F16", "Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K"],
                         help="llama.cpp types of the streamrom models")
     parser.add_argument("--speed-again", action="store_true", help="measure every file's speed again")
+    parser.add_argument("--speed-only", action="store_true", help="make and score no file: only the speeds missing")
     parser.add_argument("--chunks", type=int, default=8, help="512-token chunks of each held-out text")
     parser.add_argument("--imatrix-chunks", type=int, default=32)
     parser.add_argument("--bench", type=int, nargs=2, default=[256, 32], metavar=("PROMPT", "GENERATE"))
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     dense = dense_folder(args.model, args.work)
     dense_f16, _ = model_file(("dense", None, None), dense, work)
     bases = kl_bases(dense_f16, args.llama_bin, work, args.chunks)
-    for variant in variants(args):
+    for variant in ([] if args.speed_only else variants(args)):
         source, info = model_file(variant, dense, work)
         matrix = importance_matrix(source, args.llama_bin, work, args.imatrix_chunks)
         for qtype in (args.types if variant[1] is None else args.compressed_types):
