@@ -45,7 +45,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 GEMMA_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # besides NORMS, hidden-sized
 GEMMA_HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")  # head_dim-sized
-SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 EMBED = "model.embed_tokens.weight"

