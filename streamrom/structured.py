@@ -156,7 +156,9 @@ def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: floa
         live = live[rest]
         if in_place:
             place = place[rest]
-            if live.size <= COMPACT_AT * inverse.shape[0]:  # the dead rows and columns would cost flops
+            # the dead rows and columns would cost flops in the rounds still to come: worth a copy when
+            # those rounds remove another eighth or more
+            if live.size <= COMPACT_AT * inverse.shape[0] and live.size - keep >= (1 - COMPACT_AT) * live.size:
                 inverse, columns = _compact_in_place(inverse, columns, place)
                 place = np.arange(live.size)
     # the order kept: the live ones (never removed) first, then the removed, the last removed first
