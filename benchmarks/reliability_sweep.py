@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--only", choices=["kill", "fuzz"])
+    parser.add_argument("--commands", nargs="*", default=[], help="kill only these commands (test_kill_sweep.NAMES)")
+    parser.add_argument("--moments", type=int, default=8, help="moments between log lines per command")
     args = parser.parse_args(argv)
     results = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
     results["header"] = header(argv)
@@ -88,8 +90,9 @@ def main(argv: list[str] | None = None) -> None:
         table = REPO / ".cache" / "kill_table.json"
         table.parent.mkdir(exist_ok=True)
         table.unlink(missing_ok=True)
-        code, seconds, summary = pytest("tests/test_kill_sweep.py", {"STREAMROM_KILL_SWEEP": "full",
-                                                                      "STREAMROM_KILL_TABLE": str(table)})
+        code, seconds, summary = pytest("tests/test_kill_sweep.py", {
+            "STREAMROM_KILL_SWEEP": "full", "STREAMROM_KILL_TABLE": str(table), "STREAMROM_KILL_MOMENTS": str(args.moments),
+            "STREAMROM_KILL_COMMANDS": ",".join(args.commands)})
         results["kill"] = {"exit": code, "seconds": seconds, "summary": summary,
                            "table": json.loads(table.read_text()) if table.is_file() else {}}
     if args.only in (None, "fuzz"):

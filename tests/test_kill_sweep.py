@@ -3,7 +3,7 @@ own log lines and at moments between them, then rerun to the end: the outputs ar
 uninterrupted run's, nothing is left behind, the source is untouched (tests/kill_harness.py).
 
 The default run kills each command at one point (its middle log line, or half its uninterrupted time,
-command by command in turn); STREAMROM_KILL_SWEEP=full kills it after every log line and at eight moments,
+command by command in turn); STREAMROM_KILL_SWEEP=full kills it after every log line and at STREAMROM_KILL_MOMENTS (8) moments,
 and writes the table (command x points x result) that `python -m benchmarks.kill_sweep` turns into
 docs/reliability.md. Tiny random-weight models (files and control flow, not accuracy)."""
 from __future__ import annotations
@@ -23,6 +23,7 @@ from test_convert import write_tiny_gguf
 
 FULL = os.environ.get("STREAMROM_KILL_SWEEP") == "full"
 TABLE = os.environ.get("STREAMROM_KILL_TABLE")
+MOMENTS = int(os.environ.get("STREAMROM_KILL_MOMENTS", "8"))  # the long run's moments between log lines
 TEXTS = Path(__file__).resolve().parent.parent / "data" / "eval"
 
 
@@ -92,8 +93,13 @@ NAMES = ["compress rom uniform", "compress structured spectrum", "compress mixed
          "export-gguf --type q8_0", "export-gguf --type q4_0"]
 
 
+ONLY = [n for n in os.environ.get("STREAMROM_KILL_COMMANDS", "").split(",") if n]  # the long run's choice
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_killed_anywhere_then_rerun_is_identical(world, name):
+    if ONLY and name not in ONLY:
+        pytest.skip("not among STREAMROM_KILL_COMMANDS")
     command = commands(world)[name]
     # a fresh study for each point (a finished one would only be read); the killed run's trial is given up
     # after three silent heartbeats (2 s here), then run again by the rerun
@@ -102,7 +108,7 @@ def test_killed_anywhere_then_rerun_is_identical(world, name):
     expected = reference(command)
     if FULL:
         lines = list(range(expected.lines + 1))
-        moments = [expected.seconds * k / 9 for k in range(1, 9)]
+        moments = [expected.seconds * k / (MOMENTS + 1) for k in range(1, MOMENTS + 1)]
     elif NAMES.index(name) % 2:  # the default run: one point per command, a log line or a moment in turn
         lines, moments = [], [expected.seconds / 2]
     else:
