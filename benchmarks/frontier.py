@@ -87,7 +87,7 @@ def variants(args) -> list[tuple[str, str | None, float | None]]:
     """(label, method, target) — the dense model first."""
     rows = [("dense", None, None)]
     rows += [(f"structured {round(100 * (1 - t))} %", "structured", t) for t in args.structured]
-    rows += [(f"mixed {round(100 * (1 - t))} % (densified)", "mixed", t) for t in args.mixed]
+    rows += [(f"mixed {round(100 * (1 - t))} %", "mixed", t) for t in args.mixed]
     return rows
 
 
@@ -109,7 +109,7 @@ def model_file(variant: tuple, dense: Path, work: Path) -> tuple[Path, dict]:
         data = json.loads(report.read_text())
         info.update(parameter_ratio=data.get("parameter_ratio"), compress_report=str(report.relative_to(work)))
     if not gguf.is_file():
-        run(streamrom("export-gguf", folder, gguf, "--type", "f16", *(["--densify"] if method == "mixed" else []),
+        run(streamrom("export-gguf", folder, gguf, "--type", "f16", *(["--densify"] if method is not None else []),
                       "--overwrite"))
     return gguf, info
 
@@ -323,7 +323,7 @@ def page(all_results: list[dict]) -> str:
              "mean KL divergence and top-1 agreement of the next-token distribution against the dense F16 model's, "
              "averaged over the genres) and timed by `llama-bench` (tokens/s). streamrom models: "
              "`compress --allocate spectrum --target-params T` on the packaged general calibration set, exported "
-             "f16 (mixed: `--densify`, llama.cpp has no factored linear), then quantized like the dense model. "
+             "f16 with `--densify` (the factored linears both methods keep where they pay, e.g. q/k, multiplied back: llama.cpp has no factored linear; the files' bytes count them), then quantized like the dense model. "
              "*+i*: with an importance matrix from `llama-imatrix` on the calibration set, made per model.", "",
              "Both source models were themselves dequantised from 4-bit GGUF files (SmolLM2 from Q4_1, Gemma 3 from "
              "Q4_K_M): re-quantising them at 4 bits or more is nearly free, so the telling comparison is below 4 bits "
