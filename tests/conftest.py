@@ -144,3 +144,27 @@ def reference(deep_tiny, tiny_tokens, tmp_path_factory) -> dict[str, bytes]:
     assert result.returncode == 0, result.stderr
     assert not (output / ".streamrom-progress.json").exists() and not (output / ".streamrom-work").exists()
     return model_files(output)
+
+
+# -- test tiers: `pytest -m unit` is the inner loop; .ci/run runs every tier --------------------------------
+RELIABILITY_MODULES = {"test_data_safety", "test_reliability", "test_kill_sweep", "test_hostile_inputs",
+                       "test_paths_and_extremes", "test_study"}
+CONTRACT_MODULES = {"test_architectures", "test_transformers_load", "test_modeling"}
+REAL_MODEL_FIXTURES = {"smollm2_dir", "smollm2_sharded", "smollm2_gguf", "gemma3_dir", "gemma3_gguf"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test gets one tier: reliability (kills, faults, fuzzing, real processes), real_model (a real
+    pretrained model), contract (architectures against transformers' own, tiny random weights), or unit."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in RELIABILITY_MODULES:
+            tier = "reliability"
+        elif REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or module in ("test_gemma3",
+                                                                                          "test_identical_outputs"):
+            tier = "real_model"
+        elif module in CONTRACT_MODULES:
+            tier = "contract"
+        else:
+            tier = "unit"
+        item.add_marker(getattr(pytest.mark, tier))
