@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -172,8 +173,11 @@ class GGUFModel:
         except Exception as exc:
             raise InputError(f"cannot read {path} as GGUF: {exc}") from None
         # Plain values only: the reader's per-item field views of a 50k-token vocabulary weigh ~150 MB.
-        self.metadata = {name: field.contents() for name, field in reader.fields.items()
-                         if not name.startswith("GGUF.")}
+        try:  # a damaged string (not UTF-8) or array fails only when its contents are read
+            self.metadata = {name: field.contents() for name, field in reader.fields.items()
+                             if not name.startswith("GGUF.")}
+        except Exception as exc:
+            raise InputError(f"cannot read the metadata of {path} as GGUF: {type(exc).__name__}: {exc}") from None
         self.arch = self.value("general.architecture", kind="string")
         if self.arch not in GGUF_ARCHITECTURES:
             raise InputError(f"{path}: GGUF architecture {self.arch!r} is not supported "
@@ -200,11 +204,11 @@ class GGUFModel:
         name = tensor.name
         stem, _, kind = name.rpartition(".")
         block_names = BLOCK_NAMES_OF.get(self.arch, BLOCK_NAMES)
+        block = re.fullmatch(r"blk\.(\d{1,9})\.(.+)", stem)
         if stem in GLOBAL_NAMES:
             hf = f"{GLOBAL_NAMES[stem]}.{kind}"
-        elif stem.startswith("blk.") and stem.split(".", 2)[2] in block_names:
-            _, index, key = stem.split(".", 2)
-            hf = f"model.layers.{int(index)}.{block_names[key]}.{kind}"
+        elif block is not None and block.group(2) in block_names:
+            hf = f"model.layers.{int(block.group(1))}.{block_names[block.group(2)]}.{kind}"
         else:
             raise InputError(f"{self.path}: tensor {name!r} has no Hugging Face {self.arch} counterpart "
                              "(e.g. llama3 rope_freqs or an unsupported variant)")

@@ -67,6 +67,8 @@ def _byte_level_bpe(model: GGUFModel, tokens: list[str], types: list[int]) -> An
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     merges = [tuple(merge.split(" ", 1)) for merge in model.value("tokenizer.ggml.merges", [], "list of strings")]
+    if any(len(merge) != 2 for merge in merges):
+        raise InputError(f"{model.path}: GGUF tokenizer.ggml.merges holds an entry that is not two tokens and a space")
     tokenizer = Tokenizer(models.BPE(vocab={text: i for i, text in enumerate(tokens)}, merges=merges,
                                      fuse_unk=False, byte_fallback=False))
     pre = model.value("tokenizer.ggml.pre", "default", "string")
