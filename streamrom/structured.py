@@ -177,27 +177,23 @@ def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: floa
                    np.concatenate([np.full(tail.size, np.inf), *removed_costs]))
 
 
-def _compact_in_place(inverse: np.ndarray, columns: np.ndarray, place: np.ndarray,
-                      rows_at_once: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """inverse[place][:, place] and columns[:, place] moved to the front of their own buffers, returned
-    as C-ordered arrays of the smaller size: no second n x n array. Safe in place because every element
-    moves to a flat index at or before its own (place is ascending), and a band of rows is read whole
-    before it is written."""
-    kept = place.size
-    for matrix, name in ((inverse, "inverse"), (columns, "columns")):
-        if not matrix.flags.c_contiguous:  # (never: both are C-ordered here) a copy, but a correct one
-            matrix = np.ascontiguousarray(matrix)
-        flat = matrix.reshape(-1)
-        count = kept if name == "inverse" else matrix.shape[0]
-        for start in range(0, count, rows_at_once):
-            stop = min(start + rows_at_once, count)
-            source = matrix[place[start:stop]] if name == "inverse" else matrix[start:stop]
-            flat[start * kept:stop * kept] = source[:, place].reshape(-1)
-        if name == "inverse":
-            inverse = flat[:kept * kept].reshape(kept, kept)
-        else:
-            columns = flat[:matrix.shape[0] * kept].reshape(matrix.shape[0], kept)
-    return inverse, columns
+def _compact_in_place(inverse: np.ndarray, columns: np.ndarray, place: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """inverse[place][:, place] and columns[:, place], each moved to the front of its own buffer and
+    returned as a C-ordered array of the smaller size: no second n x n array."""
+    return _compact(inverse, place, place), _compact(columns, np.arange(columns.shape[0]), place)
+
+
+def _compact(matrix: np.ndarray, rows: np.ndarray, place: np.ndarray, rows_at_once: int = 256) -> np.ndarray:
+    """matrix[rows][:, place] written over the front of matrix's own buffer. Safe in place because
+    rows and place are ascending, so every element moves to a flat index at or before its own, and a
+    band of rows is read whole before it is written."""
+    if not matrix.flags.c_contiguous:  # (never: both matrices are C-ordered here) a copy, but a correct one
+        matrix = np.ascontiguousarray(matrix)
+    flat, kept = matrix.reshape(-1), place.size
+    for start in range(0, rows.size, rows_at_once):
+        stop = min(start + rows_at_once, rows.size)
+        flat[start * kept:stop * kept] = matrix[rows[start:stop]][:, place].reshape(-1)
+    return flat[:rows.size * kept].reshape(rows.size, kept)
 
 
 def _column_energy(columns: np.ndarray, live: np.ndarray | None) -> np.ndarray:

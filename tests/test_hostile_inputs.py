@@ -441,6 +441,16 @@ def test_tokenizer_json_that_is_not_json(checkpoint, text):
 
 
 # -- .npy token files, --spectra files, --ranks-from reports ------------------------------------------
+def damaged(data: bytes, flips: list[tuple[int, int]], cut: int | None) -> bytes:
+    """`data` with each (where, byte) of `flips` written in (where taken modulo its length), then cut at `cut`."""
+    data = bytearray(data)
+    for where, value in flips:
+        data[where % len(data)] = value
+    if cut is not None:
+        del data[cut:]
+    return bytes(data)
+
+
 def _npy(array) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
@@ -456,13 +466,8 @@ def _npy(array) -> bytes:
 def test_fuzzed_token_npy(tmp_path_factory, array, flips, cut):
     from streamrom.calibration import load_token_file
 
-    data = bytearray(_npy(array))
-    for where, value in flips:
-        data[where % len(data)] = value
-    if cut is not None:
-        del data[cut:]
     path = tmp_path_factory.mktemp("npy") / "tokens.npy"
-    path.write_bytes(bytes(data))
+    path.write_bytes(damaged(_npy(array), flips, cut))
     outcome(".npy tokens", lambda: load_token_file(path, 256))
 
 
@@ -474,13 +479,8 @@ def test_fuzzed_spectra_file(tmp_path_factory, flips, cut):
 
     buffer = io.BytesIO()
     np.savez(buffer, **{"model.layers.0.mlp.up_proj": np.linspace(1, 0, 16), "fingerprint": np.array("abc")})
-    data = bytearray(buffer.getvalue())
-    for where, value in flips:
-        data[where % len(data)] = value
-    if cut is not None:
-        del data[cut:]
     path = tmp_path_factory.mktemp("npz") / "spectra.npz"
-    path.write_bytes(bytes(data))
+    path.write_bytes(damaged(buffer.getvalue(), flips, cut))
     outcome("--spectra", lambda: read_saved(path))
 
 
