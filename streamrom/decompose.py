@@ -42,6 +42,9 @@ class Factors:
         return self.reduce_weight.shape[0]
 
 
+CHOLESKY_JITTERS = (1e-6, 1e-4)  # InputMoments.cholesky: tried in turn where C itself fails
+
+
 def damped(moment: np.ndarray, damping: float) -> np.ndarray:
     """(moment + momentᵀ)/2 + damping·mean(diag)·I, as a new array in the moment's dtype.
 
@@ -122,13 +125,25 @@ class InputMoments:
         return damped(input_moment_matrix(self.second_moment, self.mean, self.centered, with_bias), self.damping)
 
     def cholesky(self, with_bias: bool) -> np.ndarray | None:
-        """C's lower Cholesky factor, once per group (a twelfth of an eigen-solve's work); None where C
-        is not numerically positive (short calibration without damping)."""
+        """C's lower Cholesky factor, once per group (a twelfth of an eigen-solve's work). Where C is
+        not numerically positive (a centered moment from no more tokens than its width, or float32
+        rounding of a nearly singular one) the factor of C + εI, ε the first of CHOLESKY_JITTERS
+        (of C's mean diagonal) that succeeds: a change below the sampling noise of a moment from so few
+        tokens, where the eigen-solve of a square root would cost as much as the eigen-solve the
+        factor serves. None if even that fails."""
         if with_bias not in self._cholesky:
-            try:
-                self._cholesky[with_bias] = scipy.linalg.cholesky(self.matrix(with_bias), lower=True, check_finite=False)
-            except np.linalg.LinAlgError:
-                self._cholesky[with_bias] = None
+            matrix = self.matrix(with_bias)
+            scale, previous = max(float(np.mean(np.diag(matrix))), 1e-30), 0.0
+            self._cholesky[with_bias] = None
+            for jitter in (0.0, *CHOLESKY_JITTERS):
+                if jitter:  # (the diagonal gains the difference from the previous try)
+                    matrix[np.diag_indices_from(matrix)] += (jitter - previous) * scale
+                previous = jitter
+                try:
+                    self._cholesky[with_bias] = scipy.linalg.cholesky(matrix, lower=True, check_finite=False)
+                    break
+                except np.linalg.LinAlgError:
+                    continue
         return self._cholesky[with_bias]
 
     def root(self, with_bias: bool) -> np.ndarray:
@@ -232,36 +247,26 @@ def direction_costs(moments: InputMoments, weight: np.ndarray, bias: np.ndarray 
     """sensitivity_weighted over the top min(out, in) directions of W̃ C W̃ᵀ (descending): what
     dropping each direction ROM keeps would cost, in the order ROM keeps them.
 
-    Where out > in (gate/up) no out-wide array is formed: with A = W̃ L (C = L Lᵀ) and Aᵀ A = Q Λ Qᵀ,
-    direction k is v_k = A q_k / √λ_k, so λ_k · v_kᵀ S v_k = q_kᵀ (Aᵀ S A) q_k, and both Aᵀ A and
-    Aᵀ S A are in x in products Lᵀ (W̃ᵀ S W̃) L, W̃ read in bands of rows. At 7B shape this replaces
-    the 11008 x 4096 basis, W·L and their QR copies (1.3 GB) with a few 4096² matrices.
+    Where out > in (gate/up) no out-wide eigenproblem is solved: with A = W̃ L (C = L Lᵀ) and
+    Aᵀ A = Q Λ Qᵀ, direction k is v_k = A q_k / √λ_k, so λ_k · v_kᵀ S v_k = q_kᵀ (Aᵀ S A) q_k, and both
+    Aᵀ A and Aᵀ S A are in x in Gram products of A: one triangular product W̃ L, then two syrk on it
+    (the second on S½ A, scaled in place), a third of the work of forming W̃ᵀ S W̃ and multiplying it
+    by L from both sides.
     """
     w_tilde_shape = (weight.shape[0], weight.shape[1] + (bias is not None and not moments.centered))
     if w_tilde_shape[0] <= w_tilde_shape[1]:
         values, vectors = output_eigenpairs(moments, weight, bias)
         return sensitivity_weighted(values, vectors, feature_sensitivity.astype(vectors.dtype, copy=False))
-    with_bias = w_tilde_shape[1] > weight.shape[1]
-    dtype = moments.second_moment.dtype
-    plain, weighted = _row_grams(weight, bias if with_bias else None, feature_sensitivity, dtype)
-    # Lᵀ M L = ((M L)ᵀ L)ᵀ for a symmetric M: two triangular products
-    plain, weighted = (moments.times_root(moments.times_root(m, with_bias).T, with_bias).T for m in (plain, weighted))
-    _, rotations = top_eigenvectors(damped(plain, 0.0), w_tilde_shape[1])
+    w_tilde, with_bias = moments.augmented_weight(weight, bias)
+    a = moments.times_root(w_tilde, with_bias)  # a new array: scaled in place below
+    del w_tilde
+    plain = gram(a, rows=False)  # the upper triangle, as top_eigenvectors reads it
+    a *= np.sqrt(np.clip(feature_sensitivity, 0.0, None)).astype(a.dtype, copy=False)[:, None]
+    weighted = gram(a, rows=False)
+    del a
+    _, rotations = top_eigenvectors(plain, w_tilde_shape[1], lower=False)
+    weighted += np.triu(weighted, 1).T  # both triangles for the product
     return np.einsum("ik,ik->k", rotations, weighted @ rotations)
-
-
-def _row_grams(weight: np.ndarray, bias: np.ndarray | None, row_weights: np.ndarray, dtype,
-               band: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """W̃ᵀ W̃ and W̃ᵀ diag(row_weights) W̃ (W̃ = [W b] with a bias), in one pass over bands of W's rows."""
-    size = weight.shape[1] + (bias is not None)
-    plain, weighted = np.zeros((size, size), dtype=dtype), np.zeros((size, size), dtype=dtype)
-    for start in range(0, weight.shape[0], band):
-        rows = weight[start:start + band].astype(dtype)
-        if bias is not None:
-            rows = np.hstack([rows, bias[start:start + band, None].astype(dtype)])
-        plain += rows.T @ rows
-        weighted += (rows * row_weights[start:start + band, None].astype(dtype)).T @ rows
-    return plain, weighted
 
 
 def sensitivity_weighted(values: np.ndarray, vectors: np.ndarray, feature_sensitivity: np.ndarray) -> np.ndarray:

@@ -141,7 +141,7 @@ def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: floa
         block = inverse[np.ix_(rows, rows)].astype(np.float64)
         block_inv = np.linalg.pinv(0.5 * (block + block.T), hermitian=True)
         w_r = columns[:, rows].astype(np.float64)
-        joint = float(np.einsum("ij,jk,ik->", w_r, block_inv, w_r))
+        joint = float(np.sum((w_r @ block_inv) * w_r))  # tr(W_R H_RR⁻¹ W_Rᵀ), by a GEMM
         share = single[chosen] / max(float(single[chosen].sum()), 1e-300)
         removed.append(live[chosen])
         costs.append(max(joint, 0.0) * share)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 import pytest
 
 from streamrom import decompose
@@ -253,19 +254,40 @@ def test_gram_and_triangular_products_equal_the_plain_ones(dtype, shape):
 
 
 @pytest.mark.parametrize("out_f,in_f", [(24, 40), (64, 40), (40, 40)])
-def test_singular_input_moment_falls_back_to_the_eigen_root_and_stays_optimal(out_f, in_f):
-    """An input feature that never fires (a zero row and column in C, no damping): no Cholesky
-    factor exists, the square root from C's eigendecomposition is taken, and the basis is still the
-    best rank-r fit of the outputs."""
+def test_singular_input_moment_is_factored_with_a_jitter_and_stays_optimal(out_f, in_f):
+    """An input feature that never fires (a zero row and column in C, no damping): C has no Cholesky
+    factor, C + εI does (ε the first of CHOLESKY_JITTERS that succeeds, relative to C's mean
+    diagonal), and the basis is still the best rank-r fit of the outputs to that order."""
     rng = np.random.default_rng(out_f * in_f)
     x = correlated_inputs(rng, in_f, 500)
     x[3] = 0.0
     weight = rng.standard_normal((out_f, in_f))
     second, mean = moments(x)
+    with pytest.raises(np.linalg.LinAlgError):
+        scipy.linalg.cholesky(second, lower=True)
     group = decompose.InputMoments(second, mean)
-    assert group.cholesky(False) is None
-    np.testing.assert_allclose(group.root(False) @ group.root(False).T, second, atol=1e-10)
+    factor = group.cholesky(False)
+    assert factor is not None
+    jitter = factor @ factor.T - second
+    scale = np.mean(np.diag(second))
+    np.testing.assert_allclose(np.diag(jitter), decompose.CHOLESKY_JITTERS[0] * scale, rtol=1e-6)
+    np.testing.assert_allclose(jitter - np.diag(np.diag(jitter)), 0, atol=1e-12 * scale)
     for rank in (4, 12):
         basis = group.rom_basis(weight, None, rank)
         error = np.linalg.norm(weight @ x - reconstruct(decompose.factorise(weight, None, basis), x))
-        assert error == pytest.approx(best_error(weight @ x, rank), rel=1e-7)
+        assert error == pytest.approx(best_error(weight @ x, rank), rel=1e-5)
+
+
+def test_indefinite_input_moment_falls_back_to_the_clipped_eigen_root():
+    """A moment with a negative eigenvalue beyond every jitter (no real moment has one, but rounding
+    can give a small one): no factor, and the square root from C's eigendecomposition, negative
+    eigenvalues clipped to zero, serves instead."""
+    rng = np.random.default_rng(7)
+    vectors = np.linalg.qr(rng.standard_normal((12, 12)))[0]
+    values = np.linspace(1.0, 2.0, 12)
+    values[0] = -0.5
+    second = (vectors * values) @ vectors.T
+    group = decompose.InputMoments(second, np.zeros(12))
+    assert group.cholesky(False) is None
+    root = group.root(False)
+    np.testing.assert_allclose(root @ root.T, (vectors * np.clip(values, 0, None)) @ vectors.T, atol=1e-12)
