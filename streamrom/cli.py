@@ -245,7 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="llama.cpp's llama-quantize (default: $STREAMROM_LLAMA_QUANTIZE, else the one on PATH)")
     exp.add_argument("--imatrix", type=Path, metavar="FILE",
                      help="with a llama-quantize --type: an importance matrix (llama.cpp's imatrix GGUF) to weigh "
-                          "the quantisation error by")
+                          "the quantisation error by (default: a checkpoint written by compress brings its own, "
+                          "the input energies of its calibration)")
+    exp.add_argument("--no-imatrix", action="store_true",
+                     help="quantize without an importance matrix, even the checkpoint's own")
     exp.add_argument("--densify", action="store_true",
                      help="multiply factored linears back into dense matrices (the file grows by what they saved)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -356,12 +359,14 @@ def _run(args: argparse.Namespace) -> None:
         _Interrupt.check()
         written = export_gguf(args.checkpoint, args.output, args.tensor_type, densify=args.densify,
                               overwrite=args.overwrite, llama_quantize=args.llama_quantize, imatrix=args.imatrix,
-                              threads=args.threads)
+                              threads=args.threads, own_imatrix=not args.no_imatrix)
         extra = (f"; {len(written['densified_linears'])} factored linears multiplied back "
                  f"(+{written['densified_parameters']:,} parameters)" if written["densified_linears"] else "")
         padded = f"; {written['padded_parameters']:,} parameters of zero padding" if written["padded_parameters"] else ""
+        weighed = {"given": "; quantized with the given importance matrix",
+                   "checkpoint": "; quantized with the checkpoint's own importance matrix"}.get(written.get("imatrix"), "")
         print(f"exported {args.checkpoint} -> {args.output}: llama.cpp architecture {written['architecture']}, "
-              f"{written['tensors']} tensors, {written['bytes'] / 2**20:.1f} MiB{extra}{padded}")
+              f"{written['tensors']} tensors, {written['bytes'] / 2**20:.1f} MiB{extra}{padded}{weighed}")
     elif args.command == "tune-worker":
         from .pipeline import tune_worker
 

@@ -26,6 +26,7 @@ from .activations import (DENSE_FILE_NAMES, FILE_NAMES, ActivationBuffer, Activa
 from .checkpoint import CheckpointReader, CheckpointWriter, shard_is_complete
 from .config import PRECISIONS, CompressConfig
 from .errors import NumericalError
+from .importance import BlockEnergies, load_block, save_block, write_importance
 from .memory import RSSMonitor, release_freed_memory
 from .architectures import ARCHITECTURES, UNIT_NAMES, UNITS
 from .modeling import BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD, Block, BlockValues, Rotary, block_class, block_prefix
@@ -102,7 +103,7 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
                    outputs: ActivationBuffer | None, cache: BlockCache, cos: torch.Tensor, sin: torch.Tensor,
                    config: CompressConfig, chunk_sequences: int, timer: StageTimer,
                    block_label: str = "", target_from: int | None = None, scratch: Path | None = None,
-                   dense: DenseStream | None = None) -> None:
+                   dense: DenseStream | None = None, energies: BlockEnergies | None = None) -> None:
     """Replace the planned linears of `block` by the method's modules, one group after the other, and
     write the compressed block's outputs for `inputs` to `outputs` (unless None).
 
@@ -118,6 +119,9 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
     next block's dense inputs, the values the fits anchor to wait on disk), and each group's fit is
     anchored to them (decompose.Anchor) — except while both streams are still equal (nothing upstream
     compressed), where the anchored fit is the plain one and the plain one runs.
+
+    With `energies`, the last pass (the outputs', or for the last block one of its own) also sums
+    the squares of what each of the compressed block's linears reads (importance.BlockEnergies).
     """
     method = config.compression_method
     work_dtype = PRECISIONS[config.precision]
@@ -210,11 +214,15 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
                 method.compress_group(block, group, todo, moments, at_output, work_dtype, config.damping, anchor)
             del moments, statistics, anchor
         release_freed_memory()
-    if outputs is not None:
+    if outputs is not None or energies is not None:
         with timer("forward"):
             for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
-                result = chunk_values(start, stop)["output"]
-                outputs.write(start, require_finite(result, f"leave {block_label.rstrip('.')}"))
+                values = chunk_values(start, stop)
+                if outputs is not None:
+                    outputs.write(start, require_finite(values["output"], f"leave {block_label.rstrip('.')}"))
+                if energies is not None:
+                    energies.add(values)
+                del values
 
 
 def _block_tensors(block: Block, index: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -377,10 +385,14 @@ class _BlockSteps:
         if dense is not None and inputs is not None:
             stream = DenseStream(dense.inputs, dense.outputs if has_next else None,
                                  self.dense_value(inputs.shape[:2]), self.config.anchor)
+        energies = BlockEnergies(block.GROUPS) if inputs is not None and uses_calibration else None
         compress_block(block, block_plan(self.plan, index), inputs, activations.outputs if has_next else None,
                        cache, self.cos, self.sin, self.config, self.chunk_sequences, self.timer,
                        block_label=block_prefix(index), target_from=self.target_from, scratch=self.work,
-                       dense=stream)
+                       dense=stream, energies=energies)
+        if energies is not None:  # before the progress record counts the block
+            save_block(self.work / importance_block_file(index), energies.per_linear(block_prefix(index)),
+                       energies.tokens)
         fault_point(f"during-block-{index}")
         if has_next:
             activations.outputs.sync()
@@ -475,6 +487,7 @@ def _write_tail(reader: CheckpointReader, writer: CheckpointWriter, config: Comp
         },
         "calibration": {"sequences": sequences, "seqlen": seqlen, "seed": config.calibration.seed},
     }
+    _write_importance(writer.folder, spec.num_layers, work)
     extra_files = [HF_MODELING_FILE]
     if not any(ranks.values()) and not any(unit.widths_key in out_config for unit in UNITS):
         # dense tensors of the source's shapes (one MLP width, no factors): a plain checkpoint of the
@@ -488,6 +501,20 @@ def _write_tail(reader: CheckpointReader, writer: CheckpointWriter, config: Comp
         out_config["auto_map"] = {"AutoModelForCausalLM": f"{HF_MODELING_FILE.stem}.{model_class}"}
         out_config["architectures"] = [model_class]
     writer.finish(out_config, [*reader.tokenizer_files(), *extra_files])
+
+
+def importance_block_file(index: int) -> str:
+    return f"importance-{index:05d}.npz"
+
+
+def _write_importance(output: Path, num_layers: int, work: Path) -> None:
+    """importance.IMPORTANCE_FILE from every block's saved energies; left out (logged) where a block's
+    are missing (a method without calibration, or blocks compressed by an older version)."""
+    blocks = [load_block(work / importance_block_file(index)) for index in range(num_layers)]
+    if all(block is not None for block in blocks):
+        write_importance(output, blocks, work)
+    else:
+        log.info("no importance file: input energies were not summed for every block")
 
 
 def _layer_widths(spec, widths: dict[str, int]) -> dict[str, object]:

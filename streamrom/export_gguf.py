@@ -46,6 +46,7 @@ from .layout import (GGUF_TYPES as TYPES, LLAMA_QUANTIZE_TYPES, LLAMA_QUANTIZE_V
                      read_json)
 from .convert import BLOCK_NAMES, BLOCK_NAMES_OF, NORMS_STORED_PLUS_ONE
 from .errors import InputError, OutputError, UsageError, write_failure
+from .importance import IMPORTANCE_FILE, read_importance
 from .gguf_vocab import SPLIT_PRE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED
 from .modeling import block_prefix, rope_inverse_frequencies
 
@@ -83,14 +84,17 @@ class _Tensor:
 
 def export_gguf(checkpoint: str | Path, output: str | Path, tensor_type: str = "source", densify: bool = False,
                 overwrite: bool = False, llama_quantize: str | Path | None = None,
-                imatrix: str | Path | None = None, threads: int | None = None) -> dict[str, Any]:
+                imatrix: str | Path | None = None, threads: int | None = None,
+                own_imatrix: bool = True) -> dict[str, Any]:
     """Write `checkpoint` as the GGUF file `output`. Returns what was written (architecture, tensors,
     bytes, parameters re-added by padding or densifying).
 
     A type of LLAMA_QUANTIZE_TYPES is made by llama.cpp's own quantizer: the f16 export is written as a
     temporary beside `output`, then `llama-quantize` (`llama_quantize`, else $STREAMROM_LLAMA_QUANTIZE,
     else the one on PATH), with the importance matrix `imatrix` if given (llama.cpp's imatrix GGUF),
-    quantizes it into `output`; the file appears under its name only when complete."""
+    quantizes it into `output`; the file appears under its name only when complete. Without `imatrix`,
+    a checkpoint that compress wrote with its input energies (importance.IMPORTANCE_FILE) hands those to
+    the quantizer as its importance matrix (`own_imatrix`; False: none)."""
     try:
         import gguf
     except ImportError:
@@ -101,6 +105,8 @@ def export_gguf(checkpoint: str | Path, output: str | Path, tensor_type: str = "
     if imatrix is not None and quantizer is None:
         raise UsageError(f"--imatrix is read by llama.cpp's quantizer: give a --type it makes "
                          f"({', '.join(LLAMA_QUANTIZE_TYPES)})")
+    if imatrix is not None and not own_imatrix:
+        raise UsageError("--imatrix and --no-imatrix contradict each other: give one")
     if imatrix is not None:
         check_imatrix(Path(imatrix))
     output = Path(output)
@@ -111,12 +117,18 @@ def export_gguf(checkpoint: str | Path, output: str | Path, tensor_type: str = "
         raise OutputError(f"{output} is a folder: give the .gguf file's path")
     if quantizer is not None:
         unquantized = output.with_name(f".{output.name}.f16.tmp")
+        own = output.with_name(f".{output.name}.imatrix.tmp")
         try:
             summary = export_gguf(checkpoint, unquantized, "f16", densify, overwrite=True)
+            source = "given" if imatrix is not None else None
+            if imatrix is None and own_imatrix and write_llama_imatrix(Path(checkpoint), own, densify):
+                imatrix, source = own, "checkpoint"
+                log.info("export-gguf: importance matrix from the checkpoint's own calibration (%s)", IMPORTANCE_FILE)
             _run_llama_quantize(quantizer, unquantized, output, tensor_type, imatrix, threads)
         finally:
             unquantized.unlink(missing_ok=True)
-        return {**summary, "bytes": output.stat().st_size}
+            own.unlink(missing_ok=True)
+        return {**summary, "bytes": output.stat().st_size, "imatrix": source}
     reader = CheckpointReader(Path(checkpoint))
     spec = reader.spec
     plan = _Plan(reader, spec, tensor_type, densify)
@@ -153,6 +165,44 @@ def export_gguf(checkpoint: str | Path, output: str | Path, tensor_type: str = "
         log.info("export-gguf: narrowed widths padded back with zeros: %d parameters more than the checkpoint "
                  "holds (llama.cpp has one head size per model, one MLP width but in deci)", plan.padded)
     return summary
+
+
+def write_llama_imatrix(checkpoint: Path, path: Path, densify: bool) -> bool:
+    """llama.cpp's importance matrix (a GGUF of general.type "imatrix": per matrix `<name>.in_sum2`, the
+    sums of squares of its input columns, and `<name>.counts`, the tokens summed over) from the
+    checkpoint's importance.IMPORTANCE_FILE, each vector laid out as the exported matrix's columns
+    (narrowed heads and MLPs padded back with zeros, where the weights are zero too). False where the
+    checkpoint has none."""
+    import gguf
+
+    found = read_importance(checkpoint)
+    if found is None:
+        return False
+    sums, tokens = found
+    reader = CheckpointReader(checkpoint)
+    plan = _Plan(reader, reader.spec, "f16", densify)
+    seqlen = int(read_json(checkpoint / "config.json", "config.json").get("streamrom", {})
+                 .get("calibration", {}).get("seqlen", 512))
+    writer = gguf.GGUFWriter(path, plan.architecture)
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", ["streamrom compress calibration"])
+    writer.add_uint32("imatrix.chunk_count", max(1, tokens // seqlen))
+    writer.add_uint32("imatrix.chunk_size", seqlen)
+    for index in range(reader.spec.num_layers):
+        for hf, short in plan.block_tensors.items():
+            name = f"{block_prefix(index)}{hf}"
+            if hf.endswith("norm"):
+                continue
+            if name not in sums:
+                raise InputError(f"{checkpoint / IMPORTANCE_FILE} has no energies for {name}")
+            columns = plan.input_layout(index, hf, sums[name])
+            writer.add_tensor(f"blk.{index}.{short}.weight.in_sum2", columns.astype(np.float32))
+            writer.add_tensor(f"blk.{index}.{short}.weight.counts", np.array([tokens], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return True
 
 
 def check_imatrix(path: Path) -> None:
@@ -398,6 +448,12 @@ class _Plan:
                     bias += self._read(f"{name}.expand.bias")
             return self._to_gguf_layout(index, linear, bias[:, None], bias=True)[:, 0]
         return _Tensor(gguf_name, shape, "f32", make)
+
+    def input_layout(self, index: int, linear: str, columns: np.ndarray) -> np.ndarray:
+        """A vector over the linear's input columns (as the checkpoint stores it) laid out as the GGUF
+        matrix's columns: o_proj's narrowed heads and down's narrowed MLP padded back with zeros."""
+        return self._to_gguf_layout(index, linear, np.ones((1, columns.size)) * columns)[0] if linear in (
+            "self_attn.o_proj", "mlp.down_proj") else columns
 
     def _to_gguf_layout(self, index: int, linear: str, rows: np.ndarray, bias: bool = False) -> np.ndarray:
         """A weight (or a bias, as one column) padded back to full heads where structured ROM narrowed

@@ -19,6 +19,7 @@ import torch
 
 import streamrom
 from streamrom import CalibrationConfig, CompressConfig
+from streamrom.checkpoint import CheckpointReader
 from streamrom.errors import EXIT_INPUT, EXIT_OUTPUT
 
 gguf = pytest.importorskip("gguf")
@@ -384,3 +385,68 @@ def test_llama_quantize_makes_k_quants(tmp_path):
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "out.gguf").tensors}
     assert kinds["blk.0.attn_q.weight"] in ("Q4_K", "Q5_K", "Q6_K") and kinds["blk.0.attn_norm.weight"] == "F32"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def _compressed_with_tokenizer(tmp_path: Path, hidden: int = 64) -> Path:
+    """The tiny llama with a tokenizer, compressed by structured ROM (narrower MLPs and value heads)."""
+    source = _tiny_with_tokenizer(tmp_path, hidden=hidden)
+    tokens = tmp_path / "tokens.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, TINY_COMMON["vocab_size"], size=4096))
+    streamrom.compress(source, tmp_path / "small", streamrom.CompressConfig(
+        method="structured", ratio=0.6, calibration=streamrom.CalibrationConfig(token_file=tokens, sequences=8,
+                                                                                 seqlen=64)))
+    return tmp_path / "small"
+
+
+def test_the_checkpoints_input_energies_become_llama_cpps_importance_matrix(tmp_path):
+    """write_llama_imatrix: a GGUF of general.type "imatrix" with, per block linear, `in_sum2` laid out as
+    the exported matrix's columns (the narrowed heads and MLP padded back with zeros, as the weights
+    are) and `counts` the calibration tokens."""
+    import gguf
+
+    from streamrom.export_gguf import check_imatrix, write_llama_imatrix
+    from streamrom.importance import read_importance
+
+    compressed = _compressed_with_tokenizer(tmp_path)
+    spec = CheckpointReader(compressed).spec
+    assert spec.layer_value_head_dims or spec.layer_intermediate_sizes or spec.intermediate_size < 160
+    assert cli("export-gguf", compressed, tmp_path / "m.gguf", "--type", "f32", "--densify").returncode == 0
+    columns = {t.name: int(t.shape[0]) for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}  # ne0: the input
+    assert write_llama_imatrix(compressed, tmp_path / "m.imatrix.gguf", densify=True)
+    check_imatrix(tmp_path / "m.imatrix.gguf")
+    matrix = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "m.imatrix.gguf").tensors}
+    sums, tokens = read_importance(compressed)
+    names = {f"blk.{i}.{short}.weight": f"model.layers.{i}.{hf}" for i in range(spec.num_layers)
+             for short, hf in (("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
+                               ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                               ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj"))}
+    assert set(matrix) == {f"{n}.{part}" for n in names for part in ("in_sum2", "counts")}
+    padded = 0
+    for gguf_name, hf in names.items():
+        energies = matrix[f"{gguf_name}.in_sum2"]
+        assert energies.size == columns[gguf_name], gguf_name
+        assert matrix[f"{gguf_name}.counts"].tolist() == [tokens]
+        np.testing.assert_allclose(np.sort(energies[energies > 0]), np.sort(sums[hf][sums[hf] > 0]), rtol=1e-6)
+        padded += energies.size - sums[hf].size
+    assert padded > 0  # something was narrowed, so the layout was tested
+    assert not write_llama_imatrix(_tiny_with_tokenizer(tmp_path / "dense"), tmp_path / "none.gguf", densify=False)
+
+
+@pytest.mark.skipif(_llama_quantize() is None, reason="llama.cpp's llama-quantize is not installed "
+                                                      "(set STREAMROM_LLAMA_QUANTIZE; docs/gguf.md)")
+def test_llama_quantize_is_handed_the_checkpoints_own_importance_matrix(tmp_path):
+    compressed = _compressed_with_tokenizer(tmp_path, hidden=256)
+    files = {}
+    for label, extra in (("own", []), ("none", ["--no-imatrix"])):
+        files[label] = tmp_path / f"{label}.gguf"
+        result = subprocess.run([sys.executable, "-m", "streamrom.cli", "export-gguf", str(compressed),
+                                 str(files[label]), "--type", "q2_k", "--llama-quantize", _llama_quantize(), "--densify", *extra],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert ("checkpoint's own importance matrix" in result.stdout) == (label == "own"), result.stdout
+    assert files["own"].read_bytes() != files["none"].read_bytes()  # the matrix weighed the rounding
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".own", ".none"))]
+    both = subprocess.run([sys.executable, "-m", "streamrom.cli", "export-gguf", str(compressed),
+                           str(tmp_path / "x.gguf"), "--type", "q2_k", "--llama-quantize", _llama_quantize(),
+                           "--densify", "--no-imatrix", "--imatrix", str(tmp_path / "own.gguf")], capture_output=True, text=True)
+    assert both.returncode == 2 and len(both.stderr.splitlines()) == 1
