@@ -114,10 +114,10 @@ def model_file(variant: tuple, dense: Path, work: Path) -> tuple[Path, dict]:
     return gguf, info
 
 
-def quantized(source: Path, qtype: str, imatrix: Path | None, bin_dir: Path, work: Path) -> Path:
+def quantized(source: Path, qtype: str, imatrix: Path | None, bin_dir: Path, work: Path, suffix: str = "") -> Path:
     if qtype == "F16":
         return source
-    target = work / source.name.replace("-F16.gguf", f"-{qtype}{'-imatrix' if imatrix else ''}.gguf")
+    target = work / source.name.replace("-F16.gguf", f"-{qtype}{suffix}.gguf")
     if not target.is_file():
         partial = target.with_suffix(".partial")
         run([bin_dir / "llama-quantize", *(["--imatrix", imatrix] if imatrix else []), source, partial, qtype, "2"],
@@ -213,6 +213,8 @@ def pictures(results: dict, stem: Path) -> list[str]:
     files = [r for r in results["files"].values() if "scores" in r]
     made = []
     for axis, xlabel, name in (("bytes", "file size (MiB)", "size"), ("decode_2t", "decode tokens/s, 2 threads", "decode")):
+        if axis != "bytes" and not any("speed" in r for r in files):
+            continue  # (measured later, --speed-only)
         fig, ax = plt.subplots(figsize=(7.5, 5))
         for label in sorted({r["label"] for r in files}, key=lambda l: (l != "dense", l)):
             rows = [r for r in files if r["label"] == label]
@@ -220,7 +222,8 @@ def pictures(results: dict, stem: Path) -> list[str]:
             ys = [r["scores"][genre]["perplexity"] for r in rows]
             ax.scatter(xs, ys, label=label, s=18, marker="o" if label == "dense" else "^")
             for x, y, r in zip(xs, ys, rows):
-                ax.annotate(r["type"].replace("-imatrix", "+i"), (x, y), fontsize=6, alpha=0.7)
+                ax.annotate(r["type"].replace("-ownimatrix", "+s").replace("-imatrix", "+i"), (x, y), fontsize=6,
+                            alpha=0.7)
         dense = [r for r in files if r["label"] == "dense"]
         if axis == "bytes":
             front = pareto([(r["bytes"] / 2**20, r["scores"][genre]["perplexity"]) for r in dense])
@@ -259,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="llama.cpp types of the streamrom models")
     parser.add_argument("--speed-again", action="store_true", help="measure every file's speed again")
     parser.add_argument("--speed-only", action="store_true", help="make and score no file: only the speeds missing")
+    parser.add_argument("--no-speed", action="store_true", help="measure no speed (while the machine is busy: a later "
+                        "--speed-only run on an idle machine adds them)")
     parser.add_argument("--chunks", type=int, default=8, help="512-token chunks of each held-out text")
     parser.add_argument("--imatrix-chunks", type=int, default=32)
     parser.add_argument("--bench", type=int, nargs=2, default=[256, 32], metavar=("PROMPT", "GENERATE"))
@@ -283,14 +288,23 @@ def main(argv: list[str] | None = None) -> None:
     for variant in ([] if args.speed_only else variants(args)):
         source, info = model_file(variant, dense, work)
         matrix = importance_matrix(source, args.llama_bin, work, args.imatrix_chunks)
+        matrices = [matrix]
+        if variant[1] is not None:  # the compressed model's own (streamrom-importance.safetensors)
+            from streamrom.export_gguf import write_llama_imatrix
+
+            own = source.with_suffix(".own-imatrix.gguf")
+            if own.is_file() or write_llama_imatrix(work / source.name.removesuffix("-F16.gguf"), own, densify=True):
+                matrices.append(own)
         for qtype in (args.types if variant[1] is None else args.compressed_types):
-            for imatrix in ([None, matrix] if qtype in IMATRIX_TYPES else [None]):
-                name = f"{variant[0]} | {qtype}{'-imatrix' if imatrix else ''}"
+            for imatrix in ([None, *matrices] if qtype in IMATRIX_TYPES else [None]):
+                suffix = "" if imatrix is None else "-ownimatrix" if imatrix.name.endswith(".own-imatrix.gguf") \
+                    else "-imatrix"
+                name = f"{variant[0]} | {qtype}{suffix}"
                 if name in results["files"] and "scores" in results["files"][name]:
                     continue
-                path = quantized(source, qtype, imatrix, args.llama_bin, work)
+                path = quantized(source, qtype, imatrix, args.llama_bin, work, suffix)
                 row = {**{k: v for k, v in info.items() if k != "compress_seconds"}, **results["files"].get(name, {}),
-                       "type": qtype + ("-imatrix" if imatrix else ""), "file": path.name, "bytes": path.stat().st_size}
+                       "type": qtype + suffix, "file": path.name, "bytes": path.stat().st_size}
                 row["fallback_tensors"] = fallback_tensors(path)
                 row["parameters"] = gguf_parameters(path)
                 row["bits_per_weight"] = 8 * row["bytes"] / row["parameters"]
@@ -301,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
                 results["files"][name] = row
                 out.write_text(json.dumps(results, indent=1) + "\n")
     # speeds last, every file in one stretch (nothing else should run meanwhile: they are pairs)
-    for name, row in sorted(results["files"].items()):
+    for name, row in ([] if args.no_speed else sorted(results["files"].items())):
         if "speed" not in row or args.speed_again:
             row["speed"] = speed(work / row["file"], args.llama_bin, *args.bench)
             out.write_text(json.dumps(results, indent=1) + "\n")
@@ -324,7 +338,9 @@ def page(all_results: list[dict]) -> str:
              "averaged over the genres) and timed by `llama-bench` (tokens/s). streamrom models: "
              "`compress --allocate spectrum --target-params T` on the packaged general calibration set, exported "
              "f16 with `--densify` (the factored linears both methods keep where they pay, e.g. q/k, multiplied back: llama.cpp has no factored linear; the files' bytes count them), then quantized like the dense model. "
-             "*+i*: with an importance matrix from `llama-imatrix` on the calibration set, made per model.", "",
+             "*-imatrix*: with an importance matrix from `llama-imatrix` on the calibration set, made per model; "
+             "*-ownimatrix*: with the compressed model's own (the input energies `compress` wrote beside it, "
+             "no second calibration run).", "",
              "Both source models were themselves dequantised from 4-bit GGUF files (SmolLM2 from Q4_1, Gemma 3 from "
              "Q4_K_M): re-quantising them at 4 bits or more is nearly free, so the telling comparison is below 4 bits "
              "and at equal bytes. K-quants need rows of a multiple of 256 values; SmolLM2's 576 (and Gemma 3's 640) "
