@@ -42,7 +42,8 @@ class Factors:
         return self.reduce_weight.shape[0]
 
 
-CHOLESKY_JITTERS = (1e-6, 1e-4)  # InputMoments.cholesky: tried in turn where C itself fails
+CHOLESKY_JITTERS = (1e-6, 1e-4)  # InputMoments.cholesky: tried in turn where C itself fails ...
+JITTER_FROM = 1024  # ... from this width up; narrower, the eigen root costs little and is exact
 
 
 def damped(moment: np.ndarray, damping: float) -> np.ndarray:
@@ -130,12 +131,13 @@ class InputMoments:
         rounding of a nearly singular one) the factor of C + εI, ε the first of CHOLESKY_JITTERS
         (of C's mean diagonal) that succeeds: a change below the sampling noise of a moment from so few
         tokens, where the eigen-solve of a square root would cost as much as the eigen-solve the
-        factor serves. None if even that fails."""
+        factor serves (from JITTER_FROM features up; narrower, `root` takes the exact eigen root).
+        None where no factor was found."""
         if with_bias not in self._cholesky:
             matrix = self.matrix(with_bias)
             scale, previous = max(float(np.mean(np.diag(matrix))), 1e-30), 0.0
             self._cholesky[with_bias] = None
-            for jitter in (0.0, *CHOLESKY_JITTERS):
+            for jitter in (0.0, *(CHOLESKY_JITTERS if matrix.shape[0] >= JITTER_FROM else ())):
                 if jitter:  # (the diagonal gains the difference from the previous try)
                     matrix[np.diag_indices_from(matrix)] += (jitter - previous) * scale
                 previous = jitter

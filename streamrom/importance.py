@@ -12,6 +12,7 @@ with the token count in its metadata.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -83,7 +84,9 @@ def write_importance(folder: Path, blocks: list[tuple[dict[str, np.ndarray], int
         raise ValueError(f"blocks summed over different token counts: {sorted(tokens)}")
     tensors = {f"{name}.in_sum2": values.astype(np.float32) for energies, _ in blocks for name, values in energies.items()}
     temporary = scratch / f".{IMPORTANCE_FILE}.tmp"
-    save_file(tensors, str(temporary), metadata={"format": FORMAT, "tokens": str(tokens.pop())})
+    # one metadata key: safetensors writes several in hash order, and the file must be the same bytes
+    # on every run (a resumed run's equal to an uninterrupted one's)
+    save_file(tensors, str(temporary), metadata={"streamrom": json.dumps({"format": FORMAT, "tokens": tokens.pop()})})
     os.replace(temporary, folder / IMPORTANCE_FILE)
 
 
@@ -98,9 +101,9 @@ def read_importance(folder: Path) -> tuple[dict[str, np.ndarray], int] | None:
         return None
     try:
         with safe_open(str(path), framework="numpy") as handle:
-            metadata = handle.metadata() or {}
+            metadata = json.loads((handle.metadata() or {}).get("streamrom", "{}"))
             sums = {key.removesuffix(".in_sum2"): handle.get_tensor(key) for key in handle.keys()}
-        tokens = int(metadata.get("tokens", ""))
+        tokens = int(metadata.get("tokens", 0))
     except Exception as exc:  # safetensors raises several types for damaged files
         raise InputError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
     if metadata.get("format") != FORMAT or tokens < 1:

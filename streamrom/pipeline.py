@@ -21,7 +21,7 @@ import numpy as np
 import psutil
 import torch
 
-from . import plots
+from . import plots, time_estimate
 from .activations import BlockCache
 from .calibration import calibration_tokens, held_out_windows
 from .checkpoint import CheckpointReader, check_output_path, clear_folder
@@ -62,6 +62,7 @@ class Prepared:
     total_params: int
     sizing_plan: dict[str, int | None]  # a plan of the run's size (uniform), before pass 1 prices directions
     memory_parts: dict[str, int]
+    projected_seconds: dict[str, Any] = field(default_factory=dict)  # time_estimate.project, with its probe
     _held_out: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -112,8 +113,49 @@ def prepare(source: Path, config: CompressConfig, timer: StageTimer, runtime_byt
                                             unit_width=max((unit.read_width(spec) for unit in active_units(spec, config)),
                                                            default=0),
                                             anchored=config.anchor > 0 and config.compression_method.uses_calibration)
+    projected = projected_time(spec, config, layers, tokens.shape, reader.size_on_disk())
+    log.info("projected: about %s on this machine (%s); memory peak about %.2f GiB",
+             _duration(projected["seconds"]["total"]),
+             ", ".join(f"{stage} {_duration(value)}" for stage, value in projected["seconds"].items()
+                       if stage != "total" and value >= 1), estimated_peak(memory_parts) / 2 ** 30)
     return Prepared(config, reader, layers, tokens, target_from, settings, config.fingerprint(settings, target_from),
-                    dtype_bytes, total_params, sizing_plan, memory_parts)
+                    dtype_bytes, total_params, sizing_plan, memory_parts, projected)
+
+
+SHORT_NAMES = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+               "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
+
+
+def projected_time(spec: ModelSpec, config: CompressConfig, layers: list[int], token_shape: tuple[int, int],
+                   source_bytes: int) -> dict[str, Any]:
+    """time_estimate.project for this run: the linears pass 2 factors and the units it narrows in each
+    chosen block (mixed: every unit, its usual choice at sizes that pay), what pass 1 prices, after a
+    probe of this machine's speed."""
+    method = config.compression_method
+    units = [unit.name for unit in active_units(spec, config)] if method.uses_calibration else []
+    in_units = {name for unit in active_units(spec, config) for name in unit.linears} if units else set()
+    modules = [SHORT_NAMES[name] for name in config.modules if name in SHORT_NAMES]
+    factored = [] if method.mixed else [SHORT_NAMES[name] for name in config.modules
+                                        if name in SHORT_NAMES and name not in in_units]
+    first_pass = (config.allocate in FIRST_PASS_ALLOCATIONS
+                  and not (config.spectra_file and Path(config.spectra_file).is_file()))
+    priced = modules if method.mixed else factored
+    shapes = time_estimate.Shapes(spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads,
+                                  spec.head_dim, spec.vocab_size, spec.num_layers, len(layers),
+                                  token_shape[0] * token_shape[1], token_shape[1], source_bytes)
+    speed = time_estimate.probe(spec.hidden_size, PRECISIONS[config.precision])
+    seconds = time_estimate.project(shapes, speed, factored, units, first_pass, priced)
+    if config.allocate == "bayes":  # every trial compresses again (pass 2) and scores a few windows
+        trials = config.bayes.trials
+        second = time_estimate.project(shapes, speed, factored, units, False, priced)
+        seconds = {stage: value + (trials - 1) * second[stage] for stage, value in seconds.items()}
+    return {"seconds": {stage: round(value, 3) for stage, value in seconds.items()},
+            "probe": {"multiply_adds_per_second": speed.multiply_adds_per_second,
+                      "eigen_seconds": speed.eigen_seconds, "eigen_size": speed.eigen_size}}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def tune_worker(storage: str, study_name: str, source: str | Path | None = None,
@@ -311,6 +353,7 @@ def _write_report(prepared: Prepared, output: Path, progress: Progress, timer: S
         parameters_before=prepared.total_params,
         parameters_after=CheckpointReader(output).parameter_count(),
         stage_seconds=timer.seconds, wall_seconds=time.perf_counter() - start,
+        projected_seconds=prepared.projected_seconds,
         memory={**memory_summary(monitor), "source_bytes_on_disk": reader.size_on_disk(),
                 "estimate": memory_parts, "estimated_peak_bytes": estimated_peak(memory_parts)},
     )

@@ -81,6 +81,8 @@ class Report:
     perplexity: float | None = None
     evaluation: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # compress: the stages' seconds projected before the work started (time_estimate.py), and the probe
+    projected_seconds: dict[str, Any] = field(default_factory=dict)
     wall_seconds: float = 0.0
     memory: dict[str, Any] = field(default_factory=dict)
     disk: dict[str, int] = field(default_factory=dict)  # compress: work files beside the output, by kind

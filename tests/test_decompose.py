@@ -254,10 +254,30 @@ def test_gram_and_triangular_products_equal_the_plain_ones(dtype, shape):
 
 
 @pytest.mark.parametrize("out_f,in_f", [(24, 40), (64, 40), (40, 40)])
-def test_singular_input_moment_is_factored_with_a_jitter_and_stays_optimal(out_f, in_f):
-    """An input feature that never fires (a zero row and column in C, no damping): C has no Cholesky
+def test_singular_input_moment_falls_back_to_the_eigen_root_and_stays_optimal(out_f, in_f):
+    """An input feature that never fires (a zero row and column in C, no damping), narrower than
+    JITTER_FROM: no Cholesky factor exists, the square root from C's eigendecomposition is taken, and
+    the basis is still the best rank-r fit of the outputs."""
+    rng = np.random.default_rng(out_f * in_f)
+    x = correlated_inputs(rng, in_f, 500)
+    x[3] = 0.0
+    weight = rng.standard_normal((out_f, in_f))
+    second, mean = moments(x)
+    group = decompose.InputMoments(second, mean)
+    assert group.cholesky(False) is None
+    np.testing.assert_allclose(group.root(False) @ group.root(False).T, second, atol=1e-10)
+    for rank in (4, 12):
+        basis = group.rom_basis(weight, None, rank)
+        error = np.linalg.norm(weight @ x - reconstruct(decompose.factorise(weight, None, basis), x))
+        assert error == pytest.approx(best_error(weight @ x, rank), rel=1e-7)
+
+
+@pytest.mark.parametrize("out_f,in_f", [(24, 40), (64, 40), (40, 40)])
+def test_singular_input_moment_is_factored_with_a_jitter_and_stays_optimal(out_f, in_f, monkeypatch):
+    """The same from JITTER_FROM features up (here lowered to the test's width): C has no Cholesky
     factor, C + εI does (ε the first of CHOLESKY_JITTERS that succeeds, relative to C's mean
     diagonal), and the basis is still the best rank-r fit of the outputs to that order."""
+    monkeypatch.setattr(decompose, "JITTER_FROM", in_f)
     rng = np.random.default_rng(out_f * in_f)
     x = correlated_inputs(rng, in_f, 500)
     x[3] = 0.0
@@ -278,10 +298,11 @@ def test_singular_input_moment_is_factored_with_a_jitter_and_stays_optimal(out_f
         assert error == pytest.approx(best_error(weight @ x, rank), rel=1e-5)
 
 
-def test_indefinite_input_moment_falls_back_to_the_clipped_eigen_root():
+def test_indefinite_input_moment_falls_back_to_the_clipped_eigen_root(monkeypatch):
     """A moment with a negative eigenvalue beyond every jitter (no real moment has one, but rounding
     can give a small one): no factor, and the square root from C's eigendecomposition, negative
     eigenvalues clipped to zero, serves instead."""
+    monkeypatch.setattr(decompose, "JITTER_FROM", 12)
     rng = np.random.default_rng(7)
     vectors = np.linalg.qr(rng.standard_normal((12, 12)))[0]
     values = np.linspace(1.0, 2.0, 12)

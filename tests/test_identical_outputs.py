@@ -3,7 +3,10 @@ allocation, each file's SHA-256 against the digests recorded (tests/reference_ou
 `python tests/test_identical_outputs.py --record LABEL`). First recorded from the code before the
 redesign; recorded again, on purpose, when the arithmetic changed: the input moment's Cholesky factor
 and one-triangle products (BLAS trmm/syrk) in the eigen stage instead of its eigen root and full
-products (rounding-level differences; the quick start's perplexity moved from 28.446 to the README's).
+products (rounding-level differences; the quick start's perplexity moved from 28.446 to the README's);
+and again when pass 1 priced gate/up from A = W̃L by syrk (rounding moved two ranks of
+rom-centered-spectrum) and compress began writing its importance file, this time on an AMD EPYC
+machine (the earlier recordings were an Intel Xeon's, where the test now skips).
 
 Float results depend on the BLAS kernels and library versions, so the digests are compared where the
 recording's environment (torch, numpy, scipy, CPU) is this one; elsewhere the test says so and skips.

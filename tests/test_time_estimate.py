@@ -1,0 +1,65 @@
+"""The projected wall time (streamrom.time_estimate): its counts on known shapes, and the report's record
+of projected beside measured."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from streamrom import time_estimate
+from streamrom.time_estimate import MachineSpeed, Shapes, project
+
+pytestmark = pytest.mark.unit
+
+SPEED = MachineSpeed(multiply_adds_per_second=1e9, eigen_seconds=1.0, eigen_size=100)
+SHAPES = Shapes(hidden=100, intermediate=300, heads=4, kv_heads=2, head_dim=25, vocab=1000, blocks=3,
+                chosen_blocks=2, tokens=1000, seqlen=100, source_bytes=4_000_000)
+
+
+def test_the_forward_count_is_the_blocks_multiply_adds():
+    """Pass 2 alone, nothing factored: 2 forwards per block but the last's outputs, each
+    tokens x (weights + 2 x seqlen x attention width) multiply-adds."""
+    weights = 100 * 100 + 2 * 50 * 100 + 100 * 100 + 3 * 300 * 100
+    forward = 1000 * (weights + 2 * 100 * 100)
+    seconds = project(SHAPES, SPEED, [], [], first_pass=False, priced=[])
+    assert seconds["forward"] == pytest.approx((2 * 3 - 1) * forward / 1e9)
+    assert seconds["backward"] == 0 and seconds["statistics"] == 0
+    assert seconds["total"] == pytest.approx(sum(v for k, v in seconds.items() if k != "total"))
+
+
+def test_factoring_costs_an_eigen_solve_per_linear_and_pass_one_a_backward():
+    plain = project(SHAPES, SPEED, [], [], first_pass=False, priced=[])
+    factored = project(SHAPES, SPEED, ["q"], [], first_pass=False, priced=[])
+    # q: 100 x 100, its eigen-solve (1 s at 100) and products, per chosen block; its input's moment
+    extra = 2 * (1.0 + (100 * 100 * 100 + 100 ** 3) / 1e9 + time_estimate.PER_LINEAR_SECONDS)
+    assert factored["eigen"] - plain["eigen"] == pytest.approx(extra)
+    assert factored["statistics"] == pytest.approx(2 * 1000 * 100 * 100 / 1e9)
+    priced = project(SHAPES, SPEED, ["q"], [], first_pass=True, priced=["q"])
+    assert priced["backward"] > 0 and priced["eigen"] == pytest.approx(2 * factored["eigen"])
+
+
+def test_time_scales_with_the_tokens_where_the_passes_do():
+    small = project(SHAPES, SPEED, ["q"], ["mlp.neurons"], first_pass=True, priced=["q"])
+    large = project(Shapes(**{**SHAPES.__dict__, "tokens": 4000}), SPEED, ["q"], ["mlp.neurons"], first_pass=True,
+                    priced=["q"])
+    for stage in ("forward", "statistics"):
+        assert large[stage] == pytest.approx(4 * small[stage])
+    assert large["eigen"] == pytest.approx(small["eigen"])  # the decompositions do not see the tokens
+
+
+def test_probe_measures_something_positive():
+    speed = time_estimate.probe(64, budget_seconds=0.2)
+    assert speed.multiply_adds_per_second > 0 and speed.eigen_seconds > 0 and speed.eigen_size == 64
+
+
+def test_compress_reports_projected_beside_measured(tiny_models, tiny_tokens, tmp_path):
+    import streamrom
+    from streamrom import CalibrationConfig, CompressConfig
+
+    streamrom.compress(tiny_models["llama"], tmp_path / "out", CompressConfig(
+        method="mixed", allocate="spectrum", target_params=0.8,
+        calibration=CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=32)))
+    report = json.loads((tmp_path / "out" / "streamrom-report.json").read_text())
+    projected = report["projected_seconds"]
+    assert projected["seconds"]["total"] > 0 and projected["seconds"]["backward"] > 0  # pass 1 was projected
+    assert projected["probe"]["multiply_adds_per_second"] > 0
