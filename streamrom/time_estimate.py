@@ -19,7 +19,7 @@ from .structured import IN_PLACE_FROM
 # The greedy structured-OBS removal at width n (its inverse, then batched rank-k updates of it and of the
 # consumer's columns) costs about this many n³ multiply-adds at the product rate, whether it removes
 # all but a few (pass 1's pricing) or a fifth to a half (the selection): measured at n = 11008.
-OBS_CUBES = 2.5
+OBS_CUBES = 2.0
 # Up to IN_PLACE_FROM features the removal copies the live part of the inverse every round (about 32
 # copies of the n x n inverse in all, down to a few features): seconds per element copied.
 OBS_COPY_SECONDS = 1e-8
@@ -47,9 +47,11 @@ class MachineSpeed:
 
 
 def probe(hidden: int, work_dtype=np.float32, budget_seconds: float = 2.0) -> MachineSpeed:
-    """This machine's speed at the model's shape: a (2048 x hidden) · (hidden x hidden) torch product and a
-    scipy eigen-solve of min(hidden, 2048) (the eigen stage's solver and dtype), each the best of a few
-    repeats within about `budget_seconds`."""
+    """This machine's speed at the model's shape: a (2048 x hidden) · (hidden x hidden) torch product (one
+    untimed call first: the thread pool and the first pages cost more than the product) and a scipy
+    eigen-solve of min(hidden, 4096) (the eigen stage's solver and dtype; the solver's time grows more
+    slowly than n³ below a few thousand, so it is measured near the size it serves), each the best of
+    a few repeats within about `budget_seconds` (at least three products and one solve)."""
     import scipy.linalg
     import torch
 
@@ -57,16 +59,17 @@ def probe(hidden: int, work_dtype=np.float32, budget_seconds: float = 2.0) -> Ma
     rows = 2048
     a = torch.from_numpy(rng.standard_normal((rows, hidden), dtype=np.float32))
     b = torch.from_numpy(rng.standard_normal((hidden, hidden), dtype=np.float32))
+    torch.mm(a, b)
     best = float("inf")
     deadline = time.perf_counter() + budget_seconds / 2
-    for _ in range(5):
+    for repeat in range(8):
         start = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
-        if time.perf_counter() > deadline:
+        if repeat >= 2 and time.perf_counter() > deadline:
             break
     rate = rows * hidden * hidden / max(best, 1e-9)
-    size = min(hidden, 2048)
+    size = min(hidden, 4096)
     x = rng.standard_normal((size + 16, size)).astype(work_dtype)
     symmetric = x.T @ x
     eigen = float("inf")
@@ -123,8 +126,9 @@ def project(shapes: Shapes, speed: MachineSpeed, factored: list[str], units: lis
         """Pricing or fitting one linear's directions: its products with the input's Cholesky factor
         and the eigen-solve of its output moment (the smaller side)."""
         out, inp = shape_of[name]
-        small = min(out, inp)
-        return speed.eigen(small) + speed.products(out * inp * inp + small ** 3) + PER_LINEAR_SECONDS
+        if out < inp:  # a lone narrow-output linear (down) is fitted from its output's own moment
+            return speed.eigen(out) + PER_LINEAR_SECONDS
+        return speed.eigen(inp) + speed.products(out * inp * inp + inp ** 3) + PER_LINEAR_SECONDS
 
     def unit_cost(unit: str) -> float:
         if unit == "mlp.neurons":
