@@ -512,7 +512,7 @@ def _write_importance(output: Path, num_layers: int, work: Path) -> None:
     are missing (a method without calibration, or blocks compressed by an older version)."""
     blocks = [load_block(work / importance_block_file(index)) for index in range(num_layers)]
     if all(block is not None for block in blocks):
-        write_importance(output, blocks, work)
+        write_importance(output, blocks)
     else:
         log.info("no importance file: input energies were not summed for every block")
 

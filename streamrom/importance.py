@@ -75,19 +75,21 @@ def load_block(path: Path) -> tuple[dict[str, np.ndarray], int] | None:
     return (found, int(tokens)) if tokens is not None else None
 
 
-def write_importance(folder: Path, blocks: list[tuple[dict[str, np.ndarray], int]], scratch: Path) -> None:
+def write_importance(folder: Path, blocks: list[tuple[dict[str, np.ndarray], int]]) -> None:
     """IMPORTANCE_FILE in `folder` from every block's energies (all summed over the same tokens)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
+
+    from .layout import write_atomic
 
     tokens = {count for _, count in blocks}
     if len(tokens) != 1:
         raise ValueError(f"blocks summed over different token counts: {sorted(tokens)}")
     tensors = {f"{name}.in_sum2": values.astype(np.float32) for energies, _ in blocks for name, values in energies.items()}
-    temporary = scratch / f".{IMPORTANCE_FILE}.tmp"
     # one metadata key: safetensors writes several in hash order, and the file must be the same bytes
-    # on every run (a resumed run's equal to an uninterrupted one's)
-    save_file(tensors, str(temporary), metadata={"streamrom": json.dumps({"format": FORMAT, "tokens": tokens.pop()})})
-    os.replace(temporary, folder / IMPORTANCE_FILE)
+    # on every run (a resumed run's equal to an uninterrupted one's); written as bytes by write_atomic
+    # (safetensors' own files are 0600; this one follows the umask like every other output file)
+    data = save(tensors, metadata={"streamrom": json.dumps({"format": FORMAT, "tokens": tokens.pop()})})
+    write_atomic(folder / IMPORTANCE_FILE, data)
 
 
 def read_importance(folder: Path) -> tuple[dict[str, np.ndarray], int] | None:
