@@ -208,9 +208,13 @@ class SharedSearch:
                 continue
             try:
                 self.study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
-            except optuna.exceptions.UpdateFinishedTrialError:
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
                 # this worker's heartbeat came late (an overloaded machine) and another worker declared
-                # its trial dead; the trial's point is queued again, so this result is dropped, not fatal
+                # its trial dead; the trial's point is queued again, so this result is dropped, not fatal.
+                # optuna says so by one error or the other, as the other process got there before the
+                # check of the trial's state or between the check and the update.
+                if isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a "):
+                    raise
                 log.warning("study %s: a trial of this worker was taken for dead (its heartbeat came more than %d "
                             "s late) and is run again; its result here is dropped", self.name,
                             GRACE_HEARTBEATS * self.heartbeat_seconds)

@@ -279,3 +279,36 @@ def test_a_password_in_the_storage_url_is_never_shown(postgres_url, tiny_models,
                                    f"postgresql+psycopg2://someone:{secret}@127.0.0.1:1/none")
     code, _, err = finish(start(unreachable))
     assert code == EXIT_INPUT and secret not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("said", ["Cannot tell a COMPLETE trial.", "Cannot tell a FAIL trial."])
+def test_a_trial_finished_elsewhere_is_dropped_not_fatal(tmp_path, caplog, said):
+    """A worker whose trial another process declared dead (its heartbeat late on an overloaded machine)
+    and finished or failed meanwhile: optuna refuses the late result with a ValueError before its own
+    update; the result is dropped with a warning and the worker goes on. Any other ValueError is
+    raised."""
+    import logging
+    from types import SimpleNamespace
+
+    import optuna
+
+    from streamrom.study import SharedSearch
+
+    search = SharedSearch(f"sqlite:///{tmp_path / 'study.db'}", "s", create=True, trials=1, heartbeat_seconds=2)
+    calls = []
+
+    def optimize(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError(said)
+        search.study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
+
+    search.study.optimize = optimize
+    space = SimpleNamespace(slots=[], num_layers=1, budget=0, base={})
+    with caplog.at_level(logging.WARNING):
+        search.run(space, lambda ranks: (1.0, {}))
+    assert len(calls) == 2 and "taken for dead" in caplog.text
+    search.study.optimize = lambda *a, **k: (_ for _ in ()).throw(ValueError("something else"))
+    search.trials = 2
+    with pytest.raises(ValueError, match="something else"):
+        search.run(space, lambda ranks: (1.0, {}))
