@@ -10,7 +10,6 @@ neurons in the same order.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import shlex
@@ -21,20 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.pricing import module_at  # the module as it was at a revision
+
 REPO = Path(__file__).resolve().parent.parent
 RESULT = REPO / "benchmarks" / "results" / "neuron_removal.json"
-
-
-def module_at(revision: str, folder: Path):
-    source = subprocess.run(["git", "show", f"{revision}:streamrom/structured.py"], capture_output=True, text=True,
-                            check=True, cwd=REPO).stdout
-    path = folder / f"structured_{revision}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"streamrom.structured_{revision}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     import streamrom.structured as current
 
     with tempfile.TemporaryDirectory() as folder:
-        before = module_at(args.before, Path(folder))
+        before = module_at(args.before, "structured", Path(folder))
         rng = np.random.default_rng(0)
         n = args.neurons
         # a moment with a decaying spectrum, as real MLP activations have

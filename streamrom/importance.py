@@ -12,12 +12,14 @@ with the token count in its metadata.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .layout import write_atomic
 
 IMPORTANCE_FILE = "streamrom-importance.safetensors"
 FORMAT = "streamrom input energies 1"
@@ -55,12 +57,9 @@ class BlockEnergies:
 
 def save_block(path: Path, energies: dict[str, np.ndarray], tokens: int) -> None:
     """One block's energies, atomically (a resumed run trusts a file that exists)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
-        np.savez(handle, tokens=np.array(tokens), **energies)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, tokens=np.array(tokens), **energies)
+    write_atomic(path, buffer.getvalue())
 
 
 def load_block(path: Path) -> tuple[dict[str, np.ndarray], int] | None:
@@ -78,8 +77,6 @@ def load_block(path: Path) -> tuple[dict[str, np.ndarray], int] | None:
 def write_importance(folder: Path, blocks: list[tuple[dict[str, np.ndarray], int]]) -> None:
     """IMPORTANCE_FILE in `folder` from every block's energies (all summed over the same tokens)."""
     from safetensors.numpy import save
-
-    from .layout import write_atomic
 
     tokens = {count for _, count in blocks}
     if len(tokens) != 1:
