@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from streamrom.convert import ARCHITECTURES_WITHOUT_BIAS
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 EVAL_TEXTS = {"austen": REPO / "data" / "austen" / "prideprejudice.txt",
@@ -42,6 +44,7 @@ TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
 IMATRIX_TYPES = ["Q4_K_M", "Q3_K_M", "Q2_K"]  # where an importance matrix changes the result
 MODELS = {"smollm2": "SmolLM2-135M-Instruct (from its package's 4-bit GGUF, dequantised)",
           "gemma3": "Gemma 3 270M (from its package's Q4_K_M GGUF, dequantised)"}
+GGUF_ARCHITECTURE = {"smollm2": "llama", "gemma3": "gemma3"}
 
 
 def header(command: list[str]) -> dict:
@@ -91,8 +94,9 @@ def variants(args) -> list[tuple[str, str | None, float | None]]:
     return rows
 
 
-def model_file(variant: tuple, dense: Path, work: Path) -> tuple[Path, dict]:
-    """The variant's F16 GGUF (made once) and what making it cost."""
+def model_file(variant: tuple, dense: Path, work: Path, no_bias: bool = False) -> tuple[Path, dict]:
+    """The variant's F16 GGUF (made once) and what making it cost. `no_bias`: compressed without
+    mean-correction biases (`--no-bias`), for a llama.cpp graph that loads none (gemma3)."""
     label, method, target = variant
     slug = label.split(" (")[0].replace(" ", "-").replace("%", "pct")
     gguf = work / f"{slug}-F16.gguf"
@@ -104,10 +108,11 @@ def model_file(variant: tuple, dense: Path, work: Path) -> tuple[Path, dict]:
         if not (folder / "config.json").is_file():
             start = time.perf_counter()
             run(streamrom("compress", dense, folder, "--method", method, "--allocate", "spectrum", "--target-params",
-                          target, "--overwrite", "--report", report))
+                          target, *(["--no-bias"] if no_bias else []), "--overwrite", "--report", report))
             info["compress_seconds"] = round(time.perf_counter() - start, 1)
         data = json.loads(report.read_text())
-        info.update(parameter_ratio=data.get("parameter_ratio"), compress_report=str(report.relative_to(work)))
+        info.update(parameter_ratio=data.get("parameter_ratio"), compress_report=str(report.relative_to(work)),
+                    **({"no_bias": True} if no_bias else {}))
     if not gguf.is_file():
         run(streamrom("export-gguf", folder, gguf, "--type", "f16", *(["--densify"] if method is not None else []),
                       "--overwrite"))
@@ -286,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     dense_f16, _ = model_file(("dense", None, None), dense, work)
     bases = kl_bases(dense_f16, args.llama_bin, work, args.chunks)
     for variant in ([] if args.speed_only else variants(args)):
-        source, info = model_file(variant, dense, work)
+        source, info = model_file(variant, dense, work, no_bias=GGUF_ARCHITECTURE[args.model] in ARCHITECTURES_WITHOUT_BIAS)
         matrix = importance_matrix(source, args.llama_bin, work, args.imatrix_chunks)
         matrices = [matrix]
         if variant[1] is not None:  # the compressed model's own (streamrom-importance.safetensors)
@@ -340,7 +345,8 @@ def page(all_results: list[dict]) -> str:
              "f16 with `--densify` (the factored linears both methods keep where they pay, e.g. q/k, multiplied back: llama.cpp has no factored linear; the files' bytes count them), then quantized like the dense model. "
              "*-imatrix*: with an importance matrix from `llama-imatrix` on the calibration set, made per model; "
              "*-ownimatrix*: with the compressed model's own (the input energies `compress` wrote beside it, "
-             "no second calibration run).", "",
+             "no second calibration run). Gemma 3's streamrom models are compressed with `--no-bias` (llama.cpp's "
+             "gemma3 graph loads no bias tensors, so the fits add no mean correction).", "",
              "Both source models were themselves dequantised from 4-bit GGUF files (SmolLM2 from Q4_1, Gemma 3 from "
              "Q4_K_M): re-quantising them at 4 bits or more is nearly free, so the telling comparison is below 4 bits "
              "and at equal bytes. K-quants need rows of a multiple of 256 values; SmolLM2's 576 (and Gemma 3's 640) "

@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                            f"between: a blend; --anchor alone: {MEASURED_ANCHOR_STRENGTH:g}, the best measured "
                            "(rom-centered at 30/40 %% smaller: -29/-46 %% perplexity; structured -3/-6 %%: "
                            "README, Anchored fits)")
+    comp.add_argument("--no-bias", dest="mean_bias", action="store_false",
+                      help="rom-centered, structured, mixed: fit the uncentered moments, adding no mean-correction "
+                           "bias to any linear (llama.cpp's gemma3 graph has no bias tensors: export-gguf asks for "
+                           "this there)")
     comp.add_argument("--allocate", default="uniform", choices=["uniform", "last-n", "spectrum", "bayes"],
                       help="how ranks are spread: uniform (one ratio everywhere, default); last-n (ROM: only "
                            "the last N blocks, N the fewest that reach the target at --ratio); spectrum (a first "
@@ -318,6 +322,7 @@ def _run(args: argparse.Namespace) -> None:
                               heartbeat_seconds=args.heartbeat),
             **({"target_weight": args.target_weight} if args.target_weight is not None else {}),
             precision=args.precision, neuron_selection=args.neuron_selection, anchor=args.anchor,
+            mean_bias=args.mean_bias,
             **({"modules": args.modules} if args.modules else {}))
         report = compress(args.source, args.output, config, args.report, eval_text=args.eval_text,
                           eval_max_windows=args.eval_max_windows,

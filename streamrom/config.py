@@ -57,6 +57,9 @@ class CompressConfig:
     # anchored fits: a dense stream beside the compressed one, and each fit's target moved from the
     # dense weights' outputs on the compressed inputs (0: off) to the dense model's outputs (1)
     anchor: float = 0.0
+    # centered methods add a mean-correction bias to each factored (and refitted) linear; off, they fit
+    # the uncentered moments instead, for runtimes whose graph has no bias (llama.cpp's gemma3)
+    mean_bias: bool = True
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -122,7 +125,8 @@ class CompressConfig:
 
     @property
     def compression_method(self) -> Method:
-        return METHODS[self.method]
+        method = METHODS[self.method]
+        return method if self.mean_bias or not method.centered else dataclasses.replace(method, centered=False)
 
     @property
     def centered(self) -> bool:  # (pass 1 prices the directions of ROM's centered or uncentered fit)
@@ -141,6 +145,7 @@ class CompressConfig:
                     "precision": self.precision, "ranks": self.ranks,
                     **({"neuron_selection": self.neuron_selection} if self.compression_method.structured else {}),
                     **({"anchor": self.anchor} if self.anchor else {}),
+                    **({} if self.mean_bias else {"mean_bias": False}),
                     "calibration": {"files": [str(p) for p in self.calibration.text_files] or ["(default)"],
                                     "token_file": str(self.calibration.token_file or ""),
                                     "sequences": sequences, "seqlen": seqlen,

@@ -50,6 +50,8 @@ GEMMA3_BLOCK_NAMES = {
 }
 BLOCK_NAMES_OF = {"gemma3": GEMMA3_BLOCK_NAMES}
 NORMS_STORED_PLUS_ONE = ("gemma3",)
+# llama.cpp graphs that load no bias for any block linear (a file with one fails to load there)
+ARCHITECTURES_WITHOUT_BIAS = ("gemma3",)
 GEMMA3_SLIDING_PATTERN = 6  # every 6th block attends fully (unless the GGUF says otherwise)
 GEMMA3_LOCAL_ROPE_BASE = 10000.0  # the sliding blocks' rope base (unless the GGUF says otherwise)
 # llama.cpp's architecture names to ours (architectures.py: the entries that name one)

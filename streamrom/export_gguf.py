@@ -44,7 +44,7 @@ from .architectures import ModelSpec
 from .checkpoint import CheckpointReader
 from .layout import (GGUF_TYPES as TYPES, LLAMA_QUANTIZE_TYPES, LLAMA_QUANTIZE_VARIABLE, check_output_file,
                      read_json)
-from .convert import BLOCK_NAMES, BLOCK_NAMES_OF, NORMS_STORED_PLUS_ONE
+from .convert import ARCHITECTURES_WITHOUT_BIAS, BLOCK_NAMES, BLOCK_NAMES_OF, NORMS_STORED_PLUS_ONE
 from .errors import InputError, OutputError, UsageError, write_failure
 from .importance import IMPORTANCE_FILE, read_importance
 from .gguf_vocab import SPLIT_PRE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED
@@ -314,6 +314,11 @@ class _Plan:
                              f"run; --densify multiplies them back ({extra:,} more parameters, "
                              f"{100 * extra / reader.parameter_count():.1f} % of the checkpoint's)")
         self.tensors = self._tensors(factored)
+        biases = [t.name for t in self.tensors if t.name.endswith(".bias")]
+        if biases and architecture in ARCHITECTURES_WITHOUT_BIAS:
+            raise InputError(f"llama.cpp's {architecture} has no bias tensors, and this model has {len(biases)} "
+                             f"({', '.join(biases[:3])}{', …' if len(biases) > 3 else ''}): compress it with "
+                             "--no-bias to run it in llama.cpp")
 
     # -- metadata
 

@@ -450,3 +450,33 @@ def test_llama_quantize_is_handed_the_checkpoints_own_importance_matrix(tmp_path
                            str(tmp_path / "x.gguf"), "--type", "q2_k", "--llama-quantize", _llama_quantize(),
                            "--densify", "--no-imatrix", "--imatrix", str(tmp_path / "own.gguf")], capture_output=True, text=True)
     assert both.returncode == 2 and len(both.stderr.splitlines()) == 1
+
+
+def test_gemma3_biases_are_refused_and_no_bias_fits_export(tiny_tokens, tmp_path):
+    """llama.cpp's gemma3 graph loads no bias tensors (a file with one fails to load there): a centered
+    fit's mean-correction biases are refused in one line, naming the cure; `--no-bias` fits the
+    uncentered moments, writes no bias, and its densified export imports back to the same logits."""
+    from conftest import make_tiny
+
+    source = make_tiny(tmp_path / "gemma", "gemma3_text")
+    byte_level_tokenizer(source)
+    settings = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**settings, "query_pre_attn_scalar": settings["head_dim"]}))
+    calibration = CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=32)
+    assert not CompressConfig(method="mixed", mean_bias=False).compression_method.centered
+    for name, mean_bias in (("biased", True), ("unbiased", False)):
+        streamrom.compress(source, tmp_path / name, CompressConfig(
+            method="rom-centered", ratio=0.5, mean_bias=mean_bias, calibration=calibration))
+        shutil.copy(source / "tokenizer.json", tmp_path / name / "tokenizer.json")
+    biased = [n for n in CheckpointReader(tmp_path / "biased").weight_map if n.endswith("bias")]
+    assert biased and not [n for n in CheckpointReader(tmp_path / "unbiased").weight_map if n.endswith("bias")]
+    refused = cli("export-gguf", tmp_path / "biased", tmp_path / "b.gguf", "--densify")
+    assert refused.returncode == EXIT_INPUT and "--no-bias" in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1 and not (tmp_path / "b.gguf").exists()
+    result = cli("export-gguf", tmp_path / "unbiased", tmp_path / "u.gguf", "--densify")
+    assert result.returncode == 0, result.stderr
+    assert not [t.name for t in gguf.GGUFReader(tmp_path / "u.gguf").tensors if t.name.endswith("bias")]
+    assert cli("import-gguf", tmp_path / "u.gguf", tmp_path / "back").returncode == 0
+    tokens = torch.from_numpy(np.random.default_rng(4).integers(0, 256, size=(2, 24)))
+    torch.testing.assert_close(logits_of(tmp_path / "back", tokens), logits_of(tmp_path / "unbiased", tokens),
+                               rtol=1e-4, atol=1e-4)
