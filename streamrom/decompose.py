@@ -497,3 +497,27 @@ def with_output_mean(factors: Factors, input_mean: np.ndarray, output_mean: np.n
         reduced = reduced + factors.reduce_bias
     return Factors(factors.reduce_weight, factors.expand_weight, factors.reduce_bias,
                    output_mean - factors.expand_weight @ reduced)
+
+
+def error_correction(error: np.ndarray, second_moment: np.ndarray, rank: int,
+                     damping: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rank-`rank` A (out x r), B (r x in) minimising E‖(error − A·B) x‖² for inputs x of second
+    moment C: the activation-weighted truncated SVD of the error (LQER/QERA). With C = L Lᵀ, A·B·L is
+    the best rank-r approximation of error·L, so A·B = U Uᵀ·error with U the top left singular vectors
+    of error·L. Solved on the smaller side: from error·C·errorᵀ (out x out) where out ≤ in, else from
+    Lᵀ errorᵀ error L (in x in), whose top eigenvectors V give A = error·L·V, B = Vᵀ L⁻¹.
+    Also returns the r eigenvalues: the weighted error energy each direction removes (of a total of
+    trace(error·C·errorᵀ))."""
+    out_features, in_features = error.shape
+    rank = min(rank, out_features, in_features)
+    moment = damped(second_moment, damping)
+    if out_features <= in_features:
+        values, vectors = top_eigenvectors((error @ moment) @ error.T, rank)
+        return vectors, np.ascontiguousarray(vectors.T @ error), values
+    factor = scipy.linalg.cholesky(moment, lower=True, check_finite=True)
+    weighted = error @ factor
+    values, vectors = top_eigenvectors(weighted.T @ weighted, rank)
+    expand = weighted @ vectors
+    # B = Vᵀ L⁻¹: solve Lᵀ Bᵀ = V
+    reduce = scipy.linalg.solve_triangular(factor, vectors, lower=True, trans="T", check_finite=False).T
+    return np.ascontiguousarray(expand), np.ascontiguousarray(reduce), values

@@ -312,3 +312,24 @@ def test_indefinite_input_moment_falls_back_to_the_clipped_eigen_root(monkeypatc
     assert group.cholesky(False) is None
     root = group.root(False)
     np.testing.assert_allclose(root @ root.T, (vectors * np.clip(values, 0, None)) @ vectors.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(20, 30), (30, 20)])
+def test_error_correction_is_the_input_weighted_truncated_svd(shape):
+    """Either side (out ≤ in: from E C Eᵀ; out > in: from Lᵀ Eᵀ E L) gives A·B = U_r U_rᵀ E with U the
+    left singular vectors of E·L (C = L Lᵀ), the eigenvalues their squared singular values; at full
+    rank the correction is the whole error."""
+    from streamrom.decompose import error_correction
+
+    rng = np.random.default_rng(0)
+    error = rng.standard_normal(shape)
+    inputs = rng.standard_normal((shape[1], 400)) * np.linspace(0.1, 3.0, shape[1])[:, None]
+    moment = inputs @ inputs.T / 400
+    left, singular, _ = np.linalg.svd(error @ np.linalg.cholesky(moment))
+    for rank in (3, 10):
+        expand, reduce, values = error_correction(error, moment, rank, damping=0.0)
+        assert expand.shape == (shape[0], rank) and reduce.shape == (rank, shape[1])
+        np.testing.assert_allclose(expand @ reduce, left[:, :rank] @ left[:, :rank].T @ error, atol=1e-10)
+        np.testing.assert_allclose(values, singular[:rank] ** 2, rtol=1e-10)
+    expand, reduce, _ = error_correction(error, moment, 1000, damping=0.0)
+    np.testing.assert_allclose(expand @ reduce, error, atol=1e-10)

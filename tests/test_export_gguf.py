@@ -480,3 +480,60 @@ def test_gemma3_biases_are_refused_and_no_bias_fits_export(tiny_tokens, tmp_path
     tokens = torch.from_numpy(np.random.default_rng(4).integers(0, 256, size=(2, 24)))
     torch.testing.assert_close(logits_of(tmp_path / "back", tokens), logits_of(tmp_path / "unbiased", tokens),
                                rtol=1e-4, atol=1e-4)
+
+
+# -- low-rank corrections of the quantization error, as a llama.cpp LoRA adapter (issue 34 item 3) ----------
+def _calibration_arguments(tiny_tokens) -> list:
+    return ["--calib-tokens", tiny_tokens, "--calib-sequences", "4", "--calib-seqlen", "32"]
+
+
+def test_full_rank_correction_restores_the_dense_weights_in_llama_cpps_layout(tiny_sources, tiny_tokens, tmp_path):
+    """At full rank each linear's correction is its whole quantization error: the base's dequantized
+    matrix plus lora_b·lora_a is the dense matrix exactly as the f32 export lays it out (llama's q/k rows
+    permuted), so the adapter's names, shapes and layout are the ones llama.cpp adds to the base's."""
+    from gguf.quants import dequantize
+
+    source = tiny_sources["llama"]
+    assert cli("export-gguf", source, tmp_path / "q.gguf", "--type", "q4_0").returncode == 0
+    assert cli("export-gguf", source, tmp_path / "f.gguf", "--type", "f32").returncode == 0
+    result = cli("correct", source, tmp_path / "q.gguf", tmp_path / "a.gguf", "--rank", "100000", "--adapter-type",
+                 "f32", *_calibration_arguments(tiny_tokens), "--report", tmp_path / "a.json")
+    assert result.returncode == 0, result.stderr
+    adapter = gguf.GGUFReader(tmp_path / "a.gguf")
+    assert adapter.fields["general.type"].contents() == "adapter"
+    assert adapter.fields["adapter.type"].contents() == "lora"
+    assert adapter.fields["general.architecture"].contents() == "llama"
+    factors = {t.name: np.array(t.data) for t in adapter.tensors}
+    dense = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "f.gguf").tensors}
+    base = gguf.GGUFReader(tmp_path / "q.gguf").tensors
+    linears = [t for t in base if t.name.startswith("blk.") and not t.name.endswith("norm.weight")]
+    assert len(factors) == 2 * len(linears) and len(linears) == 7 * TINY_COMMON["num_hidden_layers"]
+    for tensor in linears:
+        quantized = dequantize(np.array(tensor.data), tensor.tensor_type).reshape(dense[tensor.name].shape)
+        error = dense[tensor.name] - quantized
+        assert np.abs(error).max() > 1e-3  # q4_0 moved it
+        restored = quantized + factors[f"{tensor.name}.lora_b"] @ factors[f"{tensor.name}.lora_a"]
+        np.testing.assert_allclose(restored, dense[tensor.name], rtol=0, atol=2e-4 * np.abs(dense[tensor.name]).max())
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["linears"] == len(linears) and report["error_removed"]["min"] > 0.999
+
+
+def test_a_low_rank_correction_removes_part_of_the_error_and_bad_input_is_refused(tiny_sources, tiny_tokens, tmp_path):
+    """At rank 2 the correction removes some but not all of each linear's input-weighted error; a
+    base of another model, a missing base, an existing output are refused in one line, nothing written."""
+    source = tiny_sources["llama"]
+    assert cli("export-gguf", source, tmp_path / "q.gguf", "--type", "q4_0").returncode == 0
+    result = cli("correct", source, tmp_path / "q.gguf", tmp_path / "a.gguf", "--rank", "2",
+                 *_calibration_arguments(tiny_tokens), "--report", tmp_path / "a.json")
+    assert result.returncode == 0, result.stderr
+    removed = json.loads((tmp_path / "a.json").read_text())["error_removed"]
+    assert 0 < removed["min"] <= removed["mean"] < 0.9
+    assert {t.data.shape[0] for t in gguf.GGUFReader(tmp_path / "a.gguf").tensors if t.name.endswith("lora_a")} == {2}
+    assert cli("export-gguf", tiny_sources["qwen2"], tmp_path / "other.gguf", "--type", "q4_0").returncode == 0
+    for base, output, code, said in ((tmp_path / "other.gguf", tmp_path / "b.gguf", EXIT_INPUT, "qwen2"),
+                                     (tmp_path / "none.gguf", tmp_path / "b.gguf", EXIT_INPUT, "not found"),
+                                     (tmp_path / "q.gguf", tmp_path / "a.gguf", EXIT_OUTPUT, "--overwrite")):
+        refused = cli("correct", source, base, output, *_calibration_arguments(tiny_tokens))
+        assert refused.returncode == code and said in refused.stderr, refused.stderr
+        assert len(refused.stderr.splitlines()) == 1
+    assert not (tmp_path / "b.gguf").exists() and not list(tmp_path.glob(".*"))

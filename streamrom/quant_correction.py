@@ -1,0 +1,251 @@
+"""Low-rank corrections of a llama.cpp-quantized model's error, shipped as a llama.cpp LoRA adapter.
+
+`streamrom correct SOURCE BASE.gguf ADAPTER.gguf`: SOURCE is the checkpoint BASE was exported from
+(`export-gguf`) and quantized by llama.cpp's own `llama-quantize`. Calibration text flows block by block
+through the model as llama.cpp will run it: each linear is BASE's quantized matrix read back and
+dequantized (exactly the values llama.cpp multiplies by), plus the corrections already fitted. Per
+group of linears (Block.GROUPS, in order) the second moment of the input that this corrected stream
+gives the group is summed, and each linear's error W − Q(W) gets the rank-r correction A·B that best
+removes it on those inputs (decompose.error_correction: the activation-weighted truncated SVD of the
+error, as LQER/QERA); the group then runs as Q(W) + A·B for the groups after it and the next block.
+The factors go to a GGUF adapter that llama.cpp applies at run time on the quantized base
+(`llama-cli -m BASE.gguf --lora ADAPTER.gguf`): lora_a = B, lora_b = A, one scale for all.
+
+One block, its moments and the two activation files are what it holds; the adapter's factors (a few
+percent of the base's bytes) are kept until the end, written once, atomically.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import decompose
+from .activations import ActivationPair, chunk_ranges, embed_into, require_finite, run_block
+from .architectures import BLOCK_LINEARS, EMBED, block_prefix
+from .calibration import CalibrationConfig, calibration_tokens
+from .checkpoint import CheckpointReader
+from .errors import InputError, OutputError, UsageError, write_failure
+from .modeling import BlockValues, Rotary
+from .report import StageTimer
+from .statistics import MomentAccumulator
+from .streaming import read_blocks
+
+log = logging.getLogger(__name__)
+
+ADAPTER_TYPES = {"f16": np.float16, "f32": np.float32}
+
+
+@dataclass(frozen=True)
+class CorrectionConfig:
+    rank: int = 32  # of every linear's correction (capped at min(out, in))
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    chunk_tokens: int = 2048
+    damping: float = 1e-6  # relative to the moment's mean eigenvalue (decompose.damped)
+    adapter_type: str = "f16"  # of the adapter's tensors
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        if self.chunk_tokens < 1:
+            raise UsageError(f"chunk tokens must be at least 1, got {self.chunk_tokens}")
+        if self.adapter_type not in ADAPTER_TYPES:
+            raise UsageError(f"unknown adapter type {self.adapter_type!r}: choose from {', '.join(ADAPTER_TYPES)}")
+
+
+@dataclass
+class LinearCorrection:
+    gguf_name: str  # the base tensor's name, e.g. blk.0.attn_q.weight
+    expand: np.ndarray  # A (out x r), rows in the base file's layout (llama's q/k rows permuted)
+    reduce: np.ndarray  # B (r x in)
+    removed: float  # the fraction of the input-weighted error energy the correction removes
+
+
+def dense_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Any linear of a block (dense or factored) as its dense weight (out x in) and bias."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach(), None if module.bias is None else module.bias.detach()
+    in_features = next(module.parameters()).shape[1]  # a factored linear: its reduce's columns
+    with torch.no_grad():
+        bias = module(torch.zeros(1, in_features))[0]
+        weight = (module(torch.eye(in_features)) - bias).T.contiguous()
+    return weight, bias if bool(bias.any()) else None
+
+
+def _linear_module(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    module.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    if bias is not None:
+        module.bias = nn.Parameter(bias.clone(), requires_grad=False)
+    return module
+
+
+def _base_tensors(reader: CheckpointReader, base):
+    """BASE's tensor of each of SOURCE's linears, checked to be the same matrix in HF's layout."""
+    from .export_gguf import GGUF_ARCHITECTURE_OF
+
+    spec = reader.spec
+    expected = GGUF_ARCHITECTURE_OF.get(spec.model_type)
+    if expected != base.arch:
+        raise InputError(f"{base.path} is a {base.arch} model and {reader.folder} a {spec.model_type} "
+                         f"({expected or 'no llama.cpp architecture'}): give the GGUF exported from it")
+    by_name = {tensor.hf_name: tensor for tensor in base.tensors}
+    found: dict[str, object] = {}
+    for index in range(spec.num_layers):
+        for linear in BLOCK_LINEARS:
+            key = f"{block_prefix(index)}{linear}.weight"
+            tensor, shape = by_name.get(key), tuple(spec.linear_shape(linear, index))
+            if tensor is None or tuple(tensor.shape) != shape:
+                raise InputError(f"{base.path} has no {key} of shape {shape} (it has "
+                                 f"{'none' if tensor is None else tuple(tensor.shape)}): give the GGUF exported "
+                                 f"from {reader.folder} (structured models with per-block widths are not "
+                                 "supported yet)")
+            found[key] = tensor
+    if EMBED not in by_name or tuple(by_name[EMBED].shape) != (spec.vocab_size, spec.hidden_size):
+        raise InputError(f"{base.path} has no token embedding of {spec.vocab_size} x {spec.hidden_size}")
+    return found, by_name[EMBED]
+
+
+def correct(source: str | Path, base: str | Path, output: str | Path,
+            config: CorrectionConfig = CorrectionConfig()) -> dict:
+    """Fit the corrections and write the adapter; returns a summary (ranks, bytes, error removed)."""
+    try:
+        import gguf
+    except ImportError:
+        raise UsageError("correct needs the gguf package: pip install 'streamrom[convert]'") from None
+    from .convert import GGUFModel
+
+    source, base, output = Path(source), Path(base), Path(output)
+    if output.is_dir():
+        raise OutputError(f"{output} is a folder: give the adapter's .gguf path")
+    if output.exists() and not config.overwrite:
+        raise OutputError(f"{output} exists (pass --overwrite to replace it)")
+    if not base.is_file():
+        raise InputError(f"base GGUF not found: {base}")
+    reader = CheckpointReader(source)
+    spec = reader.spec
+    model = GGUFModel(base)
+    linears, embedding_tensor = _base_tensors(reader, model)
+    tokens = calibration_tokens(config.calibration, source, spec.vocab_size)
+    sequences, seqlen = tokens.shape
+    chunk_sequences = max(1, config.chunk_tokens // seqlen)
+    timer = StageTimer()
+    work = output.with_name(f".{output.name}.work")
+    temporary = output.with_name(f".{output.name}.tmp")
+    corrections: list[LinearCorrection] = []
+    try:
+        activations = ActivationPair(work, sequences, seqlen, spec.hidden_size, anonymous=True)
+    except OSError as exc:
+        raise write_failure(exc, output.parent) from None
+    handle = os.open(base, os.O_RDONLY)
+    try:
+        with timer("read"):
+            embedding = torch.from_numpy(_dequantized(model, embedding_tensor, handle))
+        embed_into(embedding, tokens, activations.inputs, chunk_sequences, spec.embedding_scale)
+        del embedding
+        cos, sin = Rotary(spec).cos_sin(seqlen)
+        for index, block in read_blocks(reader, range(spec.num_layers), timer, "correct"):
+            corrections += _correct_block(block, index, linears, model, handle, activations, cos, sin,
+                                          chunk_sequences, config, timer)
+            with timer("forward"):
+                run_block(block, activations.inputs, activations.outputs, cos, sin, chunk_sequences)
+            activations.swap()
+            del block
+        summary = _write_adapter(gguf, model.arch, corrections, temporary, config.adapter_type)
+        os.replace(temporary, output)
+    except OSError as exc:
+        raise write_failure(exc, output.parent) from None
+    finally:
+        os.close(handle)
+        activations.close()
+        temporary.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+    summary.update(source=str(source), base=str(base), output=str(output), rank=config.rank,
+                   base_bytes=base.stat().st_size, seconds={k: round(v, 2) for k, v in timer.seconds.items()},
+                   calibration={"sequences": sequences, "seqlen": seqlen})
+    return summary
+
+
+def _dequantized(model, tensor, handle: int) -> np.ndarray:
+    return np.concatenate(list(model.row_chunks(tensor, handle))).reshape(tensor.shape)
+
+
+def _correct_block(block, index: int, linears: dict, model, handle: int, activations: ActivationPair,
+                   cos, sin, chunk_sequences: int, config: CorrectionConfig,
+                   timer: StageTimer) -> list[LinearCorrection]:
+    """Every linear of the block becomes its quantized matrix; then group by group the corrections are
+    fitted on the inputs the corrected stream gives them, and added."""
+    prefix = block_prefix(index)
+    dense: dict[str, torch.Tensor] = {}
+    for group in block.GROUPS:
+        for name in group.linears:
+            weight, bias = dense_linear(block.linear(name))
+            with timer("read"):
+                quantized = torch.from_numpy(_dequantized(model, linears[f"{prefix}{name}.weight"], handle))
+            dense[name] = weight.float().clone()
+            block.set_linear(name, _linear_module(quantized, None if bias is None else bias.float()))
+    found: list[LinearCorrection] = []
+    inputs = activations.inputs
+    for group in block.GROUPS:
+        width = block.linear(group.linears[0]).weight.shape[1]
+        moment = MomentAccumulator(width)
+        with timer("forward"):
+            for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
+                values = BlockValues(block, cos, sin, {"x": lambda start=start, stop=stop: inputs.read(start, stop)})
+                features = require_finite(values[group.reads], f"reach block {index}'s {group.reads}")
+                with timer("statistics"):
+                    moment.add(features.reshape(-1, width))
+                del values, features
+        second = moment.second_moment_as(np.float32)
+        del moment
+        for name in group.linears:
+            module = block.linear(name)
+            quantized = module.weight.detach()
+            error = (dense.pop(name) - quantized).numpy()
+            with timer("eigen"):
+                expand, reduce, values = decompose.error_correction(error, second, config.rank, config.damping)
+            total = float(np.einsum("ij,jk,ik->", error, second, error, optimize=True))
+            removed = float(values.sum()) / total if total > 0 else 1.0
+            corrected = quantized + torch.from_numpy(expand @ reduce)
+            block.set_linear(name, _linear_module(corrected, module.bias))
+            tensor = linears[f"{prefix}{name}.weight"]
+            if tensor.rotary_heads is not None:  # the base's rows are llama.cpp's permuted q/k rows
+                from .export_gguf import _permute_rotary
+                expand = _permute_rotary(expand, tensor.rotary_heads)
+            found.append(LinearCorrection(tensor.gguf_name, expand, reduce, removed))
+            log.debug("%s: rank %d removes %.1f %% of the weighted error", tensor.gguf_name, reduce.shape[0],
+                      100 * removed)
+        del second
+    return found
+
+
+def _write_adapter(gguf, architecture: str, corrections: list[LinearCorrection], path: Path,
+                   adapter_type: str) -> dict:
+    """The adapter as llama.cpp reads it (llama-adapter.cpp): general.type "adapter", adapter.type
+    "lora", per base tensor `<name>.lora_a` (r x in, numpy order) and `<name>.lora_b` (out x r);
+    alpha 0: llama.cpp then scales every pair by the --lora scale alone, whatever its rank."""
+    dtype = ADAPTER_TYPES[adapter_type]
+    writer = gguf.GGUFWriter(path, architecture)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
+    parameters = 0
+    for correction in corrections:
+        writer.add_tensor(f"{correction.gguf_name}.lora_a", correction.reduce.astype(dtype))
+        writer.add_tensor(f"{correction.gguf_name}.lora_b", np.ascontiguousarray(correction.expand.astype(dtype)))
+        parameters += correction.reduce.size + correction.expand.size
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    removed = [c.removed for c in corrections]
+    return {"adapter_parameters": int(parameters), "adapter_bytes": path.stat().st_size,
+            "linears": len(corrections), "error_removed": {"mean": float(np.mean(removed)),
+                                                           "min": float(np.min(removed))}}
