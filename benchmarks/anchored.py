@@ -8,24 +8,21 @@ dense model's outputs). Each output is evaluated on Pride and Prejudice against 
 benchmarks/quality.py, so the plain rows match its grid. Written to benchmarks/results/anchored.json
 with the compression's time and the disk the second stream costs.
 
-    python benchmarks/anchored.py --methods rom-centered structured --reductions 20 30 40 --strengths 1
+    python -m benchmarks.anchored --methods rom-centered structured --reductions 20 30 40 --strengths 1
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from quality import quality_row  # noqa: E402
-from real_model import EVAL_TEXT, dense_model, run, streamrom_cli  # noqa: E402
+from benchmarks.quality import quality_row
+from benchmarks.real_model import EVAL_TEXT, dense_model, run, streamrom_cli
 
-from streamrom.report import machine  # noqa: E402
+from streamrom.report import machine
 
 
 def main() -> None:

@@ -21,26 +21,24 @@ tokens, "Emma held out" = windows of the calibration novel that no fit saw, "P&P
 Prejudice.
 Results: benchmarks/results/anchored_units.json and a Markdown table on stdout.
 
-    python benchmarks/anchored_units.py --plain .cache/bench/anchored-quality-structured-spectrum-40-0
+    python -m benchmarks.anchored_units --plain .cache/bench/anchored-quality-structured-spectrum-40-0
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-import streamrom  # noqa: E402
-from streamrom.calibration import (CalibrationConfig, calibration_tokens, evaluation_windows,  # noqa: E402
+import streamrom
+from streamrom.calibration import (CalibrationConfig, calibration_tokens, evaluation_windows,
                                    held_out_windows, load_tokenizer, tokenize_files)
-from streamrom.decompose import least_squares  # noqa: E402
-from streamrom.report import machine  # noqa: E402
+from streamrom.decompose import least_squares
+from streamrom.report import machine
 
 EMMA = REPO / "streamrom" / "data" / "general" / "austen-emma.txt"
 PRIDE = REPO / "data" / "austen" / "prideprejudice.txt"

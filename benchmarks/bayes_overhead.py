@@ -7,21 +7,18 @@ execute_seconds, score_seconds, overhead_seconds). Before it, each trial called 
 measured at 0e0a163 by timing each trial's `compress` call against its block loop (`_run`), with the
 same settings (results/bayes_trial_overhead.json keeps both).
 
-    python benchmarks/bayes_overhead.py            # SmolLM2-135M, 4 trials, 8 x 256 tokens, 1 thread
+    python -m benchmarks.bayes_overhead            # SmolLM2-135M, 4 trials, 8 x 256 tokens, 1 thread
 """
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from real_model import dense_model, streamrom_cli  # noqa: E402
+from benchmarks.real_model import dense_model, streamrom_cli
 
 RESULTS = REPO / "benchmarks" / "results" / "bayes_trial_overhead.json"
 

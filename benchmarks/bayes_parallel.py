@@ -9,22 +9,19 @@ each search (the compress command's from start to written model, pass 1 excluded
 the best trial's held-out perplexity and multipliers, and the chosen plans' perplexity on Pride and
 Prejudice (the evaluation text).
 
-    python benchmarks/bayes_parallel.py                 # 12 trials, 16 x 512 calibration tokens
+    python -m benchmarks.bayes_parallel                 # 12 trials, 16 x 512 calibration tokens
 """
 from __future__ import annotations
 
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from real_model import EMMA, EVAL_TEXT, dense_model, run, streamrom_cli  # noqa: E402
+from benchmarks.real_model import EMMA, EVAL_TEXT, dense_model, run, streamrom_cli
 
 RESULTS = REPO / "benchmarks" / "results" / "bayes_parallel.json"
 

@@ -21,28 +21,25 @@ error of each variant's v_proj at that position and at the rest.
 
 Results: benchmarks/results/centered.json and a Markdown table on stdout.
 
-    python benchmarks/centered.py --max-windows 8 --threads 1
+    python -m benchmarks.centered --max-windows 8 --threads 1
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from quality import quality_row  # noqa: E402
-from real_model import EMMA, EVAL_TEXT, dense_model, run, streamrom_cli  # noqa: E402
+from benchmarks.quality import quality_row
+from benchmarks.real_model import EMMA, EVAL_TEXT, dense_model, run, streamrom_cli
 
-import streamrom  # noqa: E402
-from streamrom.calibration import evaluation_windows, load_tokenizer, tokenize_files  # noqa: E402
-from streamrom.report import machine  # noqa: E402
+import streamrom
+from streamrom.calibration import evaluation_windows, load_tokenizer, tokenize_files
+from streamrom.report import machine
 
 
 @torch.no_grad()

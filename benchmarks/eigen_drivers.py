@@ -7,7 +7,7 @@ around the solves too, as computed before and after the triangular factor and th
 Gram products (BLAS trmm/syrk) replaced GEMMs and the root's eigh, and a chunk's moment product in
 torch's GEMM against scipy's syrk.
 
-    python benchmarks/eigen_drivers.py            # writes benchmarks/results/eigen_drivers.json
+    python -m benchmarks.eigen_drivers            # writes benchmarks/results/eigen_drivers.json
 """
 from __future__ import annotations
 
@@ -94,5 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()

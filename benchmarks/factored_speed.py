@@ -9,14 +9,13 @@ keeps): the median time of many calls, dense and factored measured in alternatio
 The smallest speed-up over all cases at each fraction is the table's last column: a factored
 linear at that fraction is at least that much faster, wherever it runs here.
 
-    python benchmarks/factored_speed.py            # writes benchmarks/results/factored_speed.json
+    python -m benchmarks.factored_speed            # writes benchmarks/results/factored_speed.json
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -46,7 +45,6 @@ def median_seconds(call, budget: float = 0.25, least: int = 3) -> float:
 
 
 def main() -> None:
-    sys.path.insert(0, str(REPO))
     from streamrom.report import machine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

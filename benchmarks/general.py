@@ -15,24 +15,21 @@ and its out-of-genre one (without it), beside Emma alone's. The spectrum allocat
 once per calibration and method and reused for every size.
 Results: benchmarks/results/general.json and a Markdown table on stdout.
 
-    python benchmarks/general.py --methods rom-centered --reductions 20 40
+    python -m benchmarks.general --methods rom-centered --reductions 20 40
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from real_model import EMMA, dense_model, run, streamrom_cli  # noqa: E402
+from benchmarks.real_model import EMMA, dense_model, run, streamrom_cli
 
-from streamrom.calibration import default_calibration_texts  # noqa: E402
-from streamrom.report import machine  # noqa: E402
+from streamrom.calibration import default_calibration_texts
+from streamrom.report import machine
 
 SOURCES = json.loads((REPO / "streamrom" / "data" / "general" / "SOURCES.json").read_text(encoding="utf-8"))
 # genre -> (its calibration part, its held-out evaluation text)

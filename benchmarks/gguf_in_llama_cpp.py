@@ -17,7 +17,7 @@ how: `CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python` (about 5 minu
 The default native build (0.3.36) crashed (SIGSEGV) on every quantised model on this machine, the
 PyPI package's own Q4_1 GGUF included; the portable build runs them. It is not a test dependency.
 
-    python benchmarks/gguf_in_llama_cpp.py [--model smollm2|gemma3] [--max-windows 40] [--structured PATH]
+    python -m benchmarks.gguf_in_llama_cpp [--model smollm2|gemma3] [--max-windows 40] [--structured PATH]
 """
 from __future__ import annotations
 
@@ -31,10 +31,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from real_model import EVAL_TEXT, dense_model, streamrom_cli  # noqa: E402
+from benchmarks.real_model import EVAL_TEXT, dense_model, streamrom_cli
 
 RESULTS = {"smollm2": REPO / "benchmarks" / "results" / "gguf_in_llama_cpp.json",
            "gemma3": REPO / "benchmarks" / "results" / "gguf_in_llama_cpp_gemma3.json"}

@@ -10,7 +10,7 @@ matter by much more than the agreement's error, or the check proves nothing. Ran
 of the rotation, not of quality. llama-cpp-python: see benchmarks/gguf_in_llama_cpp.py for the build.
 Results: benchmarks/results/gguf_rope_scaling.json.
 
-    python benchmarks/gguf_rope_scaling.py
+    python -m benchmarks.gguf_rope_scaling
 """
 from __future__ import annotations
 
@@ -25,13 +25,11 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from real_model import dense_model, streamrom_cli  # noqa: E402
+from benchmarks.real_model import dense_model, streamrom_cli
 
-import streamrom  # noqa: E402
-from streamrom.report import machine  # noqa: E402
+import streamrom
+from streamrom.report import machine
 
 SCALINGS = {
     "none": None,

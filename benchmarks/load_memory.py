@@ -12,7 +12,7 @@ peak (ru_maxrss) covers what the sampler missed; the steady RSS is split into an
 pages backed by the checkpoint's files (safetensors maps them: a tensor read as stored is no copy). "load peak / file": (peak − before) / bytes on disk;
 the issue asks for ≤ 1.15. Parameter dtypes are listed: bf16 in, bf16 resident.
 
-    python benchmarks/load_memory.py --depth 32
+    python -m benchmarks.load_memory --depth 32
 """
 from __future__ import annotations
 
@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 CHILD = r"""
 import json, resource, sys, threading, time
@@ -80,7 +78,7 @@ print(json.dumps({"loader": loader, "load_seconds": load_seconds, "rss_before_by
 def compressed_depth2(work: Path) -> Path:
     """The 2-block compressed 7B-shaped checkpoint: memory_profile.py's output where it is there, else
     made here with a short calibration (the weights' values do not matter to loading)."""
-    from synthetic import random_tokens, write_synthetic
+    from benchmarks.synthetic import random_tokens, write_synthetic
 
     output = work / "7b-2-rom"
     if (output / "config.json").is_file():

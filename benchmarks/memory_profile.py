@@ -15,8 +15,8 @@ outputs are compared tensor by tensor.
 With `--allocate spectrum`, the run starts with the spectrum allocation's pass 1 (a streamed forward
 and backward of the dense model, spectra.py), whose peak the estimate covers too.
 
-    python benchmarks/memory_profile.py 7b --depths 2 4 8 --whole-model 8
-    python benchmarks/memory_profile.py 7b --depths 2 --allocate spectrum --sequences 8
+    python -m benchmarks.memory_profile 7b --depths 2 4 8 --whole-model 8
+    python -m benchmarks.memory_profile 7b --depths 2 --allocate spectrum --sequences 8
 """
 from __future__ import annotations
 
@@ -33,16 +33,14 @@ import psutil
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from flop_count import block_flops, gemm_peak_gflops  # noqa: E402
-from synthetic import config_for, random_tokens, write_synthetic  # noqa: E402
-from whole_model import REPORT_FILE as WHOLE_MODEL_REPORT, compare  # noqa: E402
+from benchmarks.flop_count import block_flops, gemm_peak_gflops
+from benchmarks.synthetic import config_for, random_tokens, write_synthetic
+from benchmarks.whole_model import REPORT_FILE as WHOLE_MODEL_REPORT, compare
 
-from streamrom.memory import vm_hwm_bytes  # noqa: E402
-from streamrom.plots import rss_timeline_png  # noqa: E402
-from streamrom.report import machine  # noqa: E402
+from streamrom.memory import vm_hwm_bytes
+from streamrom.plots import rss_timeline_png
+from streamrom.report import machine
 
 
 def profile(command: list[str], timeline_csv: Path | None) -> tuple[float, int, int]:

@@ -8,24 +8,21 @@ allocation's first pass is made once per method and reused for every size (`--sp
 compress time of a spectrum row includes pass 1 only in the first size run.
 Results: benchmarks/results/quality.json and a Markdown table on stdout.
 
-    python benchmarks/quality.py                                   # the full grid (hours)
-    python benchmarks/quality.py --reductions 30 40 --methods rom --allocations uniform spectrum
+    python -m benchmarks.quality                                   # the full grid (hours)
+    python -m benchmarks.quality --reductions 30 40 --methods rom --allocations uniform spectrum
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from real_model import EMMA, EVAL_TEXT, dense_model, run, streamrom_cli  # noqa: E402
+from benchmarks.real_model import EMMA, EVAL_TEXT, dense_model, run, streamrom_cli
 
-from streamrom.report import machine  # noqa: E402
+from streamrom.report import machine
 
 
 def quality_row(cli: list[str], dense: Path, work: Path, method: str, allocate: str,

@@ -4,8 +4,8 @@ Prejudice (never used for calibration), peak RSS against the model's size on dis
 Every row is a `streamrom` command run as its own process; its numbers are read from the JSON report
 that command writes. Results go to benchmarks/results/real_model.json and a Markdown table on stdout.
 
-    python benchmarks/real_model.py                 # full evaluation text (about 330 windows)
-    python benchmarks/real_model.py --max-windows 40
+    python -m benchmarks.real_model                 # full evaluation text (about 330 windows)
+    python -m benchmarks.real_model --max-windows 40
 """
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from streamrom.report import machine  # noqa: E402
+from streamrom.report import machine
 
 EVAL_TEXT = REPO / "data" / "austen" / "prideprejudice.txt"
 # The grids' calibration text: Emma alone (the default before the general set), so that every grid

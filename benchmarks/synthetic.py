@@ -3,7 +3,7 @@
 For memory and time measurements only, never for accuracy. Written one tensor group at a time
 (one shard per block), so making a 13B-shaped checkpoint needs no more RAM than one block.
 
-    python benchmarks/synthetic.py 7b --depth 4 --out .cache/synthetic/7b-4
+    python -m benchmarks.synthetic 7b --depth 4 --out .cache/synthetic/7b-4
 """
 from __future__ import annotations
 

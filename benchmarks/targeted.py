@@ -13,25 +13,22 @@ and evaluated on held-out code and on held-out prose (Pride and Prejudice):
 
 Results: benchmarks/results/targeted.json and a Markdown table on stdout.
 
-    python benchmarks/targeted.py --reductions 40 --max-windows 40
+    python -m benchmarks.targeted --reductions 40 --max-windows 40
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
-import sys
 import sysconfig
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from real_model import EMMA, EVAL_TEXT, dense_model, run, streamrom_cli  # noqa: E402
+from benchmarks.real_model import EMMA, EVAL_TEXT, dense_model, run, streamrom_cli
 
-from streamrom.calibration import held_out  # noqa: E402
-from streamrom.report import machine  # noqa: E402
+from streamrom.calibration import held_out
+from streamrom.report import machine
 
 CALIBRATION_BYTES = 4_000_000  # plenty for 32 x 512 tokens drawn at random offsets
 EVALUATION_BYTES = 1_000_000  # about 250k tokens, far more than 40 windows of 512 need

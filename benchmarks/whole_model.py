@@ -3,21 +3,19 @@ whole model loaded in its float32 working dtype and every calibration activation
 ROM paper's and the SFSD study's code do it. For comparison with streamrom only: memory_profile.py
 runs it beside `streamrom compress` (`--whole-model DEPTH`) and checks both outputs are identical.
 
-    python benchmarks/whole_model.py SRC DST --calib-tokens tokens.npy
+    python -m benchmarks.whole_model SRC DST --calib-tokens tokens.npy
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 REPORT_FILE = "whole-model-report.json"
 

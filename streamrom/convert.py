@@ -93,6 +93,12 @@ def unpermute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def permute_rotary(rows: np.ndarray, heads: int) -> np.ndarray:
+    """HF's rotate-half layout to llama.cpp's interleaved one (the inverse of unpermute_rotary)."""
+    return (rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:])
+            .swapaxes(1, 2).reshape(rows.shape))
+
+
 def to_output_dtype(array: np.ndarray, dtype: str) -> bytes:
     """float32 values as the bytes of the output dtype (bfloat16 rounded to nearest even, as torch does)."""
     code, numpy_dtype = OUTPUT_DTYPES[dtype]

@@ -44,7 +44,7 @@ from .architectures import ModelSpec
 from .checkpoint import CheckpointReader
 from .layout import (GGUF_TYPES as TYPES, LLAMA_QUANTIZE_TYPES, LLAMA_QUANTIZE_VARIABLE, check_output_file,
                      read_json)
-from .convert import ARCHITECTURES_WITHOUT_BIAS, BLOCK_NAMES, BLOCK_NAMES_OF, NORMS_STORED_PLUS_ONE
+from .convert import ARCHITECTURES_WITHOUT_BIAS, BLOCK_NAMES, BLOCK_NAMES_OF, NORMS_STORED_PLUS_ONE, permute_rotary
 from .errors import InputError, OutputError, UsageError, write_failure
 from .importance import IMPORTANCE_FILE, read_importance
 from .gguf_vocab import SPLIT_PRE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED
@@ -481,7 +481,7 @@ class _Plan:
                 pairs = self._read(f"{block_prefix(index)}self_attn.rotary_pairs").astype(np.int64)
                 rows = _scatter_pairs(rows, heads, pairs, head_dim)
             if self.architecture in ("llama", "deci"):
-                rows = _permute_rotary(rows, heads)
+                rows = permute_rotary(rows, heads)
         return np.ascontiguousarray(rows)
 
 
@@ -518,12 +518,6 @@ def _scatter_pairs(rows: np.ndarray, heads: int, pairs: np.ndarray, head_dim: in
     for head in range(heads):
         full[head, dims[head]] = narrow[head]
     return full.reshape(heads * head_dim, rows.shape[1])
-
-
-def _permute_rotary(rows: np.ndarray, heads: int) -> np.ndarray:
-    """HF's rotate-half layout to llama.cpp's interleaved one (the inverse of convert.unpermute_rotary)."""
-    return (rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:])
-            .swapaxes(1, 2).reshape(rows.shape))
 
 
 # -- the tokenizer

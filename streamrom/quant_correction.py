@@ -32,6 +32,7 @@ from .architectures import BLOCK_LINEARS, EMBED, block_prefix
 from .calibration import CalibrationConfig, calibration_tokens
 from .checkpoint import CheckpointReader
 from .errors import InputError, OutputError, UsageError, write_failure
+from .convert import permute_rotary
 from .modeling import BlockValues, Rotary
 from .report import StageTimer
 from .statistics import MomentAccumulator
@@ -152,7 +153,7 @@ def correct(source: str | Path, base: str | Path, output: str | Path,
         del embedding
         cos, sin = Rotary(spec).cos_sin(seqlen)
         for index, block in read_blocks(reader, range(spec.num_layers), timer, "correct"):
-            corrections += _correct_block(block, index, linears, model, handle, activations, cos, sin,
+            corrections += _correct_block(spec, block, index, linears, model, handle, activations, cos, sin,
                                           chunk_sequences, config, timer)
             with timer("forward"):
                 run_block(block, activations.inputs, activations.outputs, cos, sin, chunk_sequences)
@@ -177,24 +178,18 @@ def _dequantized(model, tensor, handle: int) -> np.ndarray:
     return np.concatenate(list(model.row_chunks(tensor, handle))).reshape(tensor.shape)
 
 
-def _correct_block(block, index: int, linears: dict, model, handle: int, activations: ActivationPair,
+def _correct_block(spec, block, index: int, linears: dict, model, handle: int, activations: ActivationPair,
                    cos, sin, chunk_sequences: int, config: CorrectionConfig,
                    timer: StageTimer) -> list[LinearCorrection]:
-    """Every linear of the block becomes its quantized matrix; then group by group the corrections are
-    fitted on the inputs the corrected stream gives them, and added."""
+    """Group by group (Block.GROUPS, in order), the corrections fitted on the inputs the corrected
+    stream gives the group, and the group's linears replaced by quantized + correction. A group's
+    input depends only on the groups before it, all replaced by then: the dense matrices of the
+    others wait in the block (no copy beside it)."""
     prefix = block_prefix(index)
-    dense: dict[str, torch.Tensor] = {}
-    for group in block.GROUPS:
-        for name in group.linears:
-            weight, bias = dense_linear(block.linear(name))
-            with timer("read"):
-                quantized = torch.from_numpy(_dequantized(model, linears[f"{prefix}{name}.weight"], handle))
-            dense[name] = weight.float().clone()
-            block.set_linear(name, _linear_module(quantized, None if bias is None else bias.float()))
     found: list[LinearCorrection] = []
     inputs = activations.inputs
     for group in block.GROUPS:
-        width = block.linear(group.linears[0]).weight.shape[1]
+        width = spec.linear_shape(group.linears[0], index)[1]
         moment = MomentAccumulator(width)
         with timer("forward"):
             for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
@@ -206,19 +201,22 @@ def _correct_block(block, index: int, linears: dict, model, handle: int, activat
         second = moment.second_moment_as(np.float32)
         del moment
         for name in group.linears:
-            module = block.linear(name)
-            quantized = module.weight.detach()
-            error = (dense.pop(name) - quantized).numpy()
+            tensor = linears[f"{prefix}{name}.weight"]
+            weight, bias = dense_linear(block.linear(name))
+            with timer("read"):
+                quantized = torch.from_numpy(_dequantized(model, tensor, handle))
+            error = (weight.float() - quantized).numpy()
+            del weight
             with timer("eigen"):
                 expand, reduce, values = decompose.error_correction(error, second, config.rank, config.damping)
-            total = float(np.einsum("ij,jk,ik->", error, second, error, optimize=True))
+                total = float(np.einsum("ij,ij->", error @ second, error))
             removed = float(values.sum()) / total if total > 0 else 1.0
-            corrected = quantized + torch.from_numpy(expand @ reduce)
-            block.set_linear(name, _linear_module(corrected, module.bias))
-            tensor = linears[f"{prefix}{name}.weight"]
+            del error
+            quantized += torch.from_numpy(expand @ reduce)
+            block.set_linear(name, _linear_module(quantized, None if bias is None else bias.float()))
+            del quantized
             if tensor.rotary_heads is not None:  # the base's rows are llama.cpp's permuted q/k rows
-                from .export_gguf import _permute_rotary
-                expand = _permute_rotary(expand, tensor.rotary_heads)
+                expand = permute_rotary(expand, tensor.rotary_heads)
             found.append(LinearCorrection(tensor.gguf_name, expand, reduce, removed))
             log.debug("%s: rank %d removes %.1f %% of the weighted error", tensor.gguf_name, reduce.shape[0],
                       100 * removed)
