@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import header
 from streamrom.convert import ARCHITECTURES_WITHOUT_BIAS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,16 +46,6 @@ IMATRIX_TYPES = ["Q4_K_M", "Q3_K_M", "Q2_K"]  # where an importance matrix chang
 MODELS = {"smollm2": "SmolLM2-135M-Instruct (from its package's 4-bit GGUF, dequantised)",
           "gemma3": "Gemma 3 270M (from its package's Q4_K_M GGUF, dequantised)"}
 GGUF_ARCHITECTURE = {"smollm2": "llama", "gemma3": "gemma3"}
-
-
-def header(command: list[str]) -> dict:
-    from streamrom.report import machine
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                text=True, cwd=REPO).stdout.strip())
-    return {"benchmark": "frontier", "command": shlex.join(command), "commit": commit + ("-dirty" if dirty else ""),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine()}
 
 
 def run(command: list, log: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
@@ -285,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work / f"{args.model}-files"  # beside the dense folder: outputs never lie inside a source
     work.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    results.update(header=header([sys.executable, "-m", "benchmarks.frontier", *(argv or sys.argv[1:])]),
+    results.update(header=header("frontier", argv),
                    model=args.model, model_name=MODELS[args.model], eval_texts={g: str(p.relative_to(REPO))
                                                                                  for g, p in EVAL_TEXTS.items()},
                    chunks=args.chunks, context=512, bench={"prompt": args.bench[0], "generate": args.bench[1]})

@@ -48,6 +48,8 @@ log = logging.getLogger("streamrom")
 # the anchored fits' blend measured best on the real model (README: Anchored fits; benchmarks/anchored.py)
 MEASURED_ANCHOR_STRENGTH = 0.5
 # methods.METHODS's names, spelled here so that --help needs no torch (a test keeps the two equal)
+# `compress SRC DST` with no options: the setting the README recommends
+RECOMMENDED_TARGET_PARAMS = 0.8
 METHOD_NAMES = ("rom", "rom-centered", "svd", "structured", "mixed")
 
 
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Compress SRC (config.json + safetensors) into DST, block by block.")
     comp.add_argument("source", type=Path, help="source checkpoint folder (never written to)")
     comp.add_argument("output", type=Path, help="output folder (must be empty, or use --overwrite)")
-    comp.add_argument("--ratio", type=float, default=0.8,
+    comp.add_argument("--ratio", type=float,
                       help="fraction of each compressed linear's parameters kept, in (0, 1]; "
                            "rank r = ratio*m*n/(m+n) rounded down to a multiple of 8 (default 0.8)")
     comp.add_argument("--rank", type=_positive_int,
@@ -115,8 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="blocks to compress: all, last:N (ROM: the last N blocks), or e.g. 0-3,7 (default all)")
     comp.add_argument("--modules", type=_modules,
                       help="comma-separated linears to compress, e.g. q_proj,k_proj,gate_proj (default: all seven)")
-    comp.add_argument("--method", default="rom", choices=list(METHOD_NAMES),
-                      help="rom: uncentered output second moment (default, best rank-r fit of W X); "
+    comp.add_argument("--method", choices=list(METHOD_NAMES),
+                      help="(default: mixed, the recommended setting, with --allocate spectrum and --target-params "
+                           f"{RECOMMENDED_TARGET_PARAMS:g} where no allocation or size is given; rom where --rank, "
+                           "--ranks-from or --target-text is given; an explicit --method keeps --allocate uniform "
+                           "and --ratio 0.8 as defaults) "
+                           "rom: uncentered output second moment (best rank-r fit of W X); "
                            "rom-centered: covariance plus the mean-correction bias (worse than rom with uniform ranks, better "
                            "with --allocate spectrum or bayes; README: Rank allocation and methods); "
                            "svd: weight-space truncated SVD, no calibration (a baseline); "
@@ -140,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="rom-centered, structured, mixed: fit the uncentered moments, adding no mean-correction "
                            "bias to any linear (llama.cpp's gemma3 graph has no bias tensors: export-gguf asks for "
                            "this there)")
-    comp.add_argument("--allocate", default="uniform", choices=["uniform", "last-n", "spectrum", "bayes"],
-                      help="how ranks are spread: uniform (one ratio everywhere, default); last-n (ROM: only "
+    comp.add_argument("--allocate", choices=["uniform", "last-n", "spectrum", "bayes"],
+                      help="how ranks are spread (default: spectrum with the recommended --method mixed, else "
+                           "uniform): uniform (one ratio everywhere); last-n (ROM: only "
                            "the last N blocks, N the fewest that reach the target at --ratio); spectrum (a first "
                            "streamed forward and backward pass of the dense model prices every output direction of "
                            "every linear by its energy times the loss gradient along it; ranks go where they save "
@@ -317,6 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _method_and_size(args: argparse.Namespace) -> tuple[str, str, float | None]:
+    """The method, allocation and --target-params of a compress command: as given, and where not given
+    the recommended setting (mixed, spectrum, RECOMMENDED_TARGET_PARAMS unless --ratio or a size is
+    given), except where an option needs another method: --rank, --ranks-from and --target-text
+    keep rom with uniform ranks."""
+    fixed = args.rank is not None or args.ranks_from is not None or bool(args.target_text)
+    method = args.method or ("rom" if fixed else "mixed")
+    recommended = args.method is None and not fixed
+    allocate = args.allocate or ("spectrum" if recommended else "uniform")
+    sized = args.ratio is not None or args.target_params is not None or args.target_size_gb is not None
+    target = args.target_params if sized or not recommended else RECOMMENDED_TARGET_PARAMS
+    return method, allocate, target
+
+
 def _ranks_from(path: Path) -> dict:
     from .errors import InputError
 
@@ -341,9 +362,11 @@ def _run(args: argparse.Namespace) -> None:
             sequences=args.calib_sequences, seqlen=args.calib_seqlen, seed=args.seed)
         target = (CalibrationConfig(text_files=tuple(args.target_text), sequences=args.calib_sequences,
                                     seqlen=args.calib_seqlen, seed=args.seed) if args.target_text else None)
+        method, allocate, target_params = _method_and_size(args)
         config = CompressConfig(
-            ratio=args.ratio, rank=args.rank, layers=args.layers, method=args.method, allocate=args.allocate,
-            target_params=args.target_params, target_size_gb=args.target_size_gb,
+            ratio=0.8 if args.ratio is None else args.ratio, rank=args.rank, layers=args.layers, method=method,
+            allocate=allocate,
+            target_params=target_params, target_size_gb=args.target_size_gb,
             ranks=_ranks_from(args.ranks_from) if args.ranks_from else None, spectra_file=args.spectra,
             chunk_tokens=args.chunk_tokens, calibration=calibration, overwrite=args.overwrite, dtype=args.dtype,
             target_calibration=target, target_basis=args.target_basis,

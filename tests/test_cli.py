@@ -45,7 +45,7 @@ def assert_clean_failure(code, err, expected_code, pattern, output=None, source=
 
 
 def compress_args(source, output, tokens, *extra):
-    return ["compress", source, output, "--calib-tokens", tokens, "--calib-sequences", "2",
+    return ["compress", source, output, "--method", "rom", "--calib-tokens", tokens, "--calib-sequences", "2",
             "--calib-seqlen", "32", *extra]
 
 
@@ -257,3 +257,19 @@ def test_threads_bound_the_numpy_and_scipy_blas_too(tmp_path):
                            capture_output=True, text=True, env={k: v for k, v in os.environ.items()
                                                                  if not k.endswith("_NUM_THREADS")})
     assert found.stdout.split() == ["1", "1"], found.stderr
+
+
+@pytest.mark.parametrize("argv,expected", [
+    ([], ("mixed", "spectrum", 0.8)),  # the recommended setting: the shortest command is the best one
+    (["--target-params", "0.7"], ("mixed", "spectrum", 0.7)),
+    (["--ratio", "0.5"], ("mixed", "spectrum", None)),  # spends what uniform at 0.5 would
+    (["--allocate", "bayes"], ("mixed", "bayes", 0.8)),
+    (["--method", "rom"], ("rom", "uniform", None)),  # an explicit method keeps uniform at --ratio 0.8
+    (["--rank", "8"], ("rom", "uniform", None)),
+    (["--ranks-from", "report.json"], ("rom", "uniform", None)),
+    (["--target-text", "code.txt"], ("rom", "uniform", None)),
+])
+def test_compress_defaults_are_the_recommended_setting(argv, expected):
+    from streamrom.cli import _method_and_size, build_parser
+
+    assert _method_and_size(build_parser().parse_args(["compress", "src", "dst", *argv])) == expected

@@ -61,7 +61,7 @@ def commands(world) -> dict[str, Command]:
     texts = ["--calib-text", str(TEXTS / "carroll-alice.txt"), "--calib-sequences", "8", "--calib-seqlen", "64",
              "--chunk-tokens", "128"]
     found = {
-        "compress rom uniform": compress("rom", "--ratio", "0.5"),
+        "compress rom uniform": compress("rom", "--method", "rom", "--ratio", "0.5"),
         "compress structured spectrum": compress("structured", "--method", "structured", "--allocate", "spectrum",
                                                  "--target-params", "0.8"),
         "compress mixed spectrum": compress("mixed", "--method", "mixed", "--allocate", "spectrum",
@@ -70,8 +70,8 @@ def commands(world) -> dict[str, Command]:
                                             "--target-params", "0.8", "--anchor"),
         "compress --target-text": compress("target", "--method", "rom-centered", "--target-params", "0.8",
                                            "--target-text", str(TEXTS / "python-code.txt"), calib=texts),
-        "compress bayes": compress("bayes", "--allocate", "bayes", "--trials", "3", "--target-params", "0.8"),
-        "compress bayes --study": compress("study", "--allocate", "bayes", "--trials", "3", "--target-params", "0.8",
+        "compress bayes": compress("bayes", "--method", "rom", "--allocate", "bayes", "--trials", "3", "--target-params", "0.8"),
+        "compress bayes --study": compress("study", "--method", "rom", "--allocate", "bayes", "--trials", "3", "--target-params", "0.8",
                                            "--study", f"sqlite:///{root / 'study.db'}", "--heartbeat", "2"),
         "import-gguf": Command("import-gguf", ["import-gguf", str(world["gguf"]), str(root / "imported")],
                                world["gguf"], [root / "imported"]),

@@ -128,7 +128,7 @@ def test_rom_beats_weight_svd_on_the_real_model(smollm2_dir, tmp_path):
     (["--rank", "8", "--allocate", "spectrum"], "do not combine"),
     (["--target-params", "0.0001"], "target"),
     (["--method", "svd", "--allocate", "spectrum"], "with --method svd use uniform or last-n"),
-    (["--spectra", "pass1.npz"], "use it with that allocation"),
+    (["--method", "rom", "--spectra", "pass1.npz"], "use it with that allocation"),
 ])
 def test_bad_allocation_arguments_fail_in_one_line(tiny_models, tiny_tokens, tmp_path, capsys, argv, message):
     try:

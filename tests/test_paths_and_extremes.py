@@ -26,7 +26,8 @@ def streamrom(*args, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def compress(source, output, tokens, *extra, global_args=()) -> subprocess.CompletedProcess:
-    return streamrom(*global_args, "compress", source, output, "--calib-tokens", tokens, "--calib-sequences", "8",
+    return streamrom(*global_args, "compress", source, output, "--method", "rom", "--calib-tokens", tokens,
+                     "--calib-sequences", "8",
                      "--calib-seqlen", "64", "--chunk-tokens", "128", *extra)
 
 

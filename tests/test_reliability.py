@@ -32,7 +32,7 @@ MODEL_FILES = ("*.safetensors", "model.safetensors.index.json", "config.json")
 
 def cli_command(source, output, tokens, *extra) -> list[str]:
     return [sys.executable, "-m", "streamrom.cli", "--quiet", "compress", str(source), str(output),
-            "--calib-tokens", str(tokens), "--calib-sequences", "8", "--calib-seqlen", "64",
+            "--method", "rom", "--calib-tokens", str(tokens), "--calib-sequences", "8", "--calib-seqlen", "64",
             "--chunk-tokens", "128", "--ratio", "0.5", *extra]
 
 
@@ -189,8 +189,8 @@ def test_nan_or_inf_is_refused(tmp_path, tiny_tokens, capsys, where):
     save_file(state, source / "model.safetensors", metadata={"format": "pt"})
     digest = folder_digest(source)
     capsys.readouterr()  # drop what building the model printed
-    code = main(["--quiet", "compress", str(source), str(tmp_path / "out"), "--calib-tokens", str(tiny_tokens),
-                 "--calib-sequences", "4", "--calib-seqlen", "64"])
+    code = main(["--quiet", "compress", str(source), str(tmp_path / "out"), "--method", "rom", "--calib-tokens",
+                 str(tiny_tokens), "--calib-sequences", "4", "--calib-seqlen", "64"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_INPUT and len(err) == 1
     assert ("v_proj.weight" in err[0] and "NaN or Inf" in err[0]) if where == "weights" else "NaN or Inf activations" in err[0]

@@ -31,7 +31,7 @@ BLOCKS = 3
 def compress_command(source: Path, output: Path, tokens: Path, storage: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "streamrom.cli", "--quiet", "--threads", "1", "compress", str(source), str(output),
             "--calib-tokens", str(tokens), "--calib-sequences", "8", "--calib-seqlen", "64", "--chunk-tokens", "128",
-            "--allocate", "bayes", "--target-params", "0.7", "--trials", str(TRIALS), "--study", storage,
+            "--method", "rom", "--allocate", "bayes", "--target-params", "0.7", "--trials", str(TRIALS), "--study", storage,
             "--study-name", "tiny", "--heartbeat", "2", *extra]
 
 
