@@ -144,12 +144,13 @@ def kl_bases(dense_f16: Path, bin_dir: Path, work: Path, chunks: int) -> dict[st
     return bases
 
 
-def score(path: Path, bases: dict[str, Path], bin_dir: Path) -> dict:
-    """llama.cpp's perplexity, mean KL divergence and top-1 agreement against the dense F16 model."""
+def score(path: Path, bases: dict[str, Path], bin_dir: Path, lora: Path | None = None) -> dict:
+    """llama.cpp's perplexity, mean KL divergence and top-1 agreement against the dense F16 model's
+    (`lora`: with that adapter applied on the file)."""
     scores = {}
     for genre, base in bases.items():
-        out = run([bin_dir / "llama-perplexity", "-m", path, "-t", "2", "--kl-divergence-base", base,
-                   "--kl-divergence"])
+        out = run([bin_dir / "llama-perplexity", "-m", path, *(["--lora", lora] if lora else []), "-t", "2",
+                   "--kl-divergence-base", base, "--kl-divergence"])
         text = out.stdout + out.stderr
         ppl = re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", text)
         kld = re.search(r"Mean\s+KLD:\s*(-?[\d.]+)", text)
