@@ -307,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     cor.add_argument("--seed", type=_non_negative_int, default=0, help="seed for drawing calibration sequences")
     cor.add_argument("--chunk-tokens", type=_positive_int, default=2048,
                      help="tokens per forward chunk; bounds activation memory (default 2048)")
+    cor.add_argument("--peft", type=Path, metavar="FOLDER",
+                     help="also write the corrections as a PEFT LoRA adapter folder, for transformers with the base "
+                          "loaded from BASE.gguf (from_pretrained(..., gguf_file=...))")
     cor.add_argument("--report", type=Path, help="write a JSON summary (ranks, bytes, error removed, stage times)")
     cor.add_argument("--overwrite", action="store_true", help="replace an existing adapter file")
 
@@ -442,6 +445,7 @@ def _run(args: argparse.Namespace) -> None:
             raise OutputError(f"--report {args.report} is a folder: give a file path")
         summary = correct(args.source, args.base, args.output, CorrectionConfig(
             rank=args.rank, adapter_type=args.adapter_type, chunk_tokens=args.chunk_tokens, overwrite=args.overwrite,
+            peft=args.peft,
             calibration=CalibrationConfig(text_files=tuple(args.calib_text), token_file=args.calib_tokens,
                                           sequences=args.calib_sequences, seqlen=args.calib_seqlen, seed=args.seed)))
         if args.report is not None:

@@ -16,6 +16,7 @@ percent of the base's bytes) are kept until the end, written once, atomically.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -50,6 +51,7 @@ class CorrectionConfig:
     chunk_tokens: int = 2048
     damping: float = 1e-6  # relative to the moment's mean eigenvalue (decompose.damped)
     adapter_type: str = "f16"  # of the adapter's tensors
+    peft: Path | None = None  # also write the corrections as a PEFT LoRA adapter folder here
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -63,10 +65,16 @@ class CorrectionConfig:
 
 @dataclass
 class LinearCorrection:
+    linear: str  # the checkpoint's name, e.g. model.layers.0.self_attn.q_proj
     gguf_name: str  # the base tensor's name, e.g. blk.0.attn_q.weight
-    expand: np.ndarray  # A (out x r), rows in the base file's layout (llama's q/k rows permuted)
+    rotary_heads: int | None  # llama.cpp permuted the base's rows (llama's q/k) within this many heads
+    expand: np.ndarray  # A (out x r), rows in the checkpoint's (Hugging Face's) layout
     reduce: np.ndarray  # B (r x in)
     removed: float  # the fraction of the input-weighted error energy the correction removes
+
+    def gguf_expand(self) -> np.ndarray:
+        """A with its rows in the base file's layout."""
+        return self.expand if self.rotary_heads is None else permute_rotary(self.expand, self.rotary_heads)
 
 
 def dense_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -130,6 +138,9 @@ def correct(source: str | Path, base: str | Path, output: str | Path,
         raise OutputError(f"{output} exists (pass --overwrite to replace it)")
     if not base.is_file():
         raise InputError(f"base GGUF not found: {base}")
+    peft = None if config.peft is None else Path(config.peft)
+    if peft is not None and peft.exists() and (not peft.is_dir() or any(peft.iterdir())) and not config.overwrite:
+        raise OutputError(f"{peft} exists and is not an empty folder (pass --overwrite to replace it)")
     reader = CheckpointReader(source)
     spec = reader.spec
     model = GGUFModel(base)
@@ -160,6 +171,8 @@ def correct(source: str | Path, base: str | Path, output: str | Path,
             activations.swap()
             del block
         summary = _write_adapter(gguf, model.arch, corrections, temporary, config.adapter_type)
+        if peft is not None:
+            _write_peft(corrections, peft, config.adapter_type)
         os.replace(temporary, output)
     except OSError as exc:
         raise write_failure(exc, output.parent) from None
@@ -215,13 +228,50 @@ def _correct_block(spec, block, index: int, linears: dict, model, handle: int, a
             quantized += torch.from_numpy(expand @ reduce)
             block.set_linear(name, _linear_module(quantized, None if bias is None else bias.float()))
             del quantized
-            if tensor.rotary_heads is not None:  # the base's rows are llama.cpp's permuted q/k rows
-                expand = permute_rotary(expand, tensor.rotary_heads)
-            found.append(LinearCorrection(tensor.gguf_name, expand, reduce, removed))
+            found.append(LinearCorrection(f"{prefix}{name}", tensor.gguf_name, tensor.rotary_heads, expand, reduce,
+                                          removed))
             log.debug("%s: rank %d removes %.1f %% of the weighted error", tensor.gguf_name, reduce.shape[0],
                       100 * removed)
         del second
     return found
+
+
+PEFT_PREFIX = "base_model.model."  # where PEFT's LoraModel keeps the model it wraps
+
+
+def _write_peft(corrections: list[LinearCorrection], folder: Path, adapter_type: str) -> None:
+    """The corrections as a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors), for a
+    transformers model of the base (e.g. `from_pretrained(..., gguf_file=BASE)`, which dequantizes it):
+    lora_A = B (r x in), lora_B = A (out x r) in Hugging Face's row order, lora_alpha = r so PEFT's
+    scale alpha/r is 1; a linear whose rank was capped lower is named in rank_pattern. Written into a
+    temporary folder beside `folder`, then renamed into place."""
+    from safetensors.numpy import save_file
+
+    dtype = ADAPTER_TYPES[adapter_type]
+    ranks = {c.linear: c.reduce.shape[0] for c in corrections}
+    rank = max(ranks.values())
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
+              "target_modules": sorted({c.linear.rsplit(".", 1)[1] for c in corrections}),
+              "rank_pattern": {name: r for name, r in ranks.items() if r != rank},
+              "alpha_pattern": {name: r for name, r in ranks.items() if r != rank},
+              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+              "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+              "base_model_name_or_path": None, "revision": None}
+    tensors = {}
+    for c in corrections:
+        tensors[f"{PEFT_PREFIX}{c.linear}.lora_A.weight"] = np.ascontiguousarray(c.reduce.astype(dtype))
+        tensors[f"{PEFT_PREFIX}{c.linear}.lora_B.weight"] = np.ascontiguousarray(c.expand.astype(dtype))
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        save_file(tensors, str(staging / "adapter_model.safetensors"))
+        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_adapter(gguf, architecture: str, corrections: list[LinearCorrection], path: Path,
@@ -237,7 +287,8 @@ def _write_adapter(gguf, architecture: str, corrections: list[LinearCorrection],
     parameters = 0
     for correction in corrections:
         writer.add_tensor(f"{correction.gguf_name}.lora_a", correction.reduce.astype(dtype))
-        writer.add_tensor(f"{correction.gguf_name}.lora_b", np.ascontiguousarray(correction.expand.astype(dtype)))
+        writer.add_tensor(f"{correction.gguf_name}.lora_b",
+                          np.ascontiguousarray(correction.gguf_expand().astype(dtype)))
         parameters += correction.reduce.size + correction.expand.size
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -537,3 +537,52 @@ def test_a_low_rank_correction_removes_part_of_the_error_and_bad_input_is_refuse
         assert refused.returncode == code and said in refused.stderr, refused.stderr
         assert len(refused.stderr.splitlines()) == 1
     assert not (tmp_path / "b.gguf").exists() and not list(tmp_path.glob(".*"))
+
+
+def test_the_peft_adapter_on_the_dequantized_base_restores_the_dense_model_in_transformers(tiny_sources, tiny_tokens,
+                                                                                          tmp_path):
+    """`--peft`: the same corrections as a PEFT LoRA adapter, in Hugging Face's row order. At full rank,
+    added to the base as transformers reads it (imported from the GGUF, dequantized), it gives back the
+    dense model's block linears: the logits of the base with the source's block matrices put back (the
+    embedding and head stay quantized: no correction is fitted to them); with peft installed, PEFT
+    itself loads and applies it the same."""
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    source = tiny_sources["llama"]
+    assert cli("export-gguf", source, tmp_path / "q.gguf", "--type", "q4_0").returncode == 0
+    result = cli("correct", source, tmp_path / "q.gguf", tmp_path / "a.gguf", "--rank", "100000", "--adapter-type",
+                 "f32", "--peft", tmp_path / "peft", *_calibration_arguments(tiny_tokens))
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert settings["peft_type"] == "LORA" and settings["lora_alpha"] == settings["r"]
+    assert cli("import-gguf", tmp_path / "q.gguf", tmp_path / "base").returncode == 0
+    tokens = torch.from_numpy(np.random.default_rng(5).integers(0, 256, size=(2, 24)))
+    with torch.no_grad():
+        original = AutoModelForCausalLM.from_pretrained(source).state_dict()
+        restored = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+        for name, module in restored.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                module.weight.copy_(original[f"{name}.weight"])
+        dense = restored(tokens).logits
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+        assert (base(tokens).logits - dense).abs().max() > 1e-3  # q4_0 moved it
+        factors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+        for key, down in factors.items():
+            if key.endswith("lora_A.weight"):
+                module = base.get_submodule(key.removeprefix("base_model.model.").removesuffix(".lora_A.weight"))
+                rank = down.shape[0]
+                scale = settings["alpha_pattern"].get(key.split(".lora_A")[0].removeprefix("base_model.model."),
+                                                      settings["lora_alpha"]) / settings["rank_pattern"].get(
+                    key.split(".lora_A")[0].removeprefix("base_model.model."), settings["r"])
+                assert rank == min(module.weight.shape) and scale == 1.0
+                module.weight += torch.from_numpy(factors[key.replace("lora_A", "lora_B")] @ down)
+        torch.testing.assert_close(base(tokens).logits, dense, rtol=1e-4, atol=1e-4)
+    try:  # PEFT is no dependency of streamrom's: where it is installed, it reads the folder the same
+        import peft
+    except ImportError:
+        return
+    with torch.no_grad():
+        wrapped = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                                 tmp_path / "peft").eval()
+        torch.testing.assert_close(wrapped(tokens).logits, dense, rtol=1e-4, atol=1e-4)
