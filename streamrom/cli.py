@@ -307,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     cor.add_argument("--seed", type=_non_negative_int, default=0, help="seed for drawing calibration sequences")
     cor.add_argument("--chunk-tokens", type=_positive_int, default=2048,
                      help="tokens per forward chunk; bounds activation memory (default 2048)")
+    cor.add_argument("--anchor", type=float, nargs="?", const=1.0, default=0.0, metavar="STRENGTH",
+                     help="anchored fits: stream the dense model beside the corrected one and fit each correction "
+                          "toward the dense model's outputs rather than the dense matrix on the corrected inputs "
+                          "(0 off, default; 1 fully anchored; --anchor alone: 1)")
     cor.add_argument("--peft", type=Path, metavar="FOLDER",
                      help="also write the corrections as a PEFT LoRA adapter folder, for transformers with the base "
                           "loaded from BASE.gguf (from_pretrained(..., gguf_file=...))")
@@ -445,7 +449,7 @@ def _run(args: argparse.Namespace) -> None:
             raise OutputError(f"--report {args.report} is a folder: give a file path")
         summary = correct(args.source, args.base, args.output, CorrectionConfig(
             rank=args.rank, adapter_type=args.adapter_type, chunk_tokens=args.chunk_tokens, overwrite=args.overwrite,
-            peft=args.peft,
+            peft=args.peft, anchor=args.anchor,
             calibration=CalibrationConfig(text_files=tuple(args.calib_text), token_file=args.calib_tokens,
                                           sequences=args.calib_sequences, seqlen=args.calib_seqlen, seed=args.seed)))
         if args.report is not None:

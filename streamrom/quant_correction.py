@@ -36,12 +36,15 @@ from .errors import InputError, OutputError, UsageError, write_failure
 from .convert import permute_rotary
 from .modeling import BlockValues, Rotary
 from .report import StageTimer
-from .statistics import MomentAccumulator
+from .statistics import CrossAccumulator, MomentAccumulator
 from .streaming import read_blocks
 
 log = logging.getLogger(__name__)
 
 ADAPTER_TYPES = {"f16": np.float16, "f32": np.float32}
+# the anchored target's ridge, relative to the corrected inputs' mean eigenvalue: the quantized stream stays
+# near the dense one, so the least-squares map needs far less damping than a compressed stream's
+ANCHOR_RIDGE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class CorrectionConfig:
     damping: float = 1e-6  # relative to the moment's mean eigenvalue (decompose.damped)
     adapter_type: str = "f16"  # of the adapter's tensors
     peft: Path | None = None  # also write the corrections as a PEFT LoRA adapter folder here
+    # anchored fits: a dense stream beside the corrected one, and each correction's target moved from
+    # the dense matrix on the corrected stream's inputs (0) to the dense model's own outputs (1)
+    anchor: float = 0.0
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -59,6 +65,8 @@ class CorrectionConfig:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
         if self.chunk_tokens < 1:
             raise UsageError(f"chunk tokens must be at least 1, got {self.chunk_tokens}")
+        if not 0.0 <= self.anchor <= 1.0:
+            raise UsageError(f"--anchor must be in [0, 1], got {self.anchor}")
         if self.adapter_type not in ADAPTER_TYPES:
             raise UsageError(f"unknown adapter type {self.adapter_type!r}: choose from {', '.join(ADAPTER_TYPES)}")
 
@@ -152,8 +160,11 @@ def correct(source: str | Path, base: str | Path, output: str | Path,
     work = output.with_name(f".{output.name}.work")
     temporary = output.with_name(f".{output.name}.tmp")
     corrections: list[LinearCorrection] = []
+    dense = None
     try:
         activations = ActivationPair(work, sequences, seqlen, spec.hidden_size, anonymous=True)
+        if config.anchor > 0:
+            dense = ActivationPair(work, sequences, seqlen, spec.hidden_size, anonymous=True)
     except OSError as exc:
         raise write_failure(exc, output.parent) from None
     handle = os.open(base, os.O_RDONLY)
@@ -161,11 +172,21 @@ def correct(source: str | Path, base: str | Path, output: str | Path,
         with timer("read"):
             embedding = torch.from_numpy(_dequantized(model, embedding_tensor, handle))
         embed_into(embedding, tokens, activations.inputs, chunk_sequences, spec.embedding_scale)
+        if dense is not None:
+            embed_into(reader.tensor(EMBED), tokens, dense.inputs, chunk_sequences, spec.embedding_scale)
         del embedding
         cos, sin = Rotary(spec).cos_sin(seqlen)
         for index, block in read_blocks(reader, range(spec.num_layers), timer, "correct"):
-            corrections += _correct_block(spec, block, index, linears, model, handle, activations, cos, sin,
-                                          chunk_sequences, config, timer)
+            dense_inputs = None
+            if dense is not None:
+                with timer("dense stream"):
+                    dense_inputs = _dense_values(block, dense, work, cos, sin, chunk_sequences)
+            try:
+                corrections += _correct_block(spec, block, index, linears, model, handle, activations, cos, sin,
+                                              chunk_sequences, config, timer, dense_inputs)
+            finally:
+                for buffer in (dense_inputs or {}).values():
+                    buffer.close()
             with timer("forward"):
                 run_block(block, activations.inputs, activations.outputs, cos, sin, chunk_sequences)
             activations.swap()
@@ -179,6 +200,8 @@ def correct(source: str | Path, base: str | Path, output: str | Path,
     finally:
         os.close(handle)
         activations.close()
+        if dense is not None:
+            dense.close()
         temporary.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
     summary.update(source=str(source), base=str(base), output=str(output), rank=config.rank,
@@ -187,13 +210,33 @@ def correct(source: str | Path, base: str | Path, output: str | Path,
     return summary
 
 
+def _dense_values(block, dense: ActivationPair, work: Path, cos, sin, chunk_sequences: int) -> dict:
+    """The dense block (untouched yet) on the dense stream: each group's input, on disk for the fits,
+    and the block's output as the dense stream's next input."""
+    from .activations import ActivationBuffer
+
+    sequences, length, _ = dense.inputs.shape
+    widths = {}
+    for start, stop in chunk_ranges(sequences, chunk_sequences):
+        values = BlockValues(block, cos, sin, {"x": lambda start=start, stop=stop: dense.inputs.read(start, stop)})
+        for group in block.GROUPS:
+            features = values[group.reads]
+            if group.reads not in widths:
+                widths[group.reads] = ActivationBuffer(work, sequences, length, features.shape[-1], anonymous=True)
+            widths[group.reads].write(start, features)
+        dense.outputs.write(start, require_finite(values["output"], "leave a dense block"))
+        del values
+    dense.swap()
+    return widths
+
+
 def _dequantized(model, tensor, handle: int) -> np.ndarray:
     return np.concatenate(list(model.row_chunks(tensor, handle))).reshape(tensor.shape)
 
 
 def _correct_block(spec, block, index: int, linears: dict, model, handle: int, activations: ActivationPair,
                    cos, sin, chunk_sequences: int, config: CorrectionConfig,
-                   timer: StageTimer) -> list[LinearCorrection]:
+                   timer: StageTimer, dense_inputs: dict | None = None) -> list[LinearCorrection]:
     """Group by group (Block.GROUPS, in order), the corrections fitted on the inputs the corrected
     stream gives the group, and the group's linears replaced by quantized + correction. A group's
     input depends only on the groups before it, all replaced by then: the dense matrices of the
@@ -204,22 +247,33 @@ def _correct_block(spec, block, index: int, linears: dict, model, handle: int, a
     for group in block.GROUPS:
         width = spec.linear_shape(group.linears[0], index)[1]
         moment = MomentAccumulator(width)
+        cross = CrossAccumulator(width, width) if dense_inputs is not None else None
         with timer("forward"):
             for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
                 values = BlockValues(block, cos, sin, {"x": lambda start=start, stop=stop: inputs.read(start, stop)})
                 features = require_finite(values[group.reads], f"reach block {index}'s {group.reads}")
                 with timer("statistics"):
                     moment.add(features.reshape(-1, width))
+                    if cross is not None:
+                        cross.add(dense_inputs[group.reads].read(start, stop), features)
                 del values, features
+        mean = moment.mean().astype(np.float32)
         second = moment.second_moment_as(np.float32)
         del moment
+        anchor = cross.anchor(config.anchor, np.float32) if cross is not None else None
+        del cross
         for name in group.linears:
             tensor = linears[f"{prefix}{name}.weight"]
             weight, bias = dense_linear(block.linear(name))
             with timer("read"):
                 quantized = torch.from_numpy(_dequantized(model, tensor, handle))
-            error = (weight.float() - quantized).numpy()
-            del weight
+            target = weight.float().numpy()
+            if anchor is not None:  # what the dense model's outputs ask of the corrected stream's inputs
+                anchor_copy = decompose.Anchor(anchor.cross, anchor.mean, anchor.strength)
+                target = decompose.anchored_map(decompose.InputMoments(second, mean), anchor_copy, target, None,
+                                                ridge=ANCHOR_RIDGE)[0]
+            error = target - quantized.numpy()
+            del weight, target
             with timer("eigen"):
                 expand, reduce, values = decompose.error_correction(error, second, config.rank, config.damping)
                 total = float(np.einsum("ij,ij->", error @ second, error))
@@ -232,7 +286,7 @@ def _correct_block(spec, block, index: int, linears: dict, model, handle: int, a
                                           removed))
             log.debug("%s: rank %d removes %.1f %% of the weighted error", tensor.gguf_name, reduce.shape[0],
                       100 * removed)
-        del second
+        del second, anchor
     return found
 
 
