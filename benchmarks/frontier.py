@@ -383,8 +383,35 @@ def page(all_results: list[dict]) -> str:
                   f"{results['chunks']} chunks of 512 tokens per genre ({', '.join(results['eval_texts'])}); speed: "
                   f"llama-bench, prefill {results['bench']['prompt']} and decode {results['bench']['generate']} tokens.",
                   "", table(results), ""]
+        compared = verdict(results)
+        if compared:
+            lines += ["At equal bytes, each streamrom file against the smallest plain quantization of the dense "
+                      "model that is not smaller (generated from the table):", "", *compared, ""]
         lines += [f"![{p}](../../{p})" for p in results.get("pictures", []) if not p.startswith("/")] + [""]
     return "\n".join(lines)
+
+
+def mean_kl(row: dict) -> float:
+    return sum(v["kl"] for v in row["scores"].values()) / len(row["scores"])
+
+
+def verdict(results: dict) -> list[str]:
+    """Each streamrom file against plain quantization at equal bytes, stated from the numbers: the
+    smallest plain file of the dense model at least as large, by mean KL and by perplexity per genre."""
+    rows = [r for r in results["files"].values() if "scores" in r]
+    plain = sorted((r for r in rows if r["label"] == "dense"), key=lambda r: r["bytes"])
+    lines = ["| streamrom file | MiB | KL | smallest plain file at least as large | MiB | KL | lower KL | "
+             "lower perplexity (genres) |", "|---|---|---|---|---|---|---|---|"]
+    for row in sorted((r for r in rows if r["label"] != "dense"), key=lambda r: r["bytes"]):
+        larger = next((p for p in plain if p["bytes"] >= row["bytes"]), None)
+        if larger is None:
+            continue
+        genres = [g for g in row["scores"] if row["scores"][g]["perplexity"] <= larger["scores"][g]["perplexity"]]
+        lines.append(f"| {row['label']} {row['type']} | {row['bytes'] / 2**20:.1f} | {mean_kl(row):.4f} | "
+                     f"{larger['type']} | {larger['bytes'] / 2**20:.1f} | {mean_kl(larger):.4f} | "
+                     f"{'yes' if mean_kl(row) < mean_kl(larger) else 'no'} | "
+                     f"{len(genres)} of {len(row['scores'])} |")
+    return lines if len(lines) > 2 else []
 
 
 def write_page() -> None:
