@@ -294,8 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     cor.add_argument("source", type=Path, help="the checkpoint folder BASE was exported from")
     cor.add_argument("base", type=Path, help="the quantized .gguf (llama-quantize's output)")
     cor.add_argument("output", type=Path, help="the adapter .gguf to write")
-    cor.add_argument("--rank", type=_positive_int, default=32,
-                     help="rank of every linear's correction, capped at min(out, in) (default 32)")
+    sizing = cor.add_mutually_exclusive_group()
+    sizing.add_argument("--rank", type=_positive_int, default=32,
+                        help="rank of every linear's correction, capped at min(out, in) (default 32)")
+    sizing.add_argument("--adapter-size", type=float, metavar="MIB", dest="adapter_mib",
+                        help="instead: the adapter's size in MiB, its ranks spread where they save the most loss "
+                             "per byte (a first streamed forward and backward pass of the dense model prices every "
+                             "direction of every linear's error by the loss gradient)")
     cor.add_argument("--adapter-type", choices=["f16", "f32"], default="f16",
                      help="dtype of the adapter's matrices (default f16)")
     cor.add_argument("--calib-text", type=Path, nargs="+", default=[],
@@ -449,14 +454,16 @@ def _run(args: argparse.Namespace) -> None:
             raise OutputError(f"--report {args.report} is a folder: give a file path")
         summary = correct(args.source, args.base, args.output, CorrectionConfig(
             rank=args.rank, adapter_type=args.adapter_type, chunk_tokens=args.chunk_tokens, overwrite=args.overwrite,
-            peft=args.peft, anchor=args.anchor,
+            peft=args.peft, anchor=args.anchor, adapter_mib=args.adapter_mib,
             calibration=CalibrationConfig(text_files=tuple(args.calib_text), token_file=args.calib_tokens,
                                           sequences=args.calib_sequences, seqlen=args.calib_seqlen, seed=args.seed)))
         if args.report is not None:
             from .layout import write_atomic
 
             write_atomic(args.report, (json.dumps(summary, indent=2) + "\n").encode())
-        print(f"corrected {args.base} -> {args.output}: {summary['linears']} linears at rank {args.rank}, "
+        ranks = (f"rank {args.rank}" if args.adapter_mib is None else
+                 f"ranks {min(summary['ranks'].values())}..{max(summary['ranks'].values())}")
+        print(f"corrected {args.base} -> {args.output}: {summary['linears']} linears at {ranks}, "
               f"{summary['adapter_bytes'] / 2**20:.1f} MiB ({100 * summary['adapter_bytes'] / summary['base_bytes']:.1f} % "
               f"of the base), {100 * summary['error_removed']['mean']:.1f} % of the weighted error removed (mean)")
     elif args.command == "import-gguf":

@@ -16,14 +16,17 @@ percent of the base's bytes) are kept until the end, written once, atomically.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.linalg
 import torch
 from torch import nn
 
@@ -50,6 +53,9 @@ ANCHOR_RIDGE = 1e-4
 @dataclass(frozen=True)
 class CorrectionConfig:
     rank: int = 32  # of every linear's correction (capped at min(out, in))
+    # or: the adapter's size in MiB, its ranks spread over the linears by the loss each step of rank saves
+    # per byte (a first streamed forward and backward pass of the dense model prices every direction)
+    adapter_mib: float | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     chunk_tokens: int = 2048
     damping: float = 1e-6  # relative to the moment's mean eigenvalue (decompose.damped)
@@ -63,6 +69,8 @@ class CorrectionConfig:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        if self.adapter_mib is not None and not (math.isfinite(self.adapter_mib) and self.adapter_mib > 0):
+            raise UsageError(f"--adapter-size must be a positive number of MiB, got {self.adapter_mib}")
         if self.chunk_tokens < 1:
             raise UsageError(f"chunk tokens must be at least 1, got {self.chunk_tokens}")
         if not 0.0 <= self.anchor <= 1.0:
@@ -83,6 +91,58 @@ class LinearCorrection:
     def gguf_expand(self) -> np.ndarray:
         """A with its rows in the base file's layout."""
         return self.expand if self.rotary_heads is None else permute_rotary(self.expand, self.rotary_heads)
+
+
+RANK_STEP = 8  # the allocation's step of rank
+
+
+def error_prices(error: np.ndarray, second_moment: np.ndarray, sensitivity: np.ndarray,
+                 damping: float) -> np.ndarray:
+    """The loss each direction of a linear's correction saves, in the order error_correction keeps them:
+    direction k of the error's output, u_k with energy λ_k (of error·C·errorᵀ), saves about
+    λ_k · Σ_j u_jk² E[g_j²], g the loss gradient at the linear's output (as pass 1 prices the
+    directions a factored linear keeps: decompose.sensitivity_weighted)."""
+    out_features, in_features = error.shape
+    moment = decompose.damped(second_moment, damping)
+    if out_features <= in_features:
+        values, vectors = decompose.top_eigenvectors((error @ moment) @ error.T, out_features)
+        return decompose.sensitivity_weighted(np.clip(values, 0.0, None), vectors, sensitivity)
+    factor = scipy.linalg.cholesky(moment, lower=True, check_finite=True)
+    weighted = error @ factor
+    _, vectors = decompose.top_eigenvectors(weighted.T @ weighted, in_features)
+    directions = weighted @ vectors  # u_k·σ_k: its squared entries, weighted, are λ_k Σ_j u_jk² E[g_j²]
+    return (directions ** 2).T @ sensitivity
+
+
+def correction_ranks(prices: dict[str, np.ndarray], shapes: dict[str, tuple[int, int]], budget: int,
+                     step: int = RANK_STEP) -> dict[str, int]:
+    """Ranks within `budget` parameters (r·(out + in) each): a global greedy over steps of `step`
+    directions, the step that saves the most loss per parameter first; a linear's last step may be
+    shorter (its rank capped at min(out, in)); a step that saves nothing is never bought. A linear no
+    step reached gets rank 0 (no correction)."""
+    ranks = {name: 0 for name in prices}
+    heap: list[tuple[float, str]] = []
+
+    def push(name: str) -> None:
+        rank, cap = ranks[name], min(shapes[name])
+        if rank < cap:
+            count = min(step, cap - rank)
+            gain = float(np.sum(prices[name][rank:rank + count]))
+            if gain > 0:  # a step that saves nothing buys nothing
+                heapq.heappush(heap, (-gain / (count * sum(shapes[name])), name))
+
+    for name in sorted(prices):
+        push(name)
+    left = budget
+    while heap:
+        _, name = heapq.heappop(heap)
+        count = min(step, min(shapes[name]) - ranks[name])
+        cost = count * sum(shapes[name])
+        if cost <= left:
+            ranks[name] += count
+            left -= cost
+            push(name)
+    return ranks
 
 
 def dense_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -168,7 +228,10 @@ def correct(source: str | Path, base: str | Path, output: str | Path,
     except OSError as exc:
         raise write_failure(exc, output.parent) from None
     handle = os.open(base, os.O_RDONLY)
+    ranks = None
     try:
+        if config.adapter_mib is not None:
+            ranks = _allocate(reader, model, handle, linears, tokens, work, config, timer)
         with timer("read"):
             embedding = torch.from_numpy(_dequantized(model, embedding_tensor, handle))
         embed_into(embedding, tokens, activations.inputs, chunk_sequences, spec.embedding_scale)
@@ -183,7 +246,7 @@ def correct(source: str | Path, base: str | Path, output: str | Path,
                     dense_inputs = _dense_values(block, dense, work, cos, sin, chunk_sequences)
             try:
                 corrections += _correct_block(spec, block, index, linears, model, handle, activations, cos, sin,
-                                              chunk_sequences, config, timer, dense_inputs)
+                                              chunk_sequences, config, timer, dense_inputs, ranks)
             finally:
                 for buffer in (dense_inputs or {}).values():
                     buffer.close()
@@ -204,10 +267,67 @@ def correct(source: str | Path, base: str | Path, output: str | Path,
             dense.close()
         temporary.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
+    if ranks is not None:
+        summary.update(adapter_mib=config.adapter_mib, ranks=ranks)
     summary.update(source=str(source), base=str(base), output=str(output), rank=config.rank,
                    base_bytes=base.stat().st_size, seconds={k: round(v, 2) for k, v in timer.seconds.items()},
                    calibration={"sequences": sequences, "seqlen": seqlen})
     return summary
+
+
+def _allocate(reader: CheckpointReader, model, handle: int, linears: dict, tokens: np.ndarray, work: Path,
+              config: CorrectionConfig, timer: StageTimer) -> dict[str, int]:
+    """Every linear's rank within the adapter's bytes: pass 1's streamed forward and backward of the
+    dense model (spectra.collect_spectra) gives each linear's input moment and the loss gradient's
+    square at its output; each direction of its quantization error is priced by the loss it saves
+    (error_prices), and the budget goes to the steps that save the most per byte (correction_ranks)."""
+    from .spectra import collect_spectra
+
+    spec = reader.spec
+
+    def price(seen, chosen: list[str], index: int) -> dict[str, np.ndarray]:
+        prefix = block_prefix(index)
+        reads = {name: group.reads for group, _, _ in seen.groups for name in group.linears}
+        moments: dict[str, np.ndarray] = {}
+        found = {}
+        with timer("eigen"):
+            for name in chosen:
+                value = reads[name]
+                if value not in moments:
+                    moments[value] = seen.moments[value].second_moment_as(np.float32)
+                weight = _dense_weight(reader, index, name)
+                quantized = _dequantized(model, linears[f"{prefix}{name}.weight"], handle)
+                sensitivity = (seen.squares[name] / seen.tokens).numpy().astype(np.float32)
+                found[name] = error_prices(weight - quantized, moments[value], sensitivity, config.damping)
+                del weight, quantized
+        return found
+
+    prices = collect_spectra(reader, tokens, list(range(spec.num_layers)), list(BLOCK_LINEARS), work,
+                             config.chunk_tokens, False, np.float32, timer, saved=work / "error-prices.npz",
+                             units=["mlp.neurons"], price=price)
+    shapes = {name: tuple(spec.linear_shape(_linear_of(name), _block_of(name))) for name in prices}
+    budget = int(config.adapter_mib * 2**20 / np.dtype(ADAPTER_TYPES[config.adapter_type]).itemsize)
+    ranks = correction_ranks(prices, shapes, budget)
+    log.info("correct: %d of %d linears corrected within %.1f MiB, ranks %d..%d", sum(r > 0 for r in ranks.values()),
+             len(ranks), config.adapter_mib, min(ranks.values()), max(ranks.values()))
+    return ranks
+
+
+def _block_of(name: str) -> int:
+    return int(name.split(".")[2])
+
+
+def _linear_of(name: str) -> str:
+    return name.split(".", 3)[3]
+
+
+def _dense_weight(reader: CheckpointReader, index: int, linear: str) -> np.ndarray:
+    """A linear's dense matrix read from the checkpoint (a factored one multiplied back), float32."""
+    prefix = f"{block_prefix(index)}{linear}"
+    if f"{prefix}.weight" in reader.weight_map:
+        return reader.read([f"{prefix}.weight"])[f"{prefix}.weight"].float().numpy()
+    factors = reader.read([f"{prefix}.expand.weight", f"{prefix}.reduce.weight"])
+    return (factors[f"{prefix}.expand.weight"].float() @ factors[f"{prefix}.reduce.weight"].float()).numpy()
 
 
 def _dense_values(block, dense: ActivationPair, work: Path, cos, sin, chunk_sequences: int) -> dict:
@@ -236,7 +356,8 @@ def _dequantized(model, tensor, handle: int) -> np.ndarray:
 
 def _correct_block(spec, block, index: int, linears: dict, model, handle: int, activations: ActivationPair,
                    cos, sin, chunk_sequences: int, config: CorrectionConfig,
-                   timer: StageTimer, dense_inputs: dict | None = None) -> list[LinearCorrection]:
+                   timer: StageTimer, dense_inputs: dict | None = None,
+                   ranks: dict[str, int] | None = None) -> list[LinearCorrection]:
     """Group by group (Block.GROUPS, in order), the corrections fitted on the inputs the corrected
     stream gives the group, and the group's linears replaced by quantized + correction. A group's
     input depends only on the groups before it, all replaced by then: the dense matrices of the
@@ -274,8 +395,13 @@ def _correct_block(spec, block, index: int, linears: dict, model, handle: int, a
                                                 ridge=ANCHOR_RIDGE)[0]
             error = target - quantized.numpy()
             del weight, target
+            rank = config.rank if ranks is None else ranks[f"{prefix}{name}"]
+            if rank == 0:  # the budget bought this linear no correction: it runs quantized
+                block.set_linear(name, _linear_module(quantized, None if bias is None else bias.float()))
+                del error, quantized
+                continue
             with timer("eigen"):
-                expand, reduce, values = decompose.error_correction(error, second, config.rank, config.damping)
+                expand, reduce, values = decompose.error_correction(error, second, rank, config.damping)
                 total = float(np.einsum("ij,ij->", error @ second, error))
             removed = float(values.sum()) / total if total > 0 else 1.0
             del error

@@ -249,13 +249,14 @@ def read_saved(path: Path) -> dict[str, np.ndarray]:
 def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[int], names: list[str],
                     work: Path, chunk_tokens: int, centered: bool, work_dtype, timer: StageTimer,
                     saved: Path | None = None, fingerprint: str = "", units: list[str] = (),
-                    neuron_selection: str = "obs") -> dict[str, np.ndarray]:
+                    neuron_selection: str = "obs", price=None) -> dict[str, np.ndarray]:
     """{"model.layers.<i>.<name>": loss cost of dropping each output direction} for every chosen block
     and linear, from one streamed forward and backward pass of the dense model.
 
     Saved (atomically) to `saved`, or to work/sensitivity-spectra.npz, with `fingerprint` (of the
     model, calibration tokens and settings it was made from), and reused from there when the
-    fingerprint matches: by a resumed run, or by runs at other target sizes.
+    fingerprint matches: by a resumed run, or by runs at other target sizes. `price(seen, chosen, index)`
+    replaces price_block where the directions priced are another's (quant_correction: the error's).
     """
     path = Path(saved) if saved is not None else Path(work) / SPECTRA_FILE
     if path.is_file():
@@ -326,7 +327,7 @@ def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[i
             block.to(device="meta")
             del block
             found = price_block(seen, chosen, _weight_reader(reader, index, work_dtype), centered, work_dtype,
-                                timer, neuron_selection)
+                                timer, neuron_selection) if price is None else price(seen, chosen, index)
             del seen
             costs.update({f"{block_prefix(index)}{name}": values for name, values in found.items()})
             block_inputs.pop(index + 1).close(remove=True)  # its gradient is through; the file is done

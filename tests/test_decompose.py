@@ -333,3 +333,31 @@ def test_error_correction_is_the_input_weighted_truncated_svd(shape):
         np.testing.assert_allclose(values, singular[:rank] ** 2, rtol=1e-10)
     expand, reduce, _ = error_correction(error, moment, 1000, damping=0.0)
     np.testing.assert_allclose(expand @ reduce, error, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(20, 30), (30, 20)])
+def test_error_prices_weigh_each_correction_direction_by_the_loss_gradient(shape):
+    """Direction k of the correction (u_k, σ_k² = its energy) saves σ_k² Σ_j u_jk² E[g_j²], on either side
+    of the solve."""
+    from streamrom.quant_correction import error_prices
+
+    rng = np.random.default_rng(1)
+    error = rng.standard_normal(shape)
+    inputs = rng.standard_normal((shape[1], 400)) * np.linspace(0.1, 3.0, shape[1])[:, None]
+    moment = inputs @ inputs.T / 400
+    sensitivity = rng.random(shape[0])
+    left, singular, _ = np.linalg.svd(error @ np.linalg.cholesky(moment), full_matrices=False)
+    expected = singular ** 2 * ((left ** 2).T @ sensitivity)
+    np.testing.assert_allclose(error_prices(error, moment, sensitivity, 0.0)[:len(expected)], expected, rtol=1e-8)
+
+
+def test_correction_ranks_buy_the_most_loss_per_parameter_within_the_budget():
+    from streamrom.quant_correction import correction_ranks
+
+    prices = {"a": np.array([10.0, 9.0, 1.0, 1.0]), "b": np.array([5.0, 5.0, 5.0, 5.0]), "c": np.array([8.0, 0.0])}
+    shapes = {"a": (4, 4), "b": (4, 4), "c": (2, 2)}  # a step costs 8, 8 and 4 parameters
+    # c's 8/4, then a's 10/8; a's 9/8 and b's 5/8 no longer fit, c's second step saves nothing
+    assert correction_ranks(prices, shapes, 16, step=1) == {"a": 1, "b": 0, "c": 1}
+    assert correction_ranks(prices, shapes, 20, step=1) == {"a": 2, "b": 0, "c": 1}
+    assert correction_ranks(prices, shapes, 1000, step=3) == {"a": 4, "b": 4, "c": 2}  # capped at min(out, in)
+    assert correction_ranks(prices, shapes, 3, step=1) == {"a": 0, "b": 0, "c": 0}

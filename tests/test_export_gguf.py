@@ -586,3 +586,22 @@ def test_the_peft_adapter_on_the_dequantized_base_restores_the_dense_model_in_tr
         wrapped = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
                                                  tmp_path / "peft").eval()
         torch.testing.assert_close(wrapped(tokens).logits, dense, rtol=1e-4, atol=1e-4)
+
+
+def test_an_adapter_size_spreads_ranks_by_the_loss_they_save_within_its_bytes(tiny_sources, tiny_tokens, tmp_path):
+    """`--adapter-size MIB`: pass 1 prices every direction of every linear's error; the ranks differ per
+    linear, and the adapter's matrices fit the budget (f16: two bytes a parameter)."""
+    source = tiny_sources["llama"]
+    assert cli("export-gguf", source, tmp_path / "q.gguf", "--type", "q4_0").returncode == 0
+    budget_mib = 0.02
+    result = cli("correct", source, tmp_path / "q.gguf", tmp_path / "a.gguf", "--adapter-size", str(budget_mib),
+                 *_calibration_arguments(tiny_tokens), "--report", tmp_path / "a.json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "a.json").read_text())
+    ranks = report["ranks"]
+    assert len(set(ranks.values())) > 1 and len(ranks) == 7 * TINY_COMMON["num_hidden_layers"]
+    assert 0 < 2 * report["adapter_parameters"] <= budget_mib * 2**20
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "a.gguf").tensors}
+    assert len(tensors) == 2 * sum(rank > 0 for rank in ranks.values())
+    both = cli("correct", source, tmp_path / "q.gguf", tmp_path / "b.gguf", "--adapter-size", "1", "--rank", "8")
+    assert both.returncode == 2 and not (tmp_path / "b.gguf").exists()
