@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="llama.cpp types of the streamrom models")
     parser.add_argument("--corrections", nargs="*", default=[], metavar="TYPE:RANK",
                         help="dense model's files with a low-rank correction of their quantization error "
-                             "(`streamrom correct`, a llama.cpp LoRA adapter), e.g. Q3_K_M:16 Q2_K-imatrix:32")
+                             "(`streamrom correct`, a llama.cpp LoRA adapter): TYPE:RANK (one rank for every linear) "
+                             "or TYPE:SIZEmib (`--adapter-size`), e.g. Q3_K_M:16 Q2_K-imatrix:32 Q3_K_M:9.3mib")
     parser.add_argument("--speed-again", action="store_true", help="measure every file's speed again")
     parser.add_argument("--speed-only", action="store_true", help="make and score no file: only the speeds missing")
     parser.add_argument("--no-speed", action="store_true", help="measure no speed (while the machine is busy: a later "
@@ -315,22 +316,27 @@ def main(argv: list[str] | None = None) -> None:
                 results["files"][name] = row
                 out.write_text(json.dumps(results, indent=1) + "\n")
     for spec in ([] if args.speed_only else args.corrections):
-        qtype, _, rank = spec.partition(":")
-        name = f"dense + correction | {qtype}+r{rank}"
+        qtype, _, size = spec.partition(":")
+        # RANK (one rank for every linear) or e.g. 9.3mib (an adapter size, ranks spread by pass 1)
+        sized = size.lower().endswith("mib")
+        label = f"{qtype}+{size[:-3]}MiB" if sized else f"{qtype}+r{size}"
+        name = f"dense + correction | {label}"
         if name in results["files"] and "scores" in results["files"][name]:
             continue
         plain, with_imatrix = qtype.removesuffix("-imatrix"), qtype.endswith("-imatrix")
         base = quantized(dense_f16, plain, importance_matrix(dense_f16, args.llama_bin, work, args.imatrix_chunks)
                          if with_imatrix else None, args.llama_bin, work, "-imatrix" if with_imatrix else "")
-        adapter = work / f"{base.stem}.lora-r{rank}.gguf"
+        adapter = work / f"{base.stem}.lora-{size.lower() if sized else 'r' + size}.gguf"
         report = adapter.with_suffix(".json")
         if not adapter.is_file():
             start = time.perf_counter()
-            run(streamrom("correct", dense, base, adapter, "--rank", rank, "--overwrite", "--report", report))
+            run(streamrom("correct", dense, base, adapter, *(["--adapter-size", size[:-3]] if sized else ["--rank", size]),
+                          "--overwrite", "--report", report))
             results.setdefault("correct_seconds", {})[name] = round(time.perf_counter() - start, 1)
         made = json.loads(report.read_text())
-        row = {"label": "dense + correction", "method": None, "type": f"{qtype}+r{rank}", "file": base.name,
-               "adapter": adapter.name, "rank": int(rank), "base_bytes": base.stat().st_size,
+        row = {"label": "dense + correction", "method": None, "type": label, "file": base.name,
+               "adapter": adapter.name, **({"adapter_mib": float(size[:-3])} if sized else {"rank": int(size)}),
+               "base_bytes": base.stat().st_size,
                "adapter_bytes": adapter.stat().st_size, "bytes": base.stat().st_size + adapter.stat().st_size,
                "error_removed": made["error_removed"]}
         row["fallback_tensors"] = fallback_tensors(base)
@@ -367,8 +373,8 @@ def page(all_results: list[dict]) -> str:
              "*-ownimatrix*: with the compressed model's own (the input energies `compress` wrote beside it, "
              "no second calibration run). Gemma 3's streamrom models are compressed with `--no-bias` (llama.cpp's "
              "gemma3 graph loads no bias tensors, so the fits add no mean correction). "
-             "*dense + correction* (`TYPE+rR`): the dense model's TYPE file with a rank-R correction of its "
-             "quantization error (`streamrom correct`, fitted on the packaged calibration set through the "
+             "*dense + correction* (`TYPE+rR`, `TYPE+SMiB`): the dense model's TYPE file with a rank-R correction "
+             "(or one of S MiB, its ranks spread by the loss each saves: `--adapter-size`) of its quantization error (`streamrom correct`, fitted on the packaged calibration set through the "
              "quantized-and-corrected stream) applied by llama.cpp as a LoRA adapter (`--lora`); its bytes are the "
              "base's plus the adapter's (f16). llama-bench takes no adapter, so these rows have no speed yet.", "",
              "Both source models were themselves dequantised from 4-bit GGUF files (SmolLM2 from Q4_1, Gemma 3 from "
