@@ -487,17 +487,31 @@ def _calibration_arguments(tiny_tokens) -> list:
     return ["--calib-tokens", tiny_tokens, "--calib-sequences", "4", "--calib-seqlen", "32"]
 
 
-def test_full_rank_correction_restores_the_dense_weights_in_llama_cpps_layout(tiny_sources, tiny_tokens, tmp_path):
-    """At full rank each linear's correction is its whole quantization error: the base's dequantized
-    matrix plus lora_b·lora_a is the dense matrix exactly as the f32 export lays it out (llama's q/k rows
-    permuted), so the adapter's names, shapes and layout are the ones llama.cpp adds to the base's."""
+@pytest.fixture(scope="module")
+def quantized_tiny(tiny_sources, tmp_path_factory) -> Path:
+    """The tiny llama exported as q4_0 (streamrom's own quantizer: no llama.cpp needed)."""
+    base = tmp_path_factory.mktemp("quantized") / "q.gguf"
+    assert cli("export-gguf", tiny_sources["llama"], base, "--type", "q4_0").returncode == 0
+    return base
+
+
+def test_full_rank_correction_restores_the_dense_matrices_in_llama_cpp_and_in_transformers(
+        tiny_sources, tiny_tokens, quantized_tiny, tmp_path):
+    """At full rank each linear's correction is its whole quantization error. In the GGUF adapter: the
+    base's dequantized matrix plus lora_b·lora_a is the dense matrix exactly as the f32 export lays it
+    out (llama's q/k rows permuted), so its names, shapes and layout are the ones llama.cpp adds to the
+    base's. In the PEFT adapter (`--peft`, Hugging Face's row order): added to the base as transformers
+    reads it (imported, dequantized), it gives the logits of the base with the source's block matrices
+    put back (the embedding and head stay quantized: no correction is fitted to them); with peft
+    installed, PEFT itself loads and applies it the same."""
     from gguf.quants import dequantize
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
 
     source = tiny_sources["llama"]
-    assert cli("export-gguf", source, tmp_path / "q.gguf", "--type", "q4_0").returncode == 0
     assert cli("export-gguf", source, tmp_path / "f.gguf", "--type", "f32").returncode == 0
-    result = cli("correct", source, tmp_path / "q.gguf", tmp_path / "a.gguf", "--rank", "100000", "--adapter-type",
-                 "f32", *_calibration_arguments(tiny_tokens), "--report", tmp_path / "a.json")
+    result = cli("correct", source, quantized_tiny, tmp_path / "a.gguf", "--rank", "100000", "--adapter-type",
+                 "f32", "--peft", tmp_path / "peft", *_calibration_arguments(tiny_tokens), "--report", tmp_path / "a.json")
     assert result.returncode == 0, result.stderr
     adapter = gguf.GGUFReader(tmp_path / "a.gguf")
     assert adapter.fields["general.type"].contents() == "adapter"
@@ -505,25 +519,56 @@ def test_full_rank_correction_restores_the_dense_weights_in_llama_cpps_layout(ti
     assert adapter.fields["general.architecture"].contents() == "llama"
     factors = {t.name: np.array(t.data) for t in adapter.tensors}
     dense = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "f.gguf").tensors}
-    base = gguf.GGUFReader(tmp_path / "q.gguf").tensors
-    linears = [t for t in base if t.name.startswith("blk.") and not t.name.endswith("norm.weight")]
+    linears = [t for t in gguf.GGUFReader(quantized_tiny).tensors
+               if t.name.startswith("blk.") and not t.name.endswith("norm.weight")]
     assert len(factors) == 2 * len(linears) and len(linears) == 7 * TINY_COMMON["num_hidden_layers"]
     for tensor in linears:
         quantized = dequantize(np.array(tensor.data), tensor.tensor_type).reshape(dense[tensor.name].shape)
-        error = dense[tensor.name] - quantized
-        assert np.abs(error).max() > 1e-3  # q4_0 moved it
+        assert np.abs(dense[tensor.name] - quantized).max() > 1e-3  # q4_0 moved it
         restored = quantized + factors[f"{tensor.name}.lora_b"] @ factors[f"{tensor.name}.lora_a"]
         np.testing.assert_allclose(restored, dense[tensor.name], rtol=0, atol=2e-4 * np.abs(dense[tensor.name]).max())
     report = json.loads((tmp_path / "a.json").read_text())
     assert report["linears"] == len(linears) and report["error_removed"]["min"] > 0.999
 
+    settings = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert settings["peft_type"] == "LORA" and settings["lora_alpha"] == settings["r"]
+    assert cli("import-gguf", quantized_tiny, tmp_path / "base").returncode == 0
+    tokens = torch.from_numpy(np.random.default_rng(5).integers(0, 256, size=(2, 24)))
+    with torch.no_grad():
+        original = AutoModelForCausalLM.from_pretrained(source).state_dict()
+        restored = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+        for name, module in restored.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                module.weight.copy_(original[f"{name}.weight"])
+        expected = restored(tokens).logits
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+        assert (base(tokens).logits - expected).abs().max() > 1e-3
+        peft_factors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+        for key, down in peft_factors.items():
+            if key.endswith("lora_A.weight"):
+                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                module = base.get_submodule(name)
+                scale = settings["alpha_pattern"].get(name, settings["lora_alpha"]) / settings["rank_pattern"].get(
+                    name, settings["r"])
+                assert down.shape[0] == min(module.weight.shape) and scale == 1.0
+                module.weight += torch.from_numpy(peft_factors[key.replace("lora_A", "lora_B")] @ down)
+        torch.testing.assert_close(base(tokens).logits, expected, rtol=1e-4, atol=1e-4)
+    try:  # PEFT is no dependency of streamrom's: where it is installed, it reads the folder the same
+        import peft
+    except ImportError:
+        return
+    with torch.no_grad():
+        wrapped = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                                 tmp_path / "peft").eval()
+        torch.testing.assert_close(wrapped(tokens).logits, expected, rtol=1e-4, atol=1e-4)
 
-def test_a_low_rank_correction_removes_part_of_the_error_and_bad_input_is_refused(tiny_sources, tiny_tokens, tmp_path):
+
+def test_a_low_rank_correction_removes_part_of_the_error_and_bad_input_is_refused(tiny_sources, tiny_tokens,
+                                                                                    quantized_tiny, tmp_path):
     """At rank 2 the correction removes some but not all of each linear's input-weighted error; a
     base of another model, a missing base, an existing output are refused in one line, nothing written."""
     source = tiny_sources["llama"]
-    assert cli("export-gguf", source, tmp_path / "q.gguf", "--type", "q4_0").returncode == 0
-    result = cli("correct", source, tmp_path / "q.gguf", tmp_path / "a.gguf", "--rank", "2",
+    result = cli("correct", source, quantized_tiny, tmp_path / "a.gguf", "--rank", "2",
                  *_calibration_arguments(tiny_tokens), "--report", tmp_path / "a.json")
     assert result.returncode == 0, result.stderr
     removed = json.loads((tmp_path / "a.json").read_text())["error_removed"]
@@ -532,76 +577,26 @@ def test_a_low_rank_correction_removes_part_of_the_error_and_bad_input_is_refuse
     assert cli("export-gguf", tiny_sources["qwen2"], tmp_path / "other.gguf", "--type", "q4_0").returncode == 0
     for base, output, code, said in ((tmp_path / "other.gguf", tmp_path / "b.gguf", EXIT_INPUT, "qwen2"),
                                      (tmp_path / "none.gguf", tmp_path / "b.gguf", EXIT_INPUT, "not found"),
-                                     (tmp_path / "q.gguf", tmp_path / "a.gguf", EXIT_OUTPUT, "--overwrite")):
+                                     (quantized_tiny, tmp_path / "a.gguf", EXIT_OUTPUT, "--overwrite")):
         refused = cli("correct", source, base, output, *_calibration_arguments(tiny_tokens))
         assert refused.returncode == code and said in refused.stderr, refused.stderr
         assert len(refused.stderr.splitlines()) == 1
+    both = cli("correct", source, quantized_tiny, tmp_path / "b.gguf", "--adapter-size", "1", "--rank", "8")
+    assert both.returncode == 2
     assert not (tmp_path / "b.gguf").exists() and not list(tmp_path.glob(".*"))
 
 
-def test_the_peft_adapter_on_the_dequantized_base_restores_the_dense_model_in_transformers(tiny_sources, tiny_tokens,
-                                                                                          tmp_path):
-    """`--peft`: the same corrections as a PEFT LoRA adapter, in Hugging Face's row order. At full rank,
-    added to the base as transformers reads it (imported from the GGUF, dequantized), it gives back the
-    dense model's block linears: the logits of the base with the source's block matrices put back (the
-    embedding and head stay quantized: no correction is fitted to them); with peft installed, PEFT
-    itself loads and applies it the same."""
-    from safetensors.numpy import load_file
-    from transformers import AutoModelForCausalLM
-
-    source = tiny_sources["llama"]
-    assert cli("export-gguf", source, tmp_path / "q.gguf", "--type", "q4_0").returncode == 0
-    result = cli("correct", source, tmp_path / "q.gguf", tmp_path / "a.gguf", "--rank", "100000", "--adapter-type",
-                 "f32", "--peft", tmp_path / "peft", *_calibration_arguments(tiny_tokens))
-    assert result.returncode == 0, result.stderr
-    settings = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert settings["peft_type"] == "LORA" and settings["lora_alpha"] == settings["r"]
-    assert cli("import-gguf", tmp_path / "q.gguf", tmp_path / "base").returncode == 0
-    tokens = torch.from_numpy(np.random.default_rng(5).integers(0, 256, size=(2, 24)))
-    with torch.no_grad():
-        original = AutoModelForCausalLM.from_pretrained(source).state_dict()
-        restored = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
-        for name, module in restored.named_modules():
-            if isinstance(module, torch.nn.Linear) and ".layers." in name:
-                module.weight.copy_(original[f"{name}.weight"])
-        dense = restored(tokens).logits
-        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
-        assert (base(tokens).logits - dense).abs().max() > 1e-3  # q4_0 moved it
-        factors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
-        for key, down in factors.items():
-            if key.endswith("lora_A.weight"):
-                module = base.get_submodule(key.removeprefix("base_model.model.").removesuffix(".lora_A.weight"))
-                rank = down.shape[0]
-                scale = settings["alpha_pattern"].get(key.split(".lora_A")[0].removeprefix("base_model.model."),
-                                                      settings["lora_alpha"]) / settings["rank_pattern"].get(
-                    key.split(".lora_A")[0].removeprefix("base_model.model."), settings["r"])
-                assert rank == min(module.weight.shape) and scale == 1.0
-                module.weight += torch.from_numpy(factors[key.replace("lora_A", "lora_B")] @ down)
-        torch.testing.assert_close(base(tokens).logits, dense, rtol=1e-4, atol=1e-4)
-    try:  # PEFT is no dependency of streamrom's: where it is installed, it reads the folder the same
-        import peft
-    except ImportError:
-        return
-    with torch.no_grad():
-        wrapped = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-                                                 tmp_path / "peft").eval()
-        torch.testing.assert_close(wrapped(tokens).logits, dense, rtol=1e-4, atol=1e-4)
-
-
-def test_an_adapter_size_spreads_ranks_by_the_loss_they_save_within_its_bytes(tiny_sources, tiny_tokens, tmp_path):
+def test_an_adapter_size_spreads_ranks_by_the_loss_they_save_within_its_bytes(tiny_sources, tiny_tokens,
+                                                                              quantized_tiny, tmp_path):
     """`--adapter-size MIB`: pass 1 prices every direction of every linear's error; the ranks differ per
     linear, and the adapter's matrices fit the budget (f16: two bytes a parameter)."""
-    source = tiny_sources["llama"]
-    assert cli("export-gguf", source, tmp_path / "q.gguf", "--type", "q4_0").returncode == 0
     budget_mib = 0.02
-    result = cli("correct", source, tmp_path / "q.gguf", tmp_path / "a.gguf", "--adapter-size", str(budget_mib),
-                 *_calibration_arguments(tiny_tokens), "--report", tmp_path / "a.json")
+    result = cli("correct", tiny_sources["llama"], quantized_tiny, tmp_path / "a.gguf", "--adapter-size",
+                 str(budget_mib), *_calibration_arguments(tiny_tokens), "--report", tmp_path / "a.json")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "a.json").read_text())
     ranks = report["ranks"]
     assert len(set(ranks.values())) > 1 and len(ranks) == 7 * TINY_COMMON["num_hidden_layers"]
     assert 0 < 2 * report["adapter_parameters"] <= budget_mib * 2**20
-    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "a.gguf").tensors}
+    tensors = {t.name for t in gguf.GGUFReader(tmp_path / "a.gguf").tensors}
     assert len(tensors) == 2 * sum(rank > 0 for rank in ranks.values())
-    both = cli("correct", source, tmp_path / "q.gguf", tmp_path / "b.gguf", "--adapter-size", "1", "--rank", "8")
-    assert both.returncode == 2 and not (tmp_path / "b.gguf").exists()
