@@ -16,6 +16,7 @@ percent of the base's bytes) are kept until the end, written once, atomically.
 """
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import logging
@@ -267,9 +268,8 @@ def correct(source: str | Path, base: str | Path, output: str | Path,
             dense.close()
         temporary.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
-    if ranks is not None:
-        summary.update(adapter_mib=config.adapter_mib, ranks=ranks)
-    summary.update(source=str(source), base=str(base), output=str(output), rank=config.rank,
+    summary.update({"rank": config.rank} if ranks is None else {"adapter_mib": config.adapter_mib, "ranks": ranks})
+    summary.update(source=str(source), base=str(base), output=str(output),
                    base_bytes=base.stat().st_size, seconds={k: round(v, 2) for k, v in timer.seconds.items()},
                    calibration={"sequences": sequences, "seqlen": seqlen})
     return summary
@@ -281,7 +281,7 @@ def _allocate(reader: CheckpointReader, model, handle: int, linears: dict, token
     dense model (spectra.collect_spectra) gives each linear's input moment and the loss gradient's
     square at its output; each direction of its quantization error is priced by the loss it saves
     (error_prices), and the budget goes to the steps that save the most per byte (correction_ranks)."""
-    from .spectra import collect_spectra
+    from .spectra import FINGERPRINT_KEY, collect_spectra, read_saved
 
     spec = reader.spec
 
@@ -302,9 +302,16 @@ def _allocate(reader: CheckpointReader, model, handle: int, linears: dict, token
                 del weight, quantized
         return found
 
+    # a killed run's prices are reused by its rerun only if made from the same base and calibration
+    made = Path(model.path).stat()
+    fingerprint = hashlib.sha256(f"{Path(model.path).resolve()}:{made.st_size}:{made.st_mtime_ns}:".encode()
+                                 + tokens.tobytes() + repr(config.damping).encode()).hexdigest()
+    saved = work / "error-prices.npz"
+    if saved.is_file() and str(read_saved(saved).get(FINGERPRINT_KEY, "")) != fingerprint:
+        saved.unlink()  # another base's or calibration's, left by a killed run
     prices = collect_spectra(reader, tokens, list(range(spec.num_layers)), list(BLOCK_LINEARS), work,
-                             config.chunk_tokens, False, np.float32, timer, saved=work / "error-prices.npz",
-                             units=["mlp.neurons"], price=price)
+                             config.chunk_tokens, False, np.float32, timer, saved=saved,
+                             fingerprint=fingerprint, units=["mlp.neurons"], price=price)
     shapes = {name: tuple(spec.linear_shape(_linear_of(name), _block_of(name))) for name in prices}
     budget = int(config.adapter_mib * 2**20 / np.dtype(ADAPTER_TYPES[config.adapter_type]).itemsize)
     ranks = correction_ranks(prices, shapes, budget)
