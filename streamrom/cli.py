@@ -48,6 +48,8 @@ log = logging.getLogger("streamrom")
 # the anchored fits' blend measured best on the real model (README: Anchored fits; benchmarks/anchored.py)
 MEASURED_ANCHOR_STRENGTH = 0.5
 # methods.METHODS's names, spelled here so that --help needs no torch (a test keeps the two equal)
+# correct --anchor alone (docs/gguf.md: 0.5 and 1 measured on SmolLM2's Q3_K_M)
+CORRECTION_ANCHOR_STRENGTH = 0.5
 # `compress SRC DST` with no options: the setting the README recommends
 RECOMMENDED_TARGET_PARAMS = 0.8
 METHOD_NAMES = ("rom", "rom-centered", "svd", "structured", "mixed")
@@ -312,10 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     cor.add_argument("--seed", type=_non_negative_int, default=0, help="seed for drawing calibration sequences")
     cor.add_argument("--chunk-tokens", type=_positive_int, default=2048,
                      help="tokens per forward chunk; bounds activation memory (default 2048)")
-    cor.add_argument("--anchor", type=float, nargs="?", const=1.0, default=0.0, metavar="STRENGTH",
+    cor.add_argument("--anchor", type=float, nargs="?", const=CORRECTION_ANCHOR_STRENGTH, default=0.0,
+                     metavar="STRENGTH",
                      help="anchored fits: stream the dense model beside the corrected one and fit each correction "
                           "toward the dense model's outputs rather than the dense matrix on the corrected inputs "
-                          "(0 off, default; 1 fully anchored; --anchor alone: 1)")
+                          "(about twice the time; 0 off, default; 1 fully anchored; --anchor alone: "
+                          f"{CORRECTION_ANCHOR_STRENGTH:g}, the better of 0.5 and 1 measured: docs/gguf.md)")
     cor.add_argument("--peft", type=Path, metavar="FOLDER",
                      help="also write the corrections as a PEFT LoRA adapter folder, for transformers with the base "
                           "loaded from BASE.gguf (from_pretrained(..., gguf_file=...))")

@@ -600,3 +600,23 @@ def test_an_adapter_size_spreads_ranks_by_the_loss_they_save_within_its_bytes(ti
     assert 0 < 2 * report["adapter_parameters"] <= budget_mib * 2**20
     tensors = {t.name for t in gguf.GGUFReader(tmp_path / "a.gguf").tensors}
     assert len(tensors) == 2 * sum(rank > 0 for rank in ranks.values())
+
+
+def test_anchored_corrections_are_fitted_on_a_dense_stream_and_off_is_the_plain_fit(tiny_sources, tiny_tokens,
+                                                                                       quantized_tiny, tmp_path):
+    """`--anchor 0` writes the plain fit's adapter byte for byte; `--anchor` (a dense stream beside the
+    corrected one, each correction fitted toward the dense model's outputs) writes another of the same
+    tensors and shapes. Whether anchoring pays is measured on a real model (docs/gguf.md): on this tiny
+    random one it need not."""
+    source = tiny_sources["llama"]
+    for name, anchor in (("plain", []), ("off", ["--anchor", "0"]), ("anchored", ["--anchor"])):
+        result = cli("correct", source, quantized_tiny, tmp_path / f"{name}.gguf", "--rank", "8",
+                     *anchor, *_calibration_arguments(tiny_tokens))
+        assert result.returncode == 0, result.stderr
+    assert (tmp_path / "plain.gguf").read_bytes() == (tmp_path / "off.gguf").read_bytes()
+    plain = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "plain.gguf").tensors}
+    anchored = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "anchored.gguf").tensors}
+    assert {n: a.shape for n, a in plain.items()} == {n: a.shape for n, a in anchored.items()}
+    assert any(not np.allclose(plain[n], anchored[n], atol=1e-3) for n in plain)
+    assert np.all([np.isfinite(a).all() for a in anchored.values()])
+    assert not list(tmp_path.glob(".*"))
