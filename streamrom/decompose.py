@@ -500,24 +500,30 @@ def with_output_mean(factors: Factors, input_mean: np.ndarray, output_mean: np.n
 
 
 def error_correction(error: np.ndarray, second_moment: np.ndarray, rank: int,
-                     damping: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     damping: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """The rank-`rank` A (out x r), B (r x in) minimising E‖(error − A·B) x‖² for inputs x of second
     moment C: the activation-weighted truncated SVD of the error (LQER/QERA). With C = L Lᵀ, A·B·L is
     the best rank-r approximation of error·L, so A·B = U Uᵀ·error with U the top left singular vectors
     of error·L. Solved on the smaller side: from error·C·errorᵀ (out x out) where out ≤ in, else from
     Lᵀ errorᵀ error L (in x in), whose top eigenvectors V give A = error·L·V, B = Vᵀ L⁻¹.
-    Also returns the r eigenvalues: the weighted error energy each direction removes (of a total of
-    trace(error·C·errorᵀ))."""
+    Also returns the r eigenvalues (the weighted error energy each direction removes) and their
+    total, trace(error·C·errorᵀ). `damping` None: C is taken as given (symmetric, already damped: no
+    copy of it, which at a 7B MLP's width is 485 MB)."""
     out_features, in_features = error.shape
     rank = min(rank, out_features, in_features)
-    moment = damped(second_moment, damping)
+    moment = second_moment if damping is None else damped(second_moment, damping)
     if out_features <= in_features:
-        values, vectors = top_eigenvectors((error @ moment) @ error.T, rank)
-        return vectors, np.ascontiguousarray(vectors.T @ error), values
+        energy = (error @ moment) @ error.T
+        total = float(np.trace(energy))
+        values, vectors = top_eigenvectors(energy, rank)
+        return vectors, np.ascontiguousarray(vectors.T @ error), values, total
     factor = scipy.linalg.cholesky(moment, lower=True, check_finite=True)
     weighted = error @ factor
-    values, vectors = top_eigenvectors(weighted.T @ weighted, rank)
+    gram = weighted.T @ weighted
+    total = float(np.trace(gram))
+    values, vectors = top_eigenvectors(gram, rank)
+    del gram
     expand = weighted @ vectors
     # B = Vᵀ L⁻¹: solve Lᵀ Bᵀ = V
     reduce = scipy.linalg.solve_triangular(factor, vectors, lower=True, trans="T", check_finite=False).T
-    return np.ascontiguousarray(expand), np.ascontiguousarray(reduce), values
+    return np.ascontiguousarray(expand), np.ascontiguousarray(reduce), values, total

@@ -386,8 +386,9 @@ def _correct_block(spec, block, index: int, linears: dict, model, handle: int, a
                         cross.add(dense_inputs[group.reads].read(start, stop), features)
                 del values, features
         mean = moment.mean().astype(np.float32)
-        second = moment.second_moment_as(np.float32)
+        second = moment.second_moment_as(np.float32)  # symmetric: damped in place, shared by the group
         del moment
+        second[np.diag_indices_from(second)] += config.damping * float(np.mean(np.diag(second)))
         anchor = cross.anchor(config.anchor, np.float32) if cross is not None else None
         del cross
         for name in group.linears:
@@ -408,8 +409,7 @@ def _correct_block(spec, block, index: int, linears: dict, model, handle: int, a
                 del error, quantized
                 continue
             with timer("eigen"):
-                expand, reduce, values = decompose.error_correction(error, second, rank, config.damping)
-                total = float(np.einsum("ij,ij->", error @ second, error))
+                expand, reduce, values, total = decompose.error_correction(error, second, rank, None)
             removed = float(values.sum()) / total if total > 0 else 1.0
             del error
             quantized += torch.from_numpy(expand @ reduce)

@@ -327,11 +327,14 @@ def test_error_correction_is_the_input_weighted_truncated_svd(shape):
     moment = inputs @ inputs.T / 400
     left, singular, _ = np.linalg.svd(error @ np.linalg.cholesky(moment))
     for rank in (3, 10):
-        expand, reduce, values = error_correction(error, moment, rank, damping=0.0)
+        expand, reduce, values, total = error_correction(error, moment, rank, damping=0.0)
         assert expand.shape == (shape[0], rank) and reduce.shape == (rank, shape[1])
         np.testing.assert_allclose(expand @ reduce, left[:, :rank] @ left[:, :rank].T @ error, atol=1e-10)
         np.testing.assert_allclose(values, singular[:rank] ** 2, rtol=1e-10)
-    expand, reduce, _ = error_correction(error, moment, 1000, damping=0.0)
+        np.testing.assert_allclose(total, np.sum(singular ** 2), rtol=1e-10)
+        same = error_correction(error, moment, rank, damping=None)  # taken as given: the same at 0 damping
+        np.testing.assert_allclose(same[0] @ same[1], expand @ reduce, atol=1e-12)
+    expand, reduce, _, _ = error_correction(error, moment, 1000, damping=0.0)
     np.testing.assert_allclose(expand @ reduce, error, atol=1e-10)
 
 
