@@ -317,11 +317,14 @@ class GGUFModel:
                 values = unpermute_rotary(values, count // (rows // tensor.rotary_heads))
             yield values
 
-    def dequantized(self, tensor: GGUFTensor) -> np.ndarray:
-        """One whole tensor as float32 in HF's layout (for tests and small tensors)."""
+    def dequantized(self, tensor: GGUFTensor, handle: int | None = None) -> np.ndarray:
+        """One whole tensor as float32 in HF's layout, read through `handle` (an open descriptor of the
+        file) or, without one, a descriptor of its own."""
+        if handle is not None:
+            return np.concatenate(list(self.row_chunks(tensor, handle))).reshape(tensor.shape)
         handle = os.open(self.path, os.O_RDONLY)
         try:
-            return np.concatenate(list(self.row_chunks(tensor, handle))).reshape(tensor.shape)
+            return self.dequantized(tensor, handle)
         finally:
             os.close(handle)
 

@@ -234,7 +234,7 @@ def correct(source: str | Path, base: str | Path, output: str | Path,
         if config.adapter_mib is not None:
             ranks = _allocate(reader, model, handle, linears, tokens, work, config, timer)
         with timer("read"):
-            embedding = torch.from_numpy(_dequantized(model, embedding_tensor, handle))
+            embedding = torch.from_numpy(model.dequantized(embedding_tensor, handle))
         embed_into(embedding, tokens, activations.inputs, chunk_sequences, spec.embedding_scale)
         if dense is not None:
             embed_into(reader.tensor(EMBED), tokens, dense.inputs, chunk_sequences, spec.embedding_scale)
@@ -296,7 +296,7 @@ def _allocate(reader: CheckpointReader, model, handle: int, linears: dict, token
                 if value not in moments:
                     moments[value] = seen.moments[value].second_moment_as(np.float32)
                 weight = _dense_weight(reader, index, name)
-                quantized = _dequantized(model, linears[f"{prefix}{name}.weight"], handle)
+                quantized = model.dequantized(linears[f"{prefix}{name}.weight"], handle)
                 sensitivity = (seen.squares[name] / seen.tokens).numpy().astype(np.float32)
                 found[name] = error_prices(weight - quantized, moments[value], sensitivity, config.damping)
                 del weight, quantized
@@ -357,10 +357,6 @@ def _dense_values(block, dense: ActivationPair, work: Path, cos, sin, chunk_sequ
     return widths
 
 
-def _dequantized(model, tensor, handle: int) -> np.ndarray:
-    return np.concatenate(list(model.row_chunks(tensor, handle))).reshape(tensor.shape)
-
-
 def _correct_block(spec, block, index: int, linears: dict, model, handle: int, activations: ActivationPair,
                    cos, sin, chunk_sequences: int, config: CorrectionConfig,
                    timer: StageTimer, dense_inputs: dict | None = None,
@@ -395,7 +391,7 @@ def _correct_block(spec, block, index: int, linears: dict, model, handle: int, a
             tensor = linears[f"{prefix}{name}.weight"]
             weight, bias = dense_linear(block.linear(name))
             with timer("read"):
-                quantized = torch.from_numpy(_dequantized(model, tensor, handle))
+                quantized = torch.from_numpy(model.dequantized(tensor, handle))
             target = weight.float().numpy()
             if anchor is not None:  # what the dense model's outputs ask of the corrected stream's inputs
                 anchor_copy = decompose.Anchor(anchor.cross, anchor.mean, anchor.strength)
