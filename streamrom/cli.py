@@ -198,14 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--target-weight", type=float, metavar="ALPHA",
                       help="with --target-text: α in α·C_target/E_target + (1−α)·C_general/E_general, each part "
                            "normalised by its output energy E (default 0.5; 1: target only)")
-    comp.add_argument("--calib-tokens", type=Path, help=".npy of token ids (1-D stream or 2-D sequences)")
-    comp.add_argument("--calib-sequences", type=_positive_int, default=32,
-                      help="calibration sequences (default 32)")
-    comp.add_argument("--calib-seqlen", type=_positive_int, default=512,
-                      help="tokens per calibration sequence (default 512)")
-    comp.add_argument("--seed", type=_non_negative_int, default=0, help="seed for drawing calibration sequences (default 0)")
-    comp.add_argument("--chunk-tokens", type=_positive_int, default=2048,
-                      help="tokens per forward chunk; bounds activation memory (default 2048)")
+    _add_calibration_draw(comp)
     comp.add_argument("--dtype", default="source", choices=["source", "float32", "float16", "bfloat16"],
                       help="dtype of the output tensors (default: the source's)")
     comp.add_argument("--precision", default="float32", choices=["float32", "float64"],
@@ -307,13 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dtype of the adapter's matrices (default f16)")
     cor.add_argument("--calib-text", type=Path, nargs="+", default=[],
                      help="calibration text files (default: the packaged general set)")
-    cor.add_argument("--calib-tokens", type=Path, help=".npy of token ids (1-D stream or 2-D sequences)")
-    cor.add_argument("--calib-sequences", type=_positive_int, default=32, help="calibration sequences (default 32)")
-    cor.add_argument("--calib-seqlen", type=_positive_int, default=512,
-                     help="tokens per calibration sequence (default 512)")
-    cor.add_argument("--seed", type=_non_negative_int, default=0, help="seed for drawing calibration sequences")
-    cor.add_argument("--chunk-tokens", type=_positive_int, default=2048,
-                     help="tokens per forward chunk; bounds activation memory (default 2048)")
+    _add_calibration_draw(cor)
     cor.add_argument("--anchor", type=float, nargs="?", const=CORRECTION_ANCHOR_STRENGTH, default=0.0,
                      metavar="STRENGTH",
                      help="anchored fits: stream the dense model beside the corrected one and fit each correction "
@@ -338,6 +325,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dtype of the written tensors (default float32: the quantised values exactly)")
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return parser
+
+
+def _add_calibration_draw(parser: argparse.ArgumentParser) -> None:
+    """How calibration sequences are drawn and streamed (compress and correct alike)."""
+    parser.add_argument("--calib-tokens", type=Path, help=".npy of token ids (1-D stream or 2-D sequences)")
+    parser.add_argument("--calib-sequences", type=_positive_int, default=32, help="calibration sequences (default 32)")
+    parser.add_argument("--calib-seqlen", type=_positive_int, default=512,
+                        help="tokens per calibration sequence (default 512)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0,
+                        help="seed for drawing calibration sequences (default 0)")
+    parser.add_argument("--chunk-tokens", type=_positive_int, default=2048,
+                        help="tokens per forward chunk; bounds activation memory (default 2048)")
+
+
+def _calibration(args: argparse.Namespace):
+    """The (general) calibration the arguments of _add_calibration_draw and --calib-text name."""
+    from .calibration import CalibrationConfig
+
+    return CalibrationConfig(text_files=tuple(args.calib_text), token_file=args.calib_tokens,
+                             sequences=args.calib_sequences, seqlen=args.calib_seqlen, seed=args.seed)
 
 
 def _method_and_size(args: argparse.Namespace) -> tuple[str, str, float | None]:
@@ -373,9 +380,7 @@ def _run(args: argparse.Namespace) -> None:
         from .pipeline import CompressConfig, compress
 
         _Interrupt.check()  # pressed while torch and scipy were importing
-        calibration = CalibrationConfig(
-            text_files=tuple(args.calib_text), token_file=args.calib_tokens,
-            sequences=args.calib_sequences, seqlen=args.calib_seqlen, seed=args.seed)
+        calibration = _calibration(args)
         target = (CalibrationConfig(text_files=tuple(args.target_text), sequences=args.calib_sequences,
                                     seqlen=args.calib_seqlen, seed=args.seed) if args.target_text else None)
         method, allocate, target_params = _method_and_size(args)
@@ -450,7 +455,6 @@ def _run(args: argparse.Namespace) -> None:
         print(f"study {args.study_name} finished: {len(result.trials)} trials, best held-out perplexity "
               f"{result.score:.4f} (trial {best['trial']}); this worker ran {ran}")
     elif args.command == "correct":
-        from .calibration import CalibrationConfig
         from .quant_correction import CorrectionConfig, correct
 
         _Interrupt.check()
@@ -458,9 +462,7 @@ def _run(args: argparse.Namespace) -> None:
             raise OutputError(f"--report {args.report} is a folder: give a file path")
         summary = correct(args.source, args.base, args.output, CorrectionConfig(
             rank=args.rank, adapter_type=args.adapter_type, chunk_tokens=args.chunk_tokens, overwrite=args.overwrite,
-            peft=args.peft, anchor=args.anchor, adapter_mib=args.adapter_mib,
-            calibration=CalibrationConfig(text_files=tuple(args.calib_text), token_file=args.calib_tokens,
-                                          sequences=args.calib_sequences, seqlen=args.calib_seqlen, seed=args.seed)))
+            peft=args.peft, anchor=args.anchor, adapter_mib=args.adapter_mib, calibration=_calibration(args)))
         if args.report is not None:
             from .layout import write_atomic
 
