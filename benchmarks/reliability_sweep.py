@@ -5,7 +5,9 @@ lines and at eight moments, then rerun and compared byte for byte with an uninte
 tests/test_hostile_inputs.py with STREAMROM_FUZZ_EXAMPLES (default 2000 cases per fuzzed parser), and
 writes benchmarks/results/reliability_sweep.json and docs/reliability.md from what they record.
 
-    python -m benchmarks.reliability_sweep [--examples 2000] [--only kill|fuzz]
+    python -m benchmarks.reliability_sweep [--examples 2000] [--only kill|fuzz] [--commands NAME ...]
+
+--commands kills only the named commands and merges their rows into the recorded table.
 """
 from __future__ import annotations
 
@@ -93,8 +95,13 @@ def main(argv: list[str] | None = None) -> None:
         code, seconds, summary = pytest("tests/test_kill_sweep.py", {
             "STREAMROM_KILL_SWEEP": "full", "STREAMROM_KILL_TABLE": str(table), "STREAMROM_KILL_MOMENTS": str(args.moments),
             "STREAMROM_KILL_COMMANDS": ",".join(args.commands)})
-        results["kill"] = {"exit": code, "seconds": seconds, "summary": summary,
-                           "table": json.loads(table.read_text()) if table.is_file() else {}}
+        found = json.loads(table.read_text()) if table.is_file() else {}
+        if args.commands and "kill" in results:  # a partial sweep updates its commands' rows, keeps the rest
+            earlier = results["kill"]
+            found = {**earlier["table"], **found}
+            summary = f"{earlier['summary']}; then {', '.join(args.commands)}: {summary}"
+            code, seconds = max(code, earlier["exit"]), round(earlier["seconds"] + seconds, 1)
+        results["kill"] = {"exit": code, "seconds": seconds, "summary": summary, "table": found}
     if args.only in (None, "fuzz"):
         counts = REPO / ".cache" / "fuzz_counts.json"
         counts.unlink(missing_ok=True)

@@ -167,10 +167,17 @@ class GGUFTensor:
         return int(np.prod(self.shape))
 
 
-class GGUFModel:
-    """A GGUF file's metadata and its tensors' places, read without touching tensor data."""
+DERIVED_TENSORS = ("rope_freqs.weight",)  # computed from the config by llama.cpp's converter, not weights
 
-    def __init__(self, path: Path):
+
+class GGUFModel:
+    """A GGUF file's metadata and its tensors' places, read without touching tensor data.
+
+    `derived_ok`: tensors llama.cpp derives from the config (DERIVED_TENSORS: Llama 3's rope_freqs) are set
+    aside in `derived` instead of refused; `correct` reads a base's matrices and needs none of them, while
+    import-gguf would lose the rope scaling they carry and so still refuses them."""
+
+    def __init__(self, path: Path, derived_ok: bool = False):
         try:
             from gguf import GGUFReader
         except ImportError:
@@ -192,7 +199,8 @@ class GGUFModel:
                              f"(supported: {', '.join(sorted(GGUF_ARCHITECTURES))})")
         self.heads = self.value(f"{self.arch}.attention.head_count", kind="positive integer")
         self.kv_heads = self.value(f"{self.arch}.attention.head_count_kv", self.heads, "positive integer")
-        self.tensors = [self._tensor(t) for t in reader.tensors]
+        self.derived = [t.name for t in reader.tensors if derived_ok and t.name in DERIVED_TENSORS]
+        self.tensors = [self._tensor(t) for t in reader.tensors if t.name not in self.derived]
         del reader  # drops the file mapping; tensor data is read by offset
 
     def value(self, key: str, default: Any = ..., kind: str | None = None) -> Any:

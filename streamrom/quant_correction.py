@@ -212,7 +212,7 @@ def correct(source: str | Path, base: str | Path, output: str | Path,
         raise OutputError(f"{peft} exists and is not an empty folder (pass --overwrite to replace it)")
     reader = CheckpointReader(source)
     spec = reader.spec
-    model = GGUFModel(base)
+    model = GGUFModel(base, derived_ok=True)  # a Llama 3 base's rope_freqs: set aside
     linears, embedding_tensor = _base_tensors(reader, model)
     tokens = calibration_tokens(config.calibration, source, spec.vocab_size)
     sequences, seqlen = tokens.shape

@@ -202,6 +202,13 @@ def test_rope_scaling_is_exported_as_llama_cpp_reads_it(scaling, tmp_path):
         assert factors.shape == (head_dim // 2,) and factors.min() == 1.0 and factors.max() == 8.0
         np.testing.assert_allclose(unscaled / factors, scaled, rtol=1e-6)
         assert "llama.rope.scaling.type" not in reader.fields
+        # import-gguf cannot carry the factors back into a config: refused; correct only sets them aside
+        refused = cli("import-gguf", tmp_path / "m.gguf", tmp_path / "back")
+        assert refused.returncode == EXIT_INPUT and "rope_freqs" in refused.stderr, refused.stderr
+        assert len(refused.stderr.splitlines()) == 1 and not (tmp_path / "back").exists()
+        from streamrom.convert import GGUFModel
+        base = GGUFModel(tmp_path / "m.gguf", derived_ok=True)
+        assert base.derived == ["rope_freqs.weight"] and len(base.tensors) == len(tensors) - 1
     else:
         assert "rope_freqs.weight" not in tensors
         assert reader.fields["llama.rope.scaling.type"].contents() == "linear"

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from streamrom.export_gguf import export_gguf
+
 from conftest import make_tiny
 from kill_harness import Command, kill_and_rerun, reference
 from test_convert import write_tiny_gguf
@@ -46,7 +48,9 @@ def world(tmp_path_factory):
     np.save(tokens, np.random.default_rng(0).integers(0, 256, size=8192))
     gguf = root / "tiny.gguf"
     write_tiny_gguf(gguf, "llama")
-    return {"root": root, "source": source, "tokens": tokens, "gguf": gguf}
+    base = root / "base-q4_0.gguf"  # correct's base: the source's own q4_0 export (with Llama 3's rope_freqs)
+    export_gguf(source, base, "q4_0")
+    return {"root": root, "source": source, "tokens": tokens, "gguf": gguf, "base": base}
 
 
 def commands(world) -> dict[str, Command]:
@@ -80,6 +84,9 @@ def commands(world) -> dict[str, Command]:
                                                          str(source), "--report", str(root / "eval.json")],
                                     source, [root / "eval.json"]),
     }
+    found["correct --adapter-size"] = Command("correct --adapter-size", [
+        "correct", str(source), str(world["base"]), str(root / "adapter.gguf"), "--adapter-size", "0.02",
+        *calibration], source, [root / "adapter.gguf"])  # (its --report holds stage times)
     for kind in ("source", "f32", "f16", "bf16", "q8_0", "q4_0"):
         output = root / f"export-{kind}.gguf"
         found[f"export-gguf --type {kind}"] = Command(f"export-gguf --type {kind}", [
@@ -88,7 +95,7 @@ def commands(world) -> dict[str, Command]:
 
 
 NAMES = ["compress rom uniform", "compress structured spectrum", "compress mixed spectrum", "compress mixed --anchor",
-         "compress --target-text", "compress bayes", "compress bayes --study", "import-gguf", "eval --reference",
+         "compress --target-text", "compress bayes", "compress bayes --study", "import-gguf", "eval --reference", "correct --adapter-size",
          "export-gguf --type source", "export-gguf --type f32", "export-gguf --type f16", "export-gguf --type bf16",
          "export-gguf --type q8_0", "export-gguf --type q4_0"]
 
