@@ -54,6 +54,11 @@ def moment_of(rng, tokens: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return second.astype(np.float32), (total / tokens).astype(np.float32)
 
 
+def _costs(found):
+    """neuron_costs' costs: the array itself before it returned a Removal (costs and keep order)."""
+    return getattr(found, "costs", found)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
                     d.InputMoments(second, mean, True), square, None, sensitivity[:hidden]),
                 "direction costs, wide (gate/up)": lambda d, s: d.direction_costs(
                     d.InputMoments(second, mean, True), wide, None, sensitivity),
-                "neuron costs (down, to 8)": lambda d, s: s.neuron_costs(wide_second.copy(), down, "obs", 1e-6, 8,
-                                                                         overwrite_moment=True),
+                "neuron costs (down, to 8)": lambda d, s: _costs(  # a Removal since keep orders are saved
+                    s.neuron_costs(wide_second.copy(), down, "obs", 1e-6, 8, overwrite_moment=True)),
             }
             for job, run in jobs.items():
                 found = {}

@@ -132,9 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "value dimensions per KV head narrowed with o_proj refitted; q/k factored as rom-centered; "
                            "mixed: per linear group the allocator (spectrum, bayes) picks dense, factored or structured "
                            "by loss saved per parameter (README: Structured ROM)")
-    comp.add_argument("--neuron-selection", choices=["obs", "leverage"], default="obs",
+    comp.add_argument("--neuron-selection", choices=["obs", "leverage", "pass1"], default="obs",
                       help="structured/mixed: how MLP neurons are chosen: obs (greedy removal by the structured "
-                           "OBS cost, default) or leverage (ridge leverage scores, as MoDeGPT)")
+                           "OBS cost on each block's compressed inputs, default), leverage (ridge leverage scores, "
+                           "as MoDeGPT) or pass1 (the greedy removal's order from pass 1, on the dense model's "
+                           "inputs in loss units, kept as it is: no second removal per block, only down's refit; "
+                           "--allocate spectrum or bayes)")
     comp.add_argument("--anchor", type=float, nargs="?", const=MEASURED_ANCHOR_STRENGTH, default=0.0,
                       metavar="STRENGTH",
                       help="anchored fits: stream the dense model's activations beside the compressed ones (a "

@@ -53,7 +53,7 @@ class CompressConfig:
     # energy among the mix's eigenvectors and the target's own top r (decompose.select_basis)
     target_basis: str = "mix"
     bayes: BayesConfig = field(default_factory=BayesConfig)  # --allocate bayes: trials, seed, held-out windows
-    neuron_selection: str = "obs"  # structured MLP: greedy structured OBS, or ridge leverage (structured.py)
+    neuron_selection: str = "obs"  # structured MLP: greedy structured OBS, ridge leverage, or pass 1's OBS order (structured.py)
     # anchored fits: a dense stream beside the compressed one, and each fit's target moved from the
     # dense weights' outputs on the compressed inputs (0: off) to the dense model's outputs (1)
     anchor: float = 0.0
@@ -94,6 +94,9 @@ class CompressConfig:
         if self.neuron_selection not in NEURON_SELECTIONS:
             raise UsageError(f"unknown --neuron-selection {self.neuron_selection!r}: choose from "
                              f"{', '.join(NEURON_SELECTIONS)}")
+        if self.neuron_selection == "pass1" and (self.allocate not in FIRST_PASS_ALLOCATIONS or self.ranks is not None):
+            raise UsageError("--neuron-selection pass1 keeps the neurons in the order pass 1 found: use it with "
+                             f"--allocate {' or '.join(FIRST_PASS_ALLOCATIONS)} and without --ranks-from")
         if self.compression_method.structured and (self.target_calibration is not None or self.rank is not None):
             raise UsageError(f"--method {self.method} takes neither a target text nor --rank (yet): use rom-centered")
         if self.target_calibration is not None:

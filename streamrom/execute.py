@@ -103,9 +103,13 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
                    outputs: ActivationBuffer | None, cache: BlockCache, cos: torch.Tensor, sin: torch.Tensor,
                    config: CompressConfig, chunk_sequences: int, timer: StageTimer,
                    block_label: str = "", target_from: int | None = None, scratch: Path | None = None,
-                   dense: DenseStream | None = None, energies: BlockEnergies | None = None) -> None:
+                   dense: DenseStream | None = None, energies: BlockEnergies | None = None,
+                   orders: dict[str, np.ndarray] | None = None) -> None:
     """Replace the planned linears of `block` by the method's modules, one group after the other, and
     write the compressed block's outputs for `inputs` to `outputs` (unless None).
+
+    `orders` (unit name: order, most important first): units whose kept features pass 1 chose
+    (--neuron-selection pass1); the others are chosen here by config.neuron_selection.
 
     Each group's statistics are gathered with the groups before it already compressed, so later
     factors compensate for the error of earlier ones. Pass g computes the block up to group g's
@@ -203,8 +207,9 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
             del cross
             streams_equal = False  # this group changes the block: later groups see the difference
             if unit is not None:
-                method.compress_unit(block, unit, plan[unit.name], moments.parts[0],
-                                     config.neuron_selection, config.damping, scratch, anchor)
+                selection = (orders or {}).get(unit.name, config.neuron_selection)
+                method.compress_unit(block, unit, plan[unit.name], moments.parts[0], selection, config.damping,
+                                     scratch, anchor)
                 if unit.narrows_reads:  # its features are narrower now: recomputed, never read from the cache
                     narrowed.add(unit.reads)
                     cached = [name for name in cached if name != unit.reads]
@@ -262,10 +267,11 @@ def _remove_stray_temporaries(output: Path) -> None:
 
 def write_model(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[str, int | None],
                 layers: list[int], config: CompressConfig, progress: Progress, timer: StageTimer,
-                monitor: RSSMonitor, target_from: int | None = None, damaged: list[int] = ()) -> None:
+                monitor: RSSMonitor, target_from: int | None = None, damaged: list[int] = (),
+                orders: dict[str, np.ndarray] | None = None) -> None:
     """The block loop. After every block, its shard and the next block's inputs are on disk before
     the progress record says so; a rerun picks up from there. Ends with the index in place and the
-    progress record at stage "written"."""
+    progress record at stage "written". `orders`: pass 1's keep orders by unit key (pass1 selection)."""
     spec = reader.spec
     dtype = config.output_dtype(reader.weight_dtype)
     sequences, seqlen = tokens.shape
@@ -276,7 +282,7 @@ def write_model(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan
     if resuming:
         _remove_stray_temporaries(output)
     cos, sin = Rotary(spec).cos_sin(seqlen)
-    steps = _BlockSteps(reader, plan, config, chunk_sequences, timer, target_from, cos, sin, work)
+    steps = _BlockSteps(reader, plan, config, chunk_sequences, timer, target_from, cos, sin, work, orders)
 
     def record(blocks_done: int, inputs_file: str) -> None:
         progress.blocks_done = blocks_done
@@ -349,8 +355,8 @@ class _BlockSteps:
 
     def __init__(self, reader: CheckpointReader, plan: dict[str, int | None], config: CompressConfig,
                  chunk_sequences: int, timer: StageTimer, target_from: int | None, cos: torch.Tensor,
-                 sin: torch.Tensor, work: Path):
-        self.reader, self.plan, self.config = reader, plan, config
+                 sin: torch.Tensor, work: Path, orders: dict[str, np.ndarray] | None = None):
+        self.reader, self.plan, self.config, self.orders = reader, plan, config, orders or {}
         self.chunk_sequences, self.timer, self.target_from = chunk_sequences, timer, target_from
         self.cos, self.sin, self.work = cos, sin, work
         self._cache: BlockCache | None = None
@@ -389,7 +395,9 @@ class _BlockSteps:
         compress_block(block, block_plan(self.plan, index), inputs, activations.outputs if has_next else None,
                        cache, self.cos, self.sin, self.config, self.chunk_sequences, self.timer,
                        block_label=block_prefix(index), target_from=self.target_from, scratch=self.work,
-                       dense=stream, energies=energies)
+                       dense=stream, energies=energies,
+                       orders={key[len(block_prefix(index)):]: order for key, order in self.orders.items()
+                               if key.startswith(block_prefix(index))})
         if energies is not None:  # before the progress record counts the block
             save_block(self.work / importance_block_file(index), energies.per_linear(block_prefix(index)),
                        energies.tokens)

@@ -85,7 +85,7 @@ class Method:
         raise NotImplementedError
 
     def compress_unit(self, block: Block, unit: StructuredUnit, width: int, moments: decompose.InputMoments,
-                      selection: str, damping: float, scratch: Path | None = None,
+                      selection: str | np.ndarray, damping: float, scratch: Path | None = None,
                       anchor: decompose.Anchor | None = None) -> None:
         """Narrow `unit` of the block to `width` units, from the moments of unit.reads (`scratch`: a
         folder for what waits on disk meanwhile; `anchor`: the dense model's side of the refit)."""
@@ -164,9 +164,10 @@ def narrow_query_key(block: Block, width: int, moments: decompose.InputMoments, 
     attention.keep_rotary_pairs(torch.from_numpy(pairs.astype(np.float32)))
 
 
-def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, selection: str, damping: float,
-               scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
-    """Keep `width` neurons: their rows of gate and up as they are, down refitted on them (`anchor`:
+def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, selection: str | np.ndarray,
+               damping: float, scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
+    """Keep `width` neurons (chosen by `selection`, or the first `width` of an order given: pass 1's):
+    their rows of gate and up as they are, down refitted on them (`anchor`:
     toward its target, the dense block's output less the compressed residual stream: see
     execute._anchor_points). With `scratch` (a folder) a wide moment (the MLP's at 7B shape: 485 MB)
     waits there on disk while its own buffer holds the greedy removal's inverse, and is read back for
@@ -174,7 +175,8 @@ def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, select
     moment = moments.second_moment
     mlp = block.mlp
     down = _array(mlp.down_proj.weight, moment.dtype)
-    spill = (scratch is not None and selection == "obs" and moment.shape[0] > structured.IN_PLACE_FROM
+    spill = (scratch is not None and isinstance(selection, str) and selection == "obs"
+             and moment.shape[0] > structured.IN_PLACE_FROM
              and moment.flags.c_contiguous)
     with tempfile.TemporaryFile(dir=scratch) if spill else contextlib.nullcontext() as parked:
         if spill:

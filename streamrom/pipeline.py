@@ -33,7 +33,8 @@ from .execute import WORK_FOLDER, damaged_shards, fault_point, write_model
 from .memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak
 from .methods import Method
 from .modeling import BLOCK_LINEARS, ModelSpec, block_class, block_prefix
-from .planning import TrialScorer, active_units, join_study, model_plan, plan_ranks, rank_plan, search_space
+from .planning import (TrialScorer, active_units, join_study, keep_orders, model_plan, plan_ranks, rank_plan,
+                       search_space)
 from .progress import (LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments_fingerprint, changed_source_file,
                        source_files, source_fingerprint)
 from .report import Report, StageTimer, memory_summary
@@ -100,7 +101,7 @@ def prepare(source: Path, config: CompressConfig, timer: StageTimer, runtime_byt
     source_bytes = torch.finfo(reader.weight_dtype).bits // 8
     total_params = reader.parameter_count()
     # The spectrum plan needs pass 1; a uniform plan of the same budget has its size within a step.
-    sizing_config = (replace(config, allocate="uniform", spectra_file=None,
+    sizing_config = (replace(config, allocate="uniform", spectra_file=None, neuron_selection="obs",
                              bayes=replace(config.bayes, study=None, study_name=None))
                      if config.allocate in FIRST_PASS_ALLOCATIONS else config)
     sizing_plan = model_plan(spec, sizing_config, layers, total_params, dtype_bytes)
@@ -144,10 +145,11 @@ def projected_time(spec: ModelSpec, config: CompressConfig, layers: list[int], t
                                   spec.head_dim, spec.vocab_size, spec.num_layers, len(layers),
                                   token_shape[0] * token_shape[1], token_shape[1], source_bytes)
     speed = time_estimate.probe(spec.hidden_size, PRECISIONS[config.precision])
-    seconds = time_estimate.project(shapes, speed, factored, units, first_pass, priced)
+    ordered = config.neuron_selection == "pass1"
+    seconds = time_estimate.project(shapes, speed, factored, units, first_pass, priced, ordered)
     if config.allocate == "bayes":  # every trial compresses again (pass 2) and scores a few windows
         trials = config.bayes.trials
-        second = time_estimate.project(shapes, speed, factored, units, False, priced)
+        second = time_estimate.project(shapes, speed, factored, units, False, priced, ordered)
         seconds = {stage: value + (trials - 1) * second[stage] for stage, value in seconds.items()}
     return {"seconds": {stage: round(value, 3) for stage, value in seconds.items()},
             "probe": {"multiply_adds_per_second": speed.multiply_adds_per_second,
@@ -184,7 +186,8 @@ def tune_worker(storage: str, study_name: str, source: str | Path | None = None,
         prepared = prepare(source, config, timer, runtime_bytes)
         shared = join_study(prepared, create=False, name=study_name)
         with tempfile.TemporaryDirectory(prefix="streamrom-worker-", dir=work_dir) as work:
-            scorer = TrialScorer(prepared, Path(work), record["base"], monitor)
+            scorer = TrialScorer(prepared, Path(work), record["base"], monitor,
+                                 keep_orders(prepared, record.get("orders", {})))
             shared.run(search_space(prepared, record["base"]), scorer)
         return shared.result(), len(scorer.seconds)
 
@@ -263,7 +266,7 @@ def _plan_and_execute(prepared: Prepared, output: Path, progress: Progress, time
     try:
         plan_ranks(prepared, output, progress, timer, monitor)
         write_model(prepared.reader, output, tokens, progress.plan, prepared.layers, config, progress, timer,
-                    monitor, prepared.target_from, damaged)
+                    monitor, prepared.target_from, damaged, keep_orders(prepared, progress.orders))
     except OSError as exc:
         raise write_failure(exc, output, "; free some and rerun the same command to resume") from None
 

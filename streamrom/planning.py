@@ -15,7 +15,7 @@ import numpy as np
 
 from . import allocation, bayes, decompose
 from .config import FIRST_PASS_ALLOCATIONS, PRECISIONS, CompressConfig
-from .errors import UsageError
+from .errors import OutputError, UsageError
 from .evaluation import evaluate
 from .execute import WORK_FOLDER, fault_point, write_model
 from .memory import RSSMonitor
@@ -23,7 +23,7 @@ from .architectures import UNIT_BY_NAME, UNIT_NAMES, UNITS, StructuredUnit
 from .modeling import BLOCK_LINEARS, ModelSpec, block_prefix
 from .progress import Progress, arguments_fingerprint, source_fingerprint
 from .report import StageTimer
-from .spectra import collect_spectra
+from .spectra import collect_spectra, keep_orders as keep_orders_of_pass_one
 
 if TYPE_CHECKING:
     from .pipeline import Prepared
@@ -183,18 +183,21 @@ def plan_ranks(prepared: "Prepared", output: Path, progress: Progress, timer: St
     if record is not None:  # another process made pass 1's plan already
         log.info("bayes: joining study %s, which has its base plan", shared.name)
         plan = record["base"]
+        progress.orders = record.get("orders", {})
     else:
-        plan = _first_plan(prepared, output, timer)
+        plan, orders = _first_plan(prepared, output, timer)
+        progress.orders = {key: order.tolist() for key, order in orders.items()}
     if config.allocate == "bayes":
         log.info("bayes: %d trials, each a compression scored on held-out calibration text", config.bayes.trials)
         space = search_space(prepared, plan)
-        scorer = TrialScorer(prepared, output / WORK_FOLDER, plan, monitor)
+        scorer = TrialScorer(prepared, output / WORK_FOLDER, plan, monitor, keep_orders(prepared, progress.orders))
         if shared is None:
             result = bayes.search(space.slots, space.budget, space.base, lambda ranks: scorer(ranks)[0],
                                   config.bayes, space.num_layers)
             progress.trials.extend({**trial, **times} for trial, times in zip(result.trials, scorer.seconds))
         else:
-            shared.publish(study_record(prepared, plan), bayes.search_groups(space.slots, space.num_layers))
+            shared.publish(study_record(prepared, plan, progress.orders),
+                           bayes.search_groups(space.slots, space.num_layers))
             log.info("bayes: study %s on %s; more workers join with: streamrom tune-worker %s --study-name %s",
                      shared.name, shared.shown_url, shared.shown_url, shared.name)
             shared.run(space, scorer)
@@ -206,11 +209,13 @@ def plan_ranks(prepared: "Prepared", output: Path, progress: Progress, timer: St
     progress.save(output)
 
 
-def _first_plan(prepared: "Prepared", output: Path, timer: StageTimer) -> dict[str, int | None]:
-    """The plan of the allocation itself: from the shapes, or from pass 1's prices (spectrum, bayes)."""
+def _first_plan(prepared: "Prepared", output: Path,
+                timer: StageTimer) -> tuple[dict[str, int | None], dict[str, np.ndarray]]:
+    """The plan of the allocation itself: from the shapes, or from pass 1's prices (spectrum, bayes);
+    with --neuron-selection pass1, also the keep order of each MLP the plan narrows."""
     reader, config, spec, layers = prepared.reader, prepared.config, prepared.spec, prepared.layers
     if config.allocate not in FIRST_PASS_ALLOCATIONS:
-        return prepared.sizing_plan
+        return prepared.sizing_plan, {}
     log.info("pass 1: output spectra of %d blocks", len(layers))
     chosen_units = active_units(spec, config)
     units = [unit.name for unit in chosen_units]
@@ -219,8 +224,9 @@ def _first_plan(prepared: "Prepared", output: Path, timer: StageTimer) -> dict[s
     names = [name for name in config.modules if config.compression_method.mixed or name not in in_units]
     pass_one = {"source": source_fingerprint(reader), "layers": layers, "modules": names,
                 "centered": config.centered, "precision": config.precision}
-    if units:
-        pass_one.update(units=units, neuron_selection=config.neuron_selection)
+    if units:  # pass1 prices as obs does (and obs saves its orders too): either reuses the other's pass 1
+        pass_one.update(units=units, neuron_selection="obs" if config.neuron_selection == "pass1"
+                        else config.neuron_selection)
     # with a target text, directions are priced by the target's statistics and loss alone
     tokens = prepared.tokens
     priced_on = tokens if prepared.target_from is None else tokens[prepared.target_from:]
@@ -228,7 +234,41 @@ def _first_plan(prepared: "Prepared", output: Path, timer: StageTimer) -> dict[s
                               config.chunk_tokens, config.centered, PRECISIONS[config.precision], timer,
                               saved=config.spectra_file, fingerprint=arguments_fingerprint(pass_one, priced_on),
                               units=units, neuron_selection=config.neuron_selection)
-    return model_plan(spec, config, layers, prepared.total_params, prepared.dtype_bytes, spectra)
+    spectra, orders = keep_orders_of_pass_one(spectra)
+    plan = model_plan(spec, config, layers, prepared.total_params, prepared.dtype_bytes, spectra)
+    if config.neuron_selection != "pass1":
+        return plan, {}
+    # every priced MLP's order, not only those the plan narrows: a bayes trial may narrow others
+    missing = [key for key, width in plan.items() if key.endswith(".mlp.neurons") and width and key not in orders]
+    if missing:
+        raise UsageError(f"pass 1 ({config.spectra_file or 'the saved first pass'}) has no keep order of "
+                         f"{missing[0]} (made before pass 1 kept them): remove it to price again")
+    return plan, checked_orders(spec, orders, "pass 1's keep orders", UsageError)
+
+
+def checked_orders(spec: ModelSpec, orders: dict, where: str, error=UsageError) -> dict[str, np.ndarray]:
+    """Keep orders ("model.layers.<i>.mlp.neurons": every neuron of that block's MLP, most important
+    first), each checked to be an ordering of exactly its block's neurons before any is used."""
+    checked = {}
+    for key, order in orders.items():
+        parts = key.split(".")
+        if len(parts) != 5 or parts[:2] != ["model", "layers"] or ".".join(parts[3:]) != "mlp.neurons" or \
+                not parts[2].isdigit() or int(parts[2]) >= spec.num_layers:
+            raise error(f"{where}: {key!r} is no MLP of this model")
+        width = spec.linear_shape("mlp.down_proj", int(parts[2]))[1]
+        order = np.asarray(order)
+        if order.shape != (width,) or order.dtype.kind not in "iu" or \
+                not np.array_equal(np.sort(order), np.arange(width)):
+            raise error(f"{where}: the order of {key} is not an ordering of its {width} neurons")
+        checked[key] = order.astype(np.int64)
+    return checked
+
+
+def keep_orders(prepared: "Prepared", recorded: dict) -> dict[str, np.ndarray]:
+    """A run's recorded keep orders (progress file, study record), checked; none unless pass1."""
+    if prepared.config.neuron_selection != "pass1":
+        return {}
+    return checked_orders(prepared.spec, recorded, "the recorded keep orders", OutputError)
 
 
 def search_space(prepared: "Prepared", base: dict[str, int | None]) -> "SearchSpace":
@@ -251,8 +291,10 @@ class TrialScorer:
     streamed perplexity on the held-out calibration slice. Returns the score and the trial's seconds
     (executing, scoring, and the rest), also kept in `seconds`."""
 
-    def __init__(self, prepared: "Prepared", work: Path, base: dict[str, int | None], monitor: RSSMonitor) -> None:
+    def __init__(self, prepared: "Prepared", work: Path, base: dict[str, int | None], monitor: RSSMonitor,
+                 orders: dict[str, np.ndarray] | None = None) -> None:
         self.prepared, self.work, self.base, self.monitor = prepared, work, base, monitor
+        self.orders = orders or {}
         self.seconds: list[dict[str, float]] = []
 
     def __call__(self, ranks: dict[str, int | None]) -> tuple[float, dict[str, float]]:
@@ -264,7 +306,7 @@ class TrialScorer:
         executed = time.perf_counter()
         write_model(prepared.reader, folder, prepared.tokens, {**self.base, **ranks}, prepared.layers,
                     prepared.config, Progress(arguments="bayes trial", source=""), StageTimer(), self.monitor,
-                    prepared.target_from)
+                    prepared.target_from, orders=self.orders)
         fault_point("during-bayes-trial")
         scored = time.perf_counter()
         value = evaluate(folder, (), windows=prepared.held_out_windows(), chunk_tokens=prepared.config.chunk_tokens,
@@ -290,10 +332,10 @@ def join_study(prepared: "Prepared", create: bool, name: str | None = None) -> "
     return shared
 
 
-def study_record(prepared: "Prepared", base: dict[str, int | None]) -> dict:
+def study_record(prepared: "Prepared", base: dict[str, int | None], orders: dict[str, list[int]]) -> dict:
     """What a worker elsewhere needs to run this study's trials (study.py)."""
     from .config import config_to_json
 
-    return {"format": 1, "config": config_to_json(prepared.config), "source": str(prepared.reader.folder.absolute()),
+    return {"orders": orders, "format": 1, "config": config_to_json(prepared.config), "source": str(prepared.reader.folder.absolute()),
             "source_fingerprint": source_fingerprint(prepared.reader),
             "arguments": arguments_fingerprint(prepared.fingerprint, prepared.tokens), "base": base}

@@ -87,6 +87,8 @@ class Progress:
     source_files: dict[str, list[int]] = field(default_factory=dict)  # see source_files()
     trials: list[dict] = field(default_factory=list)  # bayes: each trial's multipliers and score
     study: str = ""  # bayes --study: the shared study's name
+    # --neuron-selection pass1: each narrowed MLP's neurons, most important first (pass 1's greedy removal)
+    orders: dict[str, list[int]] = field(default_factory=dict)
 
     def save(self, folder: Path) -> None:
         write_atomic(Path(folder) / PROGRESS_FILE, (json.dumps(asdict(self), indent=1) + "\n").encode())

@@ -46,6 +46,15 @@ log = logging.getLogger(__name__)
 
 SPECTRA_FILE = "sensitivity-spectra.npz"
 FINGERPRINT_KEY = "__made_for__"
+# "keep-order.model.layers.<i>.mlp.neurons": the greedy removal's order of that MLP's neurons (most
+# important first), saved beside its costs for --neuron-selection pass1
+ORDER_PREFIX = "keep-order."
+
+
+def keep_orders(found: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A first pass's costs and its keep orders (by unit key), apart."""
+    orders = {key[len(ORDER_PREFIX):]: values for key, values in found.items() if key.startswith(ORDER_PREFIX)}
+    return {key: values for key, values in found.items() if not key.startswith(ORDER_PREFIX)}, orders
 
 
 @dataclass
@@ -164,8 +173,14 @@ def price_block(seen: Observation, names: list[str], fetch, centered: bool, work
             second, mean = taken[value]
             spent = last_reader[value] == index
             if kind == "unit":
-                costs[item.name] = _unit_costs(item.name, fetch, seen.heads, second, mean, sensitivity,
-                                               neuron_selection, damping, overwrite_moment=spent)
+                found = _unit_costs(item.name, fetch, seen.heads, second, mean, sensitivity, neuron_selection,
+                                    damping, overwrite_moment=spent)
+                if isinstance(found, structured.Removal):  # the MLP's: its order too, free beside the costs
+                    costs[item.name] = found.costs
+                    if neuron_selection != "leverage":
+                        costs[ORDER_PREFIX + item.name] = found.order
+                else:
+                    costs[item.name] = found
             else:
                 group_inputs = decompose.InputMoments(second, mean, centered)
                 for name in item.linears:
@@ -198,11 +213,11 @@ def _priced_in(unit) -> tuple[str, ...]:
 
 def _unit_costs(name: str, fetch, heads: tuple[int, int, int], second: np.ndarray, mean: np.ndarray,
                 sensitivity: dict[str, np.ndarray], neuron_selection: str, damping: float,
-                overwrite_moment: bool = False) -> np.ndarray:
+                overwrite_moment: bool = False) -> np.ndarray | structured.Removal:
     """What keeping each unit is worth in loss units, in the order structured ROM keeps them: the
     error its removal leaves in the priced outputs, each output feature weighted by its mean
-    squared loss gradient. `overwrite_moment`: the moment is not needed afterwards (the greedy
-    removal may turn its buffer into the inverse)."""
+    squared loss gradient (the MLP's: with the order, a structured.Removal). `overwrite_moment`: the
+    moment is not needed afterwards (the greedy removal may turn its buffer into the inverse)."""
     num_heads, num_kv_heads, head_dim = heads
     if name == "self_attn.rotary_pairs":
         energies, weighted = [], []
@@ -329,7 +344,9 @@ def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[i
             found = price_block(seen, chosen, _weight_reader(reader, index, work_dtype), centered, work_dtype,
                                 timer, neuron_selection) if price is None else price(seen, chosen, index)
             del seen
-            costs.update({f"{block_prefix(index)}{name}": values for name, values in found.items()})
+            costs.update({f"{ORDER_PREFIX}{block_prefix(index)}{name[len(ORDER_PREFIX):]}"
+                          if name.startswith(ORDER_PREFIX) else f"{block_prefix(index)}{name}": values
+                          for name, values in found.items()})
             block_inputs.pop(index + 1).close(remove=True)  # its gradient is through; the file is done
     finally:
         for buffer in [*block_inputs.values(), *grads]:

@@ -32,7 +32,9 @@ import scipy.linalg.blas
 
 from .decompose import Anchor, damped, least_squares, top_eigenvectors
 
-NEURON_SELECTIONS = ("obs", "leverage")
+# pass1: the greedy removal's order from pass 1 (on the dense model's inputs, in loss units), kept in
+# pass 2 as it is; only down is refitted there (no second removal on the compressed inputs)
+NEURON_SELECTIONS = ("obs", "leverage", "pass1")
 LEVERAGE_RIDGE = 1e-2  # λ of the ridge leverage, relative to the mean diagonal of C
 # The greedy removal's inverse is damped by this fraction of C's mean diagonal (SparseGPT's and
 # ZipLM's 1 %): it is taken in float32 at 7B shape, and a nearly singular C would give costs of noise.
@@ -210,10 +212,14 @@ def _subtract_product(target: np.ndarray, left: np.ndarray, right: np.ndarray) -
     return result.T
 
 
-def select_neurons(moment: np.ndarray, weight: np.ndarray, keep: int, selection: str, damping: float,
+def select_neurons(moment: np.ndarray, weight: np.ndarray, keep: int, selection: str | np.ndarray, damping: float,
                    overwrite_moment: bool = False) -> np.ndarray:
-    """The `keep` features to keep, sorted by index (`overwrite_moment`: see obs_removal)."""
-    if selection == "leverage":
+    """The `keep` features to keep, sorted by index (`overwrite_moment`: see obs_removal). `selection`
+    is a method's name, or an order found before (most important first: pass 1's), whose first `keep`
+    are kept."""
+    if not isinstance(selection, str):
+        kept = np.asarray(selection)[:keep]
+    elif selection == "leverage":
         kept = leverage_order(moment)[:keep]
     elif selection == "obs":
         kept = obs_removal(moment, weight, keep, max(damping, SELECTION_DAMPING),
@@ -224,16 +230,17 @@ def select_neurons(moment: np.ndarray, weight: np.ndarray, keep: int, selection:
 
 
 def neuron_costs(moment: np.ndarray, weight: np.ndarray, selection: str, damping: float, smallest: int,
-                 overwrite_moment: bool = False) -> np.ndarray:
-    """What keeping each neuron is worth, in the order `selection` keeps them: the refit error
-    ‖ΔW z‖² (in `weight`'s output metric) of removing it after those behind it. The `smallest`
-    always kept are never removed: they get the largest cost found. `overwrite_moment`: see
+                 overwrite_moment: bool = False) -> Removal:
+    """What keeping each neuron is worth, in the order `selection` keeps them (pass1: obs's): the
+    refit error ‖ΔW z‖² (in `weight`'s output metric) of removing it after those behind it. The
+    `smallest` always kept are never removed: they get the largest cost found. `overwrite_moment`: see
     obs_removal."""
     order = leverage_order(moment) if selection == "leverage" else None
-    costs = obs_removal(moment, weight, smallest, max(damping, SELECTION_DAMPING), order,
-                        overwrite_moment=overwrite_moment).costs
+    removal = obs_removal(moment, weight, smallest, max(damping, SELECTION_DAMPING), order,
+                          overwrite_moment=overwrite_moment)
+    costs = removal.costs
     finite = costs[np.isfinite(costs)]
-    return np.where(np.isfinite(costs), costs, finite.max() if finite.size else 0.0)
+    return Removal(removal.order, np.where(np.isfinite(costs), costs, finite.max() if finite.size else 0.0))
 
 
 # -- values and o_proj ------------------------------------------------------------------------------

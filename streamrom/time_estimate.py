@@ -101,12 +101,13 @@ class Shapes:
 
 
 def project(shapes: Shapes, speed: MachineSpeed, factored: list[str], units: list[str], first_pass: bool,
-            priced: list[str]) -> dict[str, float]:
+            priced: list[str], neurons_ordered: bool = False) -> dict[str, float]:
     """Projected seconds per stage (the report's stage names) and in all ("total").
 
     `factored`: the linears pass 2 factors in each chosen block ("q"...); `units`: the structured units
     it narrows there; `first_pass`: pass 1 runs (spectrum/bayes, not reused); `priced`: the linears
-    pass 1 prices in each chosen block (the units it prices are `units`)."""
+    pass 1 prices in each chosen block (the units it prices are `units`); `neurons_ordered`: pass 2
+    keeps pass 1's order of the MLP neurons (--neuron-selection pass1) and only refits down."""
     s = shapes
     attention_width, kv_width = s.heads * s.head_dim, s.kv_heads * s.head_dim
     shape_of = {"q": (attention_width, s.hidden), "k": (kv_width, s.hidden), "v": (kv_width, s.hidden),
@@ -130,7 +131,9 @@ def project(shapes: Shapes, speed: MachineSpeed, factored: list[str], units: lis
             return speed.eigen(out) + PER_LINEAR_SECONDS
         return speed.eigen(inp) + speed.products(out * inp * inp + inp ** 3) + PER_LINEAR_SECONDS
 
-    def unit_cost(unit: str) -> float:
+    def unit_cost(unit: str, ordered: bool = False) -> float:
+        if unit == "mlp.neurons" and ordered:  # down's refit on the kept neurons: one damped solve
+            return speed.products(s.intermediate ** 3 / 3 + s.hidden * s.intermediate ** 2)
         if unit == "mlp.neurons":
             n = s.intermediate
             copies = 32 * n * n * OBS_COPY_SECONDS if n <= IN_PLACE_FROM else 0.0
@@ -158,7 +161,8 @@ def project(shapes: Shapes, speed: MachineSpeed, factored: list[str], units: lis
     seconds["forward"] += speed.products((2 * s.blocks - 1) * forward)
     seconds["statistics"] += s.chosen_blocks * sum(moment(width) for width in values_read)
     seconds["eigen"] += s.chosen_blocks * (sum(factor_cost(name) for name in factored)
-                                           + sum(unit_cost(unit) for unit in units) + PER_BLOCK_SECONDS)
+                                           + sum(unit_cost(unit, neurons_ordered) for unit in units)
+                                           + PER_BLOCK_SECONDS)
     seconds["write"] += s.source_bytes / READ_BYTES_PER_SECOND / 2
     seconds["total"] = sum(seconds.values())
     return seconds

@@ -70,6 +70,8 @@ def commands(world) -> dict[str, Command]:
                                                  "--target-params", "0.8"),
         "compress mixed spectrum": compress("mixed", "--method", "mixed", "--allocate", "spectrum",
                                             "--target-params", "0.8"),
+        "compress mixed pass1": compress("pass1", "--method", "mixed", "--allocate", "spectrum",
+                                         "--target-params", "0.8", "--neuron-selection", "pass1"),
         "compress mixed --anchor": compress("anchor", "--method", "mixed", "--allocate", "spectrum",
                                             "--target-params", "0.8", "--anchor"),
         "compress --target-text": compress("target", "--method", "rom-centered", "--target-params", "0.8",
@@ -94,7 +96,8 @@ def commands(world) -> dict[str, Command]:
     return found
 
 
-NAMES = ["compress rom uniform", "compress structured spectrum", "compress mixed spectrum", "compress mixed --anchor",
+NAMES = ["compress rom uniform", "compress structured spectrum", "compress mixed spectrum", "compress mixed pass1",
+         "compress mixed --anchor",
          "compress --target-text", "compress bayes", "compress bayes --study", "import-gguf", "eval --reference", "correct --adapter-size",
          "export-gguf --type source", "export-gguf --type f32", "export-gguf --type f16", "export-gguf --type bf16",
          "export-gguf --type q8_0", "export-gguf --type q4_0"]

@@ -489,3 +489,79 @@ def test_a_parked_anchor_gives_the_same_anchored_refit_and_is_spent(tiny_models,
     torch.testing.assert_close(block.mlp.down_proj.weight, twin.mlp.down_proj.weight, atol=1e-5, rtol=1e-4)
     narrow_mlp(plain, 96, _moment(values["mlp"]), "obs", 1e-6)  # the anchor moved the refit
     assert (plain.mlp.down_proj.weight - twin.mlp.down_proj.weight).abs().max() > 1e-2
+
+
+def _kept_rows(source: np.ndarray, output: Path, index: int) -> np.ndarray:
+    """Which of the source's gate rows block `index` of `output` kept (each found by exact equality)."""
+    from safetensors.numpy import load_file
+
+    found = {}
+    for shard in sorted(output.glob("model-*.safetensors")):
+        found.update(load_file(shard))
+    gate = found[f"model.layers.{index}.mlp.gate_proj.weight"]
+    return np.array([int(np.flatnonzero((source == row).all(axis=1))[0]) for row in gate])
+
+
+def test_pass1_selection_keeps_pass_ones_order_and_obs_chooses_again(tiny_models, tiny_tokens, tmp_path):
+    """--neuron-selection pass1 keeps each MLP's first `width` neurons of the order pass 1 saved; obs
+    (reusing the same pass 1) removes again on the compressed inputs, and keeps other neurons."""
+    from safetensors.numpy import load_file
+
+    spectra_file = tmp_path / "pass1.npz"
+    runs = {}
+    for selection in ("pass1", "obs"):
+        runs[selection] = streamrom.compress(tiny_models["llama"], tmp_path / selection, _config(
+            tiny_tokens, allocate="spectrum", target_params=0.7, spectra_file=spectra_file,
+            neuron_selection=selection))
+    assert runs["pass1"].ranks == runs["obs"].ranks  # one pass 1, one plan
+    source = load_file(next(tiny_models["llama"].glob("*.safetensors")))
+    differs = False
+    with np.load(spectra_file) as found:
+        for index in range(3):
+            width = runs["pass1"].ranks.get(f"model.layers.{index}.mlp.neurons")
+            order = found[f"keep-order.model.layers.{index}.mlp.neurons"]
+            assert np.array_equal(np.sort(order), np.arange(160))
+            if not width:
+                continue
+            gate = source[f"model.layers.{index}.mlp.gate_proj.weight"]
+            kept = _kept_rows(gate, tmp_path / "pass1", index)
+            assert np.array_equal(kept, np.sort(order[:width]))
+            differs |= not np.array_equal(_kept_rows(gate, tmp_path / "obs", index), kept)
+    assert differs
+
+
+def test_pass1_selection_refuses_what_has_no_pass_one_and_damaged_orders(tiny_models, tiny_tokens, tmp_path):
+    from streamrom.errors import OutputError, UsageError
+    from streamrom.planning import checked_orders
+    from streamrom.architectures import ModelSpec
+
+    for settings in ({"allocate": "uniform", "target_params": 0.7}, {"ranks": {"model.layers.0.mlp.neurons": 96}}):
+        with pytest.raises(UsageError, match="pass1"):
+            _config(tiny_tokens, neuron_selection="pass1", **settings)
+    spec = ModelSpec.from_config(read_json(tiny_models["llama"] / "config.json"))
+    order = np.arange(160)[::-1]
+    assert np.array_equal(checked_orders(spec, {"model.layers.2.mlp.neurons": order}, "x")["model.layers.2.mlp.neurons"],
+                          order)
+    for key, bad in (("model.layers.3.mlp.neurons", order), ("model.layers.0.mlp.down_proj", order),
+                     ("model.layers.0.mlp.neurons", order[:-1]), ("model.layers.0.mlp.neurons", np.zeros(160, int)),
+                     ("model.layers.0.mlp.neurons", order.astype(float))):
+        with pytest.raises(OutputError, match="recorded"):
+            checked_orders(spec, {key: bad}, "the recorded keep orders", OutputError)
+    # a first pass saved without its orders (or with one damaged) is refused before any block is written
+    spectra_file = tmp_path / "pass1.npz"
+    streamrom.compress(tiny_models["llama"], tmp_path / "obs", _config(
+        tiny_tokens, allocate="spectrum", target_params=0.7, spectra_file=spectra_file))
+    with np.load(spectra_file) as found:
+        saved = {key: found[key] for key in found.files}
+    for damage in ("drop", "repeat"):
+        edited = dict(saved)
+        if damage == "drop":
+            edited = {key: value for key, value in edited.items() if not key.startswith("keep-order.")}
+        else:
+            edited["keep-order.model.layers.1.mlp.neurons"] = np.zeros(160, dtype=np.int64)
+        np.savez(spectra_file, **edited)
+        with pytest.raises(UsageError, match="has no keep order" if damage == "drop" else "not an ordering"):
+            streamrom.compress(tiny_models["llama"], tmp_path / damage, _config(
+                tiny_tokens, allocate="spectrum", target_params=0.7, spectra_file=spectra_file,
+                neuron_selection="pass1"))
+        assert not list((tmp_path / damage).glob("model-*.safetensors"))

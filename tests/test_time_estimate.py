@@ -47,6 +47,18 @@ def test_time_scales_with_the_tokens_where_the_passes_do():
     assert large["eigen"] == pytest.approx(small["eigen"])  # the decompositions do not see the tokens
 
 
+def test_pass_one_order_leaves_pass_two_only_the_refit():
+    """pass1: pass 2's eigen time loses the greedy removal (a third of its cube and more) and keeps the
+    refit; pass 1 and every other stage are as obs's."""
+    obs = project(SHAPES, SPEED, ["q"], ["mlp.neurons"], first_pass=False, priced=["q"])
+    ordered = project(SHAPES, SPEED, ["q"], ["mlp.neurons"], first_pass=False, priced=["q"], neurons_ordered=True)
+    n, hidden = SHAPES.intermediate, SHAPES.hidden
+    refit = SHAPES.chosen_blocks * SPEED.products(n ** 3 / 3 + hidden * n * n)
+    assert 0 < ordered["eigen"] - refit < obs["eigen"] - refit
+    assert {k: v for k, v in ordered.items() if k not in ("eigen", "total")} == \
+        {k: v for k, v in obs.items() if k not in ("eigen", "total")}
+
+
 def test_probe_measures_something_positive():
     speed = time_estimate.probe(64, budget_seconds=0.2)
     assert speed.multiply_adds_per_second > 0 and speed.eigen_seconds > 0 and speed.eigen_size == 64
