@@ -17,6 +17,8 @@ and backward of the dense model, spectra.py), whose peak the estimate covers too
 
     python -m benchmarks.memory_profile 7b --depths 2 4 8 --whole-model 8
     python -m benchmarks.memory_profile 7b --depths 2 --allocate spectrum --sequences 8
+    python -m benchmarks.memory_profile 7b --depths 2 --method mixed --allocate spectrum --sequences 8 \
+        --neuron-selection obs pass1
 """
 from __future__ import annotations
 
@@ -79,6 +81,8 @@ def main() -> None:
                              "compressing with the ranks it allocates for the same budget (default uniform)")
     parser.add_argument("--method", default="rom", help="compression method (default rom; structured and mixed "
                         "hold the MLP's intermediate_size² moment)")
+    parser.add_argument("--neuron-selection", nargs="+", default=["obs"], choices=["obs", "leverage", "pass1"],
+                        help="structured/mixed: one run per selection, in turn (a pair: obs pass1)")
     parser.add_argument("--threads", type=int, help="torch threads in the compress run (default: torch's)")
     parser.add_argument("--anchor", type=float, default=0.0, help="anchored fits' strength (default 0: off; with it "
                         "the dense stream runs beside the compressed one)")
@@ -98,9 +102,11 @@ def main() -> None:
     previous = json.loads(out.read_text())["rows"] if out.is_file() else []
     tokens_count = args.sequences * args.seqlen
     rows = [row for row in previous if (row["depth"], row["calibration_tokens"], row.get("allocate", "uniform"),
-                                        row.get("method", "rom"), row.get("anchor", 0.0)) not in
-            {(depth, tokens_count, args.allocate, args.method, args.anchor) for depth in args.depths}]
-    for depth in args.depths:
+                                        row.get("method", "rom"), row.get("anchor", 0.0),
+                                        row.get("neuron_selection", "obs")) not in
+            {(depth, tokens_count, args.allocate, args.method, args.anchor, selection) for depth in args.depths
+             for selection in args.neuron_selection}]
+    for depth, selection in [(depth, selection) for depth in args.depths for selection in args.neuron_selection]:
         source = write_synthetic(args.shape, depth, args.work / f"{args.shape}-{depth}")
         output = args.work / f"{args.shape}-{depth}-rom"
         report_path = args.work / f"{args.shape}-{depth}.report.json"
@@ -115,9 +121,11 @@ def main() -> None:
                 command += ["--target-params", str(args.ratio)]
         if args.anchor:
             command += ["--anchor", f"{args.anchor:g}"]
+        if selection != "obs":
+            command += ["--neuron-selection", selection]
         suffix = (f"d{depth}" + ("" if tokens_count == 16384 else f"_t{tokens_count}")
                   + ("_spectrum" if spectrum else "") + ("" if args.method == "rom" else f"_{args.method}")
-                  + (f"_anchor{args.anchor:g}" if args.anchor else ""))
+                  + (f"_anchor{args.anchor:g}" if args.anchor else "") + ("" if selection == "obs" else f"_{selection}"))
         timeline = args.results / f"memory_{args.shape}_{suffix}_rss.csv"
         print("$", shlex.join(command[1:]), flush=True)
         wall, sampled_here, _ = profile(command, timeline)
@@ -136,7 +144,8 @@ def main() -> None:
                                    estimate_bytes=memory["estimated_peak_bytes"])
         rows.append({
             "depth": depth, "allocate": args.allocate, "method": args.method,
-            **({"anchor": args.anchor} if args.anchor else {}), "command": shlex.join(["streamrom", *command[3:]]),
+            **({"anchor": args.anchor} if args.anchor else {}),
+            **({"neuron_selection": selection} if selection != "obs" else {}), "command": shlex.join(["streamrom", *command[3:]]),
             "wall_seconds": wall, "stage_seconds": seconds,
             "projected_seconds": report.get("projected_seconds", {}).get("seconds", {}),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -171,7 +180,7 @@ def main() -> None:
             print("whole-model way:", {k: v for k, v in rows[-1]["whole_model"].items() if "ratio" in k or k == "outputs"},
                   flush=True)
     rows.sort(key=lambda row: (row.get("method", "rom"), row.get("allocate", "uniform"), row["calibration_tokens"],
-                               row["depth"]))
+                               row["depth"], row.get("neuron_selection", "obs")))
     result = {"benchmark": "memory_profile", "shape": args.shape, "ratio": args.ratio, "machine": machine(),
               "rows": rows}
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -183,7 +192,8 @@ def main() -> None:
     for row in rows:
         st = row["stage_seconds"]
         bound = row.get("seconds_over_bound", {})
-        anchored = f" anchor {row['anchor']:g}" if row.get("anchor") else ""
+        anchored = (f" anchor {row['anchor']:g}" if row.get("anchor") else "") + (
+            f" {row['neuron_selection']}" if row.get("neuron_selection") else "")
         print(f"| {row['depth']} | {row['calibration_tokens']} | {row.get('method', 'rom')} {row.get('allocate', 'uniform')}"
               f"{anchored} "
               f"| {row['wall_seconds']:.0f} s | {st.get('forward', 0):.0f} s "
