@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import header
-from streamrom.convert import ARCHITECTURES_WITHOUT_BIAS
+from streamrom.architectures import ModelSpec
+from streamrom.families import FAMILIES
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -45,7 +46,6 @@ TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
 IMATRIX_TYPES = ["Q4_K_M", "Q3_K_M", "Q2_K"]  # where an importance matrix changes the result
 MODELS = {"smollm2": "SmolLM2-135M-Instruct (from its package's 4-bit GGUF, dequantised)",
           "gemma3": "Gemma 3 270M (from its package's Q4_K_M GGUF, dequantised)"}
-GGUF_ARCHITECTURE = {"smollm2": "llama", "gemma3": "gemma3"}
 
 
 def run(command: list, log: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
@@ -284,10 +284,12 @@ def main(argv: list[str] | None = None) -> None:
                    chunks=args.chunks, context=512, bench={"prompt": args.bench[0], "generate": args.bench[1]})
     results.setdefault("files", {})
     dense = dense_folder(args.model, args.work)
+    # a family whose llama.cpp graph loads no biases gets models compressed without them
+    no_bias = not FAMILIES[ModelSpec.from_config(json.loads((dense / "config.json").read_text())).model_type].gguf_biases
     dense_f16, _ = model_file(("dense", None, None), dense, work)
     bases = kl_bases(dense_f16, args.llama_bin, work, args.chunks)
     for variant in ([] if args.speed_only else variants(args)):
-        source, info = model_file(variant, dense, work, no_bias=GGUF_ARCHITECTURE[args.model] in ARCHITECTURES_WITHOUT_BIAS)
+        source, info = model_file(variant, dense, work, no_bias=no_bias)
         matrix = importance_matrix(source, args.llama_bin, work, args.imatrix_chunks)
         matrices = [matrix]
         if variant[1] is not None:  # the compressed model's own (streamrom-importance.safetensors)

@@ -1,9 +1,9 @@
-"""What streamrom knows of each model family, in one place: one registry entry per architecture
-(ARCHITECTURES), the tensor names, and ModelSpec (a checkpoint's shapes, read from its config.json).
+"""A checkpoint's architecture as streamrom reads it: the tensor names, the structured units, and
+ModelSpec (a checkpoint's shapes, read from its config.json with its family's rules: families/).
 
-Torch-free, so that commands which only move bytes (import-gguf) start light. Adding an architecture:
-an entry here (and a Block subclass in modeling.py where its forward differs), a tiny config in
-tests/conftest.py's tiny_config, and tests/test_architectures.py's contract test passing for it.
+Torch-free, so that commands which only move bytes (import-gguf) start light. Adding a model family:
+docs/dev/add-a-model.md (one file in families/, and a Block subclass in modeling.py where its forward
+differs; tests/test_architectures.py's contract test runs it).
 """
 from __future__ import annotations
 
@@ -12,37 +12,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from .errors import InputError
+from .families import FAMILIES, positive_number
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """One model family: its config.json model_type, the names transformers and llama.cpp give it, and
-    what its config leaves implicit."""
-
-    model_type: str
-    transformers_class: str  # the dense model in transformers (plain checkpoints load as this)
-    remote_class: str  # our subclass of it in hf/modeling_streamrom.py, for factored checkpoints
-    gguf_architecture: str | None = None  # llama.cpp's general.architecture (import-gguf)
-    block: str = "Block"  # the block variant in modeling.BLOCKS
-    qkv_bias: bool = False  # q/k/v always have biases (else only with attention_bias)
-    o_bias_with_attention_bias: bool = False  # attention_bias also gives o_proj a bias
-    sliding_window: bool = False  # the sliding window applies without use_sliding_window
-    activations: tuple[str, ...] = ("silu",)  # hidden_act (hidden_activation) values it takes
-    # Gemma-style blocks: norms multiply by (1 + w), q and k are normed per head, the MLP is normed
-    # before and after, the embeddings are scaled by √hidden, layer_types mix sliding and full attention
-    gemma_style: bool = False
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "llama": Architecture("llama", "LlamaForCausalLM", "StreamromLlamaForCausalLM", gguf_architecture="llama",
-                          o_bias_with_attention_bias=True),
-    "mistral": Architecture("mistral", "MistralForCausalLM", "StreamromMistralForCausalLM", sliding_window=True),
-    "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", "StreamromQwen2ForCausalLM", gguf_architecture="qwen2",
-                          qkv_bias=True),
-    "gemma3_text": Architecture("gemma3_text", "Gemma3ForCausalLM", "StreamromGemma3ForCausalLM",
-                                gguf_architecture="gemma3", block="Gemma3Block", activations=("gelu_pytorch_tanh",),
-                                gemma_style=True),
-}
 GEMMA_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # besides NORMS, hidden-sized
 GEMMA_HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")  # head_dim-sized
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -188,7 +160,7 @@ class ModelSpec:
     mlp_bias: bool = False
     sliding_window: int | None = None
     hidden_act: str = "silu"
-    gemma_style: bool = False  # see Architecture.gemma_style
+    gemma_style: bool = False  # see families.Family.gemma_style
     attention_scale: float | None = None  # None: 1/√head_dim
     # per block, whether it attends within the sliding window (None: every block, when there is a window)
     sliding_layers: tuple[bool, ...] | None = None
@@ -202,16 +174,16 @@ class ModelSpec:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ModelSpec":
         model_type = config.get("model_type")
-        if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        if not isinstance(model_type, str) or model_type not in FAMILIES:
             raise InputError(
                 f"unsupported model_type {model_type!r}: streamrom supports "
-                + ", ".join(ARCHITECTURES)
+                + ", ".join(FAMILIES)
             )
-        architecture = ARCHITECTURES[model_type]
+        family = FAMILIES[model_type]
         act = config.get("hidden_act") or config.get("hidden_activation") or "silu"
-        if act not in architecture.activations:
+        if act not in family.activations:
             raise InputError(f"unsupported hidden_act {act!r} for {model_type}: streamrom supports "
-                             f"{', '.join(architecture.activations)}")
+                             f"{', '.join(family.activations)}")
         sizes = {}
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "vocab_size", "num_key_value_heads", "head_dim"):
@@ -236,10 +208,10 @@ class ModelSpec:
         )
         if spec_kwargs["head_dim"] < 1 or spec_kwargs["head_dim"] % 2:
             raise InputError(f"config.json: head_dim must be a positive even number, got {spec_kwargs['head_dim']}")
-        gemma = _gemma_settings(config, sizes["num_hidden_layers"]) if architecture.gemma_style else {}
-        rope_theta, rope_scaling = _rope_settings(gemma.pop("rope_config", config))
+        own = family.config_settings(config, sizes["num_hidden_layers"])
+        rope_theta, rope_scaling = _rope_settings(own.pop("rope_config", config))
         attention_bias = bool(config.get("attention_bias", False))
-        use_sliding = (architecture.sliding_window or architecture.gemma_style
+        use_sliding = (family.sliding_window or family.gemma_style
                        or bool(config.get("use_sliding_window", False)))
         window = config.get("sliding_window") if use_sliding else None
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
@@ -249,13 +221,13 @@ class ModelSpec:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             tie_word_embeddings=_flag(config, "tie_word_embeddings"),
-            qkv_bias=architecture.qkv_bias or attention_bias,
-            o_bias=architecture.o_bias_with_attention_bias and attention_bias,
+            qkv_bias=family.qkv_bias or attention_bias,
+            o_bias=family.o_bias_with_attention_bias and attention_bias,
             mlp_bias=bool(config.get("mlp_bias", False)),
             sliding_window=int(window) if window else None,
             hidden_act=act,
-            gemma_style=architecture.gemma_style,
-            **gemma,
+            gemma_style=family.gemma_style,
+            **own,
             raw_config=dict(config),
         )
         spec = replace(spec, **_layer_widths(config, spec))
@@ -371,40 +343,6 @@ def _layer_widths(config: Mapping[str, Any], spec: ModelSpec) -> dict[str, Any]:
             raise InputError(f"config.json: {unit.widths_key} narrows a {spec.model_type} model, which cannot be")
         found[unit.widths_key] = tuple(widths)
     return found
-
-
-def _gemma_settings(config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
-    """Gemma 3's layer types, attention scale and per-type rope bases (transformers 5 writes
-    rope_parameters per layer type; transformers 4 rope_theta and rope_local_base_freq)."""
-    types = config.get("layer_types")
-    if types is None:  # every sliding_window_pattern-th block attends fully
-        pattern = config.get("sliding_window_pattern", config.get("_sliding_window_pattern", 6))
-        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
-            raise InputError(f"config.json: sliding_window_pattern must be a positive integer, got {pattern!r}")
-        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
-    if (not isinstance(types, list) or len(types) != num_layers
-            or any(t not in ("sliding_attention", "full_attention") for t in types)):
-        raise InputError(f"config.json: layer_types must list sliding_attention or full_attention for each of "
-                         f"the {num_layers} blocks")
-    scalar = positive_number(config.get("query_pre_attn_scalar"), "query_pre_attn_scalar")
-    per_type = config.get("rope_parameters")
-    if isinstance(per_type, dict) and "full_attention" in per_type:
-        full, local = per_type.get("full_attention") or {}, per_type.get("sliding_attention") or {}
-        rope_config = {"rope_parameters": full}
-        local_theta = local.get("rope_theta", 10000.0)
-    else:
-        rope_config = config
-        local_theta = config.get("rope_local_base_freq", 10000.0)
-    local_theta = positive_number(local_theta, "the sliding layers' rope base")
-    return {"sliding_layers": tuple(t == "sliding_attention" for t in types), "attention_scale": float(scalar) ** -0.5,
-            "rope_local_theta": float(local_theta), "rope_config": rope_config}
-
-
-def positive_number(value: Any, what: str) -> float:
-    """A finite number above 0 (a norm's epsilon, a rope base, a scale), or one line saying what it is not."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise InputError(f"config.json: {what} must be a positive number, got {value!r}")
-    return float(value)
 
 
 def _flag(config: Mapping[str, Any], key: str) -> bool:

@@ -24,7 +24,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .architectures import ARCHITECTURES, ModelSpec, block_prefix
+from .architectures import ModelSpec, block_prefix
+from .families import GGUF_FAMILIES, GLOBAL_NAMES
 from .checkpoint import check_block_count
 from .errors import InputError, OutputError, write_failure
 from .layout import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, check_output_path, tensor_bytes, write_atomic
@@ -33,29 +34,6 @@ from .locking import OutputLock
 
 log = logging.getLogger(__name__)
 
-
-# GGUF tensor names (per block: blk.N.<key>.weight|bias) to HF's.
-GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-BLOCK_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-# Gemma 3's blocks have more norms, named differently (ffn_norm is its pre-feed-forward norm), and
-# llama.cpp's converter stores Gemma norms as 1 + w (its RMSNorm multiplies by the weight alone).
-GEMMA3_BLOCK_NAMES = {
-    **BLOCK_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-}
-BLOCK_NAMES_OF = {"gemma3": GEMMA3_BLOCK_NAMES}
-NORMS_STORED_PLUS_ONE = ("gemma3",)
-# llama.cpp graphs that load no bias for any block linear (a file with one fails to load there)
-ARCHITECTURES_WITHOUT_BIAS = ("gemma3",)
-GEMMA3_SLIDING_PATTERN = 6  # every 6th block attends fully (unless the GGUF says otherwise)
-GEMMA3_LOCAL_ROPE_BASE = 10000.0  # the sliding blocks' rope base (unless the GGUF says otherwise)
-# llama.cpp's architecture names to ours (architectures.py: the entries that name one)
-GGUF_ARCHITECTURES = {a.gguf_architecture: a for a in ARCHITECTURES.values() if a.gguf_architecture}
 
 OUTPUT_DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", None)}
 
@@ -194,9 +172,10 @@ class GGUFModel:
         except Exception as exc:
             raise InputError(f"cannot read the metadata of {path} as GGUF: {type(exc).__name__}: {exc}") from None
         self.arch = self.value("general.architecture", kind="string")
-        if self.arch not in GGUF_ARCHITECTURES:
+        if self.arch not in GGUF_FAMILIES:
             raise InputError(f"{path}: GGUF architecture {self.arch!r} is not supported "
-                             f"(supported: {', '.join(sorted(GGUF_ARCHITECTURES))})")
+                             f"(supported: {', '.join(sorted(GGUF_FAMILIES))})")
+        self.family = GGUF_FAMILIES[self.arch]
         self.heads = self.value(f"{self.arch}.attention.head_count", kind="positive integer")
         self.kv_heads = self.value(f"{self.arch}.attention.head_count_kv", self.heads, "positive integer")
         self.derived = [t.name for t in reader.tensors if derived_ok and t.name in DERIVED_TENSORS]
@@ -219,7 +198,7 @@ class GGUFModel:
     def _tensor(self, tensor: Any) -> GGUFTensor:
         name = tensor.name
         stem, _, kind = name.rpartition(".")
-        block_names = BLOCK_NAMES_OF.get(self.arch, BLOCK_NAMES)
+        block_names = self.family.gguf_block_names
         block = re.fullmatch(r"blk\.(\d{1,9})\.(.+)", stem)
         if stem in GLOBAL_NAMES:
             hf = f"{GLOBAL_NAMES[stem]}.{kind}"
@@ -229,10 +208,10 @@ class GGUFModel:
             raise InputError(f"{self.path}: tensor {name!r} has no Hugging Face {self.arch} counterpart "
                              "(e.g. llama3 rope_freqs or an unsupported variant)")
         rotary = None
-        if self.arch == "llama" and stem.endswith((".attn_q", ".attn_k")):  # only llama's converter permutes
+        if self.family.gguf_permuted_query_key and stem.endswith((".attn_q", ".attn_k")):
             rotary = self.heads if stem.endswith(".attn_q") else self.kv_heads
         shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-        offset = 1.0 if self.arch in NORMS_STORED_PLUS_ONE and hf.endswith("norm.weight") else 0.0
+        offset = 1.0 if self.family.gguf_norms_plus_one and hf.endswith("norm.weight") else 0.0
         return GGUFTensor(name, hf, tensor.tensor_type, shape, int(tensor.data_offset), int(tensor.n_bytes), rotary,
                           offset)
 
@@ -240,8 +219,7 @@ class GGUFModel:
         arch, names = self.arch, {t.hf_name for t in self.tensors}
         # the file's block_count sizes lists below (the sliding pattern): held to its tensors' blocks first
         check_block_count(self.value(f"{arch}.block_count", kind="positive integer"), names, self.path, f"{arch}.block_count is")
-        entry = GGUF_ARCHITECTURES[arch]
-        model_type, architecture = entry.model_type, entry.transformers_class
+        model_type, architecture = self.family.model_type, self.family.transformers_class
         hidden = self.value(f"{arch}.embedding_length", kind="positive integer")
         scaling = self.value(f"{arch}.rope.scaling.type", "none", "string")
         if scaling not in ("none", None):
@@ -260,28 +238,7 @@ class GGUFModel:
             "vocab_size": vocab, "hidden_act": "silu",
             "tie_word_embeddings": "lm_head.weight" not in names, "torch_dtype": dtype,
         }
-        if arch == "llama":
-            config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in names
-            config["mlp_bias"] = False
-        if arch == "gemma3":  # transformers 5's Gemma3TextConfig: rope per layer type
-            del config["hidden_act"]
-            layers = config["num_hidden_layers"]
-            # per block, sliding or not: written by streamrom's export; llama.cpp's converter leaves it out
-            pattern = [bool(sliding) for sliding in self.value(f"{arch}.attention.sliding_window_pattern", kind="list of flags", default=[
-                (i + 1) % GEMMA3_SLIDING_PATTERN != 0 for i in range(layers)])]
-            if len(pattern) != layers:
-                raise InputError(f"{self.path}: sliding_window_pattern has {len(pattern)} entries for {layers} blocks")
-            config.update({
-                "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": head_dim,
-                "sliding_window": self.value(f"{arch}.attention.sliding_window", kind="positive integer"),
-                "layer_types": ["sliding_attention" if sliding else "full_attention" for sliding in pattern],
-                "rope_parameters": {
-                    "full_attention": {"rope_type": "default", "rope_theta": config.pop("rope_theta")},
-                    "sliding_attention": {"rope_type": "default", "rope_theta": float(
-                        self.value(f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE, "positive number"))}},
-                "attn_logit_softcapping": None, "final_logit_softcapping": None,
-                "attention_bias": False, "use_bidirectional_attention": False,
-            })
+        self.family.import_config(self, config, names)
         for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding"),
                           ("unk_token_id", "unknown")):
             token = self.value(f"tokenizer.ggml.{name}_token_id", None, "token id")

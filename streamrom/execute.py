@@ -28,7 +28,8 @@ from .config import PRECISIONS, CompressConfig
 from .errors import NumericalError
 from .importance import BlockEnergies, load_block, save_block, write_importance
 from .memory import RSSMonitor, release_freed_memory
-from .architectures import ARCHITECTURES, UNIT_NAMES, UNITS
+from .architectures import UNIT_NAMES, UNITS
+from .families import FAMILIES
 from .modeling import BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD, Block, BlockValues, Rotary, block_class, block_prefix
 from .progress import Progress
 from .report import StageTimer
@@ -501,11 +502,11 @@ def _write_tail(reader: CheckpointReader, writer: CheckpointWriter, config: Comp
         # dense tensors of the source's shapes (one MLP width, no factors): a plain checkpoint of the
         # source architecture, which transformers loads without remote code
         out_config.pop("auto_map", None)
-        out_config["architectures"] = [ARCHITECTURES[spec.model_type].transformers_class]
+        out_config["architectures"] = [FAMILIES[spec.model_type].transformers_class]
         extra_files = []
     else:
         # transformers builds the factored model from the file beside it (trust_remote_code=True)
-        model_class = ARCHITECTURES[spec.model_type].remote_class
+        model_class = FAMILIES[spec.model_type].remote_class
         out_config["auto_map"] = {"AutoModelForCausalLM": f"{HF_MODELING_FILE.stem}.{model_class}"}
         out_config["architectures"] = [model_class]
     writer.finish(out_config, [*reader.tokenizer_files(), *extra_files])

@@ -44,7 +44,8 @@ from .architectures import ModelSpec
 from .checkpoint import CheckpointReader
 from .layout import (GGUF_TYPES as TYPES, LLAMA_QUANTIZE_TYPES, LLAMA_QUANTIZE_VARIABLE, check_output_file,
                      read_json)
-from .convert import ARCHITECTURES_WITHOUT_BIAS, BLOCK_NAMES, BLOCK_NAMES_OF, NORMS_STORED_PLUS_ONE, permute_rotary
+from .convert import permute_rotary
+from .families import FAMILIES, Family
 from .errors import InputError, OutputError, UsageError, write_failure
 from .importance import IMPORTANCE_FILE, read_importance
 from .gguf_vocab import SPLIT_PRE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED
@@ -55,14 +56,10 @@ log = logging.getLogger(__name__)
 TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_UNUSED, TOKEN_TYPE_BYTE = 1, 2, 5, 6
 SPECIAL_TOKEN_SCORE = -1000.0  # control and user-defined tokens, as llama.cpp's converter scores them
 SENTENCEPIECE_SPACE = "\u2581"  # "▁", SentencePiece's escaped space
-# model_type -> llama.cpp's architecture
-GGUF_ARCHITECTURE_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3"}
-
-
-def block_tensors(architecture: str) -> dict[str, str]:
+def block_tensors(family: Family) -> dict[str, str]:
     """The block's linears and norms, HF name -> llama.cpp's (blk.N.<name>): the import's table turned
     round, so both directions share one mapping."""
-    return {hf: short for short, hf in BLOCK_NAMES_OF.get(architecture, BLOCK_NAMES).items()}
+    return {hf: short for short, hf in family.gguf_block_names.items()}
 
 
 @dataclass
@@ -282,24 +279,29 @@ class _Plan:
         self.padded = 0
         self.densified: list[str] = []
         self.densified_parameters = 0
-        architecture = GGUF_ARCHITECTURE_OF.get(spec.model_type)
+        family = FAMILIES[spec.model_type]
+        architecture = family.gguf_writes_as
         if architecture is None:
-            raise InputError(f"export-gguf writes {', '.join(GGUF_ARCHITECTURE_OF)} models, not {spec.model_type}")
+            raise InputError(f"export-gguf writes {', '.join(t for t, f in FAMILIES.items() if f.gguf_writes_as)} "
+                             f"models, not {spec.model_type}")
         self.rope_type = dict(spec.rope_scaling).get("rope_type", "?") if spec.rope_scaling else None
         if self.rope_type not in (None, "linear", "llama3"):
             raise InputError(f"export-gguf: rope scaling {self.rope_type!r} is not exported (linear and llama3 are)")
-        if spec.sliding_window is not None and architecture != "gemma3":
+        if spec.sliding_window is not None and not family.gguf_sliding_window:
             raise InputError(f"export-gguf: a sliding attention window has no form in llama.cpp's {architecture} "
                              "architecture")
-        if architecture == "gemma3":
-            _check_gemma3(spec)
-        self.block_tensors = block_tensors(architecture)
-        self.plus_one = architecture in NORMS_STORED_PLUS_ONE
+        family.check_export(spec)
+        self.family = family
+        self.block_tensors = block_tensors(family)
+        self.plus_one = family.gguf_norms_plus_one
         self.widths = spec.layer_intermediate_sizes or (spec.intermediate_size,) * spec.num_layers
         per_block = len(set(self.widths)) > 1
         self.mlp_width = max(self.widths)  # the width of every block's MLP in the file, unless deci
-        if per_block and architecture == "llama" and not (spec.qkv_bias or spec.o_bias or spec.mlp_bias):
-            architecture = "deci"
+        # per-block MLP widths: the family's llama.cpp architecture for them (deci), which has no biases
+        self.per_block_widths = bool(per_block and family.gguf_per_block_widths
+                                     and not (spec.qkv_bias or spec.o_bias or spec.mlp_bias))
+        if self.per_block_widths:
+            architecture = family.gguf_per_block_widths
         elif per_block:
             log.info("export-gguf: llama.cpp's %s has one MLP width per model: narrower blocks padded with zero "
                      "neurons to %d", architecture, self.mlp_width)
@@ -315,7 +317,7 @@ class _Plan:
                              f"{100 * extra / reader.parameter_count():.1f} % of the checkpoint's)")
         self.tensors = self._tensors(factored)
         biases = [t.name for t in self.tensors if t.name.endswith(".bias")]
-        if biases and architecture in ARCHITECTURES_WITHOUT_BIAS:
+        if biases and not family.gguf_biases:
             raise InputError(f"llama.cpp's {architecture} has no bias tensors, and this model has {len(biases)} "
                              f"({', '.join(biases[:3])}{', …' if len(biases) > 3 else ''}): compress it with "
                              "--no-bias to run it in llama.cpp")
@@ -330,7 +332,7 @@ class _Plan:
         writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
         writer.add_embedding_length(spec.hidden_size)
         writer.add_block_count(spec.num_layers)
-        if self.architecture == "deci":
+        if self.per_block_widths:
             writer.add_feed_forward_length(list(self.widths))
             writer.add_head_count([spec.num_heads] * spec.num_layers)
             writer.add_head_count_kv([spec.num_kv_heads] * spec.num_layers)
@@ -346,11 +348,7 @@ class _Plan:
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(spec.rope_scaling["factor"]))
         writer.add_layer_norm_rms_eps(float(spec.rms_norm_eps))
-        if self.architecture == "gemma3":
-            writer.add_sliding_window(int(spec.sliding_window))
-            # per block, whether it attends within the window (llama.cpp's default guess is every 6th full)
-            writer.add_sliding_window_pattern([spec.window_of(i) is not None for i in range(spec.num_layers)])
-            writer.add_rope_freq_base_swa(float(spec.rope_local_theta or spec.rope_theta))
+        self.family.export_metadata(writer, spec)
         writer.add_vocab_size(spec.vocab_size)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
@@ -405,7 +403,7 @@ class _Plan:
     def _dense_shape(self, index: int, linear: str) -> tuple[int, int]:
         """The linear's shape in the GGUF: full head sizes, the block's own MLP width (deci) or the model's."""
         spec = self.spec
-        width = self.widths[index] if self.architecture == "deci" else self.mlp_width
+        width = self.widths[index] if self.per_block_widths else self.mlp_width
         heads, kv_heads, hidden = spec.num_heads, spec.num_kv_heads, spec.hidden_size
         return {"self_attn.q_proj": (heads * spec.head_dim, hidden),
                 "self_attn.k_proj": (kv_heads * spec.head_dim, hidden),
@@ -463,7 +461,7 @@ class _Plan:
     def _to_gguf_layout(self, index: int, linear: str, rows: np.ndarray, bias: bool = False) -> np.ndarray:
         """A weight (or a bias, as one column) padded back to full heads where structured ROM narrowed
         them, and to the model's MLP width where llama.cpp has one; q/k rows permuted as llama.cpp's
-        converter permutes them for the llama and deci architectures (rotary halves interleaved)."""
+        converter permutes them for the families that say so (llama's: rotary halves interleaved)."""
         spec, head_dim = self.spec, self.spec.head_dim
         width = self._dense_shape(index, "mlp.down_proj")[1]
         if linear in ("mlp.gate_proj", "mlp.up_proj") and rows.shape[0] < width:
@@ -480,24 +478,9 @@ class _Plan:
             if spec.layer_query_key_head_dims and spec.layer_query_key_head_dims[index] != head_dim:
                 pairs = self._read(f"{block_prefix(index)}self_attn.rotary_pairs").astype(np.int64)
                 rows = _scatter_pairs(rows, heads, pairs, head_dim)
-            if self.architecture in ("llama", "deci"):
+            if self.family.gguf_permuted_query_key:
                 rows = permute_rotary(rows, heads)
         return np.ascontiguousarray(rows)
-
-
-def _check_gemma3(spec: ModelSpec) -> None:
-    """What llama.cpp's gemma3 fixes that a checkpoint could set otherwise."""
-    # llama.cpp scales queries by 1/√head_dim, but by 1/√(hidden/heads) for its 62-block (27B) model
-    scale = (spec.hidden_size / spec.num_heads if spec.num_layers == 62 else spec.head_dim) ** -0.5
-    if spec.attention_scale is not None and not math.isclose(spec.attention_scale, scale, rel_tol=1e-6):
-        raise InputError(f"export-gguf: llama.cpp's gemma3 scales queries by {scale:.6g}, this model by "
-                         f"{spec.attention_scale:.6g} (query_pre_attn_scalar)")
-    if spec.layer_query_key_head_dims and min(spec.layer_query_key_head_dims) < spec.head_dim:
-        # zero rows would enter the per-head q/k norm's mean in llama.cpp
-        raise InputError("export-gguf: Gemma queries and keys narrowed to rotary pairs have no llama.cpp form")
-    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if spec.raw_config.get(key):
-            raise InputError(f"export-gguf: {key} is not exported")
 
 
 def _pad_rows(rows: np.ndarray, heads: int, width: int, head_dim: int) -> np.ndarray:

@@ -17,7 +17,8 @@ from torch import nn
 
 from .errors import InputError
 
-from .architectures import ARCHITECTURES, BLOCK_LINEARS, ROTARY_PAIRS, ModelSpec
+from .architectures import BLOCK_LINEARS, ROTARY_PAIRS, ModelSpec
+from .families import FAMILIES
 from .architectures import EMBED, FINAL_NORM, LM_HEAD, block_prefix  # noqa: F401 (where most callers look)
 
 
@@ -431,10 +432,10 @@ class CausalLM(nn.Module):
         return F.linear(self.norm(x), self.lm_head_weight).float()
 
 
-# The block variants that architectures.Architecture.block names.
+# The block variants that families.Family.block names.
 BLOCKS: dict[str, type[Block]] = {"Block": Block, "Gemma3Block": Gemma3Block}
 
 
 def block_class(spec: ModelSpec) -> type[Block]:
     """The block variant of the spec's architecture."""
-    return BLOCKS[ARCHITECTURES[spec.model_type].block]
+    return BLOCKS[FAMILIES[spec.model_type].block]

@@ -167,10 +167,10 @@ def _linear_module(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear
 
 def _base_tensors(reader: CheckpointReader, base):
     """BASE's tensor of each of SOURCE's linears, checked to be the same matrix in HF's layout."""
-    from .export_gguf import GGUF_ARCHITECTURE_OF
+    from .families import FAMILIES
 
     spec = reader.spec
-    expected = GGUF_ARCHITECTURE_OF.get(spec.model_type)
+    expected = FAMILIES[spec.model_type].gguf_writes_as
     if expected != base.arch:
         raise InputError(f"{base.path} is a {base.arch} model and {reader.folder} a {spec.model_type} "
                          f"({expected or 'no llama.cpp architecture'}): give the GGUF exported from it")

@@ -69,23 +69,14 @@ TINY_COMMON = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, n
                    num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
 
 
-def tiny_config(model_type: str):
-    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+def tiny_config(model_type: str, **overrides):
+    """The family's tiny transformers config (families/<family>.py's `tiny`, beside TINY_COMMON)."""
+    import transformers
 
-    if model_type == "llama":  # GQA, Llama-3 rope scaling, untied head
-        return LlamaConfig(**TINY_COMMON, tie_word_embeddings=False, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32})
-    if model_type == "mistral":  # sliding window shorter than the test sequences
-        return MistralConfig(**TINY_COMMON, sliding_window=16, tie_word_embeddings=False)
-    if model_type == "qwen2":  # q/k/v biases, tied embeddings
-        return Qwen2Config(**TINY_COMMON, tie_word_embeddings=True)
-    if model_type == "gemma3_text":  # one KV head, head_dim != hidden/heads, a query scale of its own,
-        # sliding (window < length, rope base 10000) and full (base 1e6) blocks, GeGLU, scaled embeddings
-        return Gemma3TextConfig(**{**TINY_COMMON, "num_key_value_heads": 1}, head_dim=32, query_pre_attn_scalar=24,
-                                sliding_window=16, layer_types=["sliding_attention", "full_attention",
-                                                                "sliding_attention"])
-    raise ValueError(model_type)
+    from streamrom.families import FAMILIES
+
+    family = FAMILIES[model_type]
+    return getattr(transformers, family.transformers_config)(**{**TINY_COMMON, **family.tiny, **overrides})
 
 
 def make_tiny(folder: Path, model_type: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:

@@ -1,6 +1,6 @@
-"""The contract every architecture adapter (architectures.ARCHITECTURES) passes, on a tiny random-weight
-model of it built by transformers (shapes and exactness, not accuracy): a new entry is tested here
-without a line of test code more than its tiny config in conftest.tiny_config.
+"""The contract every model family (streamrom/families/) passes, on a tiny random-weight model of it
+built by transformers (shapes and exactness, not accuracy): a new family is tested here without a line
+of test code; its file's `tiny` config is the model.
 
 1. our block and model reproduce transformers' logits (float32);
 2. full-rank compression reproduces the dense model's logits;
@@ -18,11 +18,11 @@ import torch.nn.functional as F
 
 import streamrom
 from streamrom import CalibrationConfig, CompressConfig
-from streamrom.architectures import ARCHITECTURES
+from streamrom.families import FAMILIES
 
 from conftest import make_tiny
 
-KINDS = sorted(ARCHITECTURES)
+KINDS = sorted(FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +51,14 @@ def compressed(source: Path, output: Path, tiny_tokens: Path, **settings) -> Pat
 def test_entry_names_what_exists(kind):
     import transformers
 
-    entry = ARCHITECTURES[kind]
-    assert entry.model_type == kind and hasattr(transformers, entry.transformers_class)
-    remote_code = (Path(streamrom.__file__).parent / "hf" / "modeling_streamrom.py").read_text()
-    assert f"class {entry.remote_class}({entry.transformers_class}):" in remote_code
+    from streamrom.hf import modeling_streamrom
     from streamrom.modeling import BLOCKS
+
+    entry = FAMILIES[kind]
+    assert entry.model_type == kind and hasattr(transformers, entry.transformers_class)
+    assert hasattr(transformers, entry.transformers_config)
+    remote = getattr(modeling_streamrom, entry.remote_class)
+    assert remote.__mro__[1] is getattr(transformers, entry.transformers_class)
 
     assert entry.block in BLOCKS
 

@@ -5,7 +5,7 @@ named by `auto_map` in its config.json, so that
 
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
-builds the architecture of `model_type` (llama, mistral, qwen2, gemma3_text) and replaces each compressed
+builds the architecture of `model_type` (any transformers XForCausalLM) and replaces each compressed
 linear, before the weights are loaded, by two linears `reduce` (rank x in, V^T W) and `expand`
 (out x rank, V), with the ranks of config.json's "streamrom" section. Structured ROM's narrower
 blocks (layer_intermediate_sizes, layer_value_head_dims, layer_query_key_head_dims) get narrower
@@ -19,12 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
-
-try:  # transformers 4.50 and later
-    from transformers import Gemma3ForCausalLM
-except ImportError:  # older ones load the other architectures still
-    Gemma3ForCausalLM = None
+import transformers
 
 
 class LowRankLinear(nn.Module):
@@ -129,26 +124,18 @@ def install_low_rank(model: nn.Module, config) -> None:
                                                   dense.bias is not None, centered))
 
 
-class StreamromLlamaForCausalLM(LlamaForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        install_low_rank(self, config)
+_REMOTE_CLASSES: dict[str, type] = {}
 
 
-class StreamromMistralForCausalLM(MistralForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        install_low_rank(self, config)
-
-
-class StreamromQwen2ForCausalLM(Qwen2ForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        install_low_rank(self, config)
-
-
-if Gemma3ForCausalLM is not None:
-    class StreamromGemma3ForCausalLM(Gemma3ForCausalLM):
+def __getattr__(name: str) -> type:
+    """StreamromXForCausalLM: transformers' XForCausalLM that installs the low-rank linears first (made
+    on first use, for whichever class config.json's auto_map names: streamrom's families name it)."""
+    base = getattr(transformers, name.removeprefix("Streamrom"), None) if name.startswith("Streamrom") else None
+    if base is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _REMOTE_CLASSES:
         def __init__(self, config):
-            super().__init__(config)
+            base.__init__(self, config)
             install_low_rank(self, config)
+        _REMOTE_CLASSES[name] = type(name, (base,), {"__init__": __init__, "__module__": __name__})
+    return _REMOTE_CLASSES[name]
