@@ -16,7 +16,7 @@ from .families import FAMILIES, positive_number
 
 
 GEMMA_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # besides NORMS, hidden-sized
-GEMMA_HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")  # head_dim-sized
+HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")  # head_dim-sized (query_key_norm)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 EMBED = "model.embed_tokens.weight"
@@ -87,7 +87,7 @@ class RotaryPairs(StructuredUnit):
         return spec.hidden_size
 
     def applies_to(self, spec):
-        return not spec.gemma_style  # Gemma norms q and k over the whole head: a narrower head changes the norm
+        return not spec.query_key_norm  # q and k normed over the whole head: a narrower head changes the norm
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,7 @@ class ModelSpec:
     sliding_window: int | None = None
     hidden_act: str = "silu"
     gemma_style: bool = False  # see families.Family.gemma_style
+    query_key_norm: bool = False  # see families.Family.query_key_norm
     attention_scale: float | None = None  # None: 1/√head_dim
     # per block, whether it attends within the sliding window (None: every block, when there is a window)
     sliding_layers: tuple[bool, ...] | None = None
@@ -177,7 +178,7 @@ class ModelSpec:
         if not isinstance(model_type, str) or model_type not in FAMILIES:
             raise InputError(
                 f"unsupported model_type {model_type!r}: streamrom supports "
-                + ", ".join(FAMILIES)
+                + ", ".join(sorted(FAMILIES))
             )
         family = FAMILIES[model_type]
         act = config.get("hidden_act") or config.get("hidden_activation") or "silu"
@@ -227,6 +228,7 @@ class ModelSpec:
             sliding_window=int(window) if window else None,
             hidden_act=act,
             gemma_style=family.gemma_style,
+            query_key_norm=family.query_key_norm,
             **own,
             raw_config=dict(config),
         )
@@ -293,7 +295,7 @@ class ModelSpec:
                 shapes[f"{name}.bias"] = (out_features,)
         for norm in NORMS + (GEMMA_NORMS if self.gemma_style else ()):
             shapes[f"{norm}.weight"] = (self.hidden_size,)
-        for norm in GEMMA_HEAD_NORMS if self.gemma_style else ():
+        for norm in HEAD_NORMS if self.query_key_norm else ():
             shapes[f"{norm}.weight"] = (self.head_dim,)
         if self.query_key_head_dim_of(index) < self.head_dim:
             shapes[ROTARY_PAIRS] = (self.num_kv_heads, self.query_key_head_dim_of(index) // 2)

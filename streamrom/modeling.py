@@ -154,7 +154,7 @@ class Attention(nn.Module):
         query_key_dim = spec.query_key_head_dim_of(index)
         self.sliding_window = spec.window_of(index)
         self.scale = spec.attention_scale  # None: SDPA's 1/√head_dim
-        if spec.gemma_style:  # q and k normed per head before rotary
+        if spec.query_key_norm:  # q and k normed per head before rotary
             self.q_norm, self.k_norm = norm(spec, head_dim), norm(spec, head_dim)
         self.q_proj = _dense(hidden, spec.num_heads * query_key_dim, spec.qkv_bias)
         self.k_proj = _dense(hidden, spec.num_kv_heads * query_key_dim, spec.qkv_bias)

@@ -79,18 +79,25 @@ def tiny_config(model_type: str, **overrides):
     return getattr(transformers, family.transformers_config)(**{**TINY_COMMON, **family.tiny, **overrides})
 
 
-def make_tiny(folder: Path, model_type: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
-    """A random-weight checkpoint saved by transformers (safetensors), for shape/streaming tests."""
+def make_tiny(folder: Path, model_type: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+              **overrides) -> Path:
+    """A random-weight checkpoint saved by transformers (safetensors), for shape/streaming tests
+    (`overrides`: of the family's tiny config)."""
     from transformers import AutoModelForCausalLM
 
+    from streamrom.families import FAMILIES
+
+    family = FAMILIES[model_type]
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type))
-    with torch.no_grad():  # biases are zero at init: make them matter
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    with torch.no_grad():  # biases are zero and norms one at init: make them matter
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0, 0.5)
-            elif model_type == "gemma3_text" and name.endswith("norm.weight"):  # stored around 0
+            elif family.gemma_style and name.endswith("norm.weight"):  # stored around 0
                 param.normal_(0, 0.3)
+            elif family.query_key_norm and name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.normal_(1, 0.3)
     model.to(dtype).save_pretrained(folder)
     return folder
 

@@ -97,3 +97,27 @@ def test_compressed_checkpoint_loads_in_transformers(tiny, tiny_tokens, tmp_path
     tokens = ids(3)
     theirs = transformers_model(output, trust_remote_code=True)(tokens).logits
     torch.testing.assert_close(theirs, streamrom.load(output)(tokens), atol=1e-4, rtol=1e-4)
+
+
+GGUF_KINDS = [kind for kind in KINDS if FAMILIES[kind].gguf_architecture
+              and FAMILIES[kind].gguf_writes_as == FAMILIES[kind].gguf_architecture]
+
+
+@pytest.mark.parametrize("kind", GGUF_KINDS)
+@torch.no_grad()
+def test_gguf_export_and_import_keep_the_model(tmp_path, kind):
+    """Every family llama.cpp reads and writes under one architecture: export-gguf (f32) then
+    import-gguf gives back a model with the same logits (names, norm offsets, q/k permutation and the
+    config's settings all make the trip), for the tiny model with the family's `tiny_gguf` changes."""
+    from streamrom.convert import import_gguf
+    from streamrom.export_gguf import export_gguf
+
+    from test_export_gguf import byte_level_tokenizer
+
+    source = make_tiny(tmp_path / "source", kind, **FAMILIES[kind].tiny_gguf)
+    byte_level_tokenizer(source)
+    export_gguf(source, tmp_path / "model.gguf", "f32")
+    import_gguf(str(tmp_path / "model.gguf"), tmp_path / "back")
+    tokens = ids(4)
+    torch.testing.assert_close(streamrom.load(tmp_path / "back")(tokens), streamrom.load(source)(tokens),
+                               atol=1e-4, rtol=1e-4)

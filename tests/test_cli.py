@@ -95,7 +95,8 @@ def test_unsupported_model_type(capsys, tmp_path, tiny, tiny_tokens):
     (tiny / "config.json").write_text(json.dumps(config))
     digest = folder_digest(tiny)
     code, err = run_cli(capsys, compress_args(tiny, tmp_path / "out", tiny_tokens))
-    assert_clean_failure(code, err, EXIT_INPUT, "supports llama, mistral, qwen2", tmp_path / "out", tiny, digest)
+    assert_clean_failure(code, err, EXIT_INPUT, "supports gemma3_text, llama, mistral, qwen2, qwen3", tmp_path / "out",
+                         tiny, digest)
 
 
 def test_config_disagreeing_with_tensor_shapes(capsys, tmp_path, tiny, tiny_tokens):

@@ -39,6 +39,7 @@ class Family:
     # Gemma-style blocks: norms multiply by (1 + w), q and k are normed per head, the MLP is normed
     # before and after, the embeddings are scaled by √hidden, layer_types mix sliding and full attention
     gemma_style: bool = False
+    query_key_norm: bool = False  # q and k RMS-normed per head (head_dim weights) before the rotary
     # llama.cpp: the architecture import-gguf reads as this family (None: none), and the one export-gguf
     # writes it as (default: that one)
     gguf_architecture: str | None = None
@@ -51,6 +52,8 @@ class Family:
     # the llama.cpp architecture of per-block MLP widths, where one exists (else narrower blocks are padded)
     gguf_per_block_widths: str | None = None
     tiny: Mapping[str, Any] = {}  # the contract test's tiny config, beside tests/conftest.TINY_COMMON
+    # ... changed where llama.cpp's graph fixes a setting (the GGUF round trip of the contract test)
+    tiny_gguf: Mapping[str, Any] = {}
 
     @property
     def remote_class(self) -> str:

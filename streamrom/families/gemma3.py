@@ -21,6 +21,7 @@ class Gemma3(Family):
     block = "Gemma3Block"
     activations = ("gelu_pytorch_tanh",)
     gemma_style = True
+    query_key_norm = True
     gguf_architecture = "gemma3"
     # more norms, named differently (ffn_norm is its pre-feed-forward norm)
     gguf_block_names = {
@@ -35,6 +36,7 @@ class Gemma3(Family):
     # base 10000) and full (base 1e6) blocks
     tiny = {"num_key_value_heads": 1, "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 16,
             "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
+    tiny_gguf = {"query_pre_attn_scalar": 32}  # llama.cpp scales queries by 1/√head_dim
 
     def config_settings(self, config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
         """Layer types, attention scale and per-type rope bases (transformers 5 writes rope_parameters

@@ -18,6 +18,8 @@ class Llama(Family):
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32}}
 
+    tiny_gguf = {"rope_scaling": None}  # llama.cpp's rope_freqs for Llama 3 scaling has no way back to a config
+
     def import_config(self, model, config, names):
         config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in names
         config["mlp_bias"] = False
