@@ -121,7 +121,7 @@ def main() -> None:
                 command += ["--target-params", str(args.ratio)]
         if args.anchor:
             command += ["--anchor", f"{args.anchor:g}"]
-        if selection != "obs":
+        if args.method in ("structured", "mixed"):  # always named: the command line's default depends on the allocation
             command += ["--neuron-selection", selection]
         suffix = (f"d{depth}" + ("" if tokens_count == 16384 else f"_t{tokens_count}")
                   + ("_spectrum" if spectrum else "") + ("" if args.method == "rom" else f"_{args.method}")

@@ -43,7 +43,7 @@ def compress_in_memory(source: Path, output: Path, token_file: Path, sequences: 
     from streamrom.checkpoint import CheckpointReader, CheckpointWriter
     from streamrom.modeling import EMBED, FINAL_NORM, LM_HEAD, Rotary, block_class, block_prefix
     from streamrom.config import CompressConfig, parse_layers
-    from streamrom.execute import compress_block
+    from streamrom.block_compression import compress_block
     from streamrom.planning import rank_plan
     from streamrom.report import StageTimer
 

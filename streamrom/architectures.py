@@ -7,7 +7,6 @@ differs; tests/test_architectures.py's contract test runs it).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 

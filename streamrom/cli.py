@@ -54,6 +54,7 @@ CORRECTION_ANCHOR_STRENGTH = 0.5
 # `compress SRC DST` with no options: the setting the README recommends
 RECOMMENDED_TARGET_PARAMS = 0.8
 METHOD_NAMES = ("rom", "rom-centered", "svd", "structured", "mixed")
+NEURON_SELECTIONS = ("obs", "leverage", "pass1")  # structured.NEURON_SELECTIONS, likewise
 
 
 class _Parser(argparse.ArgumentParser):
@@ -133,12 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "value dimensions per KV head narrowed with o_proj refitted; q/k factored as rom-centered; "
                            "mixed: per linear group the allocator (spectrum, bayes) picks dense, factored or structured "
                            "by loss saved per parameter (README: Structured ROM)")
-    comp.add_argument("--neuron-selection", choices=["obs", "leverage", "pass1"], default="obs",
-                      help="structured/mixed: how MLP neurons are chosen: obs (greedy removal by the structured "
-                           "OBS cost on each block's compressed inputs, default), leverage (ridge leverage scores, "
-                           "as MoDeGPT) or pass1 (the greedy removal's order from pass 1, on the dense model's "
-                           "inputs in loss units, kept as it is: no second removal per block, only down's refit; "
-                           "--allocate spectrum or bayes)")
+    comp.add_argument("--neuron-selection", choices=list(NEURON_SELECTIONS),
+                      help="structured/mixed: how MLP neurons are chosen: pass1 (the greedy removal's order from "
+                           "pass 1, on the dense model's inputs in loss units, kept as it is: no second removal per "
+                           "block, only down's refit; the default with --allocate spectrum or bayes), obs (greedy "
+                           "removal by the structured OBS cost on each block's compressed inputs; the default "
+                           "otherwise) or leverage (ridge leverage scores, as MoDeGPT)")
     comp.add_argument("--anchor", type=float, nargs="?", const=MEASURED_ANCHOR_STRENGTH, default=0.0,
                       metavar="STRENGTH",
                       help="anchored fits: stream the dense model's activations beside the compressed ones (a "
@@ -365,6 +366,16 @@ def _method_and_size(args: argparse.Namespace) -> tuple[str, str, float | None]:
     return method, allocate, target
 
 
+def _neuron_selection(args: argparse.Namespace, allocate: str) -> str:
+    """As given; else pass 1's order where there is a pass 1 to give it (docs/results/real-model.md:
+    the same quality as a second removal, without its time), obs where not."""
+    from .config import FIRST_PASS_ALLOCATIONS
+
+    if args.neuron_selection:
+        return args.neuron_selection
+    return "pass1" if allocate in FIRST_PASS_ALLOCATIONS and args.ranks_from is None else "obs"
+
+
 def _ranks_from(path: Path) -> dict:
     from .errors import InputError
 
@@ -398,7 +409,7 @@ def _run(args: argparse.Namespace) -> None:
             bayes=BayesConfig(trials=args.trials, seed=args.seed, study=args.study, study_name=args.study_name,
                               heartbeat_seconds=args.heartbeat),
             **({"target_weight": args.target_weight} if args.target_weight is not None else {}),
-            precision=args.precision, neuron_selection=args.neuron_selection, anchor=args.anchor,
+            precision=args.precision, neuron_selection=_neuron_selection(args, allocate), anchor=args.anchor,
             mean_bias=args.mean_bias,
             **({"modules": args.modules} if args.modules else {}))
         report = compress(args.source, args.output, config, args.report, eval_text=args.eval_text,

@@ -167,7 +167,7 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
         "embedding": spec.vocab_size * hidden * source_bytes + chunk * hidden * 4,
     }
     if unit_width > 4096:  # a unit's wide moment: summed in float32 (statistics.WIDE), 1024-row bands, beside
-        # half a chunk's activations (execute.compress_block)
+        # half a chunk's activations (block_compression.compress_block)
         parts["wide_statistics"] = unit_width ** 2 * 4 + 1024 * unit_width * 4
     if anchored:
         parts["statistics"] += (max(hidden, q_width) + 1) ** 2 * 8

@@ -169,7 +169,7 @@ def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, select
     """Keep `width` neurons (chosen by `selection`, or the first `width` of an order given: pass 1's):
     their rows of gate and up as they are, down refitted on them (`anchor`:
     toward its target, the dense block's output less the compressed residual stream: see
-    execute._anchor_points). With `scratch` (a folder) a wide moment (the MLP's at 7B shape: 485 MB)
+    anchoring.anchor_points). With `scratch` (a folder) a wide moment (the MLP's at 7B shape: 485 MB)
     waits there on disk while its own buffer holds the greedy removal's inverse, and is read back for
     the refit; an anchor's cross moment (180 MB) waits beside it."""
     moment = moments.second_moment
@@ -205,7 +205,7 @@ def narrow_values(block: Block, width: int, moments: decompose.InputMoments, sel
                   scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
     """Narrow each KV head's values to `width` dimensions (v_proj rows), o_proj refitted on them
     (`anchor`: toward its target, the dense residual stream after attention less the compressed
-    block's input: see execute._anchor_points)."""
+    block's input: see anchoring.anchor_points)."""
     moment = moments.second_moment
     attention = block.self_attn
     head_dim, kv_heads = attention.value_head_dim, attention.num_kv_heads

@@ -25,6 +25,7 @@ from .locking import LOCK_FILE, OutputLock  # noqa: F401 (the lock lives with th
 
 PROGRESS_FILE = ".streamrom-progress.json"
 PROGRESS_FORMAT = 1
+RETIRED_FIELDS = ("total_size",)  # written by earlier versions, read by none: dropped when an old record is loaded
 
 
 def source_fingerprint(reader: CheckpointReader) -> str:
@@ -79,7 +80,6 @@ class Progress:
     ranks: dict[str, int | None] = field(default_factory=dict)
     plan: dict[str, int | None] = field(default_factory=dict)  # every block linear's rank, fixed up front
     weight_map: dict[str, str] = field(default_factory=dict)
-    total_size: int = 0
     format: int = PROGRESS_FORMAT
     # "compressing" until the model's index is in place, then "written": a rerun only finishes the
     # remaining steps (clean-up, evaluation, report)
@@ -102,7 +102,7 @@ class Progress:
             data = json.loads(path.read_text())
             if data.get("format") != PROGRESS_FORMAT:
                 return None
-            progress = cls(**data)
+            progress = cls(**{key: value for key, value in data.items() if key not in RETIRED_FIELDS})
             if not isinstance(progress.blocks_done, int) or progress.stage not in ("compressing", "written"):
                 raise ValueError(path)
             return progress

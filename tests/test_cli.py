@@ -261,16 +261,21 @@ def test_threads_bound_the_numpy_and_scipy_blas_too(tmp_path):
 
 
 @pytest.mark.parametrize("argv,expected", [
-    ([], ("mixed", "spectrum", 0.8)),  # the recommended setting: the shortest command is the best one
-    (["--target-params", "0.7"], ("mixed", "spectrum", 0.7)),
-    (["--ratio", "0.5"], ("mixed", "spectrum", None)),  # spends what uniform at 0.5 would
-    (["--allocate", "bayes"], ("mixed", "bayes", 0.8)),
-    (["--method", "rom"], ("rom", "uniform", None)),  # an explicit method keeps uniform at --ratio 0.8
-    (["--rank", "8"], ("rom", "uniform", None)),
-    (["--ranks-from", "report.json"], ("rom", "uniform", None)),
-    (["--target-text", "code.txt"], ("rom", "uniform", None)),
+    ([], ("mixed", "spectrum", 0.8, "pass1")),  # the recommended setting: the shortest command is the best one
+    (["--target-params", "0.7"], ("mixed", "spectrum", 0.7, "pass1")),
+    (["--ratio", "0.5"], ("mixed", "spectrum", None, "pass1")),  # spends what uniform at 0.5 would
+    (["--allocate", "bayes"], ("mixed", "bayes", 0.8, "pass1")),
+    (["--neuron-selection", "obs"], ("mixed", "spectrum", 0.8, "obs")),
+    (["--method", "structured"], ("structured", "uniform", None, "obs")),  # no pass 1 to take an order from
+    (["--method", "rom"], ("rom", "uniform", None, "obs")),  # an explicit method keeps uniform at --ratio 0.8
+    (["--rank", "8"], ("rom", "uniform", None, "obs")),
+    (["--ranks-from", "report.json"], ("rom", "uniform", None, "obs")),
+    (["--ranks-from", "report.json", "--method", "mixed", "--allocate", "spectrum"], ("mixed", "spectrum", None, "obs")),
+    (["--target-text", "code.txt"], ("rom", "uniform", None, "obs")),
 ])
 def test_compress_defaults_are_the_recommended_setting(argv, expected):
-    from streamrom.cli import _method_and_size, build_parser
+    from streamrom.cli import _method_and_size, _neuron_selection, build_parser
 
-    assert _method_and_size(build_parser().parse_args(["compress", "src", "dst", *argv])) == expected
+    args = build_parser().parse_args(["compress", "src", "dst", *argv])
+    method, allocate, target = _method_and_size(args)
+    assert (method, allocate, target, _neuron_selection(args, allocate)) == expected

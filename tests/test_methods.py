@@ -241,3 +241,6 @@ def test_the_command_line_offers_every_method():
     from streamrom.methods import METHODS
 
     assert set(METHOD_NAMES) == set(METHODS)
+    from streamrom import cli, structured
+
+    assert cli.NEURON_SELECTIONS == structured.NEURON_SELECTIONS
