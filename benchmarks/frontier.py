@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corrections", nargs="*", default=[], metavar="TYPE:RANK",
                         help="dense model's files with a low-rank correction of their quantization error "
                              "(`streamrom correct`, a llama.cpp LoRA adapter): TYPE:RANK (one rank for every linear) "
-                             "or TYPE:SIZEmib (`--adapter-size`), e.g. Q3_K_M:16 Q2_K-imatrix:32 Q3_K_M:9.3mib")
+                             "or TYPE:SIZEmib (`--adapter-size`), then :anchor for anchored fits (`--anchor`), "
+                             "e.g. Q3_K_M:16 Q2_K-imatrix:32 Q3_K_M:9.3mib Q3_K_M-imatrix:16:anchor")
     parser.add_argument("--speed-again", action="store_true", help="measure every file's speed again")
     parser.add_argument("--speed-only", action="store_true", help="make and score no file: only the speeds missing")
     parser.add_argument("--no-speed", action="store_true", help="measure no speed (while the machine is busy: a later "
@@ -319,25 +320,28 @@ def main(argv: list[str] | None = None) -> None:
                 out.write_text(json.dumps(results, indent=1) + "\n")
     for spec in ([] if args.speed_only else args.corrections):
         qtype, _, size = spec.partition(":")
+        size, _, anchored = size.partition(":")
+        anchored = anchored == "anchor"
         # RANK (one rank for every linear) or e.g. 9.3mib (an adapter size, ranks spread by pass 1)
         sized = size.lower().endswith("mib")
-        label = f"{qtype}+{size[:-3]}MiB" if sized else f"{qtype}+r{size}"
+        label = (f"{qtype}+{size[:-3]}MiB" if sized else f"{qtype}+r{size}") + ("-anchored" if anchored else "")
         name = f"dense + correction | {label}"
         if name in results["files"] and "scores" in results["files"][name]:
             continue
         plain, with_imatrix = qtype.removesuffix("-imatrix"), qtype.endswith("-imatrix")
         base = quantized(dense_f16, plain, importance_matrix(dense_f16, args.llama_bin, work, args.imatrix_chunks)
                          if with_imatrix else None, args.llama_bin, work, "-imatrix" if with_imatrix else "")
-        adapter = work / f"{base.stem}.lora-{size.lower() if sized else 'r' + size}.gguf"
+        adapter = work / f"{base.stem}.lora-{size.lower() if sized else 'r' + size}{'-anchored' if anchored else ''}.gguf"
         report = adapter.with_suffix(".json")
         if not adapter.is_file():
             start = time.perf_counter()
             run(streamrom("correct", dense, base, adapter, *(["--adapter-size", size[:-3]] if sized else ["--rank", size]),
-                          "--overwrite", "--report", report))
+                          *(["--anchor"] if anchored else []), "--overwrite", "--report", report))
             results.setdefault("correct_seconds", {})[name] = round(time.perf_counter() - start, 1)
         made = json.loads(report.read_text())
         row = {"label": "dense + correction", "method": None, "type": label, "file": base.name,
                "adapter": adapter.name, **({"adapter_mib": float(size[:-3])} if sized else {"rank": int(size)}),
+               **({"anchor": True} if anchored else {}),
                "base_bytes": base.stat().st_size,
                "adapter_bytes": adapter.stat().st_size, "bytes": base.stat().st_size + adapter.stat().st_size,
                "error_removed": made["error_removed"]}
