@@ -33,8 +33,8 @@ from .execute import WORK_FOLDER, damaged_shards, fault_point, write_model
 from .memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak
 from .methods import Method
 from .modeling import BLOCK_LINEARS, ModelSpec, block_class, block_prefix
-from .planning import (TrialScorer, active_units, join_study, keep_orders, model_plan, plan_ranks, rank_plan,
-                       search_space)
+from .planning import (PROGRESS_ORDERS, STUDY_ORDERS, TrialScorer, active_units, join_study, model_plan, plan_ranks,
+                       rank_plan, recorded_orders, search_space)
 from .progress import (LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments_fingerprint, changed_source_file,
                        source_files, source_fingerprint)
 from .report import Report, StageTimer, memory_summary
@@ -187,7 +187,7 @@ def tune_worker(storage: str, study_name: str, source: str | Path | None = None,
         shared = join_study(prepared, create=False, name=study_name)
         with tempfile.TemporaryDirectory(prefix="streamrom-worker-", dir=work_dir) as work:
             scorer = TrialScorer(prepared, Path(work), record["base"], monitor,
-                                 keep_orders(prepared, record.get("orders", {})))
+                                 recorded_orders(prepared, record.get("orders", {}), STUDY_ORDERS))
             shared.run(search_space(prepared, record["base"]), scorer)
         return shared.result(), len(scorer.seconds)
 
@@ -266,7 +266,8 @@ def _plan_and_execute(prepared: Prepared, output: Path, progress: Progress, time
     try:
         plan_ranks(prepared, output, progress, timer, monitor)
         write_model(prepared.reader, output, tokens, progress.plan, prepared.layers, config, progress, timer,
-                    monitor, prepared.target_from, damaged, keep_orders(prepared, progress.orders))
+                    monitor, prepared.target_from, damaged,
+                    recorded_orders(prepared, progress.orders, PROGRESS_ORDERS))
     except OSError as exc:
         raise write_failure(exc, output, "; free some and rerun the same command to resume") from None
 

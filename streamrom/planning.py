@@ -23,7 +23,7 @@ from .architectures import UNIT_BY_NAME, UNIT_NAMES, UNITS, StructuredUnit
 from .modeling import BLOCK_LINEARS, ModelSpec, block_prefix
 from .progress import Progress, arguments_fingerprint, source_fingerprint
 from .report import StageTimer
-from .spectra import collect_spectra, keep_orders as keep_orders_of_pass_one
+from .spectra import collect_spectra, split_keep_orders
 
 if TYPE_CHECKING:
     from .pipeline import Prepared
@@ -190,7 +190,8 @@ def plan_ranks(prepared: "Prepared", output: Path, progress: Progress, timer: St
     if config.allocate == "bayes":
         log.info("bayes: %d trials, each a compression scored on held-out calibration text", config.bayes.trials)
         space = search_space(prepared, plan)
-        scorer = TrialScorer(prepared, output / WORK_FOLDER, plan, monitor, keep_orders(prepared, progress.orders))
+        scorer = TrialScorer(prepared, output / WORK_FOLDER, plan, monitor,
+                             recorded_orders(prepared, progress.orders, PROGRESS_ORDERS))
         if shared is None:
             result = bayes.search(space.slots, space.budget, space.base, lambda ranks: scorer(ranks)[0],
                                   config.bayes, space.num_layers)
@@ -234,7 +235,7 @@ def _first_plan(prepared: "Prepared", output: Path,
                               config.chunk_tokens, config.centered, PRECISIONS[config.precision], timer,
                               saved=config.spectra_file, fingerprint=arguments_fingerprint(pass_one, priced_on),
                               units=units, neuron_selection=config.neuron_selection)
-    spectra, orders = keep_orders_of_pass_one(spectra)
+    spectra, orders = split_keep_orders(spectra)
     plan = model_plan(spec, config, layers, prepared.total_params, prepared.dtype_bytes, spectra)
     if config.neuron_selection != "pass1":
         return plan, {}
@@ -264,11 +265,15 @@ def checked_orders(spec: ModelSpec, orders: dict, where: str, error=UsageError) 
     return checked
 
 
-def keep_orders(prepared: "Prepared", recorded: dict) -> dict[str, np.ndarray]:
-    """A run's recorded keep orders (progress file, study record), checked; none unless pass1."""
+PROGRESS_ORDERS = "the progress file's keep orders (pass --overwrite to start over)"
+STUDY_ORDERS = "the study's keep orders"
+
+
+def recorded_orders(prepared: "Prepared", recorded: dict, where: str) -> dict[str, np.ndarray]:
+    """A run's recorded keep orders (`where`: PROGRESS_ORDERS or STUDY_ORDERS), checked; none unless pass1."""
     if prepared.config.neuron_selection != "pass1":
         return {}
-    return checked_orders(prepared.spec, recorded, "the recorded keep orders", OutputError)
+    return checked_orders(prepared.spec, recorded, where, OutputError)
 
 
 def search_space(prepared: "Prepared", base: dict[str, int | None]) -> "SearchSpace":
@@ -336,6 +341,7 @@ def study_record(prepared: "Prepared", base: dict[str, int | None], orders: dict
     """What a worker elsewhere needs to run this study's trials (study.py)."""
     from .config import config_to_json
 
-    return {"orders": orders, "format": 1, "config": config_to_json(prepared.config), "source": str(prepared.reader.folder.absolute()),
+    return {"orders": orders, "format": 1, "config": config_to_json(prepared.config),
+            "source": str(prepared.reader.folder.absolute()),
             "source_fingerprint": source_fingerprint(prepared.reader),
             "arguments": arguments_fingerprint(prepared.fingerprint, prepared.tokens), "base": base}

@@ -51,7 +51,7 @@ FINGERPRINT_KEY = "__made_for__"
 ORDER_PREFIX = "keep-order."
 
 
-def keep_orders(found: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def split_keep_orders(found: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """A first pass's costs and its keep orders (by unit key), apart."""
     orders = {key[len(ORDER_PREFIX):]: values for key, values in found.items() if key.startswith(ORDER_PREFIX)}
     return {key: values for key, values in found.items() if not key.startswith(ORDER_PREFIX)}, orders

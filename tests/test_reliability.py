@@ -302,3 +302,24 @@ def test_finiteness_check_in_slices_finds_a_bad_value_anywhere(where):
         broken = values.clone()
         broken.view(-1)[where] = bad
         assert not all_finite(broken, chunk=10)
+
+
+def test_a_damaged_keep_order_in_the_progress_file_is_refused_on_resume(deep_tiny, tiny_tokens, tmp_path):
+    """--neuron-selection pass1 records pass 1's orders in the progress file; a run killed after its plan
+    whose recorded order is then damaged is refused on resume in one line naming --overwrite, before
+    any block is written again; --overwrite starts over and finishes."""
+    output = tmp_path / "out"
+    command = cli_command(deep_tiny, output, tiny_tokens, "--method", "mixed", "--allocate", "spectrum",
+                          "--target-params", "0.8", "--neuron-selection", "pass1")
+    killed = run(command, fault="during-block-1")
+    assert killed.returncode == -signal.SIGKILL
+    progress = json.loads((output / PROGRESS_FILE).read_text())
+    key = next(iter(progress["orders"]))
+    progress["orders"][key] = progress["orders"][key][:-1]
+    (output / PROGRESS_FILE).write_text(json.dumps(progress))
+    shards = sorted(p.name for p in output.glob("model-*.safetensors"))
+    refused = run(command)
+    assert refused.returncode == EXIT_OUTPUT and "--overwrite" in refused.stderr and key in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert sorted(p.name for p in output.glob("model-*.safetensors")) == shards
+    assert run([*command, "--overwrite"]).returncode == 0
