@@ -65,7 +65,7 @@ def dense_pair(config: CompressConfig, folder: Path, sequences: int, seqlen: int
                 compressed_inputs: str | None) -> ActivationPair | None:
     """The dense stream's pair of activation files (anchored fits only); a resumed run reopens the one
     that pairs with the compressed stream's inputs (both swap after every block)."""
-    if not config.anchor or not config.compression_method.uses_calibration:
+    if not config.anchored:
         return None
     inputs = None if compressed_inputs is None else DENSE_FILE_NAMES[FILE_NAMES.index(compressed_inputs)]
     return ActivationPair(folder, sequences, seqlen, hidden, inputs_name=inputs, names=DENSE_FILE_NAMES)

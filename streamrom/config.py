@@ -136,6 +136,12 @@ class CompressConfig:
         return self.compression_method.centered
 
     @property
+    def anchored(self) -> bool:
+        """Anchored fits: a dense stream beside the compressed one (__post_init__ refuses --anchor for
+        methods without calibration, so this is all it takes)."""
+        return self.anchor > 0
+
+    @property
     def has_target(self) -> bool:
         return self.target_params is not None or self.target_size_gb is not None
 

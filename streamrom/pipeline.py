@@ -113,7 +113,7 @@ def prepare(source: Path, config: CompressConfig, timer: StageTimer, runtime_byt
                                             and not (config.spectra_file and Path(config.spectra_file).is_file()),
                                             unit_width=max((unit.read_width(spec) for unit in active_units(spec, config)),
                                                            default=0),
-                                            anchored=config.anchor > 0 and config.compression_method.uses_calibration)
+                                            anchored=config.anchored)
     projected = projected_time(spec, config, layers, tokens.shape, reader.size_on_disk())
     log.info("projected: about %s on this machine (%s); memory peak about %.2f GiB",
              _duration(projected["seconds"]["total"]),
@@ -249,7 +249,7 @@ def _plan_and_execute(prepared: Prepared, output: Path, progress: Progress, time
         activation_bytes += 2 * tokens.size * spec.hidden_size * 4
     if damaged:  # redone from fresh activations beside the resumed run's
         activation_bytes += 2 * tokens.size * spec.hidden_size * 4
-    if _anchored(config):
+    if config.anchored:
         # the dense stream: one block's anchored values, its two activation files (a resumed run has
         # them; lost shards need a second pair)
         pair = 2 * tokens.size * spec.hidden_size * 4
@@ -270,10 +270,6 @@ def _plan_and_execute(prepared: Prepared, output: Path, progress: Progress, time
                     recorded_orders(prepared, progress.orders, PROGRESS_ORDERS))
     except OSError as exc:
         raise write_failure(exc, output, "; free some and rerun the same command to resume") from None
-
-
-def _anchored(config: CompressConfig) -> bool:
-    return bool(config.anchor) and config.compression_method.uses_calibration
 
 
 def _dense_stream_bytes(spec: ModelSpec, tokens: np.ndarray) -> int:
@@ -361,7 +357,7 @@ def _write_report(prepared: Prepared, output: Path, progress: Progress, timer: S
         memory={**memory_summary(monitor), "source_bytes_on_disk": reader.size_on_disk(),
                 "estimate": memory_parts, "estimated_peak_bytes": estimated_peak(memory_parts)},
     )
-    if _anchored(config):
+    if config.anchored:
         report.disk["dense_stream_bytes"] = _dense_stream_bytes(spec, prepared.tokens)
     if progress.trials:
         settings["bayes"]["scores"] = progress.trials
