@@ -382,7 +382,8 @@ def page(all_results: list[dict]) -> str:
              "*dense + correction* (`TYPE+rR`, `TYPE+SMiB`): the dense model's TYPE file with a rank-R correction "
              "(or one of S MiB, its ranks spread by the loss each saves: `--adapter-size`) of its quantization error (`streamrom correct`, fitted on the packaged calibration set through the "
              "quantized-and-corrected stream) applied by llama.cpp as a LoRA adapter (`--lora`); its bytes are the "
-             "base's plus the adapter's (f16). llama-bench takes no adapter, so these rows have no speed yet.", "",
+             "base's plus the adapter's (f16); *-anchored*: fitted toward the dense model's outputs (`correct --anchor`, "
+             "the dense model streamed beside). llama-bench takes no adapter, so these rows have no speed yet.", "",
              "Both source models were themselves dequantised from 4-bit GGUF files (SmolLM2 from Q4_1, Gemma 3 from "
              "Q4_K_M): re-quantising them at 4 bits or more is nearly free, so the telling comparison is below 4 bits "
              "and at equal bytes. K-quants need rows of a multiple of 256 values; SmolLM2's 576 (and Gemma 3's 640) "
