@@ -183,15 +183,14 @@ def plan_ranks(prepared: "Prepared", output: Path, progress: Progress, timer: St
     if record is not None:  # another process made pass 1's plan already
         log.info("bayes: joining study %s, which has its base plan", shared.name)
         plan = record["base"]
-        progress.orders = record.get("orders", {})
+        orders = recorded_orders(prepared, record.get("orders", {}), STUDY_ORDERS)
     else:
         plan, orders = _first_plan(prepared, output, timer)
-        progress.orders = {key: order.tolist() for key, order in orders.items()}
+    progress.orders = {key: order.tolist() for key, order in orders.items()}
     if config.allocate == "bayes":
         log.info("bayes: %d trials, each a compression scored on held-out calibration text", config.bayes.trials)
         space = search_space(prepared, plan)
-        scorer = TrialScorer(prepared, output / WORK_FOLDER, plan, monitor,
-                             recorded_orders(prepared, progress.orders, PROGRESS_ORDERS))
+        scorer = TrialScorer(prepared, output / WORK_FOLDER, plan, monitor, orders)
         if shared is None:
             result = bayes.search(space.slots, space.budget, space.base, lambda ranks: scorer(ranks)[0],
                                   config.bayes, space.num_layers)
@@ -213,7 +212,7 @@ def plan_ranks(prepared: "Prepared", output: Path, progress: Progress, timer: St
 def _first_plan(prepared: "Prepared", output: Path,
                 timer: StageTimer) -> tuple[dict[str, int | None], dict[str, np.ndarray]]:
     """The plan of the allocation itself: from the shapes, or from pass 1's prices (spectrum, bayes);
-    with --neuron-selection pass1, also the keep order of each MLP the plan narrows."""
+    with --neuron-selection pass1, also the keep order of every MLP pass 1 priced."""
     reader, config, spec, layers = prepared.reader, prepared.config, prepared.spec, prepared.layers
     if config.allocate not in FIRST_PASS_ALLOCATIONS:
         return prepared.sizing_plan, {}
@@ -250,13 +249,12 @@ def _first_plan(prepared: "Prepared", output: Path,
 def checked_orders(spec: ModelSpec, orders: dict, where: str, error=UsageError) -> dict[str, np.ndarray]:
     """Keep orders ("model.layers.<i>.mlp.neurons": every neuron of that block's MLP, most important
     first), each checked to be an ordering of exactly its block's neurons before any is used."""
+    blocks = {f"{block_prefix(index)}mlp.neurons": index for index in range(spec.num_layers)}
     checked = {}
     for key, order in orders.items():
-        parts = key.split(".")
-        if len(parts) != 5 or parts[:2] != ["model", "layers"] or ".".join(parts[3:]) != "mlp.neurons" or \
-                not parts[2].isdigit() or int(parts[2]) >= spec.num_layers:
+        if key not in blocks:
             raise error(f"{where}: {key!r} is no MLP of this model")
-        width = spec.linear_shape("mlp.down_proj", int(parts[2]))[1]
+        width = spec.linear_shape("mlp.down_proj", blocks[key])[1]
         order = np.asarray(order)
         if order.shape != (width,) or order.dtype.kind not in "iu" or \
                 not np.array_equal(np.sort(order), np.arange(width)):
