@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--only", choices=["kill", "fuzz"])
-    parser.add_argument("--commands", nargs="*", default=[], help="kill only these commands (test_kill_sweep.NAMES)")
+    parser.add_argument("--commands", nargs="*", default=[], help="kill only these commands (test_kill_sweep.NAMES, and tune-worker)")
     parser.add_argument("--moments", type=int, default=8, help="moments between log lines per command")
     args = parser.parse_args(argv)
     results = json.loads(RESULT.read_text()) if RESULT.is_file() else {}

@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="wait this long for the study to appear (workers started before the compress command); "
                            "default 0: a study not there is an error at once")
     work.add_argument("--work-dir", type=Path, help="folder for the trials' compressed models, one at a time "
-                                                    "(default: the system's temporary folder)")
+                                                    "(default: the system's temporary folder); a killed worker's folder is removed by "
+                                                    "the next worker started on this machine")
 
     cor = sub.add_parser("correct", help="a low-rank correction of a llama.cpp-quantized model's error, as a "
                                          "llama.cpp LoRA adapter (convert extra)",

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import socket
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .errors import BusyError, OutputError
 
@@ -53,3 +58,45 @@ class OutputLock:
                 pass
             self._handle.close()
             self._handle = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_dead_holders(parent: Path, prefix: str) -> None:
+    """Removes the folders `private_folder` made under `parent` whose process died without removing them
+    (SIGKILL, the OOM killer): its name says this host and a pid that is gone, and its lock is free (a live
+    holder in another pid namespace of this host still holds the lock)."""
+    host = socket.gethostname()
+    for folder in parent.glob(f"{prefix}*"):
+        parts = folder.name[len(prefix):].split(".")
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or _alive(int(parts[1])):
+            continue
+        try:
+            with OutputLock(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+        except (BusyError, OutputError):
+            continue
+
+
+@contextmanager
+def private_folder(parent: Path | str | None, prefix: str) -> Iterator[Path]:
+    """A new folder under `parent` (default: the system's temporary folder) for one process's scratch
+    files, held by a lock while the process lives and removed when it leaves. Those a killed process of
+    this host left behind are removed first, so that a crash leaves no lost files past the next run."""
+    parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_holders(parent, prefix)
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{socket.gethostname()}.{os.getpid()}.", dir=parent))
+    try:
+        with OutputLock(folder):
+            yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from .activations import BlockCache
 from .calibration import calibration_tokens, held_out_windows
 from .checkpoint import CheckpointReader, check_output_path, clear_folder
 from .layout import check_free_disk, check_report_path
+from .locking import private_folder
 from .config import FIRST_PASS_ALLOCATIONS, PRECISIONS, CompressConfig, parse_layers  # noqa: F401 (the API)
 from .errors import InputError, OutputError, ResourceError, write_failure
 from .evaluation import evaluate
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "streamrom-report.json"
+WORKER_FOLDER_PREFIX = "streamrom-worker-"  # a tune-worker's trial models, under --work-dir
 
 
 @dataclass
@@ -180,13 +181,11 @@ def tune_worker(storage: str, study_name: str, source: str | Path | None = None,
     source = Path(source) if source is not None else Path(record["source"])
     if not source.is_dir():
         raise InputError(f"the study's source checkpoint {source} is not on this machine: give its path with --source")
-    if work_dir is not None:
-        Path(work_dir).mkdir(parents=True, exist_ok=True)
     with RSSMonitor() as monitor:
         prepared = prepare(source, config, timer, runtime_bytes)
         shared = join_study(prepared, create=False, name=study_name)
-        with tempfile.TemporaryDirectory(prefix="streamrom-worker-", dir=work_dir) as work:
-            scorer = TrialScorer(prepared, Path(work), record["base"], monitor,
+        with private_folder(work_dir, WORKER_FOLDER_PREFIX) as work:
+            scorer = TrialScorer(prepared, work, record["base"], monitor,
                                  recorded_orders(prepared, record.get("orders", {}), STUDY_ORDERS))
             shared.run(search_space(prepared, record["base"]), scorer)
         return shared.result(), len(scorer.seconds)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from streamrom.errors import EXIT_BUSY, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_RESOURCES, EXIT_USAGE
-from streamrom.locking import LOCK_FILE, OutputLock
+from streamrom.locking import LOCK_FILE, OutputLock, private_folder
 from streamrom.progress import PROGRESS_FILE
 
 from conftest import folder_digest, make_tiny
@@ -475,3 +475,32 @@ def test_eval_from_a_read_only_folder_refuses_before_the_work(tiny_models, tmp_p
     # refused for the report before the (missing) text is even looked at
     assert result.returncode == EXIT_OUTPUT and "cannot be written" in result.stderr, result.stderr
     assert time.monotonic() - started < 60
+
+
+def test_private_folder_removes_only_dead_holders_folders(tmp_path):
+    """A tune-worker's scratch folder: those of processes of this host that died are removed by the next
+    one; a live process's (its lock held), another host's and a stranger's are left alone."""
+    import socket
+
+    host, prefix = socket.gethostname(), "streamrom-worker-"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f"{prefix}{host}.{dead.pid}.abc"
+    (left / "trial").mkdir(parents=True)
+    elsewhere = tmp_path / f"{prefix}otherhost.{dead.pid}.abc"
+    stranger = tmp_path / f"{prefix}notes"
+    for folder in (elsewhere, stranger):
+        folder.mkdir()
+    with private_folder(tmp_path, prefix) as live:
+        assert live.is_dir() and live.name.startswith(f"{prefix}{host}.{os.getpid()}.")
+        assert not left.exists() and elsewhere.is_dir() and stranger.is_dir()
+        # a holder alive in another pid namespace: its pid looks dead here, its lock says otherwise
+        alien = tmp_path / f"{prefix}{host}.{dead.pid}.xyz"
+        with OutputLock(alien):
+            with private_folder(tmp_path, prefix) as second:
+                assert live.is_dir() and alien.is_dir() and second != live
+        assert live.is_dir()
+    assert not live.exists() and alien.is_dir()
+    with private_folder(tmp_path, prefix):  # the alien's holder has gone now
+        assert not alien.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([elsewhere.name, stranger.name])

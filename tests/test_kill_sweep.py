@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import pytest
 from streamrom.export_gguf import export_gguf
 
 from conftest import make_tiny
-from kill_harness import Command, kill_and_rerun, reference
+from kill_harness import Command, digest, kill_and_rerun, leftovers, reference, run_and_kill, run_to_end
 from test_convert import write_tiny_gguf
 
 FULL = os.environ.get("STREAMROM_KILL_SWEEP") == "full"
@@ -132,4 +133,89 @@ def test_killed_anywhere_then_rerun_is_identical(world, name):
         table = json.loads(Path(TABLE).read_text()) if Path(TABLE).is_file() else {}
         table[name] = {"log lines": expected.lines, "uninterrupted seconds": round(expected.seconds, 2),
                        "points": [[kind, value, result] for (kind, value), result in results]}
+        Path(TABLE).write_text(json.dumps(table, indent=1) + "\n")
+
+
+def worker_scene(world) -> tuple[Command, Command, Path]:
+    """A shared search (compress --study, three trials: the startup points, so every trial's plan is fixed
+    whichever process runs it) that one tune-worker joins: the worker is what gets killed."""
+    root, study = world["root"], world["root"] / "worker-study.db"
+    output, work = root / "out-worker", root / "worker-work"
+    storage = f"sqlite:///{study}"
+    compress = Command("compress for tune-worker", [
+        "compress", str(world["source"]), str(output), "--calib-tokens", str(world["tokens"]), "--calib-sequences", "8",
+        "--calib-seqlen", "64", "--chunk-tokens", "128", "--method", "rom", "--allocate", "bayes", "--trials", "3",
+        "--target-params", "0.8", "--study", storage, "--study-name", "worker", "--heartbeat", "2"],
+        world["source"], [output])
+    worker = Command("tune-worker", ["tune-worker", storage, "--study-name", "worker", "--wait", "60",
+                                     "--work-dir", str(work)], world["source"], [output])
+    return compress, worker, study
+
+
+def test_killed_worker_then_rerun_is_identical(world):
+    """tune-worker killed at a point of its own (a log line or a moment), then started again: the search
+    finishes, the compress command beside it writes the model an uninterrupted search writes (its trials'
+    plans do not depend on who ran them), and the killed worker's trial models are gone."""
+    name = "tune-worker"
+    if ONLY and name not in ONLY:
+        pytest.skip("not among STREAMROM_KILL_COMMANDS")
+    compress, worker, study = worker_scene(world)
+    work = Path(worker.args[worker.args.index("--work-dir") + 1])
+    env = {k: v for k, v in os.environ.items() if k != "STREAMROM_FAULT"}
+
+    def clear() -> None:
+        shutil.rmtree(compress.outputs[0], ignore_errors=True)
+        study.unlink(missing_ok=True)
+
+    def together(line: int | None = None, seconds: float | None = None) -> tuple[subprocess.CompletedProcess, int, int]:
+        """The compress command with the worker beside it; the worker killed at the point, if one is given,
+        then run again to the end. Returns the compress run, the worker's exit status (the rerun's after a
+        kill) and the worker's log lines."""
+        clear()
+        leader = subprocess.Popen(compress.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            if line is None and seconds is None:
+                ran = run_to_end(worker)
+                status, lines = ran.returncode, len(ran.stderr.splitlines())
+            else:
+                run_and_kill(worker, line=line, seconds=seconds)
+                again = run_to_end(worker)
+                status, lines = again.returncode, len(again.stderr.splitlines())
+            _, err = leader.communicate(timeout=600)
+        finally:
+            if leader.poll() is None:
+                leader.kill()
+                leader.wait()
+        return subprocess.CompletedProcess(leader.args, leader.returncode, "", err), status, lines
+
+    clear()
+    alone = run_to_end(compress)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    expected = digest(compress.outputs[0])
+    if FULL:
+        start = time.monotonic()
+        leader, status, lines = together()
+        seconds = time.monotonic() - start
+        assert leader.returncode == 0 and status == 0, leader.stderr[-2000:]
+        assert digest(compress.outputs[0]) == expected  # a worker beside it changes nothing either
+        points = [("line", n) for n in range(lines + 1)] + [
+            ("seconds", round(seconds * k / (MOMENTS + 1), 2)) for k in range(1, MOMENTS + 1)]
+    else:  # the default run: the worker's fifth line (its first trial's first block written)
+        points = [("line", 5)]
+    results = []
+    for kind, value in points:
+        source_before = digest(world["source"])
+        leader, status, _ = together(**{kind: value})
+        assert leader.returncode == 0, f"compress beside a killed worker: {leader.stderr[-1500:]}"
+        assert status == 0, f"tune-worker rerun after a kill at {kind} {value}: exit {status}"
+        found = digest(compress.outputs[0])
+        assert found == expected, f"kill at {kind} {value}: {sorted(set(found.items()) ^ set(expected.items()))[:4]}"
+        assert leftovers(compress) == [], leftovers(compress)
+        assert [p.name for p in work.iterdir()] == [], f"kill at {kind} {value}: left in --work-dir: {list(work.iterdir())}"
+        assert digest(world["source"]) == source_before
+        results.append((kind, value, "identical"))
+    if TABLE:
+        table = json.loads(Path(TABLE).read_text()) if Path(TABLE).is_file() else {}
+        table[name] = {"log lines": lines, "uninterrupted seconds": round(seconds, 2),
+                       "points": [list(point) for point in results]}
         Path(TABLE).write_text(json.dumps(table, indent=1) + "\n")
