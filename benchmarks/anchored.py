@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 from benchmarks.quality import quality_row
 from benchmarks.real_model import EVAL_TEXT, dense_model, run, streamrom_cli
 
-from streamrom.report import machine
+from streamrom.report.report import machine
 
 
 def main() -> None:

@@ -35,10 +35,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 import streamrom
-from streamrom.calibration import (CalibrationConfig, calibration_tokens, evaluation_windows,
+from streamrom.stream.calibration import (CalibrationConfig, calibration_tokens, evaluation_windows,
                                    held_out_windows, load_tokenizer, tokenize_files)
-from streamrom.decompose import least_squares
-from streamrom.report import machine
+from streamrom.linalg.decompose import least_squares
+from streamrom.report.report import machine
 
 EMMA = REPO / "streamrom" / "data" / "general" / "austen-emma.txt"
 PRIDE = REPO / "data" / "austen" / "prideprejudice.txt"

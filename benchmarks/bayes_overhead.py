@@ -27,8 +27,8 @@ def main() -> None:
     import torch
 
     from streamrom import CalibrationConfig, CompressConfig, compress
-    from streamrom.bayes import BayesConfig
-    from streamrom.report import machine
+    from streamrom.linalg.bayes import BayesConfig
+    from streamrom.report.report import machine
 
     torch.set_num_threads(1)
     config = CompressConfig(method="rom", allocate="bayes", target_params=0.8,

@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=16, help="calibration sequences of 512 tokens")
     parser.add_argument("--max-windows", type=int, default=40, help="evaluation windows of 512 tokens")
     args = parser.parse_args()
-    from streamrom.report import machine
+    from streamrom.report.report import machine
 
     cli = streamrom_cli(1)
     dense = dense_model(args.work, cli)

@@ -38,8 +38,8 @@ from benchmarks.quality import quality_row
 from benchmarks.real_model import EMMA, EVAL_TEXT, dense_model, run, streamrom_cli
 
 import streamrom
-from streamrom.calibration import evaluation_windows, load_tokenizer, tokenize_files
-from streamrom.report import machine
+from streamrom.stream.calibration import evaluation_windows, load_tokenizer, tokenize_files
+from streamrom.report.report import machine
 
 
 @torch.no_grad()

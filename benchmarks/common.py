@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 def header(benchmark: str, argv: list[str] | None = None) -> dict:
     """The shared header: `argv` (default: this process's arguments) as the full command, the commit
     (with -dirty when tracked files differ from it), the date and the machine."""
-    from streamrom.report import machine
+    from streamrom.report.report import machine
 
     command = [sys.executable, "-m", f"benchmarks.{benchmark}", *(sys.argv[1:] if argv is None else argv)]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()

@@ -74,7 +74,7 @@ print(json.dumps(rows))
 
 
 def main() -> None:
-    from streamrom.report import machine
+    from streamrom.report.report import machine
 
     results = []
     for size in (4096, 5120):

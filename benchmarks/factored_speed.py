@@ -45,7 +45,7 @@ def median_seconds(call, budget: float = 0.25, least: int = 3) -> float:
 
 
 def main() -> None:
-    from streamrom.report import machine
+    from streamrom.report.report import machine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],

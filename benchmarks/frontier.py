@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import header
-from streamrom.architectures import ModelSpec
-from streamrom.families import FAMILIES
+from streamrom.model.architectures import ModelSpec
+from streamrom.model.families import FAMILIES
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         matrix = importance_matrix(source, args.llama_bin, work, args.imatrix_chunks)
         matrices = [matrix]
         if variant[1] is not None:  # the compressed model's own (streamrom-importance.safetensors)
-            from streamrom.export_gguf import write_llama_imatrix
+            from streamrom.gguf.exporter import write_llama_imatrix
 
             own = source.with_suffix(".own-imatrix.gguf")
             if own.is_file() or write_llama_imatrix(work / source.name.removesuffix("-F16.gguf"), own, densify=True):

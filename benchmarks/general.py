@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 from benchmarks.real_model import EMMA, dense_model, run, streamrom_cli
 
-from streamrom.calibration import default_calibration_texts
-from streamrom.report import machine
+from streamrom.stream.calibration import default_calibration_texts
+from streamrom.report.report import machine
 
 SOURCES = json.loads((REPO / "streamrom" / "data" / "general" / "SOURCES.json").read_text(encoding="utf-8"))
 # genre -> (its calibration part, its held-out evaluation text)

@@ -114,8 +114,8 @@ def main() -> None:
     except ImportError:
         raise SystemExit("llama-cpp-python is not installed: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install "
                          "llama-cpp-python (compiles llama.cpp, about 5 minutes on 2 cores)")
-    from streamrom.calibration import evaluation_windows, load_tokenizer, tokenize_files
-    from streamrom.report import machine
+    from streamrom.stream.calibration import evaluation_windows, load_tokenizer, tokenize_files
+    from streamrom.report.report import machine
 
     cli = streamrom_cli(THREADS)
     if args.model == "gemma3":

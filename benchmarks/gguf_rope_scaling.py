@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 from benchmarks.real_model import dense_model, streamrom_cli
 
 import streamrom
-from streamrom.report import machine
+from streamrom.report.report import machine
 
 SCALINGS = {
     "none": None,

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 from benchmarks.real_model import streamrom_cli
 
-from streamrom.report import machine
+from streamrom.report.report import machine
 
 RESULTS = REPO / "benchmarks" / "results" / "gguf_sentencepiece.json"
 MIXED = "Ünïcödé café 日本語のテキスト 🙂🚀 1234567 x\t\ty  z\n\n\n  indented line\n"

@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 from benchmarks.memory_profile import profile
 
-from streamrom.convert import GGUFModel, find_gguf
-from streamrom.report import machine
+from streamrom.gguf.importer import GGUFModel, find_gguf
+from streamrom.report.report import machine
 
 # The way without streaming: transformers dequantises the whole GGUF into a model, which is then saved.
 TRANSFORMERS_WAY = """

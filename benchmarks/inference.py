@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-from streamrom.report import machine
+from streamrom.report.report import machine
 
 CHILD = r"""
 import json, resource, sys, time, threading

@@ -93,8 +93,8 @@ def compressed_depth2(work: Path) -> Path:
 
 def repeat_blocks(folder: Path, depth: int, out: Path) -> Path:
     """`folder`'s blocks repeated (block k = block k mod n) to `depth` blocks, one shard per block."""
-    from streamrom.checkpoint import CheckpointReader, CheckpointWriter
-    from streamrom.architectures import block_prefix
+    from streamrom.storage.checkpoint import CheckpointReader, CheckpointWriter
+    from streamrom.model.architectures import block_prefix
 
     reader = CheckpointReader(folder)
     config = reader.config  # edited into the repeated checkpoint's
@@ -134,8 +134,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--keep", action="store_true", help="keep the repeated checkpoint (default: remove it)")
     args = parser.parse_args()
-    from streamrom.checkpoint import CheckpointReader
-    from streamrom.report import machine
+    from streamrom.storage.checkpoint import CheckpointReader
+    from streamrom.report.report import machine
 
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -13,7 +13,7 @@ With `--whole-model DEPTH`, the same checkpoint is also compressed the whole-mod
 outputs are compared tensor by tensor.
 
 With `--allocate spectrum`, the run starts with the spectrum allocation's pass 1 (a streamed forward
-and backward of the dense model, spectra.py), whose peak the estimate covers too.
+and backward of the dense model, compression/spectra.py), whose peak the estimate covers too.
 
     python -m benchmarks.memory_profile 7b --depths 2 4 8 --whole-model 8
     python -m benchmarks.memory_profile 7b --depths 2 --allocate spectrum --sequences 8
@@ -40,9 +40,9 @@ from benchmarks.flop_count import block_flops, gemm_peak_gflops
 from benchmarks.synthetic import config_for, random_tokens, write_synthetic
 from benchmarks.whole_model import REPORT_FILE as WHOLE_MODEL_REPORT, compare
 
-from streamrom.memory import vm_hwm_bytes
-from streamrom.plots import rss_timeline_png
-from streamrom.report import machine
+from streamrom.report.memory import vm_hwm_bytes
+from streamrom.report.plots import rss_timeline_png
+from streamrom.report.report import machine
 
 
 def profile(command: list[str], timeline_csv: Path | None) -> tuple[float, int, int]:

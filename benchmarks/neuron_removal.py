@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import tempfile
 
-    import streamrom.structured as current
+    import streamrom.linalg.structured as current
 
     with tempfile.TemporaryDirectory() as folder:
         before = module_at(args.before, "structured", Path(folder))

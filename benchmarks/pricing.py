@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import torch
 
-    import streamrom.decompose as decompose_now
-    import streamrom.structured as structured_now
+    import streamrom.linalg.decompose as decompose_now
+    import streamrom.linalg.structured as structured_now
 
     torch.set_num_threads(2)
     rows = []

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 from benchmarks.real_model import EMMA, EVAL_TEXT, dense_model, run, streamrom_cli
 
-from streamrom.report import machine
+from streamrom.report.report import machine
 
 
 def quality_row(cli: list[str], dense: Path, work: Path, method: str, allocate: str,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-from streamrom.report import machine
+from streamrom.report.report import machine
 
 EVAL_TEXT = REPO / "data" / "austen" / "prideprejudice.txt"
 # The grids' calibration text: Emma alone (the default before the general set), so that every grid

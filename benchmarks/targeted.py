@@ -1,7 +1,7 @@
 """Task-targeted compression on a real code target: the Python standard library's own sources.
 
 The running interpreter's stdlib `.py` files are split by top-level module name
-(streamrom.calibration.held_out, 20 % held out; the `test` package left out) into a calibration part
+(streamrom.stream.calibration.held_out, 20 % held out; the `test` package left out) into a calibration part
 and an evaluation part; both lists go into the results. On the real model at whole-model reductions
 of 20 % and 40 % (uniform allocation, so only the calibration differs), each of these is compressed
 and evaluated on held-out code and on held-out prose (Pride and Prejudice):
@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 from benchmarks.real_model import EMMA, EVAL_TEXT, dense_model, run, streamrom_cli
 
-from streamrom.calibration import held_out
-from streamrom.report import machine
+from streamrom.stream.calibration import held_out
+from streamrom.report.report import machine
 
 CALIBRATION_BYTES = 4_000_000  # plenty for 32 x 512 tokens drawn at random offsets
 EVALUATION_BYTES = 1_000_000  # about 250k tokens, far more than 40 windows of 512 need

@@ -38,14 +38,14 @@ class MemoryBuffer:
 def compress_in_memory(source: Path, output: Path, token_file: Path, sequences: int, seqlen: int,
                        ratio: float) -> dict:
     """The whole model and all activations in RAM; the same per-block algorithm as streamrom."""
-    from streamrom.activations import embed_into
-    from streamrom.calibration import CalibrationConfig, calibration_tokens
-    from streamrom.checkpoint import CheckpointReader, CheckpointWriter
-    from streamrom.modeling import EMBED, FINAL_NORM, LM_HEAD, Rotary, block_class, block_prefix
-    from streamrom.config import CompressConfig, parse_layers
-    from streamrom.block_compression import compress_block
-    from streamrom.planning import rank_plan
-    from streamrom.report import StageTimer
+    from streamrom.stream.activations import embed_into
+    from streamrom.stream.calibration import CalibrationConfig, calibration_tokens
+    from streamrom.storage.checkpoint import CheckpointReader, CheckpointWriter
+    from streamrom.model.modeling import EMBED, FINAL_NORM, LM_HEAD, Rotary, block_class, block_prefix
+    from streamrom.compression.config import CompressConfig, parse_layers
+    from streamrom.compression.block_compression import compress_block
+    from streamrom.compression.planning import rank_plan
+    from streamrom.report.report import StageTimer
 
     timer = StageTimer()
     start = time.perf_counter()
@@ -85,7 +85,7 @@ def compress_in_memory(source: Path, output: Path, token_file: Path, sequences: 
 
 def compare(first: Path, second: Path) -> dict:
     """Largest absolute difference over all tensors of two checkpoints with the same names."""
-    from streamrom.checkpoint import CheckpointReader
+    from streamrom.storage.checkpoint import CheckpointReader
 
     a, b = CheckpointReader(first), CheckpointReader(second)
     names = sorted(a.weight_map)

@@ -13,8 +13,9 @@ from .errors import InputError, OutputError, StreamromError, UsageError
 __version__ = "0.1.0"
 
 _LAZY = {
-    "CalibrationConfig": "calibration", "CompressConfig": "pipeline", "compress": "pipeline",
-    "evaluate": "evaluation", "load": "loading", "Report": "report",
+    "CalibrationConfig": "stream.calibration", "CompressConfig": "compression.pipeline",
+    "compress": "compression.pipeline", "evaluate": "stream.evaluation", "load": "loading",
+    "Report": "report.report",
 }
 
 __all__ = [

@@ -38,10 +38,10 @@ import logging  # noqa: E402
 import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .architectures import UNITS  # noqa: E402
-from .families import GGUF_FAMILIES  # noqa: E402
+from .model.architectures import UNITS  # noqa: E402
+from .model.families import GGUF_FAMILIES  # noqa: E402
 from .console import configure as configure_logging  # noqa: E402
-from .layout import GGUF_TYPES, LLAMA_QUANTIZE_TYPES  # noqa: E402
+from .storage.layout import GGUF_TYPES, LLAMA_QUANTIZE_TYPES  # noqa: E402
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, OutputError, StreamromError
 
 log = logging.getLogger("streamrom")
@@ -80,7 +80,7 @@ _non_negative_int = _integer_from(0, "an integer >= 0")
 
 
 def _modules(text: str) -> tuple[str, ...]:
-    from .modeling import BLOCK_LINEARS
+    from .model.modeling import BLOCK_LINEARS
 
     short = {name.rsplit(".", 1)[1]: name for name in BLOCK_LINEARS}
     chosen = []
@@ -347,7 +347,7 @@ def _add_calibration_draw(parser: argparse.ArgumentParser) -> None:
 
 def _calibration(args: argparse.Namespace):
     """The (general) calibration the arguments of _add_calibration_draw and --calib-text name."""
-    from .calibration import CalibrationConfig
+    from .stream.calibration import CalibrationConfig
 
     return CalibrationConfig(text_files=tuple(args.calib_text), token_file=args.calib_tokens,
                              sequences=args.calib_sequences, seqlen=args.calib_seqlen, seed=args.seed)
@@ -370,7 +370,7 @@ def _method_and_size(args: argparse.Namespace) -> tuple[str, str, float | None]:
 def _neuron_selection(args: argparse.Namespace, allocate: str) -> str:
     """As given; else pass 1's order where there is a pass 1 to give it (docs/results/real-model.md:
     the same quality as a second removal, without its time), obs where not."""
-    from .config import FIRST_PASS_ALLOCATIONS
+    from .compression.config import FIRST_PASS_ALLOCATIONS
 
     if args.neuron_selection:
         return args.neuron_selection
@@ -391,9 +391,9 @@ def _ranks_from(path: Path) -> dict:
 
 def _run(args: argparse.Namespace) -> None:
     if args.command == "compress":
-        from .bayes import BayesConfig
-        from .calibration import CalibrationConfig
-        from .pipeline import CompressConfig, compress
+        from .linalg.bayes import BayesConfig
+        from .stream.calibration import CalibrationConfig
+        from .compression.pipeline import CompressConfig, compress
 
         _Interrupt.check()  # pressed while torch and scipy were importing
         calibration = _calibration(args)
@@ -423,14 +423,14 @@ def _run(args: argparse.Namespace) -> None:
               f"peak RSS {report.memory['peak_rss_bytes'] / 2**20:.0f} MiB; {report.wall_seconds:.1f} s")
         if report.perplexity is not None:
             print(f"perplexity {report.perplexity:.4f} over {report.evaluation['windows']} windows")
-        from .summary import checkpoint_summary, near_break_even_note
+        from .report.summary import checkpoint_summary, near_break_even_note
 
         slow = checkpoint_summary(args.output)["near_break_even"]  # from the headers: no weight read
         if slow:
             print(near_break_even_note(slow))
     elif args.command == "eval":
-        from .evaluation import evaluate
-        from .layout import check_report_path
+        from .stream.evaluation import evaluate
+        from .storage.layout import check_report_path
 
         _Interrupt.check()
         report_path = args.report or Path(f"{args.checkpoint.resolve().name}.eval.json")
@@ -443,12 +443,12 @@ def _run(args: argparse.Namespace) -> None:
               f"{args.seqlen} tokens{closeness}; peak RSS {report.memory['peak_rss_bytes'] / 2**20:.0f} MiB; "
               f"{report.wall_seconds:.1f} s; report {report_path}")
     elif args.command == "inspect":
-        from .summary import checkpoint_summary, format_summary
+        from .report.summary import checkpoint_summary, format_summary
 
         summary = checkpoint_summary(args.checkpoint)
         print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     elif args.command == "export-gguf":
-        from .export_gguf import export_gguf
+        from .gguf.exporter import export_gguf
 
         _Interrupt.check()
         written = export_gguf(args.checkpoint, args.output, args.tensor_type, densify=args.densify,
@@ -462,7 +462,7 @@ def _run(args: argparse.Namespace) -> None:
         print(f"exported {args.checkpoint} -> {args.output}: llama.cpp architecture {written['architecture']}, "
               f"{written['tensors']} tensors, {written['bytes'] / 2**20:.1f} MiB{extra}{padded}{weighed}")
     elif args.command == "tune-worker":
-        from .pipeline import tune_worker
+        from .compression.pipeline import tune_worker
 
         _Interrupt.check()
         result, ran = tune_worker(args.storage, args.study_name, source=args.source, work_dir=args.work_dir,
@@ -471,7 +471,7 @@ def _run(args: argparse.Namespace) -> None:
         print(f"study {args.study_name} finished: {len(result.trials)} trials, best held-out perplexity "
               f"{result.score:.4f} (trial {best['trial']}); this worker ran {ran}")
     elif args.command == "correct":
-        from .quant_correction import CorrectionConfig, correct
+        from .gguf.correction import CorrectionConfig, correct
 
         _Interrupt.check()
         if args.report is not None and args.report.is_dir():
@@ -480,7 +480,7 @@ def _run(args: argparse.Namespace) -> None:
             rank=args.rank, adapter_type=args.adapter_type, chunk_tokens=args.chunk_tokens, overwrite=args.overwrite,
             peft=args.peft, anchor=args.anchor, adapter_mib=args.adapter_mib, calibration=_calibration(args)))
         if args.report is not None:
-            from .layout import write_atomic
+            from .storage.layout import write_atomic
 
             write_atomic(args.report, (json.dumps(summary, indent=2) + "\n").encode())
         ranks = (f"rank {args.rank}" if args.adapter_mib is None else
@@ -489,7 +489,7 @@ def _run(args: argparse.Namespace) -> None:
               f"{summary['adapter_bytes'] / 2**20:.1f} MiB ({100 * summary['adapter_bytes'] / summary['base_bytes']:.1f} % "
               f"of the base), {100 * summary['error_removed']['mean']:.1f} % of the weighted error removed (mean)")
     elif args.command == "import-gguf":
-        from .convert import import_gguf
+        from .gguf.importer import import_gguf
 
         folder = import_gguf(args.source, args.output, overwrite=args.overwrite, dtype=args.dtype)
         print(f"imported {args.source} -> {folder}")

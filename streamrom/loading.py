@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointReader
-from .modeling import EMBED, FINAL_NORM, LM_HEAD, CausalLM, block_class
+from .storage.checkpoint import CheckpointReader
+from .model.modeling import EMBED, FINAL_NORM, LM_HEAD, CausalLM, block_class
 
 
 def load(checkpoint: str | Path, dtype: torch.dtype | None = None) -> CausalLM:

@@ -30,7 +30,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real model as a float32 HF folder, converted once from the GGUF and cached."""
-    from streamrom.convert import import_gguf
+    from streamrom.gguf.importer import import_gguf
 
     gguf = smollm2_gguf()
     folder = CACHE / "smollm2-135m-instruct"
@@ -70,10 +70,10 @@ TINY_COMMON = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, n
 
 
 def tiny_config(model_type: str, **overrides):
-    """The family's tiny transformers config (families/<family>.py's `tiny`, beside TINY_COMMON)."""
+    """The family's tiny transformers config (model/families/<family>.py's `tiny`, beside TINY_COMMON)."""
     import transformers
 
-    from streamrom.families import FAMILIES
+    from streamrom.model.families import FAMILIES
 
     family = FAMILIES[model_type]
     return getattr(transformers, family.transformers_config)(**{**TINY_COMMON, **family.tiny, **overrides})
@@ -85,7 +85,7 @@ def make_tiny(folder: Path, model_type: str, dtype: torch.dtype = torch.float32,
     (`overrides`: of the family's tiny config)."""
     from transformers import AutoModelForCausalLM
 
-    from streamrom.families import FAMILIES
+    from streamrom.model.families import FAMILIES
 
     family = FAMILIES[model_type]
     torch.manual_seed(seed)

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from streamrom.allocation import STEP, Slot, last_n_ranks, spectrum_ranks, total_params, uniform_ranks
+from streamrom.linalg.allocation import STEP, Slot, last_n_ranks, spectrum_ranks, total_params, uniform_ranks
 from streamrom.errors import UsageError
 
 LLAMA_LIKE = {"q": (64, 64), "k": (32, 64), "v": (32, 64), "o": (64, 64), "gate": (160, 64), "up": (160, 64),
@@ -114,7 +114,7 @@ def test_last_n_factors_the_fewest_last_blocks():
 
 
 def test_bias_and_centered_costs_are_counted():
-    from streamrom.methods import METHODS
+    from streamrom.compression.methods import METHODS
 
     centered = METHODS["rom-centered"]
     slot = Slot("q", 0, 64, 64, bias=True, extra=centered.extra_parameters(64))

@@ -10,8 +10,8 @@ import torch
 
 import streamrom
 from streamrom import CalibrationConfig, CompressConfig
-from streamrom import decompose, structured
-from streamrom.checkpoint import CheckpointReader
+from streamrom.linalg import decompose, structured
+from streamrom.storage.checkpoint import CheckpointReader
 
 from test_reliability import cli_command, model_files, run
 
@@ -104,7 +104,7 @@ def test_centered_anchored_fit_is_the_affine_optimum_and_keeps_the_parameter_cou
     count = x.shape[1]
     moments = decompose.InputMoments(x_tilde @ x_tilde.T / count, x_tilde.mean(axis=1), centered=True)
     anchor = decompose.Anchor(x @ x_tilde.T / count, x.mean(axis=1), 1.0)
-    method = streamrom.methods.METHODS["rom-centered"]
+    method = streamrom.compression.methods.METHODS["rom-centered"]
     factors = method._anchored_factors(weight, bias, rank, moments, False, anchor)
     error = float(np.linalg.norm(y - predict(factors, x_tilde)))
     centered_y = y - y.mean(axis=1, keepdims=True)
@@ -269,7 +269,7 @@ def test_anchored_unit_refit_reproduces_the_dense_residual_stream(tiny_models, t
     compressed stream's value: E[t z̃ᵀ] (E[z̃ z̃ᵀ] + δ)⁻¹, t = output_dense − residual̃ (down) or
     residual_dense − x̃ (o_proj), recomputed here from the two models; the plain refit is not that fit
     (so the check can fail)."""
-    from streamrom.calibration import calibration_tokens
+    from streamrom.stream.calibration import calibration_tokens
 
     source = tiny_models["llama"]
     linear = {"mlp.neurons": "mlp.down_proj", "self_attn.value_dims": "self_attn.o_proj"}[unit]
@@ -334,7 +334,7 @@ def test_factored_o_proj_is_anchored_to_the_dense_residual_stream(tiny_models, t
     """rom-centered o_proj, two blocks: in block 1 its anchored fit is handed E[t z̃ᵀ] and E[t] with
     t = residual_dense − x̃ (the dense sum it adds to, less the compressed block input), recomputed here
     from the two loaded models, as an output-space target."""
-    from streamrom.calibration import calibration_tokens
+    from streamrom.stream.calibration import calibration_tokens
 
     source, output = tiny_models["llama"], tmp_path / "anchored"
     handed = []

@@ -1,4 +1,4 @@
-"""The contract every model family (streamrom/families/) passes, on a tiny random-weight model of it
+"""The contract every model family (streamrom/model/families/) passes, on a tiny random-weight model of it
 built by transformers (shapes and exactness, not accuracy): a new family is tested here without a line
 of test code; its file's `tiny` config is the model.
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import streamrom
 from streamrom import CalibrationConfig, CompressConfig
-from streamrom.families import FAMILIES
+from streamrom.model.families import FAMILIES
 
 from conftest import make_tiny
 
@@ -51,8 +51,8 @@ def compressed(source: Path, output: Path, tiny_tokens: Path, **settings) -> Pat
 def test_entry_names_what_exists(kind):
     import transformers
 
-    from streamrom.hf import modeling_streamrom
-    from streamrom.modeling import BLOCKS
+    from streamrom.model.hf import modeling_streamrom
+    from streamrom.model.modeling import BLOCKS
 
     entry = FAMILIES[kind]
     assert entry.model_type == kind and hasattr(transformers, entry.transformers_class)
@@ -109,8 +109,8 @@ def test_gguf_export_and_import_keep_the_model(tmp_path, kind):
     """Every family llama.cpp reads and writes under one architecture: export-gguf (f32) then
     import-gguf gives back a model with the same logits (names, norm offsets, q/k permutation and the
     config's settings all make the trip), for the tiny model with the family's `tiny_gguf` changes."""
-    from streamrom.convert import import_gguf
-    from streamrom.export_gguf import export_gguf
+    from streamrom.gguf.importer import import_gguf
+    from streamrom.gguf.exporter import export_gguf
 
     from test_export_gguf import byte_level_tokenizer
 

@@ -243,7 +243,7 @@ def test_package_api_is_lazy_and_callable():
     import subprocess
     import sys
 
-    code = ("import sys, streamrom; assert 'torch' not in sys.modules; import streamrom.pipeline; "
+    code = ("import sys, streamrom; assert 'torch' not in sys.modules; import streamrom.compression.pipeline; "
             "assert all(callable(getattr(streamrom, n)) for n in ('compress', 'evaluate', 'load')); "
             "assert streamrom.CompressConfig().ratio == 0.8")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,8 +11,8 @@ from torch import nn
 
 import streamrom
 from streamrom import CalibrationConfig, CompressConfig
-from streamrom.calibration import calibration_tokens, evaluation_windows, load_tokenizer, tokenize_files
-from streamrom.checkpoint import CheckpointReader
+from streamrom.stream.calibration import calibration_tokens, evaluation_windows, load_tokenizer, tokenize_files
+from streamrom.storage.checkpoint import CheckpointReader
 
 from conftest import CALIBRATION_TEXT, EVAL_TEXT, folder_digest, make_tiny, read_json
 

@@ -28,7 +28,7 @@ def test_eta_from_the_steps_done_in_this_process():
 
 
 def record(message, progress=None):
-    entry = logging.LogRecord("streamrom.pipeline", logging.INFO, __file__, 1, message, (), None)
+    entry = logging.LogRecord("streamrom.compression.pipeline", logging.INFO, __file__, 1, message, (), None)
     if progress:
         entry.progress = progress
     return entry
@@ -66,7 +66,7 @@ def test_log_file_gets_every_line_even_when_quiet(tiny_models, tiny_tokens, tmp_
     assert code == 0
     assert capsys.readouterr().err == ""
     text = log_file.read_text()
-    assert "INFO streamrom.execute: block 1/" in text and "(compress 1/" in text
+    assert "INFO streamrom.compression.execute: block 1/" in text and "(compress 1/" in text
     assert "compressed" in text
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from streamrom.cli import main
-from streamrom.convert import GGUFModel, import_gguf, to_output_dtype, unpermute_rotary
+from streamrom.gguf.importer import GGUFModel, import_gguf, to_output_dtype, unpermute_rotary
 
 from conftest import EVAL_TEXT, smollm2_gguf
 

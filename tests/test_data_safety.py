@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from streamrom.errors import EXIT_BUSY, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_RESOURCES, EXIT_USAGE
-from streamrom.locking import LOCK_FILE, OutputLock, private_folder
-from streamrom.progress import PROGRESS_FILE
+from streamrom.storage.locking import LOCK_FILE, OutputLock, private_folder
+from streamrom.compression.progress import PROGRESS_FILE
 
 from conftest import folder_digest, make_tiny
 from test_convert import write_tiny_gguf
@@ -408,9 +408,9 @@ def test_killed_eval_leaves_no_activation_files(smollm2_dir, tmp_path):
 
 
 def test_ratio_near_one_leaves_linears_dense():
-    from streamrom.modeling import ModelSpec
-    from streamrom.config import CompressConfig
-    from streamrom.planning import rank_plan
+    from streamrom.model.modeling import ModelSpec
+    from streamrom.compression.config import CompressConfig
+    from streamrom.compression.planning import rank_plan
 
     spec = ModelSpec.from_config({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
                                   "num_hidden_layers": 2, "num_attention_heads": 32, "vocab_size": 32000})
@@ -439,7 +439,7 @@ def test_a_really_full_disk_is_exit_6_and_resumable(deep_tiny, tiny_tokens, tmp_
     from streamrom.cli import main
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("streamrom.layout.shutil.disk_usage", lambda path: usage(10**12, 0, 10**12))
+    monkeypatch.setattr("streamrom.storage.layout.shutil.disk_usage", lambda path: usage(10**12, 0, 10**12))
     output = small_disk / "out"
     arguments = cli_command(deep_tiny, output, tiny_tokens)[3:]  # without "python -m streamrom.cli"
     assert main(arguments) == EXIT_RESOURCES

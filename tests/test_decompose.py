@@ -5,7 +5,7 @@ import numpy as np
 import scipy.linalg
 import pytest
 
-from streamrom import decompose
+from streamrom.linalg import decompose
 
 
 def correlated_inputs(rng, size: int, count: int, shift: float = 0.0) -> np.ndarray:
@@ -319,7 +319,7 @@ def test_error_correction_is_the_input_weighted_truncated_svd(shape):
     """Either side (out ≤ in: from E C Eᵀ; out > in: from Lᵀ Eᵀ E L) gives A·B = U_r U_rᵀ E with U the
     left singular vectors of E·L (C = L Lᵀ), the eigenvalues their squared singular values; at full
     rank the correction is the whole error."""
-    from streamrom.decompose import error_correction
+    from streamrom.linalg.decompose import error_correction
 
     rng = np.random.default_rng(0)
     error = rng.standard_normal(shape)
@@ -342,7 +342,7 @@ def test_error_correction_is_the_input_weighted_truncated_svd(shape):
 def test_error_prices_weigh_each_correction_direction_by_the_loss_gradient(shape):
     """Direction k of the correction (u_k, σ_k² = its energy) saves σ_k² Σ_j u_jk² E[g_j²], on either side
     of the solve."""
-    from streamrom.quant_correction import error_prices
+    from streamrom.gguf.correction import error_prices
 
     rng = np.random.default_rng(1)
     error = rng.standard_normal(shape)
@@ -355,7 +355,7 @@ def test_error_prices_weigh_each_correction_direction_by_the_loss_gradient(shape
 
 
 def test_correction_ranks_buy_the_most_loss_per_parameter_within_the_budget():
-    from streamrom.quant_correction import correction_ranks
+    from streamrom.gguf.correction import correction_ranks
 
     prices = {"a": np.array([10.0, 9.0, 1.0, 1.0]), "b": np.array([5.0, 5.0, 5.0, 5.0]), "c": np.array([8.0, 0.0])}
     shapes = {"a": (4, 4), "b": (4, 4), "c": (2, 2)}  # a step costs 8, 8 and 4 parameters

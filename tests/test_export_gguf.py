@@ -19,7 +19,7 @@ import torch
 
 import streamrom
 from streamrom import CalibrationConfig, CompressConfig
-from streamrom.checkpoint import CheckpointReader
+from streamrom.storage.checkpoint import CheckpointReader
 from streamrom.errors import EXIT_INPUT, EXIT_OUTPUT
 
 gguf = pytest.importorskip("gguf")
@@ -135,7 +135,7 @@ def test_per_block_widths_go_to_deci_with_permuted_queries_and_padded_values(tin
     """Structured spectrum gives every block its own MLP width: llama.cpp's deci architecture, widths
     per block in the metadata, each tensor as llama.cpp lays it out (q/k rows permuted, values padded
     with zero rows, o_proj with zero columns), quantised where asked."""
-    from streamrom.checkpoint import CheckpointReader
+    from streamrom.storage.checkpoint import CheckpointReader
 
     compressed = tmp_path / "structured"
     streamrom.compress(tiny_sources["llama"], compressed, CompressConfig(
@@ -182,8 +182,8 @@ def test_rope_scaling_is_exported_as_llama_cpp_reads_it(scaling, tmp_path):
     and factor in the metadata."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from streamrom.architectures import ModelSpec
-    from streamrom.modeling import rope_inverse_frequencies
+    from streamrom.model.architectures import ModelSpec
+    from streamrom.model.modeling import rope_inverse_frequencies
 
     torch.manual_seed(0)
     source = tmp_path / "llama"
@@ -206,7 +206,7 @@ def test_rope_scaling_is_exported_as_llama_cpp_reads_it(scaling, tmp_path):
         refused = cli("import-gguf", tmp_path / "m.gguf", tmp_path / "back")
         assert refused.returncode == EXIT_INPUT and "rope_freqs" in refused.stderr, refused.stderr
         assert len(refused.stderr.splitlines()) == 1 and not (tmp_path / "back").exists()
-        from streamrom.convert import GGUFModel
+        from streamrom.gguf.importer import GGUFModel
         base = GGUFModel(tmp_path / "m.gguf", derived_ok=True)
         assert base.derived == ["rope_freqs.weight"] and len(base.tensors) == len(tensors) - 1
     else:
@@ -254,9 +254,9 @@ def test_sentencepiece_vocabulary_is_written_as_llama_cpp_reads_it(tmp_path):
     merges (-id; bytes 0, control -1000); the space prefix read off each form that writes one."""
     from tokenizers import normalizers, pre_tokenizers
 
-    from streamrom.architectures import ModelSpec
+    from streamrom.model.architectures import ModelSpec
     from streamrom.errors import InputError
-    from streamrom.export_gguf import _tokenizer_metadata, sentencepiece_space_prefix
+    from streamrom.gguf.exporter import _tokenizer_metadata, sentencepiece_space_prefix
 
     sentencepiece_tokenizer_json(tmp_path)
     spec = ModelSpec.from_config({"model_type": "llama", **TINY_COMMON, "vocab_size": 266})
@@ -411,8 +411,8 @@ def test_the_checkpoints_input_energies_become_llama_cpps_importance_matrix(tmp_
     are) and `counts` the calibration tokens."""
     import gguf
 
-    from streamrom.export_gguf import check_imatrix, write_llama_imatrix
-    from streamrom.importance import read_importance
+    from streamrom.gguf.exporter import check_imatrix, write_llama_imatrix
+    from streamrom.storage.importance import read_importance
 
     compressed = _compressed_with_tokenizer(tmp_path)
     spec = CheckpointReader(compressed).spec

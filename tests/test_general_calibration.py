@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from streamrom.calibration import (CalibrationConfig, calibration_tokens, default_calibration_texts,
+from streamrom.stream.calibration import (CalibrationConfig, calibration_tokens, default_calibration_texts,
                                    draw_sequences, held_out_windows, load_tokenizer, part_shares,
                                    tokenize_files)
 

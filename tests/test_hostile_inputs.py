@@ -141,7 +141,7 @@ def folder_with(source: Path, **files: bytes) -> Path:
 
 
 def read_everything(folder: Path) -> None:
-    from streamrom.checkpoint import CheckpointReader
+    from streamrom.storage.checkpoint import CheckpointReader
 
     reader = CheckpointReader(folder)
     reader.read(sorted(reader.weight_map))
@@ -159,7 +159,7 @@ def test_absurd_block_count_is_refused_before_anything_is_sized(tmp_path, checkp
     config["num_hidden_layers"] = count
     config.pop("layer_types", None)
     (source / "config.json").write_text(json.dumps(config))
-    from streamrom.checkpoint import CheckpointReader
+    from streamrom.storage.checkpoint import CheckpointReader
 
     with bounded(seconds=5):
         with pytest.raises(StreamromError) as caught:
@@ -191,7 +191,7 @@ def test_absurd_block_count_every_command_one_line_exit_3(tmp_path, checkpoint, 
 
 
 def test_absurd_gguf_block_count_is_refused(tmp_path):
-    from streamrom.convert import import_gguf
+    from streamrom.gguf.importer import import_gguf
 
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, "llama", block_count=10**9)
@@ -318,7 +318,7 @@ def test_config_that_is_not_a_config(checkpoint, text):
 
 # -- GGUF files ---------------------------------------------------------------------------------------
 def import_to_fresh_folder(path: Path) -> None:
-    from streamrom.convert import import_gguf
+    from streamrom.gguf.importer import import_gguf
 
     output = path.parent / "imported"
     try:
@@ -402,8 +402,8 @@ def _paths(tree, prefix=()):
 
 
 def tokenize_and_export(folder: Path) -> None:
-    from streamrom.calibration import load_tokenizer
-    from streamrom.export_gguf import export_gguf
+    from streamrom.stream.calibration import load_tokenizer
+    from streamrom.gguf.exporter import export_gguf
 
     tokenizer = load_tokenizer(folder)
     tokenizer.encode("the theory of the thing")
@@ -464,7 +464,7 @@ def _npy(array) -> bytes:
        cut=st.sampled_from([None, 0, 6, 10, 60]))
 @FUZZ
 def test_fuzzed_token_npy(tmp_path_factory, array, flips, cut):
-    from streamrom.calibration import load_token_file
+    from streamrom.stream.calibration import load_token_file
 
     path = tmp_path_factory.mktemp("npy") / "tokens.npy"
     path.write_bytes(damaged(_npy(array), flips, cut))
@@ -475,7 +475,7 @@ def test_fuzzed_token_npy(tmp_path_factory, array, flips, cut):
        cut=st.sampled_from([None, 0, 30, 200]))
 @FUZZ
 def test_fuzzed_spectra_file(tmp_path_factory, flips, cut):
-    from streamrom.spectra import read_saved
+    from streamrom.compression.spectra import read_saved
 
     buffer = io.BytesIO()
     np.savez(buffer, **{"model.layers.0.mlp.up_proj": np.linspace(1, 0, 16), "fingerprint": np.array("abc")})
@@ -495,10 +495,10 @@ RANK_KEYS = ["model.layers.0.mlp.up_proj", "model.layers.2.self_attn.q_proj", "m
 @FUZZ
 def test_fuzzed_ranks_from(tmp_path_factory, checkpoint, ranks, method, wrapper):
     """A --ranks-from report, hand-edited or another model's, checked against this model's plan."""
-    from streamrom.checkpoint import CheckpointReader
+    from streamrom.storage.checkpoint import CheckpointReader
     from streamrom.cli import _ranks_from
-    from streamrom.pipeline import CompressConfig
-    from streamrom.planning import model_plan
+    from streamrom.compression.pipeline import CompressConfig
+    from streamrom.compression.planning import model_plan
 
     path = tmp_path_factory.mktemp("ranks") / "report.json"
     text = {"report": json.dumps({"ranks": ranks}), "bare": json.dumps(ranks), "not json": "{ranks"}[wrapper]

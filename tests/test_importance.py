@@ -1,4 +1,4 @@
-"""The input energies compress writes beside the model (streamrom.importance): per linear of the
+"""The input energies compress writes beside the model (streamrom.storage.importance): per linear of the
 compressed model, Σ x² over the calibration tokens of each input column, x what that linear reads in
 the compressed model — llama.cpp's importance matrix (`in_sum2`, `counts`)."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ import torch
 
 import streamrom
 from streamrom import CalibrationConfig, CompressConfig
-from streamrom.calibration import calibration_tokens
-from streamrom.checkpoint import CheckpointReader
+from streamrom.stream.calibration import calibration_tokens
+from streamrom.storage.checkpoint import CheckpointReader
 from streamrom.errors import InputError
-from streamrom.importance import IMPORTANCE_FILE, read_importance
+from streamrom.storage.importance import IMPORTANCE_FILE, read_importance
 
 pytestmark = pytest.mark.contract
 

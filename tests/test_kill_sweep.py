@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamrom.export_gguf import export_gguf
+from streamrom.gguf.exporter import export_gguf
 
 from conftest import make_tiny
 from kill_harness import Command, digest, kill_and_rerun, leftovers, reference, run_and_kill, run_to_end

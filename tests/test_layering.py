@@ -1,12 +1,16 @@
-"""The package's layering, read from the source's import statements (ast; nothing is imported):
+"""The package's layering, read from the source's import statements (ast; nothing is imported).
 
-- the math (decompose, structured, allocation, bayes) works on arrays: numpy, scipy and optuna, the
-  error types and each other, no torch and no files of ours;
-- a family file (families/) says what a family is, in data and small hooks: the standard library,
-  families.base and the error types;
+The subpackages stand in layers, data flowing up: errors; linalg (the math on arrays); model (what a
+model is); storage (files); report (what a run measured); stream (blocks in turn, tokens, the loss);
+compression (the pipeline); gguf (llama.cpp's format, and the correction built on the pipeline); and on
+top the command line and the loader. A module imports its own layer and those below, never above.
+Besides:
+
+- the math (linalg) works on arrays: numpy, scipy and optuna, the error types and each other, no torch;
+- a family file (model/families/) says what a family is, in data and small hooks: the standard
+  library, families.base and the error types;
 - architectures.py, what import-gguf and inspect read configs with, imports no torch or numpy;
-- the stages above (pipeline, cli) are imported by nothing below them, and nothing imports benchmarks
-  or tests.
+- nothing imports the command line, benchmarks or tests.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "streamrom"
-MATH = ("decompose", "structured", "allocation", "bayes")
+LAYERS = ("errors", "linalg", "model", "storage", "report", "stream", "compression", "gguf")  # low to high
+TOP = ("cli", "console", "loading", "")  # "": the package's __init__
 THIRD_PARTY_MATH = ("numpy", "scipy", "optuna")
 
 
@@ -62,37 +67,50 @@ def top(name: str) -> str:
 
 
 def test_the_walk_finds_the_package():
-    assert "streamrom.pipeline" in SOURCES and "streamrom.families.llama" in SOURCES
-    assert "streamrom.planning" in SOURCES["streamrom.pipeline"]  # a relative import, resolved
-    assert "streamrom.pipeline" not in SOURCES["streamrom.planning"]  # only under TYPE_CHECKING there
+    assert "streamrom.compression.pipeline" in SOURCES and "streamrom.model.families.llama" in SOURCES
+    assert "streamrom.compression.planning" in SOURCES["streamrom.compression.pipeline"]  # a relative import, resolved
+    assert "streamrom.compression.pipeline" not in SOURCES["streamrom.compression.planning"]  # only under TYPE_CHECKING there
 
 
-@pytest.mark.parametrize("name", MATH)
+def layer(name: str) -> int:
+    """The layer of module `name` (streamrom.<package>...)."""
+    part = name.split(".")[1] if name.count(".") else ""
+    return LAYERS.index(part) if part in LAYERS else len(LAYERS) + (part not in TOP)
+
+
+def test_every_module_has_a_layer():
+    assert all(layer(name) <= len(LAYERS) for name in SOURCES), [n for n in SOURCES if layer(n) > len(LAYERS)]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SOURCES if layer(n) < len(LAYERS)))
+def test_a_module_imports_its_layer_and_those_below(name):
+    above = {other for other in ours(SOURCES[name]) if layer(other) > layer(name)}
+    assert not above, f"{name} imports {sorted(above)}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SOURCES if n.startswith("streamrom.linalg.")))
 def test_the_math_imports_arrays_only(name):
-    found = SOURCES[f"streamrom.{name}"]
-    allowed = {f"streamrom.{other}" for other in MATH} | {"streamrom.errors"}
-    assert ours(found) <= allowed, ours(found) - allowed
+    found = SOURCES[name]
+    assert {top(n) for n in ours(found)} <= {"streamrom"}
+    assert all(n == "streamrom.errors" or n.startswith("streamrom.linalg") for n in ours(found)), ours(found)
     third_party = {top(n) for n in found - ours(found)} - set(sys.stdlib_module_names)
     assert third_party <= set(THIRD_PARTY_MATH), third_party
 
 
-@pytest.mark.parametrize("name", sorted(n for n in SOURCES if n.startswith("streamrom.families.")))
+@pytest.mark.parametrize("name", sorted(n for n in SOURCES if n.startswith("streamrom.model.families.")))
 def test_a_family_file_holds_data_and_small_hooks(name):
     found = SOURCES[name]
-    allowed = {"streamrom.errors", "streamrom.families.base"}
+    allowed = {"streamrom.errors", "streamrom.model.families.base"}
     assert ours(found) <= allowed, ours(found) - allowed
     assert {top(n) for n in found - ours(found)} <= set(sys.stdlib_module_names)
 
 
 def test_reading_a_config_needs_no_torch():
-    for name in ("streamrom.architectures", "streamrom.errors", "streamrom.families", "streamrom.families.base"):
+    for name in ("streamrom.model.architectures", "streamrom.errors", "streamrom.model.families", "streamrom.model.families.base"):
         assert not {top(n) for n in SOURCES[name]} & {"torch", "numpy"}, name
 
 
-def test_the_upper_stages_are_imported_from_above_only():
-    above = {"streamrom.pipeline": {"streamrom.cli", "streamrom"}, "streamrom.cli": set()}
+def test_nothing_imports_the_command_line():
     for module, found in SOURCES.items():
-        for stage, importers in above.items():
-            if stage in found:
-                assert module in importers, f"{module} imports {stage}"
+        assert "streamrom.cli" not in found, module
         assert not {top(n) for n in found} & {"benchmarks", "tests", "conftest"}, module

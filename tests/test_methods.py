@@ -9,10 +9,10 @@ import torch
 
 import streamrom
 from streamrom import CalibrationConfig, CompressConfig
-from streamrom.allocation import STEP
-from streamrom.checkpoint import CheckpointReader
+from streamrom.linalg.allocation import STEP
+from streamrom.storage.checkpoint import CheckpointReader
 from streamrom.cli import main as cli_main
-from streamrom.modeling import BLOCK_LINEARS
+from streamrom.model.modeling import BLOCK_LINEARS
 
 from conftest import EVAL_TEXT
 
@@ -158,10 +158,10 @@ def test_pass_one_prices_directions_as_whole_model_autograd_does(tiny_models, tm
     directly from its outputs."""
     import torch.nn.functional as F
 
-    from streamrom.modeling import EMBED, FINAL_NORM, LM_HEAD, Block, RMSNorm, Rotary, block_prefix
-    from streamrom.report import StageTimer
-    from streamrom import memory
-    from streamrom.spectra import collect_spectra
+    from streamrom.model.modeling import EMBED, FINAL_NORM, LM_HEAD, Block, RMSNorm, Rotary, block_prefix
+    from streamrom.report.report import StageTimer
+    from streamrom.report import memory
+    from streamrom.compression.spectra import collect_spectra
 
     monkeypatch.setattr(memory, "HEAD_POSITIONS", 7)  # the logits at the top in several slices of positions
     reader = CheckpointReader(tiny_models["llama"])
@@ -209,7 +209,7 @@ def test_bayes_allocation_meets_the_size_and_is_seeded(tiny_models, tiny_tokens,
     """Five trials: the first is the spectrum plan itself, the last proposed by the Gaussian process; the
     result is the best-scoring trial, meets the whole-model size within one step, and a second run
     with the same seed makes the same choice."""
-    from streamrom.bayes import MULTIPLIER_RANGE, STARTUP_TRIALS, BayesConfig
+    from streamrom.linalg.bayes import MULTIPLIER_RANGE, STARTUP_TRIALS, BayesConfig
 
     source = tiny_models["llama"]
     config = CompressConfig(allocate="bayes", target_params=0.7, calibration=tiny_calibration(tiny_tokens),
@@ -238,9 +238,10 @@ def test_bayes_allocation_meets_the_size_and_is_seeded(tiny_models, tiny_tokens,
 
 def test_the_command_line_offers_every_method():
     from streamrom.cli import METHOD_NAMES
-    from streamrom.methods import METHODS
+    from streamrom.compression.methods import METHODS
 
     assert set(METHOD_NAMES) == set(METHODS)
-    from streamrom import cli, structured
+    from streamrom import cli
+    from streamrom.linalg import structured
 
     assert cli.NEURON_SELECTIONS == structured.NEURON_SELECTIONS

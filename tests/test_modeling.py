@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import streamrom
-from streamrom.checkpoint import CheckpointReader
+from streamrom.storage.checkpoint import CheckpointReader
 from streamrom.errors import InputError
-from streamrom.modeling import Block, ModelSpec, Rotary
+from streamrom.model.modeling import Block, ModelSpec, Rotary
 
 from conftest import EVAL_TEXT
 

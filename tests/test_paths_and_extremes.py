@@ -140,7 +140,7 @@ def test_resource_extremes(tmp_path, tiny_models, tiny_tokens, extra, global_arg
         assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
         assert not (tmp_path / "out" / "model.safetensors").exists()
     else:
-        from streamrom.checkpoint import CheckpointReader
+        from streamrom.storage.checkpoint import CheckpointReader
 
         CheckpointReader(tmp_path / "out")  # a complete, valid checkpoint
     assert folder_digest(source) == digest

@@ -19,11 +19,11 @@ from safetensors.torch import load_file, save_file
 
 import streamrom
 from streamrom import CalibrationConfig, CompressConfig
-from streamrom.checkpoint import CheckpointReader
+from streamrom.storage.checkpoint import CheckpointReader
 from streamrom.cli import main
 from streamrom.errors import (EXIT_BUSY, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_RESOURCES,
                               ResourceError, StreamromError)
-from streamrom.progress import PROGRESS_FILE, OutputLock
+from streamrom.compression.progress import PROGRESS_FILE, OutputLock
 
 from conftest import folder_digest, make_tiny
 
@@ -162,7 +162,7 @@ def test_up_front_disk_check_names_the_numbers(deep_tiny, tiny_tokens, tmp_path,
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("streamrom.layout.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr("streamrom.storage.layout.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     config = CompressConfig(calibration=CalibrationConfig(token_file=tiny_tokens, sequences=8, seqlen=64))
     with pytest.raises(ResourceError, match=r"not enough free disk space .* need 0\.\d+ GiB \(output .* activations"):
         streamrom.compress(deep_tiny, tmp_path / "out", config)
@@ -172,7 +172,7 @@ def test_up_front_disk_check_names_the_numbers(deep_tiny, tiny_tokens, tmp_path,
 def test_up_front_memory_check(deep_tiny, tiny_tokens, tmp_path, monkeypatch):
     class Tiny:
         available = 1000
-    monkeypatch.setattr("streamrom.pipeline.psutil.virtual_memory", lambda: Tiny())
+    monkeypatch.setattr("streamrom.compression.pipeline.psutil.virtual_memory", lambda: Tiny())
     config = CompressConfig(calibration=CalibrationConfig(token_file=tiny_tokens, sequences=8, seqlen=64))
     with pytest.raises(ResourceError, match="not enough memory: the run needs about"):
         streamrom.compress(deep_tiny, tmp_path / "out", config)
@@ -277,9 +277,9 @@ def test_fuzzed_configs_never_traceback_or_hang(tmp_path, tiny_models):
                                                ("llama", "last:2", "rom"), ("mistral", "0", "rom"),
                                                ("qwen2", "all", "structured"), ("llama", "1-2", "structured")])
 def test_disk_estimate_equals_the_written_size(tiny_models, tiny_tokens, tmp_path, kind, layers, method):
-    from streamrom.config import parse_layers
-    from streamrom.pipeline import _output_bytes
-    from streamrom.planning import model_plan
+    from streamrom.compression.config import parse_layers
+    from streamrom.compression.pipeline import _output_bytes
+    from streamrom.compression.planning import model_plan
 
     config = CompressConfig(ratio=0.5, layers=layers, method=method,
                             calibration=CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=64))
@@ -294,7 +294,7 @@ def test_disk_estimate_equals_the_written_size(tiny_models, tiny_tokens, tmp_pat
 @pytest.mark.parametrize("where", [0, 4, 9, 10, 11, 31])
 def test_finiteness_check_in_slices_finds_a_bad_value_anywhere(where):
     """The loader's NaN/Inf check runs in slices (its peak): a value in any slice, at either edge, is found."""
-    from streamrom.checkpoint import all_finite
+    from streamrom.storage.checkpoint import all_finite
 
     values = torch.arange(32, dtype=torch.bfloat16).reshape(4, 8)
     assert all_finite(values, chunk=10)

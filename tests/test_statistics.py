@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from streamrom import statistics
-from streamrom.statistics import MomentAccumulator
+from streamrom.compression import statistics
+from streamrom.compression.statistics import MomentAccumulator
 
 
 @pytest.mark.parametrize("wide", [False, True])

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import streamrom
-from streamrom import CalibrationConfig, CompressConfig, structured
-from streamrom.calibration import calibration_tokens
-from streamrom.allocation import Slot, choose_alternatives, spectrum_ranks, total_params
-from streamrom.decompose import InputMoments
-from streamrom.methods import narrow_mlp, narrow_query_key, narrow_values
-from streamrom.modeling import Block, Rotary
-from streamrom.statistics import MomentAccumulator
+from streamrom import CalibrationConfig, CompressConfig
+from streamrom.linalg import structured
+from streamrom.stream.calibration import calibration_tokens
+from streamrom.linalg.allocation import Slot, choose_alternatives, spectrum_ranks, total_params
+from streamrom.linalg.decompose import InputMoments
+from streamrom.compression.methods import narrow_mlp, narrow_query_key, narrow_values
+from streamrom.model.modeling import Block, Rotary
+from streamrom.compression.statistics import MomentAccumulator
 
 from conftest import read_json
 
@@ -141,7 +142,7 @@ def test_pair_energies_are_the_rotation_free_output_energies():
 # -- the block and the model -----------------------------------------------------------------------
 
 def _block_and_inputs(tiny_models, index=0):
-    reader = streamrom.checkpoint.CheckpointReader(tiny_models["llama"])
+    reader = streamrom.storage.checkpoint.CheckpointReader(tiny_models["llama"])
     spec = reader.spec
     block = Block.from_tensors(spec, reader.block_tensors(index), index)
     x = torch.from_numpy(RNG.standard_normal((4, 40, spec.hidden_size)).astype(np.float32))
@@ -165,7 +166,7 @@ def test_keeping_every_neuron_and_value_dimension_reproduces_the_block(tiny_mode
     narrow_query_key(block, spec.head_dim // 2, _moment(block.input_layernorm(x)), "obs", 1e-9)
     assert block.self_attn.rotary_pairs is not None  # every pair kept, reordered per head: the scores stay
     narrow_values(block, spec.head_dim, _moment(block.self_attn.core(block.input_layernorm(x), cos, sin)), "obs", 1e-9)
-    values = streamrom.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
+    values = streamrom.model.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
     narrow_mlp(block, spec.intermediate_size, _moment(values["mlp"]), "obs", 1e-9)
     torch.testing.assert_close(block(x, cos, sin), before, atol=2e-4, rtol=1e-4)
     assert block.self_attn.value_head_dim == spec.head_dim
@@ -176,7 +177,7 @@ def test_narrowed_block_has_narrower_dense_matrices(tiny_models):
     spec, block, x, cos, sin = _block_and_inputs(tiny_models)
     narrow_query_key(block, 3, _moment(block.input_layernorm(x)), "obs", 1e-6)
     narrow_values(block, 8, _moment(block.self_attn.core(block.input_layernorm(x), cos, sin)), "obs", 1e-6)
-    values = streamrom.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
+    values = streamrom.model.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
     narrow_mlp(block, 96, _moment(values["mlp"]), "obs", 1e-6)
     shapes = {name: tuple(value.shape) for name, value in block.state_dict().items()}
     assert shapes["self_attn.q_proj.weight"] == (spec.num_heads * 6, spec.hidden_size)
@@ -260,7 +261,7 @@ def test_streamed_structured_equals_an_in_memory_reference(tiny_models, tiny_tok
             narrow_values(block, value_width, _moment(block.self_attn.core(block.input_layernorm(x), cos, sin), 2),
                           "obs", 1e-6)
         if neurons:
-            values = streamrom.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
+            values = streamrom.model.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
             narrow_mlp(block, neurons, _moment(values["mlp"], 2), "obs", 1e-6)
         x = block(x, cos, sin)
         assert ours.layers[index].state_dict().keys() == block.state_dict().keys()
@@ -378,7 +379,7 @@ def test_pass_one_prices_units_and_mixed_writes_both_forms(tiny_models, tiny_tok
 def test_bayes_searches_structured_units_and_meets_the_size(tiny_models, tiny_tokens, tmp_path, method):
     """bayes over unit widths (and, mixed, the factored alternatives the spectrum plan left out): its
     first trial is the spectrum plan, the others differ from it, and the chosen plan meets the size."""
-    from streamrom.bayes import BayesConfig
+    from streamrom.linalg.bayes import BayesConfig
 
     calibration = CalibrationConfig(token_file=tiny_tokens, sequences=6, seqlen=64)
     report = streamrom.compress(tiny_models["llama"], tmp_path / "bayes", CompressConfig(
@@ -396,7 +397,7 @@ def test_bayes_searches_structured_units_and_meets_the_size(tiny_models, tiny_to
 
 
 def test_inspect_shows_each_blocks_widths(tiny_models, tiny_tokens, tmp_path):
-    from streamrom.summary import checkpoint_summary, format_summary
+    from streamrom.report.summary import checkpoint_summary, format_summary
 
     output = tmp_path / "out"
     streamrom.compress(tiny_models["llama"], output, _config(tiny_tokens, ratio=0.6, layers="1"))
@@ -454,7 +455,7 @@ def test_a_parked_moment_gives_the_same_narrowing_and_comes_back_whole(tiny_mode
     monkeypatch.setattr(structured, "IN_PLACE_FROM", 10)
     spec, block, x, cos, sin = _block_and_inputs(tiny_models)
     twin = Block.from_tensors(spec, {k: v.clone() for k, v in block.state_dict().items()}, 0)
-    values = streamrom.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
+    values = streamrom.model.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
     moments = _moment(values["mlp"])
     original = moments.second_moment.copy()
     narrow_mlp(twin, 96, _moment(values["mlp"]), "obs", 1e-6)
@@ -469,13 +470,13 @@ def test_a_parked_moment_gives_the_same_narrowing_and_comes_back_whole(tiny_mode
 def test_a_parked_anchor_gives_the_same_anchored_refit_and_is_spent(tiny_models, tmp_path, monkeypatch):
     """The anchored refit's cross moment waits on disk beside the parked moment (wide path) and comes
     back whole: the same refit as without parking; either way the fit takes the anchor's cross."""
-    from streamrom.decompose import Anchor
+    from streamrom.linalg.decompose import Anchor
 
     monkeypatch.setattr(structured, "IN_PLACE_FROM", 10)
     spec, block, x, cos, sin = _block_and_inputs(tiny_models)
     twin, plain = (Block.from_tensors(spec, {k: v.clone() for k, v in block.state_dict().items()}, 0)
                    for _ in range(2))
-    values = streamrom.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
+    values = streamrom.model.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
     neurons = values["mlp"].reshape(-1, values["mlp"].shape[-1]).double().numpy()
     target = RNG.standard_normal((neurons.shape[0], spec.hidden_size)) + neurons @ RNG.standard_normal(
         (neurons.shape[1], spec.hidden_size)) * 0.1
@@ -532,8 +533,8 @@ def test_pass1_selection_keeps_pass_ones_order_and_obs_chooses_again(tiny_models
 
 def test_pass1_selection_refuses_what_has_no_pass_one_and_damaged_orders(tiny_models, tiny_tokens, tmp_path):
     from streamrom.errors import OutputError, UsageError
-    from streamrom.planning import checked_orders
-    from streamrom.architectures import ModelSpec
+    from streamrom.compression.planning import checked_orders
+    from streamrom.model.architectures import ModelSpec
 
     for settings in ({"allocate": "uniform", "target_params": 0.7}, {"ranks": {"model.layers.0.mlp.neurons": 96}}):
         with pytest.raises(UsageError, match="pass1"):

@@ -1,4 +1,4 @@
-"""The shared bayes search (study.py): real worker processes on one optuna storage, SQLite and a real
+"""The shared bayes search (compression/study.py): real worker processes on one optuna storage, SQLite and a real
 PostgreSQL server, a worker killed by SIGKILL mid-trial, a study resumed after every worker died.
 
 Tiny random-weight models: these tests check scheduling, files and control flow, not accuracy."""
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from streamrom.checkpoint import CheckpointReader
+from streamrom.storage.checkpoint import CheckpointReader
 from streamrom.errors import EXIT_INPUT, EXIT_USAGE
 
 optuna = pytest.importorskip("optuna")
@@ -292,7 +292,7 @@ def test_a_trial_finished_elsewhere_is_dropped_not_fatal(tmp_path, caplog, said)
 
     import optuna
 
-    from streamrom.study import SharedSearch
+    from streamrom.compression.study import SharedSearch
 
     search = SharedSearch(f"sqlite:///{tmp_path / 'study.db'}", "s", create=True, trials=1, heartbeat_seconds=2)
     calls = []

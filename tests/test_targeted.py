@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import streamrom
-from streamrom import CalibrationConfig, CompressConfig, decompose
-from streamrom.activations import chunk_ranges
-from streamrom.calibration import held_out
-from streamrom.checkpoint import CheckpointReader
+from streamrom import CalibrationConfig, CompressConfig
+from streamrom.linalg import decompose
+from streamrom.stream.activations import chunk_ranges
+from streamrom.stream.calibration import held_out
+from streamrom.storage.checkpoint import CheckpointReader
 from streamrom.cli import main as cli_main
 
 from conftest import REPO

@@ -1,4 +1,4 @@
-"""The projected wall time (streamrom.time_estimate): its counts on known shapes, and the report's record
+"""The projected wall time (streamrom.compression.time_estimate): its counts on known shapes, and the report's record
 of projected beside measured."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from streamrom import time_estimate
-from streamrom.time_estimate import MachineSpeed, Shapes, project
+from streamrom.compression import time_estimate
+from streamrom.compression.time_estimate import MachineSpeed, Shapes, project
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,110 @@
+"""Run state of a compression in its output folder: the lock, the progress manifest, fingerprints.
+
+A run holds an exclusive lock on ``DST/.streamrom.lock`` (released by the OS even on SIGKILL). After
+each block it records, in ``DST/.streamrom-progress.json`` (written atomically, after the shard and the
+activations are on disk), how many blocks are done, which activation file holds the next block's
+inputs, and the fingerprints of the arguments and of the source (with each source file's modification
+time and inode). A rerun with the same fingerprints resumes from the first unfinished block, or only
+finishes the steps after the index (clean-up, evaluation, report); with others it is refused unless
+``--overwrite``. The lock is held, and the progress record kept, until the run has done everything it
+does to the folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..storage.checkpoint import CONFIG_FILE, CheckpointReader, write_atomic
+from ..errors import OutputError
+from ..storage.locking import LOCK_FILE, OutputLock  # noqa: F401 (the lock lives with the run state)
+
+PROGRESS_FILE = ".streamrom-progress.json"
+PROGRESS_FORMAT = 1
+RETIRED_FIELDS = ("total_size",)  # written by earlier versions, read by none: dropped when an old record is loaded
+
+
+def source_fingerprint(reader: CheckpointReader) -> str:
+    """Config, index and every shard's header and size: what a changed source would change.
+
+    Hashing whole shards would read the model once more; headers hold every tensor's name, dtype,
+    shape and offsets, and the sizes catch truncation.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(reader.config, sort_keys=True).encode())
+    for shard in sorted(set(reader.weight_map.values())):
+        path = reader.folder / shard
+        with open(path, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            digest.update(shard.encode())
+            digest.update(handle.read(min(header_length, 100_000_000)))
+        digest.update(str(path.stat().st_size).encode())
+    return digest.hexdigest()
+
+
+def source_files(reader: CheckpointReader) -> dict[str, list[int]]:
+    """Each source file's size, modification time (ns), device and inode: a shard rewritten in place
+    with the same header and size (which `source_fingerprint` cannot see) changes its time or inode."""
+    files = {}
+    for name in [CONFIG_FILE, *sorted(set(reader.weight_map.values()))]:
+        stat = (reader.folder / name).stat()
+        files[name] = [stat.st_size, stat.st_mtime_ns, stat.st_dev, stat.st_ino]
+    return files
+
+
+def changed_source_file(recorded: dict[str, list[int]], now: dict[str, list[int]]) -> str | None:
+    """The first source file that differs between two `source_files` records (None: none does)."""
+    for name in sorted(set(recorded) | set(now)):
+        if recorded.get(name) != now.get(name):
+            return name
+    return None
+
+
+def arguments_fingerprint(settings: dict[str, Any], tokens: np.ndarray) -> str:
+    """Everything that shapes the output: the settings and the calibration tokens themselves."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Progress:
+    arguments: str
+    source: str
+    blocks_done: int = -1  # -1: embeddings not yet written
+    inputs_file: str = ""
+    ranks: dict[str, int | None] = field(default_factory=dict)
+    plan: dict[str, int | None] = field(default_factory=dict)  # every block linear's rank, fixed up front
+    weight_map: dict[str, str] = field(default_factory=dict)
+    format: int = PROGRESS_FORMAT
+    # "compressing" until the model's index is in place, then "written": a rerun only finishes the
+    # remaining steps (clean-up, evaluation, report)
+    stage: str = "compressing"
+    source_files: dict[str, list[int]] = field(default_factory=dict)  # see source_files()
+    trials: list[dict] = field(default_factory=list)  # bayes: each trial's multipliers and score
+    study: str = ""  # bayes --study: the shared study's name
+    # --neuron-selection pass1: each narrowed MLP's neurons, most important first (pass 1's greedy removal)
+    orders: dict[str, list[int]] = field(default_factory=dict)
+
+    def save(self, folder: Path) -> None:
+        write_atomic(Path(folder) / PROGRESS_FILE, (json.dumps(asdict(self), indent=1) + "\n").encode())
+
+    @classmethod
+    def load(cls, folder: Path) -> "Progress | None":
+        path = Path(folder) / PROGRESS_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != PROGRESS_FORMAT:
+                return None
+            progress = cls(**{key: value for key, value in data.items() if key not in RETIRED_FIELDS})
+            if not isinstance(progress.blocks_done, int) or progress.stage not in ("compressing", "written"):
+                raise ValueError(path)
+            return progress
+        except (OSError, ValueError, TypeError):
+            raise OutputError(f"progress file {path} is unreadable; pass --overwrite to start over") from None

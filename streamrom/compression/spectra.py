@@ -1,0 +1,358 @@
+"""Pass 1 of the spectrum allocation: what dropping each output direction of each chosen linear would
+cost the loss, measured on the dense model in one streamed forward and one streamed backward pass.
+
+Forward: the dense model runs block by block over the calibration tokens; every block's inputs stay
+on disk (one file per block). At the top, the next-token loss (summed over the calibration tokens)
+gives its gradient with respect to the last hidden states. Backward: from the last block down, each
+block is read again, its forward recomputed on its stored inputs under autograd, and the gradient
+pushed to its inputs (written to disk for the block below). On the way, per chosen linear, it
+accumulates the moment of the linear's output features (as compression does) and the mean squared
+loss gradient of each output feature. Each output moment is then eigendecomposed and every
+direction priced: λ_k · Σ_j v_jk² E[g_j²] (decompose.sensitivity_weighted).
+
+Energy alone (each linear's spectrum normalised to 1) was tried first and lost to a uniform
+allocation: a fraction of one linear's output energy costs the loss very differently from the same
+fraction of another's. The gradient puts every linear in the loss's units.
+
+RAM: during the backward, one block, half a forward chunk's autograd graph and the moments of the
+values the chosen groups and units read (float32 sums; the MLP neurons' wide moment is summed in a
+no-grad pass after the backward); during the pricing, no block: each weight is read back from the
+checkpoint when priced, and gate/up are priced from in x in products (decompose.direction_costs).
+At 7B shape that took pass 1 from 3.4 GB to 2.3 GB (benchmarks/memory_profile.py). Disk: L+3
+activation files.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..linalg import decompose, structured
+from ..model.architectures import UNITS, StructuredUnit
+from ..stream.activations import ActivationBuffer, chunk_ranges, embed_into, require_finite, run_block
+from ..storage.checkpoint import CheckpointReader
+from ..errors import InputError, NumericalError, UsageError
+from ..stream.head import LossHead
+from ..report.memory import release_freed_memory
+from ..model.modeling import EMBED, Block, BlockValues, LinearGroup, Rotary, block_prefix
+from ..report.report import StageTimer
+from ..stream.streaming import read_blocks
+from .statistics import WIDE, MomentAccumulator
+
+log = logging.getLogger(__name__)
+
+SPECTRA_FILE = "sensitivity-spectra.npz"
+FINGERPRINT_KEY = "__made_for__"
+# "keep-order.model.layers.<i>.mlp.neurons": the greedy removal's order of that MLP's neurons (most
+# important first), saved beside its costs for --neuron-selection pass1
+ORDER_PREFIX = "keep-order."
+
+
+def split_keep_orders(found: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A first pass's costs and its keep orders (by unit key), apart."""
+    orders = {key[len(ORDER_PREFIX):]: values for key, values in found.items() if key.startswith(ORDER_PREFIX)}
+    return {key: values for key, values in found.items() if not key.startswith(ORDER_PREFIX)}, orders
+
+
+@dataclass
+class Observation:
+    """What pass 1 keeps of a dense block once its backward is through: the moment of every value a
+    chosen group or unit reads (one accumulator per value, shared), the summed squared loss gradient of
+    each output feature of the linears priced, and the attention's shape."""
+
+    moments: dict[str, MomentAccumulator]
+    groups: list[tuple[LinearGroup, str, bool]]  # (group, the value its moment is of, at its output)
+    units: list[StructuredUnit]
+    squares: dict[str, torch.Tensor]
+    tokens: int
+    heads: tuple[int, int, int]  # query heads, KV heads, head_dim
+
+
+def observe_block(block: Block, names: list[str], units: list[str], inputs: ActivationBuffer,
+                  output_grads: ActivationBuffer, input_grads: ActivationBuffer | None, cos: torch.Tensor,
+                  sin: torch.Tensor, chunk_sequences: int, work_dtype, timer: StageTimer) -> Observation:
+    """The block's backward, chunk by chunk, with the moments and gradient squares pass 1 prices from;
+    writes the loss gradient with respect to the block's inputs (unless None)."""
+    product = torch.float64 if work_dtype == np.float64 else torch.float32
+    groups = []
+    for group in block.GROUPS:
+        if any(name in names for name in group.linears):
+            value, _, at_output = group.observed(block)
+            groups.append((group, value, at_output))
+    chosen_units = [unit for unit in UNITS if unit.name in units]
+    widths = {value: group.observed(block)[1] for group, value, _ in groups}
+    # a unit reads its last linear's input (its consumer's, or q/k's own input for the rotary pairs)
+    widths.update({unit.reads: block.linear(unit.linears[-1]).weight.shape[1] for unit in chosen_units})
+    # Summed in the product dtype: pass 1 only ranks directions, and at 7B shape float64 sums of the
+    # four 4096-wide moments alive beside the autograd graph would add 270 MB to its peak. A wide one
+    # (the MLP neurons': 485 MB at 7B shape) is summed in a no-grad pass of its own after the backward,
+    # never beside the graph (one more forward of the block, against 0.5 GB less at the peak).
+    moments = {value: MomentAccumulator(width, product, sum_dtype=product) for value, width in widths.items()
+               if width <= WIDE}
+    graded = list(dict.fromkeys([*names, *(name for unit in chosen_units for name in _priced_in(unit))]))
+    squares = {name: torch.zeros(block.linear(name).weight.shape[0], dtype=torch.float64) for name in graded}
+
+    def capture(name: str):
+        def on_gradient(grad: torch.Tensor) -> None:  # returns None: the gradient flows on unchanged
+            squares[name].add_(grad.detach().reshape(-1, grad.shape[-1]).pow(2).sum(0, dtype=torch.float64))
+
+        def on_forward(module, args, output):
+            output.register_hook(on_gradient)
+        return on_forward
+
+    hooks = [block.linear(name).register_forward_hook(capture(name)) for name in graded]
+    tokens = 0
+    try:
+        for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
+            with timer("backward"), torch.enable_grad():
+                x = inputs.read(start, stop).requires_grad_(True)
+                values = BlockValues(block, cos, sin, {"x": lambda x=x: x})  # the block's steps, each value kept
+                values["output"].backward(output_grads.read(start, stop))
+            if input_grads is not None:
+                input_grads.write(start, require_finite(x.grad, "in the loss gradient"))
+            tokens += x.shape[0] * x.shape[1]
+            with timer("statistics"):
+                for value, accumulator in moments.items():
+                    accumulator.add(values[value].detach())
+            del x, values
+            release_freed_memory()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    wide = [(value, width) for value, width in widths.items() if width > WIDE]
+    if wide:
+        release_freed_memory()  # the graph's freed tensors, before the wide sum is allocated
+        moments.update({value: MomentAccumulator(width, product) for value, width in wide})
+        with torch.no_grad():  # one sequence at a time: its activations beside the wide sum
+            for start, stop in chunk_ranges(inputs.shape[0], 1):
+                with timer("forward"):
+                    values = BlockValues(block, cos, sin, {"x": lambda: inputs.read(start, stop)})
+                    features = {value: values[value] for value, _ in wide}
+                with timer("statistics"):
+                    for value, _ in wide:
+                        moments[value].add(features[value])
+                del values, features
+                release_freed_memory()  # else the heap creeps chunk by chunk (+200 MB over 4 at 7B shape)
+    attention = block.self_attn
+    return Observation(moments, groups, chosen_units, squares, tokens,
+                       (attention.num_heads, attention.num_kv_heads, attention.head_dim))
+
+
+def price_block(seen: Observation, names: list[str], fetch, centered: bool, work_dtype, timer: StageTimer,
+                neuron_selection: str = "obs", damping: float = 1e-6) -> dict[str, np.ndarray]:
+    """Per chosen linear the loss cost of dropping each output direction (in the order ROM keeps them),
+    and per chosen unit the cost of dropping each unit (in the order structured ROM keeps them).
+
+    The block is gone by now: `fetch(name)` reads a linear's (weight, bias) back as numpy arrays in
+    the work dtype, one at a time, each dropped once priced; each moment goes once its last reader is
+    priced. The units come first (the MLP's wide moment is the largest thing held), each unit before
+    the group that reads the same value.
+    """
+    jobs = [("unit", unit, unit.reads) for unit in seen.units]
+    jobs += [("group", group, value) for group, value, _ in seen.groups]
+    at_output = {group: flag for group, _, flag in seen.groups}
+    last_reader = {value: index for index, (_, _, value) in enumerate(jobs)}
+    sensitivity = {name: (squares / seen.tokens).numpy().astype(work_dtype) for name, squares in seen.squares.items()}
+    # The autograd graph's freed tensors of up to 32 MiB stay on the malloc heap: hand them back
+    # before the eigen work.
+    release_freed_memory()
+    costs: dict[str, np.ndarray] = {}
+    taken: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    with timer("eigen"):
+        for index, (kind, item, value) in enumerate(jobs):
+            if value not in taken:
+                accumulator = seen.moments.pop(value)
+                if not accumulator.is_finite():
+                    raise NumericalError(f"NaN or Inf activations reach {', '.join(item.linears)}")
+                # a wide moment (the MLP's) is handed over, not copied, and read by one unit only
+                taken[value] = (accumulator.second_moment_as(work_dtype), accumulator.mean().astype(work_dtype))
+                del accumulator
+            second, mean = taken[value]
+            spent = last_reader[value] == index
+            if kind == "unit":
+                found = _unit_costs(item.name, fetch, seen.heads, second, mean, sensitivity, neuron_selection,
+                                    damping, overwrite_moment=spent)
+                if isinstance(found, structured.Removal):  # the MLP's: its order too, free beside the costs
+                    costs[item.name] = found.costs
+                    if neuron_selection != "leverage":
+                        costs[ORDER_PREFIX + item.name] = found.order
+                else:
+                    costs[item.name] = found
+            else:
+                group_inputs = decompose.InputMoments(second, mean, centered)
+                for name in item.linears:
+                    if name not in names:
+                        continue
+                    if at_output[item]:  # the output's moment was accumulated directly
+                        values, vectors = decompose.top_eigenvectors(
+                            decompose.output_moment(second, mean, centered), len(second))
+                        costs[name] = decompose.sensitivity_weighted(np.clip(values, 0.0, None), vectors,
+                                                                     sensitivity[name].astype(vectors.dtype))
+                        del values, vectors
+                    else:
+                        weight, bias = fetch(name)
+                        costs[name] = decompose.direction_costs(group_inputs, weight, bias, sensitivity[name])
+                        del weight, bias
+                    costs[name] = costs[name].astype(np.float64)
+                del group_inputs
+            del second, mean
+            if spent:
+                del taken[value]
+            release_freed_memory()
+    return costs
+
+
+def _priced_in(unit) -> tuple[str, ...]:
+    """The linears whose output a unit's cost is measured in: its consumer (down, o_proj), or for the
+    query–key pairs both producers."""
+    return unit.linears if unit.name == "self_attn.rotary_pairs" else unit.linears[-1:]
+
+
+def _unit_costs(name: str, fetch, heads: tuple[int, int, int], second: np.ndarray, mean: np.ndarray,
+                sensitivity: dict[str, np.ndarray], neuron_selection: str, damping: float,
+                overwrite_moment: bool = False) -> np.ndarray | structured.Removal:
+    """What keeping each unit is worth in loss units, in the order structured ROM keeps them: the
+    error its removal leaves in the priced outputs, each output feature weighted by its mean
+    squared loss gradient (the MLP's: with the order, a structured.Removal). `overwrite_moment`: the
+    moment is not needed afterwards (the greedy removal may turn its buffer into the inverse)."""
+    num_heads, num_kv_heads, head_dim = heads
+    if name == "self_attn.rotary_pairs":
+        energies, weighted = [], []
+        for proj, count in (("q_proj", num_heads), ("k_proj", num_kv_heads)):
+            weight, bias = fetch(f"self_attn.{proj}")
+            rows = structured.output_energies(weight, bias, second, mean)
+            del weight, bias
+            energies.append(structured.per_pair(rows, count, head_dim))
+            weighted.append(structured.per_pair(rows * sensitivity[f"self_attn.{proj}"], count, head_dim))
+        return structured.pair_costs(*weighted, structured.rotary_pair_order(*energies))
+    consumer_name = "self_attn.o_proj" if name == "self_attn.value_dims" else "mlp.down_proj"
+    consumer, _ = fetch(consumer_name)
+    # rows scaled by the root mean squared loss gradient: the output error in loss units
+    consumer *= np.sqrt(sensitivity[consumer_name])[:, None]
+    if name == "mlp.neurons":
+        return structured.neuron_costs(second, consumer, neuron_selection, damping, decompose.RANK_MULTIPLE,
+                                       overwrite_moment=overwrite_moment)
+    return structured.value_maps(second, consumer, num_heads, num_kv_heads, head_dim, head_dim, damping)[1]
+
+
+def _weight_reader(reader: CheckpointReader, index: int, work_dtype):
+    """fetch(name) -> (weight, bias or None) of block `index`'s linear, read from the checkpoint as
+    numpy arrays in the work dtype (a fresh copy the caller may change)."""
+    prefix = block_prefix(index)
+
+    def fetch(name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        wanted = [f"{prefix}{name}.weight"] + [f"{prefix}{name}.bias"] * (f"{prefix}{name}.bias" in reader.weight_map)
+        tensors = reader.read(wanted)
+        weight, bias = (tensors[key].to(torch.float64 if work_dtype == np.float64 else torch.float32).numpy()
+                        if key in tensors else None for key in (wanted[0], f"{prefix}{name}.bias"))
+        return weight, bias
+    return fetch
+
+
+def read_saved(path: Path) -> dict[str, np.ndarray]:
+    """A saved first pass, every array read (a damaged file fails here, with one line, not later)."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return {key: stored[key] for key in stored.files}
+    except Exception as exc:  # numpy raises several types (BadZipFile, EOFError, ...) for damaged files
+        raise InputError(f"cannot read the first-pass file {path}: {type(exc).__name__}: {exc}") from None
+
+
+def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[int], names: list[str],
+                    work: Path, chunk_tokens: int, centered: bool, work_dtype, timer: StageTimer,
+                    saved: Path | None = None, fingerprint: str = "", units: list[str] = (),
+                    neuron_selection: str = "obs", price=None) -> dict[str, np.ndarray]:
+    """{"model.layers.<i>.<name>": loss cost of dropping each output direction} for every chosen block
+    and linear, from one streamed forward and backward pass of the dense model.
+
+    Saved (atomically) to `saved`, or to work/sensitivity-spectra.npz, with `fingerprint` (of the
+    model, calibration tokens and settings it was made from), and reused from there when the
+    fingerprint matches: by a resumed run, or by runs at other target sizes. `price(seen, chosen, index)`
+    replaces price_block where the directions priced are another's (quant_correction: the error's).
+    """
+    path = Path(saved) if saved is not None else Path(work) / SPECTRA_FILE
+    if path.is_file():
+        found = read_saved(path)
+        made_for = str(found.pop(FINGERPRINT_KEY, ""))
+        if made_for != fingerprint:
+            raise UsageError(f"{path} was made for another model, calibration or method; remove it or name "
+                             "another file")
+        log.info("pass 1 reused from %s", path)
+        return found
+    spec = reader.spec
+    sequences, seqlen = tokens.shape
+    chunk_sequences = max(1, chunk_tokens // seqlen)
+    # The backward's chunk holds the block's values under autograd (about twice a forward chunk's
+    # activations, beside every moment): half the tokens of a forward chunk.
+    backward_sequences = max(1, chunk_tokens // (2 * seqlen))
+    folder = Path(work) / "spectra-pass"
+    folder.mkdir(parents=True, exist_ok=True)
+    first = min(layers)
+    block_inputs = {index: ActivationBuffer(folder / f"inputs-{index:03d}.f32", sequences, seqlen, spec.hidden_size)
+                    for index in range(first, spec.num_layers + 1)}
+    grads = [ActivationBuffer(folder / name, sequences, seqlen, spec.hidden_size) for name in ("grad-a.f32", "grad-b.f32")]
+    costs: dict[str, np.ndarray] = {}
+    try:
+        cos, sin = Rotary(spec).cos_sin(seqlen)
+        # Forward: the blocks below the first chosen one need no gradient; their outputs share a pair.
+        below = [ActivationBuffer(folder / name, sequences, seqlen, spec.hidden_size) for name in ("below-a.f32", "below-b.f32")]
+        try:
+            with timer("read"):
+                embedding = reader.tensor(EMBED)
+            with timer("forward"):
+                embed_into(embedding, tokens, block_inputs[0] if first == 0 else below[0], chunk_sequences,
+                           spec.embedding_scale)
+            del embedding
+            for index, block in read_blocks(reader, range(spec.num_layers), timer, "spectra forward"):
+                source = block_inputs[index] if index >= first else below[index % 2]
+                destination = block_inputs[index + 1] if index + 1 >= first else below[(index + 1) % 2]
+                with timer("forward"):
+                    run_block(block, source, destination, cos, sin, chunk_sequences)
+                del block
+        finally:
+            for buffer in below:
+                buffer.close(remove=True)
+
+        with timer("read"):
+            head = LossHead(reader)
+        total_nll = 0.0
+        with timer("backward"):
+            for begin, end in chunk_ranges(sequences, 1):
+                hidden = block_inputs[spec.num_layers].read(begin, end)
+                targets = torch.from_numpy(np.ascontiguousarray(tokens[begin:end, 1:], dtype=np.int64))
+                grad = torch.zeros_like(hidden)  # the last position predicts nothing: no gradient
+                loss, grad[:, :-1] = head.loss_and_gradient(hidden[:, :-1], targets)
+                total_nll += loss
+                grads[0].write(begin, grad)
+        del head
+        log.info("spectra: dense calibration loss %.4f per token", total_nll / (sequences * (seqlen - 1)))
+
+        backward = read_blocks(reader, range(spec.num_layers - 1, first - 1, -1), timer, "spectra backward")
+        for step, (index, block) in enumerate(backward):
+            chosen = names if index in layers else []
+            output_grads, input_grads = grads[step % 2], grads[(step + 1) % 2]
+            seen = observe_block(block, chosen, list(units) if index in layers else [], block_inputs[index],
+                                 output_grads, input_grads if index > first else None, cos, sin,
+                                 backward_sequences, work_dtype, timer)
+            # The pricing reads each weight back when its turn comes, one at a time. The streaming loop
+            # holds the module until its next turn: its tensors go now (the block is spent).
+            block.to(device="meta")
+            del block
+            found = price_block(seen, chosen, _weight_reader(reader, index, work_dtype), centered, work_dtype,
+                                timer, neuron_selection) if price is None else price(seen, chosen, index)
+            del seen
+            costs.update({f"{ORDER_PREFIX}{block_prefix(index)}{name[len(ORDER_PREFIX):]}"
+                          if name.startswith(ORDER_PREFIX) else f"{block_prefix(index)}{name}": values
+                          for name, values in found.items()})
+            block_inputs.pop(index + 1).close(remove=True)  # its gradient is through; the file is done
+    finally:
+        for buffer in [*block_inputs.values(), *grads]:
+            buffer.close(remove=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(temporary, **costs, **{FINGERPRINT_KEY: np.array(fingerprint)})
+    temporary.replace(path)
+    return costs

@@ -1,0 +1,168 @@
+"""A projected wall time for `compress`, before the work starts: the work of each stage counted from the
+shapes, the calibration tokens and the method (floating-point operations of the forward and backward
+passes and of the moment products; eigen-solves and greedy removals by their size), divided by this
+machine's speed measured in a short probe (a torch matrix product at the block's own shapes and a
+scipy eigen-solve). It counts what `compress` does, not every detail: the report puts it beside the
+measured seconds (`projected_seconds`), so how close it comes is on record for every run.
+
+Pure arithmetic on shapes here; `probe()` is the only part that measures anything.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..linalg.structured import IN_PLACE_FROM
+
+# The greedy structured-OBS removal at width n (its inverse, then batched rank-k updates of it and of the
+# consumer's columns) costs about this many n³ multiply-adds at the product rate, whether it removes
+# all but a few (pass 1's pricing) or a fifth to a half (the selection): measured at n = 11008.
+OBS_CUBES = 2.0
+# Up to IN_PLACE_FROM features the removal copies the live part of the inverse every round (about 32
+# copies of the n x n inverse in all, down to a few features): seconds per element copied.
+OBS_COPY_SECONDS = 1e-8
+# What the arithmetic above leaves out and small models feel: seconds per linear priced or fitted
+# (reading its weight back, the checks and conversions of its moments) and per block and pass.
+PER_LINEAR_SECONDS = 0.05
+PER_BLOCK_SECONDS = 0.3
+READ_BYTES_PER_SECOND = 400e6  # safetensors read and converted to float32 (the page cache warm or not)
+
+
+@dataclass(frozen=True)
+class MachineSpeed:
+    """Measured once per run: multiply-adds per second of a float32 matrix product at the block's shape,
+    and seconds of a symmetric eigen-solve of size `eigen_size` (scaled by n³)."""
+
+    multiply_adds_per_second: float
+    eigen_seconds: float
+    eigen_size: int
+
+    def eigen(self, size: int) -> float:
+        return self.eigen_seconds * (size / self.eigen_size) ** 3
+
+    def products(self, multiply_adds: float) -> float:
+        return multiply_adds / self.multiply_adds_per_second
+
+
+def probe(hidden: int, work_dtype=np.float32, budget_seconds: float = 2.0) -> MachineSpeed:
+    """This machine's speed at the model's shape: a (2048 x hidden) · (hidden x hidden) torch product (one
+    untimed call first: the thread pool and the first pages cost more than the product) and a scipy
+    eigen-solve of min(hidden, 4096) (the eigen stage's solver and dtype; the solver's time grows more
+    slowly than n³ below a few thousand, so it is measured near the size it serves), each the best of
+    a few repeats within about `budget_seconds` (at least three products and one solve)."""
+    import scipy.linalg
+    import torch
+
+    rng = np.random.default_rng(0)
+    rows = 2048
+    a = torch.from_numpy(rng.standard_normal((rows, hidden), dtype=np.float32))
+    b = torch.from_numpy(rng.standard_normal((hidden, hidden), dtype=np.float32))
+    torch.mm(a, b)
+    best = float("inf")
+    deadline = time.perf_counter() + budget_seconds / 2
+    for repeat in range(8):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+        if repeat >= 2 and time.perf_counter() > deadline:
+            break
+    rate = rows * hidden * hidden / max(best, 1e-9)
+    size = min(hidden, 4096)
+    x = rng.standard_normal((size + 16, size)).astype(work_dtype)
+    symmetric = x.T @ x
+    eigen = float("inf")
+    deadline = time.perf_counter() + budget_seconds / 2
+    for _ in range(3):
+        start = time.perf_counter()
+        scipy.linalg.eigh(symmetric, driver="evd")
+        eigen = min(eigen, time.perf_counter() - start)
+        if time.perf_counter() > deadline:
+            break
+    return MachineSpeed(rate, eigen, size)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the work depends on (from a ModelSpec and the run's settings)."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    blocks: int
+    chosen_blocks: int  # blocks the plan compresses (--layers)
+    tokens: int  # calibration tokens (sequences x length)
+    seqlen: int
+    source_bytes: int
+
+
+def project(shapes: Shapes, speed: MachineSpeed, factored: list[str], units: list[str], first_pass: bool,
+            priced: list[str], neurons_ordered: bool = False) -> dict[str, float]:
+    """Projected seconds per stage (the report's stage names) and in all ("total").
+
+    `factored`: the linears pass 2 factors in each chosen block ("q"...); `units`: the structured units
+    it narrows there; `first_pass`: pass 1 runs (spectrum/bayes, not reused); `priced`: the linears
+    pass 1 prices in each chosen block (the units it prices are `units`); `neurons_ordered`: pass 2
+    keeps pass 1's order of the MLP neurons (--neuron-selection pass1) and only refits down."""
+    s = shapes
+    attention_width, kv_width = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    shape_of = {"q": (attention_width, s.hidden), "k": (kv_width, s.hidden), "v": (kv_width, s.hidden),
+                "o": (s.hidden, attention_width), "gate": (s.intermediate, s.hidden),
+                "up": (s.intermediate, s.hidden), "down": (s.hidden, s.intermediate)}
+    block_weights = sum(out * inp for out, inp in shape_of.values())
+    # multiply-adds of one block's forward over the calibration tokens (attention: the full score matrix)
+    forward = s.tokens * (block_weights + 2 * s.seqlen * attention_width)
+    reads_of = {"q": s.hidden, "k": s.hidden, "v": s.hidden, "o": attention_width, "gate": s.hidden,
+                "up": s.hidden, "down": s.intermediate}
+    seconds = dict.fromkeys(("read", "forward", "backward", "statistics", "eigen", "write"), 0.0)
+
+    def moment(width: int) -> float:  # one moment's products over the tokens
+        return speed.products(s.tokens * width * width)
+
+    def factor_cost(name: str) -> float:
+        """Pricing or fitting one linear's directions: its products with the input's Cholesky factor
+        and the eigen-solve of its output moment (the smaller side)."""
+        out, inp = shape_of[name]
+        if out < inp:  # a lone narrow-output linear (down) is fitted from its output's own moment
+            return speed.eigen(out) + PER_LINEAR_SECONDS
+        return speed.eigen(inp) + speed.products(out * inp * inp + inp ** 3) + PER_LINEAR_SECONDS
+
+    def unit_cost(unit: str, ordered: bool = False) -> float:
+        if unit == "mlp.neurons" and ordered:  # down's refit on the kept neurons: one damped solve
+            return speed.products(s.intermediate ** 3 / 3 + s.hidden * s.intermediate ** 2)
+        if unit == "mlp.neurons":
+            n = s.intermediate
+            copies = 32 * n * n * OBS_COPY_SECONDS if n <= IN_PLACE_FROM else 0.0
+            return speed.products(OBS_CUBES * n ** 3 + s.hidden * n * n) + copies
+        if unit == "self_attn.value_dims":
+            return s.kv_heads * speed.eigen(s.head_dim) + speed.products(s.hidden * attention_width ** 2)
+        return speed.products(attention_width * s.hidden ** 2)  # rotary pairs: the output energies
+
+    values_read = {reads_of[name] for name in factored} | {
+        {"mlp.neurons": s.intermediate, "self_attn.value_dims": attention_width}.get(unit, s.hidden) for unit in units}
+    if first_pass:
+        seconds["read"] += 2 * s.source_bytes / READ_BYTES_PER_SECOND
+        seconds["forward"] += speed.products(s.blocks * forward)
+        head = speed.products(3 * s.tokens * s.hidden * s.vocab)
+        # recomputed forward under autograd, then twice its work backward; the wide MLP moment's own pass
+        wide = "mlp.neurons" in units
+        seconds["backward"] += head + speed.products(s.chosen_blocks * 3 * forward)
+        seconds["forward"] += speed.products(s.chosen_blocks * wide * s.tokens * (block_weights - s.hidden * s.intermediate))
+        priced_values = {reads_of[name] for name in priced} | values_read
+        seconds["statistics"] += s.chosen_blocks * sum(moment(width) for width in priced_values)
+        seconds["eigen"] += s.chosen_blocks * (sum(factor_cost(name) for name in priced)
+                                               + sum(unit_cost(unit) for unit in units) + PER_BLOCK_SECONDS)
+    seconds["read"] += s.source_bytes / READ_BYTES_PER_SECOND
+    # pass 2: the group passes together make one forward, the outputs' pass a second (not the last block's)
+    seconds["forward"] += speed.products((2 * s.blocks - 1) * forward)
+    seconds["statistics"] += s.chosen_blocks * sum(moment(width) for width in values_read)
+    seconds["eigen"] += s.chosen_blocks * (sum(factor_cost(name) for name in factored)
+                                           + sum(unit_cost(unit, neurons_ordered) for unit in units)
+                                           + PER_BLOCK_SECONDS)
+    seconds["write"] += s.source_bytes / READ_BYTES_PER_SECOND / 2
+    seconds["total"] = sum(seconds.values())
+    return seconds

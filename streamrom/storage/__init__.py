@@ -1,0 +1,2 @@
+"""Files: checkpoint folders read and written shard by shard, atomic writes, output locks, the input
+energies file."""
