@@ -114,3 +114,17 @@ def test_nothing_imports_the_command_line():
     for module, found in SOURCES.items():
         assert "streamrom.cli" not in found, module
         assert not {top(n) for n in found} & {"benchmarks", "tests", "conftest"}, module
+
+
+def test_every_folder_of_modules_is_installed():
+    """setup.cfg installs the packages find: sees (folders with an __init__.py) and, as data, the listed
+    files: a folder of modules that is neither would be missing from a non-editable install."""
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(PACKAGE.parent / "setup.cfg")
+    assert setup["options"]["packages"].strip() == "find:"
+    data = [entry.strip() for entry in setup["options.package_data"]["streamrom"].split(",")]
+    for folder in {path.parent for path in PACKAGE.rglob("*.py")}:
+        inside = str(folder.relative_to(PACKAGE))
+        assert (folder / "__init__.py").is_file() or f"{inside}/*.py" in data, f"{folder} would not be installed"
