@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "value dimensions per KV head narrowed with o_proj refitted; q/k factored as rom-centered; "
                            "mixed: per linear group the allocator (spectrum, bayes) picks dense, factored or structured "
                            "by loss saved per parameter (README: Structured ROM)")
+    comp.add_argument("--pass1-tokens", type=_positive_int, metavar="N",
+                      help="--allocate spectrum or bayes: run pass 1 on at most N of the calibration tokens (whole "
+                           "sequences spread over the set; default: all). Pass 1 ranks directions and neurons; "
+                           "pass 2's fits still see every token. Its forward and backward take time in proportion")
     comp.add_argument("--neuron-selection", choices=list(NEURON_SELECTIONS),
                       help="structured/mixed: how MLP neurons are chosen: pass1 (the greedy removal's order from "
                            "pass 1, on the dense model's inputs in loss units, kept as it is: no second removal per "
@@ -411,6 +415,7 @@ def _run(args: argparse.Namespace) -> None:
                               heartbeat_seconds=args.heartbeat),
             **({"target_weight": args.target_weight} if args.target_weight is not None else {}),
             precision=args.precision, neuron_selection=_neuron_selection(args, allocate), anchor=args.anchor,
+            pass1_tokens=args.pass1_tokens,
             mean_bias=args.mean_bias,
             **({"modules": args.modules} if args.modules else {}))
         report = compress(args.source, args.output, config, args.report, eval_text=args.eval_text,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import streamrom
-from streamrom import CalibrationConfig, CompressConfig
+from streamrom import CalibrationConfig, CompressConfig, UsageError
 from streamrom.linalg import structured
 from streamrom.stream.calibration import calibration_tokens
 from streamrom.linalg.allocation import Slot, choose_alternatives, spectrum_ranks, total_params
@@ -566,3 +566,34 @@ def test_pass1_selection_refuses_what_has_no_pass_one_and_damaged_orders(tiny_mo
                 tiny_tokens, allocate="spectrum", target_params=0.7, spectra_file=spectra_file,
                 neuron_selection="pass1"))
         assert not list((tmp_path / damage).glob("model-*.safetensors"))
+
+
+def test_pass1_tokens_prices_on_sequences_spread_over_the_set(tiny_models, tmp_path):
+    """--pass1-tokens: pass 1 on whole sequences spread over the calibration set. Its saved pass 1 is, bit
+    for bit, the pass 1 of a run calibrated on those sequences alone; pass 2 still fits on all of them."""
+    from streamrom.stream.calibration import spread_sequences
+
+    rows = np.random.default_rng(1).integers(0, 256, size=(6, 64))
+    assert np.array_equal(spread_sequences(rows, 2 * 64 + 5), rows[[0, 5]])
+    assert np.array_equal(spread_sequences(rows, 3 * 64), rows[[0, 2, 5]])  # 0, 2.5, 5 rounded to even
+    assert np.array_equal(spread_sequences(rows, 10), rows[[0]])
+    assert spread_sequences(rows, None) is rows and spread_sequences(rows, 10 ** 6) is rows
+    files = {"all": tmp_path / "all.npy", "spread": tmp_path / "spread.npy"}
+    np.save(files["all"], rows)
+    np.save(files["spread"], rows[[0, 5]])
+    runs = {}
+    for name, token_file, sequences, pass1_tokens in (("subset", "all", 6, 128), ("alone", "spread", 2, None),
+                                                       ("full", "all", 6, None)):
+        runs[name] = streamrom.compress(tiny_models["llama"], tmp_path / name, CompressConfig(
+            calibration=CalibrationConfig(token_file=files[token_file], sequences=sequences, seqlen=64),
+            method="mixed", allocate="spectrum", target_params=0.7, neuron_selection="pass1",
+            pass1_tokens=pass1_tokens, spectra_file=tmp_path / f"{name}.npz"))
+    with np.load(tmp_path / "subset.npz") as subset, np.load(tmp_path / "alone.npz") as alone:
+        assert sorted(subset.files) == sorted(alone.files)
+        for key in subset.files:
+            assert np.array_equal(subset[key], alone[key]), key
+    with np.load(tmp_path / "subset.npz") as subset, np.load(tmp_path / "full.npz") as full:
+        assert any(not np.array_equal(subset[key], full[key]) for key in subset.files)
+    assert runs["subset"].settings["pass1_tokens"] == 128 and "pass1_tokens" not in runs["full"].settings
+    with pytest.raises(UsageError, match="pass1-tokens"):
+        CompressConfig(allocate="uniform", pass1_tokens=128)

@@ -47,6 +47,18 @@ def test_time_scales_with_the_tokens_where_the_passes_do():
     assert large["eigen"] == pytest.approx(small["eigen"])  # the decompositions do not see the tokens
 
 
+def test_pass_one_on_fewer_tokens_shrinks_pass_one_alone():
+    """--pass1-tokens: pass 1's forward, backward and moments scale with its own tokens; pass 2's do not
+    change, nor do the decompositions."""
+    args = (SPEED, ["q"], ["mlp.neurons"])
+    full = project(SHAPES, *args, first_pass=True, priced=["q"])
+    quarter = project(Shapes(**{**SHAPES.__dict__, "first_pass_tokens": 250}), *args, first_pass=True, priced=["q"])
+    second = project(SHAPES, *args, first_pass=False, priced=["q"])
+    for stage in ("forward", "backward", "statistics"):
+        assert quarter[stage] - second[stage] == pytest.approx((full[stage] - second[stage]) / 4)
+    assert quarter["eigen"] == full["eigen"] and quarter["read"] == full["read"]
+
+
 def test_pass_one_order_leaves_pass_two_only_the_refit():
     """pass1: pass 2's eigen time loses the greedy removal (a third of its cube and more) and keeps the
     refit; pass 1 and every other stage are as obs's."""

@@ -53,6 +53,9 @@ class CompressConfig:
     # energy among the mix's eigenvectors and the target's own top r (decompose.select_basis)
     target_basis: str = "mix"
     bayes: BayesConfig = field(default_factory=BayesConfig)  # --allocate bayes: trials, seed, held-out windows
+    # pass 1 (spectrum, bayes) on at most this many of the calibration tokens, whole sequences spread
+    # over the set (None: all): it ranks directions and neurons, the fits of pass 2 see every token
+    pass1_tokens: int | None = None
     neuron_selection: str = "obs"  # structured MLP: greedy structured OBS, ridge leverage, or pass 1's OBS order (linalg/structured.py)
     # anchored fits: a dense stream beside the compressed one, and each fit's target moved from the
     # dense weights' outputs on the compressed inputs (0: off) to the dense model's outputs (1)
@@ -79,6 +82,9 @@ class CompressConfig:
             raise UsageError("--rank and --ranks-from fix the ranks: they do not combine with --allocate or a target")
         if not 0.0 <= self.anchor <= 1.0:
             raise UsageError(f"--anchor must be in [0, 1], got {self.anchor}")
+        if self.pass1_tokens is not None and (self.pass1_tokens < 1 or self.allocate not in FIRST_PASS_ALLOCATIONS):
+            raise UsageError("--pass1-tokens sizes pass 1: a positive count, with --allocate "
+                             f"{' or '.join(FIRST_PASS_ALLOCATIONS)}")
         if self.anchor and not self.compression_method.uses_calibration:
             raise UsageError(f"--method {self.method} uses no calibration text, so nothing to anchor")
         if self.anchor and self.target_calibration is not None:
@@ -154,6 +160,7 @@ class CompressConfig:
                     "precision": self.precision, "ranks": self.ranks,
                     **({"neuron_selection": self.neuron_selection} if self.compression_method.structured else {}),
                     **({"anchor": self.anchor} if self.anchor else {}),
+                    **({"pass1_tokens": self.pass1_tokens} if self.pass1_tokens is not None else {}),
                     **({} if self.mean_bias else {"mean_bias": False}),
                     "calibration": {"files": [str(p) for p in self.calibration.text_files] or ["(default)"],
                                     "token_file": str(self.calibration.token_file or ""),

@@ -23,7 +23,7 @@ import torch
 from ..report import plots
 from . import time_estimate
 from ..stream.activations import BlockCache
-from ..stream.calibration import calibration_tokens, held_out_windows
+from ..stream.calibration import calibration_tokens, held_out_windows, spread_sequences
 from ..storage.checkpoint import CheckpointReader, check_output_path, clear_folder
 from ..storage.layout import check_free_disk, check_report_path
 from ..storage.locking import private_folder
@@ -104,7 +104,7 @@ def prepare(source: Path, config: CompressConfig, timer: StageTimer, runtime_byt
     total_params = reader.parameter_count()
     # The spectrum plan needs pass 1; a uniform plan of the same budget has its size within a step.
     sizing_config = (replace(config, allocate="uniform", spectra_file=None, neuron_selection="obs",
-                             bayes=replace(config.bayes, study=None, study_name=None))
+                             pass1_tokens=None, bayes=replace(config.bayes, study=None, study_name=None))
                      if config.allocate in FIRST_PASS_ALLOCATIONS else config)
     sizing_plan = model_plan(spec, sizing_config, layers, total_params, dtype_bytes)
     widest = {name: (min(spec.linear_shape(name)) if config.allocate != "uniform" else rank)
@@ -145,7 +145,8 @@ def projected_time(spec: ModelSpec, config: CompressConfig, layers: list[int], t
     priced = modules if method.mixed else factored
     shapes = time_estimate.Shapes(spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads,
                                   spec.head_dim, spec.vocab_size, spec.num_layers, len(layers),
-                                  token_shape[0] * token_shape[1], token_shape[1], source_bytes)
+                                  token_shape[0] * token_shape[1], token_shape[1], source_bytes,
+                                  spread_sequences(np.empty(token_shape, np.int8), config.pass1_tokens).size)
     speed = time_estimate.probe(spec.hidden_size, PRECISIONS[config.precision])
     ordered = config.neuron_selection == "pass1"
     seconds = time_estimate.project(shapes, speed, factored, units, first_pass, priced, ordered)

@@ -16,6 +16,7 @@ import numpy as np
 from ..linalg import allocation, bayes, decompose
 from .config import FIRST_PASS_ALLOCATIONS, PRECISIONS, CompressConfig
 from ..errors import OutputError, UsageError
+from ..stream.calibration import spread_sequences
 from ..stream.evaluation import evaluate
 from .execute import WORK_FOLDER, fault_point, write_model
 from ..report.memory import RSSMonitor
@@ -229,7 +230,10 @@ def _first_plan(prepared: "Prepared", output: Path,
                         else config.neuron_selection)
     # with a target text, directions are priced by the target's statistics and loss alone
     tokens = prepared.tokens
-    priced_on = tokens if prepared.target_from is None else tokens[prepared.target_from:]
+    priced_on = spread_sequences(tokens if prepared.target_from is None else tokens[prepared.target_from:],
+                                 config.pass1_tokens)
+    if len(priced_on) < len(tokens):
+        log.info("pass 1 on %d of the %d calibration sequences (--pass1-tokens)", len(priced_on), len(tokens))
     spectra = collect_spectra(reader, priced_on, layers, names, output / WORK_FOLDER,
                               config.chunk_tokens, config.centered, PRECISIONS[config.precision], timer,
                               saved=config.spectra_file, fingerprint=arguments_fingerprint(pass_one, priced_on),

@@ -98,6 +98,7 @@ class Shapes:
     tokens: int  # calibration tokens (sequences x length)
     seqlen: int
     source_bytes: int
+    first_pass_tokens: int = 0  # the tokens pass 1 sees (--pass1-tokens); 0: all of them
 
 
 def project(shapes: Shapes, speed: MachineSpeed, factored: list[str], units: list[str], first_pass: bool,
@@ -114,14 +115,15 @@ def project(shapes: Shapes, speed: MachineSpeed, factored: list[str], units: lis
                 "o": (s.hidden, attention_width), "gate": (s.intermediate, s.hidden),
                 "up": (s.intermediate, s.hidden), "down": (s.hidden, s.intermediate)}
     block_weights = sum(out * inp for out, inp in shape_of.values())
-    # multiply-adds of one block's forward over the calibration tokens (attention: the full score matrix)
-    forward = s.tokens * (block_weights + 2 * s.seqlen * attention_width)
+    # multiply-adds of one block's forward per calibration token (attention: the full score matrix)
+    per_token = block_weights + 2 * s.seqlen * attention_width
+    forward = s.tokens * per_token
     reads_of = {"q": s.hidden, "k": s.hidden, "v": s.hidden, "o": attention_width, "gate": s.hidden,
                 "up": s.hidden, "down": s.intermediate}
     seconds = dict.fromkeys(("read", "forward", "backward", "statistics", "eigen", "write"), 0.0)
 
-    def moment(width: int) -> float:  # one moment's products over the tokens
-        return speed.products(s.tokens * width * width)
+    def moment(width: int, tokens: int = s.tokens) -> float:  # one moment's products over the tokens
+        return speed.products(tokens * width * width)
 
     def factor_cost(name: str) -> float:
         """Pricing or fitting one linear's directions: its products with the input's Cholesky factor
@@ -145,15 +147,16 @@ def project(shapes: Shapes, speed: MachineSpeed, factored: list[str], units: lis
     values_read = {reads_of[name] for name in factored} | {
         {"mlp.neurons": s.intermediate, "self_attn.value_dims": attention_width}.get(unit, s.hidden) for unit in units}
     if first_pass:
+        tokens = min(s.first_pass_tokens or s.tokens, s.tokens)
         seconds["read"] += 2 * s.source_bytes / READ_BYTES_PER_SECOND
-        seconds["forward"] += speed.products(s.blocks * forward)
-        head = speed.products(3 * s.tokens * s.hidden * s.vocab)
+        seconds["forward"] += speed.products(s.blocks * tokens * per_token)
+        head = speed.products(3 * tokens * s.hidden * s.vocab)
         # recomputed forward under autograd, then twice its work backward; the wide MLP moment's own pass
         wide = "mlp.neurons" in units
-        seconds["backward"] += head + speed.products(s.chosen_blocks * 3 * forward)
-        seconds["forward"] += speed.products(s.chosen_blocks * wide * s.tokens * (block_weights - s.hidden * s.intermediate))
+        seconds["backward"] += head + speed.products(s.chosen_blocks * 3 * tokens * per_token)
+        seconds["forward"] += speed.products(s.chosen_blocks * wide * tokens * (block_weights - s.hidden * s.intermediate))
         priced_values = {reads_of[name] for name in priced} | values_read
-        seconds["statistics"] += s.chosen_blocks * sum(moment(width) for width in priced_values)
+        seconds["statistics"] += s.chosen_blocks * sum(moment(width, tokens) for width in priced_values)
         seconds["eigen"] += s.chosen_blocks * (sum(factor_cost(name) for name in priced)
                                                + sum(unit_cost(unit) for unit in units) + PER_BLOCK_SECONDS)
     seconds["read"] += s.source_bytes / READ_BYTES_PER_SECOND

@@ -197,6 +197,17 @@ def held_out_windows(config: CalibrationConfig, checkpoint: Path, vocab_size: in
     return np.stack(windows)
 
 
+def spread_sequences(tokens: np.ndarray, most_tokens: int | None) -> np.ndarray:
+    """At most `most_tokens` of the (sequences, seqlen) `tokens`, as whole sequences spread evenly over
+    them (the calibration set is its parts one after another: a prefix would be one part). At least one
+    sequence; all of them when `most_tokens` is None or covers them."""
+    sequences, seqlen = tokens.shape
+    count = sequences if most_tokens is None else min(sequences, max(1, most_tokens // seqlen))
+    if count == sequences:
+        return tokens
+    return tokens[np.linspace(0, sequences - 1, count).round().astype(np.int64)]
+
+
 def held_out(names: Iterable[str], fraction: float, salt: str = "streamrom") -> set[str]:
     """The names (e.g. module names of a code corpus) held out for evaluation: those whose SHA-256
     (with `salt`) falls in the first `fraction` of the hash range. Stable across runs, machines and
