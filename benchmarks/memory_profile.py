@@ -19,6 +19,8 @@ and backward of the dense model, compression/spectra.py), whose peak the estimat
     python -m benchmarks.memory_profile 7b --depths 2 --allocate spectrum --sequences 8
     python -m benchmarks.memory_profile 7b --depths 2 --method mixed --allocate spectrum --sequences 8 \
         --neuron-selection obs pass1
+    python -m benchmarks.memory_profile 7b --depths 2 --method mixed --allocate spectrum --sequences 8 \
+        --neuron-selection pass1 --pass1-tokens all 1024      # pass 1 on all tokens, then on 1024: a pair
 """
 from __future__ import annotations
 
@@ -83,6 +85,8 @@ def main() -> None:
                         "hold the MLP's intermediate_size² moment)")
     parser.add_argument("--neuron-selection", nargs="+", default=["obs"], choices=["obs", "leverage", "pass1"],
                         help="structured/mixed: one run per selection, in turn (a pair: obs pass1)")
+    parser.add_argument("--pass1-tokens", nargs="+", default=["all"], metavar="N|all",
+                        help="pass 1's tokens (--pass1-tokens), several for a measured pair in one run (default all)")
     parser.add_argument("--threads", type=int, help="torch threads in the compress run (default: torch's)")
     parser.add_argument("--anchor", type=float, default=0.0, help="anchored fits' strength (default 0: off; with it "
                         "the dense stream runs beside the compressed one)")
@@ -103,10 +107,11 @@ def main() -> None:
     tokens_count = args.sequences * args.seqlen
     rows = [row for row in previous if (row["depth"], row["calibration_tokens"], row.get("allocate", "uniform"),
                                         row.get("method", "rom"), row.get("anchor", 0.0),
-                                        row.get("neuron_selection", "obs")) not in
-            {(depth, tokens_count, args.allocate, args.method, args.anchor, selection) for depth in args.depths
-             for selection in args.neuron_selection}]
-    for depth, selection in [(depth, selection) for depth in args.depths for selection in args.neuron_selection]:
+                                        row.get("neuron_selection", "obs"), row.get("pass1_tokens", "all")) not in
+            {(depth, tokens_count, args.allocate, args.method, args.anchor, selection, pass1)
+             for depth in args.depths for selection in args.neuron_selection for pass1 in args.pass1_tokens}]
+    for depth, selection, pass1 in [(depth, selection, pass1) for depth in args.depths
+                                    for selection in args.neuron_selection for pass1 in args.pass1_tokens]:
         source = write_synthetic(args.shape, depth, args.work / f"{args.shape}-{depth}")
         output = args.work / f"{args.shape}-{depth}-rom"
         report_path = args.work / f"{args.shape}-{depth}.report.json"
@@ -123,9 +128,12 @@ def main() -> None:
             command += ["--anchor", f"{args.anchor:g}"]
         if args.method in ("structured", "mixed"):  # always named: the command line's default depends on the allocation
             command += ["--neuron-selection", selection]
+        if pass1 != "all":
+            command += ["--pass1-tokens", pass1]
         suffix = (f"d{depth}" + ("" if tokens_count == 16384 else f"_t{tokens_count}")
                   + ("_spectrum" if spectrum else "") + ("" if args.method == "rom" else f"_{args.method}")
-                  + (f"_anchor{args.anchor:g}" if args.anchor else "") + ("" if selection == "obs" else f"_{selection}"))
+                  + (f"_anchor{args.anchor:g}" if args.anchor else "") + ("" if selection == "obs" else f"_{selection}")
+                  + ("" if pass1 == "all" else f"_p{pass1}"))
         timeline = args.results / f"memory_{args.shape}_{suffix}_rss.csv"
         print("$", shlex.join(command[1:]), flush=True)
         wall, sampled_here, _ = profile(command, timeline)
@@ -145,7 +153,8 @@ def main() -> None:
         rows.append({
             "depth": depth, "allocate": args.allocate, "method": args.method,
             **({"anchor": args.anchor} if args.anchor else {}),
-            **({"neuron_selection": selection} if selection != "obs" else {}), "command": shlex.join(["streamrom", *command[3:]]),
+            **({"neuron_selection": selection} if selection != "obs" else {}),
+            **({"pass1_tokens": pass1} if pass1 != "all" else {}), "command": shlex.join(["streamrom", *command[3:]]),
             "wall_seconds": wall, "stage_seconds": seconds,
             "projected_seconds": report.get("projected_seconds", {}).get("seconds", {}),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -180,7 +189,7 @@ def main() -> None:
             print("whole-model way:", {k: v for k, v in rows[-1]["whole_model"].items() if "ratio" in k or k == "outputs"},
                   flush=True)
     rows.sort(key=lambda row: (row.get("method", "rom"), row.get("allocate", "uniform"), row["calibration_tokens"],
-                               row["depth"], row.get("neuron_selection", "obs")))
+                               row["depth"], row.get("neuron_selection", "obs"), row.get("pass1_tokens", "all")))
     result = {"benchmark": "memory_profile", "shape": args.shape, "ratio": args.ratio, "machine": machine(),
               "rows": rows}
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -193,7 +202,8 @@ def main() -> None:
         st = row["stage_seconds"]
         bound = row.get("seconds_over_bound", {})
         anchored = (f" anchor {row['anchor']:g}" if row.get("anchor") else "") + (
-            f" {row['neuron_selection']}" if row.get("neuron_selection") else "")
+            f" {row['neuron_selection']}" if row.get("neuron_selection") else "") + (
+            f" pass 1 on {row['pass1_tokens']}" if row.get("pass1_tokens") else "")
         print(f"| {row['depth']} | {row['calibration_tokens']} | {row.get('method', 'rom')} {row.get('allocate', 'uniform')}"
               f"{anchored} "
               f"| {row['wall_seconds']:.0f} s | {st.get('forward', 0):.0f} s "

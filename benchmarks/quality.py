@@ -28,13 +28,17 @@ from streamrom.report.report import machine
 def quality_row(cli: list[str], dense: Path, work: Path, method: str, allocate: str,
                 reduction: int) -> tuple[Path, list[str]]:
     """A row's output folder in `work` and its `compress` command (benchmarks/centered.py reuses the folders).
-    `method` may carry a neuron selection, e.g. structured+leverage."""
+    `method` may carry a neuron selection, e.g. structured+leverage, and pass 1's tokens after @, e.g.
+    mixed+pass1@4096 (--pass1-tokens)."""
     output = work / f"quality-{method}-{allocate}-{reduction}"
-    name, _, selection = method.partition("+")
+    method_selection, _, pass1_tokens = method.partition("@")
+    name, _, selection = method_selection.partition("+")
     command = cli + ["compress", str(dense), str(output), "--method", name, "--allocate", allocate,
                      "--target-params", f"{1 - reduction / 100:.2f}", "--overwrite", "--calib-text", str(EMMA)]
     if selection:
         command += ["--neuron-selection", selection]
+    if pass1_tokens:
+        command += ["--pass1-tokens", pass1_tokens]
     if allocate in ("spectrum", "bayes"):  # pass 1 does not depend on the size: made once per method
         command += ["--spectra", str(work / f"quality-pass1-{method}.npz")]
     return output, command
@@ -45,7 +49,8 @@ def main() -> None:
     parser.add_argument("--reductions", type=int, nargs="+", default=[10, 20, 30, 40],
                         help="whole-model parameter reductions in percent (default 10 20 30 40)")
     parser.add_argument("--methods", nargs="+", default=["rom", "rom-centered", "svd"],
-                        help="methods, a neuron selection after + (structured+leverage; default: obs)")
+                        help="methods, a neuron selection after + (structured+leverage; default: obs), pass 1's "
+                             "tokens after @ (mixed+pass1@4096)")
     parser.add_argument("--allocations", nargs="+", default=["uniform", "last-n", "spectrum", "bayes"])
     parser.add_argument("--max-windows", type=int, help="evaluate only the first N windows of 512 (default: all)")
     parser.add_argument("--threads", type=int)
