@@ -136,7 +136,7 @@ def deep_tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def reference(deep_tiny, tiny_tokens, tmp_path_factory) -> dict[str, bytes]:
     output = tmp_path_factory.mktemp("ref") / "out"
-    from test_reliability import cli_command, model_files, run
+    from helpers import cli_command, model_files, run
 
     result = run(cli_command(deep_tiny, output, tiny_tokens))
     assert result.returncode == 0, result.stderr

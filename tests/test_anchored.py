@@ -13,7 +13,7 @@ from streamrom import CalibrationConfig, CompressConfig
 from streamrom.linalg import decompose, structured
 from streamrom.storage.checkpoint import CheckpointReader
 
-from test_reliability import cli_command, model_files, run
+from helpers import cli_command, model_files, run
 
 
 def streams(rng, size: int, count: int, noise: float):

@@ -112,7 +112,7 @@ def test_gguf_export_and_import_keep_the_model(tmp_path, kind):
     from streamrom.gguf.importer import import_gguf
     from streamrom.gguf.exporter import export_gguf
 
-    from test_export_gguf import byte_level_tokenizer
+    from helpers import byte_level_tokenizer
 
     source = make_tiny(tmp_path / "source", kind, **FAMILIES[kind].tiny_gguf)
     byte_level_tokenizer(source)

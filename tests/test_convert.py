@@ -14,13 +14,8 @@ from safetensors.torch import load_file
 from streamrom.cli import main
 from streamrom.gguf.importer import GGUFModel, import_gguf, to_output_dtype, unpermute_rotary
 
+from helpers import llama_cpp_permute, write_tiny_gguf
 from conftest import EVAL_TEXT, smollm2_gguf
-
-
-def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
-    """What llama.cpp's HF-to-GGUF converter does to q/k rows (written out from its description)."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 @pytest.mark.parametrize("heads, shape", [(4, (32, 6)), (3, (24,)), (1, (8, 2))])
@@ -125,90 +120,6 @@ def test_bad_gguf_inputs_fail_cleanly(tmp_path, capsys):
 
     assert main(["import-gguf", "no_such_package_here", str(tmp_path / "c")]) != 0
     assert "neither a .gguf file nor an installed package" in capsys.readouterr().err
-
-
-def byte_level_alphabet() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 bytes, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
-def write_tiny_gguf(path, model_type: str, block_count: int = 2, override: dict | None = None):
-    """A GGUF written with the gguf package from a tiny random transformers model, the way llama.cpp's
-    converter lays it out (q/k rows permuted for llama, F16 tensors for qwen2); returns the HF state.
-    `block_count` and `override` (metadata key -> any value, its GGUF type taken from the value) write a
-    file that says something else than its tensors, as a hostile or broken converter could."""
-    import gguf
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=258, max_position_embeddings=128, rms_norm_eps=1e-5)
-    config = (LlamaConfig(**sizes, tie_word_embeddings=False, rope_theta=5e4) if model_type == "llama"
-              else Qwen2Config(**sizes, tie_word_embeddings=True, rope_theta=5e4))
-    torch.manual_seed(0)
-    state = {k: v.detach().float().numpy() for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
-    for key in [k for k in state if k.endswith(".bias")]:
-        state[key] = np.random.default_rng(1).standard_normal(state[key].shape).astype(np.float32)
-    writer = gguf.GGUFWriter(str(path), model_type)
-    writer.add_block_count(block_count)
-    writer.add_context_length(128)
-    writer.add_embedding_length(64)
-    writer.add_feed_forward_length(96)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_rope_freq_base(5e4)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list([*byte_level_alphabet(), "Ġt", "<s>"])
-    writer.add_token_types([1] * 257 + [3])
-    writer.add_token_merges(["Ġ t"])
-    writer.add_bos_token_id(257)
-    writer.add_eos_token_id(257)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    block_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-                   "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    for key, value in state.items():
-        if key == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if key.startswith("model.layers."):
-            _, _, index, rest = key.split(".", 3)
-            module, kind = rest.rsplit(".", 1)
-            name = f"blk.{index}.{block_names[module]}.{kind}"
-            if model_type == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
-                value = llama_cpp_permute(value, 4 if "q_proj" in module else 2)
-        else:
-            name = names[key]
-        writer.add_tensor(name, value.astype(np.float16) if model_type == "qwen2" and value.ndim == 2 else value)
-    for key, value in (override or {}).items():
-        writer.kv_data[0].pop(key, None)
-        if isinstance(value, list) and not value:
-            continue  # the gguf package writes no empty array: an empty list removes the key
-        writer.add_key_value(key, value, _gguf_value_type(value),
-                             _gguf_value_type(value[0]) if isinstance(value, list) else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return state
-
-
-def _gguf_value_type(value):
-    import gguf
-
-    kinds = gguf.GGUFValueType
-    if isinstance(value, bool):
-        return kinds.BOOL
-    if isinstance(value, int):
-        return kinds.INT64 if value < 2**63 else kinds.UINT64
-    if isinstance(value, float):
-        return kinds.FLOAT32
-    if isinstance(value, str):
-        return kinds.STRING
-    return kinds.ARRAY
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])

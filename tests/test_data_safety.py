@@ -23,8 +23,8 @@ from streamrom.storage.locking import LOCK_FILE, OutputLock, private_folder
 from streamrom.compression.progress import PROGRESS_FILE
 
 from conftest import folder_digest, make_tiny
-from test_convert import write_tiny_gguf
-from test_reliability import cli_command, model_files, run
+from helpers import write_tiny_gguf
+from helpers import cli_command, model_files, run
 
 INDEX = "model.safetensors.index.json"
 
@@ -309,14 +309,14 @@ def test_log_file_inside_the_output_is_kept(deep_tiny, tiny_tokens, tmp_path, re
 
 # -- 10, 12, 13. exit codes ---------------------------------------------------------------------------------
 def test_disk_full_during_pass_one_and_import_is_exit_6(deep_tiny, tiny_tokens, tiny_gguf, tmp_path):
-    from test_reliability import _limit_file_size
+    from helpers import limit_file_size
 
     full = run(cli_command(deep_tiny, tmp_path / "out", tiny_tokens, "--allocate", "spectrum"),
-               preexec=_limit_file_size(60_000))
+               preexec=limit_file_size(60_000))
     assert full.returncode == EXIT_RESOURCES and "no space left" in full.stderr, full.stderr
     imported = subprocess.run([sys.executable, "-m", "streamrom.cli", "--quiet", "import-gguf", str(tiny_gguf),
                                str(tmp_path / "imported")], capture_output=True, text=True,
-                              preexec_fn=_limit_file_size(2_000), timeout=300)
+                              preexec_fn=limit_file_size(2_000), timeout=300)
     assert imported.returncode == EXIT_RESOURCES and "no space left" in imported.stderr, imported.stderr
     assert len(imported.stderr.splitlines()) == 1 and not (tmp_path / "imported").exists()
 
@@ -362,7 +362,7 @@ def test_bad_arguments_fail_before_any_work(deep_tiny, tiny_tokens, tmp_path, ex
 # Before ~0.05 s the interpreter itself is starting (runpy, site): no code of ours runs yet.
 @pytest.mark.parametrize("delay", [0.1, 0.2, 0.3, 0.5, 1.0])
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(deep_tiny, tiny_tokens, tmp_path, delay):
-    from test_reliability import default_sigint
+    from helpers import default_sigint
 
     process = subprocess.Popen(cli_command(deep_tiny, tmp_path / "out", tiny_tokens), stderr=subprocess.PIPE,
                                text=True, preexec_fn=default_sigint)

@@ -24,23 +24,13 @@ from streamrom.errors import EXIT_INPUT, EXIT_OUTPUT
 
 gguf = pytest.importorskip("gguf")
 
+from helpers import byte_level_tokenizer
 from conftest import TINY_COMMON  # noqa: E402
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "streamrom.cli", "--quiet", *map(str, args)], capture_output=True,
                           text=True, timeout=300)
-
-
-def byte_level_tokenizer(folder: Path) -> None:
-    """A 256-token byte-level BPE vocabulary (no merges) for the tiny models' vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={text: i for i, text in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.save(str(folder / "tokenizer.json"))
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from streamrom.errors import EXIT_INPUT, StreamromError
 
 from conftest import make_tiny
-from test_convert import write_tiny_gguf
+from helpers import write_tiny_gguf
 
 EXAMPLES = int(os.environ.get("STREAMROM_FUZZ_EXAMPLES", "100"))
 CASE_SECONDS = 20  # one case: far above what any parser needs; a hang ends here, as a failure

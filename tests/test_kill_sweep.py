@@ -22,7 +22,7 @@ from streamrom.gguf.exporter import export_gguf
 
 from conftest import make_tiny
 from kill_harness import Command, digest, kill_and_rerun, leftovers, reference, run_and_kill, run_to_end
-from test_convert import write_tiny_gguf
+from helpers import write_tiny_gguf
 
 FULL = os.environ.get("STREAMROM_KILL_SWEEP") == "full"
 TABLE = os.environ.get("STREAMROM_KILL_TABLE")

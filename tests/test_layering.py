@@ -128,3 +128,11 @@ def test_every_folder_of_modules_is_installed():
     for folder in {path.parent for path in PACKAGE.rglob("*.py")}:
         inside = str(folder.relative_to(PACKAGE))
         assert (folder / "__init__.py").is_file() or f"{inside}/*.py" in data, f"{folder} would not be installed"
+
+
+def test_no_test_file_imports_another():
+    """Shared test code lives in helpers.py and conftest.py, not in a test file another one imports."""
+    tests = PACKAGE.parent / "tests"
+    for path in sorted(tests.glob("*.py")):
+        found = {name.split(".")[0] for name in imports(path)}
+        assert not {name for name in found if name.startswith("test_")}, f"{path.name} imports {sorted(found)}"

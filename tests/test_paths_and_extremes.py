@@ -17,7 +17,7 @@ import pytest
 from streamrom.errors import EXIT_OUTPUT, EXIT_USAGE
 
 from conftest import folder_digest, make_tiny
-from test_reliability import model_files
+from helpers import model_files
 
 
 def streamrom(*args, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -25,32 +25,8 @@ from streamrom.errors import (EXIT_BUSY, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OUTP
                               ResourceError, StreamromError)
 from streamrom.compression.progress import PROGRESS_FILE, OutputLock
 
+from helpers import cli_command, default_sigint, limit_file_size, model_files, run
 from conftest import folder_digest, make_tiny
-
-MODEL_FILES = ("*.safetensors", "model.safetensors.index.json", "config.json")
-
-
-def cli_command(source, output, tokens, *extra) -> list[str]:
-    return [sys.executable, "-m", "streamrom.cli", "--quiet", "compress", str(source), str(output),
-            "--method", "rom", "--calib-tokens", str(tokens), "--calib-sequences", "8", "--calib-seqlen", "64",
-            "--chunk-tokens", "128", "--ratio", "0.5", *extra]
-
-
-def run(command, fault: str | None = None, preexec=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("STREAMROM_FAULT", None)
-    if fault:
-        env["STREAMROM_FAULT"] = fault
-    return subprocess.run(command, capture_output=True, text=True, env=env, preexec_fn=preexec, timeout=300)
-
-
-def model_files(folder: Path) -> dict[str, bytes]:
-    files = {}
-    for pattern in MODEL_FILES:
-        for path in folder.glob(pattern):
-            files[path.name] = path.read_bytes()
-    return files
-
 
 def test_same_command_gives_bit_identical_files(deep_tiny, tiny_tokens, tmp_path, reference):
     output = tmp_path / "again"
@@ -87,12 +63,6 @@ def test_resume_is_logged_and_skips_finished_blocks(deep_tiny, tiny_tokens, tmp_
     assert "resuming" in resumed.stderr and "after block 4" in resumed.stderr
     assert "block 1/6 done" not in resumed.stderr and "block 5/6 done" in resumed.stderr
     assert model_files(output) == reference
-
-
-def default_sigint() -> None:
-    """A test runner started in the background (nohup ... &) ignores SIGINT, and its children
-    inherit that; a user's terminal does not. Give the child the terminal's default."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_stops_cleanly_and_resumes(deep_tiny, tiny_tokens, tmp_path, reference):
@@ -137,18 +107,11 @@ def test_second_run_on_the_same_output_is_locked_out(deep_tiny, tiny_tokens, tmp
     assert run(cli_command(deep_tiny, output, tiny_tokens)).returncode == 0
 
 
-def _limit_file_size(limit: int):
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
-
-
 def test_failing_writes_give_one_line_and_resume_afterwards(deep_tiny, tiny_tokens, tmp_path, reference):
     """Disk full, simulated at the OS level: the process may write no file larger than 60 kB."""
     output = tmp_path / "out"
     digest = folder_digest(deep_tiny)
-    full = run(cli_command(deep_tiny, output, tiny_tokens), preexec=_limit_file_size(60_000))
+    full = run(cli_command(deep_tiny, output, tiny_tokens), preexec=limit_file_size(60_000))
     assert full.returncode == EXIT_RESOURCES, full.stderr
     lines = full.stderr.strip().splitlines()
     assert len(lines) == 1 and "no space left writing" in lines[0]
