@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..linalg.structured import kept_pair_rows
 from ..model.architectures import ModelSpec
 from ..storage.checkpoint import CheckpointReader
 from ..storage.layout import (GGUF_TYPES as TYPES, LLAMA_QUANTIZE_TYPES, LLAMA_QUANTIZE_VARIABLE, check_output_file,
@@ -493,14 +494,10 @@ def _pad_rows(rows: np.ndarray, heads: int, width: int, head_dim: int) -> np.nda
 
 
 def _scatter_pairs(rows: np.ndarray, heads: int, pairs: np.ndarray, head_dim: int) -> np.ndarray:
-    """Each head's kept rotary pairs (first halves j, then partners j + head_dim/2) put back in place."""
-    kept = pairs.shape[1] * 2
-    dims = np.concatenate([pairs, pairs + head_dim // 2], axis=1).repeat(heads // pairs.shape[0], axis=0)
-    full = np.zeros((heads, head_dim, rows.shape[1]), dtype=rows.dtype)
-    narrow = rows.reshape(heads, kept, rows.shape[1])
-    for head in range(heads):
-        full[head, dims[head]] = narrow[head]
-    return full.reshape(heads * head_dim, rows.shape[1])
+    """Each head's kept rotary pairs put back in place (structured.kept_pair_rows), zeros between."""
+    full = np.zeros((heads * head_dim, rows.shape[1]), dtype=rows.dtype)
+    full[kept_pair_rows(pairs, head_dim, heads)] = rows
+    return full
 
 
 # -- the tokenizer

@@ -322,13 +322,18 @@ def rotary_pair_order(query_energy: np.ndarray, key_energy: np.ndarray) -> np.nd
     return np.argsort(-(group * key_energy), axis=1, kind="stable")
 
 
-def kept_pair_rows(pairs: np.ndarray, head_dim: int, heads: int) -> np.ndarray:
-    """Row indices of a q_proj (heads query heads) or k_proj (heads = KV heads) that keep `pairs`
-    (kv_heads x m, ascending): per head its pairs' first halves, then their partners."""
-    kv_heads = pairs.shape[0]
+def kept_pair_dims(pairs: np.ndarray, head_dim: int, heads: int) -> np.ndarray:
+    """The layout of narrowed queries and keys, once for every reader of it: (heads x 2m) dimensions of
+    each head that keep `pairs` (kv_heads x m, ascending), its pairs' first halves then their partners
+    (as rotate_half pairs them); a query head takes its KV head's pairs."""
     dims = np.concatenate([pairs, pairs + head_dim // 2], axis=1)
-    per_head = np.repeat(dims, heads // kv_heads, axis=0)
-    return (per_head + head_dim * np.arange(heads)[:, None]).reshape(-1)
+    return np.repeat(dims, heads // pairs.shape[0], axis=0)
+
+
+def kept_pair_rows(pairs: np.ndarray, head_dim: int, heads: int) -> np.ndarray:
+    """Row indices of a q_proj (heads query heads) or k_proj (heads = KV heads) that keep `pairs`:
+    kept_pair_dims, head by head."""
+    return (kept_pair_dims(pairs, head_dim, heads) + head_dim * np.arange(heads)[:, None]).reshape(-1)
 
 
 def pair_costs(query_cost: np.ndarray, key_cost: np.ndarray, order: np.ndarray) -> np.ndarray:

@@ -178,7 +178,8 @@ class Attention(nn.Module):
 
     def _kept_rotary(self, table: torch.Tensor, heads: int) -> torch.Tensor:
         """The (length x head_dim) cos or sin table at each head's kept dimensions: (heads, length, dims),
-        the pairs' first halves then their partners, as rotate_half pairs them."""
+        the pairs' first halves then their partners, as rotate_half pairs them (linalg.structured's
+        kept_pair_dims in torch: the model's modules import no scipy)."""
         pairs = self.rotary_pairs.long()
         dims = torch.cat((pairs, pairs + self.head_dim // 2), dim=1)
         kept = table[:, dims].transpose(0, 1)
