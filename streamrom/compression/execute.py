@@ -13,15 +13,14 @@ alone, on what the prepare stage already holds.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from ..faults import fault_point
 from ..stream.activations import ActivationBuffer, ActivationPair, BlockCache, embed_into
 from .anchoring import DenseStream, dense_pair
 from .block_compression import block_plan, compress_block
@@ -37,18 +36,6 @@ from ..report.report import StageTimer
 log = logging.getLogger(__name__)
 
 WORK_FOLDER = ".streamrom-work"
-
-
-def fault_point(name: str) -> None:
-    """Test hook: STREAMROM_FAULT=<name> kills the process here with SIGKILL, as a crash would;
-    STREAMROM_FAULT=sigint:<name> sends it SIGINT, as Ctrl-C would; stop:<name> stops it (SIGSTOP)."""
-    fault = os.environ.get("STREAMROM_FAULT")
-    if fault == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif fault == f"sigint:{name}":
-        os.kill(os.getpid(), signal.SIGINT)
-    elif fault == f"stop:{name}":  # held there (SIGSTOP) until the test sends SIGCONT
-        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def damaged_shards(output: Path, progress: Progress) -> list[int]:

@@ -30,7 +30,8 @@ from ..storage.locking import private_folder
 from .config import FIRST_PASS_ALLOCATIONS, PRECISIONS, CompressConfig, parse_layers  # noqa: F401 (the API)
 from ..errors import InputError, OutputError, ResourceError, write_failure
 from ..stream.evaluation import evaluate
-from .execute import WORK_FOLDER, damaged_shards, fault_point, write_model
+from .execute import WORK_FOLDER, damaged_shards, write_model
+from ..faults import fault_point
 from ..report.memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak
 from .methods import Method
 from ..model.modeling import BLOCK_LINEARS, ModelSpec, block_class, block_prefix

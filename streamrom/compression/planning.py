@@ -18,7 +18,8 @@ from .config import FIRST_PASS_ALLOCATIONS, PRECISIONS, CompressConfig
 from ..errors import OutputError, UsageError
 from ..stream.calibration import spread_sequences
 from ..stream.evaluation import evaluate
-from .execute import WORK_FOLDER, fault_point, write_model
+from .execute import WORK_FOLDER, write_model
+from ..faults import fault_point
 from ..report.memory import RSSMonitor
 from ..model.architectures import UNIT_BY_NAME, UNIT_NAMES, UNITS, StructuredUnit
 from ..model.modeling import BLOCK_LINEARS, ModelSpec, block_prefix
