@@ -222,6 +222,9 @@ def main() -> None:
                   f"{whole['peak_rss_bytes'] / mib:.0f} MiB = {whole['peak_rss_ratio']:.2f} x streamed "
                   f"(time {whole['wall_time_ratio']:.2f} x); outputs identical: {whole['outputs']['identical']}")
     print(f"\nwritten {out}")
+    from benchmarks import tables
+
+    tables.main()  # docs/results/scale.md's table, from the rows just written
 
 
 if __name__ == "__main__":

@@ -23,3 +23,16 @@ def test_reliability_page_is_what_its_script_writes():
     if not result.is_file():
         return  # not run yet: no page either
     assert (REPO / "docs" / "reliability.md").read_text() == reliability_sweep.page(json.loads(result.read_text())) + "\n"
+
+
+def test_generated_tables_are_what_the_script_writes():
+    """Every table a result page marks as generated equals what benchmarks/tables.py writes now from the
+    results JSON (and the scale page has one)."""
+    from benchmarks import tables
+
+    marked = {}
+    for page in sorted((REPO / "docs" / "results").glob("*.md")):
+        text = page.read_text()
+        marked[page.name] = tables.generated_names(text)
+        assert tables.render(text) == text, f"{page.name}: a generated table differs (python -m benchmarks.tables)"
+    assert "scale" in marked["scale.md"]
