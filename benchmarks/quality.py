@@ -122,6 +122,9 @@ def main() -> None:
         print(f"| {row['reduction']}% | {row['method']} | {row['allocate']} | {row['parameter_ratio']:.3f} "
               f"| {row['perplexity']:.2f} | {versus} | {closeness} | {compress} |")
     print(f"\nwritten {args.out}")
+    from benchmarks import tables
+
+    tables.main()  # docs/results/real-model.md's grids, from the rows just written
 
 
 if __name__ == "__main__":

@@ -64,7 +64,81 @@ def scale_table() -> str:
     return "\n".join(lines)
 
 
-TABLES: dict[str, Callable[[], str]] = {"scale": scale_table}
+def _quality() -> tuple[dict[str, float], list[int]]:
+    """benchmarks/results/quality.json's perplexities by key (method/allocation/reduction) and its sizes."""
+    rows = json.loads((RESULTS / "quality.json").read_text())["rows"]
+    found = {row["key"]: row["perplexity"] for row in rows}
+    return found, sorted({row["reduction"] for row in rows if row["reduction"]})
+
+
+def _perplexity(value: float | None, best: float | None = None) -> str:
+    if value is None:
+        return ""
+    text = f"{value:,.0f}" if value >= 1000 else f"{value:.2f}"
+    return f"**{text}**" if best is not None and round(value, 2) == round(best, 2) else text
+
+
+def _change(value: float, reference: float) -> str:
+    return f"{100 * (value / reference - 1):+.1f} %".replace("-", "−")
+
+
+FACTORED = ("rom", "rom-centered", "svd")
+ALLOCATIONS = ("uniform", "last-n", "spectrum", "bayes")
+
+
+def factored_table() -> str:
+    """docs/results/real-model.md: the factored methods at each whole-model size (benchmarks/quality.py).
+    A last-n cell not measured is the uniform plan (last-n factors every block below --ratio from 20 %
+    on); svd has no spectrum or bayes cell (both price the directions ROM keeps)."""
+    found, sizes = _quality()
+    columns = [(method, allocation) for method in FACTORED for allocation in ALLOCATIONS
+               if not (method == "svd" and allocation in ("spectrum", "bayes"))]
+    header = ["whole-model reduction"]
+    for method, allocation in columns:
+        header.append(f"`{method}` {allocation}")
+        if (method, allocation) == ("rom", "spectrum"):
+            header.append("spectrum vs uniform")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for size in sizes:
+        values = {column: found.get(f"{column[0]}/{column[1]}/{size}") for column in columns}
+        best = min(v for v in values.values() if v is not None)
+        cells = [f"{size} %"]
+        for column in columns:
+            value = values[column]
+            cells.append("= uniform" if value is None and column[1] == "last-n" else _perplexity(value, best))
+            if column == ("rom", "spectrum"):
+                uniform = values[("rom", "uniform")]
+                cells.append(_change(value, uniform) if value and uniform else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def structured_table() -> str:
+    """docs/results/real-model.md: structured and mixed against the best factored cell of each size."""
+    found, sizes = _quality()
+    columns = [("structured", "uniform", "`structured` uniform"), ("structured", "spectrum", "`structured` spectrum"),
+               ("mixed", "spectrum", "`mixed` spectrum, `--neuron-selection obs`"),
+               ("mixed+pass1", "spectrum", "`mixed` spectrum, `pass1` (the default)")]
+    leverage = ("structured+leverage", "spectrum", "`structured` spectrum, `--neuron-selection leverage`")
+    header = ["whole-model reduction", "best factored cell", *(c[2] for c in columns), "mixed vs best factored",
+              leverage[2]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for size in sizes:
+        factored = [(found[key], method, allocation) for method in FACTORED for allocation in ALLOCATIONS
+                    if (key := f"{method}/{allocation}/{size}") in found]
+        best_factored, method, allocation = min(factored, key=lambda f: (f[0], ALLOCATIONS.index(f[2])))
+        values = [found.get(f"{c[0]}/{c[1]}/{size}") for c in (*columns, leverage)]
+        best = min(v for v in values if v is not None)
+        default = values[3]
+        versus = _change(default, best_factored) if default else ""
+        cells = [f"{size} %", f"{best_factored:.2f} (`{method}` {allocation})",
+                 *(_perplexity(v, best) for v in values[:4]), versus, _perplexity(values[4])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "factored": factored_table,
+                                        "structured": structured_table}
 
 
 def render(text: str) -> str:
