@@ -88,6 +88,9 @@ def main() -> None:
               f"| {row['parameter_ratio']:.3f} | {same} | {row['perplexity']:.2f} | {versus} | {row['mean_kl']:.3f} "
               f"| {100 * row['top1_agreement']:.1f} % | {row['compress_seconds']:.0f} s |")
     print(f"\nwritten {args.out}")
+    from benchmarks import tables
+
+    tables.main()  # docs/results/real-model.md's anchored table
 
 
 if __name__ == "__main__":

@@ -137,8 +137,38 @@ def structured_table() -> str:
     return "\n".join(lines)
 
 
+def anchored_table() -> str:
+    """docs/results/real-model.md: plain against anchored fits, same ranks and widths (benchmarks/anchored.py):
+    rom-centered from anchored.json, structured (its unit refits anchored) from anchored_structured.json."""
+    strengths = (0.25, 0.5, 1.0)
+    sources = (("rom-centered", "anchored.json"), ("structured", "anchored_structured.json"))
+    lines = ["| reduction | method (spectrum) | plain: ppl / KL / top-1 | "
+             + " | ".join(f"anchor {strength:g}" for strength in strengths) + " |", "|---|---|---|---|---|---|"]
+    for method, source in sources:
+        rows = json.loads((RESULTS / source).read_text())["rows"]
+        found = {(row["reduction"], row["anchor"]): row for row in rows
+                 if row["method"] == method and row["key"].count("/") == 3}
+        for size in sorted({size for size, _ in found}):
+            plain = found[(size, 0.0)]
+            anchored = {strength: found.get((size, strength)) for strength in strengths}
+            best = min(row["perplexity"] for row in anchored.values() if row)
+
+            def cell(row: dict | None) -> str:
+                if row is None:
+                    return ""
+                text = f"{row['perplexity']:.2f} / {row['mean_kl']:.3f} / {100 * row['top1_agreement']:.1f} %"
+                if row is plain:
+                    return text
+                text += f" ({_change(row['perplexity'], plain['perplexity'])})"
+                return f"**{text}**" if row["perplexity"] == best else text
+
+            lines.append(f"| {size} % | `{method}` | {cell(plain)} | "
+                         + " | ".join(cell(anchored[strength]) for strength in strengths) + " |")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "factored": factored_table,
-                                        "structured": structured_table}
+                                        "structured": structured_table, "anchored": anchored_table}
 
 
 def render(text: str) -> str:
