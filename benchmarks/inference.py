@@ -136,6 +136,9 @@ def main() -> None:
               f"| {(row['rss_steady_bytes'] - row['rss_before_load_bytes']) / 2**20:.0f} MiB "
               f"| {row['peak_rss_bytes'] / 2**20:.0f} MiB |")
     print(f"\nwritten {args.out}")
+    from benchmarks import tables
+
+    tables.main()  # docs/results/real-model.md's speed table
 
 
 if __name__ == "__main__":

@@ -167,8 +167,54 @@ def anchored_table() -> str:
     return "\n".join(lines)
 
 
+def _timed_model_perplexity(folder: str) -> float:
+    """Perplexity of the model in `folder` (benchmarks/inference.py times the quality grids' own outputs):
+    from the grid that wrote it, by the folder's name."""
+    name = Path(folder).name
+    if name == "smollm2":  # the dense model
+        return next(row["perplexity"] for row in json.loads((RESULTS / "quality.json").read_text())["rows"]
+                    if row["key"] == "dense")
+    source, stem = ("anchored.json", name.removeprefix("anchored-quality-")) if name.startswith("anchored-") \
+        else ("quality.json", name.removeprefix("quality-"))
+    rows = json.loads((RESULTS / source).read_text())["rows"]
+    for row in rows:
+        key = "-".join(str(part) for part in (row["method"], row["allocate"], row["reduction"],
+                                               *([row["anchor"]] if "anchor" in row else [])))
+        if key.replace("-0.0", "-0") == stem:
+            return row["perplexity"]
+    raise KeyError(f"no perplexity for {folder}")
+
+
+def inference_table() -> str:
+    """docs/results/real-model.md: speed and model RSS of the grids' models (benchmarks/inference.py)."""
+    found = json.loads((RESULTS / "inference.json").read_text())["rows"]
+    by = {(row["label"], row["loader"], row["threads"]): row for row in found}
+    labels = list(dict.fromkeys(row["label"] for row in found))
+    lines = ["| model | perplexity (P&P) | transformers, 1 thread: prefill / decode tok/s | 2 threads | "
+             "`streamrom.load` prefill tok/s, 1 / 2 threads | model RSS, transformers / `streamrom.load` |",
+             "|---|---|---|---|---|---|"]
+    for label in labels:
+        kind, _, size = label.partition("-")
+        name = "dense" if label == "dense" else f"{size} % " + ("factored" if kind == "factored" else f"`{kind}`")
+        cells = [name, f"{_timed_model_perplexity(by[(label, 'transformers', 1)]['folder']):.2f}"]
+        for threads in (1, 2):
+            row, dense = by[(label, "transformers", threads)], by[("dense", "transformers", threads)]
+            text = f"{row['prefill_tokens_per_second']:.0f} / {row['decode_tokens_per_second']:.1f}"
+            if label != "dense":
+                text += (f" ({row['prefill_tokens_per_second'] / dense['prefill_tokens_per_second']:.2f} / "
+                         f"{row['decode_tokens_per_second'] / dense['decode_tokens_per_second']:.2f} ×)")
+            cells.append(text)
+        cells.append(" / ".join(f"{by[(label, 'streamrom', threads)]['prefill_tokens_per_second']:.0f}"
+                                for threads in (1, 2)))
+        cells.append(" / ".join(f"{(row['rss_steady_bytes'] - row['rss_before_load_bytes']) / MIB:.0f}"
+                                for row in (by[(label, "transformers", 1)], by[(label, "streamrom", 1)])) + " MiB")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "factored": factored_table,
-                                        "structured": structured_table, "anchored": anchored_table}
+                                        "structured": structured_table, "anchored": anchored_table,
+                                        "inference": inference_table}
 
 
 def render(text: str) -> str:
