@@ -89,6 +89,9 @@ def main() -> None:
         print(f"| {fraction} | {cells[0]} | {cells[1]} | {worst['shape']}, {worst['tokens']} token(s), "
               f"{worst['dtype']}, {worst['threads']} thread(s): {worst['speedup']:.2f} × |")
     print(f"written {RESULTS}")
+    from benchmarks import tables
+
+    tables.main()  # docs/results/real-model.md's factored-speed table
 
 
 if __name__ == "__main__":

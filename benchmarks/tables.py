@@ -212,7 +212,30 @@ def inference_table() -> str:
     return "\n".join(lines)
 
 
-TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "factored": factored_table,
+def factored_speed_table() -> str:
+    """docs/results/real-model.md: a factored linear's speed-up over the dense one, minimum / median over
+    the shapes and token counts of each group, 1 · 2 threads (benchmarks/factored_speed.py)."""
+    import statistics
+
+    rows = json.loads((RESULTS / "factored_speed.json").read_text())["rows"]
+    groups = [(family, dtype) for family in ("7b", "smollm2") for dtype in ("float32", "bfloat16")]
+    names = {"7b": "7B shapes", "smollm2": "135M shapes", "float32": "float32", "bfloat16": "bf16"}
+    lines = ["| fraction kept | " + " | ".join(f"{names[family]}, {names[dtype]}, 1 / 2 threads"
+                                               for family, dtype in groups) + " |", "|---|" + "---|" * len(groups)]
+    for fraction in sorted({row["fraction"] for row in rows}):
+        cells = [f"{fraction:g}"]
+        for family, dtype in groups:
+            parts = []
+            for threads in (1, 2):
+                speedups = [row["speedup"] for row in rows if row["fraction"] == fraction and row["dtype"] == dtype
+                            and row["threads"] == threads and row["shape"].startswith(family + " ")]
+                parts.append(f"{min(speedups):.2f} / {statistics.median(speedups):.2f} ×")
+            cells.append(" · ".join(parts))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "factored": factored_table, "speed": factored_speed_table,
                                         "structured": structured_table, "anchored": anchored_table,
                                         "inference": inference_table}
 
