@@ -177,6 +177,9 @@ def main() -> None:
               f"| {row['rss_steady_bytes'] / gib:.2f} GiB ({row['steady_anonymous_bytes'] / gib:.2f} + "
               f"{row['steady_file_backed_bytes'] / gib:.2f}) | {row['load_peak_over_file']:.3f} "
               f"| {row['steady_over_file']:.3f} | {', '.join(sorted(row['parameter_dtypes']))} |")
+    from benchmarks import tables
+
+    tables.main()  # docs/results/real-model.md's loading table
 
 
 if __name__ == "__main__":

@@ -235,7 +235,23 @@ def factored_speed_table() -> str:
     return "\n".join(lines)
 
 
+def load_memory_table() -> str:
+    """docs/results/real-model.md: loading a 7B-shaped compressed checkpoint (benchmarks/load_memory.py)."""
+    gib = 2 ** 30
+    names = {"streamrom": "`streamrom.load`", "transformers": "transformers (`trust_remote_code`)"}
+    lines = ["| loader | load | RSS before | peak RSS (sampled / OS) | after touching every weight (anonymous + "
+             "file-backed) | (peak − before) / file | resident dtype |", "|---|---|---|---|---|---|---|"]
+    for row in json.loads((RESULTS / "load_memory.json").read_text())["rows"]:
+        dtypes = ", ".join(dtype.removeprefix("torch.").replace("bfloat16", "bf16") for dtype in row["parameter_dtypes"])
+        lines.append(f"| {names[row['loader']]} | {row['load_seconds']:.1f} s | {row['rss_before_bytes'] / gib:.2f} GiB "
+                     f"| {row['peak_rss_bytes'] / gib:.2f} / {row['os_peak_rss_bytes'] / gib:.2f} GiB "
+                     f"| {row['rss_steady_bytes'] / gib:.2f} GiB ({row['steady_anonymous_bytes'] / gib:.2f} + "
+                     f"{row['steady_file_backed_bytes'] / gib:.2f}) | **{row['load_peak_over_file']:.3f}** | {dtypes} |")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "factored": factored_table, "speed": factored_speed_table,
+                                        "load": load_memory_table,
                                         "structured": structured_table, "anchored": anchored_table,
                                         "inference": inference_table}
 
