@@ -250,7 +250,38 @@ def load_memory_table() -> str:
     return "\n".join(lines)
 
 
+def targeted_table() -> str:
+    """docs/results/real-model.md: general, target-only, mixed and selected calibration for held-out code and
+    prose (benchmarks/targeted.py); the best of the three targeted rows in bold."""
+    found = json.loads((RESULTS / "targeted.json").read_text())
+    rows = {row["key"]: row for row in found["rows"]}
+    weight = found["target_weight"]
+    names = {"general": "general (*Emma*, the default then)", "target": "target only (`--calib-text` code)",
+             "mix": f"mix (`--target-text` code, α = {weight:g})", "select": "mix + `--target-basis select`"}
+
+    def versus(value: float, general: float) -> str:
+        ratio = value / general
+        return f"{ratio:.4f} ×" if ratio < 0.1 else f"{ratio:.1f} ×" if ratio > 2 else _change(value, general)
+
+    lines = ["| reduction | calibration | held-out code perplexity | code vs general | prose perplexity | "
+             "prose vs general |", "|---|---|---|---|---|---|"]
+    for size in sorted({row["reduction"] for row in found["rows"] if row["reduction"]}):
+        general = rows[f"general/{size}"]
+        targeted = [rows[f"{variant}/{size}"] for variant in ("target", "mix", "select")]
+        best = {text: min(row[text] for row in targeted) for text in ("code", "prose")}
+        for variant in names:
+            row = rows[f"{variant}/{size}"]
+            if variant == "general":
+                lines.append(f"| {size} % | {names[variant]} | {_perplexity(row['code'])} | | {_perplexity(row['prose'])} | |")
+                continue
+            lines.append(f"| {size} % | {names[variant]} | {_perplexity(row['code'], best['code'])} "
+                         f"| {versus(row['code'], general['code'])} | {_perplexity(row['prose'], best['prose'])} "
+                         f"| {versus(row['prose'], general['prose'])} |")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "factored": factored_table, "speed": factored_speed_table,
+                                        "targeted": targeted_table,
                                         "load": load_memory_table,
                                         "structured": structured_table, "anchored": anchored_table,
                                         "inference": inference_table}

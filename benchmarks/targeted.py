@@ -133,6 +133,9 @@ def main() -> None:
         print(f"| {row['reduction']}% | {row['variant']} | {row['code']:.2f} | {row['prose']:.2f} | {versus} |")
     print(f"\nheld-out modules ({len(evaluation_modules)}): {', '.join(sorted(evaluation_modules)[:12])}, ...")
     print(f"written {args.out}")
+    from benchmarks import tables
+
+    tables.main()  # docs/results/real-model.md's targeted-calibration table
 
 
 if __name__ == "__main__":
