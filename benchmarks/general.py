@@ -129,6 +129,9 @@ def main() -> None:
                       f"| {dense_scores[genre]:.2f} | {score('emma', genre)} | {score('general', genre)} "
                       f"| {score(f'without-{genre}', genre)} |")
     print(f"\nwritten {args.out}")
+    from benchmarks import tables
+
+    tables.main()  # docs/results/real-model.md's genre table
 
 
 if __name__ == "__main__":

@@ -280,7 +280,32 @@ def targeted_table() -> str:
     return "\n".join(lines)
 
 
+def general_table() -> str:
+    """docs/results/real-model.md: Emma alone, the general set, and the general set without the evaluated
+    genre, on every genre's held-out text (benchmarks/general.py)."""
+    found = json.loads((RESULTS / "general.json").read_text())
+    rows = {row["key"]: row["perplexity"] for row in found["rows"]}
+    texts = {"austen": "Austen", "carroll": "Carroll", "docs": "Python documentation", "code": "Python code"}
+
+    def versus(value: float, reference: float) -> str:
+        return f"{100 * (value / reference - 1):+.0f} %".replace("-", "−")
+
+    lines = ["| reduction | method | held-out text | dense | Emma alone | general set (in genre) | vs Emma "
+             "| general set without that genre (out of genre) | vs Emma |", "|---|---|---|---|---|---|---|---|---|"]
+    methods = list(dict.fromkeys(key.split("/")[0] for key in rows if key != "dense"))
+    for method in methods:
+        for size in (20, 40):
+            for text, name in texts.items():
+                emma = rows[f"{method}/spectrum/{size}/emma"][text]
+                general = rows[f"{method}/spectrum/{size}/general"][text]
+                without = rows[f"{method}/spectrum/{size}/without-{text}"][text]
+                lines.append(f"| {size} % | `{method}` | {name} | {rows['dense'][text]:.2f} | {emma:.2f} | {general:.2f} "
+                             f"| {versus(general, emma)} | {without:.2f} | {versus(without, emma)} |")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "factored": factored_table, "speed": factored_speed_table,
+                                        "general": general_table,
                                         "targeted": targeted_table,
                                         "load": load_memory_table,
                                         "structured": structured_table, "anchored": anchored_table,
