@@ -109,6 +109,9 @@ def main() -> None:
         print(f"| {row['variant']} | {ratio} | {row['perplexity']:.2f} | {comp_time} | {comp_rss} "
               f"| {row['eval_peak_rss_bytes'] / mib:.0f} MiB | {row['bytes_on_disk'] / mib:.0f} MiB |")
     print(f"\nwritten {args.out}")
+    from benchmarks import tables
+
+    tables.main()  # docs/results/real-model.md's first table
 
 
 if __name__ == "__main__":

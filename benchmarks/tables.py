@@ -304,7 +304,27 @@ def general_table() -> str:
     return "\n".join(lines)
 
 
+def real_model_table() -> str:
+    """docs/results/real-model.md: the dense model and the first factored variants on the whole of Pride and
+    Prejudice (benchmarks/real_model.py); each variant named by its compress options."""
+    lines = ["| variant | parameters kept | perplexity | compress time | compress peak RSS (sampled / OS) | "
+             "eval peak RSS | size on disk |", "|---|---|---|---|---|---|---|"]
+    for row in json.loads((RESULTS / "real_model.json").read_text())["rows"]:
+        if "compress_command" not in row:
+            lines.append(f"| {row['variant']} | 1.000 | {row['perplexity']:.2f} | - | - "
+                         f"| {row['eval_peak_rss_bytes'] / MIB:.0f} MiB | {row['bytes_on_disk'] / MIB:.0f} MiB |")
+            continue
+        words = row["compress_command"].split()
+        options = words[words.index("compress") + 3:words.index("--overwrite")]
+        lines.append(f"| `{' '.join(options)}` | {row['parameter_ratio']:.3f} | {row['perplexity']:.2f} "
+                     f"| {row['compress_seconds']:.0f} s | {row['compress_peak_rss_bytes'] / MIB:.0f} / "
+                     f"{row['compress_os_peak_rss_bytes'] / MIB:.0f} MiB | {row['eval_peak_rss_bytes'] / MIB:.0f} MiB "
+                     f"| {row['bytes_on_disk'] / MIB:.0f} MiB |")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "factored": factored_table, "speed": factored_speed_table,
+                                        "real-model": real_model_table,
                                         "general": general_table,
                                         "targeted": targeted_table,
                                         "load": load_memory_table,
