@@ -35,11 +35,19 @@ def header(argv: list[str]) -> dict:
             "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
 
 
+FAILURES = REPO / ".cache" / "reliability_failures.txt"  # pytest's own report of a failed run, kept to read
+
+
 def pytest(test_file: str, env: dict[str, str]) -> tuple[int, float, str]:
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", test_file], cwd=REPO,
                             env={**os.environ, **env}, capture_output=True, text=True)
     summary = (result.stdout.strip().splitlines() or [""])[-1]
+    if result.returncode:
+        FAILURES.parent.mkdir(exist_ok=True)
+        with FAILURES.open("a") as kept:
+            kept.write(f"== {test_file} {env} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n{result.stdout}\n{result.stderr}\n")
+        print(f"{test_file}: {summary}; pytest's report appended to {FAILURES}", file=sys.stderr)
     return result.returncode, round(time.perf_counter() - start, 1), summary
 
 
