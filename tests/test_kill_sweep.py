@@ -67,6 +67,9 @@ def commands(world) -> dict[str, Command]:
              "--chunk-tokens", "128"]
     found = {
         "compress rom uniform": compress("rom", "--method", "rom", "--ratio", "0.5"),
+        "compress svd last-n": compress("svd", "--method", "svd", "--allocate", "last-n", "--ratio", "0.5"),
+        "compress rom-centered last-n": compress("centered", "--method", "rom-centered", "--allocate", "last-n",
+                                                 "--target-params", "0.8"),
         "compress structured spectrum": compress("structured", "--method", "structured", "--allocate", "spectrum",
                                                  "--target-params", "0.8"),
         "compress mixed spectrum": compress("mixed", "--method", "mixed", "--allocate", "spectrum",
@@ -98,10 +101,10 @@ def commands(world) -> dict[str, Command]:
 
 
 NAMES = ["compress rom uniform", "compress structured spectrum", "compress mixed spectrum", "compress mixed pass1",
-         "compress mixed --anchor",
-         "compress --target-text", "compress bayes", "compress bayes --study", "import-gguf", "eval --reference", "correct --adapter-size",
-         "export-gguf --type source", "export-gguf --type f32", "export-gguf --type f16", "export-gguf --type bf16",
-         "export-gguf --type q8_0", "export-gguf --type q4_0"]
+         "compress mixed --anchor", "compress --target-text", "compress bayes", "compress bayes --study", "import-gguf",
+         "eval --reference", "correct --adapter-size", "export-gguf --type source", "export-gguf --type f32",
+         "export-gguf --type f16", "export-gguf --type bf16", "export-gguf --type q8_0", "export-gguf --type q4_0",
+         "compress svd last-n", "compress rom-centered last-n"]
 
 
 ONLY = [n for n in os.environ.get("STREAMROM_KILL_COMMANDS", "").split(",") if n]  # the long run's choice
