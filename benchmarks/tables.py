@@ -176,11 +176,8 @@ def _timed_model_perplexity(folder: str) -> float:
                     if row["key"] == "dense")
     source, stem = ("anchored.json", name.removeprefix("anchored-quality-")) if name.startswith("anchored-") \
         else ("quality.json", name.removeprefix("quality-"))
-    rows = json.loads((RESULTS / source).read_text())["rows"]
-    for row in rows:
-        key = "-".join(str(part) for part in (row["method"], row["allocate"], row["reduction"],
-                                               *([row["anchor"]] if "anchor" in row else [])))
-        if key.replace("-0.0", "-0") == stem:
+    for row in json.loads((RESULTS / source).read_text())["rows"]:
+        if row["key"].replace("/", "-") == stem:  # the grids name a row's folder by its key
             return row["perplexity"]
     raise KeyError(f"no perplexity for {folder}")
 

@@ -23,7 +23,7 @@ import torch
 from ..report import plots
 from . import time_estimate
 from ..stream.activations import BlockCache
-from ..stream.calibration import calibration_tokens, held_out_windows, spread_sequences
+from ..stream.calibration import calibration_tokens, held_out_windows, spread_count
 from ..storage.checkpoint import CheckpointReader, check_output_path, clear_folder
 from ..storage.layout import check_free_disk, check_report_path
 from ..storage.locking import private_folder
@@ -147,7 +147,7 @@ def projected_time(spec: ModelSpec, config: CompressConfig, layers: list[int], t
     shapes = time_estimate.Shapes(spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads,
                                   spec.head_dim, spec.vocab_size, spec.num_layers, len(layers),
                                   token_shape[0] * token_shape[1], token_shape[1], source_bytes,
-                                  spread_sequences(np.empty(token_shape, np.int8), config.pass1_tokens).size)
+                                  spread_count(*token_shape, config.pass1_tokens) * token_shape[1])
     speed = time_estimate.probe(spec.hidden_size, PRECISIONS[config.precision])
     ordered = config.neuron_selection == "pass1"
     seconds = time_estimate.project(shapes, speed, factored, units, first_pass, priced, ordered)

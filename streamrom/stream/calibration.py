@@ -202,10 +202,15 @@ def spread_sequences(tokens: np.ndarray, most_tokens: int | None) -> np.ndarray:
     them (the calibration set is its parts one after another: a prefix would be one part). At least one
     sequence; all of them when `most_tokens` is None or covers them."""
     sequences, seqlen = tokens.shape
-    count = sequences if most_tokens is None else min(sequences, max(1, most_tokens // seqlen))
+    count = spread_count(sequences, seqlen, most_tokens)
     if count == sequences:
         return tokens
     return tokens[np.linspace(0, sequences - 1, count).round().astype(np.int64)]
+
+
+def spread_count(sequences: int, seqlen: int, most_tokens: int | None) -> int:
+    """How many of `sequences` sequences spread_sequences keeps."""
+    return sequences if most_tokens is None else min(sequences, max(1, most_tokens // seqlen))
 
 
 def held_out(names: Iterable[str], fraction: float, salt: str = "streamrom") -> set[str]:
