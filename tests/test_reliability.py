@@ -23,7 +23,7 @@ from streamrom.storage.checkpoint import CheckpointReader
 from streamrom.cli import main
 from streamrom.errors import (EXIT_BUSY, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_RESOURCES,
                               ResourceError, StreamromError)
-from streamrom.compression.progress import PROGRESS_FILE, OutputLock
+from streamrom.compression.progress import LOCK_FILE, PROGRESS_FILE, OutputLock
 
 from helpers import cli_command, default_sigint, limit_file_size, model_files, run
 from conftest import folder_digest, make_tiny
@@ -51,6 +51,26 @@ def test_sigkill_then_rerun_resumes_to_identical_files(deep_tiny, tiny_tokens, t
     assert progress["blocks_done"] >= 1
     log = run(cli_command(deep_tiny, tmp_path / "fresh", tiny_tokens))
     assert log.returncode == 0
+
+
+@pytest.mark.parametrize("name", [PROGRESS_FILE, "config.json", "model.safetensors.index.json",
+                                  "streamrom-report.json"])
+def test_killed_between_a_file_and_its_rename_then_rerun_is_identical(deep_tiny, tiny_tokens, tmp_path, reference,
+                                                                      name):
+    """Killed with a file's temporary on disk and not yet renamed into place (write_atomic). The first
+    progress record is the case the long kill sweep found under load: the folder then holds only that
+    temporary and the lock, both the run's own, and the rerun must start afresh, not refuse a folder
+    that is not empty."""
+    output = tmp_path / "out"
+    killed = run(cli_command(deep_tiny, output, tiny_tokens), fault=f"replacing-{name}")
+    assert killed.returncode == -signal.SIGKILL
+    assert (output / f".{name}.tmp").is_file()
+    if name == PROGRESS_FILE:
+        assert sorted(p.name for p in output.iterdir()) == [f".{PROGRESS_FILE}.tmp", LOCK_FILE]
+    again = run(cli_command(deep_tiny, output, tiny_tokens))
+    assert again.returncode == 0, again.stderr
+    assert model_files(output) == reference
+    assert [p.name for p in output.iterdir() if p.name.startswith(".")] == []
 
 
 def test_resume_is_logged_and_skips_finished_blocks(deep_tiny, tiny_tokens, tmp_path, reference):

@@ -316,6 +316,7 @@ def _start_or_resume(output: Path, overwrite: bool, arguments: str, source: str,
     if overwrite:
         clear_folder(output, keep=ignored)
         return Progress(arguments=arguments, source=source, source_files=files)
+    Progress.discard_unplaced(output)
     previous = Progress.load(output)
     if previous is not None:
         if previous.source != source:

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..storage.checkpoint import CONFIG_FILE, CheckpointReader, write_atomic
+from ..storage.checkpoint import CONFIG_FILE, CheckpointReader
+from ..storage.layout import atomic_temporary, write_atomic
 from ..errors import OutputError
 from ..storage.locking import LOCK_FILE, OutputLock  # noqa: F401 (the lock lives with the run state)
 
@@ -92,6 +93,13 @@ class Progress:
 
     def save(self, folder: Path) -> None:
         write_atomic(Path(folder) / PROGRESS_FILE, (json.dumps(asdict(self), indent=1) + "\n").encode())
+
+    @staticmethod
+    def discard_unplaced(folder: Path) -> None:
+        """Removes a record written but never renamed into place (a run killed in between: before its
+        first record, it had written nothing else). Every save writes its temporary anew, so one left
+        beside a record in place is stale too."""
+        atomic_temporary(Path(folder) / PROGRESS_FILE).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, folder: Path) -> "Progress | None":

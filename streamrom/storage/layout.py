@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import InputError, OutputError, ResourceError
+from ..faults import fault_point
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -50,12 +51,20 @@ def read_json(path: Path, what: str) -> Any:
         raise InputError(f"{what} {path} is not valid JSON: {exc}") from None
 
 
+def atomic_temporary(path: Path) -> Path:
+    """Where write_atomic writes `path` before renaming it into place."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """`path` holds `data` whole or is as it was. The tests kill a run at `replacing-NAME`: the
+    temporary is on disk, not yet renamed into place."""
+    tmp = atomic_temporary(path)
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+    fault_point(f"replacing-{path.name}")
     os.replace(tmp, path)
 
 
