@@ -307,8 +307,43 @@ def test_narrowed_queries_and_keys_load_in_transformers_with_remote_code(tiny_mo
     transformers = pytest.importorskip("transformers")
     output = tmp_path / kind
     streamrom.compress(tiny_models[kind], output, _config(tiny_tokens, method="mixed", ranks=_narrowing_plan()))
+    ours = streamrom.load(output)
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))
+    for implementation in ("sdpa", "eager"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True, dtype=torch.float32,
+                                                                  attn_implementation=implementation).eval()
+        attention = model.model.layers[0].self_attn
+        # heads as narrow as the checkpoint's: nothing padded or scattered back to head_dim
+        assert type(attention).__name__.startswith("Narrowed")
+        assert attention.q_proj.out_features < model.config.num_attention_heads * attention.head_dim
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+    # decoding with the KV cache (narrow keys and values in it) gives what the whole sequence gives
+    prompt = ids[:1, :16]
+    with torch.no_grad():
+        generated = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        expected = prompt
+        for _ in range(12):
+            expected = torch.cat((expected, ours(expected)[:, -1:].argmax(-1)), dim=1)
+    assert torch.equal(generated, expected)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen3", "gemma3_text"])
+def test_narrowed_attention_of_every_family_loads_in_transformers(tmp_path, tiny_tokens, kind):
+    """The narrowed attention replaces each family's own forward: sliding windows (mistral), q/k norms over
+    the whole head (qwen3, gemma3: their pairs stay, their values narrow), gemma3's scale and norms."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import make_tiny
+
+    source = make_tiny(tmp_path / "src", kind)
+    plan = _narrowing_plan()
+    if kind != "mistral":  # q/k normed over the whole head: no pair is dropped
+        plan = {name: width for name, width in plan.items() if "rotary_pairs" not in name}
+    output = tmp_path / "out"
+    streamrom.compress(source, output, _config(tiny_tokens, method="mixed", ranks=plan))
     model = transformers.AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True,
                                                               dtype=torch.float32).eval()
+    assert type(model.model.layers[0].self_attn).__name__.startswith("Narrowed")
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, streamrom.load(output)(ids), atol=1e-4, rtol=1e-4)

@@ -485,7 +485,7 @@ class _Plan:
 
 
 def _pad_rows(rows: np.ndarray, heads: int, width: int, head_dim: int) -> np.ndarray:
-    """Each head's `width` rows, then zero rows up to head_dim (as the remote code's PaddedValues)."""
+    """Each head's `width` rows, then zero rows up to head_dim (llama.cpp takes one value width per model)."""
     if width == head_dim:
         return rows
     full = np.zeros((heads, head_dim, rows.shape[1]), dtype=rows.dtype)
