@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from streamrom.gguf.exporter import export_gguf
+from streamrom.storage.layout import LLAMA_QUANTIZE_VARIABLE
 
 from conftest import make_tiny
 from kill_harness import Command, digest, kill_and_rerun, leftovers, reference, run_and_kill, run_to_end
@@ -93,7 +94,7 @@ def commands(world) -> dict[str, Command]:
     found["correct --adapter-size"] = Command("correct --adapter-size", [
         "correct", str(source), str(world["base"]), str(root / "adapter.gguf"), "--adapter-size", "0.02",
         *calibration], source, [root / "adapter.gguf"])  # (its --report holds stage times)
-    for kind in ("source", "f32", "f16", "bf16", "q8_0", "q4_0"):
+    for kind in ("source", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"):
         output = root / f"export-{kind}.gguf"
         found[f"export-gguf --type {kind}"] = Command(f"export-gguf --type {kind}", [
             "export-gguf", str(source), str(output), "--type", kind], source, [output])
@@ -104,7 +105,9 @@ NAMES = ["compress rom uniform", "compress structured spectrum", "compress mixed
          "compress mixed --anchor", "compress --target-text", "compress bayes", "compress bayes --study", "import-gguf",
          "eval --reference", "correct --adapter-size", "export-gguf --type source", "export-gguf --type f32",
          "export-gguf --type f16", "export-gguf --type bf16", "export-gguf --type q8_0", "export-gguf --type q4_0",
-         "compress svd last-n", "compress rom-centered last-n"]
+         "compress svd last-n", "compress rom-centered last-n", "export-gguf --type q4_k_m"]
+# made by llama.cpp's llama-quantize (a subprocess, killed with the command's process group): where it is built
+NEEDS_LLAMA_QUANTIZE = {"export-gguf --type q4_k_m"}
 
 
 ONLY = [n for n in os.environ.get("STREAMROM_KILL_COMMANDS", "").split(",") if n]  # the long run's choice
@@ -114,6 +117,8 @@ ONLY = [n for n in os.environ.get("STREAMROM_KILL_COMMANDS", "").split(",") if n
 def test_killed_anywhere_then_rerun_is_identical(world, name):
     if ONLY and name not in ONLY:
         pytest.skip("not among STREAMROM_KILL_COMMANDS")
+    if name in NEEDS_LLAMA_QUANTIZE and not (os.environ.get(LLAMA_QUANTIZE_VARIABLE) or shutil.which("llama-quantize")):
+        pytest.skip(f"llama-quantize is not built (set {LLAMA_QUANTIZE_VARIABLE})")
     command = commands(world)[name]
     # a fresh study for each point (a finished one would only be read); the killed run's trial is given up
     # after three silent heartbeats (2 s here), then run again by the rerun
