@@ -64,6 +64,31 @@ def scale_table() -> str:
     return "\n".join(lines)
 
 
+def profile_table() -> str:
+    """docs/results/scale.md: the seconds of each step of the algorithm, a block's or once per model,
+    one column per profiled setting (benchmarks/stage_profile.py, py-spy samples of the main thread)."""
+    from benchmarks.stage_profile import STEPS
+    found = json.loads((RESULTS / "stage_profile_7b.json").read_text())["rows"]
+    described = {step: what for step, what, _ in STEPS}
+    columns = [f"`{row['setting']}`, {row['depth']} blocks, {row['calibration_tokens']:,} tokens, "
+               f"{row['threads']} threads, {row['commit'][:7]}" for row in found]
+    tables = [{(step["phase"], step["step"]): step["seconds"] / (1 if step["once"] else row["depth"])
+               for step in row["steps"]} for row in found]
+    once = {(step["phase"], step["step"]): step["once"] for row in found for step in row["steps"]}
+    keys = sorted(once, key=lambda key: (once[key], ["pass 1", "pass 2", "setup and head"].index(key[0]),
+                                         -max(table.get(key, 0.0) for table in tables)))
+    lines = ["| phase | step | " + " | ".join(columns) + " | what it is |",
+             "|---|---|" + "---|" * len(columns) + "---|"]
+    for phase, step in keys:
+        cells = " | ".join(f"{table.get((phase, step), 0.0):.1f} s" for table in tables)
+        what = described.get(step, "the rest: setup, reading the config, small steps")
+        lines.append(f"| {phase} | {step}{' (once)' if once[(phase, step)] else ''} | {cells} | {what} |")
+    lines.append("| all | a block: the rows not marked once | " + " | ".join(
+        f"**{sum(seconds for key, seconds in table.items() if not once[key]):.0f} s**" for table in tables) + " | |")
+    lines.append("| all | wall time | " + " | ".join(f"**{row['wall_seconds']:.0f} s**" for row in found)
+                 + " | the whole run, profiled |")
+    return "\n".join(lines)
+
 def _quality() -> tuple[dict[str, float], list[int]]:
     """benchmarks/results/quality.json's perplexities by key (method/allocation/reduction) and its sizes."""
     rows = json.loads((RESULTS / "quality.json").read_text())["rows"]
@@ -320,7 +345,7 @@ def real_model_table() -> str:
     return "\n".join(lines)
 
 
-TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "factored": factored_table, "speed": factored_speed_table,
+TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "profile": profile_table, "factored": factored_table, "speed": factored_speed_table,
                                         "real-model": real_model_table,
                                         "general": general_table,
                                         "targeted": targeted_table,
