@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--allocate", default="spectrum")
     parser.add_argument("--target-params", default="0.8")
     parser.add_argument("--extra", default="", help="more compress options, one string (e.g. '--pass1-tokens 1024')")
+    parser.add_argument("--label", default="", help="what tells this row from others of the same setting (the code "
+                        "it ran: a before/after pair keeps both rows)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rate", type=int, default=20, help="py-spy samples per second (default 20)")
     parser.add_argument("--reclassify", action="store_true",
@@ -121,12 +123,12 @@ def main() -> None:
     compress = ["--quiet", "--threads", str(args.threads), "compress", str(source), str(output), "--calib-tokens",
                 str(tokens), "--calib-sequences", str(args.sequences), "--calib-seqlen", str(args.seqlen),
                 "--overwrite", *setting]
-    key = (shlex.join(setting), args.sequences * args.seqlen)
+    key = (shlex.join(setting), args.sequences * args.seqlen, args.label)
     out = args.results / f"stage_profile_{args.shape}.json"
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
-    earlier = [row for row in rows if (row["setting"], row["calibration_tokens"]) == key]
+    earlier = [row for row in rows if (row["setting"], row["calibration_tokens"], row.get("label", "")) == key]
     # kept beside the checkpoint, so that --reclassify can name the steps again without a new run
-    raw = args.work / f"stage_profile_{args.shape}-{args.depth}-{'_'.join(setting).replace('-', '')}.txt"
+    raw = args.work / f"stage_profile_{args.shape}-{args.depth}-{'_'.join([*setting, args.label]).replace('-', '')}.txt"
     if args.reclassify:
         if not earlier or not raw.is_file():
             sys.exit(f"--reclassify: no kept profile of this setting ({raw.name}) or no row for it in {out.name}")
@@ -139,7 +141,8 @@ def main() -> None:
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - started
         shutil.rmtree(output, ignore_errors=True)
-        row = {**header("stage_profile"), "setting": key[0], "depth": args.depth, "calibration_tokens": key[1],
+        row = {**header("stage_profile"), "setting": key[0], "label": args.label, "depth": args.depth,
+               "calibration_tokens": key[1],
                "threads": args.threads, "compress": shlex.join(["streamrom", *compress]), "wall_seconds": wall,
                "rate": args.rate}
     counts = aggregate(raw)
@@ -148,7 +151,7 @@ def main() -> None:
     row["steps"] = [{"phase": phase, "step": step, "seconds": count / row["rate"],
                      "once": step in ONCE or phase == "setup and head", "share": count / total}
                     for (phase, step), count in sorted(counts.items(), key=lambda item: -item[1])]
-    rows = [old for old in rows if (old["setting"], old["calibration_tokens"]) != key] + [row]
+    rows = [old for old in rows if (old["setting"], old["calibration_tokens"], old.get("label", "")) != key] + [row]
     out.write_text(json.dumps({"benchmark": "stage_profile", "shape": args.shape, "rows": rows}, indent=2) + "\n")
     wall, steps = row["wall_seconds"], row["steps"]
     print(f"{wall:.0f} s, {total} samples of the main thread:")

@@ -71,7 +71,8 @@ def profile_table() -> str:
     found = json.loads((RESULTS / "stage_profile_7b.json").read_text())["rows"]
     described = {step: what for step, what, _ in STEPS}
     columns = [f"`{row['setting']}`, {row['depth']} blocks, {row['calibration_tokens']:,} tokens, "
-               f"{row['threads']} threads, {row['commit'][:7]}" for row in found]
+               f"{row['threads']} threads, {row['commit'][:7]}" + (f" ({row['label']})" if row.get("label") else "")
+               for row in found]
     tables = [{(step["phase"], step["step"]): step["seconds"] / (1 if step["once"] else row["depth"])
                for step in row["steps"]} for row in found]
     once = {(step["phase"], step["step"]): step["once"] for row in found for step in row["steps"]}
