@@ -73,6 +73,9 @@ def main() -> None:
               f"| {row['prefill_tokens_per_second'] / dense['prefill_tokens_per_second']:.2f} "
               f"| {row['decode_tokens_per_second']:.1f} "
               f"| {row['decode_tokens_per_second'] / dense['decode_tokens_per_second']:.2f} |")
+    from benchmarks import tables
+
+    tables.main()  # docs/results/real-model.md's first-use table
 
 
 if __name__ == "__main__":

@@ -90,6 +90,49 @@ def profile_table() -> str:
                  + " | the whole run, profiled |")
     return "\n".join(lines)
 
+def gemma3_table() -> str:
+    """docs/results/real-model.md: Gemma 3 270M dense and compressed (benchmarks/results/gemma3.json: a
+    report per model and the commands that made them, in the same order)."""
+    found = json.loads((RESULTS / "gemma3.json").read_text())
+    models = [key for key in found if key != "commands"]
+    commands = [command for command in found["commands"] if command.startswith("streamrom")]
+    dense = found["dense"]
+    best = min(found[key]["perplexity"] for key in models if key != "dense")
+    lines = ["| model | parameters | perplexity | compress time, evaluation included |", "|---|---|---|---|"]
+    for key, command in zip(models, commands):
+        row = found[key]
+        assert (" eval " in command) == (key == "dense"), f"gemma3.json: {key} is not made by {command}"
+        threads = re.search(r"--threads (\d+)", command).group(1)
+        if key == "dense":
+            lines.append(f"| dense (the GGUF's weights, float32) | {row['parameters_after'] / 1e6:.1f} M "
+                         f"| {row['perplexity']:.2f} | |")
+            continue
+        options = re.search(r" OUT (.*?) --eval-text", command).group(1)
+        perplexity = f"{row['perplexity']:.2f} ({_change(row['perplexity'], dense['perplexity'])})"
+        lines.append(f"| `{options}` | {row['parameters_after'] / 1e6:.1f} M "
+                     f"({row['parameters_after'] / row['parameters_before']:.3f}) "
+                     f"| {f'**{perplexity}**' if row['perplexity'] == best else perplexity} "
+                     f"| {row['wall_seconds']:.0f} s, {threads} thread{'s' * (threads != '1')} |")
+    return "\n".join(lines)
+
+
+def first_use_table() -> str:
+    """docs/results/real-model.md: issue 34's first-use protocol (benchmarks/first_use_speed.py), each
+    model's best round against the dense model's."""
+    rows = json.loads((RESULTS / "first_use_speed.json").read_text())["rows"]
+    dense = next(row for row in rows if row["label"] == "dense")
+    lines = ["| model | prefill tok/s (× dense) | decode tok/s (× dense) |", "|---|---|---|"]
+    for row in rows:
+        found = re.fullmatch(r"([\w-]+?)-(\d+)(-padded)?", row["label"])
+        name = "dense" if found is None else (f"{found.group(2)} % `{found.group(1)}`, "
+                                              + ("padded" if found.group(3) else "narrowed attention"))
+        cells = [f"{row[f'{phase}_tokens_per_second']:.{digits}f}" + (
+            "" if row is dense else f" ({row[f'{phase}_tokens_per_second'] / dense[f'{phase}_tokens_per_second']:.2f} ×)")
+            for phase, digits in (("prefill", 0), ("decode", 1))]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def _quality() -> tuple[dict[str, float], list[int]]:
     """benchmarks/results/quality.json's perplexities by key (method/allocation/reduction) and its sizes."""
     rows = json.loads((RESULTS / "quality.json").read_text())["rows"]
@@ -352,7 +395,7 @@ TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "profile": profile
                                         "targeted": targeted_table,
                                         "load": load_memory_table,
                                         "structured": structured_table, "anchored": anchored_table,
-                                        "inference": inference_table}
+                                        "inference": inference_table, "gemma3": gemma3_table, "first-use": first_use_table}
 
 
 def render(text: str) -> str:
