@@ -30,6 +30,7 @@ from benchmarks.synthetic import random_tokens, write_synthetic
 # once per block (their seconds are not divided by the blocks).
 ONCE = ("time estimate probe", "loss head", "allocation")
 PHASES = (("pass 1", "collect_spectra"), ("pass 2", "compress_block"))
+SETUP = "setup and head"  # the phase of a sample in neither pass
 STEPS = [
     ("time estimate probe", "the short GEMM and eigen-solve probe behind the projected time", ("projected_time",)),
     ("neuron removal", "greedy structured-OBS removal of MLP neurons: the 11008² inverse, then rank-k downdates",
@@ -61,16 +62,10 @@ STEPS = [
 ]
 
 
-def frame_names(frame: str) -> tuple[str, str]:
-    """'function (path:line)' -> (function, path)."""
-    name, _, where = frame.rpartition(" (")
-    return name, where.rstrip(")")
-
-
 def classify(stack: list[str]) -> tuple[str, str]:
-    """(phase, step) of one sample's stack (outermost frame first)."""
-    functions = [frame_names(frame)[0] for frame in stack]
-    phase = next((label for label, function in PHASES if function in functions), "setup and head")
+    """(phase, step) of one sample's stack (outermost frame first, each 'function (path:line)')."""
+    functions = [frame.rpartition(" (")[0] for frame in stack]
+    phase = next((label for label, function in PHASES if function in functions), SETUP)
     for step, _, markers in STEPS:  # a marker is a function's qualified name, or its last parts
         if any(function == marker or function.endswith("." + marker) for function in functions for marker in markers):
             return phase, step
@@ -89,6 +84,11 @@ def aggregate(raw: Path) -> Counter:
             continue  # a helper thread (the RSS sampler): the main thread's samples alone add up to the wall time
         counts[classify(frames)] += int(count)
     return counts
+
+
+def row_key(row: dict) -> tuple[str, int, str]:
+    """What a row of the results stands for: its setting, its tokens and its label."""
+    return row["setting"], row["calibration_tokens"], row.get("label", "")
 
 
 def main() -> None:
@@ -126,7 +126,7 @@ def main() -> None:
     key = (shlex.join(setting), args.sequences * args.seqlen, args.label)
     out = args.results / f"stage_profile_{args.shape}.json"
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
-    earlier = [row for row in rows if (row["setting"], row["calibration_tokens"], row.get("label", "")) == key]
+    earlier = [row for row in rows if row_key(row) == key]
     # kept beside the checkpoint, so that --reclassify can name the steps again without a new run
     raw = args.work / f"stage_profile_{args.shape}-{args.depth}-{'_'.join([*setting, args.label]).replace('-', '')}.txt"
     if args.reclassify:
@@ -149,9 +149,9 @@ def main() -> None:
     total = sum(counts.values())
     row["samples"] = total
     row["steps"] = [{"phase": phase, "step": step, "seconds": count / row["rate"],
-                     "once": step in ONCE or phase == "setup and head", "share": count / total}
+                     "once": step in ONCE or phase == SETUP, "share": count / total}
                     for (phase, step), count in sorted(counts.items(), key=lambda item: -item[1])]
-    rows = [old for old in rows if (old["setting"], old["calibration_tokens"], old.get("label", "")) != key] + [row]
+    rows = [old for old in rows if row_key(old) != key] + [row]
     out.write_text(json.dumps({"benchmark": "stage_profile", "shape": args.shape, "rows": rows}, indent=2) + "\n")
     wall, steps = row["wall_seconds"], row["steps"]
     print(f"{wall:.0f} s, {total} samples of the main thread:")

@@ -67,7 +67,7 @@ def scale_table() -> str:
 def profile_table() -> str:
     """docs/results/scale.md: the seconds of each step of the algorithm, a block's or once per model,
     one column per profiled setting (benchmarks/stage_profile.py, py-spy samples of the main thread)."""
-    from benchmarks.stage_profile import STEPS
+    from benchmarks.stage_profile import PHASES, SETUP, STEPS
     found = json.loads((RESULTS / "stage_profile_7b.json").read_text())["rows"]
     described = {step: what for step, what, _ in STEPS}
     columns = [f"`{row['setting']}`, {row['depth']} blocks, {row['calibration_tokens']:,} tokens, "
@@ -76,7 +76,7 @@ def profile_table() -> str:
     tables = [{(step["phase"], step["step"]): step["seconds"] / (1 if step["once"] else row["depth"])
                for step in row["steps"]} for row in found]
     once = {(step["phase"], step["step"]): step["once"] for row in found for step in row["steps"]}
-    keys = sorted(once, key=lambda key: (once[key], ["pass 1", "pass 2", "setup and head"].index(key[0]),
+    keys = sorted(once, key=lambda key: (once[key], [*(label for label, _ in PHASES), SETUP].index(key[0]),
                                          -max(table.get(key, 0.0) for table in tables)))
     lines = ["| phase | step | " + " | ".join(columns) + " | what it is |",
              "|---|---|" + "---|" * len(columns) + "---|"]
@@ -89,6 +89,7 @@ def profile_table() -> str:
     lines.append("| all | wall time | " + " | ".join(f"**{row['wall_seconds']:.0f} s**" for row in found)
                  + " | the whole run, profiled |")
     return "\n".join(lines)
+
 
 def gemma3_table() -> str:
     """docs/results/real-model.md: Gemma 3 270M dense and compressed (benchmarks/results/gemma3.json: a
