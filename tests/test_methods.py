@@ -245,3 +245,33 @@ def test_the_command_line_offers_every_method():
     from streamrom.linalg import structured
 
     assert cli.NEURON_SELECTIONS == structured.NEURON_SELECTIONS
+
+
+def test_pass_one_wide_moment_summed_from_disk_equals_the_in_graph_sum(tiny_models, tmp_path, monkeypatch):
+    """A moment wider than statistics.WIDE (the MLP neurons' at 7B shape) is not summed beside the
+    autograd graph: pass 1 writes those values to a file during the backward and sums them after it.
+    With WIDE lowered below the tiny MLP's width, that path must price the neurons (costs and greedy
+    order) and every other linear as the in-graph sum does."""
+    from streamrom.compression import spectra, statistics
+    from streamrom.report.report import StageTimer
+
+    reader = CheckpointReader(tiny_models["llama"])
+    tokens = np.random.default_rng(5).integers(0, reader.spec.vocab_size, size=(5, 24))
+    units = ["mlp.neurons", "self_attn.value_dims"]
+
+    def costs(work):
+        return spectra.collect_spectra(reader, tokens, [0, 2], list(BLOCK_LINEARS), tmp_path / work, chunk_tokens=48,
+                                       centered=False, work_dtype=np.float64, timer=StageTimer(), units=units)
+
+    in_graph = costs("in-graph")
+    assert reader.spec.hidden_size <= 96 < reader.spec.intermediate_size
+    monkeypatch.setattr(spectra, "WIDE", 96)
+    monkeypatch.setattr(statistics, "WIDE", 96)
+    spilled = costs("spilled")
+    assert set(spilled) == set(in_graph) and any(key.endswith("mlp.neurons") for key in spilled)
+    for key, value in in_graph.items():
+        if key.startswith(spectra.ORDER_PREFIX):
+            np.testing.assert_array_equal(spilled[key], value, err_msg=key)
+        else:
+            np.testing.assert_allclose(spilled[key], value, rtol=1e-9, atol=1e-12 * np.abs(value).max(), err_msg=key)
+    assert not list((tmp_path / "spilled").rglob("*.f32"))  # the wide values' file went with the backward

@@ -41,6 +41,7 @@ from .progress import (LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments
                        source_files, source_fingerprint)
 from ..report.report import Report, StageTimer, memory_summary
 from .spectra import read_saved as read_saved_spectra
+from .statistics import WIDE
 
 if TYPE_CHECKING:
     from ..linalg.bayes import SearchResult
@@ -260,6 +261,10 @@ def _plan_and_execute(prepared: Prepared, output: Path, progress: Progress, time
     if config.allocate in FIRST_PASS_ALLOCATIONS and not progress.plan:
         # pass 1 keeps every block's inputs from the first chosen block up, plus two gradient files
         activation_bytes += (spec.num_layers - min(prepared.layers) + 3) * tokens.size * spec.hidden_size * 4
+        # and, during a block's backward, the values of each moment too wide to sum beside the graph
+        # (the most there can be: the attention's and the MLP's inputs, o_proj's and down's)
+        widths = (spec.hidden_size, spec.num_heads * spec.head_dim, spec.hidden_size, spec.intermediate_size)
+        activation_bytes += tokens.size * sum(width for width in widths if width > WIDE) * 4
     written = sum(p.stat().st_size for p in output.glob("model-*.safetensors"))
     output_bytes = _output_bytes(spec, prepared.sizing_plan, prepared.dtype_bytes, config.compression_method)
     check_resources(output, {"output": max(0, output_bytes - written), "activations": activation_bytes},

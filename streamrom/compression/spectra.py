@@ -15,11 +15,11 @@ allocation: a fraction of one linear's output energy costs the loss very differe
 fraction of another's. The gradient puts every linear in the loss's units.
 
 RAM: during the backward, one block, half a forward chunk's autograd graph and the moments of the
-values the chosen groups and units read (float32 sums; the MLP neurons' wide moment is summed in a
-no-grad pass after the backward); during the pricing, no block: each weight is read back from the
+values the chosen groups and units read (float32 sums; the MLP neurons' wide moment is summed after
+the backward, from the values it wrote to disk); during the pricing, no block: each weight is read back from the
 checkpoint when priced, and gate/up are priced from in x in products (decompose.direction_costs).
-At 7B shape that took pass 1 from 3.4 GB to 2.3 GB (benchmarks/memory_profile.py). Disk: L+3
-activation files.
+Disk: L+3 activation files, and during a block's backward one file of the MLP neurons' values
+(the calibration tokens at the MLP's width).
 """
 from __future__ import annotations
 
@@ -88,10 +88,14 @@ def observe_block(block: Block, names: list[str], units: list[str], inputs: Acti
     widths.update({unit.reads: block.linear(unit.linears[-1]).weight.shape[1] for unit in chosen_units})
     # Summed in the product dtype: pass 1 only ranks directions, and at 7B shape float64 sums of the
     # four 4096-wide moments alive beside the autograd graph would add 270 MB to its peak. A wide one
-    # (the MLP neurons': 485 MB at 7B shape) is summed in a no-grad pass of its own after the backward,
-    # never beside the graph (one more forward of the block, against 0.5 GB less at the peak).
+    # (the MLP neurons': 485 MB at 7B shape) is never summed beside the graph: its values are written
+    # to a nameless file as the backward's forward computes them, and summed once the graph is gone
+    # (a file of the calibration's tokens at that width, against a third forward of the block).
     moments = {value: MomentAccumulator(width, product, sum_dtype=product) for value, width in widths.items()
                if width <= WIDE}
+    wide = {value: width for value, width in widths.items() if width > WIDE}
+    folder = inputs.path if inputs.anonymous else inputs.path.parent
+    spilled = {value: ActivationBuffer(folder, *inputs.shape[:2], width, anonymous=True) for value, width in wide.items()}
     graded = list(dict.fromkeys([*names, *(name for unit in chosen_units for name in _priced_in(unit))]))
     squares = {name: torch.zeros(block.linear(name).weight.shape[0], dtype=torch.float64) for name in graded}
 
@@ -117,25 +121,26 @@ def observe_block(block: Block, names: list[str], units: list[str], inputs: Acti
             with timer("statistics"):
                 for value, accumulator in moments.items():
                     accumulator.add(values[value].detach())
+                for value, buffer in spilled.items():
+                    buffer.write(start, values[value])
             del x, values
             release_freed_memory()
+        for hook in hooks:
+            hook.remove()
+        hooks = []
+        if spilled:
+            release_freed_memory()  # the graph's freed tensors, before the wide sum is allocated
+            moments.update({value: MomentAccumulator(width, product) for value, width in wide.items()})
+            with timer("statistics"):  # one sequence at a time: its values beside the wide sum
+                for start, stop in chunk_ranges(inputs.shape[0], 1):
+                    for value, buffer in spilled.items():
+                        moments[value].add(buffer.read(start, stop))
+                    release_freed_memory()  # else the heap may creep sequence by sequence
     finally:
         for hook in hooks:
             hook.remove()
-    wide = [(value, width) for value, width in widths.items() if width > WIDE]
-    if wide:
-        release_freed_memory()  # the graph's freed tensors, before the wide sum is allocated
-        moments.update({value: MomentAccumulator(width, product) for value, width in wide})
-        with torch.no_grad():  # one sequence at a time: its activations beside the wide sum
-            for start, stop in chunk_ranges(inputs.shape[0], 1):
-                with timer("forward"):
-                    values = BlockValues(block, cos, sin, {"x": lambda: inputs.read(start, stop)})
-                    features = {value: values[value] for value, _ in wide}
-                with timer("statistics"):
-                    for value, _ in wide:
-                        moments[value].add(features[value])
-                del values, features
-                release_freed_memory()  # else the heap creeps chunk by chunk (+200 MB over 4 at 7B shape)
+        for buffer in spilled.values():
+            buffer.close()
     attention = block.self_attn
     return Observation(moments, groups, chosen_units, squares, tokens,
                        (attention.num_heads, attention.num_kv_heads, attention.head_dim))
