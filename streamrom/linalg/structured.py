@@ -140,17 +140,27 @@ def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: floa
             del planned[:batch]
         rest = np.setdiff1d(np.arange(live.size), chosen, assume_unique=True)
         rows = place[chosen] if in_place else chosen  # the chosen ones' rows in inverse and columns
-        block = inverse[np.ix_(rows, rows)].astype(np.float64)
-        block_inv = np.linalg.pinv(0.5 * (block + block.T), hermitian=True)
+        if in_place:  # H's rows R whole, from the lower triangle that holds H (see below)
+            h_r = _symmetric_rows(inverse, rows)
+            block = h_r[:, rows].astype(np.float64)
+            factor = _pinv_factor(0.5 * (block + block.T))
+            block_inv = factor @ factor.T
+        else:
+            block = inverse[np.ix_(rows, rows)].astype(np.float64)
+            block_inv = np.linalg.pinv(0.5 * (block + block.T), hermitian=True)
         w_r = columns[:, rows].astype(np.float64)
         joint = float(np.sum((w_r @ block_inv) * w_r))  # tr(W_R H_RR⁻¹ W_Rᵀ), by a GEMM
         share = single[chosen] / max(float(single[chosen].sum()), 1e-300)
         removed.append(live[chosen])
         costs.append(max(joint, 0.0) * share)
         if in_place:
-            correction = (block_inv @ inverse[rows].astype(np.float64)).astype(work_dtype)
+            correction = (block_inv @ h_r.astype(np.float64)).astype(work_dtype)
             columns = _subtract_product(columns, columns[:, rows], correction)
-            inverse = _subtract_product(inverse, np.ascontiguousarray(inverse[:, rows]), correction)
+            # H −= H_AR H_RR⁻¹ H_RA is symmetric: with H_RR⁻¹ = F Fᵀ it is (H_AR F)(H_AR F)ᵀ, a syrk on
+            # one triangle (half the work of the product); H is held by its lower triangle from here on
+            del correction
+            _subtract_gram(inverse, np.ascontiguousarray(h_r.T) @ factor.astype(work_dtype))
+            del h_r, factor
         else:
             correction = (block_inv @ inverse[np.ix_(chosen, rest)].astype(np.float64)).astype(work_dtype)
             columns = columns[:, rest] - columns[:, chosen] @ correction
@@ -203,6 +213,32 @@ def _column_energy(columns: np.ndarray, live: np.ndarray | None) -> np.ndarray:
     if live is None:
         return (columns ** 2).sum(axis=0)
     return np.einsum("ij,ij->j", columns, columns)[live]
+
+
+def _symmetric_rows(lower: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` of the symmetric matrix whose lower triangle `lower` holds (row >= column): each
+    row's part left of the diagonal from its row, the rest from its column."""
+    whole = lower[rows]
+    below = np.arange(lower.shape[0])[None, :] > rows[:, None]
+    return np.where(below, lower[:, rows].T, whole)
+
+
+def _pinv_factor(symmetric: np.ndarray) -> np.ndarray:
+    """F with F Fᵀ the pseudo-inverse of a symmetric positive semi-definite matrix (its eigenvectors
+    over the roots of the eigenvalues numpy.linalg.pinv keeps by default)."""
+    values, vectors = np.linalg.eigh(symmetric)
+    cutoff = max(symmetric.shape) * np.finfo(values.dtype).eps * max(float(np.abs(values).max(initial=0.0)), 1e-300)
+    kept = values > cutoff
+    return vectors[:, kept] / np.sqrt(values[kept])
+
+
+def _subtract_gram(target: np.ndarray, left: np.ndarray) -> None:
+    """The lower triangle of target (C-ordered, square) −= left·leftᵀ, in place by BLAS syrk."""
+    syrk = scipy.linalg.blas.get_blas_funcs("syrk", (target,))
+    # target's transpose is the Fortran-ordered matrix BLAS sees; its upper triangle is target's lower
+    result = syrk(-1.0, left.T, beta=1.0, c=target.T, trans=1, lower=0, overwrite_c=True)
+    if not np.shares_memory(result, target):  # (never with a C-ordered target of BLAS's dtype) a copy back
+        target[...] = result.T
 
 
 def _subtract_product(target: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
