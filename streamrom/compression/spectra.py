@@ -16,8 +16,9 @@ fraction of another's. The gradient puts every linear in the loss's units.
 
 RAM: during the backward, one block, half a forward chunk's autograd graph and the moments of the
 values the chosen groups and units read (float32 sums; the MLP neurons' wide moment is summed after
-the backward, from the values it wrote to disk); during the pricing, no block: each weight is read back from the
-checkpoint when priced, and gate/up are priced from in x in products (decompose.direction_costs).
+the backward, from the values it wrote to disk); during the pricing, no block: each weight is read
+back from the checkpoint when priced, and gate/up are priced from in x in products
+(decompose.direction_costs).
 Disk: L+3 activation files, and during a block's backward one file of the MLP neurons' values
 (the calibration tokens at the MLP's width).
 """
@@ -125,9 +126,6 @@ def observe_block(block: Block, names: list[str], units: list[str], inputs: Acti
                     buffer.write(start, values[value])
             del x, values
             release_freed_memory()
-        for hook in hooks:
-            hook.remove()
-        hooks = []
         if spilled:
             release_freed_memory()  # the graph's freed tensors, before the wide sum is allocated
             moments.update({value: MomentAccumulator(width, product) for value, width in wide.items()})
