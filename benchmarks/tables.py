@@ -40,7 +40,7 @@ def _seconds(value: float | None) -> str:
 
 
 def scale_table() -> str:
-    """docs/results/scale.md: every row of memory_7b.json and memory_13b.json (benchmarks/memory_profile.py)."""
+    """docs/results/scale.md: every row of memory_7b.json and memory_13b.json (benchmarks/scale/memory_profile.py)."""
     lines = ["| shape | setting | blocks | tokens | wall | forward | backward | statistics | eigen | read + write "
              "| peak RSS (sampled / OS) | estimate | measured / estimate | projected | commit, GEMM peak |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -66,8 +66,8 @@ def scale_table() -> str:
 
 def profile_table() -> str:
     """docs/results/scale.md: the seconds of each step of the algorithm, a block's or once per model,
-    one column per profiled setting (benchmarks/stage_profile.py, py-spy samples of the main thread)."""
-    from benchmarks.stage_profile import PHASES, SETUP, STEPS
+    one column per profiled setting (benchmarks/scale/stage_profile.py, py-spy samples of the main thread)."""
+    from benchmarks.scale.stage_profile import PHASES, SETUP, STEPS
     found = json.loads((RESULTS / "stage_profile_7b.json").read_text())["rows"]
     described = {step: what for step, what, _ in STEPS}
     columns = [f"`{row['setting']}`, {row['depth']} blocks, {row['calibration_tokens']:,} tokens, "
@@ -118,7 +118,7 @@ def gemma3_table() -> str:
 
 
 def first_use_table() -> str:
-    """docs/results/real-model.md: issue 34's first-use protocol (benchmarks/first_use_speed.py), each
+    """docs/results/real-model.md: issue 34's first-use protocol (benchmarks/speed/first_use_speed.py), each
     model's best round against the dense model's."""
     rows = json.loads((RESULTS / "first_use_speed.json").read_text())["rows"]
     dense = next(row for row in rows if row["label"] == "dense")
@@ -157,7 +157,7 @@ ALLOCATIONS = ("uniform", "last-n", "spectrum", "bayes")
 
 
 def factored_table() -> str:
-    """docs/results/real-model.md: the factored methods at each whole-model size (benchmarks/quality.py).
+    """docs/results/real-model.md: the factored methods at each whole-model size (benchmarks/quality/grid.py).
     A last-n cell not measured is the uniform plan (last-n factors every block below --ratio from 20 %
     on); svd has no spectrum or bayes cell (both price the directions ROM keeps)."""
     found, sizes = _quality()
@@ -208,7 +208,7 @@ def structured_table() -> str:
 
 
 def anchored_table() -> str:
-    """docs/results/real-model.md: plain against anchored fits, same ranks and widths (benchmarks/anchored.py):
+    """docs/results/real-model.md: plain against anchored fits, same ranks and widths (benchmarks/quality/anchored.py):
     rom-centered from anchored.json, structured (its unit refits anchored) from anchored_structured.json."""
     strengths = (0.25, 0.5, 1.0)
     sources = (("rom-centered", "anchored.json"), ("structured", "anchored_structured.json"))
@@ -238,7 +238,7 @@ def anchored_table() -> str:
 
 
 def _timed_model_perplexity(folder: str) -> float:
-    """Perplexity of the model in `folder` (benchmarks/inference.py times the quality grids' own outputs):
+    """Perplexity of the model in `folder` (benchmarks/speed/inference.py times the quality grids' own outputs):
     from the grid that wrote it, by the folder's name."""
     name = Path(folder).name
     if name == "smollm2":  # the dense model
@@ -253,7 +253,7 @@ def _timed_model_perplexity(folder: str) -> float:
 
 
 def inference_table() -> str:
-    """docs/results/real-model.md: speed and model RSS of the grids' models (benchmarks/inference.py)."""
+    """docs/results/real-model.md: speed and model RSS of the grids' models (benchmarks/speed/inference.py)."""
     found = json.loads((RESULTS / "inference.json").read_text())["rows"]
     by = {(row["label"], row["loader"], row["threads"]): row for row in found}
     labels = list(dict.fromkeys(row["label"] for row in found))
@@ -281,7 +281,7 @@ def inference_table() -> str:
 
 def factored_speed_table() -> str:
     """docs/results/real-model.md: a factored linear's speed-up over the dense one, minimum / median over
-    the shapes and token counts of each group, 1 · 2 threads (benchmarks/factored_speed.py)."""
+    the shapes and token counts of each group, 1 · 2 threads (benchmarks/speed/factored_speed.py)."""
     import statistics
 
     rows = json.loads((RESULTS / "factored_speed.json").read_text())["rows"]
@@ -303,7 +303,7 @@ def factored_speed_table() -> str:
 
 
 def load_memory_table() -> str:
-    """docs/results/real-model.md: loading a 7B-shaped compressed checkpoint (benchmarks/load_memory.py)."""
+    """docs/results/real-model.md: loading a 7B-shaped compressed checkpoint (benchmarks/scale/load_memory.py)."""
     gib = 2 ** 30
     names = {"streamrom": "`streamrom.load`", "transformers": "transformers (`trust_remote_code`)"}
     lines = ["| loader | load | RSS before | peak RSS (sampled / OS) | after touching every weight (anonymous + "
@@ -319,7 +319,7 @@ def load_memory_table() -> str:
 
 def targeted_table() -> str:
     """docs/results/real-model.md: general, target-only, mixed and selected calibration for held-out code and
-    prose (benchmarks/targeted.py); the best of the three targeted rows in bold."""
+    prose (benchmarks/quality/targeted.py); the best of the three targeted rows in bold."""
     found = json.loads((RESULTS / "targeted.json").read_text())
     rows = {row["key"]: row for row in found["rows"]}
     weight = found["target_weight"]
@@ -349,7 +349,7 @@ def targeted_table() -> str:
 
 def general_table() -> str:
     """docs/results/real-model.md: Emma alone, the general set, and the general set without the evaluated
-    genre, on every genre's held-out text (benchmarks/general.py)."""
+    genre, on every genre's held-out text (benchmarks/quality/general.py)."""
     found = json.loads((RESULTS / "general.json").read_text())
     rows = {row["key"]: row["perplexity"] for row in found["rows"]}
     texts = {"austen": "Austen", "carroll": "Carroll", "docs": "Python documentation", "code": "Python code"}
@@ -373,7 +373,7 @@ def general_table() -> str:
 
 def real_model_table() -> str:
     """docs/results/real-model.md: the dense model and the first factored variants on the whole of Pride and
-    Prejudice (benchmarks/real_model.py); each variant named by its compress options."""
+    Prejudice (benchmarks/quality/real_model.py); each variant named by its compress options."""
     lines = ["| variant | parameters kept | perplexity | compress time | compress peak RSS (sampled / OS) | "
              "eval peak RSS | size on disk |", "|---|---|---|---|---|---|---|"]
     for row in json.loads((RESULTS / "real_model.json").read_text())["rows"]:

@@ -13,7 +13,7 @@ Parts (one genre each; calibration draws the same number of sequences from every
 
 Held out for evaluation (never in the calibration parts): *Pride and Prejudice* (data/austen, as
 before), chapters IX–XII of *Alice*, documentation pages and library modules chosen by
-streamrom.calibration.held_out (by name, 20 %; the code's salt is the one benchmarks/targeted.py
+streamrom.calibration.held_out (by name, 20 %; the code's salt is the one benchmarks/quality/targeted.py
 uses, so its held-out code stays out of the general set too).
 
     python data/build_general.py            # writes the files and prints their sizes
@@ -154,7 +154,7 @@ def build(austen: Path, work: Path) -> tuple[dict[str, str], dict[str, str], dic
             continue
         modules[str(path.relative_to(library))] = path.read_text(encoding="utf-8", errors="replace")
     tops = {name.split("/")[0].removesuffix(".py") for name in modules}
-    held_tops = held_out(tops, 0.2, salt="stdlib")  # benchmarks/targeted.py's split
+    held_tops = held_out(tops, 0.2, salt="stdlib")  # benchmarks/quality/targeted.py's split
     calibration_files = [n for n in modules if n.split("/")[0].removesuffix(".py") not in held_tops]
     evaluation_files = [n for n in modules if n.split("/")[0].removesuffix(".py") in held_tops]
     parts["python-code"], code_used = take(modules, spread(calibration_files, "code"), CALIBRATION_BYTES)

@@ -46,7 +46,7 @@ from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, OutputError, St
 
 log = logging.getLogger("streamrom")
 
-# the anchored fits' blend measured best on the real model (README: Anchored fits; benchmarks/anchored.py)
+# the anchored fits' blend measured best on the real model (README: Anchored fits; benchmarks/quality/anchored.py)
 MEASURED_ANCHOR_STRENGTH = 0.5
 # methods.METHODS's names, spelled here so that --help needs no torch (a test keeps the two equal)
 # correct --anchor alone (docs/gguf.md: 0.5 and 1 measured on SmolLM2's Q3_K_M)

@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_frontier_page_is_what_its_script_writes():
-    from benchmarks import frontier
+    from benchmarks.quantization import frontier
 
     found = [json.loads(p.read_text()) for p in sorted((REPO / "benchmarks" / "results").glob("frontier_*.json"))]
     assert found, "no frontier results"
@@ -17,7 +17,7 @@ def test_frontier_page_is_what_its_script_writes():
 
 
 def test_reliability_page_is_what_its_script_writes():
-    from benchmarks import reliability_sweep
+    from benchmarks.reliability import sweep as reliability_sweep
 
     result = REPO / "benchmarks" / "results" / "reliability_sweep.json"
     if not result.is_file():

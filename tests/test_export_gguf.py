@@ -341,7 +341,7 @@ def test_gemma3_with_its_own_widths_and_layer_pattern_round_trips(tiny_tokens, t
     assert len(refused.stderr.splitlines()) == 1 and not (tmp_path / "s.gguf").exists()
 
 
-# -- llama.cpp's own quantizer (issue 34 item 2); the quantized file itself in benchmarks/frontier.py ------
+# -- llama.cpp's own quantizer (issue 34 item 2); the quantized file itself in benchmarks/quantization/frontier.py ------
 def _llama_quantize():
     import shutil
 

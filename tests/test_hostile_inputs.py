@@ -5,7 +5,7 @@ a bounded time and memory: never another exception (the CLI would print "interna
 a hang, or a partial output. The cases come from hypothesis, mutating real files (a tiny random-weight
 checkpoint saved by transformers, a tiny GGUF laid out as llama.cpp's converter does, a real
 tokenizer.json, .npy and .npz files written by numpy). STREAMROM_FUZZ_EXAMPLES sets the examples per
-parser (the optional long run, `python -m benchmarks.reliability_sweep --only fuzz`, raises it and writes docs/reliability.md).
+parser (the optional long run, `python -m benchmarks.reliability.sweep --only fuzz`, raises it and writes docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ CASE_MEMORY = 2 << 30  # one case may map this much more than the process had: a
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large])
-COUNTS: dict[str, dict[str, int]] = {}  # parser -> outcome -> cases (read by `python -m benchmarks.reliability_sweep --only fuzz`)
+COUNTS: dict[str, dict[str, int]] = {}  # parser -> outcome -> cases (read by `python -m benchmarks.reliability.sweep --only fuzz`)
 ABSURD_NUMBERS = [0, -1, 1, 3, 2**31 - 1, 2**31, 10**9, 2**63 - 1, 2**64, -2**63]
 ABSURD_VALUES = ABSURD_NUMBERS + [1.5, float("nan"), "7", "", None, True, False, [], [1], {}, {"a": 1}]
 

@@ -4,7 +4,7 @@ uninterrupted run's, nothing is left behind, the source is untouched (tests/kill
 
 The default run kills each command at one point (its middle log line, or half its uninterrupted time,
 command by command in turn); STREAMROM_KILL_SWEEP=full kills it after every log line and at STREAMROM_KILL_MOMENTS (8) moments,
-and writes the table (command x points x result) that `python -m benchmarks.reliability_sweep` turns into
+and writes the table (command x points x result) that `python -m benchmarks.reliability.sweep` turns into
 docs/reliability.md. Tiny random-weight models (files and control flow, not accuracy)."""
 from __future__ import annotations
 

@@ -187,9 +187,9 @@ def test_selected_basis_at_full_target_weight_is_target_rom(tiny_models, tiny_to
 
 
 def test_code_benchmark_split_is_disjoint_by_module_and_stable():
-    """benchmarks/targeted.py calibrates on some stdlib modules and evaluates on the others: no file,
+    """benchmarks/quality/targeted.py calibrates on some stdlib modules and evaluates on the others: no file,
     and no module, is on both sides; the held-out set does not depend on order or on the run."""
-    from benchmarks.targeted import stdlib_split
+    from benchmarks.quality.targeted import stdlib_split
 
     split, held = stdlib_split()
     calibration, evaluation = set(split["calibration"]), set(split["evaluation"])

@@ -43,7 +43,7 @@ def anchor_points(block: Block, units: list) -> list[AnchorPoint | None]:
     Toward the dense linear's own outputs instead, the structured refits were worse on the real model
     (+2.3 % perplexity at 20 % smaller, +14.7 % at 40 %) and the factored o_proj/down fits were not as
     good (rom-centered spectrum, strength 0.5: 35.36 against 34.67 at 20 %, 66.92 against 62.95 at
-    40 %): measured block by block (benchmarks/anchored_units.py), the plain refit's error partly
+    40 %): measured block by block (benchmarks/quality/anchored_units.py), the plain refit's error partly
     undoes the residual stream's upstream error (their inner product is negative), and a refit toward
     the dense outputs fits those better but undoes less, so the block's output ends up no nearer the
     dense one; the sum's target brings it nearer."""

@@ -19,7 +19,7 @@ from ..linalg.structured import NEURON_SELECTIONS
 
 ALLOCATIONS = ("uniform", "last-n", "spectrum", "bayes")
 FIRST_PASS_ALLOCATIONS = ("spectrum", "bayes")  # need spectrum's pass 1 (bayes starts from its plan)
-# Half target, half general (each normalised to unit output energy first): until benchmarks/targeted.py
+# Half target, half general (each normalised to unit output energy first): until benchmarks/quality/targeted.py
 # measures otherwise, the mix that keeps both texts' directions in the basis.
 DEFAULT_TARGET_WEIGHT = 0.5
 PRECISIONS = {"float32": np.float32, "float64": np.float64}

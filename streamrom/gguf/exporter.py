@@ -625,7 +625,7 @@ def sentencepiece_space_prefix(tokenizer: dict[str, Any]) -> bool:
     schemes = {part.get("prepend_scheme", "always" if part.get("add_prefix_space", True) else "never")
                for part in metaspace}
     if "first" in schemes:
-        # measured: benchmarks/gguf_sentencepiece.py
+        # measured: benchmarks/gguf/sentencepiece.py
         log.warning("export-gguf: the tokenizer puts '▁' before the start of the text only (Metaspace "
                     "prepend_scheme 'first'); llama.cpp puts it there and after every special or added token, "
                     "so text that follows one is tokenized differently")

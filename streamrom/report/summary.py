@@ -13,7 +13,7 @@ from ..storage.checkpoint import CheckpointReader, tensor_bytes
 from ..model.modeling import BLOCK_LINEARS, block_prefix
 
 # A factored linear that keeps more than this share of its dense parameters does nearly as much work
-# in two smaller products: measured on CPU (benchmarks/factored_speed.py) it runs at about dense speed
+# in two smaller products: measured on CPU (benchmarks/speed/factored_speed.py) it runs at about dense speed
 # at 0.9 and slower at 0.98, while at 0.8 it is 1.17-1.28x faster in the median of every group of
 # shapes, dtypes and threads except 135M-sized matrices in bf16 (slower at any share there).
 FACTORED_BREAK_EVEN = 0.8
@@ -93,4 +93,4 @@ def format_summary(summary: dict[str, Any]) -> str:
 def near_break_even_note(names: list[str]) -> str:
     return (f"note: {len(names)} factored linear(s) keep more than {FACTORED_BREAK_EVEN:.0%} of their dense "
             f"parameters (first: {names[0]}); on a CPU such a pair of products runs about as fast as the "
-            "dense linear or slower (benchmarks/factored_speed.py): they save memory, not time")
+            "dense linear or slower (benchmarks/speed/factored_speed.py): they save memory, not time")

@@ -1,0 +1,1 @@
+"""GGUF in and out, checked by llama.cpp itself (llama-cpp-python), and the memory of import-gguf."""

@@ -1,0 +1,1 @@
+"""streamrom next to llama.cpp's quantizer: the size-quality frontier, and low-rank corrections of quantization error."""

@@ -1,0 +1,1 @@
+"""The long reliability run: kills at every point, fuzzed parsers."""

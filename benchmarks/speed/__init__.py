@@ -1,0 +1,1 @@
+"""Inference speed of compressed models, and the cost of a bayes trial."""
