@@ -4,6 +4,7 @@ Errors end with one line on stderr and the exit codes of streamrom.errors (docs/
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 
@@ -26,6 +27,18 @@ class _Interrupt:
     def check(cls) -> None:
         if cls.seen:
             raise KeyboardInterrupt
+
+    @classmethod
+    @contextlib.contextmanager
+    def held(cls):
+        """Ctrl-C inside the block is remembered, not raised, and raised once it ends: torch's import runs
+        Python callbacks from its C++ (pybind11), where a KeyboardInterrupt aborts the process."""
+        armed, cls.armed = cls.armed, False
+        try:
+            yield
+        finally:
+            cls.armed = armed
+        cls.check()
 
 
 # Run as the command (not imported as a library): hold Ctrl-C from the first line on.
@@ -395,11 +408,10 @@ def _ranks_from(path: Path) -> dict:
 
 def _run(args: argparse.Namespace) -> None:
     if args.command == "compress":
-        from .linalg.bayes import BayesConfig
-        from .stream.calibration import CalibrationConfig
-        from .compression.pipeline import CompressConfig, compress
-
-        _Interrupt.check()  # pressed while torch and scipy were importing
+        with _Interrupt.held():  # pressed while torch and scipy were importing
+            from .linalg.bayes import BayesConfig
+            from .stream.calibration import CalibrationConfig
+            from .compression.pipeline import CompressConfig, compress
         calibration = _calibration(args)
         target = (CalibrationConfig(text_files=tuple(args.target_text), sequences=args.calib_sequences,
                                     seqlen=args.calib_seqlen, seed=args.seed) if args.target_text else None)
@@ -434,10 +446,9 @@ def _run(args: argparse.Namespace) -> None:
         if slow:
             print(near_break_even_note(slow))
     elif args.command == "eval":
-        from .stream.evaluation import evaluate
-        from .storage.layout import check_report_path
-
-        _Interrupt.check()
+        with _Interrupt.held():
+            from .stream.evaluation import evaluate
+            from .storage.layout import check_report_path
         report_path = args.report or Path(f"{args.checkpoint.resolve().name}.eval.json")
         check_report_path(report_path)  # before the work, not after it
         report = evaluate(args.checkpoint, args.text, seqlen=args.seqlen, max_windows=args.max_windows,
@@ -453,9 +464,8 @@ def _run(args: argparse.Namespace) -> None:
         summary = checkpoint_summary(args.checkpoint)
         print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     elif args.command == "export-gguf":
-        from .gguf.exporter import export_gguf
-
-        _Interrupt.check()
+        with _Interrupt.held():
+            from .gguf.exporter import export_gguf
         written = export_gguf(args.checkpoint, args.output, args.tensor_type, densify=args.densify,
                               overwrite=args.overwrite, llama_quantize=args.llama_quantize, imatrix=args.imatrix,
                               threads=args.threads, own_imatrix=not args.no_imatrix)
@@ -467,18 +477,16 @@ def _run(args: argparse.Namespace) -> None:
         print(f"exported {args.checkpoint} -> {args.output}: llama.cpp architecture {written['architecture']}, "
               f"{written['tensors']} tensors, {written['bytes'] / 2**20:.1f} MiB{extra}{padded}{weighed}")
     elif args.command == "tune-worker":
-        from .compression.pipeline import tune_worker
-
-        _Interrupt.check()
+        with _Interrupt.held():
+            from .compression.pipeline import tune_worker
         result, ran = tune_worker(args.storage, args.study_name, source=args.source, work_dir=args.work_dir,
                                   wait_seconds=args.wait)
         best = next(trial for trial in result.trials if trial["score"] == result.score)
         print(f"study {args.study_name} finished: {len(result.trials)} trials, best held-out perplexity "
               f"{result.score:.4f} (trial {best['trial']}); this worker ran {ran}")
     elif args.command == "correct":
-        from .gguf.correction import CorrectionConfig, correct
-
-        _Interrupt.check()
+        with _Interrupt.held():
+            from .gguf.correction import CorrectionConfig, correct
         if args.report is not None and args.report.is_dir():
             raise OutputError(f"--report {args.report} is a folder: give a file path")
         summary = correct(args.source, args.base, args.output, CorrectionConfig(
@@ -538,7 +546,8 @@ def _main(argv: list[str] | None) -> int:
             # (Called as a library with numpy loaded, they would only reach child processes.)
             for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 os.environ[variable] = str(args.threads)
-            import torch
+            with _Interrupt.held():
+                import torch
 
             torch.set_num_threads(args.threads)
         _run(args)
