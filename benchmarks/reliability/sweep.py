@@ -19,10 +19,9 @@ import sys
 import time
 
 from benchmarks.common import REPO, header, runnable
+
 RESULT = REPO / "benchmarks" / "results" / "reliability_sweep.json"
 PAGE = REPO / "docs" / "reliability.md"
-
-
 FAILURES = REPO / ".cache" / "reliability_failures.txt"  # pytest's own report of a failed run, kept to read
 
 
