@@ -5,6 +5,11 @@ trials of the same search until it has `trials` completed ones, then stops. optu
 scheduling: the storage holds the trials, its Gaussian-process sampler proposes a point for each new
 one knowing which are still running, and a heartbeat per running trial marks a worker dead after three
 silent intervals; its trial is then failed and queued again (same point) for whichever worker is free.
+A worker on the same machine (same kernel boot and process namespace) does not wait for the heartbeats:
+a trial whose process is gone is failed and queued again at once, so a command rerun after a crash runs
+its dead trial's point before the sampler proposes anything new, and finishes with the trials an
+uninterrupted run has. Where trials stand in the search (at most `trials` of them count) goes by the
+number of the trial whose point they run, so a retried point keeps its place.
 A compress process that sees the search finished takes its best trial (the first to look writes the
 choice into the study) and compresses with that plan.
 
@@ -24,6 +29,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..linalg.allocation import Slot
@@ -34,8 +40,9 @@ from ..errors import InputError, UsageError
 log = logging.getLogger(__name__)
 
 RECORD = "streamrom"  # study attribute: settings, fingerprints, base plan
-CHOSEN = "chosen_trial"
-HEARTBEAT = "heartbeat_seconds"  # study attribute: the interval every process judges the others by  # study attribute: the trial whose plan the compress processes write
+CHOSEN = "chosen_trial"  # study attribute: the trial whose plan the compress processes write
+HEARTBEAT = "heartbeat_seconds"  # study attribute: the interval every process judges the others by
+PROCESS = "process"  # trial attribute: the machine, process id and trial number of the process that runs it
 GRACE_HEARTBEATS = 3  # a running trial without a heartbeat for this many intervals belongs to a dead worker
 OPEN_ATTEMPTS = 5
 # what the loser of two processes creating a new storage's tables at once sees (SQLite, PostgreSQL)
@@ -50,6 +57,31 @@ def default_name(arguments: str) -> str:
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def machine() -> str | None:
+    """What makes a process id mean one process: the host, its kernel's boot and the process namespace
+    (containers on one kernel have their own). None where the system does not say (then only heartbeats
+    tell a dead worker)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    return f"{socket.gethostname()}/{boot}/{namespace}"
+
+
+def process_gone(pid: int, since: float) -> bool:
+    """Whether process `pid` of this machine, which was running at time `since`, has ended: no such
+    process, or one started after `since` (the id was used again)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time() > since + 1.0  # create_time is rounded to the clock tick
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:  # another user's process: it exists
+        return False
 
 
 @dataclass(frozen=True)
@@ -88,6 +120,7 @@ class SharedSearch:
         self._optuna = optuna
         self.name, self.trials, self.seed = name, trials, seed
         self.worker = worker_name()
+        self.machine = machine()
         self.shown_url = _shown(url)
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
 
@@ -185,6 +218,7 @@ class SharedSearch:
                 # asks again, and the sampler then sees the other's point as running
                 raise optuna.TrialPruned("another worker runs this point")
             trial.set_user_attr("worker", self.worker)
+            trial.set_user_attr(PROCESS, {"machine": self.machine, "pid": os.getpid(), "trial": trial.number})
             log.info("bayes trial %d (study %s): compressing", trial.number, self.name)
             ranks = trial_ranks(space.slots, space.budget, space.base, multipliers, space.num_layers)
             value, seconds = score(ranks)
@@ -235,11 +269,14 @@ class SharedSearch:
         return SearchResult(dict(chosen.user_attrs["ranks"]), chosen.value, trials)
 
     def _position(self, number: int) -> int:
-        """Where trial `number` stands among the trials that count (done, running, queued), by number:
-        at most `trials` of them run, the earliest first, whatever the race between workers."""
+        """Where trial `number` stands among the trials that count (done, running, queued): at most
+        `trials` of them run, the earliest first, whatever the race between workers. A trial that runs a
+        dead worker's point again stands where that point's first trial stood."""
         states = self._optuna.trial.TrialState
-        counted = (states.COMPLETE, states.RUNNING, states.WAITING)
-        return sum(1 for trial in self.study.get_trials(deepcopy=False, states=counted) if trial.number < number)
+        counted = self.study.get_trials(deepcopy=False, states=(states.COMPLETE, states.RUNNING, states.WAITING))
+        place = {trial.number: trial.system_attrs.get("failed_trial", trial.number) for trial in counted}
+        mine = place.get(number, number)
+        return sum(1 for other, its in place.items() if (its, other) < (mine, number))
 
     def _is_retry(self, number: int) -> bool:
         """Whether trial `number` runs again the point of a trial whose worker died."""
@@ -254,7 +291,29 @@ class SharedSearch:
         return len(self.study.get_trials(deepcopy=False, states=(state,)))
 
     def _fail_dead_workers_trials(self) -> None:
-        self._optuna.storages.fail_stale_trials(self.study)
+        """Fail the running trials of dead workers and queue their points again: at once where the
+        worker ran on this machine and its process is gone, after three silent heartbeats elsewhere."""
+        optuna = self._optuna
+        failed = []
+        for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            process = trial.user_attrs.get(PROCESS)
+            # a retry carries its dead first trial's attributes until its own process writes its own
+            if (self.machine is None or not isinstance(process, dict) or process.get("trial") != trial.number
+                    or process.get("machine") != self.machine or trial.datetime_start is None
+                    or not process_gone(int(process["pid"]), trial.datetime_start.timestamp())):
+                continue
+            try:
+                if self.study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
+                    failed.append(trial._trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another process got there first (or the trial finished after all)
+        retry = self.study._storage.get_heartbeat_stale_trial_callback()
+        for trial_id in failed:
+            log.warning("study %s: trial %d's process on this machine is gone; its point is run again", self.name,
+                        self.study._storage.get_trial_number_from_id(trial_id))
+            if retry is not None:
+                retry(self.study, self.study._storage.get_trial(trial_id))
+        optuna.storages.fail_stale_trials(self.study)
 
     def _poll_seconds(self) -> float:
         return min(10.0, max(0.2, self.heartbeat_seconds / 2))
