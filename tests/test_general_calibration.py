@@ -80,3 +80,69 @@ def test_the_default_draw_takes_each_part_for_its_share(smollm2_dir):
 def test_each_evaluation_text_gives_enough_windows(path, smollm2_dir):
     count = len(tokenize_files(load_tokenizer(smollm2_dir), [path])) // 512
     assert count >= 20, f"{path.name}: {count} windows of 512 tokens"
+
+
+# -- text as the model is run: the tokenizer's leading special tokens start every sequence ----------------
+def _word_tokenizer(bos: bool):
+    """A word-level tokenizer over a small vocabulary; with `bos`, a post-processor that puts <bos>
+    (id 1) before every text, as Gemma's and Llama's do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = ["<unk>", "<bos>"] + [f"w{i}" for i in range(40)] + ["The"]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return tokenizer
+
+
+def test_the_prefix_is_what_the_tokenizer_puts_before_a_text():
+    from streamrom.stream.calibration import sequence_prefix
+
+    assert sequence_prefix(_word_tokenizer(bos=True)).tolist() == [1]
+    assert sequence_prefix(_word_tokenizer(bos=False)).tolist() == []
+
+
+def test_sequences_and_windows_start_with_the_prefix_then_text():
+    from streamrom.stream.calibration import evaluation_windows
+
+    stream = np.arange(100, 120, dtype=np.int64)
+    prefix = np.array([1], dtype=np.int64)
+    # windows: the prefix, then 3 text tokens each, consecutive; the remainder dropped
+    np.testing.assert_array_equal(evaluation_windows(stream, 4, 2, prefix),
+                                  [[1, 100, 101, 102], [1, 103, 104, 105]])
+    assert evaluation_windows(stream, 4, None, prefix).shape == (6, 4)
+    np.testing.assert_array_equal(evaluation_windows(stream, 4, 2), [[100, 101, 102, 103], [104, 105, 106, 107]])
+    # draws: the same starts as a draw of 3-token windows, each after the prefix
+    drawn = draw_sequences(stream, 5, 4, seed=3, prefix=prefix)
+    plain = draw_sequences(stream, 5, 3, seed=3)
+    np.testing.assert_array_equal(drawn[:, 0], 1)
+    np.testing.assert_array_equal(drawn[:, 1:], plain)
+    with pytest.raises(Exception, match="no room for text"):
+        evaluation_windows(stream, 2, None, np.array([1, 1], dtype=np.int64))
+
+
+def test_a_bos_model_calibrates_and_evaluates_on_sequences_that_start_with_bos(tmp_path):
+    """Calibration draws, bayes's held-out windows and eval's windows of a text, for a tokenizer that
+    puts BOS first: every sequence is BOS and then text the stream holds, and the held-out windows
+    share no text position with the calibration draw."""
+    from streamrom.stream.calibration import text_windows
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    _word_tokenizer(bos=True).save(str(folder / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    text = tmp_path / "text.txt"
+    ids = rng.integers(2, 42, size=3000)
+    text.write_text(" ".join(f"w{i - 2}" for i in ids), encoding="utf-8")
+    config = CalibrationConfig(text_files=(text,), sequences=6, seqlen=32, seed=2)
+    tokens = calibration_tokens(config, folder, 43)
+    assert tokens.shape == (6, 32) and (tokens[:, 0] == 1).all() and (tokens[:, 1:] >= 2).all()
+    starts = [next(s for s in range(len(ids)) if (ids[s:s + 31] == row[1:]).all()) for row in tokens]
+    held = held_out_windows(config, folder, 43, 10)
+    assert held.shape == (10, 32) and (held[:, 0] == 1).all()
+    held_starts = [next(s for s in range(0, len(ids), 31) if (ids[s:s + 31] == row[1:]).all()) for row in held]
+    taken = {p for s in starts for p in range(s, s + 31)}
+    assert not taken & {p for s in held_starts for p in range(s, s + 31)}
+    windows = text_windows(load_tokenizer(folder), [text], 43, 32, 4)
+    np.testing.assert_array_equal(windows, np.concatenate([np.ones((4, 1), np.int64), ids[:124].reshape(4, 31)], 1))

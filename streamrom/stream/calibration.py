@@ -12,6 +12,12 @@ authors and periods (Austen's Emma, Carroll's Alice with its dialogue), technica
 code. Several text files are parts: each gives an equal share of the sequences (the first ones one
 more where they do not divide), so that no text dominates by its length; a part's sequences are
 drawn from it alone, with its own seed. One file is exactly the single-text draw.
+
+Text is tokenized as the model is run: where the tokenizer puts special tokens before a text (Gemma's
+and Llama's BOS), every calibration sequence and every evaluation window starts with them, followed
+by `seqlen` less that many tokens of text. A model whose first position always holds BOS behaves
+differently there (an attention sink, activations of another scale), and a fit that never saw it
+changes what the model does with it. Token files (.npy) are taken as they are.
 """
 from __future__ import annotations
 
@@ -84,10 +90,22 @@ def read_text(path: Path) -> str:
 
 
 def tokenize_files(tokenizer: Tokenizer, paths: tuple[Path, ...] | list[Path]) -> np.ndarray:
-    """One token stream for all files, in order, without special tokens."""
+    """One token stream for all files, in order, without special tokens (see sequence_prefix)."""
     pieces = [np.asarray(tokenizer.encode(read_text(p), add_special_tokens=False).ids, dtype=np.int64)
               for p in paths]
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+
+
+def sequence_prefix(tokenizer: Tokenizer) -> np.ndarray:
+    """The special tokens the tokenizer puts before a text (its post-processor's BOS; none for many
+    models), which every sequence the model sees starts with."""
+    probe = "The"
+    with_special = tokenizer.encode(probe).ids
+    text = tokenizer.encode(probe, add_special_tokens=False).ids
+    for start in range(len(with_special) - len(text) + 1):
+        if text and with_special[start:start + len(text)] == text:
+            return np.asarray(with_special[:start], dtype=np.int64)
+    return np.zeros(0, dtype=np.int64)
 
 
 def check_vocabulary(ids: np.ndarray, vocab_size: int, source: object) -> np.ndarray:
@@ -116,27 +134,43 @@ def _draw_starts(length: int, sequences: int, seqlen: int, seed: int) -> np.ndar
     return rng.integers(0, length - seqlen + 1, size=sequences)
 
 
-def draw_sequences(stream: np.ndarray, sequences: int, seqlen: int, seed: int) -> np.ndarray:
-    """`sequences` windows of `seqlen` tokens at random offsets of a token stream (seeded)."""
-    if len(stream) < seqlen:
+def draw_sequences(stream: np.ndarray, sequences: int, seqlen: int, seed: int,
+                   prefix: np.ndarray | None = None) -> np.ndarray:
+    """`sequences` windows of `seqlen` tokens at random offsets of a token stream (seeded), each
+    `prefix` (see sequence_prefix) and then `seqlen` less its length tokens of the stream."""
+    prefix = _prefix(prefix, seqlen)
+    length = seqlen - len(prefix)
+    if len(stream) < length:
         raise InputError(
-            f"calibration text too short: {len(stream)} tokens, need at least one sequence of {seqlen}"
+            f"calibration text too short: {len(stream)} tokens, need at least one sequence of {length}"
         )
-    if len(stream) < sequences * seqlen:
+    if len(stream) < sequences * length:
         log.warning("calibration text has %d tokens, fewer than %d x %d: windows will overlap",
-                    len(stream), sequences, seqlen)
-    starts = _draw_starts(len(stream), sequences, seqlen, seed)
-    return np.stack([stream[s:s + seqlen] for s in starts])
+                    len(stream), sequences, length)
+    starts = _draw_starts(len(stream), sequences, length, seed)
+    return np.stack([np.concatenate([prefix, stream[s:s + length]]) for s in starts])
 
 
-def _calibration_streams(config: CalibrationConfig, checkpoint: Path, vocab_size: int) -> list[np.ndarray]:
+def _prefix(prefix: np.ndarray | None, seqlen: int) -> np.ndarray:
+    prefix = np.zeros(0, dtype=np.int64) if prefix is None else prefix
+    if len(prefix) >= seqlen:
+        raise UsageError(f"a sequence of {seqlen} tokens has no room for text after the tokenizer's "
+                         f"{len(prefix)} leading special tokens")
+    return prefix
+
+
+def _calibration_streams(config: CalibrationConfig, checkpoint: Path,
+                         vocab_size: int) -> tuple[list[np.ndarray], np.ndarray]:
     """The calibration source as token ids: a token file as saved (one 1-D stream or 2-D rows), or each
-    text file (default: the general set's parts) through the checkpoint's tokenizer, one stream each."""
+    text file (default: the general set's parts) through the checkpoint's tokenizer, one stream each;
+    and what each sequence starts with (the tokenizer's leading special tokens; none for a token file)."""
     if config.token_file is not None:
-        return [load_token_file(config.token_file, vocab_size)]
+        return [load_token_file(config.token_file, vocab_size)], np.zeros(0, dtype=np.int64)
     tokenizer = load_tokenizer(checkpoint)
-    return [check_vocabulary(tokenize_files(tokenizer, [path]), vocab_size, f"the tokenizer of {checkpoint}")
-            for path in config.text_files or default_calibration_texts()]
+    source = f"the tokenizer of {checkpoint}"
+    return ([check_vocabulary(tokenize_files(tokenizer, [path]), vocab_size, source)
+             for path in config.text_files or default_calibration_texts()],
+            check_vocabulary(sequence_prefix(tokenizer), vocab_size, source))
 
 
 def part_shares(sequences: int, parts: int) -> list[int]:
@@ -159,20 +193,20 @@ def _part_draws(streams: list[np.ndarray], config: CalibrationConfig) -> list[tu
 
 def calibration_tokens(config: CalibrationConfig, checkpoint: Path, vocab_size: int) -> np.ndarray:
     """(sequences, seqlen) token ids for calibration."""
-    streams = _calibration_streams(config, checkpoint, vocab_size)
+    streams, prefix = _calibration_streams(config, checkpoint, vocab_size)
     ids = streams[0]
     if ids.ndim == 2:
         if ids.shape[1] < config.seqlen or ids.shape[0] < 1:
             raise InputError(f"token file rows are {ids.shape[1]} tokens, shorter than seqlen {config.seqlen}")
         return ids[_chosen_rows(ids.shape[0], config), :config.seqlen]
-    return np.concatenate([draw_sequences(stream, count, config.seqlen, seed)
+    return np.concatenate([draw_sequences(stream, count, config.seqlen, seed, prefix)
                            for stream, count, seed in _part_draws(streams, config)])
 
 
 def held_out_windows(config: CalibrationConfig, checkpoint: Path, vocab_size: int, count: int) -> np.ndarray:
     """Up to `count` consecutive `seqlen` windows of the calibration text that no calibration sequence
     touches: a held-out slice of the same text (of every part in turn), for scoring allocation trials."""
-    streams = _calibration_streams(config, checkpoint, vocab_size)
+    streams, prefix = _calibration_streams(config, checkpoint, vocab_size)
     if streams[0].ndim == 2:  # rows: calibration takes some, the others are held out
         stream = streams[0]
         taken = set(_chosen_rows(stream.shape[0], config).tolist())
@@ -180,15 +214,16 @@ def held_out_windows(config: CalibrationConfig, checkpoint: Path, vocab_size: in
         if not free:
             raise UsageError("every row of the token file is used for calibration: none is left to score on")
         return stream[free, :config.seqlen]
+    length = config.seqlen - len(_prefix(prefix, config.seqlen))  # text tokens of a window
     per_part = []
     for stream, sequences, seed in _part_draws(streams, config):
-        if len(stream) < config.seqlen:
+        if len(stream) < length:
             raise InputError(f"calibration text too short: {len(stream)} tokens")
         used = np.zeros(len(stream), dtype=bool)
-        for start in _draw_starts(len(stream), sequences, config.seqlen, seed):
-            used[start:start + config.seqlen] = True
-        per_part.append([stream[s:s + config.seqlen] for s in range(0, len(stream) - config.seqlen + 1, config.seqlen)
-                         if not used[s:s + config.seqlen].any()])
+        for start in _draw_starts(len(stream), sequences, length, seed):
+            used[start:start + length] = True
+        per_part.append([np.concatenate([prefix, stream[s:s + length]])
+                         for s in range(0, len(stream) - length + 1, length) if not used[s:s + length].any()])
     # round robin over the parts, so a few windows still see every genre
     windows = [part[i] for i in range(max(map(len, per_part), default=0)) for part in per_part if i < len(part)][:count]
     if not windows:
@@ -224,11 +259,25 @@ def held_out(names: Iterable[str], fraction: float, salt: str = "streamrom") -> 
             if int.from_bytes(hashlib.sha256(f"{salt}:{name}".encode()).digest()[:8], "big") < limit}
 
 
-def evaluation_windows(stream: np.ndarray, seqlen: int, max_windows: int | None = None) -> np.ndarray:
-    """Consecutive non-overlapping windows of `seqlen` tokens from the start; the remainder is dropped."""
-    count = len(stream) // seqlen
+def evaluation_windows(stream: np.ndarray, seqlen: int, max_windows: int | None = None,
+                       prefix: np.ndarray | None = None) -> np.ndarray:
+    """Consecutive non-overlapping windows of `seqlen` tokens from the start, each `prefix` (see
+    sequence_prefix) and then `seqlen` less its length tokens of the stream; the remainder is dropped."""
+    prefix = _prefix(prefix, seqlen)
+    length = seqlen - len(prefix)
+    count = len(stream) // length
     if max_windows is not None:
         count = min(count, max_windows)
     if count < 1:
-        raise InputError(f"evaluation text too short: {len(stream)} tokens, need at least {seqlen}")
-    return stream[:count * seqlen].reshape(count, seqlen)
+        raise InputError(f"evaluation text too short: {len(stream)} tokens, need at least {length}")
+    text = stream[:count * length].reshape(count, length)
+    return np.concatenate([np.broadcast_to(prefix, (count, len(prefix))), text], axis=1)
+
+
+def text_windows(tokenizer: Tokenizer, paths: tuple[Path, ...] | list[Path], vocab_size: int, seqlen: int,
+                 max_windows: int | None = None, source: object = "the tokenizer") -> np.ndarray:
+    """Evaluation windows of text files as the model is run: each starts with the tokenizer's leading
+    special tokens."""
+    stream = check_vocabulary(tokenize_files(tokenizer, paths), vocab_size, source)
+    prefix = check_vocabulary(sequence_prefix(tokenizer), vocab_size, source)
+    return evaluation_windows(stream, seqlen, max_windows, prefix)

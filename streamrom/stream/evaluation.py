@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import ActivationPair, chunk_ranges, embed_into
-from .calibration import check_vocabulary, evaluation_windows, load_tokenizer, tokenize_files
+from .calibration import load_tokenizer, text_windows
 from ..storage.checkpoint import CheckpointReader
 from ..errors import OutputError, UsageError
 from ..report.memory import RSSMonitor
@@ -102,9 +102,8 @@ def evaluate(checkpoint: str | Path, text_files: list[Path] | tuple[Path, ...], 
                              f"tokens, {checkpoint} one of {spec.vocab_size}: they cannot be compared")
         if windows is None:
             with timer("tokenize"):
-                stream = check_vocabulary(tokenize_files(load_tokenizer(checkpoint), text_files),
-                                          spec.vocab_size, f"the tokenizer of {checkpoint}")
-                windows = evaluation_windows(stream, seqlen, max_windows)
+                windows = text_windows(load_tokenizer(checkpoint), text_files, spec.vocab_size, seqlen, max_windows,
+                                       f"the tokenizer of {checkpoint}")
         seqlen = windows.shape[1]
         chunk_sequences = max(1, chunk_tokens // seqlen)
         folder = Path(work_dir) if work_dir is not None else Path(tempfile.gettempdir())
