@@ -117,6 +117,29 @@ def gemma3_table() -> str:
     return "\n".join(lines)
 
 
+def gemma3_grid_table() -> str:
+    """docs/results/real-model.md: Gemma 3 270M's grid (benchmarks/quality/gemma3_grid.py), each
+    checkout's rows beside its own dense model, perplexity per held-out genre."""
+    found = json.loads((RESULTS / "gemma3_grid.json").read_text())
+    genres = list(found["evaluation_texts"])
+    rows = found["rows"]
+    lines = ["| code | model | parameters | " + " | ".join(genres) + " | compress time |",
+             "|---|---|---|" + "---|" * len(genres) + "---|"]
+    for row in rows:
+        dense = next(other for other in rows if other["key"] == f"{row['code']}/dense")
+        if row is dense:
+            cells = [f"{row['perplexity'][genre]:.2f}" for genre in genres]
+            model, size, seconds = "dense", "1.000", ""
+        else:
+            cells = [f"{row['perplexity'][genre]:.2f} ({_change(row['perplexity'][genre], dense['perplexity'][genre])})"
+                     for genre in genres]
+            model = f"`--method {row['method']}`, {row['reduction']} % smaller"
+            size = f"{row['parameter_ratio']:.3f}"
+            seconds = f"{row['compress_seconds']:.0f} s" + (", pass 1 included" if row["includes_pass1"] else "")
+        lines.append(f"| {row['code']} ({row['commit']}) | {model} | {size} | " + " | ".join(cells) + f" | {seconds} |")
+    return "\n".join(lines)
+
+
 def first_use_table() -> str:
     """docs/results/real-model.md: issue 34's first-use protocol (benchmarks/speed/first_use_speed.py), each
     model's best round against the dense model's."""
@@ -396,7 +419,8 @@ TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "profile": profile
                                         "targeted": targeted_table,
                                         "load": load_memory_table,
                                         "structured": structured_table, "anchored": anchored_table,
-                                        "inference": inference_table, "gemma3": gemma3_table, "first-use": first_use_table}
+                                        "inference": inference_table, "gemma3": gemma3_table, "first-use": first_use_table,
+                                        "gemma3-grid": gemma3_grid_table}
 
 
 def render(text: str) -> str:

