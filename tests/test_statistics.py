@@ -44,35 +44,3 @@ def test_a_moment_taken_twice_and_summed_on_is_still_whole():
     accumulator.add(torch.from_numpy(second))
     both = np.concatenate([first, second])
     np.testing.assert_allclose(accumulator.second_moment(), both.T @ both / 50, rtol=1e-12)
-
-
-@pytest.mark.parametrize("wide", [False, True])
-def test_weighted_moments_are_the_weighted_least_squares_sums(monkeypatch, wide):
-    """Per-token weights (a linear whose output is normed: Block.OUTPUT_NORMS): the moment is
-    Σ w x xᵀ / Σ w, the mean Σ w x / Σ w, the cross moment Σ w t xᵀ / Σ w; unit weights give the
-    unweighted moments."""
-    from streamrom.compression.statistics import CrossAccumulator
-
-    if wide:
-        monkeypatch.setattr(statistics, "WIDE", 8)
-        monkeypatch.setattr(statistics, "BAND", 5)
-    rng = np.random.default_rng(5)
-    size, rows = 13, 6
-    chunks = [(rng.standard_normal((count, size)), rng.standard_normal((count, rows)), rng.uniform(0.01, 50, count))
-              for count in (9, 14)]
-    weighted, plain = MomentAccumulator(size, torch.float64), MomentAccumulator(size, torch.float64)
-    unit = MomentAccumulator(size, torch.float64)
-    cross = CrossAccumulator(rows, size, torch.float64)
-    for x, t, w in chunks:
-        weighted.add(torch.from_numpy(x), torch.from_numpy(w))
-        unit.add(torch.from_numpy(x), torch.ones(len(x), dtype=torch.float64))
-        plain.add(torch.from_numpy(x))
-        cross.add(torch.from_numpy(t), torch.from_numpy(x), torch.from_numpy(w))
-    x = np.concatenate([c[0] for c in chunks])
-    t = np.concatenate([c[1] for c in chunks])
-    w = np.concatenate([c[2] for c in chunks])
-    np.testing.assert_allclose(weighted.second_moment(), (x * w[:, None]).T @ x / w.sum(), rtol=1e-12)
-    np.testing.assert_allclose(weighted.mean(), (x * w[:, None]).sum(0) / w.sum(), rtol=1e-12)
-    np.testing.assert_allclose(unit.second_moment(), plain.second_moment(), rtol=1e-12)
-    anchor = cross.anchor(1.0, np.float64)
-    np.testing.assert_allclose(anchor.cross, (t * w[:, None]).T @ x / w.sum(), rtol=1e-12)

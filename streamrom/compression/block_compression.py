@@ -3,7 +3,6 @@ statistics of its inputs on the block compressed so far, then the method's new m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -91,10 +90,7 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
         target = (lambda start, stop: anchored_values[point.value].read(start, stop)) if anchored else None
         # a wide moment (the MLP neurons': 485 MB at 7B shape) is summed beside half a chunk's activations
         pass_sequences = max(1, chunk_sequences // 2) if width > WIDE else chunk_sequences
-        normed = next((name for name in (unit.linears if unit is not None else group.linears)
-                       if name in block.OUTPUT_NORMS), None)
-        weigh = (lambda values, normed=normed: block.output_norm_weights(normed, values)) if normed else None
-        passes.gather(observed, statistics, cross, target, point, pass_sequences, target_from, timer, weigh)
+        passes.gather(observed, statistics, cross, target, point, pass_sequences, target_from, timer)
         if not statistics.is_finite() or (cross is not None and not cross.is_finite()):
             raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo or unit.linears)} "
                                  "(overflow in the source weights or in the layers before)")
@@ -107,7 +103,7 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
             if unit is not None:
                 selection = (orders or {}).get(unit.name, config.neuron_selection)
                 method.compress_unit(block, unit, plan[unit.name], moments.parts[0], selection, config.damping,
-                                     scratch, anchor, block.output_gain(normed) if normed else None)
+                                     scratch, anchor)
                 if unit.narrows_reads:  # its features are narrower now: recomputed, never read from the cache
                     passes.narrowed(unit.reads)
                 # the group's other linears (v_proj beside the query–key pairs) are factored from the same moments
@@ -168,23 +164,20 @@ class _Passes:
         self.cached = [cached for cached in self.cached if cached != name]
 
     def gather(self, observed: str, statistics: GroupStatistics, cross: CrossAccumulator | None, target,
-               point: AnchorPoint | None, pass_sequences: int, target_from: int | None, timer: StageTimer,
-               weigh: Callable[[BlockValues], torch.Tensor] | None = None) -> None:
+               point: AnchorPoint | None, pass_sequences: int, target_from: int | None, timer: StageTimer) -> None:
         """One pass: the moments of `observed` (and with `cross`, its cross moment with the anchored
-        target, less the compressed stream's `point.less`), keeping what later passes read; each token
-        weighted by `weigh` where given (a linear whose output is normed: Block.OUTPUT_NORMS)."""
+        target, less the compressed stream's `point.less`), keeping what later passes read."""
         written: list[str] = []
         for start, stop in chunk_ranges(self.inputs.shape[0], pass_sequences, target_from):
             with timer("forward"):
                 values = self.values(start, stop)
                 features = values[observed]
-                weights = weigh(values) if weigh is not None else None
                 written = self._keep(values, start)
             with timer("statistics"):
-                statistics.add(features, start, weights)
+                statistics.add(features, start)
                 if cross is not None:
                     anchored = target(start, stop)
-                    cross.add(anchored if point.less is None else anchored - values[point.less], features, weights)
+                    cross.add(anchored if point.less is None else anchored - values[point.less], features)
         del values, features  # the last chunk's activations, not needed by the decomposition
         release_freed_memory()
         self.cached.extend(written)

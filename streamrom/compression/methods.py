@@ -86,12 +86,10 @@ class Method:
 
     def compress_unit(self, block: Block, unit: StructuredUnit, width: int, moments: decompose.InputMoments,
                       selection: str | np.ndarray, damping: float, scratch: Path | None = None,
-                      anchor: decompose.Anchor | None = None, gain: np.ndarray | None = None) -> None:
+                      anchor: decompose.Anchor | None = None) -> None:
         """Narrow `unit` of the block to `width` units, from the moments of unit.reads (`scratch`: a
-        folder for what waits on disk meanwhile; `anchor`: the dense model's side of the refit; `gain`:
-        per output row of the unit's consumer, the scale of a norm its output goes through, which
-        weights the rows where features are chosen: Block.OUTPUT_NORMS)."""
-        NARROWERS[unit.name](block, width, moments, selection, damping, scratch, anchor, gain)
+        folder for what waits on disk meanwhile; `anchor`: the dense model's side of the refit)."""
+        NARROWERS[unit.name](block, width, moments, selection, damping, scratch, anchor)
 
 
 class ReducedOrderModel(Method):
@@ -147,8 +145,7 @@ def _array(tensor: torch.Tensor, dtype) -> np.ndarray:
 
 
 def narrow_query_key(block: Block, width: int, moments: decompose.InputMoments, selection: str,
-                     damping: float, scratch: Path | None = None, anchor: decompose.Anchor | None = None,
-                     gain: np.ndarray | None = None) -> None:
+                     damping: float, scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
     """Keep `width` rotary pairs per KV head: their rows of q_proj (every query head of the group) and
     k_proj as they are, chosen by the scores they carry (structured.rotary_pair_order). Nothing is
     refitted (the scores are bilinear in the kept rows), so nothing is anchored."""
@@ -168,8 +165,7 @@ def narrow_query_key(block: Block, width: int, moments: decompose.InputMoments, 
 
 
 def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, selection: str | np.ndarray,
-               damping: float, scratch: Path | None = None, anchor: decompose.Anchor | None = None,
-               gain: np.ndarray | None = None) -> None:
+               damping: float, scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
     """Keep `width` neurons (chosen by `selection`, or the first `width` of an order given: pass 1's):
     their rows of gate and up as they are, down refitted on them (`anchor`:
     toward its target, the dense block's output less the compressed residual stream: see
@@ -190,10 +186,7 @@ def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, select
                 cross_shape, cross_dtype = cross.shape, cross.dtype
                 np.ascontiguousarray(cross).tofile(parked)
                 del cross
-        # the neurons are chosen for the error that reaches the residual stream; the refit is per row
-        chosen_for = down if gain is None else down * gain.astype(down.dtype)[:, None]
-        kept = structured.select_neurons(moment, chosen_for, width, selection, damping, overwrite_moment=spill)
-        del chosen_for
+        kept = structured.select_neurons(moment, down, width, selection, damping, overwrite_moment=spill)
         if spill:  # the inverse is done with: C back into its own buffer
             parked.seek(0)
             read_into(parked, moment, "the parked moment")
@@ -209,8 +202,7 @@ def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, select
 
 
 def narrow_values(block: Block, width: int, moments: decompose.InputMoments, selection: str, damping: float,
-                  scratch: Path | None = None, anchor: decompose.Anchor | None = None,
-                  gain: np.ndarray | None = None) -> None:
+                  scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
     """Narrow each KV head's values to `width` dimensions (v_proj rows), o_proj refitted on them
     (`anchor`: toward its target, the dense residual stream after attention less the compressed
     block's input: see anchoring.anchor_points)."""
@@ -218,9 +210,7 @@ def narrow_values(block: Block, width: int, moments: decompose.InputMoments, sel
     attention = block.self_attn
     head_dim, kv_heads = attention.value_head_dim, attention.num_kv_heads
     o_weight = _array(attention.o_proj.weight, moment.dtype)
-    chosen_for = o_weight if gain is None else o_weight * gain.astype(o_weight.dtype)[:, None]  # see narrow_mlp
-    maps, _ = structured.value_maps(moment, chosen_for, attention.num_heads, kv_heads, head_dim, width, damping)
-    del chosen_for
+    maps, _ = structured.value_maps(moment, o_weight, attention.num_heads, kv_heads, head_dim, width, damping)
     o_new = structured.refit_output(o_weight, moment, maps, attention.num_heads, head_dim, damping, anchor)
     v_weight = _array(attention.v_proj.weight, moment.dtype)
     v_rows = [maps[g].T @ v_weight[g * head_dim:(g + 1) * head_dim] for g in range(kv_heads)]

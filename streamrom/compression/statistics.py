@@ -34,14 +34,10 @@ class MomentAccumulator:
         self.count = 0
         self.symmetric = True  # whether sum_outer's upper triangle is filled in
 
-    def add(self, features: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        """One chunk, each token counted with its weight where `weights` (one per token) are given. A
-        wide moment sums only its lower block rows (about half the products: the upper triangle
-        repeats them), filled in once when the moment is handed over."""
+    def add(self, features: torch.Tensor) -> None:
+        """One chunk. A wide moment sums only its lower block rows (about half the products: the
+        upper triangle repeats them), filled in once when the moment is handed over."""
         rows = features.reshape(-1, self.size).to(self.product_dtype)
-        if weights is not None:
-            self._add_weighted(rows, weights.reshape(-1))
-            return
         if self.size <= WIDE:
             # the whole product in torch's GEMM: numpy/scipy's BLAS syrk (half the FLOPs) was measured
             # slower here, and its threads, called between torch's, slowed the forward passes too
@@ -56,16 +52,6 @@ class MomentAccumulator:
             self.symmetric = False
         self.sum += rows.sum(dim=0, dtype=torch.float64)
         self.count += rows.shape[0]
-
-    def _add_weighted(self, rows: torch.Tensor, weights: torch.Tensor) -> None:
-        """Σ w x xᵀ, Σ w x and Σ w: the moments of a weighted least squares (E_w[x xᵀ] = Σ w x xᵀ / Σ w)."""
-        scaled = rows * weights.sqrt().to(rows.dtype)[:, None]
-        for start in range(0, self.size, BAND):
-            stop = min(start + BAND, self.size)
-            self.sum_outer[start:stop, :stop] += scaled[:, start:stop].T @ scaled[:, :stop]
-        self.symmetric = False
-        self.sum += (rows.double() * weights.double()[:, None]).sum(dim=0)
-        self.count += float(weights.double().sum())
 
     def _fill_upper(self) -> None:
         """Copy the summed lower triangle onto the upper one, band by band (no second size² array); the
@@ -118,10 +104,9 @@ class GroupStatistics:
         self.parts = [MomentAccumulator(size, product_dtype) for _ in range(2 if target_from else 1)]
         self.target_from, self.target_weight, self.target_basis = target_from, target_weight, target_basis
 
-    def add(self, features: torch.Tensor, start: int, weights: torch.Tensor | None = None) -> None:
-        """A chunk of features whose first sequence is `start` (chunks never straddle the texts), with
-        a weight per token where given."""
-        self.parts[1 if self.target_from and start >= self.target_from else 0].add(features, weights)
+    def add(self, features: torch.Tensor, start: int) -> None:
+        """A chunk of features whose first sequence is `start` (chunks never straddle the texts)."""
+        self.parts[1 if self.target_from and start >= self.target_from else 0].add(features)
 
     def is_finite(self) -> bool:
         return all(part.is_finite() for part in self.parts)
@@ -195,19 +180,13 @@ class CrossAccumulator:
         self.sum = torch.zeros(rows, dtype=torch.float64)
         self.count = 0
 
-    def add(self, target: torch.Tensor, features: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+    def add(self, target: torch.Tensor, features: torch.Tensor) -> None:
         t = target.reshape(-1, self.rows).to(self.product_dtype)
         x = features.reshape(-1, self.columns).to(self.product_dtype)
-        if weights is not None:  # Σ w t xᵀ, Σ w t, Σ w (see MomentAccumulator._add_weighted)
-            w = weights.reshape(-1)
-            self.sum += (t.double() * w.double()[:, None]).sum(dim=0)
-            self.count += float(w.double().sum())
-            t = t * w.to(t.dtype)[:, None]
-        else:
-            self.sum += t.sum(dim=0, dtype=torch.float64)
-            self.count += t.shape[0]
         for start in range(0, self.columns, BAND):  # no full-size product beside the sum
             self.sum_outer[:, start:start + BAND] += t.T @ x[:, start:start + BAND]
+        self.sum += t.sum(dim=0, dtype=torch.float64)
+        self.count += t.shape[0]
 
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.sum).all()) and all(

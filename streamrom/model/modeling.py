@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -315,10 +314,6 @@ class Block(nn.Module):
     # linear would have to give for the sum to be the dense model's (its anchored fit's target).
     RESIDUAL_ADDS: Mapping[str, tuple[str, str]] = {"self_attn.o_proj": ("residual", "x"),
                                                     "mlp.down_proj": ("output", "residual")}
-    # Linears whose output is normalised before the residual add ("sandwich" norms): {linear: the
-    # value it reads}. What reaches the residual stream is the output over its per-token RMS, so the
-    # fits weight each token's error by 1 / (RMS² + eps) (output_norm_weights).
-    OUTPUT_NORMS: Mapping[str, str] = {}
 
     def __init__(self, spec: ModelSpec, index: int = 0):
         super().__init__()
@@ -344,24 +339,6 @@ class Block(nn.Module):
 
     def linear(self, name: str) -> nn.Module:
         return self.get_submodule(name)
-
-    def output_norm_weights(self, name: str, values: "BlockValues") -> torch.Tensor:
-        """Per token, 1 / (RMS² + eps) of linear `name`'s output (one of OUTPUT_NORMS) on these values:
-        how much its norm scales that token's error on the way to the residual stream (to first order;
-        the norm's per-channel scale is a weight of the output rows, which a per-row refit ignores)."""
-        output = self.linear(name)(values[self.OUTPUT_NORMS[name]]).float()
-        return 1.0 / (output.pow(2).mean(dim=-1) + self.output_norm(name).eps)
-
-    def output_norm(self, name: str) -> nn.Module:
-        raise KeyError(f"{name} has no output norm")
-
-    def output_gain(self, name: str) -> np.ndarray:
-        """Per output row of linear `name` (one of OUTPUT_NORMS), the magnitude of its norm's scale:
-        what a row's error is multiplied by on the way to the residual stream. Floored at a thousandth
-        of the largest, so that no row is free to take any error (its error moves every token's RMS)."""
-        norm = self.output_norm(name)
-        gain = (norm.offset + norm.weight.detach().double()).abs().numpy()
-        return np.maximum(gain, 1e-3 * gain.max())
 
     def set_linear(self, name: str, module: nn.Module) -> None:
         parent, _, child = name.rpartition(".")
@@ -411,7 +388,6 @@ class Gemma3Block(Block):
         Step("output", lambda b, v, cos, sin: v["residual"] + b.post_feedforward_layernorm(v["mlp_output"])),
     )
     RESIDUAL_ADDS: Mapping[str, tuple[str, str]] = {}  # both outputs are normed before their adds
-    OUTPUT_NORMS: Mapping[str, str] = {"self_attn.o_proj": "attention", "mlp.down_proj": "mlp"}
 
     def __init__(self, spec: ModelSpec, index: int = 0):
         super().__init__(spec, index)
@@ -419,9 +395,6 @@ class Gemma3Block(Block):
         self.post_feedforward_layernorm = norm(spec)
         self._spec, self._theta = spec, spec.rope_theta_of(index)
         self._rotary: Rotary | None = None  # made on first use (blocks are built on the meta device)
-
-    def output_norm(self, name: str) -> nn.Module:
-        return {"self_attn.o_proj": self.post_attention_layernorm, "mlp.down_proj": self.post_feedforward_layernorm}[name]
 
     def rotary_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's tables, or this block's own where its rope base differs (sliding-window blocks)."""
