@@ -91,32 +91,6 @@ def profile_table() -> str:
     return "\n".join(lines)
 
 
-def gemma3_table() -> str:
-    """docs/results/real-model.md: Gemma 3 270M dense and compressed (benchmarks/results/gemma3.json: a
-    report per model and the commands that made them, in the same order)."""
-    found = json.loads((RESULTS / "gemma3.json").read_text())
-    models = [key for key in found if key != "commands"]
-    commands = [command for command in found["commands"] if command.startswith("streamrom")]
-    dense = found["dense"]
-    best = min(found[key]["perplexity"] for key in models if key != "dense")
-    lines = ["| model | parameters | perplexity | compress time, evaluation included |", "|---|---|---|---|"]
-    for key, command in zip(models, commands):
-        row = found[key]
-        assert (" eval " in command) == (key == "dense"), f"gemma3.json: {key} is not made by {command}"
-        threads = re.search(r"--threads (\d+)", command).group(1)
-        if key == "dense":
-            lines.append(f"| dense (the GGUF's weights, float32) | {row['parameters_after'] / 1e6:.1f} M "
-                         f"| {row['perplexity']:.2f} | |")
-            continue
-        options = re.search(r" OUT (.*?) --eval-text", command).group(1)
-        perplexity = f"{row['perplexity']:.2f} ({_change(row['perplexity'], dense['perplexity'])})"
-        lines.append(f"| `{options}` | {row['parameters_after'] / 1e6:.1f} M "
-                     f"({row['parameters_after'] / row['parameters_before']:.3f}) "
-                     f"| {f'**{perplexity}**' if row['perplexity'] == best else perplexity} "
-                     f"| {row['wall_seconds']:.0f} s, {threads} thread{'s' * (threads != '1')} |")
-    return "\n".join(lines)
-
-
 def gemma3_grid_table() -> str:
     """docs/results/real-model.md: Gemma 3 270M's grid (benchmarks/quality/gemma3_grid.py), each
     checkout's rows beside its own dense model, perplexity per held-out genre."""
@@ -419,7 +393,7 @@ TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "profile": profile
                                         "targeted": targeted_table,
                                         "load": load_memory_table,
                                         "structured": structured_table, "anchored": anchored_table,
-                                        "inference": inference_table, "gemma3": gemma3_table, "first-use": first_use_table,
+                                        "inference": inference_table, "first-use": first_use_table,
                                         "gemma3-grid": gemma3_grid_table}
 
 
