@@ -374,6 +374,50 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(deep_tiny, tiny_tokens,
     assert run(cli_command(deep_tiny, tmp_path / "out", tiny_tokens)).returncode == 0
 
 
+HOOK = """
+import os, signal, sys
+
+class CtrlCInsideTorch:
+    # Ctrl-C pressed while torch is importing torch.distributed, the moment the clean-clone CI once hit
+    # (a KeyboardInterrupt raised there, in a callback torch's C++ runs, aborted the process)
+    done = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch.distributed" and not self.done:
+            self.done = True
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10000):  # the handler runs between these bytecodes
+                pass
+            with open(os.environ["STREAMROM_TEST_MARK"], "w") as mark:
+                mark.write("the import went on")
+        return None
+
+sys.meta_path.insert(0, CtrlCInsideTorch())
+"""
+
+
+def test_ctrl_c_inside_torchs_import_waits_for_the_import_to_end(deep_tiny, tiny_tokens, tmp_path):
+    """Deterministic: SIGINT delivered inside torch's import (a start-up hook finds torch.distributed,
+    signals the process and lets the handler run): nothing is raised inside the import, which goes on,
+    and the command then ends with one line and exit 130."""
+    from helpers import default_sigint
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOOK)
+    mark = tmp_path / "mark"
+    env = {**{k: v for k, v in os.environ.items() if k != "STREAMROM_FAULT"},
+           "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "STREAMROM_TEST_MARK": str(mark)}
+    process = subprocess.run(cli_command(deep_tiny, tmp_path / "out", tiny_tokens), capture_output=True, text=True,
+                             env=env, preexec_fn=default_sigint, timeout=300)
+    assert mark.is_file(), f"the interrupt was raised inside torch's import: {process.stderr[-800:]}"
+    assert process.returncode == EXIT_INTERRUPTED, process.stderr
+    assert process.stderr.strip().splitlines() == [process.stderr.strip()] and \
+        process.stderr.startswith("streamrom: interrupted"), process.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # -- Also: file modes, eval's activation files, ratios near 1 ------------------------------------------------
 def test_shards_follow_the_umask(deep_tiny, tiny_tokens, tmp_path):
     def umask_022() -> None:
