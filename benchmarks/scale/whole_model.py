@@ -42,7 +42,7 @@ def compress_in_memory(source: Path, output: Path, token_file: Path, sequences: 
     from streamrom.storage.checkpoint import CheckpointReader, CheckpointWriter
     from streamrom.model.modeling import EMBED, FINAL_NORM, LM_HEAD, Rotary, block_class, block_prefix
     from streamrom.compression.config import CompressConfig, parse_layers
-    from streamrom.compression.block_compression import compress_block
+    from streamrom.compression.block_compression import BlockPlan, compress_block
     from streamrom.compression.planning import rank_plan
     from streamrom.report.report import StageTimer
 
@@ -68,7 +68,7 @@ def compress_in_memory(source: Path, output: Path, token_file: Path, sequences: 
     cos, sin = Rotary(spec).cos_sin(seqlen)
     for index, block in enumerate(blocks):
         has_next = index + 1 < spec.num_layers
-        compress_block(block, plan, inputs, outputs if has_next else None, cache, cos, sin, config,
+        compress_block(block, BlockPlan.of(plan), inputs, outputs if has_next else None, cache, cos, sin, config,
                        chunk_sequences, timer, block_label=block_prefix(index))
         inputs, outputs = outputs, inputs
     with timer("write"):

@@ -2,7 +2,9 @@
 statistics of its inputs on the block compressed so far, then the method's new modules."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -19,15 +21,34 @@ from ..report.report import StageTimer
 from .statistics import WIDE, CrossAccumulator, GroupStatistics
 
 
-def block_plan(plan: dict[str, int | None], index: int) -> dict[str, int | None]:
-    """Block `index`'s part of the plan: each linear's rank and each structured unit's width."""
+@dataclass(frozen=True)
+class BlockPlan:
+    """One block's part of the plan, typed: each linear's rank (None: dense) and each structured unit's
+    width (units kept; None: not narrowed) for the units the method sizes."""
+
+    ranks: Mapping[str, int | None]
+    widths: Mapping[str, int | None] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, values: Mapping[str, int | None]) -> "BlockPlan":
+        """From one block's values by name (rank_plan's): the registries tell linears from units."""
+        return cls({name: values.get(name) for name in BLOCK_LINEARS},
+                   {name: values[name] for name in UNIT_NAMES if name in values})
+
+    def keyed(self, index: int) -> dict[str, int | None]:
+        """The model-level form (allocation slots, progress and study records): by tensor prefix."""
+        prefix = block_prefix(index)
+        return {f"{prefix}{name}": value for name, value in {**self.ranks, **self.widths}.items()}
+
+
+def block_plan(plan: Mapping[str, int | None], index: int) -> BlockPlan:
+    """Block `index`'s part of the model's plan (keyed by tensor prefix, as model_plan makes it)."""
     prefix = block_prefix(index)
-    return {name: plan.get(f"{prefix}{name}") for name in BLOCK_LINEARS + UNIT_NAMES
-            if name in BLOCK_LINEARS or f"{prefix}{name}" in plan}
+    return BlockPlan.of({name: plan[f"{prefix}{name}"] for name in BLOCK_LINEARS + UNIT_NAMES if f"{prefix}{name}" in plan})
 
 
 @torch.no_grad()
-def compress_block(block: Block, plan: dict[str, int | None], inputs: ActivationBuffer,
+def compress_block(block: Block, plan: BlockPlan, inputs: ActivationBuffer,
                    outputs: ActivationBuffer | None, cache: BlockCache, cos: torch.Tensor, sin: torch.Tensor,
                    config: CompressConfig, chunk_sequences: int, timer: StageTimer,
                    block_label: str = "", target_from: int | None = None, scratch: Path | None = None,
@@ -60,12 +81,12 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
     if not method.uses_calibration:  # weight space: no statistics, and nothing downstream needs outputs
         with timer("eigen"):
             for group in block.GROUPS:
-                ranks = {name: plan[name] for name in group.linears if plan[name] is not None}
+                ranks = {name: plan.ranks[name] for name in group.linears if plan.ranks[name] is not None}
                 method.compress_group(block, group, ranks, None, False, work_dtype, config.damping)
         return
-    work = [{name: plan[name] for name in group.linears if plan[name] is not None} for group in block.GROUPS]
+    work = [{name: plan.ranks[name] for name in group.linears if plan.ranks[name] is not None} for group in block.GROUPS]
     # a structured unit is narrowed where its consumer's group reads the unit's features
-    units = [next((unit for unit in UNITS if unit.reads == group.reads and plan.get(unit.name)), None)
+    units = [next((unit for unit in UNITS if unit.reads == group.reads and plan.widths.get(unit.name)), None)
              for group in block.GROUPS]
     last = max((g for g, todo in enumerate(work) if todo or units[g]), default=-1)
     points = anchor_points(block, units)
@@ -102,7 +123,7 @@ def compress_block(block: Block, plan: dict[str, int | None], inputs: Activation
             streams_equal = False  # this group changes the block: later groups see the difference
             if unit is not None:
                 selection = (orders or {}).get(unit.name, config.neuron_selection)
-                method.compress_unit(block, unit, plan[unit.name], moments.parts[0], selection, config.damping,
+                method.compress_unit(block, unit, plan.widths[unit.name], moments.parts[0], selection, config.damping,
                                      scratch, anchor)
                 if unit.narrows_reads:  # its features are narrower now: recomputed, never read from the cache
                     passes.narrowed(unit.reads)

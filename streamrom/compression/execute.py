@@ -117,8 +117,7 @@ def write_model(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan
                 with timer("write"):
                     writer.write_shard(index + 2, block_tensors(block, index, dtype), scratch=work,
                                        before_rename=lambda: fault_point(f"writing-block-{index}"))
-                for name, rank in block_plan(plan, index).items():
-                    progress.ranks[f"{block_prefix(index)}{name}"] = rank
+                progress.ranks.update(block_plan(plan, index).keyed(index))
                 record(index + 1, activations.inputs.path.name)
                 fault_point(f"after-block-{index}")
                 del block

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
-from ..model.architectures import UNIT_NAMES, UNITS
+from ..model.architectures import UNITS
 from ..storage.checkpoint import CheckpointReader, CheckpointWriter
 from .config import CompressConfig
 from ..model.families import FAMILIES
 from ..storage.importance import load_block, write_importance
 from ..model.modeling import FINAL_NORM, LM_HEAD, Block, block_prefix
+from .block_compression import block_plan
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,10 @@ def write_tail(reader: CheckpointReader, writer: CheckpointWriter, config: Compr
     out_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if "dtype" in out_config:  # transformers 5 writes "dtype"
         out_config["dtype"] = out_config["torch_dtype"]
-    ranks = {key: rank for key, rank in progress.ranks.items() if not key.endswith(UNIT_NAMES)}
-    widths = {key: width for key, width in progress.ranks.items() if key.endswith(UNIT_NAMES) and width}
+    plans = [block_plan(progress.ranks, index) for index in range(spec.num_layers)]
+    ranks = {f"{block_prefix(index)}{name}": rank for index, plan in enumerate(plans) for name, rank in plan.ranks.items()}
+    widths = {f"{block_prefix(index)}{name}": width for index, plan in enumerate(plans)
+              for name, width in plan.widths.items() if width}
     out_config.update(layer_widths(spec, widths))
     out_config["streamrom"] = {
         "format_version": FORMAT_VERSION,
