@@ -114,6 +114,24 @@ def gemma3_grid_table() -> str:
     return "\n".join(lines)
 
 
+def calibration_volume_table() -> str:
+    """docs/results/real-model.md: the mixed setting on SmolLM2 against calibration volume
+    (benchmarks/quality/calibration_volume.py), perplexity per held-out genre beside the dense model's."""
+    found = json.loads((RESULTS / "calibration_volume.json").read_text())
+    genres = list(found["evaluation_texts"])
+    rows = {row["key"]: row for row in found["rows"]}
+    dense = rows.pop("dense")["perplexity"]
+    lines = ["| reduction | calibration | tokens | " + " | ".join(genres) + " | compress time |",
+             "|---|---|---|" + "---|" * len(genres) + "---|",
+             "| dense | | | " + " | ".join(f"{dense[genre]:.2f}" for genre in genres) + " | |"]
+    for row in sorted(rows.values(), key=lambda row: (row["reduction"], row["tokens"], row["seqlen"])):
+        cells = [f"{row['perplexity'][genre]:.2f} ({_change(row['perplexity'][genre], dense[genre])})" for genre in genres]
+        seconds = f"{row['compress_seconds']:.0f} s" + (", pass 1 included" if row["includes_pass1"] else "")
+        lines.append(f"| {row['reduction']} % | {row['sequences']} × {row['seqlen']} | {row['tokens']:,} | "
+                     + " | ".join(cells) + f" | {seconds} |")
+    return "\n".join(lines)
+
+
 def first_use_table() -> str:
     """docs/results/real-model.md: issue 34's first-use protocol (benchmarks/speed/first_use_speed.py), each
     model's best round against the dense model's."""
@@ -394,7 +412,7 @@ TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "profile": profile
                                         "load": load_memory_table,
                                         "structured": structured_table, "anchored": anchored_table,
                                         "inference": inference_table, "first-use": first_use_table,
-                                        "gemma3-grid": gemma3_grid_table}
+                                        "gemma3-grid": gemma3_grid_table, "calibration-volume": calibration_volume_table}
 
 
 def render(text: str) -> str:
