@@ -7,9 +7,10 @@ one knowing which are still running, and a heartbeat per running trial marks a w
 silent intervals; its trial is then failed and queued again (same point) for whichever worker is free.
 A worker on the same machine (same kernel boot and process namespace) does not wait for the heartbeats:
 a trial whose process is gone is failed and queued again at once, so a command rerun after a crash runs
-its dead trial's point before the sampler proposes anything new, and finishes with the trials an
-uninterrupted run has. Where trials stand in the search (at most `trials` of them count) goes by the
-number of the trial whose point they run, so a retried point keeps its place.
+its dead trial's point before the sampler proposes anything new (with only startup points, it finishes
+with exactly the points an uninterrupted run has: tested). Where trials stand in the search (at most
+`trials` of them count) goes by the number of the trial whose point they run, so a retried point keeps
+its place.
 A compress process that sees the search finished takes its best trial (the first to look writes the
 choice into the study) and compresses with that plan.
 
