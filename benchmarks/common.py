@@ -2,6 +2,7 @@
 command, commit, date, machine)."""
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -58,6 +59,13 @@ EVAL_TEXT = REPO / "data" / "austen" / "prideprejudice.txt"
 # The grids' calibration text: Emma alone (the default before the general set), so that every grid
 # stays comparable with the rows measured before it; benchmarks/quality/general.py sets both against each other
 EMMA = REPO / "streamrom" / "data" / "general" / "austen-emma.txt"
+# genre -> (its part of the general calibration set, its held-out evaluation text)
+GENRES = {
+    "austen": ("austen-emma", REPO / "data" / "austen" / "prideprejudice.txt"),
+    "carroll": ("carroll-alice", REPO / "data" / "eval" / "carroll-alice.txt"),
+    "docs": ("python-docs", REPO / "data" / "eval" / "python-docs.txt"),
+    "code": ("python-code", REPO / "data" / "eval" / "python-code.txt"),
+}
 
 
 def streamrom_cli(threads: int | None = None) -> list[str]:
@@ -78,3 +86,54 @@ def run(command: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=REPO)
     return time.perf_counter() - start
+
+
+# -- what the quality benchmarks share: held-out genres, the perplexity of a model on each, and a ----
+# -- results file of keyed rows that a stopped run resumes -----------------------------------------
+
+class ResultRows:
+    """A results file of rows keyed by what they measure (`key`), kept between runs: rows measured
+    with another window count are dropped (their perplexities are not comparable), the rest are kept
+    so that a stopped run resumes where it was. Saved whole after every row, with the shared header."""
+
+    def __init__(self, path: Path, benchmark: str, max_windows: int):
+        self.path, self.benchmark, self.max_windows = path, benchmark, max_windows
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        self.rows: dict[str, dict] = {row["key"]: row for row in previous.get("rows", [])
+                                      if previous.get("max_windows") == max_windows}
+
+    def save(self, **fields) -> None:
+        """The header, `fields` (what the rows share: model, calibration, evaluation texts), the rows."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({**header(self.benchmark), **fields, "max_windows": self.max_windows,
+                                         "rows": list(self.rows.values())}, indent=2) + "\n")
+
+
+def perplexity_by_genre(run_command, cli: list[str], folder: Path, reports: str, texts: dict[str, Path],
+                        max_windows: int) -> dict[str, float]:
+    """`streamrom eval` of the model in `folder` on each genre's held-out text ({genre: perplexity}),
+    each report written to `<reports>-<genre>.eval.json`; `run_command` runs a command line (a checkout's
+    own CLI where several are measured side by side)."""
+    scores = {}
+    for genre, text in texts.items():
+        report = Path(f"{reports}-{genre}.eval.json")
+        run_command(cli + ["eval", str(folder), "--text", str(text), "--report", str(report),
+                           "--max-windows", str(max_windows)])
+        scores[genre] = json.loads(report.read_text())["perplexity"]
+    return scores
+
+
+def compressed_with_spectrum(run_command, cli: list[str], dense: Path, output: Path, method: str, reduction: int,
+                             spectra: Path, extra: list[str] = ()) -> dict:
+    """`streamrom compress` of `dense` into `output` at `reduction` % fewer parameters with the spectrum
+    allocation, pass 1 kept in (or taken from) `spectra`; the row's fields of it: the command as a user
+    types it, the parameter ratio reached, the seconds, and whether they include pass 1."""
+    with_pass1 = not spectra.is_file()
+    command = cli + ["compress", str(dense), str(output), "--method", method, "--allocate", "spectrum",
+                     "--target-params", f"{1 - reduction / 100:.2f}", "--overwrite", "--spectra", str(spectra),
+                     *extra]
+    seconds = run_command(command)
+    report = json.loads((output / "streamrom-report.json").read_text())
+    typed = [word for word in command[3:] if word != "--quiet"]  # without `python -m streamrom.cli`
+    return {"command": shlex.join(["streamrom", *typed]), "parameter_ratio": report["parameter_ratio"],
+            "compress_seconds": seconds, "includes_pass1": with_pass1}

@@ -16,12 +16,10 @@ table on stdout.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 from pathlib import Path
 
-from benchmarks.common import REPO, dense_model, header, run, streamrom_cli
-from benchmarks.quality.general import GENRES, calibrations
+from benchmarks.common import GENRES, REPO, ResultRows, compressed_with_spectrum, dense_model, perplexity_by_genre, run, streamrom_cli
+from benchmarks.quality.general import calibrations
 
 DEFAULT_VOLUMES = ["32x512", "128x512", "8x2048", "32x2048"]
 
@@ -46,25 +44,17 @@ def main() -> None:
     cli = streamrom_cli(args.threads)
     dense = dense_model(args.work, cli)
     parts = calibrations()["general"]
-    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    rows = {row["key"]: row for row in previous.get("rows", []) if previous.get("max_windows") == args.max_windows}
+    results = ResultRows(args.out, "calibration_volume", args.max_windows)
+    rows = results.rows
 
     def evaluate(folder: Path, label: str) -> dict[str, float]:
-        scores = {}
-        for genre, (_, text) in GENRES.items():
-            report = args.work / f"volume-{label}-{genre}.eval.json"
-            run(cli + ["eval", str(folder), "--text", str(text), "--report", str(report),
-                       "--max-windows", str(args.max_windows)])
-            scores[genre] = json.loads(report.read_text())["perplexity"]
-        return scores
+        return perplexity_by_genre(run, cli, folder, str(args.work / f"volume-{label}"),
+                                   {genre: text for genre, (_, text) in GENRES.items()}, args.max_windows)
 
     def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            **header("calibration_volume"), "model": "SmolLM2-135M-Instruct (dequantised from its 4-bit GGUF)",
-            "max_windows": args.max_windows, "calibration": "the general set, an equal share of each part",
-            "evaluation_texts": {genre: str(text.relative_to(REPO)) for genre, (_, text) in GENRES.items()},
-            "rows": list(rows.values())}, indent=2) + "\n")
+        results.save(model="SmolLM2-135M-Instruct (dequantised from its 4-bit GGUF)",
+                     calibration="the general set, an equal share of each part",
+                     evaluation_texts={genre: str(text.relative_to(REPO)) for genre, (_, text) in GENRES.items()})
 
     if "dense" not in rows:
         rows["dense"] = {"key": "dense", "method": "dense", "reduction": 0, "perplexity": evaluate(dense, "dense")}
@@ -77,18 +67,12 @@ def main() -> None:
             if key in rows and not args.again:
                 continue
             output = args.work / f"volume-{args.method}-{reduction}-{chosen}"
-            made_pass1 = not spectra.is_file()
-            command = cli + ["compress", str(dense), str(output), "--method", args.method, "--allocate", "spectrum",
-                             "--target-params", f"{1 - reduction / 100:.2f}", "--overwrite",
-                             "--calib-text", *map(str, parts), "--calib-sequences", str(sequences),
-                             "--calib-seqlen", str(seqlen), "--spectra", str(spectra)]
-            seconds = run(command)
-            report = json.loads((output / "streamrom-report.json").read_text())
             rows[key] = {"key": key, "method": args.method, "reduction": reduction, "sequences": sequences,
                          "seqlen": seqlen, "tokens": sequences * seqlen,
-                         "command": shlex.join(["streamrom", *command[len(cli):]]),
-                         "parameter_ratio": report["parameter_ratio"], "compress_seconds": seconds,
-                         "includes_pass1": made_pass1, "perplexity": evaluate(output, f"{reduction}-{chosen}")}
+                         **compressed_with_spectrum(run, cli, dense, output, args.method, reduction, spectra, [
+                             "--calib-text", *map(str, parts), "--calib-sequences", str(sequences),
+                             "--calib-seqlen", str(seqlen)]),
+                         "perplexity": evaluate(output, f"{reduction}-{chosen}")}
             save()
 
     dense_scores = rows["dense"]["perplexity"]

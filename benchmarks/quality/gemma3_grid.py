@@ -18,7 +18,6 @@ Results: benchmarks/results/gemma3_grid.json (rows already there are kept unless
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -26,8 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, header
-from benchmarks.quality.general import GENRES
+from benchmarks.common import GENRES, REPO, ResultRows, compressed_with_spectrum, perplexity_by_genre
 
 
 def gemma3_folder(work: Path, cli: list[str], env: dict) -> Path:
@@ -61,8 +59,8 @@ def main() -> None:
     args.work = args.work.resolve()
     cli = [sys.executable, "-m", "streamrom.cli", "--quiet", "--threads", str(args.threads)]
     args.work.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    rows = {row["key"]: row for row in previous.get("rows", []) if previous.get("max_windows") == args.max_windows}
+    results = ResultRows(args.out, "gemma3_grid", args.max_windows)
+    rows = results.rows
 
     def environment(path: str) -> dict:
         return {**os.environ, "PYTHONPATH": str(Path(path).resolve())}
@@ -82,21 +80,13 @@ def main() -> None:
         return time.perf_counter() - start
 
     def evaluate(folder: Path, label: str, env: dict) -> dict[str, float]:
-        scores = {}
-        for genre in args.genres:
-            report = args.work / f"g3grid-{label}-{genre}.eval.json"
-            run(cli + ["eval", str(folder), "--text", str(GENRES[genre][1]), "--report", str(report),
-                       "--max-windows", str(args.max_windows)], env)
-            scores[genre] = json.loads(report.read_text())["perplexity"]
-        return scores
+        return perplexity_by_genre(lambda command: run(command, env), cli, folder, str(args.work / f"g3grid-{label}"),
+                                   {genre: GENRES[genre][1] for genre in args.genres}, args.max_windows)
 
     def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            **header("gemma3_grid"), "model": "Gemma 3 270M (dequantised from its Q4_K_M GGUF)",
-            "max_windows": args.max_windows, "calibration": "the general set, 32 x 512 tokens",
-            "evaluation_texts": {genre: str(GENRES[genre][1].relative_to(REPO)) for genre in args.genres},
-            "rows": list(rows.values())}, indent=2) + "\n")
+        results.save(model="Gemma 3 270M (dequantised from its Q4_K_M GGUF)",
+                     calibration="the general set, 32 x 512 tokens",
+                     evaluation_texts={genre: str(GENRES[genre][1].relative_to(REPO)) for genre in args.genres})
 
     dense = gemma3_folder(args.work, cli, environment(next(iter(checkouts.values()))))
     for label, path in checkouts.items():
@@ -113,16 +103,11 @@ def main() -> None:
                 if key in rows and not args.again:
                     continue
                 output = args.work / f"g3grid-{label}-{method}-{reduction}"
-                with_pass1 = not spectra.is_file()
-                command = cli + ["compress", str(dense), str(output), "--method", method, "--allocate", "spectrum",
-                                 "--target-params", f"{1 - reduction / 100:.2f}", "--overwrite",
-                                 "--spectra", str(spectra)]
-                seconds = run(command, env)
-                report = json.loads((output / "streamrom-report.json").read_text())
                 rows[key] = {"key": key, "code": label, "commit": commit(path), "method": method,
-                             "reduction": reduction, "command": shlex.join(["streamrom", *command[len(cli) - 2:]]),
-                             "parameter_ratio": report["parameter_ratio"], "compress_seconds": seconds,
-                             "includes_pass1": with_pass1, "perplexity": evaluate(output, f"{label}-{method}-{reduction}", env)}
+                             "reduction": reduction,
+                             **compressed_with_spectrum(lambda command: run(command, env), cli, dense, output, method,
+                                                        reduction, spectra),
+                             "perplexity": evaluate(output, f"{label}-{method}-{reduction}", env)}
                 save()
 
     print("\n| code | method | reduction | " + " | ".join(args.genres) + " | compress s |")

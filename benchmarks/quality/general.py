@@ -24,20 +24,10 @@ import json
 import shlex
 from pathlib import Path
 
-from benchmarks.common import EMMA, REPO, dense_model, run, streamrom_cli
-
-
+from benchmarks.common import EMMA, GENRES, REPO, ResultRows, dense_model, perplexity_by_genre, run, streamrom_cli
 from streamrom.stream.calibration import default_calibration_texts
-from streamrom.report.report import machine
 
 SOURCES = json.loads((REPO / "streamrom" / "data" / "general" / "SOURCES.json").read_text(encoding="utf-8"))
-# genre -> (its calibration part, its held-out evaluation text)
-GENRES = {
-    "austen": ("austen-emma", REPO / "data" / "austen" / "prideprejudice.txt"),
-    "carroll": ("carroll-alice", REPO / "data" / "eval" / "carroll-alice.txt"),
-    "docs": ("python-docs", REPO / "data" / "eval" / "python-docs.txt"),
-    "code": ("python-code", REPO / "data" / "eval" / "python-code.txt"),
-}
 
 
 def calibrations() -> dict[str, list[Path]]:
@@ -67,26 +57,18 @@ def main() -> None:
     dense = dense_model(args.work, cli)
     texts = calibrations()
     chosen = args.calibrations or list(texts)
-    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    rows = {row["key"]: row for row in previous.get("rows", []) if previous.get("max_windows") == args.max_windows}
+    results = ResultRows(args.out, "general", args.max_windows)
+    rows = results.rows
 
     def evaluate(folder: Path, label: str, genres: list[str]) -> dict[str, float]:
-        scores = {}
-        for genre in genres:
-            report = args.work / f"general-{label}-{genre}.eval.json"
-            run(cli + ["eval", str(folder), "--text", str(GENRES[genre][1]), "--report", str(report),
-                       "--max-windows", str(args.max_windows)])
-            scores[genre] = json.loads(report.read_text())["perplexity"]
-        return scores
+        return perplexity_by_genre(run, cli, folder, str(args.work / f"general-{label}"),
+                                   {genre: GENRES[genre][1] for genre in genres}, args.max_windows)
 
     def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "benchmark": "general calibration set", "model": "SmolLM2-135M-Instruct", "max_windows": args.max_windows,
-            "calibration": "32 x 512 tokens; several parts: an equal share each",
-            "parts": {name: entry["genre"] for name, entry in SOURCES["parts"].items()},
-            "evaluation_texts": {genre: str(text.relative_to(REPO)) for genre, (_, text) in GENRES.items()},
-            "machine": machine(), "rows": list(rows.values())}, indent=2) + "\n")
+        results.save(model="SmolLM2-135M-Instruct (dequantised from its 4-bit GGUF)",
+                     calibration="32 x 512 tokens; several parts: an equal share each",
+                     parts={name: entry["genre"] for name, entry in SOURCES["parts"].items()},
+                     evaluation_texts={genre: str(text.relative_to(REPO)) for genre, (_, text) in GENRES.items()})
 
     if "dense" not in rows:
         rows["dense"] = {"key": "dense", "calibration": "-", "method": "dense", "reduction": 0,
