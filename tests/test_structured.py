@@ -7,10 +7,12 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 import streamrom
 from streamrom import CalibrationConfig, CompressConfig, UsageError
+from streamrom.errors import NumericalError
 from streamrom.linalg import structured
 from streamrom.stream.calibration import calibration_tokens
 from streamrom.linalg.allocation import Slot, choose_alternatives, spectrum_ranks, total_params
@@ -632,3 +634,24 @@ def test_pass1_tokens_prices_on_sequences_spread_over_the_set(tiny_models, tmp_p
     assert runs["subset"].settings["pass1_tokens"] == 128 and "pass1_tokens" not in runs["full"].settings
     with pytest.raises(UsageError, match="pass1-tokens"):
         CompressConfig(allocate="uniform", pass1_tokens=128)
+
+
+def test_the_in_place_inverse_is_scipys_cholesky_inverse_in_the_lower_triangle():
+    """Bit for bit scipy.linalg.inv's result (which takes the Cholesky path for an exactly symmetric
+    positive definite matrix) where the removal reads it, in the matrix's own buffer; a matrix that
+    is not positive definite is one NumericalError."""
+    features = RNG.standard_normal((500, 64)).astype(np.float32)
+    moment = features.T @ features / 500
+    moment = np.tril(moment) + np.tril(moment, -1).T  # exactly symmetric, as the statistics hand it over
+    moment[np.diag_indices(64)] += 0.01
+    expected = scipy.linalg.inv(moment)
+    buffer = moment.copy()
+    inverse = structured._lower_inverse_in_place(buffer)
+    assert np.shares_memory(inverse, buffer)
+    assert np.array_equal(np.tril(inverse), np.tril(expected))
+    np.testing.assert_allclose(np.tril(inverse), np.tril(np.linalg.inv(moment.astype(np.float64))), rtol=1e-3,
+                               atol=1e-4)
+    broken = moment.copy()
+    broken[5, 5] = -1.0
+    with pytest.raises(NumericalError):
+        structured._lower_inverse_in_place(broken)

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import scipy.linalg.blas
+import scipy.linalg.lapack
 
+from ..errors import NumericalError
 from .decompose import Anchor, damped, least_squares, top_eigenvectors
 
 # pass1: the greedy removal's order from pass 1 (on the dense model's inputs, in loss units), kept in
@@ -117,8 +119,7 @@ def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: floa
         damped_moment[np.diag_indices_from(damped_moment)] += damping * float(np.mean(np.diag(damped_moment)))
     else:
         damped_moment = damped(moment, damping)
-    # symmetric, so its transpose is the Fortran-ordered matrix LAPACK inverts in place
-    inverse = (scipy.linalg.inv(damped_moment.T, overwrite_a=True, check_finite=False).T if in_place
+    inverse = (_lower_inverse_in_place(damped_moment) if in_place
                else scipy.linalg.inv(damped_moment, overwrite_a=True, check_finite=False))
     del damped_moment
     columns = np.array(weight, dtype=work_dtype, copy=True)
@@ -187,6 +188,23 @@ def obs_removal(moment: np.ndarray, weight: np.ndarray, keep: int, damping: floa
     removed_costs = [cost[::-1] for cost in costs[::-1]]
     return Removal(np.concatenate([tail, *removed_order]).astype(np.int64),
                    np.concatenate([np.full(tail.size, np.inf), *removed_costs]))
+
+
+def _lower_inverse_in_place(matrix: np.ndarray) -> np.ndarray:
+    """The inverse of a C-ordered symmetric positive definite matrix, in its own buffer, held by its
+    lower triangle (what the in-place removal reads): LAPACK's Cholesky factor and inverse (potrf,
+    potri) on the transpose, the Fortran-ordered matrix whose upper triangle is this one's lower. The
+    same bits as scipy.linalg.inv's Cholesky path, without its structure checks and the copy that
+    fills the other triangle."""
+    potrf, potri = scipy.linalg.lapack.get_lapack_funcs(("potrf", "potri"), (matrix,))
+    factor, info = potrf(matrix.T, lower=0, overwrite_a=1, clean=0)
+    if info == 0:
+        inverse, info = potri(factor, lower=0, overwrite_c=1)
+    if info != 0 or not np.shares_memory(factor, matrix):
+        # (a damped sum of outer products is positive definite: only a moment already broken gets here)
+        raise NumericalError(f"the damped moment of {matrix.shape[0]} neurons is not positive definite (LAPACK "
+                             f"info {info}): its activations overflowed upstream")
+    return inverse.T
 
 
 def _compact_in_place(inverse: np.ndarray, columns: np.ndarray, place: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
