@@ -166,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
                            f"between: a blend; --anchor alone: {MEASURED_ANCHOR_STRENGTH:g}, the best measured "
                            "(rom-centered at 30/40 %% smaller: -29/-46 %% perplexity; structured -3/-6 %%: "
                            "README, Anchored fits)")
+    comp.add_argument("--refine-steps", type=int, default=0, metavar="N",
+                      help="block refinement: after each block is compressed, N optimiser steps (Adam, one "
+                           "mini-batch of calibration sequences each) on its compressed parameters so that its "
+                           "outputs come nearer the dense block's for the same inputs (default 0: off; about 3 "
+                           "forward passes of a mini-batch a step)")
+    comp.add_argument("--refine-lr", type=float, default=1e-4, metavar="RATE",
+                      help="--refine-steps: the first step size, decaying to 0 along a cosine (default 1e-4)")
     comp.add_argument("--no-bias", dest="mean_bias", action="store_false",
                       help="rom-centered, structured, mixed: fit the uncentered moments, adding no mean-correction "
                            "bias to any linear (llama.cpp's gemma3 graph has no bias tensors: export-gguf asks for "
@@ -427,7 +434,7 @@ def _run(args: argparse.Namespace) -> None:
                               heartbeat_seconds=args.heartbeat),
             **({"target_weight": args.target_weight} if args.target_weight is not None else {}),
             precision=args.precision, neuron_selection=_neuron_selection(args, allocate), anchor=args.anchor,
-            pass1_tokens=args.pass1_tokens,
+            pass1_tokens=args.pass1_tokens, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
             mean_bias=args.mean_bias,
             **({"modules": args.modules} if args.modules else {}))
         report = compress(args.source, args.output, config, args.report, eval_text=args.eval_text,

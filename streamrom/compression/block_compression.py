@@ -2,6 +2,7 @@
 statistics of its inputs on the block compressed so far, then the method's new modules."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -18,7 +19,10 @@ from ..storage.importance import BlockEnergies
 from ..report.memory import release_freed_memory
 from ..model.modeling import BLOCK_LINEARS, Block, BlockValues, block_prefix
 from ..report.report import StageTimer
+from .refinement import refine_block, write_dense_outputs
 from .statistics import WIDE, CrossAccumulator, GroupStatistics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ def compress_block(block: Block, plan: BlockPlan, inputs: ActivationBuffer,
                    config: CompressConfig, chunk_sequences: int, timer: StageTimer,
                    block_label: str = "", target_from: int | None = None, scratch: Path | None = None,
                    dense: DenseStream | None = None, energies: BlockEnergies | None = None,
-                   orders: dict[str, np.ndarray] | None = None) -> None:
+                   orders: dict[str, np.ndarray] | None = None, block_index: int = 0) -> None:
     """Replace the planned linears of `block` by the method's modules, one group after the other, and
     write the compressed block's outputs for `inputs` to `outputs` (unless None).
 
@@ -72,6 +76,10 @@ def compress_block(block: Block, plan: BlockPlan, inputs: ActivationBuffer,
     next block's dense inputs, the values the fits anchor to wait on disk), and each group's fit is
     anchored to them (decompose.Anchor) — except while both streams are still equal (nothing upstream
     compressed), where the anchored fit is the plain one and the plain one runs.
+
+    With config.refine_steps (and a `scratch` folder), the dense block's outputs for `inputs` are
+    written first, and once every group is compressed the block is refined toward them
+    (compression/refinement.py; its draws seeded by `block_index`).
 
     With `energies`, the last pass (the outputs', or for the last block one of its own) also sums
     the squares of what each of the compressed block's linears reads (importance.BlockEnergies).
@@ -96,6 +104,12 @@ def compress_block(block: Block, plan: BlockPlan, inputs: ActivationBuffer,
         with timer("dense stream"):  # the anchored fits' cost in time, apart in the report
             anchored_values, streams_equal = _dense_pass(block, inputs, dense, wanted, cos, sin, chunk_sequences,
                                                          block_label)
+    targets = None
+    if config.refine_steps and scratch is not None:  # before any group changes the block
+        scratch.mkdir(parents=True, exist_ok=True)
+        targets = ActivationBuffer(scratch, *inputs.shape, anonymous=True)
+        with timer("refine"):
+            write_dense_outputs(block, inputs, targets, cos, sin, chunk_sequences, block_label)
     passes = _Passes(block, inputs, cache, cos, sin)
     product = torch.float64 if config.precision == "float64" else torch.float32
     for group, todo, unit, point in zip(block.GROUPS[:last + 1], work, units, points):
@@ -133,6 +147,13 @@ def compress_block(block: Block, plan: BlockPlan, inputs: ActivationBuffer,
                 method.compress_group(block, group, todo, moments, at_output, work_dtype, config.damping, anchor)
             del moments, statistics, anchor
         release_freed_memory()
+    if targets is not None:
+        with timer("refine"):
+            result = refine_block(block, inputs, targets, cos, sin, config.refine_steps, config.refine_lr,
+                                  max(1, chunk_sequences // 2), chunk_sequences, seed=block_index)
+        targets.close()
+        passes.forget()  # every value may differ now: the outputs are computed from the inputs again
+        log.info("%srefined: output error %.4g -> %.4g", block_label, result.error_before, result.error_after)
     if outputs is not None or energies is not None:
         with timer("forward"):
             for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
@@ -178,6 +199,11 @@ class _Passes:
         given = {"x": lambda: self.inputs.read(start, stop)}
         given.update({name: (lambda name=name: self.cache[name].read(start, stop)) for name in self.cached})
         return BlockValues(self.block, self.cos, self.sin, given)
+
+    def forget(self) -> None:
+        """The cached values no longer hold (the block changed everywhere): computed again from here on."""
+        self.cached = []
+        self._narrowed = set(self.cache.buffers) if self.cache is not None else set()
 
     def narrowed(self, name: str) -> None:
         """`name`'s features are narrower now: recomputed from here on, never read from the cache."""

@@ -63,6 +63,10 @@ class CompressConfig:
     # centered methods add a mean-correction bias to each factored (and refitted) linear; off, they fit
     # the uncentered moments instead, for runtimes whose graph has no bias (llama.cpp's gemma3)
     mean_bias: bool = True
+    # block refinement (compression/refinement.py): Adam steps per block on its compressed parameters
+    # toward the dense block's outputs (0: off), from this step size down to 0 along a cosine
+    refine_steps: int = 0
+    refine_lr: float = 1e-4
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -89,6 +93,10 @@ class CompressConfig:
             raise UsageError(f"--method {self.method} uses no calibration text, so nothing to anchor")
         if self.anchor and self.target_calibration is not None:
             raise UsageError("--anchor does not combine with a target text (yet)")
+        if self.refine_steps < 0 or not (math.isfinite(self.refine_lr) and self.refine_lr > 0):
+            raise UsageError("--refine-steps must be >= 0 and --refine-lr positive")
+        if self.refine_steps and not self.compression_method.uses_calibration:
+            raise UsageError(f"--method {self.method} uses no calibration text, so nothing to refine toward")
         if not 0.0 <= self.target_weight <= 1.0:
             raise UsageError(f"--target-weight must be in [0, 1], got {self.target_weight}")
         if self.target_basis not in ("mix", "select"):
@@ -160,6 +168,7 @@ class CompressConfig:
                     "precision": self.precision, "ranks": self.ranks,
                     **({"neuron_selection": self.neuron_selection} if self.compression_method.structured else {}),
                     **({"anchor": self.anchor} if self.anchor else {}),
+                    **({"refine_steps": self.refine_steps, "refine_lr": self.refine_lr} if self.refine_steps else {}),
                     **({"pass1_tokens": self.pass1_tokens} if self.pass1_tokens is not None else {}),
                     **({} if self.mean_bias else {"mean_bias": False}),
                     "calibration": {"files": [str(p) for p in self.calibration.text_files] or ["(default)"],

@@ -185,7 +185,7 @@ class _BlockSteps:
         compress_block(block, block_plan(self.plan, index), inputs, activations.outputs if has_next else None,
                        cache, self.cos, self.sin, self.config, self.chunk_sequences, self.timer,
                        block_label=block_prefix(index), target_from=self.target_from, scratch=self.work,
-                       dense=stream, energies=energies,
+                       dense=stream, energies=energies, block_index=index,
                        orders={key[len(block_prefix(index)):]: order for key, order in self.orders.items()
                                if key.startswith(block_prefix(index))})
         if energies is not None:  # before the progress record counts the block
