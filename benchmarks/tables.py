@@ -32,6 +32,8 @@ def _setting(row: dict) -> str:
         parts.append(f"`--anchor {row['anchor']:g}`")
     if row.get("pass1_tokens"):
         parts.append(f"`--pass1-tokens {row['pass1_tokens']}`")
+    if row.get("refine_steps"):
+        parts.append(f"`--refine-steps {row['refine_steps']}`")
     return ", ".join(parts)
 
 

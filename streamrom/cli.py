@@ -167,12 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "(rom-centered at 30/40 %% smaller: -29/-46 %% perplexity; structured -3/-6 %%: "
                            "README, Anchored fits)")
     comp.add_argument("--refine-steps", type=int, default=0, metavar="N",
-                      help="block refinement: after each block is compressed, N optimiser steps (Adam, one "
-                           "mini-batch of calibration sequences each) on its compressed parameters so that its "
+                      help="block refinement: after each block is compressed, N optimiser steps (Adafactor, "
+                           "one mini-batch of calibration sequences each) on its compressed parameters so that its "
                            "outputs come nearer the dense block's for the same inputs (default 0: off; about 3 "
                            "forward passes of a mini-batch a step)")
-    comp.add_argument("--refine-lr", type=float, default=1e-4, metavar="RATE",
-                      help="--refine-steps: the first step size, decaying to 0 along a cosine (default 1e-4)")
+    comp.add_argument("--refine-lr", type=float, default=1e-2, metavar="RATE",
+                      help="--refine-steps: the first step, relative to each tensor's RMS, decaying to 0 along a "
+                           "cosine (default 1e-2)")
     comp.add_argument("--no-bias", dest="mean_bias", action="store_false",
                       help="rom-centered, structured, mixed: fit the uncentered moments, adding no mean-correction "
                            "bias to any linear (llama.cpp's gemma3 graph has no bias tensors: export-gguf asks for "

@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads in the compress run (default: torch's)")
     parser.add_argument("--anchor", type=float, default=0.0, help="anchored fits' strength (default 0: off; with it "
                         "the dense stream runs beside the compressed one)")
+    parser.add_argument("--refine-steps", type=int, default=0, help="block refinement's steps (default 0: off)")
     parser.add_argument("--whole-model", type=int, nargs="*", default=[], metavar="DEPTH",
                         help="at these depths, also run the whole-model way and compare")
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "synthetic")
@@ -107,8 +108,9 @@ def main() -> None:
     tokens_count = args.sequences * args.seqlen
     rows = [row for row in previous if (row["depth"], row["calibration_tokens"], row.get("allocate", "uniform"),
                                         row.get("method", "rom"), row.get("anchor", 0.0),
-                                        row.get("neuron_selection", "obs"), row.get("pass1_tokens", "all")) not in
-            {(depth, tokens_count, args.allocate, args.method, args.anchor, selection, pass1)
+                                        row.get("neuron_selection", "obs"), row.get("pass1_tokens", "all"),
+                                        row.get("refine_steps", 0)) not in
+            {(depth, tokens_count, args.allocate, args.method, args.anchor, selection, pass1, args.refine_steps)
              for depth in args.depths for selection in args.neuron_selection for pass1 in args.pass1_tokens}]
     for depth, selection, pass1 in [(depth, selection, pass1) for depth in args.depths
                                     for selection in args.neuron_selection for pass1 in args.pass1_tokens]:
@@ -126,6 +128,8 @@ def main() -> None:
                 command += ["--target-params", str(args.ratio)]
         if args.anchor:
             command += ["--anchor", f"{args.anchor:g}"]
+        if args.refine_steps:
+            command += ["--refine-steps", str(args.refine_steps)]
         if args.method in ("structured", "mixed"):  # always named: the command line's default depends on the allocation
             command += ["--neuron-selection", selection]
         if pass1 != "all":
@@ -133,7 +137,8 @@ def main() -> None:
         suffix = (f"d{depth}" + ("" if tokens_count == 16384 else f"_t{tokens_count}")
                   + ("_spectrum" if spectrum else "") + ("" if args.method == "rom" else f"_{args.method}")
                   + (f"_anchor{args.anchor:g}" if args.anchor else "") + ("" if selection == "obs" else f"_{selection}")
-                  + ("" if pass1 == "all" else f"_p{pass1}"))
+                  + ("" if pass1 == "all" else f"_p{pass1}")
+                  + (f"_refine{args.refine_steps}" if args.refine_steps else ""))
         timeline = args.results / f"memory_{args.shape}_{suffix}_rss.csv"
         print("$", shlex.join(command[1:]), flush=True)
         wall, sampled_here, _ = profile(command, timeline)
@@ -142,7 +147,7 @@ def main() -> None:
         ranks = {name.rsplit(".", 1)[-1].removesuffix("_proj"): rank
                  for name, rank in report["ranks"].items() if name.startswith("model.layers.0.")}
         # pass 1 adds a forward and a backward the GEMM count below does not model: no bound for spectrum
-        flops = {} if spectrum or args.method != "rom" or args.anchor else {stage: depth * count for stage, count in
+        flops = {} if spectrum or args.method != "rom" or args.anchor or args.refine_steps else {stage: depth * count for stage, count in
                                      block_flops(config_for(args.shape, depth), ranks, args.sequences, args.seqlen).items()}
         seconds = report["stage_seconds"]
         picture = rss_timeline_png(memory["timeline"], memory["marks"], args.results / f"memory_{args.shape}_{suffix}_rss.png",
@@ -154,7 +159,8 @@ def main() -> None:
             "depth": depth, "allocate": args.allocate, "method": args.method,
             **({"anchor": args.anchor} if args.anchor else {}),
             **({"neuron_selection": selection} if selection != "obs" else {}),
-            **({"pass1_tokens": pass1} if pass1 != "all" else {}), "command": shlex.join(["streamrom", *command[3:]]),
+            **({"pass1_tokens": pass1} if pass1 != "all" else {}),
+            **({"refine_steps": args.refine_steps} if args.refine_steps else {}), "command": shlex.join(["streamrom", *command[3:]]),
             "wall_seconds": wall, "stage_seconds": seconds,
             "projected_seconds": report.get("projected_seconds", {}).get("seconds", {}),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -150,7 +150,8 @@ def compress_block(block: Block, plan: BlockPlan, inputs: ActivationBuffer,
     if targets is not None:
         with timer("refine"):
             result = refine_block(block, inputs, targets, cos, sin, config.refine_steps, config.refine_lr,
-                                  max(1, chunk_sequences // 2), chunk_sequences, seed=block_index)
+                                  max(1, chunk_sequences // 2), chunk_sequences, seed=block_index,
+                                  scratch=scratch)
         targets.close()
         passes.forget()  # every value may differ now: the outputs are computed from the inputs again
         log.info("%srefined: output error %.4g -> %.4g", block_label, result.error_before, result.error_after)

@@ -63,10 +63,11 @@ class CompressConfig:
     # centered methods add a mean-correction bias to each factored (and refitted) linear; off, they fit
     # the uncentered moments instead, for runtimes whose graph has no bias (llama.cpp's gemma3)
     mean_bias: bool = True
-    # block refinement (compression/refinement.py): Adam steps per block on its compressed parameters
-    # toward the dense block's outputs (0: off), from this step size down to 0 along a cosine
+    # block refinement (compression/refinement.py): optimiser steps per block on its compressed
+    # parameters toward the dense block's outputs (0: off), the first relative to each tensor's RMS,
+    # down to 0 along a cosine
     refine_steps: int = 0
-    refine_lr: float = 1e-4
+    refine_lr: float = 1e-2
     overwrite: bool = False
 
     def __post_init__(self) -> None:

@@ -6,15 +6,18 @@ output comes nearer what the dense block gives for the same inputs.
 The closed-form fits each minimise one linear's error with the groups before it already compressed;
 none sees the nonlinearities after it (attention's softmax, the MLP's gate) or the error that groups
 after it add. The refinement minimises the block's own output error, all parameters at once, by
-Adam on mini-batches of calibration sequences with a cosine-decayed step. The dense block's outputs
-are computed before the block is compressed and wait on disk (one file of tokens x hidden floats), so
-memory stays one block plus one mini-batch under autograd.
+Adafactor on mini-batches of calibration sequences with a cosine-decayed step. The dense block's
+outputs are computed before the block is compressed and wait on disk (one file of tokens x hidden
+floats), so memory stays one block, its gradients and one mini-batch under autograd.
 """
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..model.modeling import Block
@@ -53,30 +56,45 @@ def output_error(block: Block, inputs: ActivationBuffer, targets: ActivationBuff
 
 def refine_block(block: Block, inputs: ActivationBuffer, targets: ActivationBuffer, cos: torch.Tensor,
                  sin: torch.Tensor, steps: int, learning_rate: float, batch_sequences: int, chunk_sequences: int,
-                 seed: int) -> RefinementResult:
-    """`steps` Adam steps on every floating-point parameter of `block` (in place), each on one mini-batch
-    of `batch_sequences` consecutive calibration sequences, the batches visited in an order drawn from
+                 seed: int, scratch: Path | None = None) -> RefinementResult:
+    """`steps` optimiser steps (_optimise) on every floating-point parameter of `block` (in place), each
+    on one mini-batch of `batch_sequences` consecutive calibration sequences, the batches in an order drawn from
     `seed` (the block's index: a rerun refines exactly as the interrupted run did), the step size
     decaying from `learning_rate` (relative to each tensor's root mean square) to 0 along a cosine.
     The result: the output error before and after, on all sequences; where the steps made it worse,
     the block's parameters go back to where they were (a refinement never costs accuracy on the
-    calibration set)."""
+    calibration set; the parameters wait for that in a nameless file in `scratch`)."""
     parameters = [p for p in block.parameters() if p.dtype.is_floating_point]
     before = output_error(block, inputs, targets, cos, sin, chunk_sequences)
     if steps <= 0 or not parameters:
         return RefinementResult(before, before)
-    saved = [p.detach().clone() for p in parameters]
+    with tempfile.TemporaryFile(dir=scratch) as saved:  # the block as it was, on disk (nameless), not in RAM
+        for p in parameters:
+            np.save(saved, p.detach().numpy())
+        _optimise(block, parameters, inputs, targets, cos, sin, steps, learning_rate, batch_sequences, seed)
+        after = output_error(block, inputs, targets, cos, sin, chunk_sequences)
+        if not after < before:  # (also a NaN) the closed-form block stands
+            saved.seek(0)
+            with torch.no_grad():
+                for p in parameters:
+                    p.copy_(torch.from_numpy(np.load(saved)))
+            after = before
+    return RefinementResult(before, after)
+
+
+def _optimise(block: Block, parameters: list[torch.Tensor], inputs: ActivationBuffer, targets: ActivationBuffer,
+              cos: torch.Tensor, sin: torch.Tensor, steps: int, learning_rate: float, batch_sequences: int,
+              seed: int) -> None:
+    """The steps, by Adafactor: its step is relative to each tensor's root mean square (a basis's
+    entries are far smaller than a norm's gains), and its second moments are factored by rows and
+    columns, so the optimiser's state is small beside the block (Adam's two moments would be twice
+    the block's size: 1.3 GB more at 7B shape)."""
     batches = list(chunk_ranges(inputs.shape[0], batch_sequences))
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     for p in parameters:
         p.requires_grad_(True)
-    # Adam moves every element by about the step size whatever its scale, so each tensor's step is
-    # relative to its own root mean square (a basis's entries are far smaller than a norm's gains)
-    scales = [float(p.detach().pow(2).mean().sqrt()) for p in parameters]
-    typical = sum(scales) / len(scales)
-    optimizer = torch.optim.Adam([{"params": [p], "lr": learning_rate * (scale if scale > 0 else typical)}
-                                  for p, scale in zip(parameters, scales)])
+    optimizer = torch.optim.Adafactor(parameters, lr=learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     try:
         with torch.enable_grad():
@@ -95,10 +113,3 @@ def refine_block(block: Block, inputs: ActivationBuffer, targets: ActivationBuff
         for p in parameters:
             p.requires_grad_(False)
             p.grad = None
-    after = output_error(block, inputs, targets, cos, sin, chunk_sequences)
-    if not after < before:  # (also a NaN) the closed-form block stands
-        with torch.no_grad():
-            for p, value in zip(parameters, saved):
-                p.copy_(value)
-        after = before
-    return RefinementResult(before, after)

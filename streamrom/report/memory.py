@@ -106,7 +106,7 @@ def release_freed_memory() -> None:
 
 def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: int, seqlen: int,
                              runtime_bytes: int, work_bytes: int = 4, first_pass: bool = False,
-                             unit_width: int = 0, anchored: bool = False) -> dict[str, int]:
+                             unit_width: int = 0, anchored: bool = False, refined: bool = False) -> dict[str, int]:
     """The parts of a compression's peak RSS, from shapes alone (bytes).
 
     runtime: the interpreter, torch and the tokenizer, as measured before the run;
@@ -127,6 +127,10 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
     With `anchored` (--anchor), the cross moment of the dense stream's value with the compressed one's
     is summed beside each factored group's moment (its width squared in float64; a unit's refit is not
     anchored), and a factored linear's anchored map (out x in) is formed before its eigen work.
+
+    With `refined` (--refine-steps): "refinement", the block's gradients (as large as the dense block
+    at most; the optimiser's factored state is small beside them) and one mini-batch (half a forward
+    chunk) under autograd, as pass 1's backward holds it.
 
     With `first_pass` (the spectrum and bayes allocations' pass 1, compression/spectra.py), three more parts:
     pass1_autograd: one backward chunk (half a forward chunk's tokens) through the block under
@@ -172,10 +176,12 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
     if anchored:
         parts["statistics"] += (max(hidden, q_width) + 1) ** 2 * 8
         parts["decomposition"] += out_f * in_f * work_bytes
+    backward_chunk = max(seqlen, (chunk_tokens // (2 * seqlen)) * seqlen)
+    autograd = backward_chunk * (4 * hidden + 6 * q_width + 5 * inter) * 4 + 2 * backward_chunk * inter * 4
+    if refined:
+        parts["refinement"] = block_params * 4 + autograd
     if first_pass:
-        backward_chunk = max(seqlen, (chunk_tokens // (2 * seqlen)) * seqlen)
-        parts["pass1_autograd"] = (backward_chunk * (4 * hidden + 6 * q_width + 5 * inter) * 4
-                                   + 2 * backward_chunk * inter * 4)
+        parts["pass1_autograd"] = autograd
         narrow_moments = 4 * moment_size ** 2 * work_bytes
         wide_moment = unit_width ** 2 * (4 if unit_width > 4096 else work_bytes)
         parts["pass1_statistics"] = narrow_moments + wide_moment
@@ -191,6 +197,8 @@ def estimated_peak(parts: dict[str, int]) -> int:
     block and a chunk's activations, or decomposing; before the first block, the embedding."""
     working = parts["block"] + max(parts["statistics"] + parts["activations"], parts["decomposition"],
                                    parts.get("wide_statistics", 0) + parts["activations"] // 2)
+    if "refinement" in parts:
+        working = max(working, parts["block"] + parts["refinement"])
     if "pass1_autograd" in parts:  # pass 1: the backward's chunk with every moment, the pricing, or the head
         working = max(working, parts["block"] + parts["pass1_statistics"] + parts["pass1_autograd"],
                       parts["pass1_decomposition"])
