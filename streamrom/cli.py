@@ -68,6 +68,10 @@ CORRECTION_ANCHOR_STRENGTH = 0.5
 RECOMMENDED_TARGET_PARAMS = 0.8
 METHOD_NAMES = ("rom", "rom-centered", "svd", "structured", "mixed")
 NEURON_SELECTIONS = ("obs", "leverage", "pass1")  # structured.NEURON_SELECTIONS, likewise
+ALLOCATIONS = ("uniform", "last-n", "spectrum", "bayes")  # compression.config's, likewise
+TARGET_BASES = ("mix", "select")  # likewise
+OUTPUT_DTYPES = ("source", "float32", "float16", "bfloat16")  # likewise
+PRECISIONS = ("float32", "float64")  # likewise
 
 
 class _Parser(argparse.ArgumentParser):
@@ -178,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="rom-centered, structured, mixed: fit the uncentered moments, adding no mean-correction "
                            "bias to any linear (llama.cpp's gemma3 graph has no bias tensors: export-gguf asks for "
                            "this there)")
-    comp.add_argument("--allocate", choices=["uniform", "last-n", "spectrum", "bayes"],
+    comp.add_argument("--allocate", choices=list(ALLOCATIONS),
                       help="how ranks are spread (default: spectrum with the recommended --method mixed, else "
                            "uniform): uniform (one ratio everywhere); last-n (ROM: only "
                            "the last N blocks, N the fewest that reach the target at --ratio); spectrum (a first "
@@ -221,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--target-text", type=Path, nargs="+", default=[],
                       help="the application's text (e.g. code): drawn like the general text (--calib-sequences "
                            "more sequences), its moments mixed with the general ones per linear")
-    comp.add_argument("--target-basis", choices=["mix", "select"], default="mix",
+    comp.add_argument("--target-basis", choices=list(TARGET_BASES), default="mix",
                       help="with --target-text: mix (the mix's top eigenvectors, default) or select (of the mix's "
                            "eigenvectors and the target's own top ones, the directions keeping the most target "
                            "output energy)")
@@ -229,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --target-text: α in α·C_target/E_target + (1−α)·C_general/E_general, each part "
                            "normalised by its output energy E (default 0.5; 1: target only)")
     _add_calibration_draw(comp)
-    comp.add_argument("--dtype", default="source", choices=["source", "float32", "float16", "bfloat16"],
+    comp.add_argument("--dtype", default="source", choices=list(OUTPUT_DTYPES),
                       help="dtype of the output tensors (default: the source's)")
-    comp.add_argument("--precision", default="float32", choices=["float32", "float64"],
+    comp.add_argument("--precision", default="float32", choices=list(PRECISIONS),
                       help="dtype of the moment products and eigen-decompositions (default float32: half "
                            "the time and memory; moments are always summed in float64)")
     comp.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")

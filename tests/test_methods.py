@@ -236,7 +236,7 @@ def test_bayes_allocation_meets_the_size_and_is_seeded(tiny_models, tiny_tokens,
         assert first.ranks != spectrum.ranks
 
 
-def test_the_command_line_offers_every_method():
+def test_the_command_line_offers_every_method_and_every_setting_choice():
     from streamrom.cli import METHOD_NAMES
     from streamrom.compression.methods import METHODS
 
@@ -245,6 +245,10 @@ def test_the_command_line_offers_every_method():
     from streamrom.linalg import structured
 
     assert cli.NEURON_SELECTIONS == structured.NEURON_SELECTIONS
+    from streamrom.compression import config
+
+    assert cli.ALLOCATIONS == config.ALLOCATIONS and cli.TARGET_BASES == config.TARGET_BASES
+    assert cli.OUTPUT_DTYPES == tuple(config.OUTPUT_DTYPES) and cli.PRECISIONS == tuple(config.PRECISIONS)
 
 
 def test_pass_one_wide_moment_summed_from_disk_equals_the_in_graph_sum(tiny_models, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from ..model.modeling import BLOCK_LINEARS
 from ..linalg.structured import NEURON_SELECTIONS
 
 ALLOCATIONS = ("uniform", "last-n", "spectrum", "bayes")
+TARGET_BASES = ("mix", "select")
 FIRST_PASS_ALLOCATIONS = ("spectrum", "bayes")  # need spectrum's pass 1 (bayes starts from its plan)
 # Half target, half general (each normalised to unit output energy first): until benchmarks/quality/targeted.py
 # measures otherwise, the mix that keeps both texts' directions in the basis.
@@ -100,7 +101,7 @@ class CompressConfig:
             raise UsageError(f"--method {self.method} uses no calibration text, so nothing to refine toward")
         if not 0.0 <= self.target_weight <= 1.0:
             raise UsageError(f"--target-weight must be in [0, 1], got {self.target_weight}")
-        if self.target_basis not in ("mix", "select"):
+        if self.target_basis not in TARGET_BASES:
             raise UsageError(f"unknown --target-basis {self.target_basis!r}: choose mix or select")
         if self.target_basis == "select" and self.target_calibration is None:
             raise UsageError("--target-basis select needs --target-text")
