@@ -134,6 +134,32 @@ def calibration_volume_table() -> str:
     return "\n".join(lines)
 
 
+def refinement_table() -> str:
+    """docs/results/real-model.md: the mixed setting on SmolLM2 with and without block refinement
+    (benchmarks/quality/refinement.py); unrefined cells it has not measured itself come from
+    calibration_volume.json's 32 x 512 rows (the same command without --refine-steps)."""
+    found = json.loads((RESULTS / "refinement.json").read_text())
+    genres = list(found["evaluation_texts"])
+    volume = {row["key"]: row for row in json.loads((RESULTS / "calibration_volume.json").read_text())["rows"]}
+    dense = volume["dense"]["perplexity"]
+    rows = {(row["reduction"], row["refine_steps"]): row for row in found["rows"]}
+    for reduction in sorted({reduction for reduction, _ in rows}):
+        if (reduction, 0) not in rows and f"mixed/{reduction}/32x512" in volume:
+            rows[(reduction, 0)] = {**volume[f"mixed/{reduction}/32x512"], "refine_steps": 0}
+    lines = ["| reduction | refinement | " + " | ".join(genres) + " | compress time |",
+             "|---|---|" + "---|" * len(genres) + "---|",
+             "| dense | | " + " | ".join(f"{dense[genre]:.2f}" for genre in genres) + " | |"]
+    for (reduction, steps), row in sorted(rows.items()):
+        plain = rows.get((reduction, 0))
+        cells = [f"{row['perplexity'][genre]:.2f} ({_change(row['perplexity'][genre], dense[genre])}"
+                 + (f"; {_change(row['perplexity'][genre], plain['perplexity'][genre])} against unrefined)"
+                    if steps and plain else ")") for genre in genres]
+        setting = f"`--refine-steps {steps} --refine-lr {row['refine_lr']:g}`" if steps else "none"
+        seconds = f"{row['compress_seconds']:.0f} s" + (", pass 1 included" if row["includes_pass1"] else "")
+        lines.append(f"| {reduction} % | {setting} | " + " | ".join(cells) + f" | {seconds} |")
+    return "\n".join(lines)
+
+
 def first_use_table() -> str:
     """docs/results/real-model.md: issue 34's first-use protocol (benchmarks/speed/first_use_speed.py), each
     model's best round against the dense model's."""
@@ -414,7 +440,8 @@ TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "profile": profile
                                         "load": load_memory_table,
                                         "structured": structured_table, "anchored": anchored_table,
                                         "inference": inference_table, "first-use": first_use_table,
-                                        "gemma3-grid": gemma3_grid_table, "calibration-volume": calibration_volume_table}
+                                        "gemma3-grid": gemma3_grid_table, "calibration-volume": calibration_volume_table,
+                                        "refinement": refinement_table}
 
 
 def render(text: str) -> str:
@@ -425,7 +452,9 @@ def render(text: str) -> str:
             raise KeyError(f"no generated table named {name!r} (benchmarks/tables.py: TABLES)")
         return f"{START.format(name=name)}\n{TABLES[name]()}\n{END}"
 
-    pattern = re.escape(START).replace(re.escape("{name}"), r"([\w-]+)") + r"\n.*?\n" + re.escape(END)
+    # the table between the marks may be empty (a new section), and never reaches past the next START
+    start, next_start = re.escape(START).replace(re.escape("{name}"), r"([\w-]+)"), re.escape(START.split("{name}")[0])
+    pattern = start + r"\n(?:(?:(?!" + next_start + r").)*?\n)?" + re.escape(END)
     return re.sub(pattern, again, text, flags=re.S)
 
 

@@ -25,6 +25,19 @@ def test_reliability_page_is_what_its_script_writes():
     assert (REPO / "docs" / "reliability.md").read_text() == reliability_sweep.page(json.loads(result.read_text())) + "\n"
 
 
+def test_an_empty_generated_table_is_filled_and_the_next_one_kept(monkeypatch):
+    """A new section's marks with nothing between them get their table; the render never reaches past
+    the next table's marks (it once swallowed everything up to the next table's end)."""
+    from benchmarks import tables
+
+    monkeypatch.setitem(tables.TABLES, "first", lambda: "| one |")
+    monkeypatch.setitem(tables.TABLES, "second", lambda: "| two |")
+    start, end = tables.START.format(name="{}"), tables.END
+    text = f"a\n{start.format('first')}\n{end}\nkept prose\n{start.format('second')}\n| old |\n{end}\nz\n"
+    assert tables.render(text) == (f"a\n{start.format('first')}\n| one |\n{end}\nkept prose\n"
+                                   f"{start.format('second')}\n| two |\n{end}\nz\n")
+
+
 def test_generated_tables_are_what_the_script_writes():
     """Every table a result page marks as generated equals what benchmarks/tables.py writes now from the
     results JSON (the scale page and the real-model grids have them)."""
