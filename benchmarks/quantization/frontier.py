@@ -395,12 +395,32 @@ def page(all_results: list[dict]) -> str:
                   f"{results['chunks']} chunks of 512 tokens per genre ({', '.join(results['eval_texts'])}); speed: "
                   f"llama-bench, prefill {results['bench']['prompt']} and decode {results['bench']['generate']} tokens.",
                   "", table(results), ""]
+        lines += parameters_kept(results)
         compared = verdict(results)
         if compared:
             lines += ["At equal bytes, each streamrom file against the best plain quantization of the dense model "
                       "of the smallest size that is not smaller (generated from the table):", "", *compared, ""]
         lines += [f"![{p}](../../{p})" for p in results.get("pictures", []) if not p.startswith("/")] + [""]
     return "\n".join(lines)
+
+
+def parameters_kept(results: dict) -> list[str]:
+    """One sentence: each streamrom model's parameters in its GGUF against the dense file's. llama.cpp keeps
+    one head size per model (and one MLP width per model except in deci) and has no factored linear, so
+    the exporter pads narrowed widths back with zeros and multiplies factors out: what the compression
+    saved in the checkpoint may not reach the file."""
+    files = [r for r in results["files"].values() if r["type"] == "F16" and "parameters" in r]
+    dense = next((r for r in files if r["label"] == "dense"), None)
+    models = [r for r in files if r["method"] is not None]
+    if dense is None or not models:
+        return []
+    parts = [f"{r['label']} {r['parameters'] / dense['parameters']:.1%}" for r in models]
+    kept_all = [r["label"] for r in models if r["parameters"] >= dense["parameters"]]
+    return [f"Parameters in each streamrom model's GGUF against the dense file's (generated): {', '.join(parts)}."
+            + (f" {' and '.join(kept_all)} save{'s' if len(kept_all) == 1 else ''} nothing in llama.cpp: its "
+               f"{results['model']} graph has one MLP width and one head size per model and no factored linear, so "
+               "the narrowed widths are padded back with zeros and the factors multiplied out; their rows are "
+               "the dense model's size at lower quality." if kept_all else ""), ""]
 
 
 def mean_kl(row: dict) -> float:
