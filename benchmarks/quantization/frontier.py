@@ -183,7 +183,7 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def table(results: dict) -> str:
     genres = list(results["eval_texts"])
-    lines = [f"| model | type | MiB | bits/weight | fallback | " + " | ".join(f"ppl {g}" for g in genres)
+    lines = ["| model | type | MiB | bits/weight | fallback | " + " | ".join(f"ppl {g}" for g in genres)
              + " | KL (mean) | top-1 | prefill 2t | decode 1t | decode 2t |",
              "|---|---|---|---|---|" + "---|" * len(genres) + "---|---|---|---|---|"]
     for row in sorted(results["files"].values(), key=lambda r: (r["label"] != "dense", r["label"], -r["bytes"])):
