@@ -291,7 +291,7 @@ class Block(nn.Module):
 
     STEPS: tuple[Step, ...] = (
         Step("normed", lambda b, v, cos, sin: b.input_layernorm(v["x"])),
-        Step("attention", lambda b, v, cos, sin: b.self_attn.core(v["normed"], cos, sin),
+        Step("attention", lambda b, v, cos, sin: b.self_attn.core(v["normed"], *b.rotary_tables(cos, sin)),
              cached_width=lambda spec: spec.num_heads * spec.head_dim),
         Step("residual", lambda b, v, cos, sin: v["x"] + b.self_attn.o_proj(v["attention"]),
              cached_width=lambda spec: spec.hidden_size),
@@ -321,6 +321,17 @@ class Block(nn.Module):
         self.self_attn = Attention(spec, index)
         self.post_attention_layernorm = norm(spec)
         self.mlp = MLP(spec, index)
+        self._spec, self._theta = spec, spec.rope_theta_of(index)
+        self._rotary: Rotary | None = None  # made on first use (blocks are built on the meta device)
+
+    def rotary_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's tables, or this block's own where its rope base differs (Gemma 3's sliding-window
+        blocks)."""
+        if self._theta == self._spec.rope_theta:
+            return cos, sin
+        if self._rotary is None:
+            self._rotary = Rotary(self._spec, self._theta)
+        return self._rotary.cos_sin(cos.shape[0])
 
     @classmethod
     def step(cls, name: str) -> Step:
@@ -371,9 +382,10 @@ class Block(nn.Module):
         return block.requires_grad_(False)
 
 
-class Gemma3Block(Block):
-    """Gemma 3's block: q/k normed per head, the attention and MLP outputs normed before their residual
-    adds, the MLP input normed by its own norm, GeGLU; sliding-window blocks rotate with their own base."""
+class SandwichNormBlock(Block):
+    """A block whose attention and MLP outputs are normed before their residual adds, the MLP input by
+    a norm of its own (Gemma 2 and 3: pre- and post-feed-forward norms beside the two of a pre-norm
+    block)."""
 
     STEPS: tuple[Step, ...] = (
         Step("normed", lambda b, v, cos, sin: b.input_layernorm(v["x"])),
@@ -393,16 +405,6 @@ class Gemma3Block(Block):
         super().__init__(spec, index)
         self.pre_feedforward_layernorm = norm(spec)
         self.post_feedforward_layernorm = norm(spec)
-        self._spec, self._theta = spec, spec.rope_theta_of(index)
-        self._rotary: Rotary | None = None  # made on first use (blocks are built on the meta device)
-
-    def rotary_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's tables, or this block's own where its rope base differs (sliding-window blocks)."""
-        if self._theta == self._spec.rope_theta:
-            return cos, sin
-        if self._rotary is None:
-            self._rotary = Rotary(self._spec, self._theta)
-        return self._rotary.cos_sin(cos.shape[0])
 
 
 class CausalLM(nn.Module):
@@ -433,8 +435,9 @@ class CausalLM(nn.Module):
         return F.linear(self.norm(x), self.lm_head_weight).float()
 
 
-# The block variants that families.Family.block names.
-BLOCKS: dict[str, type[Block]] = {"Block": Block, "Gemma3Block": Gemma3Block}
+# The block layouts that families.Family.block names: patterns, not families (llama.cpp's graphs and
+# transformers' models share them across families too).
+BLOCKS: dict[str, type[Block]] = {"pre-norm": Block, "sandwich-norm": SandwichNormBlock}
 
 
 def block_class(spec: ModelSpec) -> type[Block]:

@@ -1,7 +1,7 @@
 """What a model family is to streamrom: one registered class per family (model/families/<family>.py), holding
 everything that differs between families, so that no other module branches on a family's name.
 
-A family names its config.json model_type, its transformers classes, its block variant (modeling.BLOCKS),
+A family names its config.json model_type, its transformers classes, its block layout (modeling.BLOCKS),
 what its config leaves implicit, its llama.cpp architecture and GGUF tensor names and quirks, and the
 tiny config the architecture contract test builds (tests/test_architectures.py). Hooks with defaults
 here are overridden where a family differs. Torch-free: import-gguf starts light.
@@ -31,7 +31,7 @@ class Family:
     model_type: str  # config.json's model_type
     transformers_class: str  # the dense model in transformers (plain checkpoints load as this)
     transformers_config: str  # its config class in transformers (the contract test's tiny model)
-    block: str = "Block"  # the block variant in modeling.BLOCKS
+    block: str = "pre-norm"  # the block layout in modeling.BLOCKS (pre-norm, sandwich-norm)
     qkv_bias: bool = False  # q/k/v always have biases (else only with attention_bias)
     o_bias_with_attention_bias: bool = False  # attention_bias also gives o_proj a bias
     sliding_window: bool = False  # the sliding window applies without use_sliding_window

@@ -18,7 +18,7 @@ class Gemma3(Family):
     model_type = "gemma3_text"
     transformers_class = "Gemma3ForCausalLM"
     transformers_config = "Gemma3TextConfig"
-    block = "Gemma3Block"
+    block = "sandwich-norm"
     activations = ("gelu_pytorch_tanh",)
     gemma_style = True
     query_key_norm = True
