@@ -40,6 +40,7 @@ MOVED = {
     "gguf_in_llama_cpp": "gguf.in_llama_cpp", "gguf_rope_scaling": "gguf.rope_scaling",
     "gguf_sentencepiece": "gguf.sentencepiece", "import_gguf": "gguf.import_memory", "frontier": "quantization.frontier",
     "correction_transformers": "quantization.correction_transformers", "reliability_sweep": "reliability.sweep",
+    "quality.refinement": "quality.levers",
 }
 
 
@@ -124,12 +125,13 @@ def perplexity_by_genre(run_command, cli: list[str], folder: Path, reports: str,
 
 
 def compressed_with_spectrum(run_command, cli: list[str], dense: Path, output: Path, method: str, reduction: int,
-                             spectra: Path, extra: list[str] = ()) -> dict:
+                             spectra: Path, extra: list[str] = (), allocate: str = "spectrum") -> dict:
     """`streamrom compress` of `dense` into `output` at `reduction` % fewer parameters with the spectrum
-    allocation, pass 1 kept in (or taken from) `spectra`; the row's fields of it: the command as a user
-    types it, the parameter ratio reached, the seconds, and whether they include pass 1."""
+    allocation (or bayes, which starts from it), pass 1 kept in (or taken from) `spectra`; the row's
+    fields of it: the command as a user types it, the parameter ratio reached, the seconds, and whether
+    they include pass 1."""
     with_pass1 = not spectra.is_file()
-    command = cli + ["compress", str(dense), str(output), "--method", method, "--allocate", "spectrum",
+    command = cli + ["compress", str(dense), str(output), "--method", method, "--allocate", allocate,
                      "--target-params", f"{1 - reduction / 100:.2f}", "--overwrite", "--spectra", str(spectra),
                      *extra]
     seconds = run_command(command)

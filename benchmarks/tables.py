@@ -134,30 +134,43 @@ def calibration_volume_table() -> str:
     return "\n".join(lines)
 
 
-def refinement_table() -> str:
-    """docs/results/real-model.md: the mixed setting on SmolLM2 with and without block refinement
-    (benchmarks/quality/refinement.py); unrefined cells it has not measured itself come from
-    calibration_volume.json's 32 x 512 rows (the same command without --refine-steps)."""
-    found = json.loads((RESULTS / "refinement.json").read_text())
+def _lever_table(lever: str, setting: Callable[[dict], str], plain_name: str, versus: str) -> str:
+    """docs/results/real-model.md: the mixed setting on SmolLM2 with one lever (benchmarks/quality/levers.py)
+    against the spectrum plan alone; plain cells it has not measured itself come from
+    calibration_volume.json's 32 x 512 rows (the same command without the lever)."""
+    found = json.loads((RESULTS / "levers.json").read_text())
     genres = list(found["evaluation_texts"])
     volume = {row["key"]: row for row in json.loads((RESULTS / "calibration_volume.json").read_text())["rows"]}
     dense = volume["dense"]["perplexity"]
-    rows = {(row["reduction"], row["refine_steps"]): row for row in found["rows"]}
-    for reduction in sorted({reduction for reduction, _ in rows}):
-        if (reduction, 0) not in rows and f"mixed/{reduction}/32x512" in volume:
-            rows[(reduction, 0)] = {**volume[f"mixed/{reduction}/32x512"], "refine_steps": 0}
-    lines = ["| reduction | refinement | " + " | ".join(genres) + " | compress time |",
+    rows = {(row["reduction"], row["key"]): row for row in found["rows"] if row["lever"] == lever}
+    plain = {reduction: volume[f"mixed/{reduction}/32x512"] for reduction, _ in rows
+             if f"mixed/{reduction}/32x512" in volume}
+    lines = ["| reduction | setting | " + " | ".join(genres) + " | compress time |",
              "|---|---|" + "---|" * len(genres) + "---|",
              "| dense | | " + " | ".join(f"{dense[genre]:.2f}" for genre in genres) + " | |"]
-    for (reduction, steps), row in sorted(rows.items()):
-        plain = rows.get((reduction, 0))
-        cells = [f"{row['perplexity'][genre]:.2f} ({_change(row['perplexity'][genre], dense[genre])}"
-                 + (f"; {_change(row['perplexity'][genre], plain['perplexity'][genre])} against unrefined)"
-                    if steps and plain else ")") for genre in genres]
-        setting = f"`--refine-steps {steps} --refine-lr {row['refine_lr']:g}`" if steps else "none"
-        seconds = f"{row['compress_seconds']:.0f} s" + (", pass 1 included" if row["includes_pass1"] else "")
-        lines.append(f"| {reduction} % | {setting} | " + " | ".join(cells) + f" | {seconds} |")
+    for reduction in sorted({reduction for reduction, _ in rows}):
+        measured = [row for (at, _), row in sorted(rows.items()) if at == reduction]
+        for row in ([plain[reduction]] if reduction in plain else []) + measured:
+            base = plain.get(reduction) if row is not plain.get(reduction) else None
+            cells = [f"{row['perplexity'][genre]:.2f} ({_change(row['perplexity'][genre], dense[genre])}"
+                     + (f"; {_change(row['perplexity'][genre], base['perplexity'][genre])} {versus})"
+                        if base else ")") for genre in genres]
+            seconds = f"{row['compress_seconds']:.0f} s" + (", pass 1 included" if row["includes_pass1"] else "")
+            shown = setting(row) if base or reduction not in plain else plain_name
+            lines.append(f"| {reduction} % | {shown} | " + " | ".join(cells) + f" | {seconds} |")
     return "\n".join(lines)
+
+
+def refinement_table() -> str:
+    """docs/results/real-model.md: block refinement (--refine-steps) on the mixed setting."""
+    return _lever_table("refine", lambda row: f"`--refine-steps {row['refine_steps']} --refine-lr {row['refine_lr']:g}`",
+                        "none", "against unrefined")
+
+
+def bayes_mixed_table() -> str:
+    """docs/results/real-model.md: the bayes search over the mixed plan (--allocate bayes)."""
+    return _lever_table("bayes", lambda row: f"`--allocate bayes --trials {row['trials']}`",
+                        "`--allocate spectrum`", "against spectrum")
 
 
 def first_use_table() -> str:
@@ -441,7 +454,7 @@ TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "profile": profile
                                         "structured": structured_table, "anchored": anchored_table,
                                         "inference": inference_table, "first-use": first_use_table,
                                         "gemma3-grid": gemma3_grid_table, "calibration-volume": calibration_volume_table,
-                                        "refinement": refinement_table}
+                                        "refinement": refinement_table, "bayes-mixed": bayes_mixed_table}
 
 
 def render(text: str) -> str:

@@ -1,0 +1,80 @@
+"""Levers on the recommended setting (issue 31 items 2 and 4): block refinement (`--refine-steps`) and the
+bayes search over the mixed plan (`--allocate bayes`), each against the spectrum plan alone, on the real
+model, on every genre's held-out text.
+
+SmolLM2-135M-Instruct (dequantised from its 4-bit GGUF) compressed with `--method mixed` at whole-model
+reductions (default 30 / 40 %), calibrated on the general set (32 x 512 tokens, today's default). A
+refinement row adds `--refine-steps N --refine-lr RATE` to the spectrum plan; a bayes row replaces the
+spectrum allocation by `--allocate bayes --trials N` (its first trial is the spectrum plan, every trial a
+compression scored on held-out calibration windows, the best one written). Pass 1 is made once and
+shared with benchmarks/quality/calibration_volume.py (the same calibration: the same file), so the rows
+differ only in the lever; the plain rows are that benchmark's rows at 32 x 512. Perplexity on the four
+genres' held-out texts (never calibrated on) and the compression's seconds.
+Results: benchmarks/results/levers.json (rows already there are kept unless --again) and the tables.
+
+    python -m benchmarks.quality.levers --refine-steps 256 --reductions 30 40
+    python -m benchmarks.quality.levers --bayes-trials 12 --reductions 40
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from benchmarks.common import (GENRES, REPO, ResultRows, compressed_with_spectrum, dense_model, perplexity_by_genre,
+                               run, streamrom_cli)
+from benchmarks.quality.general import calibrations
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reductions", type=int, nargs="+", default=[30, 40])
+    parser.add_argument("--refine-steps", "--steps", type=int, nargs="*", default=[],
+                        help="refinement rows: --refine-steps of each")
+    parser.add_argument("--lr", type=float, default=1e-2, help="--refine-lr of the refinement rows")
+    parser.add_argument("--bayes-trials", type=int, nargs="*", default=[], help="bayes rows: --trials of each")
+    parser.add_argument("--max-windows", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "levers.json")
+    parser.add_argument("--again", action="store_true", help="measure rows the results file already has again")
+    args = parser.parse_args()
+    if not args.refine_steps and not args.bayes_trials:
+        parser.error("name a lever: --refine-steps N ... or --bayes-trials N ...")
+
+    cli = streamrom_cli(args.threads)
+    dense = dense_model(args.work, cli)
+    parts = calibrations()["general"]
+    calibration = ["--calib-text", *map(str, parts), "--calib-sequences", "32", "--calib-seqlen", "512"]
+    results = ResultRows(args.out, "levers", args.max_windows)
+    spectra = args.work / "volume-pass1-mixed-32x512.npz"  # calibration_volume's, for the same calibration
+    texts = {genre: text for genre, (_, text) in GENRES.items()}
+    levers = ([("refine", steps, ["--refine-steps", str(steps), "--refine-lr", f"{args.lr:g}"],
+                {"refine_steps": steps, "refine_lr": args.lr}) for steps in args.refine_steps]
+              + [("bayes", trials, ["--trials", str(trials)], {"trials": trials})
+                 for trials in args.bayes_trials])
+    for reduction in args.reductions:
+        for lever, amount, flags, fields in levers:
+            key = f"mixed/{reduction}/{lever}/{amount}" + (f"/{args.lr:g}" if lever == "refine" else "")
+            if key in results.rows and not args.again:
+                continue
+            label = "levers-" + key.replace("/", "-")
+            output = args.work / label
+            results.rows[key] = {
+                "key": key, "method": "mixed", "reduction": reduction, "lever": lever,
+                "allocate": "bayes" if lever == "bayes" else "spectrum", **fields,
+                **compressed_with_spectrum(run, cli, dense, output, "mixed", reduction, spectra, calibration + flags,
+                                           allocate="bayes" if lever == "bayes" else "spectrum"),
+                "perplexity": perplexity_by_genre(run, cli, output, str(args.work / label), texts, args.max_windows)}
+            results.save(model="SmolLM2-135M-Instruct (dequantised from its 4-bit GGUF)",
+                         calibration="the general set, 32 x 512 tokens",
+                         evaluation_texts={genre: str(text.relative_to(REPO)) for genre, text in texts.items()})
+    from benchmarks import tables
+
+    print(tables.refinement_table())
+    print()
+    print(tables.bayes_mixed_table())
+    print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()
