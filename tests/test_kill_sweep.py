@@ -79,6 +79,8 @@ def commands(world) -> dict[str, Command]:
                                          "--target-params", "0.8", "--neuron-selection", "pass1"),
         "compress mixed --anchor": compress("anchor", "--method", "mixed", "--allocate", "spectrum",
                                             "--target-params", "0.8", "--anchor"),
+        "compress mixed --refine-steps": compress("refine", "--method", "mixed", "--allocate", "spectrum",
+                                                  "--target-params", "0.8", "--refine-steps", "4"),
         "compress --target-text": compress("target", "--method", "rom-centered", "--target-params", "0.8",
                                            "--target-text", str(TEXTS / "python-code.txt"), calib=texts),
         "compress bayes": compress("bayes", "--method", "rom", "--allocate", "bayes", "--trials", "3", "--target-params", "0.8"),
@@ -105,7 +107,8 @@ NAMES = ["compress rom uniform", "compress structured spectrum", "compress mixed
          "compress mixed --anchor", "compress --target-text", "compress bayes", "compress bayes --study", "import-gguf",
          "eval --reference", "correct --adapter-size", "export-gguf --type source", "export-gguf --type f32",
          "export-gguf --type f16", "export-gguf --type bf16", "export-gguf --type q8_0", "export-gguf --type q4_0",
-         "compress svd last-n", "compress rom-centered last-n", "export-gguf --type q4_k_m"]
+         "compress svd last-n", "compress rom-centered last-n", "export-gguf --type q4_k_m",
+         "compress mixed --refine-steps"]
 # made by llama.cpp's llama-quantize (a subprocess, killed with the command's process group): where it is built
 NEEDS_LLAMA_QUANTIZE = {"export-gguf --type q4_k_m"}
 
