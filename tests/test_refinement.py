@@ -4,6 +4,7 @@ its seed, never leave the block worse than it found it; and in the pipeline, cha
 model only when asked and resume to identical files."""
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
@@ -106,6 +107,8 @@ def test_pipeline_refines_only_when_asked(tiny_models, tiny_tokens, tmp_path):
     refined = {name: read["refined"].tensor(name) for name in read["refined"].weight_map}
     assert {name: t.shape for name, t in refined.items()} == {name: t.shape for name, t in plain.items()}
     assert not all(torch.equal(plain[name], refined[name]) for name in plain)
+    report = json.loads((tmp_path / "refined" / "streamrom-report.json").read_text())
+    assert report["projected_seconds"]["seconds"]["refine"] > 0 and report["stage_seconds"]["refine"] > 0
 
 
 def test_refined_run_killed_then_rerun_resumes_to_identical_files(deep_tiny, tiny_tokens, tmp_path):

@@ -71,6 +71,18 @@ def test_pass_one_order_leaves_pass_two_only_the_refit():
         {k: v for k, v in obs.items() if k not in ("eigen", "total")}
 
 
+def test_refinement_is_three_forwards_and_a_forward_and_backward_per_step():
+    """Each chosen block: the dense outputs and the error before and after (3 forwards over every
+    token), then per step a forward and a backward (3 forwards' work) of the mini-batch."""
+    weights = 100 * 100 + 2 * 50 * 100 + 100 * 100 + 3 * 300 * 100
+    per_token = weights + 2 * 100 * 100
+    plain = project(SHAPES, SPEED, ["q"], [], first_pass=False, priced=[])
+    refined = project(SHAPES, SPEED, ["q"], [], first_pass=False, priced=[], refine_steps=8, refine_batch_tokens=200)
+    assert "refine" not in plain
+    assert refined["refine"] == pytest.approx(2 * (3 * 1000 + 8 * 3 * 200) * per_token / 1e9)
+    assert refined["total"] - plain["total"] == pytest.approx(refined["refine"])
+
+
 def test_probe_measures_something_positive():
     speed = time_estimate.probe(64, budget_seconds=0.2)
     assert speed.multiply_adds_per_second > 0 and speed.eigen_seconds > 0 and speed.eigen_size == 64
@@ -87,3 +99,4 @@ def test_compress_reports_projected_beside_measured(tiny_models, tiny_tokens, tm
     projected = report["projected_seconds"]
     assert projected["seconds"]["total"] > 0 and projected["seconds"]["backward"] > 0  # pass 1 was projected
     assert projected["probe"]["multiply_adds_per_second"] > 0
+    assert "refine" not in projected["seconds"]

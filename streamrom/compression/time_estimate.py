@@ -102,13 +102,18 @@ class Shapes:
 
 
 def project(shapes: Shapes, speed: MachineSpeed, factored: list[str], units: list[str], first_pass: bool,
-            priced: list[str], neurons_ordered: bool = False) -> dict[str, float]:
+            priced: list[str], neurons_ordered: bool = False, refine_steps: int = 0,
+            refine_batch_tokens: int = 0) -> dict[str, float]:
     """Projected seconds per stage (the report's stage names) and in all ("total").
 
     `factored`: the linears pass 2 factors in each chosen block ("q"...); `units`: the structured units
     it narrows there; `first_pass`: pass 1 runs (spectrum/bayes, not reused); `priced`: the linears
     pass 1 prices in each chosen block (the units it prices are `units`); `neurons_ordered`: pass 2
-    keeps pass 1's order of the MLP neurons (--neuron-selection pass1) and only refits down."""
+    keeps pass 1's order of the MLP neurons (--neuron-selection pass1) and only refits down;
+    `refine_steps` (--refine-steps), each a forward and backward of `refine_batch_tokens` tokens through
+    the block, beside the dense block's outputs and the output error before and after (three forwards
+    over every token). The compressed block is counted at the dense block's size: an upper bound on its
+    weights that its factored forms' extra backward products about make up for."""
     s = shapes
     attention_width, kv_width = s.heads * s.head_dim, s.kv_heads * s.head_dim
     shape_of = {"q": (attention_width, s.hidden), "k": (kv_width, s.hidden), "v": (kv_width, s.hidden),
@@ -121,6 +126,9 @@ def project(shapes: Shapes, speed: MachineSpeed, factored: list[str], units: lis
     reads_of = {"q": s.hidden, "k": s.hidden, "v": s.hidden, "o": attention_width, "gate": s.hidden,
                 "up": s.hidden, "down": s.intermediate}
     seconds = dict.fromkeys(("read", "forward", "backward", "statistics", "eigen", "write"), 0.0)
+    if refine_steps > 0:
+        seconds["refine"] = speed.products(s.chosen_blocks * (3 * forward
+                                                              + refine_steps * 3 * refine_batch_tokens * per_token))
 
     def moment(width: int, tokens: int = s.tokens) -> float:  # one moment's products over the tokens
         return speed.products(tokens * width * width)
