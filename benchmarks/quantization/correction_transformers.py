@@ -101,7 +101,7 @@ def main() -> None:
     result = {"header": header("correction_transformers"), "base": str(args.base), "adapter": str(args.peft),
               "applied": how, "windows": args.windows, "seqlen": args.seqlen, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"| model | " + " | ".join(f"ppl {g} | KL {g}" for g in EVAL_TEXTS) + " |")
+    print("| model | " + " | ".join(f"ppl {g} | KL {g}" for g in EVAL_TEXTS) + " |")
     print("|---|" + "---|---|" * len(EVAL_TEXTS))
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(f"{row[g]['perplexity']:.2f} | {row[g].get('kl', 0):.4f}" for g in EVAL_TEXTS)

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
               "machine": {"platform": platform.platform(), "numpy": np.__version__, "cpus": __import__("os").cpu_count()},
               "hidden": hidden, "intermediate": intermediate, "rows": rows}
     RESULT.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"| tokens | job | before (s) | after (s) | speed-up | largest cost difference |")
+    print("| tokens | job | before (s) | after (s) | speed-up | largest cost difference |")
     print("|---|---|---|---|---|---|")
     for tokens in args.tokens:
         for job in dict.fromkeys(r["job"] for r in rows if r["tokens"] == tokens):
