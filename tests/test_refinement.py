@@ -129,3 +129,19 @@ def test_bad_refinement_settings_are_one_line(tiny_models, tiny_tokens, tmp_path
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_memory_estimate_counts_gradients_a_mini_batch_and_the_optimiser_step():
+    """Known answer at 7B shape: the refinement part is the block's gradients, pass 1's autograd part
+    (the same mini-batch) and two copies of the largest linear (Adafactor's full-size temporaries)."""
+    from benchmarks.scale.synthetic import config_for
+    from streamrom.model.architectures import ModelSpec
+    from streamrom.report.memory import estimate_compress_memory, estimated_peak
+
+    spec = ModelSpec.from_config(config_for("7b", 2))
+    common = dict(spec=spec, plan={}, source_bytes=2, chunk_tokens=2048, seqlen=512, runtime_bytes=0)
+    refined = estimate_compress_memory(**common, refined=True, first_pass=True)
+    plain = estimate_compress_memory(**common, first_pass=True)
+    block = (3 * 4096 * 4096 + 4096 * 4096 + 3 * 11008 * 4096) * 4 + 2 * 4096 * 4  # + the two norms' gains
+    assert refined["refinement"] == block + plain["pass1_autograd"] + 2 * 11008 * 4096 * 4
+    assert estimated_peak(refined) == refined["block"] + refined["refinement"] > estimated_peak(plain)

@@ -129,8 +129,9 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
     anchored), and a factored linear's anchored map (out x in) is formed before its eigen work.
 
     With `refined` (--refine-steps): "refinement", the block's gradients (as large as the dense block
-    at most; the optimiser's factored state is small beside them) and one mini-batch (half a forward
-    chunk) under autograd, as pass 1's backward holds it.
+    at most), one mini-batch (half a forward chunk) under autograd, as pass 1's backward holds it, and
+    the optimiser's step on the largest linear: Adafactor's state is factored and small, but its
+    step forms the full-size second-moment estimate and a full-size temporary beside the gradient.
 
     With `first_pass` (the spectrum and bayes allocations' pass 1, compression/spectra.py), three more parts:
     pass1_autograd: one backward chunk (half a forward chunk's tokens) through the block under
@@ -177,9 +178,13 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
         parts["statistics"] += (max(hidden, q_width) + 1) ** 2 * 8
         parts["decomposition"] += out_f * in_f * work_bytes
     backward_chunk = max(seqlen, (chunk_tokens // (2 * seqlen)) * seqlen)
-    autograd = backward_chunk * (4 * hidden + 6 * q_width + 5 * inter) * 4 + 2 * backward_chunk * inter * 4
+    # the tensors autograd keeps (above), the largest gradients alive at once, and the attention's
+    # scores, their softmax and its gradient (heads x seqlen per token each)
+    autograd = (backward_chunk * (4 * hidden + 6 * q_width + 5 * inter) * 4 + 2 * backward_chunk * inter * 4
+                + backward_chunk * 3 * spec.num_heads * seqlen * 4)
     if refined:
-        parts["refinement"] = block_params * 4 + autograd
+        largest_linear = max(math.prod(shape) for shape in spec.dense_block_shapes().values())
+        parts["refinement"] = block_params * 4 + autograd + 2 * largest_linear * 4
     if first_pass:
         parts["pass1_autograd"] = autograd
         narrow_moments = 4 * moment_size ** 2 * work_bytes
