@@ -7,7 +7,8 @@ linear), then quantized by llama.cpp's own `llama-quantize` at each type, with a
 importance matrix (`llama-imatrix` on the calibration set, per model). Every file is scored by llama.cpp's
 `llama-perplexity` on held-out text of several genres (never the calibration text): perplexity, and the
 mean KL divergence and top-1 agreement of its next-token distribution against the dense F16 model's
-(`--kl-divergence-base`); and timed by `llama-bench` (prefill and decode tokens/s at 1 and 2 threads).
+(`--kl-divergence-base`); and timed by `llama-bench` (prefill and decode tokens/s at 1 and 2 threads;
+a base with a LoRA adapter, which llama-bench cannot load, by `llama-batched-bench` with and without it).
 All files of a model are measured in one run, so their numbers are pairs.
 
 The llama.cpp tools are built from the source that the `llama-cpp-python` source package carries:
@@ -15,7 +16,7 @@ The llama.cpp tools are built from the source that the `llama-cpp-python` source
     pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
     cmake -S llama_cpp_python-*/vendor/llama.cpp -B build -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF \\
           -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
-    cmake --build build -j2 --target llama-quantize llama-perplexity llama-bench llama-imatrix
+    cmake --build build -j2 --target llama-quantize llama-perplexity llama-bench llama-imatrix llama-batched-bench
     python -m benchmarks.quantization.frontier --llama-bin build/bin [--model smollm2|gemma3]
 
 Both models come from 4-bit GGUF files (SmolLM2's package ships Q4_1, Gemma 3's Q4_K_M), dequantised: re-quantising them at 4 bits or more is nearly free, so the honest comparison is below
@@ -169,6 +170,28 @@ def speed(path: Path, bin_dir: Path, prompt: int, generate: int) -> dict:
         phase = "prefill" if row["n_prompt"] else "decode"
         speeds[f"{phase}_{row['n_threads']}t"] = round(row["avg_ts"], 2)
     return speeds
+
+
+def adapter_speed(base: Path, adapter: Path, bin_dir: Path, prompt: int, generate: int, repeats: int = 2) -> dict:
+    """The base file's speed alone and with the adapter applied (`--lora`), both by llama-batched-bench
+    (llama-bench takes no adapter), prefill and decode at 1 and 2 threads, the two alternated `repeats`
+    times and averaged, so the pair is measured by one tool in one stretch."""
+    runs: dict[str, dict[str, list[float]]] = {"base": {}, "with_adapter": {}}
+    for _ in range(repeats):
+        for which, lora in (("base", []), ("with_adapter", ["--lora", adapter])):
+            for threads in (1, 2):
+                out = run([bin_dir / "llama-batched-bench", "-m", base, *lora, "-c", str(2 * (prompt + generate)),
+                           "-npp", prompt, "-ntg", generate, "-npl", "1", "-t", threads, "--output-format", "jsonl"])
+                found = [json.loads(line) for line in (out.stdout + out.stderr).splitlines()
+                         if line.startswith("{") and '"speed_pp"' in line]
+                if len(found) != 1:
+                    raise RuntimeError(f"cannot read llama-batched-bench's output for {base}: {out.stderr[-1500:]}")
+                speeds = runs[which]
+                if threads == 2:
+                    speeds.setdefault("prefill_2t", []).append(found[0]["speed_pp"])
+                speeds.setdefault(f"decode_{threads}t", []).append(found[0]["speed_tg"])
+    return {which: {phase: round(sum(values) / len(values), 2) for phase, values in speeds.items()}
+            for which, speeds in runs.items()}
 
 
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -351,10 +374,26 @@ def main(argv: list[str] | None = None) -> None:
         results["files"][name] = row
         out.write_text(json.dumps(results, indent=1) + "\n")
     # speeds last, every file in one stretch (nothing else should run meanwhile: they are pairs)
-    for name, row in ([] if args.no_speed else sorted(results["files"].items())):
-        if ("speed" not in row or args.speed_again) and "adapter" not in row:  # llama-bench takes no --lora
+    # the adapters' rows last: their speed columns scale their base's
+    for name, row in ([] if args.no_speed else sorted(results["files"].items(),
+                                                      key=lambda item: ("adapter" in item[1], item[0]))):
+        if "speed" in row and not args.speed_again:
+            continue
+        if "adapter" in row:  # llama-bench takes no --lora: the pair by llama-batched-bench
+            if not (args.llama_bin / "llama-batched-bench").is_file():
+                print(f"no llama-batched-bench in {args.llama_bin}: {name} gets no speed", file=sys.stderr)
+                continue
+            row["adapter_speed"] = adapter_speed(work / row["file"], work / row["adapter"], args.llama_bin, *args.bench)
+            # the speed columns: llama-bench's speed of the base, scaled by what the adapter costs
+            base_row = next((r for r in results["files"].values() if r["file"] == row["file"] and "adapter" not in r
+                             and "speed" in r), None)
+            if base_row is not None:
+                pair = row["adapter_speed"]
+                row["speed"] = {phase: round(value * pair["with_adapter"][phase] / pair["base"][phase], 2)
+                                for phase, value in base_row["speed"].items() if phase in pair["base"]}
+        else:
             row["speed"] = speed(work / row["file"], args.llama_bin, *args.bench)
-            out.write_text(json.dumps(results, indent=1) + "\n")
+        out.write_text(json.dumps(results, indent=1) + "\n")
     results["pictures"] = pictures(results, out.with_suffix(""))
     out.write_text(json.dumps(results, indent=1) + "\n")
     write_page()
@@ -382,7 +421,9 @@ def page(all_results: list[dict]) -> str:
              "(or one of S MiB, its ranks spread by the loss each saves: `--adapter-size`) of its quantization error (`streamrom correct`, fitted on the packaged calibration set through the "
              "quantized-and-corrected stream) applied by llama.cpp as a LoRA adapter (`--lora`); its bytes are the "
              "base's plus the adapter's (f16); *-anchored*: fitted toward the dense model's outputs (`correct --anchor`, "
-             "the dense model streamed beside). llama-bench takes no adapter, so these rows have no speed yet.", "",
+             "the dense model streamed beside). llama-bench takes no adapter: these rows' speeds are their base file's "
+             "llama-bench speeds scaled by what the adapter costs, measured by `llama-batched-bench` on the base "
+             "with and without `--lora`, alternated (the table after each model's).", "",
              "Both source models were themselves dequantised from 4-bit GGUF files (SmolLM2 from Q4_1, Gemma 3 from "
              "Q4_K_M): re-quantising them at 4 bits or more is nearly free, so the telling comparison is below 4 bits "
              "and at equal bytes. K-quants need rows of a multiple of 256 values; SmolLM2's 576 (and Gemma 3's 640) "
@@ -395,6 +436,7 @@ def page(all_results: list[dict]) -> str:
                   f"{results['chunks']} chunks of 512 tokens per genre ({', '.join(results['eval_texts'])}); speed: "
                   f"llama-bench, prefill {results['bench']['prompt']} and decode {results['bench']['generate']} tokens.",
                   "", table(results), ""]
+        lines += adapter_table(results)
         lines += parameters_kept(results)
         compared = verdict(results)
         if compared:
@@ -402,6 +444,23 @@ def page(all_results: list[dict]) -> str:
                       "of the smallest size that is not smaller (generated from the table):", "", *compared, ""]
         lines += [f"![{p}](../../{p})" for p in results.get("pictures", []) if not p.startswith("/")] + [""]
     return "\n".join(lines)
+
+
+def adapter_table(results: dict) -> list[str]:
+    """Each adapter's cost at run time: its base file alone and with the adapter, by llama-batched-bench."""
+    rows = [(name, row) for name, row in sorted(results["files"].items()) if "adapter_speed" in row]
+    if not rows:
+        return []
+    lines = [f"The adapters at run time (llama-batched-bench, prefill {results['bench']['prompt']} and decode "
+             f"{results['bench']['generate']} tokens, tokens/s, the base alone / with the adapter):", "",
+             "| base + adapter | adapter MiB | prefill 2t | decode 1t | decode 2t |", "|---|---|---|---|---|"]
+    for name, row in rows:
+        pair = row["adapter_speed"]
+        cells = [f"{pair['base'][phase]:.1f} / {pair['with_adapter'][phase]:.1f} "
+                 f"({pair['with_adapter'][phase] / pair['base'][phase]:.2f}×)"
+                 for phase in ("prefill_2t", "decode_1t", "decode_2t")]
+        lines.append(f"| {row['type']} | {row['adapter_bytes'] / 2**20:.1f} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def parameters_kept(results: dict) -> list[str]:
