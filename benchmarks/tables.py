@@ -66,11 +66,89 @@ def scale_table() -> str:
     return "\n".join(lines)
 
 
+def thread_scaling_table() -> str:
+    """docs/results/scale.md: each step of the recommended setting at 7B shape at 1 and 2 threads
+    (stage_profile_7b.json's rows labelled threads-1 and threads-2, run as a pair), its speed-up, and
+    what Amdahl's law with the serial share that speed-up implies makes of it at 16 threads."""
+    from benchmarks.scale.stage_profile import PHASES, SETUP
+    rows = {row["label"]: row for row in json.loads((RESULTS / "stage_profile_7b.json").read_text())["rows"]
+            if row.get("label") in ("threads-1", "threads-2")}
+    if len(rows) < 2:
+        return ""
+    one, two = rows["threads-1"], rows["threads-2"]
+    depth = one["depth"]
+
+    def seconds(row: dict) -> dict[tuple[str, str], tuple[float, bool]]:
+        return {(step["phase"], step["step"]): (step["seconds"] / (1 if step["once"] else depth), step["once"])
+                for step in row["steps"]}
+
+    at_one, at_two = seconds(one), seconds(two)
+    order = [*(label for label, _ in PHASES), SETUP]
+    keys = sorted(set(at_one) | set(at_two), key=lambda key: (at_one.get(key, at_two.get(key))[1],
+                                                               order.index(key[0]), -at_one.get(key, (0.0,))[0]))
+    lines = ["| phase | step | 1 thread | 2 threads | speed-up | 16 threads (Amdahl) |", "|---|---|---|---|---|---|"]
+    totals = {"block": [0.0, 0.0, 0.0], "once": [0.0, 0.0, 0.0]}
+    for key in keys:
+        t1, once = at_one.get(key, (0.0, False))
+        t2 = at_two.get(key, (0.0, once))[0]
+        if t1 < 0.05 and t2 < 0.05:
+            continue
+        speedup = t1 / t2 if t2 > 0 else 1.0
+        serial = min(1.0, max(0.0, 2 / speedup - 1))  # 1/(f + (1-f)/2) = speed-up
+        t16 = t1 * (serial + (1 - serial) / 16)
+        part = totals["once" if once else "block"]
+        part[0], part[1], part[2] = part[0] + t1, part[1] + t2, part[2] + t16
+        lines.append(f"| {key[0]} | {key[1]}{' (once)' if once else ''} | {t1:.1f} s | {t2:.1f} s | {speedup:.2f}× "
+                     f"| {t16:.1f} s |")
+    block, once = totals["block"], totals["once"]
+    lines.append("| all | a block: the rows not marked once | " + " | ".join(f"**{value:.0f} s**" for value in block[:2])
+                 + f" | {block[0] / block[1]:.2f}× | **{block[2]:.0f} s** |")
+    lines.append("| all | 32 blocks and the steps done once | " + " | ".join(
+        f"**{(32 * b + o) / 60:.0f} min**" for b, o in zip(block[:2], once[:2]))
+                 + f" | | **{(32 * block[2] + once[2]) / 60:.0f} min** |")
+    lines.append(f"| | wall time of the profiled runs ({depth} blocks) | {one['wall_seconds']:.0f} s "
+                 f"| {two['wall_seconds']:.0f} s | {one['wall_seconds'] / two['wall_seconds']:.2f}× | |")
+    return "\n".join(lines)
+
+
+def refinement_scale_table() -> str:
+    """docs/results/scale.md: block refinement at 7B shape (memory_7b.json's mixed pass1 rows, each
+    --refine-steps beside the row without it): the refine stage a block, projected and measured, its
+    cost a step (between the two largest step counts), what it would add to a 32-block model, and memory."""
+    rows = [row for row in json.loads((RESULTS / "memory_7b.json").read_text())["rows"]
+            if row.get("method") == "mixed" and row.get("neuron_selection") == "pass1"
+            and not row.get("pass1_tokens") and not row.get("anchor")]
+    rows.sort(key=lambda row: row.get("refine_steps", 0))
+    per_block = {row.get("refine_steps", 0): row["stage_seconds"].get("refine", 0.0) / row["depth"] for row in rows}
+    steps = sorted(per_block)
+    per_step = ((per_block[steps[-1]] - per_block[steps[-2]]) / (steps[-1] - steps[-2])
+                if len(steps) >= 3 else None)  # two refined rows: the slope between them
+    lines = ["| `--refine-steps` | wall (2 blocks) | refine a block: measured / projected | refine, 32 blocks "
+             "| peak RSS (sampled / OS) | estimate | measured / estimate | commit, GEMM peak |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        count = row.get("refine_steps", 0)
+        projected = row.get("projected_seconds", {}).get("refine")
+        measured = per_block[count]
+        cells = ("–", "–") if not count else (
+            f"{measured:.0f} s / " + ("–" if projected is None else f"{projected / row['depth']:.0f} s"),
+            f"{32 * measured / 60:.0f} min")
+        peak = row["peak_rss_bytes"] / MIB
+        lines.append(f"| {count} | {row['wall_seconds']:.0f} s | {cells[0]} | {cells[1]} "
+                     f"| {peak:.0f} / {row['os_peak_rss_bytes'] / MIB:.0f} MiB | {row['estimated_peak_bytes'] / MIB:.0f} MiB "
+                     f"| {peak / (row['estimated_peak_bytes'] / MIB):.2f} | {row.get('commit', '–')}, "
+                     f"{row['gemm_peak_gflops']:.0f} GFLOP/s |")
+    if per_step is not None:
+        lines.append(f"| a step more | | {per_step:.1f} s a block | {32 * per_step / 60:.1f} min | | | | |")
+    return "\n".join(lines)
+
+
 def profile_table() -> str:
     """docs/results/scale.md: the seconds of each step of the algorithm, a block's or once per model,
     one column per profiled setting (benchmarks/scale/stage_profile.py, py-spy samples of the main thread)."""
     from benchmarks.scale.stage_profile import PHASES, SETUP, STEPS
-    found = json.loads((RESULTS / "stage_profile_7b.json").read_text())["rows"]
+    found = [row for row in json.loads((RESULTS / "stage_profile_7b.json").read_text())["rows"]
+             if not row.get("label", "").startswith("threads-")]  # thread_scaling_table's pair
     described = {step: what for step, what, _ in STEPS}
     columns = [f"`{row['setting']}`, {row['depth']} blocks, {row['calibration_tokens']:,} tokens, "
                f"{row['threads']} threads, {row['commit'][:7]}" + (f" ({row['label']})" if row.get("label") else "")
@@ -169,8 +247,15 @@ def refinement_table() -> str:
 
 def bayes_mixed_table() -> str:
     """docs/results/real-model.md: the bayes search over the mixed plan (--allocate bayes)."""
-    return _lever_table("bayes", lambda row: f"`--allocate bayes --trials {row['trials']}`",
-                        "`--allocate spectrum`", "against spectrum")
+    def setting(row: dict) -> str:
+        shown = f"`--allocate bayes --trials {row['trials']}`"
+        if "best_trial" in row:  # trial 0 is the spectrum plan itself
+            seconds = row["trial_seconds"]
+            shown += (f" (best: trial {row['best_trial']}" + (", the spectrum plan" if row["best_trial"] == 0 else "")
+                      + f"; {sum(seconds) / len(seconds):.0f} s a trial)")
+        return shown
+
+    return _lever_table("bayes", setting, "`--allocate spectrum`", "against spectrum")
 
 
 def first_use_table() -> str:
@@ -454,7 +539,9 @@ TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "profile": profile
                                         "structured": structured_table, "anchored": anchored_table,
                                         "inference": inference_table, "first-use": first_use_table,
                                         "gemma3-grid": gemma3_grid_table, "calibration-volume": calibration_volume_table,
-                                        "refinement": refinement_table, "bayes-mixed": bayes_mixed_table}
+                                        "refinement": refinement_table, "bayes-mixed": bayes_mixed_table,
+                                        "refinement-scale": refinement_scale_table,
+                                        "thread-scaling": thread_scaling_table}
 
 
 def render(text: str) -> str:

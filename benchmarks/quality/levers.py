@@ -18,11 +18,23 @@ Results: benchmarks/results/levers.json (rows already there are kept unless --ag
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from benchmarks.common import (GENRES, REPO, ResultRows, compressed_with_spectrum, dense_model, perplexity_by_genre,
                                run, streamrom_cli)
 from benchmarks.quality.general import calibrations
+
+
+def trial_scores(output: Path) -> dict:
+    """The search's record from the report: each trial's held-out score (trial 0 is the spectrum plan)
+    and seconds, and the trial whose plan was written (the lowest score)."""
+    trials = json.loads((output / "streamrom-report.json").read_text())["settings"]["bayes"]["scores"]
+    best = min(trials, key=lambda trial: trial["score"])
+    return {"trial_scores": [round(trial["score"], 5) for trial in trials],
+            "trial_seconds": [round(sum(trial.get(part, 0.0) for part in ("execute_seconds", "score_seconds",
+                                                                          "overhead_seconds")), 1) for trial in trials],
+            "best_trial": best["trial"]}
 
 
 def main() -> None:
@@ -64,6 +76,7 @@ def main() -> None:
                 "allocate": "bayes" if lever == "bayes" else "spectrum", **fields,
                 **compressed_with_spectrum(run, cli, dense, output, "mixed", reduction, spectra, calibration + flags,
                                            allocate="bayes" if lever == "bayes" else "spectrum"),
+                **(trial_scores(output) if lever == "bayes" else {}),
                 "perplexity": perplexity_by_genre(run, cli, output, str(args.work / label), texts, args.max_windows)}
             results.save(model="SmolLM2-135M-Instruct (dequantised from its 4-bit GGUF)",
                          calibration="the general set, 32 x 512 tokens",
