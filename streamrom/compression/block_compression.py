@@ -130,40 +130,50 @@ def compress_block(block: Block, plan: BlockPlan, inputs: ActivationBuffer,
             raise NumericalError(f"NaN or Inf activations reach {block_label}{', '.join(todo or unit.linears)} "
                                  "(overflow in the source weights or in the layers before)")
         with timer("eigen"):
-            moments = statistics.moments(work_dtype, method.centered, config.damping)
             anchor = cross.anchor(dense.strength, work_dtype, target_is_output=point.less is not None) \
                 if cross is not None else None
             del cross
-            streams_equal = False  # this group changes the block: later groups see the difference
-            if unit is not None:
-                selection = (orders or {}).get(unit.name, config.neuron_selection)
-                method.compress_unit(block, unit, plan.widths[unit.name], moments.parts[0], selection, config.damping,
-                                     scratch, anchor)
-                if unit.narrows_reads:  # its features are narrower now: recomputed, never read from the cache
-                    passes.narrowed(unit.reads)
-                # the group's other linears (v_proj beside the query–key pairs) are factored from the same moments
-                todo = {name: rank for name, rank in todo.items() if name not in unit.linears}
-            if todo:
-                method.compress_group(block, group, todo, moments, at_output, work_dtype, config.damping, anchor)
-            del moments, statistics, anchor
+            selection = (orders or {}).get(unit.name, config.neuron_selection) if unit is not None else None
+            _fit_group(block, group, todo, unit, plan, selection, statistics, anchor, at_output, config, scratch,
+                       passes)
+            streams_equal = False  # this group changed the block: later groups see the difference
+            del statistics, anchor
         release_freed_memory()
     if targets is not None:
         with timer("refine"):
-            result = refine_block(block, inputs, targets, cos, sin, config.refine_steps, config.refine_lr,
-                                  max(1, chunk_sequences // 2), chunk_sequences, seed=block_index,
-                                  scratch=scratch)
-        targets.close()
+            _refine(block, inputs, targets, cos, sin, config, chunk_sequences, block_index, scratch, block_label)
         passes.forget()  # every value may differ now: the outputs are computed from the inputs again
-        log.info("%srefined: output error %.4g -> %.4g", block_label, result.error_before, result.error_after)
     if outputs is not None or energies is not None:
         with timer("forward"):
-            for start, stop in chunk_ranges(inputs.shape[0], chunk_sequences):
-                values = passes.values(start, stop)
-                if outputs is not None:
-                    outputs.write(start, require_finite(values["output"], f"leave {block_label.rstrip('.')}"))
-                if energies is not None:
-                    energies.add(values)
-                del values
+            passes.write_outputs(outputs, energies, chunk_sequences, block_label)
+
+
+def _fit_group(block: Block, group, todo: dict[str, int], unit, plan: BlockPlan, selection,
+               statistics: GroupStatistics, anchor, at_output: bool, config: CompressConfig, scratch: Path | None,
+               passes: "_Passes") -> None:
+    """One group's new modules from its gathered statistics: the structured unit narrowed to its
+    planned width (its features chosen by `selection`), then the group's planned factored linears."""
+    method = config.compression_method
+    work_dtype = PRECISIONS[config.precision]
+    moments = statistics.moments(work_dtype, method.centered, config.damping)
+    if unit is not None:
+        method.compress_unit(block, unit, plan.widths[unit.name], moments.parts[0], selection, config.damping,
+                             scratch, anchor)
+        if unit.narrows_reads:  # its features are narrower now: recomputed, never read from the cache
+            passes.narrowed(unit.reads)
+        # the group's other linears (v_proj beside the query–key pairs) are factored from the same moments
+        todo = {name: rank for name, rank in todo.items() if name not in unit.linears}
+    if todo:
+        method.compress_group(block, group, todo, moments, at_output, work_dtype, config.damping, anchor)
+
+
+def _refine(block: Block, inputs: ActivationBuffer, targets: ActivationBuffer, cos: torch.Tensor, sin: torch.Tensor,
+            config: CompressConfig, chunk_sequences: int, block_index: int, scratch: Path, block_label: str) -> None:
+    """The compressed block refined toward the dense block's outputs (`targets`, closed after)."""
+    result = refine_block(block, inputs, targets, cos, sin, config.refine_steps, config.refine_lr,
+                          max(1, chunk_sequences // 2), chunk_sequences, seed=block_index, scratch=scratch)
+    targets.close()
+    log.info("%srefined: output error %.4g -> %.4g", block_label, result.error_before, result.error_after)
 
 
 def _dense_pass(block: Block, inputs: ActivationBuffer, dense: DenseStream, points: list[AnchorPoint],
@@ -229,6 +239,17 @@ class _Passes:
         del values, features  # the last chunk's activations, not needed by the decomposition
         release_freed_memory()
         self.cached.extend(written)
+
+    def write_outputs(self, outputs: ActivationBuffer | None, energies: BlockEnergies | None, chunk_sequences: int,
+                      block_label: str) -> None:
+        """The compressed block's outputs for every input (and the energies of what its linears read)."""
+        for start, stop in chunk_ranges(self.inputs.shape[0], chunk_sequences):
+            values = self.values(start, stop)
+            if outputs is not None:
+                outputs.write(start, require_finite(values["output"], f"leave {block_label.rstrip('.')}"))
+            if energies is not None:
+                energies.add(values)
+            del values
 
     def _keep(self, values: BlockValues, start: int) -> list[str]:
         """Write what this pass computed and later passes read instead of computing again."""
