@@ -258,6 +258,14 @@ def bayes_mixed_table() -> str:
     return _lever_table("bayes", setting, "`--allocate spectrum`", "against spectrum")
 
 
+def combined_levers_table() -> str:
+    """docs/results/real-model.md: more calibration tokens, anchored fits and block refinement at once,
+    against today's cells (the recommended setting at 32 x 512 with no lever)."""
+    return _lever_table("combined", lambda row: f"{row['sequences']} × {row['seqlen']}, `--anchor {row['anchor']:g} "
+                        f"--refine-steps {row['refine_steps']} --refine-lr {row['refine_lr']:g}`",
+                        "today: 32 × 512, no lever", "against today")
+
+
 def first_use_table() -> str:
     """docs/results/real-model.md: issue 34's first-use protocol (benchmarks/speed/first_use_speed.py), each
     model's best round against the dense model's."""
@@ -540,6 +548,7 @@ TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "profile": profile
                                         "inference": inference_table, "first-use": first_use_table,
                                         "gemma3-grid": gemma3_grid_table, "calibration-volume": calibration_volume_table,
                                         "refinement": refinement_table, "bayes-mixed": bayes_mixed_table,
+                                        "combined-levers": combined_levers_table,
                                         "refinement-scale": refinement_scale_table,
                                         "thread-scaling": thread_scaling_table}
 

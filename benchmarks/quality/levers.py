@@ -14,6 +14,12 @@ Results: benchmarks/results/levers.json (rows already there are kept unless --ag
 
     python -m benchmarks.quality.levers --refine-steps 256 --reductions 30 40
     python -m benchmarks.quality.levers --bayes-trials 12 --reductions 40
+    python -m benchmarks.quality.levers --combined 256 --reductions 30 40
+
+A combined row (`--combined STEPS`) pulls three levers at once, the candidate for new defaults: four times
+the calibration tokens (128 x 512, pass 1 shared with calibration_volume's 128 x 512 rows), anchored fits
+(`--anchor`, strength 0.5) and block refinement (`--refine-steps STEPS`); it is set against today's cells
+(32 x 512, no lever).
 """
 from __future__ import annotations
 
@@ -44,29 +50,38 @@ def main() -> None:
                         help="refinement rows: --refine-steps of each")
     parser.add_argument("--lr", type=float, default=1e-2, help="--refine-lr of the refinement rows")
     parser.add_argument("--bayes-trials", type=int, nargs="*", default=[], help="bayes rows: --trials of each")
+    parser.add_argument("--combined", type=int, nargs="*", default=[], metavar="STEPS",
+                        help="combined rows: 128 x 512 tokens, --anchor and --refine-steps STEPS")
     parser.add_argument("--max-windows", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "levers.json")
     parser.add_argument("--again", action="store_true", help="measure rows the results file already has again")
     args = parser.parse_args()
-    if not args.refine_steps and not args.bayes_trials:
-        parser.error("name a lever: --refine-steps N ... or --bayes-trials N ...")
+    if not args.refine_steps and not args.bayes_trials and not args.combined:
+        parser.error("name a lever: --refine-steps N ..., --bayes-trials N ... or --combined N ...")
 
     cli = streamrom_cli(args.threads)
     dense = dense_model(args.work, cli)
     parts = calibrations()["general"]
-    calibration = ["--calib-text", *map(str, parts), "--calib-sequences", "32", "--calib-seqlen", "512"]
+    def calibration(sequences: int) -> list[str]:
+        return ["--calib-text", *map(str, parts), "--calib-sequences", str(sequences), "--calib-seqlen", "512"]
+
     results = ResultRows(args.out, "levers", args.max_windows)
-    spectra = args.work / "volume-pass1-mixed-32x512.npz"  # calibration_volume's, for the same calibration
+    # calibration_volume's pass-1 files, for the same calibrations
+    spectra = {sequences: args.work / f"volume-pass1-mixed-{sequences}x512.npz" for sequences in (32, 128)}
     texts = {genre: text for genre, (_, text) in GENRES.items()}
-    levers = ([("refine", steps, ["--refine-steps", str(steps), "--refine-lr", f"{args.lr:g}"],
+    refine = ["--refine-lr", f"{args.lr:g}"]
+    levers = ([("refine", steps, 32, ["--refine-steps", str(steps), *refine],
                 {"refine_steps": steps, "refine_lr": args.lr}) for steps in args.refine_steps]
-              + [("bayes", trials, ["--trials", str(trials)], {"trials": trials})
-                 for trials in args.bayes_trials])
+              + [("bayes", trials, 32, ["--trials", str(trials)], {"trials": trials})
+                 for trials in args.bayes_trials]
+              + [("combined", steps, 128, ["--anchor", "0.5", "--refine-steps", str(steps), *refine],
+                  {"sequences": 128, "seqlen": 512, "anchor": 0.5, "refine_steps": steps, "refine_lr": args.lr})
+                 for steps in args.combined])
     for reduction in args.reductions:
-        for lever, amount, flags, fields in levers:
-            key = f"mixed/{reduction}/{lever}/{amount}" + (f"/{args.lr:g}" if lever == "refine" else "")
+        for lever, amount, sequences, flags, fields in levers:
+            key = f"mixed/{reduction}/{lever}/{amount}" + (f"/{args.lr:g}" if lever in ("refine", "combined") else "")
             if key in results.rows and not args.again:
                 continue
             label = "levers-" + key.replace("/", "-")
@@ -74,18 +89,21 @@ def main() -> None:
             results.rows[key] = {
                 "key": key, "method": "mixed", "reduction": reduction, "lever": lever,
                 "allocate": "bayes" if lever == "bayes" else "spectrum", **fields,
-                **compressed_with_spectrum(run, cli, dense, output, "mixed", reduction, spectra, calibration + flags,
+                **compressed_with_spectrum(run, cli, dense, output, "mixed", reduction, spectra[sequences],
+                                           calibration(sequences) + flags,
                                            allocate="bayes" if lever == "bayes" else "spectrum"),
                 **(trial_scores(output) if lever == "bayes" else {}),
                 "perplexity": perplexity_by_genre(run, cli, output, str(args.work / label), texts, args.max_windows)}
             results.save(model="SmolLM2-135M-Instruct (dequantised from its 4-bit GGUF)",
-                         calibration="the general set, 32 x 512 tokens",
+                         calibration="the general set, 32 x 512 tokens (combined rows: 128 x 512)",
                          evaluation_texts={genre: str(text.relative_to(REPO)) for genre, text in texts.items()})
     from benchmarks import tables
 
     print(tables.refinement_table())
     print()
     print(tables.bayes_mixed_table())
+    print()
+    print(tables.combined_levers_table())
     print(f"\nwritten {args.out}")
 
 
