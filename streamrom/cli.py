@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "one mini-batch of calibration sequences each) on its compressed parameters so that its "
                            "outputs come nearer the dense block's for the same inputs (default 0: off; about 3 "
                            "forward passes of a mini-batch a step)")
-    comp.add_argument("--refine-lr", type=float, default=1e-2, metavar="RATE",
+    comp.add_argument("--refine-lr", type=float, metavar="RATE",
                       help="--refine-steps: the first step, relative to each tensor's RMS, decaying to 0 along a "
                            "cosine (default 1e-2)")
     comp.add_argument("--no-bias", dest="mean_bias", action="store_false",
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "over per-group multipliers of it, each trial a compression scored on held-out calibration "
                            "text; needs the bayes extra). Without a target, the others spend what uniform at "
                            "--ratio would")
-    comp.add_argument("--trials", type=_positive_int, default=12,
+    comp.add_argument("--trials", type=_positive_int,
                       help="--allocate bayes: scored compressions, the spectrum plan's included (default 12; "
                            "seeded by --seed)")
     comp.add_argument("--study", metavar="STORAGE_URL",
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--study-name", metavar="NAME",
                       help="with --study: the study's name (default: streamrom-<hash of the settings and "
                            "calibration tokens>, so the same command on every machine joins the same study)")
-    comp.add_argument("--heartbeat", type=_positive_int, default=60, metavar="SECONDS",
+    comp.add_argument("--heartbeat", type=_positive_int, metavar="SECONDS",
                       help="with --study, for a new study: how often a running trial reports; a trial silent for "
                            "3 intervals belongs to a dead worker and is run again (default 60)")
     comp.add_argument("--spectra", type=Path, metavar="FILE.npz",
@@ -408,6 +408,26 @@ def _neuron_selection(args: argparse.Namespace, allocate: str) -> str:
     return "pass1" if allocate in FIRST_PASS_ALLOCATIONS and args.ranks_from is None else "obs"
 
 
+# Options that only set up another one: given without it they would change nothing, which a user who
+# typed them would not expect (option, what it needs, whether that is there).
+DEPENDENT_OPTIONS = (
+    ("--refine-lr", "--refine-steps N", lambda args, allocate: args.refine_steps > 0),
+    ("--trials", "--allocate bayes", lambda args, allocate: allocate == "bayes"),
+    ("--study-name", "--study", lambda args, allocate: args.study is not None),
+    ("--heartbeat", "--study", lambda args, allocate: args.study is not None),
+    ("--target-weight", "--target-text", lambda args, allocate: bool(args.target_text)),
+    ("--eval-max-windows", "--eval-text", lambda args, allocate: bool(args.eval_text)),
+)
+
+
+def _without_effect(args: argparse.Namespace, allocate: str) -> str | None:
+    """The first option given without the one it needs (one line to print), or None."""
+    for option, needs, present in DEPENDENT_OPTIONS:
+        if getattr(args, option[2:].replace("-", "_")) is not None and not present(args, allocate):
+            return f"{option} has no effect without {needs}"
+    return None
+
+
 def _ranks_from(path: Path) -> dict:
     from .errors import InputError
 
@@ -430,6 +450,12 @@ def _run(args: argparse.Namespace) -> None:
         target = (CalibrationConfig(text_files=tuple(args.target_text), sequences=args.calib_sequences,
                                     seqlen=args.calib_seqlen, seed=args.seed) if args.target_text else None)
         method, allocate, target_params = _method_and_size(args)
+        unused = _without_effect(args, allocate)
+        if unused:
+            from .errors import UsageError
+
+            raise UsageError(unused)
+        bayes = {"trials": args.trials, "heartbeat_seconds": args.heartbeat}
         config = CompressConfig(
             ratio=0.8 if args.ratio is None else args.ratio, rank=args.rank, layers=args.layers, method=method,
             allocate=allocate,
@@ -437,11 +463,12 @@ def _run(args: argparse.Namespace) -> None:
             ranks=_ranks_from(args.ranks_from) if args.ranks_from else None, spectra_file=args.spectra,
             chunk_tokens=args.chunk_tokens, calibration=calibration, overwrite=args.overwrite, dtype=args.dtype,
             target_calibration=target, target_basis=args.target_basis,
-            bayes=BayesConfig(trials=args.trials, seed=args.seed, study=args.study, study_name=args.study_name,
-                              heartbeat_seconds=args.heartbeat),
+            bayes=BayesConfig(seed=args.seed, study=args.study, study_name=args.study_name,
+                              **{key: value for key, value in bayes.items() if value is not None}),
             **({"target_weight": args.target_weight} if args.target_weight is not None else {}),
             precision=args.precision, neuron_selection=_neuron_selection(args, allocate), anchor=args.anchor,
-            pass1_tokens=args.pass1_tokens, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
+            pass1_tokens=args.pass1_tokens, refine_steps=args.refine_steps,
+            **({"refine_lr": args.refine_lr} if args.refine_lr is not None else {}),
             mean_bias=args.mean_bias,
             **({"modules": args.modules} if args.modules else {}))
         report = compress(args.source, args.output, config, args.report, eval_text=args.eval_text,

@@ -279,3 +279,34 @@ def test_compress_defaults_are_the_recommended_setting(argv, expected):
     args = build_parser().parse_args(["compress", "src", "dst", *argv])
     method, allocate, target = _method_and_size(args)
     assert (method, allocate, target, _neuron_selection(args, allocate)) == expected
+
+
+@pytest.mark.parametrize("given,message", [
+    (["--refine-lr", "0.05"], "--refine-lr has no effect without --refine-steps N"),
+    (["--trials", "4"], "--trials has no effect without --allocate bayes"),
+    (["--study-name", "s"], "--study-name has no effect without --study"),
+    (["--heartbeat", "5"], "--heartbeat has no effect without --study"),
+    (["--target-weight", "0.3"], "--target-weight has no effect without --target-text"),
+    (["--eval-max-windows", "3"], "--eval-max-windows has no effect without --eval-text"),
+])
+def test_an_option_without_the_one_it_needs_is_refused(capsys, tmp_path, tiny, tiny_tokens, given, message):
+    """An option that only sets up another one, given alone, would change nothing: one line, no output."""
+    digest = folder_digest(tiny)
+    code, err = run_cli(capsys, compress_args(tiny, tmp_path / "out", tiny_tokens, *given))
+    assert_clean_failure(code, err, EXIT_USAGE, message, tmp_path / "out", tiny, digest)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--refine-steps", "2", "--refine-lr", "0.05"],
+    ["--allocate", "bayes", "--trials", "4"],
+    ["--allocate", "bayes", "--study", "sqlite:///s.db", "--study-name", "s", "--heartbeat", "5"],
+    ["--target-text", "code.txt", "--target-weight", "0.3"],
+    ["--eval-text", "e.txt", "--eval-max-windows", "3"],
+    [],  # the recommended setting: nothing given, nothing refused
+])
+def test_an_option_with_the_one_it_needs_is_accepted(argv):
+    from streamrom.cli import _method_and_size, _without_effect, build_parser
+
+    args = build_parser().parse_args(["compress", "src", "dst", *argv])
+    assert _without_effect(args, _method_and_size(args)[1]) is None
