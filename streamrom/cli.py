@@ -412,6 +412,7 @@ def _neuron_selection(args: argparse.Namespace, allocate: str) -> str:
 # typed them would not expect (option, what it needs, whether that is there).
 DEPENDENT_OPTIONS = (
     ("--refine-lr", "--refine-steps N", lambda args, allocate: args.refine_steps > 0),
+    ("--study", "--allocate bayes", lambda args, allocate: allocate == "bayes"),  # before --trials: the search itself is what is missing
     ("--trials", "--allocate bayes", lambda args, allocate: allocate == "bayes"),
     ("--study-name", "--study", lambda args, allocate: args.study is not None),
     ("--heartbeat", "--study", lambda args, allocate: args.study is not None),

@@ -460,6 +460,11 @@ def adapter_table(results: dict) -> list[str]:
                  f"({pair['with_adapter'][phase] / pair['base'][phase]:.2f}×)"
                  for phase in ("prefill_2t", "decode_1t", "decode_2t")]
         lines.append(f"| {row['type']} | {row['adapter_bytes'] / 2**20:.1f} | " + " | ".join(cells) + " |")
+    later = sorted({(row["adapter_speed_command"], row["adapter_speed_commit"]) for _, row in rows
+                    if "adapter_speed_command" in row})
+    for command, commit in later:  # the pairs measured after the files were scored, on the same files made again
+        lines += ["", f"Measured by `{runnable(command)}` at commit {commit[:12]} on an idle machine, on these files "
+                      "made again by that command (the same bytes and llama-perplexity scores as the rows above)."]
     return lines + [""]
 
 
