@@ -412,7 +412,8 @@ def _neuron_selection(args: argparse.Namespace, allocate: str) -> str:
 # typed them would not expect (option, what it needs, whether that is there).
 DEPENDENT_OPTIONS = (
     ("--refine-lr", "--refine-steps N", lambda args, allocate: args.refine_steps > 0),
-    ("--study", "--allocate bayes", lambda args, allocate: allocate == "bayes"),  # before --trials: the search itself is what is missing
+    # --study before --trials: the search itself is what is missing
+    ("--study", "--allocate bayes", lambda args, allocate: allocate == "bayes"),
     ("--trials", "--allocate bayes", lambda args, allocate: allocate == "bayes"),
     ("--study-name", "--study", lambda args, allocate: args.study is not None),
     ("--heartbeat", "--study", lambda args, allocate: args.study is not None),
