@@ -258,6 +258,11 @@ def bayes_mixed_table() -> str:
     return _lever_table("bayes", setting, "`--allocate spectrum`", "against spectrum")
 
 
+def anchor_levers_table() -> str:
+    """docs/results/real-model.md: anchored fits (--anchor) on the mixed setting."""
+    return _lever_table("anchor", lambda row: f"`--anchor {row['anchor']:g}`", "none", "against plain")
+
+
 def combined_levers_table() -> str:
     """docs/results/real-model.md: more calibration tokens, anchored fits and block refinement at once,
     against today's cells (the recommended setting at 32 x 512 with no lever)."""
@@ -548,6 +553,7 @@ TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "profile": profile
                                         "inference": inference_table, "first-use": first_use_table,
                                         "gemma3-grid": gemma3_grid_table, "calibration-volume": calibration_volume_table,
                                         "refinement": refinement_table, "bayes-mixed": bayes_mixed_table,
+                                        "anchor-levers": anchor_levers_table,
                                         "combined-levers": combined_levers_table,
                                         "refinement-scale": refinement_scale_table,
                                         "thread-scaling": thread_scaling_table}

@@ -14,9 +14,10 @@ Results: benchmarks/results/levers.json (rows already there are kept unless --ag
 
     python -m benchmarks.quality.levers --refine-steps 256 --reductions 30 40
     python -m benchmarks.quality.levers --bayes-trials 12 --reductions 40
-    python -m benchmarks.quality.levers --combined 256 --reductions 30 40
+    python -m benchmarks.quality.levers --anchor 0.5 --combined 256 --reductions 30 40
 
-A combined row (`--combined STEPS`) pulls three levers at once, the candidate for new defaults: four times
+An anchored row (`--anchor S`) fits each group toward the dense model's outputs at strength S (the dense
+stream beside the compressed one). A combined row (`--combined STEPS`) pulls three levers at once, the candidate for new defaults: four times
 the calibration tokens (128 x 512, pass 1 shared with calibration_volume's 128 x 512 rows), anchored fits
 (`--anchor`, strength 0.5) and block refinement (`--refine-steps STEPS`); it is set against today's cells
 (32 x 512, no lever).
@@ -50,6 +51,8 @@ def main() -> None:
                         help="refinement rows: --refine-steps of each")
     parser.add_argument("--lr", type=float, default=1e-2, help="--refine-lr of the refinement rows")
     parser.add_argument("--bayes-trials", type=int, nargs="*", default=[], help="bayes rows: --trials of each")
+    parser.add_argument("--anchor", type=float, nargs="*", default=[], metavar="STRENGTH",
+                        help="anchored rows: --anchor STRENGTH (the dense stream beside the compressed one)")
     parser.add_argument("--combined", type=int, nargs="*", default=[], metavar="STEPS",
                         help="combined rows: 128 x 512 tokens, --anchor and --refine-steps STEPS")
     parser.add_argument("--max-windows", type=int, default=20)
@@ -58,12 +61,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "levers.json")
     parser.add_argument("--again", action="store_true", help="measure rows the results file already has again")
     args = parser.parse_args()
-    if not args.refine_steps and not args.bayes_trials and not args.combined:
-        parser.error("name a lever: --refine-steps N ..., --bayes-trials N ... or --combined N ...")
+    if not args.refine_steps and not args.bayes_trials and not args.anchor and not args.combined:
+        parser.error("name a lever: --refine-steps N ..., --bayes-trials N ..., --anchor S ... or --combined N ...")
 
     cli = streamrom_cli(args.threads)
     dense = dense_model(args.work, cli)
     parts = calibrations()["general"]
+
     def calibration(sequences: int) -> list[str]:
         return ["--calib-text", *map(str, parts), "--calib-sequences", str(sequences), "--calib-seqlen", "512"]
 
@@ -76,6 +80,8 @@ def main() -> None:
                 {"refine_steps": steps, "refine_lr": args.lr}) for steps in args.refine_steps]
               + [("bayes", trials, 32, ["--trials", str(trials)], {"trials": trials})
                  for trials in args.bayes_trials]
+              + [("anchor", f"{strength:g}", 32, ["--anchor", f"{strength:g}"], {"anchor": strength})
+                 for strength in args.anchor]
               + [("combined", steps, 128, ["--anchor", "0.5", "--refine-steps", str(steps), *refine],
                   {"sequences": 128, "seqlen": 512, "anchor": 0.5, "refine_steps": steps, "refine_lr": args.lr})
                  for steps in args.combined])
@@ -102,6 +108,8 @@ def main() -> None:
     print(tables.refinement_table())
     print()
     print(tables.bayes_mixed_table())
+    print()
+    print(tables.anchor_levers_table())
     print()
     print(tables.combined_levers_table())
     print(f"\nwritten {args.out}")
