@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -175,7 +176,8 @@ def speed(path: Path, bin_dir: Path, prompt: int, generate: int) -> dict:
 def adapter_speed(base: Path, adapter: Path, bin_dir: Path, prompt: int, generate: int, repeats: int = 2) -> dict:
     """The base file's speed alone and with the adapter applied (`--lora`), both by llama-batched-bench
     (llama-bench takes no adapter), prefill and decode at 1 and 2 threads, the two alternated `repeats`
-    times and averaged, so the pair is measured by one tool in one stretch."""
+    times, each phase's median kept (a short run on a shared machine has outliers), so the pair is
+    measured by one tool in one stretch."""
     runs: dict[str, dict[str, list[float]]] = {"base": {}, "with_adapter": {}}
     for _ in range(repeats):
         for which, lora in (("base", []), ("with_adapter", ["--lora", adapter])):
@@ -190,7 +192,7 @@ def adapter_speed(base: Path, adapter: Path, bin_dir: Path, prompt: int, generat
                 if threads == 2:
                     speeds.setdefault("prefill_2t", []).append(found[0]["speed_pp"])
                 speeds.setdefault(f"decode_{threads}t", []).append(found[0]["speed_tg"])
-    return {which: {phase: round(sum(values) / len(values), 2) for phase, values in speeds.items()}
+    return {which: {phase: round(statistics.median(values), 2) for phase, values in speeds.items()}
             for which, speeds in runs.items()}
 
 
@@ -285,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
                              "or TYPE:SIZEmib (`--adapter-size`), then :anchor for anchored fits (`--anchor`), "
                              "e.g. Q3_K_M:16 Q2_K-imatrix:32 Q3_K_M:9.3mib Q3_K_M-imatrix:16:anchor")
     parser.add_argument("--speed-again", action="store_true", help="measure every file's speed again")
+    parser.add_argument("--adapter-repeats", type=int, default=2, metavar="N",
+                        help="llama-batched-bench runs of each adapter's base alone and with it, alternated (default 2)")
     parser.add_argument("--speed-only", action="store_true", help="make and score no file: only the speeds missing")
     parser.add_argument("--no-speed", action="store_true", help="measure no speed (while the machine is busy: a later "
                         "--speed-only run on an idle machine adds them)")
@@ -383,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
             if not (args.llama_bin / "llama-batched-bench").is_file():
                 print(f"no llama-batched-bench in {args.llama_bin}: {name} gets no speed", file=sys.stderr)
                 continue
-            row["adapter_speed"] = adapter_speed(work / row["file"], work / row["adapter"], args.llama_bin, *args.bench)
+            row["adapter_speed"] = adapter_speed(work / row["file"], work / row["adapter"], args.llama_bin, *args.bench,
+                                                 repeats=args.adapter_repeats)
             # the speed columns: llama-bench's speed of the base, scaled by what the adapter costs
             base_row = next((r for r in results["files"].values() if r["file"] == row["file"] and "adapter" not in r
                              and "speed" in r), None)
@@ -423,7 +428,7 @@ def page(all_results: list[dict]) -> str:
              "base's plus the adapter's (f16); *-anchored*: fitted toward the dense model's outputs (`correct --anchor`, "
              "the dense model streamed beside). llama-bench takes no adapter: these rows' speeds are their base file's "
              "llama-bench speeds scaled by what the adapter costs, measured by `llama-batched-bench` on the base "
-             "with and without `--lora`, alternated (the table after each model's).", "",
+             "with and without `--lora`, alternated, the median of each (the table after each model's).", "",
              "Both source models were themselves dequantised from 4-bit GGUF files (SmolLM2 from Q4_1, Gemma 3 from "
              "Q4_K_M): re-quantising them at 4 bits or more is nearly free, so the telling comparison is below 4 bits "
              "and at equal bytes. K-quants need rows of a multiple of 256 values; SmolLM2's 576 (and Gemma 3's 640) "
