@@ -17,8 +17,8 @@ Results: benchmarks/results/levers.json (rows already there are kept unless --ag
     python -m benchmarks.quality.levers --anchor 0.5 --combined 256 --reductions 30 40
 
 An anchored row (`--anchor S`) fits each group toward the dense model's outputs at strength S (the dense
-stream beside the compressed one). A combined row (`--combined STEPS`) pulls three levers at once, the candidate for new defaults: four times
-the calibration tokens (128 x 512, pass 1 shared with calibration_volume's 128 x 512 rows), anchored fits
+stream beside the compressed one). A combined row (`--combined STEPS`) pulls three levers at once, the
+candidate for new defaults: four times the calibration tokens (128 x 512, pass 1 shared with calibration_volume's 128 x 512 rows), anchored fits
 (`--anchor`, strength 0.5) and block refinement (`--refine-steps STEPS`); it is set against today's cells
 (32 x 512, no lever).
 """

@@ -469,7 +469,8 @@ def adapter_table(results: dict) -> list[str]:
                     if "adapter_speed_command" in row})
     for command, commit in later:  # the pairs measured after the files were scored, on the same files made again
         lines += ["", f"Measured by `{runnable(command)}` at commit {commit[:12]} on an idle machine, on these files "
-                      "made again by this benchmark in that folder (the same bytes and llama-perplexity scores as the rows above)."]
+                      "made again by this benchmark in that folder (the same bytes and llama-perplexity scores as "
+                      "the rows above)."]
     return lines + [""]
 
 
