@@ -266,8 +266,9 @@ def anchor_levers_table() -> str:
 def combined_levers_table() -> str:
     """docs/results/real-model.md: more calibration tokens, anchored fits and block refinement at once,
     against today's cells (the recommended setting at 32 x 512 with no lever)."""
-    return _lever_table("combined", lambda row: f"{row['sequences']} × {row['seqlen']}, `--anchor {row['anchor']:g} "
-                        f"--refine-steps {row['refine_steps']} --refine-lr {row['refine_lr']:g}`",
+    return _lever_table("combined", lambda row: f"{row['sequences']} × {row['seqlen']}, `--anchor {row['anchor']:g}"
+                        + (f" --refine-steps {row['refine_steps']} --refine-lr {row['refine_lr']:g}`"
+                           if row["refine_steps"] else "` (no refinement)"),
                         "today: 32 × 512, no lever", "against today")
 
 

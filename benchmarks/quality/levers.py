@@ -15,12 +15,13 @@ Results: benchmarks/results/levers.json (rows already there are kept unless --ag
     python -m benchmarks.quality.levers --refine-steps 256 --reductions 30 40
     python -m benchmarks.quality.levers --bayes-trials 12 --reductions 40
     python -m benchmarks.quality.levers --anchor 0.5 --combined 256 --reductions 30 40
+    python -m benchmarks.quality.levers --combined 0 --reductions 30 40
 
 An anchored row (`--anchor S`) fits each group toward the dense model's outputs at strength S (the dense
 stream beside the compressed one). A combined row (`--combined STEPS`) pulls three levers at once, the
 candidate for new defaults: four times the calibration tokens (128 x 512, pass 1 shared with calibration_volume's 128 x 512 rows), anchored fits
-(`--anchor`, strength 0.5) and block refinement (`--refine-steps STEPS`); it is set against today's cells
-(32 x 512, no lever).
+(`--anchor`, strength 0.5) and block refinement (`--refine-steps STEPS`; 0: none, the two levers that cost
+little at 7B shape); it is set against today's cells (32 x 512, no lever).
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ from pathlib import Path
 from benchmarks.common import (GENRES, REPO, ResultRows, compressed_with_spectrum, dense_model, perplexity_by_genre,
                                run, streamrom_cli)
 from benchmarks.quality.general import calibrations
+
+# the combined row's calibration sequences (of 512 tokens) and anchoring strength
+COMBINED_SEQUENCES = 128
+COMBINED_ANCHOR = 0.5
 
 
 def trial_scores(output: Path) -> dict:
@@ -54,7 +59,8 @@ def main() -> None:
     parser.add_argument("--anchor", type=float, nargs="*", default=[], metavar="STRENGTH",
                         help="anchored rows: --anchor STRENGTH (the dense stream beside the compressed one)")
     parser.add_argument("--combined", type=int, nargs="*", default=[], metavar="STEPS",
-                        help="combined rows: 128 x 512 tokens, --anchor and --refine-steps STEPS")
+                        help="combined rows: 128 x 512 tokens, --anchor 0.5 and --refine-steps STEPS "
+                             "(0: no refinement, the two cheap levers alone)")
     parser.add_argument("--max-windows", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")
@@ -82,12 +88,15 @@ def main() -> None:
                  for trials in args.bayes_trials]
               + [("anchor", f"{strength:g}", 32, ["--anchor", f"{strength:g}"], {"anchor": strength})
                  for strength in args.anchor]
-              + [("combined", steps, 128, ["--anchor", "0.5", "--refine-steps", str(steps), *refine],
-                  {"sequences": 128, "seqlen": 512, "anchor": 0.5, "refine_steps": steps, "refine_lr": args.lr})
+              + [("combined", steps, COMBINED_SEQUENCES,
+                  ["--anchor", f"{COMBINED_ANCHOR:g}", *(["--refine-steps", str(steps), *refine] if steps else [])],
+                  {"sequences": COMBINED_SEQUENCES, "seqlen": 512, "anchor": COMBINED_ANCHOR, "refine_steps": steps,
+                   **({"refine_lr": args.lr} if steps else {})})
                  for steps in args.combined])
     for reduction in args.reductions:
         for lever, amount, sequences, flags, fields in levers:
-            key = f"mixed/{reduction}/{lever}/{amount}" + (f"/{args.lr:g}" if lever in ("refine", "combined") else "")
+            refined = lever == "refine" or (lever == "combined" and amount)
+            key = f"mixed/{reduction}/{lever}/{amount}" + (f"/{args.lr:g}" if refined else "")
             if key in results.rows and not args.again:
                 continue
             label = "levers-" + key.replace("/", "-")
@@ -101,7 +110,7 @@ def main() -> None:
                 **(trial_scores(output) if lever == "bayes" else {}),
                 "perplexity": perplexity_by_genre(run, cli, output, str(args.work / label), texts, args.max_windows)}
             results.save(model="SmolLM2-135M-Instruct (dequantised from its 4-bit GGUF)",
-                         calibration="the general set, 32 x 512 tokens (combined rows: 128 x 512)",
+                         calibration=f"the general set, 32 x 512 tokens (combined rows: {COMBINED_SEQUENCES} x 512)",
                          evaluation_texts={genre: str(text.relative_to(REPO)) for genre, text in texts.items()})
     from benchmarks import tables
 
