@@ -42,7 +42,8 @@ def compress_in_memory(source: Path, output: Path, token_file: Path, sequences: 
     from streamrom.storage.checkpoint import CheckpointReader, CheckpointWriter
     from streamrom.model.modeling import EMBED, FINAL_NORM, LM_HEAD, Rotary, block_class, block_prefix
     from streamrom.compression.config import CompressConfig, parse_layers
-    from streamrom.compression.block_compression import BlockPlan, compress_block
+    from streamrom.compression.block_compression import compress_block
+    from streamrom.compression.plans import BlockPlan
     from streamrom.compression.planning import rank_plan
     from streamrom.report.report import StageTimer
 

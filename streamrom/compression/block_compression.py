@@ -3,52 +3,25 @@ statistics of its inputs on the block compressed so far, then the method's new m
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
 
 from ..stream.activations import ActivationBuffer, BlockCache, chunk_ranges, require_finite
 from .anchoring import AnchorPoint, DenseStream, anchor_points
-from ..model.architectures import UNIT_NAMES, UNITS
+from ..model.architectures import UNITS
 from .config import PRECISIONS, CompressConfig
 from ..errors import NumericalError
 from ..storage.importance import BlockEnergies
 from ..report.memory import release_freed_memory
-from ..model.modeling import BLOCK_LINEARS, Block, BlockValues, block_prefix
+from ..model.modeling import Block, BlockValues
 from ..report.report import StageTimer
+from .plans import BlockPlan
 from .refinement import refine_block, write_dense_outputs
 from .statistics import WIDE, CrossAccumulator, GroupStatistics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """One block's part of the plan, typed: each linear's rank (None: dense) and each structured unit's
-    width (units kept; None: not narrowed) for the units the method sizes."""
-
-    ranks: Mapping[str, int | None]
-    widths: Mapping[str, int | None] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, values: Mapping[str, int | None]) -> "BlockPlan":
-        """From one block's values by name (rank_plan's): the registries tell linears from units."""
-        return cls({name: values.get(name) for name in BLOCK_LINEARS},
-                   {name: values[name] for name in UNIT_NAMES if name in values})
-
-    def keyed(self, index: int) -> dict[str, int | None]:
-        """The model-level form (allocation slots, progress and study records): by tensor prefix."""
-        prefix = block_prefix(index)
-        return {f"{prefix}{name}": value for name, value in {**self.ranks, **self.widths}.items()}
-
-
-def block_plan(plan: Mapping[str, int | None], index: int) -> BlockPlan:
-    """Block `index`'s part of the model's plan (keyed by tensor prefix, as model_plan makes it)."""
-    prefix = block_prefix(index)
-    return BlockPlan.of({name: plan[f"{prefix}{name}"] for name in BLOCK_LINEARS + UNIT_NAMES if f"{prefix}{name}" in plan})
 
 
 @torch.no_grad()

@@ -23,7 +23,8 @@ import torch
 from ..faults import fault_point
 from ..stream.activations import ActivationBuffer, ActivationPair, BlockCache, embed_into
 from .anchoring import DenseStream, dense_pair
-from .block_compression import block_plan, compress_block
+from .block_compression import compress_block
+from .plans import ModelPlan
 from ..storage.checkpoint import CheckpointReader, CheckpointWriter, shard_is_complete
 from .config import CompressConfig
 from ..storage.importance import BlockEnergies, save_block
@@ -56,7 +57,7 @@ def _remove_stray_temporaries(output: Path) -> None:
             path.unlink()
 
 
-def write_model(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: dict[str, int | None],
+def write_model(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan: ModelPlan,
                 layers: list[int], config: CompressConfig, progress: Progress, timer: StageTimer,
                 monitor: RSSMonitor, target_from: int | None = None, damaged: list[int] = (),
                 orders: dict[str, np.ndarray] | None = None) -> None:
@@ -117,7 +118,7 @@ def write_model(reader: CheckpointReader, output: Path, tokens: np.ndarray, plan
                 with timer("write"):
                     writer.write_shard(index + 2, block_tensors(block, index, dtype), scratch=work,
                                        before_rename=lambda: fault_point(f"writing-block-{index}"))
-                progress.ranks.update(block_plan(plan, index).keyed(index))
+                progress.ranks.update(plan.blocks[index].keyed(index))
                 record(index + 1, activations.inputs.path.name)
                 fault_point(f"after-block-{index}")
                 del block
@@ -143,7 +144,7 @@ class _BlockSteps:
     """Compressing one block of the source: read it, compress it group by group on its inputs (when the
     method needs calibration), and hand its outputs on as the next block's inputs."""
 
-    def __init__(self, reader: CheckpointReader, plan: dict[str, int | None], config: CompressConfig,
+    def __init__(self, reader: CheckpointReader, plan: ModelPlan, config: CompressConfig,
                  chunk_sequences: int, timer: StageTimer, target_from: int | None, cos: torch.Tensor,
                  sin: torch.Tensor, work: Path, orders: dict[str, np.ndarray] | None = None):
         self.reader, self.plan, self.config, self.orders = reader, plan, config, orders or {}
@@ -182,7 +183,7 @@ class _BlockSteps:
             stream = DenseStream(dense.inputs, dense.outputs if has_next else None,
                                  self.dense_value(inputs.shape[:2]), self.config.anchor)
         energies = BlockEnergies(block.GROUPS) if inputs is not None and uses_calibration else None
-        compress_block(block, block_plan(self.plan, index), inputs, activations.outputs if has_next else None,
+        compress_block(block, self.plan.blocks[index], inputs, activations.outputs if has_next else None,
                        cache, self.cos, self.sin, self.config, self.chunk_sequences, self.timer,
                        block_label=block_prefix(index), target_from=self.target_from, scratch=self.work,
                        dense=stream, energies=energies, block_index=index,

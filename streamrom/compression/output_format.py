@@ -14,7 +14,7 @@ from .config import CompressConfig
 from ..model.families import FAMILIES
 from ..storage.importance import load_block, write_importance
 from ..model.modeling import FINAL_NORM, LM_HEAD, Block, block_prefix
-from .block_compression import block_plan
+from .plans import ModelPlan
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,11 @@ def write_tail(reader: CheckpointReader, writer: CheckpointWriter, config: Compr
     out_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if "dtype" in out_config:  # transformers 5 writes "dtype"
         out_config["dtype"] = out_config["torch_dtype"]
-    plans = [block_plan(progress.ranks, index) for index in range(spec.num_layers)]
-    ranks = {f"{block_prefix(index)}{name}": rank for index, plan in enumerate(plans) for name, rank in plan.ranks.items()}
-    widths = {f"{block_prefix(index)}{name}": width for index, plan in enumerate(plans)
-              for name, width in plan.widths.items() if width}
-    out_config.update(layer_widths(spec, widths))
+    plan = ModelPlan.from_record(progress.ranks, spec.num_layers)  # what each block was compressed with
+    ranks = plan.ranks()
+    widths = {f"{block_prefix(index)}{name}": width for index, block in enumerate(plan.blocks)
+              for name, width in block.widths.items() if width}
+    out_config.update(layer_widths(spec, plan))
     out_config["streamrom"] = {
         "format_version": FORMAT_VERSION,
         "method": config.method,
@@ -92,12 +92,12 @@ def write_importance_file(output: Path, num_layers: int, work: Path) -> None:
         log.info("no importance file: input energies were not summed for every block")
 
 
-def layer_widths(spec, widths: dict[str, int]) -> dict[str, object]:
+def layer_widths(spec, plan: ModelPlan) -> dict[str, object]:
     """config.json's per-block widths after structured ROM: intermediate_size itself where every block
     keeps one MLP width, else layer_intermediate_sizes; the head widths (layer_value_head_dims,
     layer_query_key_head_dims) where they narrowed."""
     found: dict[str, object] = {}
-    narrowed = spec.narrowed(widths)
+    narrowed = spec.narrowed(plan.widths())
     for unit in UNITS:
         per_block = [unit.features_of(narrowed, index) for index in range(spec.num_layers)]
         if all(width == unit.dense_features(spec) for width in per_block):

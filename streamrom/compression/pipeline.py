@@ -34,7 +34,8 @@ from .execute import WORK_FOLDER, damaged_shards, write_model
 from ..faults import fault_point
 from ..report.memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak
 from .methods import Method
-from ..model.modeling import BLOCK_LINEARS, ModelSpec, block_class, block_prefix
+from ..model.modeling import BLOCK_LINEARS, ModelSpec, block_class
+from .plans import ModelPlan
 from .planning import (PROGRESS_ORDERS, STUDY_ORDERS, TrialScorer, active_units, join_study, model_plan, plan_ranks,
                        rank_plan, recorded_orders, search_space)
 from .progress import (LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments_fingerprint, changed_source_file,
@@ -65,7 +66,7 @@ class Prepared:
     fingerprint: dict[str, Any]
     dtype_bytes: int  # of the output tensors
     total_params: int
-    sizing_plan: dict[str, int | None]  # a plan of the run's size (uniform), before pass 1 prices directions
+    sizing_plan: ModelPlan  # a plan of the run's size (uniform), before pass 1 prices directions
     memory_parts: dict[str, int]
     projected_seconds: dict[str, Any] = field(default_factory=dict)  # time_estimate.project, with its probe
     _held_out: np.ndarray | None = field(default=None, repr=False)
@@ -192,9 +193,10 @@ def tune_worker(storage: str, study_name: str, source: str | Path | None = None,
         prepared = prepare(source, config, timer, runtime_bytes)
         shared = join_study(prepared, create=False, name=study_name)
         with private_folder(work_dir, WORKER_FOLDER_PREFIX) as work:
-            scorer = TrialScorer(prepared, work, record["base"], monitor,
+            base = ModelPlan.from_record(record["base"], prepared.spec.num_layers)
+            scorer = TrialScorer(prepared, work, base, monitor,
                                  recorded_orders(prepared, record.get("orders", {}), STUDY_ORDERS))
-            shared.run(search_space(prepared, record["base"]), scorer)
+            shared.run(search_space(prepared, base), scorer)
         return shared.result(), len(scorer.seconds)
 
 
@@ -275,8 +277,8 @@ def _plan_and_execute(prepared: Prepared, output: Path, progress: Progress, time
     progress.save(output)  # from here on, a failed run's leftovers are resumable, not foreign
     try:
         plan_ranks(prepared, output, progress, timer, monitor)
-        write_model(prepared.reader, output, tokens, progress.plan, prepared.layers, config, progress, timer,
-                    monitor, prepared.target_from, damaged,
+        write_model(prepared.reader, output, tokens, ModelPlan.from_record(progress.plan, spec.num_layers),
+                    prepared.layers, config, progress, timer, monitor, prepared.target_from, damaged,
                     recorded_orders(prepared, progress.orders, PROGRESS_ORDERS))
     except OSError as exc:
         raise write_failure(exc, output, "; free some and rerun the same command to resume") from None
@@ -288,15 +290,15 @@ def _dense_stream_bytes(spec: ModelSpec, tokens: np.ndarray) -> int:
     return tokens.size * (2 * spec.hidden_size + 3 * spec.hidden_size + spec.num_heads * spec.head_dim) * 4
 
 
-def _output_bytes(spec: ModelSpec, plan: dict[str, int | None], dtype_bytes: int, method: Method) -> int:
+def _output_bytes(spec: ModelSpec, plan: ModelPlan, dtype_bytes: int, method: Method) -> int:
     """Size of the compressed checkpoint's tensors, from the model's rank plan (and unit widths)."""
     params = sum(math.prod(shape) for shape in spec.global_shapes().values())
-    narrowed = spec.narrowed(plan)
+    narrowed = spec.narrowed(plan.widths())
     for index in range(spec.num_layers):
         dense = narrowed.dense_block_shapes(index)
         for name, shape in dense.items():
             linear, _, kind = name.rpartition(".")
-            rank = plan.get(f"{block_prefix(index)}{linear}")
+            rank = plan.blocks[index].ranks.get(linear)
             if not rank:
                 params += math.prod(shape)
             elif kind == "weight":  # the linear's replacement, its bias included

@@ -25,6 +25,7 @@ from ..model.architectures import UNIT_BY_NAME, UNIT_NAMES, UNITS, StructuredUni
 from ..model.modeling import BLOCK_LINEARS, ModelSpec, block_prefix
 from .progress import Progress, arguments_fingerprint, source_fingerprint
 from ..report.report import StageTimer
+from .plans import ModelPlan
 from .spectra import collect_spectra, split_keep_orders
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # --ratio (uniform) factors a linear only where that saves more than this fraction of its parameters.
 MIN_FACTOR_SAVING = 0.02
+# the MLP's unit: pass 1 keeps the order of its neurons (--neuron-selection pass1)
+NEURONS = "mlp.neurons"
 
 
 def active_units(spec: ModelSpec, config: CompressConfig) -> list[StructuredUnit]:
@@ -107,9 +110,9 @@ def mixed_alternatives(spec: ModelSpec, config: CompressConfig,
 
 
 def model_plan(spec: ModelSpec, config: CompressConfig, layers: list[int], total_params: int, dtype_bytes: int,
-               spectra: dict[str, np.ndarray] | None = None) -> dict[str, int | None]:
-    """Rank of every block linear of the model ("model.layers.<i>.<name>"; None: dense), and for
-    structured methods every unit's width ("model.layers.<i>.mlp.neurons"; None: not narrowed).
+               spectra: dict[str, np.ndarray] | None = None) -> ModelPlan:
+    """Rank of every block linear of the model (None: dense), and for structured methods every unit's
+    width (None: not narrowed).
 
     Without a target, `uniform` is `rank_plan` in every chosen block; `last-n` and `spectrum`
     spend what that plan would. With a target, the chosen allocation meets the whole-model
@@ -122,7 +125,7 @@ def model_plan(spec: ModelSpec, config: CompressConfig, layers: list[int], total
     plan = {f"{block_prefix(i)}{name}": (per_block[name] if i in layers else None)
             for i in range(spec.num_layers) for name in plan_names(config)}
     if config.rank is not None or (config.allocate == "uniform" and not config.has_target):
-        return plan
+        return ModelPlan.from_record(plan, spec.num_layers)
     slots = allocation_slots(spec, config, layers)
     budget = slot_budget(slots, config, total_params, dtype_bytes, plan)
     if config.allocate == "uniform":
@@ -135,7 +138,7 @@ def model_plan(spec: ModelSpec, config: CompressConfig, layers: list[int], total
             every = slots + [slot for _, factored in alternatives for slot in factored]
             slots = allocation.choose_alternatives(every, spectra or {}, budget, alternatives)
         ranks = allocation.spectrum_ranks(slots, spectra or {}, budget)
-    return {key: ranks.get(key) for key in plan}
+    return ModelPlan.from_record({key: ranks.get(key) for key in plan}, spec.num_layers)
 
 
 def slot_budget(slots: list[allocation.Slot], config: CompressConfig, total_params: int, dtype_bytes: int,
@@ -150,14 +153,14 @@ def slot_budget(slots: list[allocation.Slot], config: CompressConfig, total_para
     return allocation.total_params(slots, plan)
 
 
-def _checked_ranks(spec: ModelSpec, config: CompressConfig, ranks: dict[str, int | None]) -> dict[str, int | None]:
+def _checked_ranks(spec: ModelSpec, config: CompressConfig, ranks: dict[str, int | None]) -> ModelPlan:
     names = plan_names(config)
     plan = {f"{block_prefix(i)}{name}": None for i in range(spec.num_layers) for name in names}
     for key, rank in ranks.items():
         if key not in plan:
+            another_unit = key.split(".", 3)[-1] in UNIT_NAMES  # a width this method does not size
             raise UsageError(f"ranks name {key!r}, which is not a block linear of this model"
-                             + ("" if not key.endswith(UNIT_NAMES)
-                                else f" that --method {config.method} sizes (another method's plan)"))
+                             + (f" that --method {config.method} sizes (another method's plan)" if another_unit else ""))
         name = key.split(".", 3)[3]
         if rank and name in UNIT_NAMES and not UNIT_BY_NAME[name].applies_to(spec):
             raise UsageError(f"ranks narrow {key}, which a {spec.model_type} model cannot narrow")
@@ -170,7 +173,7 @@ def _checked_ranks(spec: ModelSpec, config: CompressConfig, ranks: dict[str, int
         for unit in UNITS:
             if plan.get(prefix + unit.name) and any(plan[prefix + name] for name in unit.linears):
                 raise UsageError(f"{prefix}{unit.name} is narrowed, so its linears cannot also be factored")
-    return plan
+    return ModelPlan.from_record(plan, spec.num_layers)
 
 
 def plan_ranks(prepared: "Prepared", output: Path, progress: Progress, timer: StageTimer,
@@ -184,7 +187,7 @@ def plan_ranks(prepared: "Prepared", output: Path, progress: Progress, timer: St
     record = shared.record() if shared is not None else None
     if record is not None:  # another process made pass 1's plan already
         log.info("bayes: joining study %s, which has its base plan", shared.name)
-        plan = record["base"]
+        plan = ModelPlan.from_record(record["base"], prepared.spec.num_layers)
         orders = recorded_orders(prepared, record.get("orders", {}), STUDY_ORDERS)
     else:
         plan, orders = _first_plan(prepared, output, timer)
@@ -206,13 +209,12 @@ def plan_ranks(prepared: "Prepared", output: Path, progress: Progress, timer: St
             result = shared.result()
             progress.study = shared.name
             progress.trials.extend(result.trials)
-        plan = {**plan, **result.ranks}
-    progress.plan = plan
+        plan = plan.replaced(result.ranks)
+    progress.plan = plan.record()
     progress.save(output)
 
 
-def _first_plan(prepared: "Prepared", output: Path,
-                timer: StageTimer) -> tuple[dict[str, int | None], dict[str, np.ndarray]]:
+def _first_plan(prepared: "Prepared", output: Path, timer: StageTimer) -> tuple[ModelPlan, dict[str, np.ndarray]]:
     """The plan of the allocation itself: from the shapes, or from pass 1's prices (spectrum, bayes);
     with --neuron-selection pass1, also the keep order of every MLP pass 1 priced."""
     reader, config, spec, layers = prepared.reader, prepared.config, prepared.spec, prepared.layers
@@ -244,7 +246,8 @@ def _first_plan(prepared: "Prepared", output: Path,
     if config.neuron_selection != "pass1":
         return plan, {}
     # every priced MLP's order, not only those the plan narrows: a bayes trial may narrow others
-    missing = [key for key, width in plan.items() if key.endswith(".mlp.neurons") and width and key not in orders]
+    missing = [key for index, block in enumerate(plan.blocks) if block.widths.get(NEURONS)
+               and (key := f"{block_prefix(index)}{NEURONS}") not in orders]
     if missing:
         raise UsageError(f"pass 1 ({config.spectra_file or 'the saved first pass'}) has no keep order of "
                          f"{missing[0]} (made before pass 1 kept them): remove it to price again")
@@ -254,7 +257,7 @@ def _first_plan(prepared: "Prepared", output: Path,
 def checked_orders(spec: ModelSpec, orders: dict, where: str, error=UsageError) -> dict[str, np.ndarray]:
     """Keep orders ("model.layers.<i>.mlp.neurons": every neuron of that block's MLP, most important
     first), each checked to be an ordering of exactly its block's neurons before any is used."""
-    blocks = {f"{block_prefix(index)}mlp.neurons": index for index in range(spec.num_layers)}
+    blocks = {f"{block_prefix(index)}{NEURONS}": index for index in range(spec.num_layers)}
     checked = {}
     for key, order in orders.items():
         if key not in blocks:
@@ -279,13 +282,14 @@ def recorded_orders(prepared: "Prepared", recorded: dict, where: str) -> dict[st
     return checked_orders(prepared.spec, recorded, where, OutputError)
 
 
-def search_space(prepared: "Prepared", base: dict[str, int | None]) -> "SearchSpace":
+def search_space(prepared: "Prepared", plan: ModelPlan) -> "SearchSpace":
     """The slots bayes searches over, their budget, and the base (spectrum) plan's ranks of them."""
     from .study import SearchSpace
 
     config, spec = prepared.config, prepared.spec
     slots = allocation_slots(spec, config, prepared.layers)
-    budget = slot_budget(slots, config, prepared.total_params, prepared.dtype_bytes, prepared.sizing_plan)
+    budget = slot_budget(slots, config, prepared.total_params, prepared.dtype_bytes, prepared.sizing_plan.record())
+    base = plan.record()
     if config.compression_method.mixed:  # the forms the spectrum plan chose are searched, the others stay off
         slots = [slot for slot in slots if not slot.structured or base[slot.key]] + [
             slot for unit, factored in mixed_alternatives(spec, config, prepared.layers) if not base[unit.key]
@@ -299,7 +303,7 @@ class TrialScorer:
     streamed perplexity on the held-out calibration slice. Returns the score and the trial's seconds
     (executing, scoring, and the rest), also kept in `seconds`."""
 
-    def __init__(self, prepared: "Prepared", work: Path, base: dict[str, int | None], monitor: RSSMonitor,
+    def __init__(self, prepared: "Prepared", work: Path, base: ModelPlan, monitor: RSSMonitor,
                  orders: dict[str, np.ndarray] | None = None) -> None:
         self.prepared, self.work, self.base, self.monitor = prepared, work, base, monitor
         self.orders = orders or {}
@@ -312,7 +316,7 @@ class TrialScorer:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         executed = time.perf_counter()
-        write_model(prepared.reader, folder, prepared.tokens, {**self.base, **ranks}, prepared.layers,
+        write_model(prepared.reader, folder, prepared.tokens, self.base.replaced(ranks), prepared.layers,
                     prepared.config, Progress(arguments="bayes trial", source=""), StageTimer(), self.monitor,
                     prepared.target_from, orders=self.orders)
         fault_point("during-bayes-trial")
@@ -340,11 +344,11 @@ def join_study(prepared: "Prepared", create: bool, name: str | None = None) -> "
     return shared
 
 
-def study_record(prepared: "Prepared", base: dict[str, int | None], orders: dict[str, list[int]]) -> dict:
+def study_record(prepared: "Prepared", base: ModelPlan, orders: dict[str, list[int]]) -> dict:
     """What a worker elsewhere needs to run this study's trials (compression/study.py)."""
     from .config import config_to_json
 
     return {"orders": orders, "format": 1, "config": config_to_json(prepared.config),
             "source": str(prepared.reader.folder.absolute()),
             "source_fingerprint": source_fingerprint(prepared.reader),
-            "arguments": arguments_fingerprint(prepared.fingerprint, prepared.tokens), "base": base}
+            "arguments": arguments_fingerprint(prepared.fingerprint, prepared.tokens), "base": base.record()}

@@ -8,7 +8,7 @@ differs; tests/test_architectures.py's contract test runs it).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..errors import InputError
 from .families import FAMILIES, positive_number
@@ -266,13 +266,13 @@ class ModelSpec:
             "mlp.down_proj": (self.hidden_size, inter),
         }[name]
 
-    def narrowed(self, widths: Mapping[str, int | None]) -> "ModelSpec":
-        """This spec with the per-block widths that a plan's structured units give ("model.layers.<i>.
-        mlp.neurons": units kept); blocks without a width keep this spec's own."""
+    def narrowed(self, widths: Sequence[Mapping[str, int | None]]) -> "ModelSpec":
+        """This spec with the per-block widths that a plan's structured units give (`widths[i]`: block
+        i's units kept, by unit name; one entry per block); a unit without a width keeps this spec's own."""
         fields = {}
         for unit in UNITS:
             fields[unit.widths_key] = tuple(
-                (widths.get(f"{block_prefix(i)}{unit.name}") or 0) * unit.features_per_unit
+                (widths[i].get(unit.name) or 0) * unit.features_per_unit
                 or unit.features_of(self, i) for i in range(self.num_layers))
         return replace(self, **fields)
 
