@@ -58,3 +58,15 @@ def test_the_spec_narrowed_by_a_plan_has_each_blocks_kept_units(tiny_models):
     narrowed = spec.narrowed(plan.widths())
     assert narrowed.linear_shape("mlp.down_proj", 1)[1] == kept < spec.intermediate_size
     assert narrowed.linear_shape("mlp.down_proj", 0)[1] == spec.intermediate_size
+
+
+def test_a_ranks_file_naming_another_methods_unit_is_refused_by_name(tiny_models):
+    from streamrom.errors import UsageError
+
+    spec = CheckpointReader(tiny_models["llama"]).spec
+    with pytest.raises(UsageError, match="that --method rom sizes"):
+        model_plan(spec, CompressConfig(method="rom", ranks={"model.layers.0.mlp.neurons": 64}), [0], 0, 4)
+    with pytest.raises(UsageError, match="not a block linear of this model$"):
+        model_plan(spec, CompressConfig(method="rom", ranks={"model.layers.0.mlp.gate": 8}), [0], 0, 4)
+    plan = model_plan(spec, CompressConfig(method="structured", ranks={"model.layers.0.mlp.neurons": 64}), [0], 0, 4)
+    assert plan.blocks[0].widths["mlp.neurons"] == 64 and plan.blocks[0].ranks["mlp.down_proj"] is None
