@@ -1,5 +1,6 @@
 """The typed plan (compression/plans.py): a linear's rank and a unit's width kept apart, the flat record
-(progress file, study, --ranks) read and written back unchanged, and the model's widths as the spec sees them."""
+(progress file, study, --ranks) read and written back unchanged, the model's widths as the spec sees them;
+and every unit it sizes with its pricing and narrowing (compression/units.py)."""
 from __future__ import annotations
 
 import pytest
@@ -70,3 +71,13 @@ def test_a_ranks_file_naming_another_methods_unit_is_refused_by_name(tiny_models
         model_plan(spec, CompressConfig(method="rom", ranks={"model.layers.0.mlp.gate": 8}), [0], 0, 4)
     plan = model_plan(spec, CompressConfig(method="structured", ranks={"model.layers.0.mlp.neurons": 64}), [0], 0, 4)
     assert plan.blocks[0].widths["mlp.neurons"] == 64 and plan.blocks[0].ranks["mlp.down_proj"] is None
+
+
+def test_every_registered_unit_has_its_pricing_and_narrowing():
+    from streamrom.compression.units import UNIT_COMPRESSION
+    from streamrom.model.architectures import UNITS
+
+    assert list(UNIT_COMPRESSION) == list(UNIT_NAMES)
+    for unit in UNITS:
+        rules = UNIT_COMPRESSION[unit.name]
+        assert rules.unit is unit and set(rules.priced_in) <= set(unit.linears)

@@ -18,7 +18,7 @@ from streamrom.linalg import structured
 from streamrom.stream.calibration import calibration_tokens
 from streamrom.linalg.allocation import Slot, choose_alternatives, spectrum_ranks, total_params
 from streamrom.linalg.decompose import InputMoments
-from streamrom.compression.methods import narrow_mlp, narrow_query_key, narrow_values
+from streamrom.compression.units import narrow_mlp, narrow_query_key, narrow_values
 from streamrom.model.modeling import Block, Rotary
 from streamrom.compression.statistics import MomentAccumulator
 

@@ -7,20 +7,18 @@ the memory and disk estimates and pass 1 ask the method, never its name.
 """
 from __future__ import annotations
 
-import contextlib
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..linalg import decompose, structured
-from ..stream.activations import read_into
+from ..linalg import decompose
 from ..linalg.allocation import factored_parameters
 from ..model.architectures import UNIT_NAMES, StructuredUnit
-from ..model.modeling import Block, LinearGroup, LowRankLinear, dense_linear
+from ..model.modeling import Block, LinearGroup, LowRankLinear
 from .statistics import TextMoments
+from .units import UNIT_COMPRESSION
 
 
 def low_rank_module(factors: decompose.Factors) -> LowRankLinear:
@@ -89,7 +87,7 @@ class Method:
                       anchor: decompose.Anchor | None = None) -> None:
         """Narrow `unit` of the block to `width` units, from the moments of unit.reads (`scratch`: a
         folder for what waits on disk meanwhile; `anchor`: the dense model's side of the refit)."""
-        NARROWERS[unit.name](block, width, moments, selection, damping, scratch, anchor)
+        UNIT_COMPRESSION[unit.name].narrow(block, width, moments, selection, damping, scratch, anchor)
 
 
 class ReducedOrderModel(Method):
@@ -139,94 +137,6 @@ class WeightSVD(Method):
     def factors(self, weight, bias, rank, moments, at_output, damping, anchor=None):
         return decompose.factorise(weight, bias, decompose.weight_svd_basis(weight, rank))
 
-
-def _array(tensor: torch.Tensor, dtype) -> np.ndarray:
-    return tensor.detach().numpy().astype(dtype, copy=False)
-
-
-def narrow_query_key(block: Block, width: int, moments: decompose.InputMoments, selection: str,
-                     damping: float, scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
-    """Keep `width` rotary pairs per KV head: their rows of q_proj (every query head of the group) and
-    k_proj as they are, chosen by the scores they carry (structured.rotary_pair_order). Nothing is
-    refitted (the scores are bilinear in the kept rows), so nothing is anchored."""
-    attention = block.self_attn
-    dtype = moments.second_moment.dtype
-    energies = []
-    for linear, heads in ((attention.q_proj, attention.num_heads), (attention.k_proj, attention.num_kv_heads)):
-        bias = None if linear.bias is None else _array(linear.bias, dtype)
-        energies.append(structured.pair_energies(_array(linear.weight, dtype), bias, moments.second_moment,
-                                                 moments.mean, heads, attention.head_dim))
-    pairs = np.sort(structured.rotary_pair_order(*energies)[:, :width], axis=1)
-    for name, heads in (("q_proj", attention.num_heads), ("k_proj", attention.num_kv_heads)):
-        linear = getattr(attention, name)
-        rows = torch.from_numpy(structured.kept_pair_rows(pairs, attention.head_dim, heads))
-        setattr(attention, name, dense_linear(linear.weight[rows], None if linear.bias is None else linear.bias[rows]))
-    attention.keep_rotary_pairs(torch.from_numpy(pairs.astype(np.float32)))
-
-
-def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, selection: str | np.ndarray,
-               damping: float, scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
-    """Keep `width` neurons (chosen by `selection`, or the first `width` of an order given: pass 1's):
-    their rows of gate and up as they are, down refitted on them (`anchor`:
-    toward its target, the dense block's output less the compressed residual stream: see
-    anchoring.anchor_points). With `scratch` (a folder) a wide moment (the MLP's at 7B shape: 485 MB)
-    waits there on disk while its own buffer holds the greedy removal's inverse, and is read back for
-    the refit; an anchor's cross moment (180 MB) waits beside it."""
-    moment = moments.second_moment
-    mlp = block.mlp
-    down = _array(mlp.down_proj.weight, moment.dtype)
-    spill = (scratch is not None and isinstance(selection, str) and selection == "obs"
-             and moment.shape[0] > structured.IN_PLACE_FROM
-             and moment.flags.c_contiguous)
-    with tempfile.TemporaryFile(dir=scratch) if spill else contextlib.nullcontext() as parked:
-        if spill:
-            moment.tofile(parked)
-            if anchor is not None:  # the anchored refit's cross moment (180 MB at 7B) waits there too
-                cross = anchor.take_cross()
-                cross_shape, cross_dtype = cross.shape, cross.dtype
-                np.ascontiguousarray(cross).tofile(parked)
-                del cross
-        kept = structured.select_neurons(moment, down, width, selection, damping, overwrite_moment=spill)
-        if spill:  # the inverse is done with: C back into its own buffer
-            parked.seek(0)
-            read_into(parked, moment, "the parked moment")
-            if anchor is not None:
-                anchor.cross = np.empty(cross_shape, dtype=cross_dtype)
-                read_into(parked, anchor.cross, "the parked cross moment")
-    refitted = torch.from_numpy(np.ascontiguousarray(structured.refit_columns(down, moment, kept, damping, anchor)))
-    rows = torch.from_numpy(kept)
-    for name in ("gate_proj", "up_proj"):
-        linear = getattr(mlp, name)
-        setattr(mlp, name, dense_linear(linear.weight[rows], None if linear.bias is None else linear.bias[rows]))
-    mlp.down_proj = dense_linear(refitted, mlp.down_proj.bias)
-
-
-def narrow_values(block: Block, width: int, moments: decompose.InputMoments, selection: str, damping: float,
-                  scratch: Path | None = None, anchor: decompose.Anchor | None = None) -> None:
-    """Narrow each KV head's values to `width` dimensions (v_proj rows), o_proj refitted on them
-    (`anchor`: toward its target, the dense residual stream after attention less the compressed
-    block's input: see anchoring.anchor_points)."""
-    moment = moments.second_moment
-    attention = block.self_attn
-    head_dim, kv_heads = attention.value_head_dim, attention.num_kv_heads
-    o_weight = _array(attention.o_proj.weight, moment.dtype)
-    maps, _ = structured.value_maps(moment, o_weight, attention.num_heads, kv_heads, head_dim, width, damping)
-    o_new = structured.refit_output(o_weight, moment, maps, attention.num_heads, head_dim, damping, anchor)
-    v_weight = _array(attention.v_proj.weight, moment.dtype)
-    v_rows = [maps[g].T @ v_weight[g * head_dim:(g + 1) * head_dim] for g in range(kv_heads)]
-    v_bias = None
-    if attention.v_proj.bias is not None:
-        bias = _array(attention.v_proj.bias, moment.dtype)
-        v_bias = torch.from_numpy(np.concatenate([maps[g].T @ bias[g * head_dim:(g + 1) * head_dim]
-                                                  for g in range(kv_heads)]))
-    attention.v_proj = dense_linear(torch.from_numpy(np.ascontiguousarray(np.vstack(v_rows))), v_bias)
-    attention.o_proj = dense_linear(torch.from_numpy(np.ascontiguousarray(o_new)), attention.o_proj.bias)
-    attention.value_head_dim = width
-
-
-# each structured unit's narrowing (architectures.UNITS), by the unit's name
-NARROWERS = {"self_attn.rotary_pairs": narrow_query_key, "self_attn.value_dims": narrow_values,
-             "mlp.neurons": narrow_mlp}
 
 METHODS: dict[str, Method] = {
     "rom": ReducedOrderModel("rom", uses_calibration=True, priced_by_pass_one=True),

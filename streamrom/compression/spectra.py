@@ -42,6 +42,7 @@ from ..model.modeling import EMBED, Block, BlockValues, LinearGroup, Rotary, blo
 from ..report.report import StageTimer
 from ..stream.streaming import read_blocks
 from .statistics import WIDE, MomentAccumulator
+from .units import UNIT_COMPRESSION
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ def observe_block(block: Block, names: list[str], units: list[str], inputs: Acti
     wide = {value: width for value, width in widths.items() if width > WIDE}
     folder = inputs.path if inputs.anonymous else inputs.path.parent
     spilled = {value: ActivationBuffer(folder, *inputs.shape[:2], width, anonymous=True) for value, width in wide.items()}
-    graded = list(dict.fromkeys([*names, *(name for unit in chosen_units for name in _priced_in(unit))]))
+    priced_in = [name for unit in chosen_units for name in UNIT_COMPRESSION[unit.name].priced_in]
+    graded = list(dict.fromkeys([*names, *priced_in]))
     squares = {name: torch.zeros(block.linear(name).weight.shape[0], dtype=torch.float64) for name in graded}
 
     def capture(name: str):
@@ -176,8 +178,8 @@ def price_block(seen: Observation, names: list[str], fetch, centered: bool, work
             second, mean = taken[value]
             spent = last_reader[value] == index
             if kind == "unit":
-                found = _unit_costs(item.name, fetch, seen.heads, second, mean, sensitivity, neuron_selection,
-                                    damping, overwrite_moment=spent)
+                found = UNIT_COMPRESSION[item.name].price(fetch, seen.heads, second, mean, sensitivity,
+                                                          neuron_selection, damping, overwrite_moment=spent)
                 if isinstance(found, structured.Removal):  # the MLP's: its order too, free beside the costs
                     costs[item.name] = found.costs
                     if neuron_selection != "leverage":
@@ -206,39 +208,6 @@ def price_block(seen: Observation, names: list[str], fetch, centered: bool, work
                 del taken[value]
             release_freed_memory()
     return costs
-
-
-def _priced_in(unit) -> tuple[str, ...]:
-    """The linears whose output a unit's cost is measured in: its consumer (down, o_proj), or for the
-    query–key pairs both producers."""
-    return unit.linears if unit.name == "self_attn.rotary_pairs" else unit.linears[-1:]
-
-
-def _unit_costs(name: str, fetch, heads: tuple[int, int, int], second: np.ndarray, mean: np.ndarray,
-                sensitivity: dict[str, np.ndarray], neuron_selection: str, damping: float,
-                overwrite_moment: bool = False) -> np.ndarray | structured.Removal:
-    """What keeping each unit is worth in loss units, in the order structured ROM keeps them: the
-    error its removal leaves in the priced outputs, each output feature weighted by its mean
-    squared loss gradient (the MLP's: with the order, a structured.Removal). `overwrite_moment`: the
-    moment is not needed afterwards (the greedy removal may turn its buffer into the inverse)."""
-    num_heads, num_kv_heads, head_dim = heads
-    if name == "self_attn.rotary_pairs":
-        energies, weighted = [], []
-        for proj, count in (("q_proj", num_heads), ("k_proj", num_kv_heads)):
-            weight, bias = fetch(f"self_attn.{proj}")
-            rows = structured.output_energies(weight, bias, second, mean)
-            del weight, bias
-            energies.append(structured.per_pair(rows, count, head_dim))
-            weighted.append(structured.per_pair(rows * sensitivity[f"self_attn.{proj}"], count, head_dim))
-        return structured.pair_costs(*weighted, structured.rotary_pair_order(*energies))
-    consumer_name = "self_attn.o_proj" if name == "self_attn.value_dims" else "mlp.down_proj"
-    consumer, _ = fetch(consumer_name)
-    # rows scaled by the root mean squared loss gradient: the output error in loss units
-    consumer *= np.sqrt(sensitivity[consumer_name])[:, None]
-    if name == "mlp.neurons":
-        return structured.neuron_costs(second, consumer, neuron_selection, damping, decompose.RANK_MULTIPLE,
-                                       overwrite_moment=overwrite_moment)
-    return structured.value_maps(second, consumer, num_heads, num_kv_heads, head_dim, head_dim, damping)[1]
 
 
 def _weight_reader(reader: CheckpointReader, index: int, work_dtype):
