@@ -189,7 +189,8 @@ def gemma3_grid_table() -> str:
                      for genre in genres]
             model = f"`--method {row['method']}`, {row['reduction']} % smaller"
             size = f"{row['parameter_ratio']:.3f}"
-            seconds = f"{row['compress_seconds']:.0f} s" + (", pass 1 included" if row["includes_pass1"] else "")
+            seconds = (f"{row['compress_seconds']:.0f} s" + (", pass 1 included" if row["includes_pass1"] else "")
+                       + (f" ({row['timing']})" if row.get("timing") else ""))
         lines.append(f"| {row['code']} ({row['commit']}) | {model} | {size} | " + " | ".join(cells) + f" | {seconds} |")
     return "\n".join(lines)
 
@@ -233,7 +234,8 @@ def _lever_table(lever: str, setting: Callable[[dict], str], plain_name: str, ve
             cells = [f"{row['perplexity'][genre]:.2f} ({_change(row['perplexity'][genre], dense[genre])}"
                      + (f"; {_change(row['perplexity'][genre], base['perplexity'][genre])} {versus})"
                         if base else ")") for genre in genres]
-            seconds = f"{row['compress_seconds']:.0f} s" + (", pass 1 included" if row["includes_pass1"] else "")
+            seconds = (f"{row['compress_seconds']:.0f} s" + (", pass 1 included" if row["includes_pass1"] else "")
+                       + (f" ({row['timing']})" if row.get("timing") else ""))
             shown = setting(row) if base or reduction not in plain else plain_name
             lines.append(f"| {reduction} % | {shown} | " + " | ".join(cells) + f" | {seconds} |")
     return "\n".join(lines)
