@@ -117,7 +117,7 @@ def refinement_scale_table() -> str:
     cost a step (between the two largest step counts), what it would add to a 32-block model, and memory."""
     rows = [row for row in json.loads((RESULTS / "memory_7b.json").read_text())["rows"]
             if row.get("method") == "mixed" and row.get("neuron_selection") == "pass1"
-            and not row.get("pass1_tokens") and not row.get("anchor")]
+            and not row.get("pass1_tokens") and not row.get("anchor") and row["depth"] == 2]  # the pairs' depth
     rows.sort(key=lambda row: row.get("refine_steps", 0))
     per_block = {row.get("refine_steps", 0): row["stage_seconds"].get("refine", 0.0) / row["depth"] for row in rows}
     steps = sorted(per_block)
