@@ -102,10 +102,10 @@ def layer_widths(spec, plan: ModelPlan) -> dict[str, object]:
         per_block = [unit.features_of(narrowed, index) for index in range(spec.num_layers)]
         if all(width == unit.dense_features(spec) for width in per_block):
             continue
-        if unit.name == "mlp.neurons" and len(set(per_block)) == 1:
-            found["intermediate_size"] = per_block[0]  # what the source architecture reads itself
+        if unit.uniform_key is not None and len(set(per_block)) == 1:
+            found[unit.uniform_key] = per_block[0]  # what the source architecture reads itself
         else:
             found[unit.widths_key] = per_block
-    if any(key in found for key in ("layer_value_head_dims", "layer_query_key_head_dims")):
+    if any(unit.per_head and unit.widths_key in found for unit in UNITS):
         found["head_dim"] = spec.head_dim  # the dense head's: it must not be derived from hidden/heads
     return found

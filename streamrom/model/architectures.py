@@ -43,6 +43,12 @@ class StructuredUnit:
     # the unit's features are the value it reads (so that value is narrower afterwards); else it
     # reads its linears' common input, which narrowing leaves as it is
     narrows_reads: bool = True
+    # config.json's key where every block keeps one width that the source architecture reads itself
+    # (the MLP's intermediate_size); None: the width is always written per block (`widths_key`)
+    uniform_key: str | None = None
+    # its features are dimensions of every attention head: narrowed, config.json must name the dense
+    # head_dim (transformers would derive it from hidden_size / heads)
+    per_head: bool = False
 
     def dense_features(self, spec: "ModelSpec") -> int:
         """Features of the unit in an unnarrowed block."""
@@ -121,10 +127,11 @@ class MlpNeurons(StructuredUnit):
 # neurons from the features their consumer (o_proj, down_proj) reads.
 UNITS: tuple[StructuredUnit, ...] = (
     RotaryPairs("self_attn.rotary_pairs", ("self_attn.q_proj", "self_attn.k_proj"), reads="normed",
-                widths_key="layer_query_key_head_dims", features_per_unit=2, narrows_reads=False),
+                widths_key="layer_query_key_head_dims", features_per_unit=2, narrows_reads=False, per_head=True),
     ValueDims("self_attn.value_dims", ("self_attn.v_proj", "self_attn.o_proj"), reads="attention",
-              widths_key="layer_value_head_dims"),
-    MlpNeurons("mlp.neurons", MLP_LINEARS, reads="mlp", widths_key="layer_intermediate_sizes"),
+              widths_key="layer_value_head_dims", per_head=True),
+    MlpNeurons("mlp.neurons", MLP_LINEARS, reads="mlp", widths_key="layer_intermediate_sizes",
+               uniform_key="intermediate_size"),
 )
 UNIT_NAMES = tuple(unit.name for unit in UNITS)
 UNIT_BY_NAME = {unit.name: unit for unit in UNITS}
