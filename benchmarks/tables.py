@@ -189,8 +189,7 @@ def gemma3_grid_table() -> str:
                      for genre in genres]
             model = f"`--method {row['method']}`, {row['reduction']} % smaller"
             size = f"{row['parameter_ratio']:.3f}"
-            seconds = (f"{row['compress_seconds']:.0f} s" + (", pass 1 included" if row["includes_pass1"] else "")
-                       + (f" ({row['timing']})" if row.get("timing") else ""))
+            seconds = _compress_time(row)
         lines.append(f"| {row['code']} ({row['commit']}) | {model} | {size} | " + " | ".join(cells) + f" | {seconds} |")
     return "\n".join(lines)
 
@@ -207,7 +206,7 @@ def calibration_volume_table() -> str:
              "| dense | | | " + " | ".join(f"{dense[genre]:.2f}" for genre in genres) + " | |"]
     for row in sorted(rows.values(), key=lambda row: (row["reduction"], row["tokens"], row["seqlen"])):
         cells = [f"{row['perplexity'][genre]:.2f} ({_change(row['perplexity'][genre], dense[genre])})" for genre in genres]
-        seconds = f"{row['compress_seconds']:.0f} s" + (", pass 1 included" if row["includes_pass1"] else "")
+        seconds = _compress_time(row)
         lines.append(f"| {row['reduction']} % | {row['sequences']} × {row['seqlen']} | {row['tokens']:,} | "
                      + " | ".join(cells) + f" | {seconds} |")
     return "\n".join(lines)
@@ -234,8 +233,7 @@ def _lever_table(lever: str, setting: Callable[[dict], str], plain_name: str, ve
             cells = [f"{row['perplexity'][genre]:.2f} ({_change(row['perplexity'][genre], dense[genre])}"
                      + (f"; {_change(row['perplexity'][genre], base['perplexity'][genre])} {versus})"
                         if base else ")") for genre in genres]
-            seconds = (f"{row['compress_seconds']:.0f} s" + (", pass 1 included" if row["includes_pass1"] else "")
-                       + (f" ({row['timing']})" if row.get("timing") else ""))
+            seconds = _compress_time(row)
             shown = setting(row) if base or reduction not in plain else plain_name
             lines.append(f"| {reduction} % | {shown} | " + " | ".join(cells) + f" | {seconds} |")
     return "\n".join(lines)
@@ -303,6 +301,13 @@ def _perplexity(value: float | None, best: float | None = None) -> str:
         return ""
     text = f"{value:,.0f}" if value >= 1000 else f"{value:.2f}"
     return f"**{text}**" if best is not None and round(value, 2) == round(best, 2) else text
+
+
+def _compress_time(row: dict) -> str:
+    """A compression's seconds for a results table: whether pass 1 is in them, and a row's note on how
+    they were taken (`timing`, e.g. beside other work) where it has one."""
+    return (f"{row['compress_seconds']:.0f} s" + (", pass 1 included" if row["includes_pass1"] else "")
+            + (f" ({row['timing']})" if row.get("timing") else ""))
 
 
 def _change(value: float, reference: float) -> str:
