@@ -31,7 +31,7 @@ def test_a_record_reads_into_ranks_and_widths_and_writes_back_unchanged():
     assert set(plan.blocks[0].ranks) == set(BLOCK_LINEARS) and set(plan.blocks[0].widths) == set(UNIT_NAMES)
     assert list(plan.record().items()) == list(record.items())  # same entries in the same order
     assert plan.ranks() == {key: value for key, value in record.items() if not key.endswith(UNIT_NAMES)}
-    assert plan.widths()[1] == {"self_attn.rotary_pairs": None, "self_attn.value_dims": None, "mlp.neurons": 96}
+    assert plan.block_widths()[1] == {"self_attn.rotary_pairs": None, "self_attn.value_dims": None, "mlp.neurons": 96}
 
 
 def test_a_record_without_units_plans_no_widths_and_a_missing_linear_stays_dense():
@@ -56,7 +56,7 @@ def test_the_spec_narrowed_by_a_plan_has_each_blocks_kept_units(tiny_models):
     plan = model_plan(spec, CompressConfig(method="structured", ratio=0.5), [1], 0, 4)
     kept = plan.blocks[1].widths["mlp.neurons"]
     assert kept and plan.blocks[0].widths["mlp.neurons"] is None
-    narrowed = spec.narrowed(plan.widths())
+    narrowed = spec.narrowed(plan.block_widths())
     assert narrowed.linear_shape("mlp.down_proj", 1)[1] == kept < spec.intermediate_size
     assert narrowed.linear_shape("mlp.down_proj", 0)[1] == spec.intermediate_size
 

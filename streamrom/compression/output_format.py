@@ -97,7 +97,7 @@ def layer_widths(spec, plan: ModelPlan) -> dict[str, object]:
     keeps one MLP width, else layer_intermediate_sizes; the head widths (layer_value_head_dims,
     layer_query_key_head_dims) where they narrowed."""
     found: dict[str, object] = {}
-    narrowed = spec.narrowed(plan.widths())
+    narrowed = spec.narrowed(plan.block_widths())
     for unit in UNITS:
         per_block = [unit.features_of(narrowed, index) for index in range(spec.num_layers)]
         if all(width == unit.dense_features(spec) for width in per_block):

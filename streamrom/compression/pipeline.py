@@ -293,7 +293,7 @@ def _dense_stream_bytes(spec: ModelSpec, tokens: np.ndarray) -> int:
 def _output_bytes(spec: ModelSpec, plan: ModelPlan, dtype_bytes: int, method: Method) -> int:
     """Size of the compressed checkpoint's tensors, from the model's rank plan (and unit widths)."""
     params = sum(math.prod(shape) for shape in spec.global_shapes().values())
-    narrowed = spec.narrowed(plan.widths())
+    narrowed = spec.narrowed(plan.block_widths())
     for index in range(spec.num_layers):
         dense = narrowed.dense_block_shapes(index)
         for name, shape in dense.items():

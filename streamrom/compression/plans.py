@@ -66,6 +66,6 @@ class ModelPlan:
         return {f"{block_prefix(index)}{name}": rank for index, block in enumerate(self.blocks)
                 for name, rank in block.ranks.items()}
 
-    def widths(self) -> list[Mapping[str, int | None]]:
+    def block_widths(self) -> list[Mapping[str, int | None]]:
         """Each block's unit widths by unit name (ModelSpec.narrowed's argument)."""
         return [block.widths for block in self.blocks]
