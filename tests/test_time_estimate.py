@@ -8,12 +8,17 @@ import pytest
 
 from streamrom.compression import time_estimate
 from streamrom.compression.time_estimate import MachineSpeed, Shapes, project
+from streamrom.compression.units import OBS_COPY_SECONDS, OBS_CUBES, UNIT_COMPRESSION
 
 pytestmark = pytest.mark.unit
 
 SPEED = MachineSpeed(multiply_adds_per_second=1e9, eigen_seconds=1.0, eigen_size=100)
 SHAPES = Shapes(hidden=100, intermediate=300, heads=4, kv_heads=2, head_dim=25, vocab=1000, blocks=3,
                 chosen_blocks=2, tokens=1000, seqlen=100, source_bytes=4_000_000)
+
+
+def neurons(shapes: Shapes = SHAPES, ordered: bool = False):
+    return UNIT_COMPRESSION["mlp.neurons"].work(shapes, SPEED, ordered)
 
 
 def test_the_forward_count_is_the_blocks_multiply_adds():
@@ -39,9 +44,9 @@ def test_factoring_costs_an_eigen_solve_per_linear_and_pass_one_a_backward():
 
 
 def test_time_scales_with_the_tokens_where_the_passes_do():
-    small = project(SHAPES, SPEED, ["q"], ["mlp.neurons"], first_pass=True, priced=["q"])
-    large = project(Shapes(**{**SHAPES.__dict__, "tokens": 4000}), SPEED, ["q"], ["mlp.neurons"], first_pass=True,
-                    priced=["q"])
+    small = project(SHAPES, SPEED, ["q"], [neurons()], first_pass=True, priced=["q"])
+    larger = Shapes(**{**SHAPES.__dict__, "tokens": 4000})
+    large = project(larger, SPEED, ["q"], [neurons(larger)], first_pass=True, priced=["q"])
     for stage in ("forward", "statistics"):
         assert large[stage] == pytest.approx(4 * small[stage])
     assert large["eigen"] == pytest.approx(small["eigen"])  # the decompositions do not see the tokens
@@ -50,7 +55,7 @@ def test_time_scales_with_the_tokens_where_the_passes_do():
 def test_pass_one_on_fewer_tokens_shrinks_pass_one_alone():
     """--pass1-tokens: pass 1's forward, backward and moments scale with its own tokens; pass 2's do not
     change, nor do the decompositions."""
-    args = (SPEED, ["q"], ["mlp.neurons"])
+    args = (SPEED, ["q"], [neurons()])
     full = project(SHAPES, *args, first_pass=True, priced=["q"])
     quarter = project(Shapes(**{**SHAPES.__dict__, "first_pass_tokens": 250}), *args, first_pass=True, priced=["q"])
     second = project(SHAPES, *args, first_pass=False, priced=["q"])
@@ -62,13 +67,18 @@ def test_pass_one_on_fewer_tokens_shrinks_pass_one_alone():
 def test_pass_one_order_leaves_pass_two_only_the_refit():
     """pass1: pass 2's eigen time loses the greedy removal (a third of its cube and more) and keeps the
     refit; pass 1 and every other stage are as obs's."""
-    obs = project(SHAPES, SPEED, ["q"], ["mlp.neurons"], first_pass=False, priced=["q"])
-    ordered = project(SHAPES, SPEED, ["q"], ["mlp.neurons"], first_pass=False, priced=["q"], neurons_ordered=True)
+    obs = project(SHAPES, SPEED, ["q"], [neurons()], first_pass=False, priced=["q"])
+    ordered = project(SHAPES, SPEED, ["q"], [neurons(ordered=True)], first_pass=False, priced=["q"])
     n, hidden = SHAPES.intermediate, SHAPES.hidden
     refit = SHAPES.chosen_blocks * SPEED.products(n ** 3 / 3 + hidden * n * n)
-    assert 0 < ordered["eigen"] - refit < obs["eigen"] - refit
+    # (this narrow a removal copies its live inverse every round: about 32 copies of it)
+    removal = SHAPES.chosen_blocks * (SPEED.products(OBS_CUBES * n ** 3 + hidden * n * n) + 32 * n * n * OBS_COPY_SECONDS)
+    assert obs["eigen"] - ordered["eigen"] == pytest.approx(removal - refit)
     assert {k: v for k, v in ordered.items() if k not in ("eigen", "total")} == \
         {k: v for k, v in obs.items() if k not in ("eigen", "total")}
+    # pass 1 prices by the removal either way
+    assert project(SHAPES, SPEED, [], [neurons(ordered=True)], first_pass=True, priced=[])["eigen"] == \
+        pytest.approx(project(SHAPES, SPEED, [], [neurons()], first_pass=True, priced=[])["eigen"] + refit - removal)
 
 
 def test_refinement_is_three_forwards_and_a_forward_and_backward_per_step():

@@ -36,6 +36,7 @@ from ..report.memory import RSSMonitor, current_rss_bytes, estimate_compress_mem
 from .methods import Method
 from ..model.modeling import BLOCK_LINEARS, ModelSpec, block_class
 from .plans import ModelPlan
+from .units import UNIT_COMPRESSION
 from .planning import (PROGRESS_ORDERS, STUDY_ORDERS, TrialScorer, active_units, join_study, model_plan, plan_ranks,
                        rank_plan, recorded_orders, search_space)
 from .progress import (LOCK_FILE, PROGRESS_FILE, OutputLock, Progress, arguments_fingerprint, changed_source_file,
@@ -152,13 +153,14 @@ def projected_time(spec: ModelSpec, config: CompressConfig, layers: list[int], t
                                   spread_count(*token_shape, config.pass1_tokens) * token_shape[1])
     speed = time_estimate.probe(spec.hidden_size, PRECISIONS[config.precision])
     ordered = config.neuron_selection == "pass1"
+    units = [UNIT_COMPRESSION[name].work(shapes, speed, ordered) for name in units]
     # the refinement's mini-batch: half a forward chunk (block_compression.compress_block)
     refine = {"refine_steps": config.refine_steps,
               "refine_batch_tokens": max(1, max(1, config.chunk_tokens // token_shape[1]) // 2) * token_shape[1]}
-    seconds = time_estimate.project(shapes, speed, factored, units, first_pass, priced, ordered, **refine)
+    seconds = time_estimate.project(shapes, speed, factored, units, first_pass, priced, **refine)
     if config.allocate == "bayes":  # every trial compresses again (pass 2) and scores a few windows
         trials = config.bayes.trials
-        second = time_estimate.project(shapes, speed, factored, units, False, priced, ordered, **refine)
+        second = time_estimate.project(shapes, speed, factored, units, False, priced, **refine)
         seconds = {stage: value + (trials - 1) * second[stage] for stage, value in seconds.items()}
     return {"seconds": {stage: round(value, 3) for stage, value in seconds.items()},
             "probe": {"multiply_adds_per_second": speed.multiply_adds_per_second,

@@ -14,15 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..linalg.structured import IN_PLACE_FROM
-
-# The greedy structured-OBS removal at width n (its inverse, then batched rank-k updates of it and of the
-# consumer's columns) costs about this many n³ multiply-adds at the product rate, whether it removes
-# all but a few (pass 1's pricing) or a fifth to a half (the selection): measured at n = 11008.
-OBS_CUBES = 2.0
-# Up to IN_PLACE_FROM features the removal copies the live part of the inverse every round (about 32
-# copies of the n x n inverse in all, down to a few features): seconds per element copied.
-OBS_COPY_SECONDS = 1e-8
 # What the arithmetic above leaves out and small models feel: seconds per linear priced or fitted
 # (reading its weight back, the checks and conversions of its moments) and per block and pass.
 PER_LINEAR_SECONDS = 0.05
@@ -84,6 +75,17 @@ def probe(hidden: int, work_dtype=np.float32, budget_seconds: float = 2.0) -> Ma
 
 
 @dataclass(frozen=True)
+class UnitWork:
+    """A structured unit as the projection sees it (compression/units.py counts it for each unit): the
+    width of the value whose moment chooses its units, and the seconds of pricing them in pass 1 and of
+    narrowing a block to a width of it in pass 2."""
+
+    read_width: int
+    price_seconds: float
+    narrow_seconds: float
+
+
+@dataclass(frozen=True)
 class Shapes:
     """What the work depends on (from a ModelSpec and the run's settings)."""
 
@@ -101,16 +103,13 @@ class Shapes:
     first_pass_tokens: int = 0  # the tokens pass 1 sees (--pass1-tokens); 0: all of them
 
 
-def project(shapes: Shapes, speed: MachineSpeed, factored: list[str], units: list[str], first_pass: bool,
-            priced: list[str], neurons_ordered: bool = False, refine_steps: int = 0,
-            refine_batch_tokens: int = 0) -> dict[str, float]:
+def project(shapes: Shapes, speed: MachineSpeed, factored: list[str], units: list[UnitWork], first_pass: bool,
+            priced: list[str], refine_steps: int = 0, refine_batch_tokens: int = 0) -> dict[str, float]:
     """Projected seconds per stage (the report's stage names) and in all ("total").
 
     `factored`: the linears pass 2 factors in each chosen block ("q"...); `units`: the structured units
-    it narrows there; `first_pass`: pass 1 runs (spectrum/bayes, not reused); `priced`: the linears
-    pass 1 prices in each chosen block (the units it prices are `units`); `neurons_ordered`: pass 2
-    keeps pass 1's order of the MLP neurons (--neuron-selection pass1) and only refits down;
-    `refine_steps` (--refine-steps), each a forward and backward of `refine_batch_tokens` tokens through
+    it narrows there (pass 1 prices the same ones); `first_pass`: pass 1 runs (spectrum/bayes, not
+    reused); `priced`: the linears pass 1 prices in each chosen block; `refine_steps` (--refine-steps), each a forward and backward of `refine_batch_tokens` tokens through
     the block, beside the dense block's outputs and the output error before and after (three forwards
     over every token). The compressed block is counted at the dense block's size: an upper bound on its
     weights that its factored forms' extra backward products about make up for."""
@@ -141,38 +140,25 @@ def project(shapes: Shapes, speed: MachineSpeed, factored: list[str], units: lis
             return speed.eigen(out) + PER_LINEAR_SECONDS
         return speed.eigen(inp) + speed.products(out * inp * inp + inp ** 3) + PER_LINEAR_SECONDS
 
-    def unit_cost(unit: str, ordered: bool = False) -> float:
-        if unit == "mlp.neurons" and ordered:  # down's refit on the kept neurons: one damped solve
-            return speed.products(s.intermediate ** 3 / 3 + s.hidden * s.intermediate ** 2)
-        if unit == "mlp.neurons":
-            n = s.intermediate
-            copies = 32 * n * n * OBS_COPY_SECONDS if n <= IN_PLACE_FROM else 0.0
-            return speed.products(OBS_CUBES * n ** 3 + s.hidden * n * n) + copies
-        if unit == "self_attn.value_dims":
-            return s.kv_heads * speed.eigen(s.head_dim) + speed.products(s.hidden * attention_width ** 2)
-        return speed.products(attention_width * s.hidden ** 2)  # rotary pairs: the output energies
-
-    values_read = {reads_of[name] for name in factored} | {
-        {"mlp.neurons": s.intermediate, "self_attn.value_dims": attention_width}.get(unit, s.hidden) for unit in units}
+    values_read = {reads_of[name] for name in factored} | {unit.read_width for unit in units}
     if first_pass:
         tokens = min(s.first_pass_tokens or s.tokens, s.tokens)
         seconds["read"] += 2 * s.source_bytes / READ_BYTES_PER_SECOND
         seconds["forward"] += speed.products(s.blocks * tokens * per_token)
         head = speed.products(3 * tokens * s.hidden * s.vocab)
-        # recomputed forward under autograd, then twice its work backward; the wide MLP moment's own pass
-        wide = "mlp.neurons" in units
+        # recomputed forward under autograd, then twice its work backward (a wide moment is summed from
+        # the values that forward wrote to disk: no forward of its own)
         seconds["backward"] += head + speed.products(s.chosen_blocks * 3 * tokens * per_token)
-        seconds["forward"] += speed.products(s.chosen_blocks * wide * tokens * (block_weights - s.hidden * s.intermediate))
         priced_values = {reads_of[name] for name in priced} | values_read
         seconds["statistics"] += s.chosen_blocks * sum(moment(width, tokens) for width in priced_values)
         seconds["eigen"] += s.chosen_blocks * (sum(factor_cost(name) for name in priced)
-                                               + sum(unit_cost(unit) for unit in units) + PER_BLOCK_SECONDS)
+                                               + sum(unit.price_seconds for unit in units) + PER_BLOCK_SECONDS)
     seconds["read"] += s.source_bytes / READ_BYTES_PER_SECOND
     # pass 2: the group passes together make one forward, the outputs' pass a second (not the last block's)
     seconds["forward"] += speed.products((2 * s.blocks - 1) * forward)
     seconds["statistics"] += s.chosen_blocks * sum(moment(width) for width in values_read)
     seconds["eigen"] += s.chosen_blocks * (sum(factor_cost(name) for name in factored)
-                                           + sum(unit_cost(unit, neurons_ordered) for unit in units)
+                                           + sum(unit.narrow_seconds for unit in units)
                                            + PER_BLOCK_SECONDS)
     seconds["write"] += s.source_bytes / READ_BYTES_PER_SECOND / 2
     seconds["total"] = sum(seconds.values())

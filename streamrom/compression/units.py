@@ -1,7 +1,8 @@
 """Structured units on the compression side: for each unit of the model's registry (model/architectures.UNITS),
-how pass 1 prices keeping each of its units (in loss units, in the order narrowing keeps them) and how a block
-is narrowed to a width of it. One entry per unit in UNIT_COMPRESSION, by the unit's name; the pipeline, pass 1
-and the methods ask it and never branch on a unit's name. (What the exporter pads back lives with the GGUF
+how pass 1 prices keeping each of its units (in loss units, in the order narrowing keeps them), how a block
+is narrowed to a width of it, and what both take in time (for the projection before a run). One entry per unit
+in UNIT_COMPRESSION, by the unit's name; the pipeline, pass 1, the methods and the time projection ask it and
+never branch on a unit's name. (What the exporter pads back lives with the GGUF
 layout, gguf/exporter.py.)
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..linalg import decompose, structured
 from ..model.architectures import UNIT_BY_NAME, StructuredUnit
 from ..model.modeling import Block, dense_linear
 from ..stream.activations import read_into
+from .time_estimate import MachineSpeed, Shapes, UnitWork
 
 
 def _array(tensor: torch.Tensor, dtype) -> np.ndarray:
@@ -150,23 +152,60 @@ def narrow_values(block: Block, width: int, moments: decompose.InputMoments, sel
     attention.value_head_dim = width
 
 
+# The projected time of each unit's pricing and narrowing (time_estimate.project adds them up): work(shapes,
+# speed, ordered) -> UnitWork, `ordered` when pass 2 keeps pass 1's order of the units (--neuron-selection pass1).
+
+def rotary_pairs_work(s: Shapes, speed: MachineSpeed, ordered: bool) -> UnitWork:
+    """The output energies of q_proj's and k_proj's rows (the same products to price and to narrow)."""
+    seconds = speed.products(s.heads * s.head_dim * s.hidden ** 2)
+    return UnitWork(s.hidden, seconds, seconds)
+
+
+def value_dims_work(s: Shapes, speed: MachineSpeed, ordered: bool) -> UnitWork:
+    """Per KV head an eigen-solve of its values' moment, and o_proj's refit."""
+    attention_width = s.heads * s.head_dim
+    seconds = s.kv_heads * speed.eigen(s.head_dim) + speed.products(s.hidden * attention_width ** 2)
+    return UnitWork(attention_width, seconds, seconds)
+
+
+# The greedy structured-OBS removal at width n (its inverse, then batched rank-k updates of it and of the
+# consumer's columns) costs about this many n³ multiply-adds at the product rate, whether it removes
+# all but a few (pass 1's pricing) or a fifth to a half (the selection): measured at n = 11008.
+OBS_CUBES = 2.0
+# Up to IN_PLACE_FROM features the removal copies the live part of the inverse every round (about 32
+# copies of the n x n inverse in all, down to a few features): seconds per element copied.
+OBS_COPY_SECONDS = 1e-8
+
+
+def mlp_neurons_work(s: Shapes, speed: MachineSpeed, ordered: bool) -> UnitWork:
+    """The greedy removal (pass 1's pricing, and pass 2's selection unless pass 1's order is kept),
+    then down's refit on the kept neurons (one damped solve)."""
+    n = s.intermediate
+    copies = 32 * n * n * OBS_COPY_SECONDS if n <= structured.IN_PLACE_FROM else 0.0
+    removal = speed.products(OBS_CUBES * n ** 3 + s.hidden * n * n) + copies
+    refit = speed.products(n ** 3 / 3 + s.hidden * n * n)
+    return UnitWork(n, removal, refit if ordered else removal)
+
+
 @dataclass(frozen=True)
 class UnitCompression:
     """One structured unit's treatment: `priced_in`, the linears whose output its cost is measured in
     (its consumer, or for the query–key pairs both producers); `price`, pass 1's cost of each of its
     units; `narrow(block, width, moments, selection, damping, scratch, anchor)`, the block narrowed to
     `width` of them (moments of unit.reads; `scratch`: a folder for what waits on disk meanwhile;
-    `anchor`: the dense model's side of the refit)."""
+    `anchor`: the dense model's side of the refit); `work`, the projected seconds of both (see above)."""
 
     unit: StructuredUnit
     priced_in: tuple[str, ...]
     price: Callable[..., np.ndarray | structured.Removal]
     narrow: Callable[..., None]
+    work: Callable[[Shapes, MachineSpeed, bool], UnitWork]
 
 
 UNIT_COMPRESSION: dict[str, UnitCompression] = {rules.unit.name: rules for rules in (
     UnitCompression(UNIT_BY_NAME["self_attn.rotary_pairs"], ("self_attn.q_proj", "self_attn.k_proj"),
-                    price_rotary_pairs, narrow_query_key),
-    UnitCompression(UNIT_BY_NAME["self_attn.value_dims"], ("self_attn.o_proj",), price_value_dims, narrow_values),
-    UnitCompression(UNIT_BY_NAME["mlp.neurons"], ("mlp.down_proj",), price_mlp_neurons, narrow_mlp),
+                    price_rotary_pairs, narrow_query_key, rotary_pairs_work),
+    UnitCompression(UNIT_BY_NAME["self_attn.value_dims"], ("self_attn.o_proj",), price_value_dims, narrow_values,
+                    value_dims_work),
+    UnitCompression(UNIT_BY_NAME["mlp.neurons"], ("mlp.down_proj",), price_mlp_neurons, narrow_mlp, mlp_neurons_work),
 )}
