@@ -73,11 +73,13 @@ def test_a_ranks_file_naming_another_methods_unit_is_refused_by_name(tiny_models
     assert plan.blocks[0].widths["mlp.neurons"] == 64 and plan.blocks[0].ranks["mlp.down_proj"] is None
 
 
-def test_every_registered_unit_has_its_pricing_and_narrowing():
+def test_every_registered_unit_has_its_pricing_narrowing_and_gguf_padding():
     from streamrom.compression.units import UNIT_COMPRESSION
+    from streamrom.gguf.exporter import UNIT_PADDING
     from streamrom.model.architectures import UNITS
 
     assert list(UNIT_COMPRESSION) == list(UNIT_NAMES)
+    assert set(UNIT_PADDING) == set(UNIT_NAMES)
     for unit in UNITS:
         rules = UNIT_COMPRESSION[unit.name]
         assert rules.unit is unit and set(rules.priced_in) <= set(unit.linears)

@@ -41,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..linalg.structured import kept_pair_rows
-from ..model.architectures import ModelSpec
+from ..model.architectures import ROTARY_PAIRS, UNITS, ModelSpec
 from ..storage.checkpoint import CheckpointReader
 from ..storage.layout import (GGUF_TYPES as TYPES, LLAMA_QUANTIZE_TYPES, LLAMA_QUANTIZE_VARIABLE, check_output_file,
                      read_json)
@@ -460,28 +460,56 @@ class _Plan:
             "self_attn.o_proj", "mlp.down_proj") else columns
 
     def _to_gguf_layout(self, index: int, linear: str, rows: np.ndarray, bias: bool = False) -> np.ndarray:
-        """A weight (or a bias, as one column) padded back to full heads where structured ROM narrowed
-        them, and to the model's MLP width where llama.cpp has one; q/k rows permuted as llama.cpp's
-        converter permutes them for the families that say so (llama's: rotary halves interleaved)."""
-        spec, head_dim = self.spec, self.spec.head_dim
-        width = self._dense_shape(index, "mlp.down_proj")[1]
-        if linear in ("mlp.gate_proj", "mlp.up_proj") and rows.shape[0] < width:
-            rows = np.concatenate([rows, np.zeros((width - rows.shape[0], rows.shape[1]), rows.dtype)])
-        if linear == "mlp.down_proj" and not bias and rows.shape[1] < width:
-            rows = np.concatenate([rows, np.zeros((rows.shape[0], width - rows.shape[1]), rows.dtype)], axis=1)
-        if linear == "self_attn.v_proj" and spec.layer_value_head_dims:
-            rows = _pad_rows(rows, spec.num_kv_heads, spec.layer_value_head_dims[index], head_dim)
-        if linear == "self_attn.o_proj" and spec.layer_value_head_dims and not bias:
-            width = spec.layer_value_head_dims[index]
-            rows = _pad_rows(rows.T, spec.num_heads, width, head_dim).T
-        if linear in ("self_attn.q_proj", "self_attn.k_proj"):
-            heads = spec.num_heads if linear == "self_attn.q_proj" else spec.num_kv_heads
-            if spec.layer_query_key_head_dims and spec.layer_query_key_head_dims[index] != head_dim:
-                pairs = self._read(f"{block_prefix(index)}self_attn.rotary_pairs").astype(np.int64)
-                rows = _scatter_pairs(rows, heads, pairs, head_dim)
-            if self.family.gguf_permuted_query_key:
-                rows = permute_rotary(rows, heads)
+        """A weight (or a bias, as one column) padded back where structured ROM narrowed it (each unit's
+        UNIT_PADDING: llama.cpp holds one head size per model, and one MLP width but in deci); q/k rows
+        then permuted as llama.cpp's converter permutes them for the families that say so (llama's:
+        rotary halves interleaved)."""
+        for unit in UNITS:
+            if linear in unit.linears:
+                rows = UNIT_PADDING[unit.name](self, index, linear, rows, bias)
+        if linear in ("self_attn.q_proj", "self_attn.k_proj") and self.family.gguf_permuted_query_key:
+            rows = permute_rotary(rows, self.spec.num_heads if linear == "self_attn.q_proj" else self.spec.num_kv_heads)
         return np.ascontiguousarray(rows)
+
+
+# -- what each structured unit (model/architectures.UNITS) pads back: pad(layout, block index, linear, rows,
+# bias) -> the linear's rows (a bias: one column) in the GGUF's widths; the unit's features stay where
+# llama.cpp reads them, zeros fill the rest.
+
+def _pad_neurons(layout: _Plan, index: int, linear: str, rows: np.ndarray, bias: bool) -> np.ndarray:
+    """gate's and up's rows, down's columns, with zero neurons up to the block's width in the file (the
+    model's widest MLP where the architecture has one width)."""
+    width = layout._dense_shape(index, "mlp.down_proj")[1]
+    if linear != "mlp.down_proj" and rows.shape[0] < width:
+        return np.concatenate([rows, np.zeros((width - rows.shape[0], rows.shape[1]), rows.dtype)])
+    if linear == "mlp.down_proj" and not bias and rows.shape[1] < width:
+        return np.concatenate([rows, np.zeros((rows.shape[0], width - rows.shape[1]), rows.dtype)], axis=1)
+    return rows
+
+
+def _pad_values(layout: _Plan, index: int, linear: str, rows: np.ndarray, bias: bool) -> np.ndarray:
+    """Each KV head's value rows of v_proj, each query head's columns of o_proj, then zeros to head_dim."""
+    spec = layout.spec
+    if not spec.layer_value_head_dims or (bias and linear == "self_attn.o_proj"):
+        return rows
+    width = spec.layer_value_head_dims[index]
+    if linear == "self_attn.v_proj":
+        return _pad_rows(rows, spec.num_kv_heads, width, spec.head_dim)
+    return _pad_rows(rows.T, spec.num_heads, width, spec.head_dim).T
+
+
+def _scatter_query_key(layout: _Plan, index: int, linear: str, rows: np.ndarray, bias: bool) -> np.ndarray:
+    """q's and k's kept rotary pairs back in their places in every head, zero rows between."""
+    spec = layout.spec
+    if not spec.layer_query_key_head_dims or spec.layer_query_key_head_dims[index] == spec.head_dim:
+        return rows
+    pairs = layout._read(f"{block_prefix(index)}{ROTARY_PAIRS}").astype(np.int64)
+    return _scatter_pairs(rows, spec.num_heads if linear == "self_attn.q_proj" else spec.num_kv_heads, pairs,
+                          spec.head_dim)
+
+
+UNIT_PADDING = {"mlp.neurons": _pad_neurons, "self_attn.value_dims": _pad_values,
+                "self_attn.rotary_pairs": _scatter_query_key}
 
 
 def _pad_rows(rows: np.ndarray, heads: int, width: int, head_dim: int) -> np.ndarray:
