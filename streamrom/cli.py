@@ -412,9 +412,9 @@ def _neuron_selection(args: argparse.Namespace, allocate: str) -> str:
 # typed them would not expect (option, what it needs, whether that is there).
 DEPENDENT_OPTIONS = (
     ("--refine-lr", "--refine-steps N", lambda args, allocate: args.refine_steps > 0),
-    # --study before --trials: the search itself is what is missing
-    ("--study", "--allocate bayes", lambda args, allocate: allocate == "bayes"),
-    ("--trials", "--allocate bayes", lambda args, allocate: allocate == "bayes"),
+    # (--study without the search is CompressConfig's own check, for the Python API too: with --study
+    # given, its line comes first, naming what is missing)
+    ("--trials", "--allocate bayes", lambda args, allocate: allocate == "bayes" or args.study is not None),
     ("--study-name", "--study", lambda args, allocate: args.study is not None),
     ("--heartbeat", "--study", lambda args, allocate: args.study is not None),
     ("--target-weight", "--target-text", lambda args, allocate: bool(args.target_text)),

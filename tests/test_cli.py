@@ -286,7 +286,8 @@ def test_compress_defaults_are_the_recommended_setting(argv, expected):
     (["--trials", "4"], "--trials has no effect without --allocate bayes"),
     (["--study-name", "s"], "--study-name has no effect without --study"),
     (["--heartbeat", "5"], "--heartbeat has no effect without --study"),
-    (["--study", "sqlite:///s.db"], "--study has no effect without --allocate bayes"),
+    (["--study", "sqlite:///s.db"], "--study shares the search of --allocate bayes"),
+    (["--study", "sqlite:///s.db", "--trials", "4"], "--study shares the search of --allocate bayes"),
     (["--target-weight", "0.3"], "--target-weight has no effect without --target-text"),
     (["--eval-max-windows", "3"], "--eval-max-windows has no effect without --eval-text"),
 ])
