@@ -6,8 +6,10 @@ one (gate/up: 11008 x 4096) from a centered input moment, and the greedy neuron 
 The moments are sums of x xᵀ over `--tokens` synthetic activations with a heavy-tailed per-feature
 scale (a few outlier features, as real LLM activations have). At 4096 tokens the centered 4096-wide
 moment is singular (the memory profile's calibration: 8 x 512); at 16384 (the default calibration)
-it is not. The earlier code is read with `git show REV:streamrom/<module>.py` and imported beside the
-current one; both run on the same arrays, alternately, and their costs are compared.
+it is not. The earlier code is read with `git show REV:streamrom/linalg/<module>.py` and imported beside the
+current one; both run on the same arrays, alternately, and their costs are compared: entry by entry, and
+by what the allocation reads of them (the costs of all directions from each rank on, up to the largest
+rank whose factors save parameters: beyond it only their sum counts).
 
     python -m benchmarks.scale.pricing --before c3ef3dd [--tokens 4096 16384] [--repeats 2]
 """
@@ -31,11 +33,15 @@ RESULT = REPO / "benchmarks" / "results" / "pricing.json"
 
 
 def module_at(revision: str, name: str, folder: Path):
+    """streamrom/<name>.py (e.g. linalg/decompose) as it was at `revision`, imported beside today's (its
+    relative imports are today's modules)."""
     source = subprocess.run(["git", "show", f"{revision}:streamrom/{name}.py"], capture_output=True, text=True,
                             check=True, cwd=REPO).stdout
-    path = folder / f"{name}_{revision}.py"
+    package, _, module = name.rpartition("/")
+    path = folder / f"{module}_{revision}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location(f"streamrom.{name}_{revision}", path)
+    spec = importlib.util.spec_from_file_location(".".join(["streamrom", *package.split("/"), f"{module}_{revision}"]),
+                                                  path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -76,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        decompose_before = module_at(args.before, "decompose", Path(folder))
-        structured_before = module_at(args.before, "structured", Path(folder))
+        decompose_before = module_at(args.before, "linalg/decompose", Path(folder))
+        structured_before = module_at(args.before, "linalg/structured", Path(folder))
         sides = {"before": (decompose_before, structured_before), "after": (decompose_now, structured_now)}
         rng = np.random.default_rng(0)
         hidden, intermediate = args.hidden, args.intermediate
@@ -96,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
                 "neuron costs (down, to 8)": lambda d, s: _costs(  # a Removal since keep orders are saved
                     s.neuron_costs(wide_second.copy(), down, "obs", 1e-6, 8, overwrite_moment=True)),
             }
+            # the directions the allocation reads one by one: at most those a saving factorisation keeps
+            read_by_allocation = {job: -(-out * hidden // (out + hidden)) for job, out in (
+                ("direction costs, square (q/k/v/o)", hidden), ("direction costs, wide (gate/up)", intermediate))}
             for job, run in jobs.items():
                 found = {}
                 for repeat in range(args.repeats):
@@ -107,8 +116,11 @@ def main(argv: list[str] | None = None) -> None:
                                      "seconds": round(seconds, 2)})
                         print(rows[-1], flush=True)
                 before, after = (np.asarray(found[k], dtype=np.float64) for k in ("before", "after"))
+                read = read_by_allocation.get(job, before.size)
+                tails = [np.cumsum(costs[::-1])[::-1][:read + 1] for costs in (before, after)]
                 rows.append({"tokens": tokens, "job": job,
                              "largest_cost_difference": float(np.abs(before - after).max() / np.abs(before).max()),
+                             "largest_tail_difference": float(np.abs(tails[0] - tails[1]).max() / tails[0].max()),
                              "total_cost_difference": float(abs(before.sum() - after.sum()) / abs(before.sum()))})
                 print(rows[-1], flush=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
@@ -120,16 +132,16 @@ def main(argv: list[str] | None = None) -> None:
               "machine": {"platform": platform.platform(), "numpy": np.__version__, "cpus": __import__("os").cpu_count()},
               "hidden": hidden, "intermediate": intermediate, "rows": rows}
     RESULT.write_text(json.dumps(result, indent=1) + "\n")
-    print("| tokens | job | before (s) | after (s) | speed-up | largest cost difference |")
-    print("|---|---|---|---|---|---|")
+    print("| tokens | job | before (s) | after (s) | speed-up | largest cost difference | largest tail difference |")
+    print("|---|---|---|---|---|---|---|")
     for tokens in args.tokens:
         for job in dict.fromkeys(r["job"] for r in rows if r["tokens"] == tokens):
             times = {label: min(r["seconds"] for r in rows if r["tokens"] == tokens and r["job"] == job
                                 and r.get("code") == label) for label in ("before", "after")}
-            difference = next(r["largest_cost_difference"] for r in rows if r["tokens"] == tokens and r["job"] == job
-                              and "largest_cost_difference" in r)
+            compared = next(r for r in rows if r["tokens"] == tokens and r["job"] == job and "largest_cost_difference" in r)
             print(f"| {tokens} | {job} | {times['before']} | {times['after']} | "
-                  f"{times['before'] / times['after']:.2f}x | {difference:.1e} |")
+                  f"{times['before'] / times['after']:.2f}x | {compared['largest_cost_difference']:.1e} | "
+                  f"{compared['largest_tail_difference']:.1e} |")
 
 
 if __name__ == "__main__":
