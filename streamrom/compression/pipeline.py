@@ -153,14 +153,14 @@ def projected_time(spec: ModelSpec, config: CompressConfig, layers: list[int], t
                                   spread_count(*token_shape, config.pass1_tokens) * token_shape[1])
     speed = time_estimate.probe(spec.hidden_size, PRECISIONS[config.precision])
     ordered = config.neuron_selection == "pass1"
-    units = [UNIT_COMPRESSION[name].work(shapes, speed, ordered) for name in units]
+    unit_work = [UNIT_COMPRESSION[name].work(shapes, speed, ordered) for name in units]
     # the refinement's mini-batch: half a forward chunk (block_compression.compress_block)
     refine = {"refine_steps": config.refine_steps,
               "refine_batch_tokens": max(1, max(1, config.chunk_tokens // token_shape[1]) // 2) * token_shape[1]}
-    seconds = time_estimate.project(shapes, speed, factored, units, first_pass, priced, **refine)
+    seconds = time_estimate.project(shapes, speed, factored, unit_work, first_pass, priced, **refine)
     if config.allocate == "bayes":  # every trial compresses again (pass 2) and scores a few windows
         trials = config.bayes.trials
-        second = time_estimate.project(shapes, speed, factored, units, False, priced, **refine)
+        second = time_estimate.project(shapes, speed, factored, unit_work, False, priced, **refine)
         seconds = {stage: value + (trials - 1) * second[stage] for stage, value in seconds.items()}
     return {"seconds": {stage: round(value, 3) for stage, value in seconds.items()},
             "probe": {"multiply_adds_per_second": speed.multiply_adds_per_second,

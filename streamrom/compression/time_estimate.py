@@ -107,11 +107,12 @@ def project(shapes: Shapes, speed: MachineSpeed, factored: list[str], units: lis
             priced: list[str], refine_steps: int = 0, refine_batch_tokens: int = 0) -> dict[str, float]:
     """Projected seconds per stage (the report's stage names) and in all ("total").
 
-    `factored`: the linears pass 2 factors in each chosen block ("q"...); `units`: the structured units
-    it narrows there (pass 1 prices the same ones); `first_pass`: pass 1 runs (spectrum/bayes, not
-    reused); `priced`: the linears pass 1 prices in each chosen block; `refine_steps` (--refine-steps), each a forward and backward of `refine_batch_tokens` tokens through
-    the block, beside the dense block's outputs and the output error before and after (three forwards
-    over every token). The compressed block is counted at the dense block's size: an upper bound on its
+    `factored`: the linears pass 2 factors in each chosen block ("q"...); `units`: the work of the
+    structured units it narrows there (pass 1 prices the same ones); `first_pass`: pass 1 runs
+    (spectrum/bayes, not reused); `priced`: the linears pass 1 prices in each chosen block;
+    `refine_steps` (--refine-steps), each a forward and backward of `refine_batch_tokens` tokens
+    through the block, beside the dense block's outputs and the output error before and after (three
+    forwards over every token). The compressed block is counted at the dense block's size: an upper bound on its
     weights that its factored forms' extra backward products about make up for."""
     s = shapes
     attention_width, kv_width = s.heads * s.head_dim, s.kv_heads * s.head_dim
