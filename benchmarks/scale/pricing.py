@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     import streamrom.linalg.decompose as decompose_now
+    from streamrom.linalg.allocation import Slot
     import streamrom.linalg.structured as structured_now
 
     torch.set_num_threads(2)
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
                 "neuron costs (down, to 8)": lambda d, s: _costs(  # a Removal since keep orders are saved
                     s.neuron_costs(wide_second.copy(), down, "obs", 1e-6, 8, overwrite_moment=True)),
             }
-            # the directions the allocation reads one by one: at most those a saving factorisation keeps
-            read_by_allocation = {job: -(-out * hidden // (out + hidden)) for job, out in (
+            # the directions the allocation reads one by one: up to the largest rank whose factors save
+            read_by_allocation = {job: Slot(job, 0, out, hidden).max_saving_rank() for job, out in (
                 ("direction costs, square (q/k/v/o)", hidden), ("direction costs, wide (gate/up)", intermediate))}
             for job, run in jobs.items():
                 found = {}

@@ -468,7 +468,7 @@ class _Plan:
             if linear in unit.linears:
                 rows = UNIT_PADDING[unit.name](self, index, linear, rows, bias)
         if linear in ("self_attn.q_proj", "self_attn.k_proj") and self.family.gguf_permuted_query_key:
-            rows = permute_rotary(rows, self.spec.num_heads if linear == "self_attn.q_proj" else self.spec.num_kv_heads)
+            rows = permute_rotary(rows, _query_key_heads(self.spec, linear))
         return np.ascontiguousarray(rows)
 
 
@@ -504,8 +504,12 @@ def _scatter_query_key(layout: _Plan, index: int, linear: str, rows: np.ndarray,
     if not spec.layer_query_key_head_dims or spec.layer_query_key_head_dims[index] == spec.head_dim:
         return rows
     pairs = layout._read(f"{block_prefix(index)}{ROTARY_PAIRS}").astype(np.int64)
-    return _scatter_pairs(rows, spec.num_heads if linear == "self_attn.q_proj" else spec.num_kv_heads, pairs,
-                          spec.head_dim)
+    return _scatter_pairs(rows, _query_key_heads(spec, linear), pairs, spec.head_dim)
+
+
+def _query_key_heads(spec: ModelSpec, linear: str) -> int:
+    """The heads q_proj's (query heads) or k_proj's (KV heads) rows hold."""
+    return spec.num_heads if linear == "self_attn.q_proj" else spec.num_kv_heads
 
 
 UNIT_PADDING = {"mlp.neurons": _pad_neurons, "self_attn.value_dims": _pad_values,
