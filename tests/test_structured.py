@@ -483,22 +483,45 @@ def test_wide_refit_equals_the_narrow_one(monkeypatch):
     kept = np.sort(RNG.choice(64, 40, replace=False))
     narrow = structured.refit_columns(weight, moment, kept, 1e-6)
     monkeypatch.setattr(structured, "IN_PLACE_FROM", 10)
-    np.testing.assert_allclose(structured.refit_columns(weight, moment, kept, 1e-6), narrow, rtol=1e-3, atol=1e-4)
+    wide = structured.refit_columns(weight, moment, kept, 1e-6)
+    np.testing.assert_allclose(wide, narrow, rtol=1e-3, atol=1e-4)
+    # C[S,S] built in the moment's own buffer: the same refit, bit for bit, and the moment spent
+    spent = moment.copy()
+    np.testing.assert_array_equal(structured.refit_columns(weight, spent, kept, 1e-6, overwrite_moment=True), wide)
+    assert not np.array_equal(spent, moment)
+    with pytest.raises(ValueError, match="ascending"):
+        structured.refit_columns(weight, moment.copy(), kept[::-1].copy(), 1e-6, overwrite_moment=True)
+
+
+@pytest.mark.parametrize("damping", [1e-2, 1e-9])
+def test_least_squares_in_the_grams_own_buffer_equals_the_copying_one(damping):
+    """Bit for bit, also where the first attempts fail (an indefinite gram: the damping grows until
+    it is positive) and the failed factorisation must be undone from the untouched triangle."""
+    from streamrom.linalg.decompose import least_squares, least_squares_in_place
+
+    basis = np.linalg.qr(RNG.standard_normal((600, 600)))[0]  # two bands of _mirror_lower
+    spectrum = np.linspace(1.0, 2.0, 600)
+    spectrum[-3:] = -1e-4  # three small negative eigenvalues: the undamped gram is not positive
+    gram = ((basis * spectrum) @ basis.T).astype(np.float32)
+    gram = (gram + gram.T) / 2  # symmetric to the bit, as a moment is
+    cross = RNG.standard_normal((600, 7)).astype(np.float32)
+    copied = least_squares(lambda: gram.copy(order="F"), np.asfortranarray(cross), damping)
+    own = gram.copy(order="F")
+    np.testing.assert_array_equal(least_squares_in_place(own, np.asfortranarray(cross), damping), copied)
+    with pytest.raises(ValueError, match="F-ordered"):
+        least_squares_in_place(np.ascontiguousarray(gram), cross, damping)
 
 
 @torch.no_grad()
 def test_a_parked_moment_gives_the_same_narrowing_and_comes_back_whole(tiny_models, tmp_path, monkeypatch):
     """Wide moments (in place path) wait on disk while their buffer holds the inverse: the same
-    neurons are kept, the refit agrees, and the caller's moment is bit for bit what it was."""
+    neurons are kept and the refit agrees (the moment comes back whole for it, then is spent)."""
     monkeypatch.setattr(structured, "IN_PLACE_FROM", 10)
     spec, block, x, cos, sin = _block_and_inputs(tiny_models)
     twin = Block.from_tensors(spec, {k: v.clone() for k, v in block.state_dict().items()}, 0)
     values = streamrom.model.modeling.BlockValues(block, cos, sin, {"x": lambda: x})
-    moments = _moment(values["mlp"])
-    original = moments.second_moment.copy()
     narrow_mlp(twin, 96, _moment(values["mlp"]), "obs", 1e-6)
-    narrow_mlp(block, 96, moments, "obs", 1e-6, scratch=tmp_path)
-    np.testing.assert_array_equal(moments.second_moment, original)
+    narrow_mlp(block, 96, _moment(values["mlp"]), "obs", 1e-6, scratch=tmp_path)
     assert list(tmp_path.iterdir()) == []  # the parked copy is gone
     torch.testing.assert_close(block.mlp.gate_proj.weight, twin.mlp.gate_proj.weight)  # the same neurons
     torch.testing.assert_close(block.mlp.down_proj.weight, twin.mlp.down_proj.weight, atol=1e-5, rtol=1e-4)

@@ -119,7 +119,8 @@ def prepare(source: Path, config: CompressConfig, timer: StageTimer, runtime_byt
                                             and not (config.spectra_file and Path(config.spectra_file).is_file()),
                                             unit_width=max((unit.read_width(spec) for unit in active_units(spec, config)),
                                                            default=0),
-                                            anchored=config.anchored, refined=config.refine_steps > 0)
+                                            anchored=config.anchored, refined=config.refine_steps > 0,
+                                            unit_order_given=config.neuron_selection == "pass1")
     projected = projected_time(spec, config, layers, tokens.shape, reader.size_on_disk())
     log.info("projected: about %s on this machine (%s); memory peak about %.2f GiB",
              _duration(projected["seconds"]["total"]),

@@ -121,7 +121,9 @@ def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, select
             if anchor is not None:
                 anchor.cross = np.empty(cross_shape, dtype=cross_dtype)
                 read_into(parked, anchor.cross, "the parked cross moment")
-    refitted = torch.from_numpy(np.ascontiguousarray(structured.refit_columns(down, moment, kept, damping, anchor)))
+    # down alone reads the neurons, so their moment is spent with this refit: its buffer holds C[S,S]
+    refitted = torch.from_numpy(np.ascontiguousarray(
+        structured.refit_columns(down, moment, kept, damping, anchor, overwrite_moment=True)))
     rows = torch.from_numpy(kept)
     for name in ("gate_proj", "up_proj"):
         linear = getattr(mlp, name)

@@ -433,18 +433,57 @@ def least_squares(gram_copy, cross_t: np.ndarray, damping: float) -> np.ndarray:
     of G (`gram_copy()`), in place; where the damped G is not numerically positive (float32, nearly
     dependent features) the damping grows tenfold until it is. `cross_t`: (features x out); an
     F-ordered one is solved in place."""
-    for attempt in range(8):
+    def damped_copy(growth: float) -> np.ndarray:
         gram = gram_copy()
         scale = max(float(np.mean(np.diag(gram))), 1e-30)
-        gram[np.diag_indices_from(gram)] += max(damping, 1e-12) * 10.0 ** attempt * scale
-        # (a C-ordered gram is copied by LAPACK's wrapper; the wide path hands its transpose)
+        # (a C-ordered gram is copied by LAPACK's wrapper; the wide paths hand its transpose)
+        gram[np.diag_indices_from(gram)] += max(damping, 1e-12) * growth * scale
+        return gram
+    return _solve_damped(damped_copy, cross_t)
+
+
+def least_squares_in_place(gram: np.ndarray, cross_t: np.ndarray, damping: float) -> np.ndarray:
+    """least_squares with G given (symmetric, F-ordered) and factored in its own buffer: its contents
+    are lost, and no copy of G is made. LAPACK's Cholesky (upper) reads and writes G's upper triangle
+    only, so an attempt that fails is undone from the strictly lower triangle and the diagonal kept
+    aside; the result is the same, bit for bit, as least_squares on a copy of G."""
+    if not gram.flags.f_contiguous:
+        raise ValueError("least_squares_in_place factors an F-ordered gram (a C-ordered one's transpose)")
+    scale = max(float(np.mean(np.diag(gram))), 1e-30)
+    diagonal = np.diag(gram).copy()
+
+    def damped_in_place(growth: float) -> np.ndarray:
+        if growth > 1.0:  # a failed attempt overwrote part of the upper triangle
+            _mirror_lower(gram)
+        gram[np.diag_indices_from(gram)] = diagonal + max(damping, 1e-12) * growth * scale
+        return gram
+    return _solve_damped(damped_in_place, cross_t)
+
+
+def _solve_damped(damped_gram, cross_t: np.ndarray) -> np.ndarray:
+    """crossᵀ solved by the Cholesky factor of `damped_gram(growth)`, the damping grown tenfold after
+    each attempt whose gram is not numerically positive."""
+    for attempt in range(8):
+        gram = damped_gram(10.0 ** attempt)
         try:
-            factor = scipy.linalg.cho_factor(gram, overwrite_a=True, check_finite=False)
+            factor = scipy.linalg.cho_factor(gram, lower=False, overwrite_a=True, check_finite=False)
         except np.linalg.LinAlgError:
             continue
         return scipy.linalg.cho_solve(factor, cross_t, overwrite_b=cross_t.flags.f_contiguous,
                                       check_finite=False).T
     raise np.linalg.LinAlgError("the moment stays singular under damping")
+
+
+def _mirror_lower(matrix: np.ndarray, rows_at_once: int = 512) -> None:
+    """The strictly upper triangle of a square matrix rewritten from its strictly lower one, in place
+    (a band of rows at a time: no second matrix)."""
+    size = matrix.shape[0]
+    for start in range(0, size, rows_at_once):
+        stop = min(start + rows_at_once, size)
+        matrix[start:stop, stop:] = matrix[stop:, start:stop].T  # no overlap: below the band's diagonal block
+        square = matrix[start:stop, start:stop]
+        upper = np.triu_indices(stop - start, 1)
+        square[upper] = square.T[upper]  # (fancy indexing reads a copy before it writes)
 
 
 def anchored_map(moments: InputMoments, anchor: Anchor, weight: np.ndarray, bias: np.ndarray | None,

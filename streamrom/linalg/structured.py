@@ -32,7 +32,7 @@ import scipy.linalg.blas
 import scipy.linalg.lapack
 
 from ..errors import NumericalError
-from .decompose import Anchor, damped, least_squares, top_eigenvectors
+from .decompose import Anchor, damped, least_squares, least_squares_in_place, top_eigenvectors
 
 # pass1: the greedy removal's order from pass 1 (on the dense model's inputs, in loss units), kept in
 # pass 2 as it is; only down is refitted there (no second removal on the compressed inputs)
@@ -47,12 +47,14 @@ COMPACT_AT = 7 / 8  # ... and their live rows and columns compacted in place whe
 
 
 def refit_columns(weight: np.ndarray, moment: np.ndarray, kept: np.ndarray, damping: float,
-                  anchor: Anchor | None = None) -> np.ndarray:
-    """W·C[:,S]·(C[S,S] + δ)⁻¹: the least-squares fit of W z from the kept features z_S (out x |S|).
-    In the moment's dtype, one copy of C[S,S] factored in place (310 MB at 7B shape, 80 % kept).
-    With `anchor` (cross = E[y zᵀ], y what W z should reproduce, from the dense stream), the target
-    W z moves to y by its strength: W·C[:,S] becomes (1 − α)·W·C[:,S] + α·E[y z_Sᵀ]. The anchor's cross
-    moment is taken (Anchor.take_cross) and freed before C[S,S] is copied."""
+                  anchor: Anchor | None = None, overwrite_moment: bool = False) -> np.ndarray:
+    """W·C[:,S]·(C[S,S] + δ)⁻¹: the least-squares fit of W z from the kept features z_S (out x |S|),
+    S ascending. In the moment's dtype, one copy of C[S,S] factored in place (310 MB at 7B shape,
+    80 % kept); with `overwrite_moment` a wide moment's own buffer holds C[S,S] instead (its contents
+    are lost), so that no second n x n array is alive. With `anchor` (cross = E[y zᵀ], y what W z
+    should reproduce, from the dense stream), the target W z moves to y by its strength: W·C[:,S]
+    becomes (1 − α)·W·C[:,S] + α·E[y z_Sᵀ]. The anchor's cross moment is taken (Anchor.take_cross) and
+    freed before C[S,S] is copied."""
     cross = anchor.take_cross() if anchor is not None else None
     if moment.shape[0] <= IN_PLACE_FROM:
         cross_t = np.ascontiguousarray((weight @ moment)[:, kept].T)  # = (W C[:, S])ᵀ
@@ -71,6 +73,10 @@ def refit_columns(weight: np.ndarray, moment: np.ndarray, kept: np.ndarray, damp
             cross_t[start:start + 1024] *= 1.0 - anchor.strength
             cross_t[start:start + 1024] += anchor.strength * cross[:, band].T
     del cross  # (the 7B MLP's: 180 MB, not beside the copy of C[S,S])
+    if overwrite_moment and moment.flags.c_contiguous:
+        if np.any(np.diff(kept) <= 0):
+            raise ValueError("refit_columns compacts the moment in place for ascending kept features only")
+        return least_squares_in_place(_compact(moment, kept, kept).T, cross_t, damping)
     return least_squares(lambda: moment[np.ix_(kept, kept)].T, cross_t, damping)
 
 

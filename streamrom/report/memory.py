@@ -106,7 +106,8 @@ def release_freed_memory() -> None:
 
 def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: int, seqlen: int,
                              runtime_bytes: int, work_bytes: int = 4, first_pass: bool = False,
-                             unit_width: int = 0, anchored: bool = False, refined: bool = False) -> dict[str, int]:
+                             unit_width: int = 0, anchored: bool = False, refined: bool = False,
+                             unit_order_given: bool = False) -> dict[str, int]:
     """The parts of a compression's peak RSS, from shapes alone (bytes).
 
     runtime: the interpreter, torch and the tokenizer, as measured before the run;
@@ -120,9 +121,12 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
 
     With `unit_width` (structured ROM: the widest features a unit reads, intermediate_size for the
     MLP's neurons), its moment C (unit_width²) is summed in float32 when wider than 4096
-    (statistics.WIDE), beside half a chunk's activations ("wide_statistics"); the greedy removal then holds C and, updated in place, its inverse, and the
-    refit one Cholesky factor of C[S,S] (linalg/structured.py): "decomposition" takes the larger of that
-    and the factored linears' eigen work.
+    (statistics.WIDE), beside half a chunk's activations ("wide_statistics"); the greedy removal then
+    turns C's own buffer into its inverse (C parked on disk meanwhile) beside down's columns and their
+    updates, and the refit holds C's rows of the kept features times down (C[S,S] is factored in C's
+    own buffer; linalg/structured.py): "decomposition" takes the larger of that and the factored
+    linears' eigen work. With `unit_order_given` (--neuron-selection pass1) there is no removal in the
+    compressing pass, only the refit.
 
     With `anchored` (--anchor), the cross moment of the dense stream's value with the compressed one's
     is summed beside each factored group's moment (its width squared in float64; a unit's refit is not
@@ -166,9 +170,10 @@ def estimate_compress_memory(spec, plan: dict, source_bytes: int, chunk_tokens: 
         + sequences_per_chunk * spec.num_heads * seqlen * seqlen * 4,
         "decomposition": max((out_f * in_f + out_f * rank + 6 * (max(hidden, q_width) + 1) ** 2) * work_bytes
                              + float64_copy,
-                             # C (the statistics' sum, handed over) and, in place, its inverse; down's
-                             # columns, their update, W·C
-                             unit_width ** 2 * 2 * work_bytes + 3 * hidden * unit_width * work_bytes),
+                             # C's buffer (the statistics' sum, handed over), holding its inverse or
+                             # C[S,S]; down's columns and their update, or the refit's C[S,:]·Wᵀ
+                             (unit_width ** 2 + (1 if unit_order_given else 3) * hidden * unit_width)
+                             * work_bytes),
         "embedding": spec.vocab_size * hidden * source_bytes + chunk * hidden * 4,
     }
     if unit_width > 4096:  # a unit's wide moment: summed in float32 (statistics.WIDE), 1024-row bands, beside
