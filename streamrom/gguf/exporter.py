@@ -50,7 +50,7 @@ from ..model.families import FAMILIES, Family
 from ..errors import InputError, OutputError, UsageError, write_failure
 from ..storage.importance import IMPORTANCE_FILE, read_importance
 from .vocab import SPLIT_PRE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED
-from ..model.modeling import block_prefix, rope_inverse_frequencies
+from ..model.modeling import Block, block_prefix, rope_inverse_frequencies
 
 log = logging.getLogger(__name__)
 
@@ -455,9 +455,12 @@ class _Plan:
 
     def input_layout(self, index: int, linear: str, columns: np.ndarray) -> np.ndarray:
         """A vector over the linear's input columns (as the checkpoint stores it) laid out as the GGUF
-        matrix's columns: o_proj's narrowed heads and down's narrowed MLP padded back with zeros."""
-        return self._to_gguf_layout(index, linear, np.ones((1, columns.size)) * columns)[0] if linear in (
-            "self_attn.o_proj", "mlp.down_proj") else columns
+        matrix's columns: padded back with zeros where a unit narrowed the value the linear reads (the
+        unit's features are that value: o_proj's value dimensions, down's neurons)."""
+        reads = next(group.reads for group in Block.GROUPS if linear in group.linears)
+        if any(unit.narrows_reads and unit.reads == reads and linear in unit.linears for unit in UNITS):
+            return self._to_gguf_layout(index, linear, np.ones((1, columns.size)) * columns)[0]
+        return columns
 
     def _to_gguf_layout(self, index: int, linear: str, rows: np.ndarray, bias: bool = False) -> np.ndarray:
         """A weight (or a bias, as one column) padded back where structured ROM narrowed it (each unit's
