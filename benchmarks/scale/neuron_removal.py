@@ -1,7 +1,7 @@
 """The greedy neuron removal (structured.obs_removal) at 7B shape, this commit against an earlier one,
 as pairs in one run: 11008 neurons, down_proj 4096 x 11008, float32, down to 8 neurons (pass 1's
 pricing of every neuron, the mixed method's biggest step at 7B shape) and down to 80 % (the
-compression's selection). The earlier code is read with `git show REV:streamrom/structured.py` and
+compression's selection). The earlier code is read with `git show REV:streamrom/linalg/structured.py` and
 imported beside the current one; both run on the same moment, alternately, and must remove the same
 neurons in the same order.
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     import streamrom.linalg.structured as current
 
     with tempfile.TemporaryDirectory() as folder:
-        before = module_at(args.before, "structured", Path(folder))
+        before = module_at(args.before, "linalg/structured", Path(folder))
         rng = np.random.default_rng(0)
         n = args.neurons
         # a moment with a decaying spectrum, as real MLP activations have

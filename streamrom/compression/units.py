@@ -99,7 +99,8 @@ def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, select
     toward its target, the dense block's output less the compressed residual stream: see
     anchoring.anchor_points). With `scratch` (a folder) a wide moment (the MLP's at 7B shape: 485 MB)
     waits there on disk while its own buffer holds the greedy removal's inverse, and is read back for
-    the refit; an anchor's cross moment (180 MB) waits beside it."""
+    the refit; an anchor's cross moment (180 MB) waits beside it. The moment is spent here: down alone
+    reads the neurons, and the refit builds C[S,S] in its buffer."""
     moment = moments.second_moment
     mlp = block.mlp
     down = _array(mlp.down_proj.weight, moment.dtype)
@@ -121,7 +122,6 @@ def narrow_mlp(block: Block, width: int, moments: decompose.InputMoments, select
             if anchor is not None:
                 anchor.cross = np.empty(cross_shape, dtype=cross_dtype)
                 read_into(parked, anchor.cross, "the parked cross moment")
-    # down alone reads the neurons, so their moment is spent with this refit: its buffer holds C[S,S]
     refitted = torch.from_numpy(np.ascontiguousarray(
         structured.refit_columns(down, moment, kept, damping, anchor, overwrite_moment=True)))
     rows = torch.from_numpy(kept)
