@@ -149,11 +149,13 @@ RELIABILITY_MODULES = {"test_data_safety", "test_reliability", "test_kill_sweep"
                        "test_paths_and_extremes", "test_study"}
 CONTRACT_MODULES = {"test_architectures", "test_transformers_load", "test_modeling"}
 REAL_MODEL_FIXTURES = {"smollm2_dir", "smollm2_sharded", "smollm2_gguf", "gemma3_dir", "gemma3_gguf"}
+TIERS = ("unit", "pipeline", "contract", "real_model", "reliability")  # setup.cfg describes each
 
 
 def pytest_collection_modifyitems(config, items):
     """Each test gets one tier: reliability (kills, faults, fuzzing, real processes), real_model (a real
-    pretrained model), contract (architectures against transformers' own, tiny random weights), or unit."""
+    pretrained model), contract (architectures against transformers' own, tiny random weights),
+    pipeline (a whole command run to its end on tiny models: marked so at the test), or unit."""
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
         if module in RELIABILITY_MODULES:
@@ -163,6 +165,12 @@ def pytest_collection_modifyitems(config, items):
             tier = "real_model"
         elif module in CONTRACT_MODULES:
             tier = "contract"
+        elif item.get_closest_marker("pipeline"):
+            tier = None  # its own marker names its tier
         else:
             tier = "unit"
-        item.add_marker(getattr(pytest.mark, tier))
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
+        tiers = sorted({marker.name for marker in item.iter_markers() if marker.name in TIERS})
+        if len(tiers) != 1:  # (a module's pytestmark or a test's marker beside the tier given here)
+            raise pytest.UsageError(f"{item.nodeid} is in the tiers {tiers}: a test has one (tests/conftest.py)")

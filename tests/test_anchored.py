@@ -194,6 +194,7 @@ def tensors(folder) -> dict[str, torch.Tensor]:
     return {name: reader.tensor(name) for name in reader.weight_map}
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("method", ["rom-centered", "structured"])
 def test_with_nothing_compressed_upstream_anchored_equals_plain_bit_for_bit(tiny_models, tiny_tokens, tmp_path,
                                                                            method):
@@ -218,6 +219,7 @@ def test_with_nothing_compressed_upstream_anchored_equals_plain_bit_for_bit(tiny
     assert not all(torch.equal(plain[name], anchored[name]) for name in plain)
 
 
+@pytest.mark.pipeline
 def test_anchored_run_killed_then_rerun_resumes_to_identical_files(deep_tiny, tiny_tokens, tmp_path):
     """Both streams' activation files are what a rerun resumes from."""
     reference = tmp_path / "reference"
@@ -261,6 +263,7 @@ def test_anchor_alone_takes_the_measured_strength():
     assert build_parser().parse_args(["compress", "src", "dst"]).anchor == 0.0
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("unit", ["mlp.neurons", "self_attn.value_dims"])
 def test_anchored_unit_refit_reproduces_the_dense_residual_stream(tiny_models, tiny_tokens, tmp_path, unit):
     """Structured, one unit, two blocks: in block 1 (its input already differs from the dense model's)
@@ -314,6 +317,7 @@ def test_anchored_unit_refit_reproduces_the_dense_residual_stream(tiny_models, t
     assert distance(outputs[0.0]) > 1e-2
 
 
+@pytest.mark.pipeline
 def test_gemma3_mlp_refit_stays_plain_under_anchor(tiny_tokens, tmp_path):
     """Gemma 3 norms the MLP's output before its residual add: the block-output target is not a linear
     function of down's output, so its unit refit stays plain and the anchored run equals the plain one."""
@@ -330,6 +334,7 @@ def test_gemma3_mlp_refit_stays_plain_under_anchor(tiny_tokens, tmp_path):
     assert files[0.0] == files[1.0]
 
 
+@pytest.mark.pipeline
 def test_factored_o_proj_is_anchored_to_the_dense_residual_stream(tiny_models, tiny_tokens, tmp_path, monkeypatch):
     """rom-centered o_proj, two blocks: in block 1 its anchored fit is handed E[t z̃ᵀ] and E[t] with
     t = residual_dense − x̃ (the dense sum it adds to, less the compressed block input), recomputed here

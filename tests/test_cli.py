@@ -143,6 +143,7 @@ def test_output_equal_to_source(capsys, tiny, tiny_tokens):
     assert folder_digest(tiny) == digest
 
 
+@pytest.mark.pipeline
 def test_output_not_empty_without_overwrite(capsys, tmp_path, tiny, tiny_tokens):
     output = tmp_path / "out"
     output.mkdir()
@@ -170,6 +171,7 @@ def test_bad_layers_and_missing_eval_text(capsys, tmp_path, tiny, tiny_tokens):
     assert_clean_failure(code, err, EXIT_INPUT, "no tokenizer.json")
 
 
+@pytest.mark.pipeline
 def test_console_script_reports_one_line(tmp_path):
     """The installed entry point itself: exit code and a single stderr line."""
     result = subprocess.run([sys.executable, "-m", "streamrom.cli", "eval", str(tmp_path / "none"),
@@ -178,6 +180,7 @@ def test_console_script_reports_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [f"streamrom: error: checkpoint folder not found: {tmp_path / 'none'}"]
 
 
+@pytest.mark.pipeline
 def test_compress_cli_writes_its_report(capsys, tmp_path, tiny_models, tiny_tokens):
     output = tmp_path / "out"
     code, err = run_cli(capsys, compress_args(tiny_models["qwen2"], output, tiny_tokens, "--ratio", "0.5"))
@@ -196,6 +199,7 @@ def test_token_ids_beyond_the_vocabulary(capsys, tmp_path, tiny):
     assert_clean_failure(code, err, EXIT_INPUT, "outside the model's vocabulary", tmp_path / "out")
 
 
+@pytest.mark.pipeline
 def test_inspect_reports_ranks_parameters_and_bytes(capsys, tmp_path, tiny_models, tiny_tokens):
     output = tmp_path / "out"
     assert run_cli(capsys, compress_args(tiny_models["qwen2"], output, tiny_tokens, "--ratio", "0.5",
@@ -219,6 +223,7 @@ def test_inspect_reports_ranks_parameters_and_bytes(capsys, tmp_path, tiny_model
     assert main(["inspect", str(tmp_path / "missing")]) == EXIT_INPUT
 
 
+@pytest.mark.pipeline
 def test_factored_linears_near_break_even_are_named(capsys, tmp_path, tiny_models, tiny_tokens):
     """Rank 28 of a 64 x 64 q_proj keeps 0.875 of its multiply-adds (above the measured 0.8 break-even):
     compress and inspect say so in one line; rank 24 (0.75) is not named."""
@@ -237,6 +242,7 @@ def test_factored_linears_near_break_even_are_named(capsys, tmp_path, tiny_model
     assert "note:" not in capsys.readouterr().out
 
 
+@pytest.mark.pipeline
 def test_package_api_is_lazy_and_callable():
     """`import streamrom` does not load torch (import-gguf starts light); the API names are the
     functions even after their modules were imported by others."""
@@ -249,6 +255,7 @@ def test_package_api_is_lazy_and_callable():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.pipeline
 def test_threads_bound_the_numpy_and_scipy_blas_too(tmp_path):
     """`--threads N` also caps OpenBLAS (numpy/scipy: the statistics' and eigen stages' products and
     solves) through the variables it reads when it loads, set before the command loads numpy."""

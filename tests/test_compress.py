@@ -197,6 +197,7 @@ def test_last_half_at_ratio_08_and_load_agrees_with_eval(smollm2_dir, tmp_path, 
     assert dense < evaluated < 2 * dense
 
 
+@pytest.mark.pipeline
 def test_centered_method_writes_mean_correction_and_keeps_qkv_bias(tiny_models, tiny_tokens, tmp_path):
     calibration = CalibrationConfig(token_file=tiny_tokens, sequences=8, seqlen=64)
     output = tmp_path / "centered"
@@ -209,6 +210,7 @@ def test_centered_method_writes_mean_correction_and_keeps_qkv_bias(tiny_models, 
     assert read_json(output / "config.json")["streamrom"]["method"] == "rom-centered"
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_sources_keep_their_dtype(tmp_path, tiny_tokens, dtype):
     source = make_tiny(tmp_path / "src", "llama", dtype=dtype)
@@ -225,6 +227,7 @@ def test_half_precision_sources_keep_their_dtype(tmp_path, tiny_tokens, dtype):
     assert torch.equal(reader.tensor("model.embed_tokens.weight"), src.tensor("model.embed_tokens.weight"))
 
 
+@pytest.mark.pipeline
 def test_modules_option_compresses_only_those(tiny_models, tiny_tokens, tmp_path):
     calibration = CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=64)
     report = streamrom.compress(tiny_models["llama"], tmp_path / "o",
@@ -234,6 +237,7 @@ def test_modules_option_compresses_only_those(tiny_models, tiny_tokens, tmp_path
     assert chosen == {"mlp.gate_proj", "mlp.up_proj"}
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("dtype,name", [("bfloat16", "BF16"), ("float16", "F16")])
 def test_output_dtype_option(tiny_models, tiny_tokens, tmp_path, dtype, name):
     calibration = CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=64)
@@ -250,6 +254,7 @@ def test_output_dtype_option(tiny_models, tiny_tokens, tmp_path, dtype, name):
     assert 0 < (half - full).abs().max().item() < 0.05 * full.abs().max().item()
 
 
+@pytest.mark.pipeline
 def test_report_pictures_and_their_absence(tiny_models, tiny_tokens, tmp_path, monkeypatch):
     """With matplotlib the report folder gets the RSS timeline and the rank map as PNGs; without it
     the run is the same and lists no pictures."""

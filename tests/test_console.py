@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import logging
 
+import pytest
+
 from streamrom.cli import main as cli_main
 from streamrom.console import ConsoleHandler, ProgressTracker
 
@@ -58,6 +60,7 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere():
     assert terminal.getvalue().endswith("\n") and "[##########] eval 2/2  done in" in terminal.getvalue()
 
 
+@pytest.mark.pipeline
 def test_log_file_gets_every_line_even_when_quiet(tiny_models, tiny_tokens, tmp_path, capsys):
     log_file = tmp_path / "logs" / "nightly.log"
     code = cli_main(["--quiet", "--log-file", str(log_file), "compress", str(tiny_models["llama"]),

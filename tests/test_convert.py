@@ -90,6 +90,7 @@ def test_row_chunks_hold_whole_heads_and_join_to_the_tensor():
     np.testing.assert_array_equal(np.concatenate(chunks), model.dequantized(query))
 
 
+@pytest.mark.pipeline
 def test_bfloat16_import_and_output_folder_only_when_complete(tmp_path):
     out = tmp_path / "bf16"
     import_gguf(str(smollm2_gguf()), out, dtype="bfloat16", shard_bytes=100 * 10 ** 6)
@@ -103,6 +104,7 @@ def test_bfloat16_import_and_output_folder_only_when_complete(tmp_path):
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
+@pytest.mark.pipeline
 def test_bad_gguf_inputs_fail_cleanly(tmp_path, capsys):
     not_gguf = tmp_path / "model.gguf"
     not_gguf.write_bytes(b"not a gguf file at all")
@@ -122,6 +124,7 @@ def test_bad_gguf_inputs_fail_cleanly(tmp_path, capsys):
     assert "neither a .gguf file nor an installed package" in capsys.readouterr().err
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_import_gguf_round_trips_llama_and_qwen2(tmp_path, model_type):
     """A GGUF laid out as llama.cpp's converter does comes back as the original HF tensors (exactly;

@@ -96,6 +96,7 @@ def test_dense_model_round_trips_exactly(smollm2_dir, tmp_path):
         (smollm2_dir / "config.json").read_text())["vocab_size"]
 
 
+@pytest.mark.pipeline
 def test_structured_model_of_one_width_is_the_same_function(tiny_sources, tiny_tokens, tmp_path):
     """Uniform structured ROM (one MLP width, values narrowed per KV head, q/k factored) of a qwen2:
     refused while factored, then exported with --densify to llama.cpp's qwen2 (values padded back),
@@ -121,6 +122,7 @@ def test_structured_model_of_one_width_is_the_same_function(tiny_sources, tiny_t
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.pipeline
 def test_per_block_widths_go_to_deci_with_permuted_queries_and_padded_values(tiny_sources, tiny_tokens, tmp_path):
     """Structured spectrum gives every block its own MLP width: llama.cpp's deci architecture, widths
     per block in the metadata, each tensor as llama.cpp lays it out (q/k rows permuted, values padded
@@ -162,6 +164,7 @@ def test_per_block_widths_go_to_deci_with_permuted_queries_and_padded_values(tin
     assert (tmp_path / "q.gguf").stat().st_size < 0.4 * (tmp_path / "d.gguf").stat().st_size
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("scaling", [
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 32},
@@ -206,6 +209,7 @@ def test_rope_scaling_is_exported_as_llama_cpp_reads_it(scaling, tmp_path):
         np.testing.assert_allclose(unscaled / 4.0, scaled, rtol=1e-6)
 
 
+@pytest.mark.pipeline
 def test_bad_exports_are_refused_in_one_line(tiny_sources, tmp_path):
     target = tmp_path / "m.gguf"
     assert cli("export-gguf", tiny_sources["qwen2"], target).returncode == 0
@@ -275,6 +279,7 @@ def test_sentencepiece_vocabulary_is_written_as_llama_cpp_reads_it(tmp_path):
         prefix(normalizers.Sequence([]))
 
 
+@pytest.mark.pipeline
 def test_per_block_widths_of_a_qwen2_are_padded_to_the_widest(tiny_sources, tiny_tokens, tmp_path):
     """llama.cpp's qwen2 has one MLP width: a structured-spectrum qwen2 (its own width per block) is
     written with zero neurons up to the widest block's, and imported back it computes the compressed
@@ -302,6 +307,7 @@ def test_per_block_widths_of_a_qwen2_are_padded_to_the_widest(tiny_sources, tiny
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.pipeline
 def test_gemma3_with_its_own_widths_and_layer_pattern_round_trips(tiny_tokens, tmp_path):
     """A tiny Gemma 3 whose sliding/full blocks are not llama.cpp's every-6th guess, structured with its
     own MLP width per block: exported as llama.cpp's gemma3 (norms as 1 + w, the pattern and the local
@@ -349,6 +355,7 @@ def _llama_quantize():
     return found if found and os.access(found, os.X_OK) else None
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("case", ["not installed", "not executable", "imatrix with a streamrom type",
                                   "imatrix that is not one"])
 def test_llama_quantize_types_refused_in_one_line(tmp_path, case):
@@ -369,6 +376,7 @@ def test_llama_quantize_types_refused_in_one_line(tmp_path, case):
     assert not output.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+@pytest.mark.pipeline
 @pytest.mark.skipif(_llama_quantize() is None, reason="llama.cpp's llama-quantize is not installed "
                                                       "(set STREAMROM_LLAMA_QUANTIZE; docs/gguf.md)")
 def test_llama_quantize_makes_k_quants(tmp_path):
@@ -395,6 +403,7 @@ def _compressed_with_tokenizer(tmp_path: Path, hidden: int = 64) -> Path:
     return tmp_path / "small"
 
 
+@pytest.mark.pipeline
 def test_the_checkpoints_input_energies_become_llama_cpps_importance_matrix(tmp_path):
     """write_llama_imatrix: a GGUF of general.type "imatrix" with, per block linear, `in_sum2` laid out as
     the exported matrix's columns (the narrowed heads and MLP padded back with zeros, as the weights
@@ -429,6 +438,7 @@ def test_the_checkpoints_input_energies_become_llama_cpps_importance_matrix(tmp_
     assert not write_llama_imatrix(_tiny_with_tokenizer(tmp_path / "dense"), tmp_path / "none.gguf", densify=False)
 
 
+@pytest.mark.pipeline
 @pytest.mark.skipif(_llama_quantize() is None, reason="llama.cpp's llama-quantize is not installed "
                                                       "(set STREAMROM_LLAMA_QUANTIZE; docs/gguf.md)")
 def test_llama_quantize_is_handed_the_checkpoints_own_importance_matrix(tmp_path):
@@ -449,6 +459,7 @@ def test_llama_quantize_is_handed_the_checkpoints_own_importance_matrix(tmp_path
     assert both.returncode == 2 and len(both.stderr.splitlines()) == 1
 
 
+@pytest.mark.pipeline
 def test_gemma3_biases_are_refused_and_no_bias_fits_export(tiny_tokens, tmp_path):
     """llama.cpp's gemma3 graph loads no bias tensors (a file with one fails to load there): a centered
     fit's mean-correction biases are refused in one line, naming the cure; `--no-bias` fits the
@@ -492,6 +503,7 @@ def quantized_tiny(tiny_sources, tmp_path_factory) -> Path:
     return base
 
 
+@pytest.mark.pipeline
 def test_full_rank_correction_restores_the_dense_matrices_in_llama_cpp_and_in_transformers(
         tiny_sources, tiny_tokens, quantized_tiny, tmp_path):
     """At full rank each linear's correction is its whole quantization error. In the GGUF adapter: the
@@ -560,6 +572,7 @@ def test_full_rank_correction_restores_the_dense_matrices_in_llama_cpp_and_in_tr
         torch.testing.assert_close(wrapped(tokens).logits, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.pipeline
 def test_a_low_rank_correction_removes_part_of_the_error_and_bad_input_is_refused(tiny_sources, tiny_tokens,
                                                                                     quantized_tiny, tmp_path):
     """At rank 2 the correction removes some but not all of each linear's input-weighted error; a
@@ -583,6 +596,7 @@ def test_a_low_rank_correction_removes_part_of_the_error_and_bad_input_is_refuse
     assert not (tmp_path / "b.gguf").exists() and not list(tmp_path.glob(".*"))
 
 
+@pytest.mark.pipeline
 def test_an_adapter_size_spreads_ranks_by_the_loss_they_save_within_its_bytes(tiny_sources, tiny_tokens,
                                                                               quantized_tiny, tmp_path):
     """`--adapter-size MIB`: pass 1 prices every direction of every linear's error; the ranks differ per
@@ -599,6 +613,7 @@ def test_an_adapter_size_spreads_ranks_by_the_loss_they_save_within_its_bytes(ti
     assert len(tensors) == 2 * sum(rank > 0 for rank in ranks.values())
 
 
+@pytest.mark.pipeline
 def test_anchored_corrections_are_fitted_on_a_dense_stream_and_off_is_the_plain_fit(tiny_sources, tiny_tokens,
                                                                                        quantized_tiny, tmp_path):
     """`--anchor 0` writes the plain fit's adapter byte for byte; `--anchor` (a dense stream beside the

@@ -14,8 +14,6 @@ from streamrom.storage.checkpoint import CheckpointReader
 from streamrom.errors import InputError
 from streamrom.storage.importance import IMPORTANCE_FILE, read_importance
 
-pytestmark = pytest.mark.contract
-
 
 def reference_energies(folder, tokens: np.ndarray) -> dict[str, np.ndarray]:
     """The same sums from the whole compressed model in memory: a forward hook on every linear."""
@@ -37,6 +35,7 @@ def reference_energies(folder, tokens: np.ndarray) -> dict[str, np.ndarray]:
     return {key: value.numpy() for key, value in sums.items()}
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("method,settings", [("rom", {"ratio": 0.5}),
                                              ("mixed", {"allocate": "spectrum", "target_params": 0.75}),
                                              ("structured", {"ratio": 0.6})])
@@ -62,6 +61,7 @@ def test_importance_file_equals_the_sums_of_squares_of_what_each_linear_reads(ti
         assert min(v.size for k, v in sums.items() if k.endswith("down_proj")) < CheckpointReader(source).spec.intermediate_size
 
 
+@pytest.mark.pipeline
 def test_a_method_without_calibration_writes_no_importance_file(tiny_models, tiny_tokens, tmp_path):
     output = tmp_path / "svd"
     streamrom.compress(tiny_models["llama"], output, CompressConfig(
@@ -70,6 +70,7 @@ def test_a_method_without_calibration_writes_no_importance_file(tiny_models, tin
     assert read_importance(output) is None
 
 
+@pytest.mark.pipeline
 def test_a_damaged_importance_file_is_one_line(tiny_models, tiny_tokens, tmp_path):
     output = tmp_path / "out"
     streamrom.compress(tiny_models["llama"], output, CompressConfig(

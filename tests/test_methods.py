@@ -25,6 +25,7 @@ def largest_step(spec) -> int:
     return max(STEP * sum(spec.linear_shape(name)) for name in BLOCK_LINEARS)
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("allocate", ["uniform", "last-n", "spectrum"])
 @pytest.mark.parametrize("fraction", [0.6, 0.8])
 def test_target_params_met_within_one_rank_step(tiny_models, tiny_tokens, tmp_path, allocate, fraction):
@@ -42,6 +43,7 @@ def test_target_params_met_within_one_rank_step(tiny_models, tiny_tokens, tmp_pa
         assert factored == list(range(factored[0], report.num_layers))
 
 
+@pytest.mark.pipeline
 def test_target_size_in_gb(tiny_models, tiny_tokens, tmp_path):
     source = tiny_models["llama"]
     before_bytes = CheckpointReader(source).parameter_count() * 4
@@ -53,6 +55,7 @@ def test_target_size_in_gb(tiny_models, tiny_tokens, tmp_path):
     assert target_gb * 1e9 - written < 4 * largest_step(CheckpointReader(source).spec)
 
 
+@pytest.mark.pipeline
 def test_two_pass_spectrum_run_equals_its_ranks_applied_by_hand(tiny_models, tiny_tokens, tmp_path):
     """Pass 2 of the spectrum allocation is an ordinary compression with those ranks: giving the
     same ranks explicitly (--ranks-from the first run's report) writes the same tensors."""
@@ -71,6 +74,7 @@ def test_two_pass_spectrum_run_equals_its_ranks_applied_by_hand(tiny_models, tin
         assert torch.equal(a.tensor(name), b.tensor(name)), name
 
 
+@pytest.mark.pipeline
 def test_saved_first_pass_is_reused_for_other_sizes_and_refused_for_other_inputs(tiny_models, tiny_tokens, tmp_path):
     source, saved = tiny_models["llama"], tmp_path / "pass1.npz"
     calibration = tiny_calibration(tiny_tokens)
@@ -95,6 +99,7 @@ def test_saved_first_pass_is_reused_for_other_sizes_and_refused_for_other_inputs
             allocate="spectrum", target_params=0.6, calibration=other_seed, spectra_file=saved))
 
 
+@pytest.mark.pipeline
 def test_svd_method_is_the_truncated_svd_of_each_weight(tiny_models, tiny_tokens, tmp_path):
     source = tiny_models["llama"]
     report = streamrom.compress(source, tmp_path / "svd", CompressConfig(
@@ -205,6 +210,7 @@ def test_pass_one_prices_directions_as_whole_model_autograd_does(tiny_models, tm
         np.testing.assert_allclose(costs[key], expected, rtol=1e-5, atol=1e-7 * expected.max(), err_msg=key)
 
 
+@pytest.mark.pipeline
 def test_bayes_allocation_meets_the_size_and_is_seeded(tiny_models, tiny_tokens, tmp_path):
     """Five trials: the first is the spectrum plan itself, the last proposed by the Gaussian process; the
     result is the best-scoring trial, meets the whole-model size within one step, and a second run

@@ -16,6 +16,7 @@ def windows(seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.pipeline
 @torch.no_grad()
 def test_a_model_against_itself_has_no_divergence_and_full_agreement(tiny_models, tmp_path):
     report = streamrom.evaluate(tiny_models["qwen2"], (), windows=windows(0).numpy(), chunk_tokens=48,
@@ -24,6 +25,7 @@ def test_a_model_against_itself_has_no_divergence_and_full_agreement(tiny_models
     assert report.evaluation["top1_agreement"] == 1.0
 
 
+@pytest.mark.pipeline
 @torch.no_grad()
 def test_streamed_divergence_equals_an_in_memory_computation(tiny_models, tiny_tokens, tmp_path):
     output = tmp_path / "compressed"
@@ -41,6 +43,7 @@ def test_streamed_divergence_equals_an_in_memory_computation(tiny_models, tiny_t
     assert report.evaluation["reference"] == str(tiny_models["llama"])
 
 
+@pytest.mark.pipeline
 def test_cli_refuses_a_reference_of_another_vocabulary(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -94,6 +94,7 @@ def config(tokens, **settings) -> CompressConfig:
                           allocate="spectrum", target_params=0.8, **settings)
 
 
+@pytest.mark.pipeline
 def test_pipeline_refines_only_when_asked(tiny_models, tiny_tokens, tmp_path):
     """--refine-steps 0 is the unrefined model bit for bit (the bit-identity fixture covers its files);
     with steps, the same plan (the same tensor names and shapes) holding other values."""
@@ -111,6 +112,7 @@ def test_pipeline_refines_only_when_asked(tiny_models, tiny_tokens, tmp_path):
     assert report["projected_seconds"]["seconds"]["refine"] > 0 and report["stage_seconds"]["refine"] > 0
 
 
+@pytest.mark.pipeline
 def test_refined_run_killed_then_rerun_resumes_to_identical_files(deep_tiny, tiny_tokens, tmp_path):
     reference = tmp_path / "reference"
     assert run(cli_command(deep_tiny, reference, tiny_tokens, "--refine-steps", "4")).returncode == 0
@@ -122,6 +124,7 @@ def test_refined_run_killed_then_rerun_resumes_to_identical_files(deep_tiny, tin
     assert files and all((reference / name).read_bytes() == (output / name).read_bytes() for name in files)
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("flags", [["--refine-steps", "-1"], ["--refine-steps", "2", "--refine-lr", "0"],
                                    ["--refine-steps", "2", "--method", "svd"]])
 def test_bad_refinement_settings_are_one_line(tiny_models, tiny_tokens, tmp_path, flags):

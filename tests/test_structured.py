@@ -239,6 +239,7 @@ def _narrowing_plan() -> dict[str, int | None]:
     return {f"model.layers.{index}.{unit}": widths[index] for unit, widths in NARROWING.items() for index in range(3)}
 
 
+@pytest.mark.pipeline
 @torch.no_grad()
 def test_streamed_structured_equals_an_in_memory_reference(tiny_models, tiny_tokens, tmp_path):
     """Every block narrowed in memory, in the data's order, on the inputs the narrowed blocks before it
@@ -273,6 +274,7 @@ def test_streamed_structured_equals_an_in_memory_reference(tiny_models, tiny_tok
                                        msg=lambda m, name=name: f"block {index} {name}: {m}")
 
 
+@pytest.mark.pipeline
 def test_plain_checkpoint_loads_in_transformers_without_remote_code(tiny_models, tiny_tokens, tmp_path):
     transformers = pytest.importorskip("transformers")
     output = tmp_path / "plain"
@@ -288,6 +290,7 @@ def test_plain_checkpoint_loads_in_transformers_without_remote_code(tiny_models,
         torch.testing.assert_close(model(ids).logits, streamrom.load(output)(ids), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_per_block_widths_load_in_transformers_with_remote_code(tiny_models, tiny_tokens, tmp_path, kind):
     transformers = pytest.importorskip("transformers")
@@ -305,6 +308,7 @@ def test_per_block_widths_load_in_transformers_with_remote_code(tiny_models, tin
     assert report["parameters_after"] <= 0.75 * report["parameters_before"]
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_narrowed_queries_and_keys_load_in_transformers_with_remote_code(tiny_models, tiny_tokens, tmp_path, kind):
     transformers = pytest.importorskip("transformers")
@@ -331,6 +335,7 @@ def test_narrowed_queries_and_keys_load_in_transformers_with_remote_code(tiny_mo
     assert torch.equal(generated, expected)
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("kind", ["mistral", "qwen3", "gemma3_text"])
 def test_narrowed_attention_of_every_family_loads_in_transformers(tmp_path, tiny_tokens, kind):
     """The narrowed attention replaces each family's own forward: sliding windows (mistral), q/k norms over
@@ -385,6 +390,7 @@ def test_mixed_choice_takes_the_form_that_loses_less_per_parameter():
         assert expected in {slot.key for slot in chosen}
 
 
+@pytest.mark.pipeline
 def test_structured_refuses_a_target_text(tiny_models, tiny_tokens, tmp_path):
     result = subprocess.run([sys.executable, "-m", "streamrom.cli", "compress", str(tiny_models["llama"]),
                              str(tmp_path / "out"), "--method", "structured", "--calib-tokens", str(tiny_tokens),
@@ -393,6 +399,7 @@ def test_structured_refuses_a_target_text(tiny_models, tiny_tokens, tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "structured" in result.stderr
 
 
+@pytest.mark.pipeline
 def test_pass_one_prices_units_and_mixed_writes_both_forms(tiny_models, tiny_tokens, tmp_path):
     spectra_file = tmp_path / "pass1.npz"
     output = tmp_path / "mixed"
@@ -413,6 +420,7 @@ def test_pass_one_prices_units_and_mixed_writes_both_forms(tiny_models, tiny_tok
     json.dumps(plan)
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("method", ["structured", "mixed"])
 def test_bayes_searches_structured_units_and_meets_the_size(tiny_models, tiny_tokens, tmp_path, method):
     """bayes over unit widths (and, mixed, the factored alternatives the spectrum plan left out): its
@@ -434,6 +442,7 @@ def test_bayes_searches_structured_units_and_meets_the_size(tiny_models, tiny_to
         assert report.ranks == spectrum.ranks
 
 
+@pytest.mark.pipeline
 def test_inspect_shows_each_blocks_widths(tiny_models, tiny_tokens, tmp_path):
     from streamrom.report.summary import checkpoint_summary, format_summary
 
@@ -564,6 +573,7 @@ def _kept_rows(source: np.ndarray, output: Path, index: int) -> np.ndarray:
     return np.array([int(np.flatnonzero((source == row).all(axis=1))[0]) for row in gate])
 
 
+@pytest.mark.pipeline
 def test_pass1_selection_keeps_pass_ones_order_and_obs_chooses_again(tiny_models, tiny_tokens, tmp_path):
     """--neuron-selection pass1 keeps each MLP's first `width` neurons of the order pass 1 saved; obs
     (reusing the same pass 1) removes again on the compressed inputs, and keeps other neurons."""
@@ -592,6 +602,7 @@ def test_pass1_selection_keeps_pass_ones_order_and_obs_chooses_again(tiny_models
     assert differs
 
 
+@pytest.mark.pipeline
 def test_pass1_selection_refuses_what_has_no_pass_one_and_damaged_orders(tiny_models, tiny_tokens, tmp_path):
     from streamrom.errors import OutputError, UsageError
     from streamrom.compression.planning import checked_orders
@@ -629,6 +640,7 @@ def test_pass1_selection_refuses_what_has_no_pass_one_and_damaged_orders(tiny_mo
         assert not list((tmp_path / damage).glob("model-*.safetensors"))
 
 
+@pytest.mark.pipeline
 def test_pass1_tokens_prices_on_sequences_spread_over_the_set(tiny_models, tmp_path):
     """--pass1-tokens: pass 1 on whole sequences spread over the calibration set. Its saved pass 1 is, bit
     for bit, the pass 1 of a run calibrated on those sequences alone; pass 2 still fits on all of them."""

@@ -74,6 +74,7 @@ def _tensors(folder):
     return {name: reader.tensor(name) for name in reader.weight_map}
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("alpha", [1.0, 0.0])
 def test_target_weight_at_its_ends_equals_one_text_alone(tiny_models, tiny_tokens, tmp_path, alpha):
     """α = 1 is compression calibrated on the target text alone, α = 0 on the general text alone:
@@ -112,6 +113,7 @@ def test_half_mix_differs_from_the_general_text_alone(tiny_models, tiny_tokens, 
         CompressConfig(target_weight=1.5)
 
 
+@pytest.mark.pipeline
 def test_spectrum_allocation_follows_the_target(tiny_models, tiny_tokens, tmp_path):
     """With a target text, pass 1 prices directions on the target's statistics and loss alone: the
     ranks are those of a spectrum run calibrated on the target text only."""
@@ -162,6 +164,7 @@ def test_selection_of_the_targets_own_eigenvectors_is_target_rom():
     np.testing.assert_allclose(np.abs(basis.T @ vectors[:, :4]), np.eye(4), atol=1e-8)
 
 
+@pytest.mark.pipeline
 def test_selected_basis_at_full_target_weight_is_target_rom(tiny_models, tiny_tokens, tmp_path):
     """With α = 1 the mix is the target, whose eigenvectors the selection keeps in their own order:
     the factored weights match the target-only compression. In float64: in float32 the random tiny

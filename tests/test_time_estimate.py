@@ -10,8 +10,6 @@ from streamrom.compression import time_estimate
 from streamrom.compression.time_estimate import MachineSpeed, Shapes, project
 from streamrom.compression.units import OBS_COPY_SECONDS, OBS_CUBES, UNIT_COMPRESSION
 
-pytestmark = pytest.mark.unit
-
 SPEED = MachineSpeed(multiply_adds_per_second=1e9, eigen_seconds=1.0, eigen_size=100)
 SHAPES = Shapes(hidden=100, intermediate=300, heads=4, kv_heads=2, head_dim=25, vocab=1000, blocks=3,
                 chosen_blocks=2, tokens=1000, seqlen=100, source_bytes=4_000_000)
@@ -98,6 +96,7 @@ def test_probe_measures_something_positive():
     assert speed.multiply_adds_per_second > 0 and speed.eigen_seconds > 0 and speed.eigen_size == 64
 
 
+@pytest.mark.pipeline
 def test_compress_reports_projected_beside_measured(tiny_models, tiny_tokens, tmp_path):
     import streamrom
     from streamrom import CalibrationConfig, CompressConfig
