@@ -1,8 +1,15 @@
 """What every benchmark shares: the header each result file carries (issue 33: benchmark, full
-command, commit, date, machine)."""
+command, commit, date, machine).
+
+A result file written whole by one run carries the header at its top (`"header"`); a file whose rows
+several runs add to (the quality grids, the 7B/13B profiles) carries each row's own under `"run"`.
+Headers of results measured before benchmarks recorded them were rebuilt from git history and name
+each field so rebuilt in `"reconstructed"` with where it came from (the commit that landed the result
+and its date; the benchmark's module without its arguments)."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -25,6 +32,39 @@ def header(benchmark: str, argv: list[str] | None = None) -> dict:
                                 text=True, cwd=REPO).stdout.strip())
     return {"benchmark": benchmark, "command": shlex.join(command), "commit": commit + ("-dirty" if dirty else ""),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine()}
+
+
+HEADER_FIELDS = ("benchmark", "command", "commit", "date", "machine")
+_COMMIT = re.compile(r"[0-9a-f]{7,40}(-dirty)?")
+
+
+def stamped(row: dict, benchmark: str, argv: list[str] | None = None) -> dict:
+    """`row` with this run's header as its `run` (a row of a file that several runs add to)."""
+    return {**row, "run": header(benchmark, argv)}
+
+
+def header_problems(result: dict) -> list[str]:
+    """What keeps `result` (a parsed result file) from saying which run made it: the header at its top,
+    or one on each of its rows; empty when every field is there and the commit is a commit."""
+    def problems(found, where: str) -> list[str]:
+        if not isinstance(found, dict):
+            return [f"{where}: no header"]
+        missing = [field for field in HEADER_FIELDS if not found.get(field)]
+        if missing:
+            return [f"{where}: no {', '.join(missing)}"]
+        if not _COMMIT.fullmatch(found["commit"]):
+            return [f"{where}: commit {found['commit']!r} is not a commit"]
+        rebuilt = found.get("reconstructed", {})
+        if not isinstance(rebuilt, dict) or not set(rebuilt) <= {*HEADER_FIELDS, "header"}:
+            return [f"{where}: reconstructed must map header fields to where each came from"]
+        return []
+
+    if "header" in result:
+        return problems(result["header"], "header")
+    rows = result.get("rows")
+    if not isinstance(rows, list) or not rows:
+        return ["neither a header nor rows"]
+    return [problem for at, row in enumerate(rows) for problem in problems(row.get("run"), f"row {at}")]
 
 
 # Where each benchmark was before they were grouped (results recorded earlier name the old module)
@@ -95,7 +135,8 @@ def run(command: list[str]) -> float:
 class ResultRows:
     """A results file of rows keyed by what they measure (`key`), kept between runs: rows measured
     with another window count are dropped (their perplexities are not comparable), the rest are kept
-    so that a stopped run resumes where it was. Saved whole after every row, with the shared header."""
+    so that a stopped run resumes where it was. Saved whole after every row; a row this run measured
+    gets this run's header (`run`), the rows kept from earlier runs keep theirs."""
 
     def __init__(self, path: Path, benchmark: str, max_windows: int):
         self.path, self.benchmark, self.max_windows = path, benchmark, max_windows
@@ -104,10 +145,13 @@ class ResultRows:
                                       if previous.get("max_windows") == max_windows}
 
     def save(self, **fields) -> None:
-        """The header, `fields` (what the rows share: model, calibration, evaluation texts), the rows."""
+        """The benchmark, `fields` (what the rows share: model, calibration, evaluation texts), the rows."""
+        run = header(self.benchmark)
+        rows = [row if "run" in row else {**row, "run": run} for row in self.rows.values()]
+        self.rows = {row["key"]: row for row in rows}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({**header(self.benchmark), **fields, "max_windows": self.max_windows,
-                                         "rows": list(self.rows.values())}, indent=2) + "\n")
+        self.path.write_text(json.dumps({"benchmark": self.benchmark, **fields, "max_windows": self.max_windows,
+                                         "rows": rows}, indent=2) + "\n")
 
 
 def perplexity_by_genre(run_command, cli: list[str], folder: Path, reports: str, texts: dict[str, Path],

@@ -37,6 +37,13 @@ def _setting(row: dict) -> str:
     return ", ".join(parts)
 
 
+def _commit(row: dict) -> str:
+    """The commit of the code that measured a row, short; '–' where the run did not record it (its
+    header then names the commit that landed the row, benchmarks/common.py)."""
+    run = row["run"]
+    return "–" if "commit" in run.get("reconstructed", {}) else run["commit"][:7]
+
+
 def _seconds(value: float | None) -> str:
     return "–" if value is None else f"{value:.0f} s"
 
@@ -62,7 +69,7 @@ def scale_table() -> str:
                 f"| {stages.get('read', 0) + stages.get('write', 0):.0f} s "
                 f"| {peak:.0f} / {row['os_peak_rss_bytes'] / MIB:.0f} MiB | {row['estimated_peak_bytes'] / MIB:.0f} MiB "
                 f"| {peak / (row['estimated_peak_bytes'] / MIB):.2f} | {_seconds(projected)} "
-                f"| {row.get('commit', '–')}, {row['gemm_peak_gflops']:.0f} GFLOP/s |")
+                f"| {_commit(row)}, {row['gemm_peak_gflops']:.0f} GFLOP/s |")
     return "\n".join(lines)
 
 
@@ -136,7 +143,7 @@ def refinement_scale_table() -> str:
         peak = row["peak_rss_bytes"] / MIB
         lines.append(f"| {count} | {row['wall_seconds']:.0f} s | {cells[0]} | {cells[1]} "
                      f"| {peak:.0f} / {row['os_peak_rss_bytes'] / MIB:.0f} MiB | {row['estimated_peak_bytes'] / MIB:.0f} MiB "
-                     f"| {peak / (row['estimated_peak_bytes'] / MIB):.2f} | {row.get('commit', '–')}, "
+                     f"| {peak / (row['estimated_peak_bytes'] / MIB):.2f} | {_commit(row)}, "
                      f"{row['gemm_peak_gflops']:.0f} GFLOP/s |")
     if per_step is not None:
         lines.append(f"| a step more | | {per_step:.1f} s a block | {32 * per_step / 60:.1f} min | | | | |")
@@ -151,7 +158,7 @@ def profile_table() -> str:
              if not row.get("label", "").startswith("threads-")]  # thread_scaling_table's pair
     described = {step: what for step, what, _ in STEPS}
     columns = [f"`{row['setting']}`, {row['depth']} blocks, {row['calibration_tokens']:,} tokens, "
-               f"{row['threads']} threads, {row['commit'][:7]}" + (f" ({row['label']})" if row.get("label") else "")
+               f"{row['threads']} threads, {_commit(row)}" + (f" ({row['label']})" if row.get("label") else "")
                for row in found]
     tables = [{(step["phase"], step["step"]): step["seconds"] / (1 if step["once"] else row["depth"])
                for step in row["steps"]} for row in found]

@@ -8,6 +8,47 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def test_every_result_says_which_run_made_it():
+    """Issue 33: each result file carries the shared header (benchmark, command, commit, date, machine),
+    at its top or on each of its rows."""
+    from benchmarks.common import header_problems
+
+    found = {path.name: header_problems(json.loads(path.read_text()))
+             for path in (REPO / "benchmarks" / "results").glob("*.json")}
+    assert len(found) > 30
+    assert {name: problems for name, problems in found.items() if problems} == {}
+
+
+def test_a_result_that_does_not_say_its_run_is_named(tmp_path):
+    from benchmarks.common import ResultRows, header, header_problems
+
+    run = header("quality.grid")
+    assert header_problems({"header": run}) == []
+    assert header_problems({"header": {**run, "commit": ""}}) == ["header: no commit"]
+    assert header_problems({"header": {**run, "commit": "HEAD"}}) == ["header: commit 'HEAD' is not a commit"]
+    assert header_problems({"header": {**run, "reconstructed": {"speed": "guessed"}}}) == [
+        "header: reconstructed must map header fields to where each came from"]
+    assert header_problems({"rows": [{"run": run}, {"perplexity": 1.0}]}) == ["row 1: no header"]
+    assert header_problems({"benchmark": "quality.grid", "machine": run["machine"]}) == ["neither a header nor rows"]
+
+    # rows a run adds get its header; rows kept from an earlier run keep theirs
+    path = tmp_path / "rows.json"
+    first = ResultRows(path, "quality.levers", 4)
+    first.rows["a"] = {"key": "a", "perplexity": 1.0}
+    first.save()
+    earlier = {**json.loads(path.read_text())["rows"][0]["run"], "date": "2026-01-01 00:00:00 UTC"}
+    kept = json.loads(path.read_text())
+    kept["rows"][0]["run"] = earlier
+    path.write_text(json.dumps(kept))
+    second = ResultRows(path, "quality.levers", 4)
+    second.rows["b"] = {"key": "b", "perplexity": 2.0}
+    second.save()
+    rows = json.loads(path.read_text())["rows"]
+    assert [row["key"] for row in rows] == ["a", "b"]
+    assert rows[0]["run"] == earlier and rows[1]["run"]["date"] != earlier["date"]
+    assert header_problems(json.loads(path.read_text())) == []
+
+
 def test_frontier_page_is_what_its_script_writes():
     from benchmarks.quantization import frontier
 

@@ -15,12 +15,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, header
 
 from benchmarks.scale.memory_profile import profile
 
 from streamrom.gguf.importer import GGUFModel, find_gguf
-from streamrom.report.report import machine
 
 # The way without streaming: transformers dequantises the whole GGUF into a model, which is then saved.
 TRANSFORMERS_WAY = """
@@ -84,9 +83,9 @@ def main() -> None:
                        "peak_rss_bytes": max(sampled, os_peak), "timeline_csv": timeline.name}
     comparison = same_tensors(streamed_out, transformers_out)
     result = {
-        "benchmark": "import_gguf", "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size,
+        "header": header("gguf.import_memory"), "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size,
         "dequantised_float32_bytes": dequantised, "largest_tensor_float32_bytes": largest,
-        "machine": machine(), "ways": rows, "tensors": comparison,
+        "ways": rows, "tensors": comparison,
     }
     out = args.results / "import_gguf.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import EVAL_TEXT, REPO, dense_model, streamrom_cli
+from benchmarks.common import EVAL_TEXT, REPO, dense_model, header, streamrom_cli
 
 
 RESULTS = {"smollm2": REPO / "benchmarks" / "results" / "gguf_in_llama_cpp.json",
@@ -114,7 +114,6 @@ def main() -> None:
         raise SystemExit("llama-cpp-python is not installed: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install "
                          "llama-cpp-python (compiles llama.cpp, about 5 minutes on 2 cores)")
     from streamrom.stream.calibration import evaluation_windows, load_tokenizer, tokenize_files
-    from streamrom.report.report import machine
 
     cli = streamrom_cli(THREADS)
     if args.model == "gemma3":
@@ -163,8 +162,8 @@ def main() -> None:
             del fast
             print(f"{label} {kind}: llama.cpp {perplexity:.3f} vs streamrom {own:.3f}", flush=True)
     RESULTS[args.model].write_text(json.dumps({
-        "benchmark": "llama_cpp", "model": MODEL_NAMES[args.model], "llama_cpp_python": llama_cpp.__version__,
-        "eval_text": EVAL_TEXT.name, "max_windows": args.max_windows, "threads": THREADS, "machine": machine(),
+        "header": header("gguf.in_llama_cpp"), "model": MODEL_NAMES[args.model], "llama_cpp_python": llama_cpp.__version__,
+        "eval_text": EVAL_TEXT.name, "max_windows": args.max_windows, "threads": THREADS,
         "tokenization": tokenization, "rows": rows}, indent=2) + "\n")
     print("| model | GGUF | architecture | size | llama.cpp ppl | streamrom ppl | difference | prefill tok/s | "
           "decode tok/s |\n|---|---|---|---|---|---|---|---|---|")

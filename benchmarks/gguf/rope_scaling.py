@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import REPO, dense_model, streamrom_cli
+from benchmarks.common import REPO, dense_model, header, streamrom_cli
 
 
 import streamrom
-from streamrom.report.report import machine
 
 SCALINGS = {
     "none": None,
@@ -87,8 +86,9 @@ def main() -> None:
                 row["control_streamrom_without_scaling"] = relative_gap(theirs, unscaled, ids)
             rows.append(row)
     out = REPO / "benchmarks" / "results" / "gguf_rope_scaling.json"
-    out.write_text(json.dumps({"benchmark": "rope scaling through export-gguf, run by llama.cpp", "tokens": len(ids),
-                               "machine": machine(), "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"header": header("gguf.rope_scaling"),
+                               "description": "rope scaling through export-gguf, run by llama.cpp",
+                               "tokens": len(ids), "rows": rows}, indent=2) + "\n")
     print("| rope scaling | llama.cpp vs streamrom (max |Δ logit| / max |logit|) | control: streamrom without the scaling |")
     print("|---|---|---|")
     for row in rows:

@@ -22,10 +22,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import REPO, streamrom_cli
+from benchmarks.common import REPO, header, streamrom_cli
 
 
-from streamrom.report.report import machine
 
 RESULTS = REPO / "benchmarks" / "results" / "gguf_sentencepiece.json"
 MIXED = "Ünïcödé café 日本語のテキスト 🙂🚀 1234567 x\t\ty  z\n\n\n  indented line\n"
@@ -104,8 +103,8 @@ def main() -> None:
             del llm
             shutil.rmtree(folder)
             path.unlink()
-    RESULTS.write_text(json.dumps({"benchmark": "gguf_sentencepiece", "llama_cpp_python": llama_cpp.__version__,
-                                   "machine": machine(), "rows": rows}, indent=2, ensure_ascii=False) + "\n")
+    RESULTS.write_text(json.dumps({"header": header("gguf.sentencepiece"), "llama_cpp_python": llama_cpp.__version__,
+                                   "rows": rows}, indent=2, ensure_ascii=False) + "\n")
     print("| vocabulary | add_space_prefix | texts | characters | tokens | identical |\n|---|---|---|---|---|---|")
     for name in variants(base):
         mine = [row for row in rows if row["vocabulary"] == name]

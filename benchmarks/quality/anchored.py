@@ -17,11 +17,10 @@ import json
 import shlex
 from pathlib import Path
 
-from benchmarks.common import EVAL_TEXT, REPO, dense_model, run, streamrom_cli
+from benchmarks.common import EVAL_TEXT, REPO, dense_model, header, run, streamrom_cli
 
 from benchmarks.quality.grid import quality_row
 
-from streamrom.report.report import machine
 
 
 def main() -> None:
@@ -44,6 +43,7 @@ def main() -> None:
     dense = dense_model(args.work, streamrom)
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     rows = {row["key"]: row for row in previous.get("rows", [])}
+    this_run = header("quality.anchored")  # each row this run measures carries it; kept rows keep their own
     for reduction in args.reductions:
         for method in args.methods:
             for strength in [0.0, *args.strengths]:
@@ -67,12 +67,12 @@ def main() -> None:
                     "top1_agreement": evaluation["evaluation"]["top1_agreement"],
                     "parameter_ratio": compressed["parameter_ratio"], "ranks": compressed["ranks"],
                     "compress_seconds": seconds, "stage_seconds": compressed["stage_seconds"],
-                    "disk_estimate": compressed.get("disk"),
+                    "disk_estimate": compressed.get("disk"), "run": this_run,
                 }
                 args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps({"benchmark": "anchored", "model": "SmolLM2-135M-Instruct",
+                args.out.write_text(json.dumps({"benchmark": "quality.anchored", "model": "SmolLM2-135M-Instruct",
                                                 "eval_text": EVAL_TEXT.name, "max_windows": args.max_windows,
-                                                "machine": machine(), "rows": list(rows.values()),
+                                                "rows": list(rows.values()),
                                                 **({"note": previous["note"]} if "note" in previous else {})},
                                                indent=2) + "\n")
 

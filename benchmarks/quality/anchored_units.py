@@ -32,13 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, header
 
 import streamrom
 from streamrom.stream.calibration import (CalibrationConfig, calibration_tokens, evaluation_windows,
                                    held_out_windows, load_tokenizer, tokenize_files)
 from streamrom.linalg.decompose import least_squares
-from streamrom.report.report import machine
 
 EMMA = REPO / "streamrom" / "data" / "general" / "austen-emma.txt"
 PRIDE = REPO / "data" / "austen" / "prideprejudice.txt"
@@ -167,11 +166,12 @@ def main() -> None:
                   flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "benchmark": "anchored unit refits, block by block", "model": "SmolLM2-135M-Instruct",
+        "header": header("quality.anchored_units"), "description": "anchored unit refits, block by block",
+        "model": "SmolLM2-135M-Instruct",
         "plain_checkpoint": str(args.plain.resolve().relative_to(REPO)) if args.plain.resolve().is_relative_to(REPO)
         else str(args.plain),
         "calibration": "Emma, 32 x 512 (the compression's); extra: Emma windows no calibration sequence touches",
-        "test_windows": args.test_windows, "damping": args.damping, "machine": machine(), "rows": rows}, indent=2) + "\n")
+        "test_windows": args.test_windows, "damping": args.damping, "rows": rows}, indent=2) + "\n")
     print(f"\nwritten {args.out}")
 
 

@@ -44,7 +44,7 @@ def main() -> None:
     cli = streamrom_cli(args.threads)
     dense = dense_model(args.work, cli)
     parts = calibrations()["general"]
-    results = ResultRows(args.out, "calibration_volume", args.max_windows)
+    results = ResultRows(args.out, "quality.calibration_volume", args.max_windows)
     rows = results.rows
 
     def evaluate(folder: Path, label: str) -> dict[str, float]:

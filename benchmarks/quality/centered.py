@@ -32,13 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import EMMA, EVAL_TEXT, REPO, dense_model, run, streamrom_cli
+from benchmarks.common import EMMA, EVAL_TEXT, REPO, dense_model, header, run, streamrom_cli
 
 from benchmarks.quality.grid import quality_row
 
 import streamrom
 from streamrom.stream.calibration import evaluation_windows, load_tokenizer, tokenize_files
-from streamrom.report.report import machine
 
 
 @torch.no_grad()
@@ -139,7 +138,7 @@ def main() -> None:
 
     tokenizer = load_tokenizer(dense)
     texts = {"held_out": EVAL_TEXT, "calibration": EMMA}
-    result = {"benchmark": "centered", "ratio": args.ratio, "windows": args.max_windows, "machine": machine(),
+    result = {"header": header("quality.centered"), "ratio": args.ratio, "windows": args.max_windows,
               "texts": {name: path.name for name, path in texts.items()}}
     models = {name: streamrom.load(folder) for name, folder in {"dense": dense, **outputs}.items()}
     windows = {text: torch.from_numpy(evaluation_windows(tokenize_files(tokenizer, [path]), 512, args.max_windows))

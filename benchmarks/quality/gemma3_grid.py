@@ -59,7 +59,7 @@ def main() -> None:
     args.work = args.work.resolve()
     cli = [sys.executable, "-m", "streamrom.cli", "--quiet", "--threads", str(args.threads)]
     args.work.mkdir(parents=True, exist_ok=True)
-    results = ResultRows(args.out, "gemma3_grid", args.max_windows)
+    results = ResultRows(args.out, "quality.gemma3_grid", args.max_windows)
     rows = results.rows
 
     def environment(path: str) -> dict:

@@ -57,7 +57,7 @@ def main() -> None:
     dense = dense_model(args.work, cli)
     texts = calibrations()
     chosen = args.calibrations or list(texts)
-    results = ResultRows(args.out, "general", args.max_windows)
+    results = ResultRows(args.out, "quality.general", args.max_windows)
     rows = results.rows
 
     def evaluate(folder: Path, label: str, genres: list[str]) -> dict[str, float]:

@@ -18,10 +18,9 @@ import json
 import shlex
 from pathlib import Path
 
-from benchmarks.common import EMMA, EVAL_TEXT, REPO, dense_model, run, streamrom_cli
+from benchmarks.common import EMMA, EVAL_TEXT, REPO, dense_model, header, run, streamrom_cli
 
 
-from streamrom.report.report import machine
 
 
 def quality_row(cli: list[str], dense: Path, work: Path, method: str, allocate: str,
@@ -65,13 +64,14 @@ def main() -> None:
     if previous.get("max_windows") != args.max_windows:
         previous = {}  # rows evaluated on another slice are not comparable
     rows = {row["key"]: row for row in previous.get("rows", [])}
+    this_run = header("quality.grid")  # each row this run measures carries it; kept rows keep their own
 
     if "dense" not in rows:
         report = args.work / "quality-dense.eval.json"
         seconds = run(streamrom + ["eval", str(dense), "--text", str(EVAL_TEXT), "--report", str(report), *windows])
         rows["dense"] = {"key": "dense", "method": "dense", "allocate": "-", "reduction": 0,
                          "perplexity": json.loads(report.read_text())["perplexity"], "parameter_ratio": 1.0,
-                         "eval_seconds": seconds}
+                         "eval_seconds": seconds, "run": this_run}
     measured_here: set[str] = set()
     for reduction in args.reductions:
         for method in args.methods:
@@ -95,7 +95,7 @@ def main() -> None:
                     "mean_kl": evaluation["mean_kl"], "top1_agreement": evaluation["top1_agreement"],
                     "parameter_ratio": compressed["parameter_ratio"], "factored_linears": len(ranks),
                     "compress_seconds": compress_seconds, "stage_seconds": compressed["stage_seconds"],
-                    "eval_seconds": eval_seconds,
+                    "eval_seconds": eval_seconds, "run": this_run,
                 }
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 measured_here.add(key)
@@ -104,9 +104,9 @@ def main() -> None:
                     if now.get("max_windows") == args.max_windows:
                         rows = {**{row["key"]: row for row in now.get("rows", [])},
                                 **{k: rows[k] for k in measured_here}}
-                args.out.write_text(json.dumps({"benchmark": "quality", "model": "SmolLM2-135M-Instruct",
+                args.out.write_text(json.dumps({"benchmark": "quality.grid", "model": "SmolLM2-135M-Instruct",
                                                 "eval_text": EVAL_TEXT.name, "max_windows": args.max_windows,
-                                                "machine": machine(), "rows": list(rows.values())}, indent=2) + "\n")
+                                                "rows": list(rows.values())}, indent=2) + "\n")
 
     print("\n| reduction | method | allocation | parameters kept | perplexity | vs uniform | KL from dense "
           "| top-1 agreement | compress |")

@@ -77,7 +77,7 @@ def main() -> None:
     def calibration(sequences: int) -> list[str]:
         return ["--calib-text", *map(str, parts), "--calib-sequences", str(sequences), "--calib-seqlen", "512"]
 
-    results = ResultRows(args.out, "levers", args.max_windows)
+    results = ResultRows(args.out, "quality.levers", args.max_windows)
     # calibration_volume's pass-1 files, for the same calibrations
     spectra = {sequences: args.work / f"volume-pass1-mixed-{sequences}x512.npz" for sequences in (32, 128)}
     texts = {genre: text for genre, (_, text) in GENRES.items()}

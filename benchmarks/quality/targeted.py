@@ -23,11 +23,10 @@ import shlex
 import sysconfig
 from pathlib import Path
 
-from benchmarks.common import EMMA, EVAL_TEXT, REPO, dense_model, run, streamrom_cli
+from benchmarks.common import EMMA, EVAL_TEXT, REPO, dense_model, header, run, streamrom_cli
 
 
 from streamrom.stream.calibration import held_out
-from streamrom.report.report import machine
 
 CALIBRATION_BYTES = 4_000_000  # plenty for 32 x 512 tokens drawn at random offsets
 EVALUATION_BYTES = 1_000_000  # about 250k tokens, far more than 40 windows of 512 need
@@ -87,6 +86,7 @@ def main() -> None:
     windows = ["--max-windows", str(args.max_windows)]
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     rows = {row["key"]: row for row in previous.get("rows", []) if previous.get("max_windows") == args.max_windows}
+    this_run = header("quality.targeted")  # each row this run measures carries it; kept rows keep their own
 
     def evaluate(folder: Path, name: str) -> dict:
         scores = {}
@@ -97,7 +97,7 @@ def main() -> None:
         return scores
 
     if "dense" not in rows:
-        rows["dense"] = {"key": "dense", "variant": "dense", "reduction": 0, **evaluate(dense, "dense")}
+        rows["dense"] = {"key": "dense", "variant": "dense", "reduction": 0, **evaluate(dense, "dense"), "run": this_run}
     variants = {
         "general": ["--calib-text", str(EMMA)],  # the general text before the general set: Emma
         "target": ["--calib-text", str(code_calibration)],
@@ -116,10 +116,10 @@ def main() -> None:
             rows[key] = {"key": key, "variant": variant, "reduction": reduction, "compress_seconds": seconds,
                          "command": shlex.join(["streamrom", *command[len(cli):]]),
                          "parameter_ratio": json.loads((output / "streamrom-report.json").read_text())["parameter_ratio"],
-                         **evaluate(output, f"{variant}-{reduction}")}
+                         **evaluate(output, f"{variant}-{reduction}"), "run": this_run}
             args.out.write_text(json.dumps({
-                "benchmark": "targeted", "model": "SmolLM2-135M-Instruct", "max_windows": args.max_windows,
-                "target_weight": args.target_weight, "machine": machine(),
+                "benchmark": "quality.targeted", "model": "SmolLM2-135M-Instruct", "max_windows": args.max_windows,
+                "target_weight": args.target_weight,
                 "split": {"held_out_modules": sorted(evaluation_modules),
                           "calibration_files": used["calibration"], "evaluation_files": used["evaluation"]},
                 "rows": list(rows.values())}, indent=2) + "\n")

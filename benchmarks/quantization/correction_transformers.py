@@ -98,7 +98,7 @@ def main() -> None:
         corrected, how = with_adapter(base, args.peft)
         rows.setdefault("base + adapter", {})[genre], _ = scores(corrected, tokens, reference)
         del base, corrected
-    result = {"header": header("correction_transformers"), "base": str(args.base), "adapter": str(args.peft),
+    result = {"header": header("quantization.correction_transformers"), "base": str(args.base), "adapter": str(args.peft),
               "applied": how, "windows": args.windows, "seqlen": args.seqlen, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print("| model | " + " | ".join(f"ppl {g} | KL {g}" for g in EVAL_TEXTS) + " |")

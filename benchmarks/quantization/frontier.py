@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work / f"{args.model}-files"  # beside the dense folder: outputs never lie inside a source
     work.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    results.update(header=header("frontier", argv),
+    results.update(header=header("quantization.frontier", argv),
                    model=args.model, model_name=MODELS[args.model], eval_texts={g: str(p.relative_to(REPO))
                                                                                  for g, p in EVAL_TEXTS.items()},
                    chunks=args.chunks, context=512, bench={"prompt": args.bench[0], "generate": args.bench[1]})

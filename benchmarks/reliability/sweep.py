@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--moments", type=int, default=8, help="moments between log lines per command")
     args = parser.parse_args(argv)
     results = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
-    results["header"] = header("reliability_sweep", argv)
+    results["header"] = header("reliability.sweep", argv)
     if args.only in (None, "kill"):
         table = REPO / ".cache" / "kill_table.json"
         table.parent.mkdir(exist_ok=True)

@@ -84,7 +84,7 @@ def main() -> None:
                      "stages": made["seconds"], "adapter_bytes": made["adapter_bytes"],
                      "base_bytes": made["base_bytes"]})
         adapter.unlink()
-    result = {"header": header("correction_memory"), "rows": rows}
+    result = {"header": header("scale.correction_memory"), "rows": rows}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print("| shape | blocks | type | rank | tokens | seconds | peak RSS (sampled / OS) | per block |")
     print("|---|---|---|---|---|---|---|---|")

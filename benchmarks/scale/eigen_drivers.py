@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, header
 RESULTS = REPO / "benchmarks" / "results" / "eigen_drivers.json"
 
 CHILD = r"""
@@ -73,7 +73,6 @@ print(json.dumps(rows))
 
 
 def main() -> None:
-    from streamrom.report.report import machine
 
     results = []
     for size in (4096, 5120):
@@ -87,7 +86,7 @@ def main() -> None:
             for solver, seconds in json.loads(out).items():
                 results.append({"size": size, "threads": threads, "solver": solver, "seconds": seconds})
                 print(f"| {size} | {threads} | {solver} | {seconds:.2f} s |", flush=True)
-    RESULTS.write_text(json.dumps({"benchmark": "eigen_drivers", "dtype": "float32", "machine": machine(),
+    RESULTS.write_text(json.dumps({"header": header("scale.eigen_drivers"), "dtype": "float32",
                                    "rows": results}, indent=2) + "\n")
     print(f"written {RESULTS}")
 

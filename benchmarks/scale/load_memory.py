@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, header
 
 CHILD = r"""
 import json, resource, sys, threading, time
@@ -135,7 +135,6 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the repeated checkpoint (default: remove it)")
     args = parser.parse_args()
     from streamrom.storage.checkpoint import CheckpointReader
-    from streamrom.report.report import machine
 
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -158,8 +157,8 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / "load_memory.json"
     versions = {name: importlib.metadata.version(name) for name in ("torch", "safetensors", "transformers")}
-    out.write_text(json.dumps({"benchmark": "load_memory", "depth": args.depth, "checkpoint": folder.name,
-                               "parameters": reader.parameter_count(), "versions": versions, "machine": machine(),
+    out.write_text(json.dumps({"header": header("scale.load_memory"), "depth": args.depth, "checkpoint": folder.name,
+                               "parameters": reader.parameter_count(), "versions": versions,
                                "rows": rows},
                               indent=2) + "\n")
     if not args.keep:

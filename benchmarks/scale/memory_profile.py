@@ -36,7 +36,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, header
 
 from benchmarks.scale.flop_count import block_flops, gemm_peak_gflops
 from benchmarks.scale.synthetic import config_for, random_tokens, write_synthetic
@@ -44,7 +44,6 @@ from benchmarks.scale.whole_model import REPORT_FILE as WHOLE_MODEL_REPORT, comp
 
 from streamrom.report.memory import vm_hwm_bytes
 from streamrom.report.plots import rss_timeline_png
-from streamrom.report.report import machine
 
 
 def profile(command: list[str], timeline_csv: Path | None) -> tuple[float, int, int]:
@@ -163,8 +162,6 @@ def main() -> None:
             **({"refine_steps": args.refine_steps} if args.refine_steps else {}), "command": shlex.join(["streamrom", *command[3:]]),
             "wall_seconds": wall, "stage_seconds": seconds,
             "projected_seconds": report.get("projected_seconds", {}).get("seconds", {}),
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                     cwd=REPO).stdout.strip(),
             "peak_rss_bytes": max(memory["peak_rss_bytes"], sampled_here),
             "os_peak_rss_bytes": memory["os_peak_rss_bytes"],
             "estimate": memory["estimate"], "estimated_peak_bytes": memory["estimated_peak_bytes"],
@@ -174,6 +171,7 @@ def main() -> None:
             "threads": threads, "gemm_peak_gflops": peak_gflops, "flops": flops,
             "seconds_over_bound": {stage: seconds[stage] / (flops[stage] / (peak_gflops * 1e9))
                                    for stage in flops if seconds.get(stage)},
+            "run": header("scale.memory_profile"),
         })
         if depth in args.whole_model:
             whole_out = args.work / f"{args.shape}-{depth}-whole"
@@ -196,8 +194,7 @@ def main() -> None:
                   flush=True)
     rows.sort(key=lambda row: (row.get("method", "rom"), row.get("allocate", "uniform"), row["calibration_tokens"],
                                row["depth"], row.get("neuron_selection", "obs"), row.get("pass1_tokens", "all")))
-    result = {"benchmark": "memory_profile", "shape": args.shape, "ratio": args.ratio, "machine": machine(),
-              "rows": rows}
+    result = {"benchmark": "scale.memory_profile", "shape": args.shape, "ratio": args.ratio, "rows": rows}
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     mib = 2 ** 20

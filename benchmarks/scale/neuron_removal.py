@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +19,7 @@ import numpy as np
 
 from benchmarks.scale.pricing import module_at  # the module as it was at a revision
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, header
 RESULT = REPO / "benchmarks" / "results" / "neuron_removal.json"
 
 
@@ -60,12 +57,8 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append({"keep": keep, "code": label, "repeat": repeat, "seconds": round(seconds, 2)})
                     print(rows[-1], flush=True)
             rows.append({"keep": keep, "same_order": bool(np.array_equal(orders["before"], orders["after"]))})
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-        result = {"benchmark": "neuron_removal",
-                  "command": shlex.join([sys.executable, "-m", "benchmarks.scale.neuron_removal", *argv]),
-                  "commit": commit, "before": args.before, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                  "machine": {"platform": platform.platform(), "numpy": np.__version__, "cpus": __import__("os").cpu_count()},
-                  "neurons": n, "hidden": args.hidden, "rows": rows}
+        result = {"header": header("scale.neuron_removal", argv), "before": args.before, "neurons": n,
+                  "hidden": args.hidden, "rows": rows}
         RESULT.write_text(json.dumps(result, indent=1) + "\n")
         for keep in (8, int(0.8 * n)):
             times = {label: min(r["seconds"] for r in rows if r.get("keep") == keep and r.get("code") == label)

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, header
 RESULT = REPO / "benchmarks" / "results" / "pricing.json"
 
 
@@ -124,14 +122,8 @@ def main(argv: list[str] | None = None) -> None:
                              "largest_tail_difference": float(np.abs(tails[0] - tails[1]).max() / tails[0].max()),
                              "total_cost_difference": float(abs(before.sum() - after.sum()) / abs(before.sum()))})
                 print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                text=True, cwd=REPO).stdout.strip())
-    result = {"benchmark": "pricing", "command": shlex.join([sys.executable, "-m", "benchmarks.scale.pricing", *argv]),
-              "commit": commit + ("-dirty" if dirty else ""), "before": args.before,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "machine": {"platform": platform.platform(), "numpy": np.__version__, "cpus": __import__("os").cpu_count()},
-              "hidden": hidden, "intermediate": intermediate, "rows": rows}
+    result = {"header": header("scale.pricing", argv), "before": args.before, "hidden": hidden,
+              "intermediate": intermediate, "rows": rows}
     RESULT.write_text(json.dumps(result, indent=1) + "\n")
     print("| tokens | job | before (s) | after (s) | speed-up | largest cost difference | largest tail difference |")
     print("|---|---|---|---|---|---|---|")

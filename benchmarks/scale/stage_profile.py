@@ -141,10 +141,10 @@ def main() -> None:
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - started
         shutil.rmtree(output, ignore_errors=True)
-        row = {**header("stage_profile"), "setting": key[0], "label": args.label, "depth": args.depth,
+        row = {"setting": key[0], "label": args.label, "depth": args.depth,
                "calibration_tokens": key[1],
                "threads": args.threads, "compress": shlex.join(["streamrom", *compress]), "wall_seconds": wall,
-               "rate": args.rate}
+               "rate": args.rate, "run": header("scale.stage_profile")}
     counts = aggregate(raw)
     total = sum(counts.values())
     row["samples"] = total
@@ -152,7 +152,7 @@ def main() -> None:
                      "once": step in ONCE or phase == SETUP, "share": count / total}
                     for (phase, step), count in sorted(counts.items(), key=lambda item: -item[1])]
     rows = [old for old in rows if row_key(old) != key] + [row]
-    out.write_text(json.dumps({"benchmark": "stage_profile", "shape": args.shape, "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"benchmark": "scale.stage_profile", "shape": args.shape, "rows": rows}, indent=2) + "\n")
     wall, steps = row["wall_seconds"], row["steps"]
     print(f"{wall:.0f} s, {total} samples of the main thread:")
     for step in steps:

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, dense_model, streamrom_cli
+from benchmarks.common import REPO, dense_model, header, streamrom_cli
 
 
 RESULTS = REPO / "benchmarks" / "results" / "bayes_trial_overhead.json"
@@ -27,7 +27,6 @@ def main() -> None:
 
     from streamrom import CalibrationConfig, CompressConfig, compress
     from streamrom.linalg.bayes import BayesConfig
-    from streamrom.report.report import machine
 
     torch.set_num_threads(1)
     config = CompressConfig(method="rom", allocate="bayes", target_params=0.8,
@@ -40,7 +39,8 @@ def main() -> None:
     after = {"trials": trials, "total_seconds": total,
              "mean_overhead_seconds": sum(t["overhead_seconds"] for t in trials) / len(trials)}
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results.update({"after": after, "machine": machine()})
+    results.pop("machine", None)  # results of before the shared header
+    results.update({"header": header("speed.bayes_overhead"), "after": after})
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     before = results.get("before", {})
     print("| | mean overhead per trial | trials' total |\n|---|---|---|")

@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from benchmarks.common import EMMA, EVAL_TEXT, REPO, dense_model, run, streamrom_cli
+from benchmarks.common import EMMA, EVAL_TEXT, REPO, dense_model, header, run, streamrom_cli
 
 
 RESULTS = REPO / "benchmarks" / "results" / "bayes_parallel.json"
@@ -45,7 +45,6 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=16, help="calibration sequences of 512 tokens")
     parser.add_argument("--max-windows", type=int, default=40, help="evaluation windows of 512 tokens")
     args = parser.parse_args()
-    from streamrom.report.report import machine
 
     cli = streamrom_cli(1)
     dense = dense_model(args.work, cli)
@@ -89,10 +88,10 @@ def main() -> None:
                      "best_trial": best["trial"], "best_score": best["score"], "best_multipliers": best["multipliers"],
                      "perplexity": evaluated["perplexity"], "mean_kl": evaluated["evaluation"].get("mean_kl"),
                      "parameter_ratio": report["parameters_after"] / report["parameters_before"]})
-    result = {"benchmark": "bayes_parallel", "model": "SmolLM2-135M-Instruct", "method": "rom-centered",
+    result = {"header": header("speed.bayes_parallel"), "model": "SmolLM2-135M-Instruct", "method": "rom-centered",
               "target_params": 0.8, "trials": args.trials, "calibration_sequences": args.sequences,
               "eval_text": EVAL_TEXT.name, "max_windows": args.max_windows, "threads_per_worker": 1,
-              "machine": machine(), "rows": rows}
+              "rows": rows}
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     one = rows[0]["wall_seconds"]
     search = rows[0]["search_seconds"]

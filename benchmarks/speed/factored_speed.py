@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, header
 RESULTS = REPO / "benchmarks" / "results" / "factored_speed.json"
 SHAPES = {
     "smollm2 q/o (576x576)": (576, 576), "smollm2 gate/up (1536x576)": (1536, 576),
@@ -44,7 +44,6 @@ def median_seconds(call, budget: float = 0.25, least: int = 3) -> float:
 
 
 def main() -> None:
-    from streamrom.report.report import machine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
@@ -73,7 +72,7 @@ def main() -> None:
                                      "factored_seconds": factored_s, "speedup": dense_s / factored_s})
                     print(f"{threads} thr {dtype} {label} tokens {tokens}: " + ", ".join(
                         f"{row['fraction']}: {row['speedup']:.2f}x" for row in rows[-len(FRACTIONS):]), flush=True)
-    RESULTS.write_text(json.dumps({"benchmark": "factored_speed", "machine": machine(),
+    RESULTS.write_text(json.dumps({"header": header("speed.factored_speed"),
                                    "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
     print("\n| fraction of the dense parameters | speed-up over dense, 1 token (min / median) "
           "| 512 tokens (min / median) | slowest case |")

@@ -62,7 +62,7 @@ def main() -> None:
              "prefill_tokens_per_second": max(row["prefill_rounds"]), "prefill_rounds": row["prefill_rounds"],
              "decode_tokens_per_second": max(row["decode_rounds"]), "decode_rounds": row["decode_rounds"]}
             for label, row in models.items()]
-    result = {**header("first_use_speed"), "threads": args.threads, "rounds": args.rounds, "rows": rows}
+    result = {"header": header("speed.first_use_speed"), "threads": args.threads, "rounds": args.rounds, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     dense = rows[0]

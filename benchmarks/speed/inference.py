@@ -23,9 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, header
 
-from streamrom.report.report import machine
 
 CHILD = r"""
 import json, resource, sys, time, threading
@@ -117,9 +116,9 @@ def main() -> None:
                      "prefill_rounds": [r["prefill_tokens_per_second"] for r in found],
                      "decode_rounds": [r["decode_tokens_per_second"] for r in found]})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "inference", "dtype": "float32",
+    args.out.write_text(json.dumps({"header": header("speed.inference"), "dtype": "float32",
                                     "prefill_tokens": args.prefill, "decode_tokens": args.decode,
-                                    "machine": machine(), "rows": rows}, indent=2) + "\n")
+                                    "rows": rows}, indent=2) + "\n")
     print("\n| model | loader | threads | parameters | prefill tok/s | decode tok/s | model RSS | peak RSS |")
     print("|---|---|---|---|---|---|---|---|")
     first = next(iter(models))
