@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,36 @@ def test_a_damaged_keep_order_in_the_progress_file_is_refused_on_resume(deep_tin
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert sorted(p.name for p in output.glob("model-*.safetensors")) == shards
     assert run([*command, "--overwrite"]).returncode == 0
+
+
+def test_large_buffers_are_mapped_and_handed_back_not_left_on_the_heap():
+    """compress fixes glibc's mmap threshold: a buffer freed after another of its size was mapped would
+    otherwise go to the brk heap (glibc raises its threshold on each such free), where its pages stay."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's malloc only")
+    probe = textwrap.dedent("""
+        import ctypes, sys
+        import numpy as np
+        from streamrom.report import memory
+
+        class Info(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in
+                        ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                         "fordblks", "keepcost")]
+
+        libc = ctypes.CDLL("libc.so.6")
+        if not hasattr(libc, "mallinfo2"):
+            print("no mallinfo2"); sys.exit()
+        libc.mallinfo2.restype = Info
+        if sys.argv[1] == "fixed":
+            memory.keep_large_buffers_off_the_heap()
+        np.ones(2 ** 21 + 4096)  # 16 MiB, mapped and freed at once
+        mapped = libc.mallinfo2().hblkhd
+        kept = np.ones(2 ** 21)
+        print(libc.mallinfo2().hblkhd - mapped >= kept.nbytes)
+    """)
+    found = {how: subprocess.run([sys.executable, "-c", probe, how], capture_output=True, text=True, check=True)
+             .stdout.strip() for how in ("glibc's own", "fixed")}
+    if "no mallinfo2" in found.values():
+        pytest.skip("glibc before 2.33")
+    assert found == {"glibc's own": "False", "fixed": "True"}

@@ -32,7 +32,8 @@ from ..errors import InputError, OutputError, ResourceError, write_failure
 from ..stream.evaluation import evaluate
 from .execute import WORK_FOLDER, damaged_shards, write_model
 from ..faults import fault_point
-from ..report.memory import RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak
+from ..report.memory import (RSSMonitor, current_rss_bytes, estimate_compress_memory, estimated_peak,
+                             keep_large_buffers_off_the_heap)
 from .methods import Method
 from ..model.modeling import BLOCK_LINEARS, ModelSpec, block_class
 from .plans import ModelPlan
@@ -224,6 +225,7 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
         check_report_path(report_file)
     if config.spectra_file is not None and Path(config.spectra_file).is_file():
         read_saved_spectra(config.spectra_file)
+    keep_large_buffers_off_the_heap()
     timer = StageTimer()
     start = time.perf_counter()
     runtime_bytes = current_rss_bytes()

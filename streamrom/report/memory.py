@@ -81,16 +81,34 @@ def current_rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _libc_malloc_trim():
+def _glibc(function: str):
     try:
         import ctypes
 
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return getattr(ctypes.CDLL("libc.so.6"), function)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
         return None
 
 
-_MALLOC_TRIM = _libc_malloc_trim() if sys.platform.startswith("linux") else None
+_MALLOC_TRIM = _glibc("malloc_trim") if sys.platform.startswith("linux") else None
+_MALLOPT = _glibc("mallopt") if sys.platform.startswith("linux") else None
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+# Buffers from this size up get their own mapping, returned to the OS when freed
+LARGE_BUFFER_BYTES = 4 * 2 ** 20
+
+
+def keep_large_buffers_off_the_heap() -> None:
+    """Fix glibc's mmap threshold at LARGE_BUFFER_BYTES for this process.
+
+    glibc raises the threshold to the size of each mapped buffer it frees, so after the first few
+    activation chunks and factors every later one lands on the brk heap, where the space freed between
+    live allocations cannot be handed back (malloc_trim returns only whole free pages, and the heap's
+    holes are scattered): at 7B shape that heap raised the peak of a narrowed MLP's moment gather. A
+    fixed threshold maps each such buffer and unmaps it when freed, at the cost of fresh pages for each
+    (the pair is in docs/results/scale.md). Outputs are the same byte for byte.
+    """
+    if _MALLOPT is not None:
+        _MALLOPT(_M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES)
 
 
 def release_freed_memory() -> None:
