@@ -21,26 +21,22 @@ REPO = Path(__file__).resolve().parent.parent
 
 def header(benchmark: str, argv: list[str] | None = None) -> dict:
     """The shared header: `argv` (default: this process's arguments) as the full command, the commit
-    (with -dirty when tracked files differ from it), the date and the machine."""
+    (with -dirty when tracked files other than results differ from it), the date and the machine."""
     from streamrom.report.report import machine
 
     # the module as it was run (python -m benchmarks.<group>.<name>), else the benchmark's name
     module = getattr(sys.modules["__main__"].__spec__, "name", None) or f"benchmarks.{benchmark}"
     command = [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                text=True, cwd=REPO).stdout.strip())
+    # results written by this or an earlier run do not make the code dirty
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":(exclude)benchmarks/results"], capture_output=True, text=True, cwd=REPO).stdout.strip())
     return {"benchmark": benchmark, "command": shlex.join(command), "commit": commit + ("-dirty" if dirty else ""),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine()}
 
 
 HEADER_FIELDS = ("benchmark", "command", "commit", "date", "machine")
 _COMMIT = re.compile(r"[0-9a-f]{7,40}(-dirty)?")
-
-
-def stamped(row: dict, benchmark: str, argv: list[str] | None = None) -> dict:
-    """`row` with this run's header as its `run` (a row of a file that several runs add to)."""
-    return {**row, "run": header(benchmark, argv)}
 
 
 def header_problems(result: dict) -> list[str]:
