@@ -21,16 +21,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 def header(benchmark: str, argv: list[str] | None = None) -> dict:
     """The shared header: `argv` (default: this process's arguments) as the full command, the commit
-    (with -dirty when tracked files other than results differ from it), the date and the machine."""
+    (with -dirty when tracked files other than results and docs differ from it), the date and the machine."""
     from streamrom.report.report import machine
 
     # the module as it was run (python -m benchmarks.<group>.<name>), else the benchmark's name
     module = getattr(sys.modules["__main__"].__spec__, "name", None) or f"benchmarks.{benchmark}"
     command = [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    # results written by this or an earlier run do not make the code dirty
+    # results and the pages written from them (by this or an earlier run) do not make the code dirty
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                 ":(exclude)benchmarks/results"], capture_output=True, text=True, cwd=REPO).stdout.strip())
+                                 ":(exclude)benchmarks/results", ":(exclude)docs"], capture_output=True, text=True,
+                                cwd=REPO).stdout.strip())
     return {"benchmark": benchmark, "command": shlex.join(command), "commit": commit + ("-dirty" if dirty else ""),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine()}
 
