@@ -358,3 +358,68 @@ def test_a_dead_trial_of_this_machine_runs_again_at_once_and_keeps_its_place(tmp
     uninterrupted = finished_points("whole", dead_first=False)
     assert finished_points("killed", dead_first=True) == uninterrupted
     assert len({tuple(sorted(p.items())) for p in uninterrupted}) == 3
+
+
+def _small_space():
+    from streamrom.compression.study import SearchSpace
+    from streamrom.linalg.allocation import Slot
+    from streamrom.linalg.bayes import search_groups
+
+    slots = [Slot(f"model.layers.{block}.self_attn.{name}", block, 64, 64) for block in (0, 1)
+             for name in ("q_proj", "k_proj")]
+    space = SearchSpace(slots, budget=sum(slot.dense for slot in slots) // 2, base={s.key: 16 for s in slots},
+                        num_layers=2)
+    return space, search_groups(slots, 2)
+
+
+def _run_to_the_end(search, space, timeout: float) -> list[dict]:
+    import threading
+
+    runner = threading.Thread(target=search.run, args=(space, lambda ranks: (float(sum(ranks.values())), {})),
+                              daemon=True)
+    runner.start()
+    runner.join(timeout=timeout)
+    assert not runner.is_alive(), "the search did not finish"
+    complete = search.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    return sorted((trial.params for trial in complete), key=lambda p: sorted(p.items()))
+
+
+def test_a_trial_killed_before_it_named_its_process_runs_again(tmp_path):
+    """A worker killed between taking a trial and writing which process runs it (before its first
+    heartbeat, too: optuna never counts a trial without one as stale): the rerun does not wait for it
+    forever; once the heartbeats' grace has passed the trial is failed and its point run again, so the
+    search ends with the points of an uninterrupted one."""
+    from streamrom.compression.study import SharedSearch
+
+    space, groups = _small_space()
+    record = {"arguments": "a", "source_fingerprint": "s", "source": "s"}
+    whole = SharedSearch(f"sqlite:///{tmp_path / 'whole.db'}", "s", create=True, trials=3, heartbeat_seconds=1)
+    whole.publish(record, groups)
+    uninterrupted = _run_to_the_end(whole, space, timeout=60)
+    search = SharedSearch(f"sqlite:///{tmp_path / 'study.db'}", "s", create=True, trials=3, heartbeat_seconds=1)
+    search.publish(record, groups)
+    orphan = search.study.ask()  # RUNNING, with neither a heartbeat nor a process
+    assert orphan.number == 0 and not search.study.trials[0].user_attrs
+    assert _run_to_the_end(search, space, timeout=60) == uninterrupted
+    failed = search.study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert [trial.number for trial in failed] == [0]
+
+
+def test_a_rerun_queues_the_startup_points_a_killed_process_did_not(tmp_path):
+    """The first process queues the seeded startup points one by one before it writes the study's
+    record; killed between two of them, its rerun queues the rest in their order (not only when the
+    study has no trial at all), so the search runs the points an uninterrupted one runs."""
+    from streamrom.compression.study import STARTUP_TRIALS, SharedSearch
+    from streamrom.linalg.bayes import startup_multipliers
+
+    space, groups = _small_space()
+    record = {"arguments": "a", "source_fingerprint": "s", "source": "s"}
+    points = startup_multipliers(groups, 0, STARTUP_TRIALS)
+    search = SharedSearch(f"sqlite:///{tmp_path / 'study.db'}", "s", create=True, trials=3, heartbeat_seconds=60)
+    search.study.enqueue_trial(points[0])  # the killed process got this far
+    search.publish(record, groups)
+    queued = [trial.system_attrs["fixed_params"] for trial in search.study.trials]
+    assert queued == points
+    whole = SharedSearch(f"sqlite:///{tmp_path / 'whole.db'}", "s", create=True, trials=3, heartbeat_seconds=60)
+    whole.publish(record, groups)
+    assert _run_to_the_end(search, space, timeout=60) == _run_to_the_end(whole, space, timeout=60)

@@ -123,6 +123,7 @@ class SharedSearch:
         self.worker = worker_name()
         self.machine = machine()
         self.shown_url = _shown(url)
+        self._unclaimed: dict[int, float] = {}  # running trials seen without their process: when first seen
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
 
         def storage(heartbeat: int | None):
@@ -185,9 +186,11 @@ class SharedSearch:
         """The first process's settings and base plan, and the search's seeded startup points."""
         if self.record() is not None:
             return
-        if not self.study.trials:
-            for point in startup_multipliers(groups, self.seed, STARTUP_TRIALS):
-                self.study.enqueue_trial(point, skip_if_exists=True)
+        # no trial runs before the record is there, so every trial is a queued startup point: a process
+        # killed while it queued them left some, and its rerun queues the rest in their order (each point
+        # once, whoever queued it first)
+        for point in startup_multipliers(groups, self.seed, STARTUP_TRIALS):
+            self.study.enqueue_trial(point, skip_if_exists=True)
         self.study.set_user_attr(RECORD, record)
 
     def wait_for_record(self) -> dict[str, Any]:
@@ -293,25 +296,38 @@ class SharedSearch:
 
     def _fail_dead_workers_trials(self) -> None:
         """Fail the running trials of dead workers and queue their points again: at once where the
-        worker ran on this machine and its process is gone, after three silent heartbeats elsewhere."""
+        worker ran on this machine and its process is gone, after three silent heartbeats elsewhere, and
+        three heartbeats after its start where the trial never said which process runs it."""
         optuna = self._optuna
         failed = []
+        grace = GRACE_HEARTBEATS * self.heartbeat_seconds
         for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             process = trial.user_attrs.get(PROCESS)
             # a retry carries its dead first trial's attributes until its own process writes its own
-            if (self.machine is None or not isinstance(process, dict) or process.get("trial") != trial.number
-                    or process.get("machine") != self.machine or trial.datetime_start is None
+            own = isinstance(process, dict) and process.get("trial") == trial.number
+            if trial.datetime_start is None:
+                continue
+            if not own:
+                # a worker writes its process first thing in a trial; one killed before that (maybe before
+                # its first heartbeat, and a trial without one is never stale to optuna) is taken for dead
+                # once this process has seen the trial unclaimed for the heartbeats' grace (by its own
+                # clock: the machines' clocks may disagree)
+                seen = self._unclaimed.setdefault(trial._trial_id, time.monotonic())
+                if time.monotonic() - seen <= grace:
+                    continue
+            elif (self.machine is None or process.get("machine") != self.machine
                     or not process_gone(int(process["pid"]), trial.datetime_start.timestamp())):
                 continue
             try:
                 if self.study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
-                    failed.append(trial._trial_id)
+                    failed.append((trial._trial_id, "process on this machine is gone" if own else
+                                   f"worker never started it ({grace} s)"))
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # another process got there first (or the trial finished after all)
         retry = self.study._storage.get_heartbeat_stale_trial_callback()
-        for trial_id in failed:
-            log.warning("study %s: trial %d's process on this machine is gone; its point is run again", self.name,
-                        self.study._storage.get_trial_number_from_id(trial_id))
+        for trial_id, why in failed:
+            log.warning("study %s: trial %d's %s; its point is run again", self.name,
+                        self.study._storage.get_trial_number_from_id(trial_id), why)
             if retry is not None:
                 retry(self.study, self.study._storage.get_trial(trial_id))
         optuna.storages.fail_stale_trials(self.study)
