@@ -133,22 +133,34 @@ class ResultRows:
     """A results file of rows keyed by what they measure (`key`), kept between runs: rows measured
     with another window count are dropped (their perplexities are not comparable), the rest are kept
     so that a stopped run resumes where it was. Saved whole after every row; a row this run measured
-    gets this run's header (`run`), the rows kept from earlier runs keep theirs."""
+    gets this run's header (`run`), the rows kept from earlier runs keep theirs, and rows another run
+    wrote to the file meanwhile are kept too (two grids may fill one file side by side). `fields`: what
+    the file held beside its rows (a note a page cites)."""
 
-    def __init__(self, path: Path, benchmark: str, max_windows: int):
+    def __init__(self, path: Path, benchmark: str, max_windows: int | None):
         self.path, self.benchmark, self.max_windows = path, benchmark, max_windows
-        previous = json.loads(path.read_text()) if path.is_file() else {}
-        self.rows: dict[str, dict] = {row["key"]: row for row in previous.get("rows", [])
-                                      if previous.get("max_windows") == max_windows}
+        self.fields = self._read()
+        self.rows: dict[str, dict] = {row["key"]: row for row in self.fields.pop("rows", [])}
+        self._run = header(benchmark)
+        self._measured: set[str] = set()
+
+    def _read(self) -> dict:
+        previous = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        return previous if previous.get("max_windows") == self.max_windows else {}
 
     def save(self, **fields) -> None:
         """The benchmark, `fields` (what the rows share: model, calibration, evaluation texts), the rows."""
-        run = header(self.benchmark)
-        rows = [row if "run" in row else {**row, "run": run} for row in self.rows.values()]
-        self.rows = {row["key"]: row for row in rows}
+        for key, row in self.rows.items():
+            if "run" not in row:  # measured by this run
+                self.rows[key] = {**row, "run": self._run}
+                self._measured.add(key)
+        written = {row["key"]: row for row in self._read().get("rows", [])}
+        merged = {**written, **{key: row for key, row in self.rows.items() if key in self._measured or key not in written}}
+        self.rows.clear()  # in place: callers hold self.rows as their table of rows
+        self.rows.update(merged)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps({"benchmark": self.benchmark, **fields, "max_windows": self.max_windows,
-                                         "rows": rows}, indent=2) + "\n")
+                                         "rows": list(self.rows.values())}, indent=2) + "\n")
 
 
 def perplexity_by_genre(run_command, cli: list[str], folder: Path, reports: str, texts: dict[str, Path],

@@ -48,6 +48,24 @@ def test_a_result_that_does_not_say_its_run_is_named(tmp_path):
     assert rows[0]["run"] == earlier and rows[1]["run"]["date"] != earlier["date"]
     assert header_problems(json.loads(path.read_text())) == []
 
+    # a benchmark keeps `results.rows` as its table: rows it adds after a save are written by the next;
+    # rows another run wrote to the file meanwhile are kept, this run's own win
+    third = ResultRows(path, "quality.levers", 4)
+    table = third.rows
+    table["b"] = {"key": "b", "perplexity": 2.5}
+    third.save()
+    beside = ResultRows(path, "quality.levers", 4)
+    beside.rows["c"] = {"key": "c", "perplexity": 3.0}
+    beside.rows["b"] = {"key": "b", "perplexity": 9.0}
+    beside.save()
+    table["d"] = {"key": "d", "perplexity": 4.0}
+    third.save()
+    rows = {row["key"]: row["perplexity"] for row in json.loads(path.read_text())["rows"]}
+    assert rows == {"a": 1.0, "b": 2.5, "c": 3.0, "d": 4.0}
+    assert table is third.rows and set(table) == set(rows)
+    # a file of another window count is not read
+    assert ResultRows(path, "quality.levers", 8).rows == {}
+
 
 def test_frontier_page_is_what_its_script_writes():
     from benchmarks.quantization import frontier

@@ -6,7 +6,6 @@ Tiny random-weight models (files and control flow, not accuracy)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 
 from streamrom.errors import EXIT_OUTPUT, EXIT_USAGE
 
-from conftest import folder_digest, make_tiny
+from conftest import folder_digest
 from helpers import model_files
 
 

@@ -340,3 +340,18 @@ def test_large_buffers_are_mapped_and_handed_back_not_left_on_the_heap():
     if "no mallinfo2" in found.values():
         pytest.skip("glibc before 2.33")
     assert found == {"glibc's own": "False", "fixed": "True"}
+
+
+def test_compress_fixes_the_threshold_before_its_work(deep_tiny, tiny_tokens, tmp_path, monkeypatch):
+    """The threshold is fixed by compress itself (a run stopped at the up-front memory check has done it),
+    not left to a caller: the test above shows what it changes."""
+    calls = []
+    monkeypatch.setattr("streamrom.compression.pipeline.keep_large_buffers_off_the_heap", lambda: calls.append(1))
+
+    class Tiny:
+        available = 1000
+    monkeypatch.setattr("streamrom.compression.pipeline.psutil.virtual_memory", lambda: Tiny())
+    config = CompressConfig(calibration=CalibrationConfig(token_file=tiny_tokens, sequences=8, seqlen=64))
+    with pytest.raises(ResourceError):
+        streamrom.compress(deep_tiny, tmp_path / "out", config)
+    assert calls == [1]

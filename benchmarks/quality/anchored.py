@@ -17,8 +17,7 @@ import json
 import shlex
 from pathlib import Path
 
-from benchmarks.common import EVAL_TEXT, REPO, dense_model, header, run, streamrom_cli
-
+from benchmarks.common import EVAL_TEXT, REPO, ResultRows, dense_model, run, streamrom_cli
 from benchmarks.quality.grid import quality_row
 
 
@@ -41,9 +40,8 @@ def main() -> None:
 
     streamrom = streamrom_cli(args.threads)
     dense = dense_model(args.work, streamrom)
-    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    rows = {row["key"]: row for row in previous.get("rows", [])}
-    this_run = header("quality.anchored")  # each row this run measures carries it; kept rows keep their own
+    results = ResultRows(args.out, "quality.anchored", args.max_windows)
+    rows = results.rows
     for reduction in args.reductions:
         for method in args.methods:
             for strength in [0.0, *args.strengths]:
@@ -67,14 +65,10 @@ def main() -> None:
                     "top1_agreement": evaluation["evaluation"]["top1_agreement"],
                     "parameter_ratio": compressed["parameter_ratio"], "ranks": compressed["ranks"],
                     "compress_seconds": seconds, "stage_seconds": compressed["stage_seconds"],
-                    "disk_estimate": compressed.get("disk"), "run": this_run,
+                    "disk_estimate": compressed.get("disk"),
                 }
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps({"benchmark": "quality.anchored", "model": "SmolLM2-135M-Instruct",
-                                                "eval_text": EVAL_TEXT.name, "max_windows": args.max_windows,
-                                                "rows": list(rows.values()),
-                                                **({"note": previous["note"]} if "note" in previous else {})},
-                                               indent=2) + "\n")
+                note = {"note": results.fields["note"]} if "note" in results.fields else {}
+                results.save(model="SmolLM2-135M-Instruct", eval_text=EVAL_TEXT.name, **note)
 
     print("\n| reduction | method | anchor | parameters kept | same ranks | perplexity | vs plain | KL from dense "
           "| top-1 agreement | compress |")

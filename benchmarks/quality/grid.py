@@ -18,9 +18,7 @@ import json
 import shlex
 from pathlib import Path
 
-from benchmarks.common import EMMA, EVAL_TEXT, REPO, dense_model, header, run, streamrom_cli
-
-
+from benchmarks.common import EMMA, EVAL_TEXT, REPO, ResultRows, dense_model, run, streamrom_cli
 
 
 def quality_row(cli: list[str], dense: Path, work: Path, method: str, allocate: str,
@@ -60,19 +58,19 @@ def main() -> None:
     streamrom = streamrom_cli(args.threads)
     dense = dense_model(args.work, streamrom)
     windows = ["--max-windows", str(args.max_windows)] if args.max_windows else []
-    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    if previous.get("max_windows") != args.max_windows:
-        previous = {}  # rows evaluated on another slice are not comparable
-    rows = {row["key"]: row for row in previous.get("rows", [])}
-    this_run = header("quality.grid")  # each row this run measures carries it; kept rows keep their own
+    results = ResultRows(args.out, "quality.grid", args.max_windows)  # rows evaluated on another slice: dropped
+    rows = results.rows
+
+    def save() -> None:
+        results.save(model="SmolLM2-135M-Instruct", eval_text=EVAL_TEXT.name)
 
     if "dense" not in rows:
         report = args.work / "quality-dense.eval.json"
         seconds = run(streamrom + ["eval", str(dense), "--text", str(EVAL_TEXT), "--report", str(report), *windows])
         rows["dense"] = {"key": "dense", "method": "dense", "allocate": "-", "reduction": 0,
                          "perplexity": json.loads(report.read_text())["perplexity"], "parameter_ratio": 1.0,
-                         "eval_seconds": seconds, "run": this_run}
-    measured_here: set[str] = set()
+                         "eval_seconds": seconds}
+        save()
     for reduction in args.reductions:
         for method in args.methods:
             for allocate in args.allocations:
@@ -95,18 +93,9 @@ def main() -> None:
                     "mean_kl": evaluation["mean_kl"], "top1_agreement": evaluation["top1_agreement"],
                     "parameter_ratio": compressed["parameter_ratio"], "factored_linears": len(ranks),
                     "compress_seconds": compress_seconds, "stage_seconds": compressed["stage_seconds"],
-                    "eval_seconds": eval_seconds, "run": this_run,
+                    "eval_seconds": eval_seconds,
                 }
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                measured_here.add(key)
-                if args.out.is_file():  # rows another run wrote meanwhile are kept
-                    now = json.loads(args.out.read_text())
-                    if now.get("max_windows") == args.max_windows:
-                        rows = {**{row["key"]: row for row in now.get("rows", [])},
-                                **{k: rows[k] for k in measured_here}}
-                args.out.write_text(json.dumps({"benchmark": "quality.grid", "model": "SmolLM2-135M-Instruct",
-                                                "eval_text": EVAL_TEXT.name, "max_windows": args.max_windows,
-                                                "rows": list(rows.values())}, indent=2) + "\n")
+                save()
 
     print("\n| reduction | method | allocation | parameters kept | perplexity | vs uniform | KL from dense "
           "| top-1 agreement | compress |")

@@ -23,7 +23,7 @@ import shlex
 import sysconfig
 from pathlib import Path
 
-from benchmarks.common import EMMA, EVAL_TEXT, REPO, dense_model, header, run, streamrom_cli
+from benchmarks.common import EMMA, EVAL_TEXT, REPO, ResultRows, dense_model, run, streamrom_cli
 
 
 from streamrom.stream.calibration import held_out
@@ -84,9 +84,13 @@ def main() -> None:
     assert not set(used["calibration"]) & set(used["evaluation"])
 
     windows = ["--max-windows", str(args.max_windows)]
-    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    rows = {row["key"]: row for row in previous.get("rows", []) if previous.get("max_windows") == args.max_windows}
-    this_run = header("quality.targeted")  # each row this run measures carries it; kept rows keep their own
+    results = ResultRows(args.out, "quality.targeted", args.max_windows)
+    rows = results.rows
+
+    def save() -> None:
+        results.save(model="SmolLM2-135M-Instruct", target_weight=args.target_weight,
+                     split={"held_out_modules": sorted(evaluation_modules),
+                            "calibration_files": used["calibration"], "evaluation_files": used["evaluation"]})
 
     def evaluate(folder: Path, name: str) -> dict:
         scores = {}
@@ -97,7 +101,8 @@ def main() -> None:
         return scores
 
     if "dense" not in rows:
-        rows["dense"] = {"key": "dense", "variant": "dense", "reduction": 0, **evaluate(dense, "dense"), "run": this_run}
+        rows["dense"] = {"key": "dense", "variant": "dense", "reduction": 0, **evaluate(dense, "dense")}
+        save()
     variants = {
         "general": ["--calib-text", str(EMMA)],  # the general text before the general set: Emma
         "target": ["--calib-text", str(code_calibration)],
@@ -116,13 +121,8 @@ def main() -> None:
             rows[key] = {"key": key, "variant": variant, "reduction": reduction, "compress_seconds": seconds,
                          "command": shlex.join(["streamrom", *command[len(cli):]]),
                          "parameter_ratio": json.loads((output / "streamrom-report.json").read_text())["parameter_ratio"],
-                         **evaluate(output, f"{variant}-{reduction}"), "run": this_run}
-            args.out.write_text(json.dumps({
-                "benchmark": "quality.targeted", "model": "SmolLM2-135M-Instruct", "max_windows": args.max_windows,
-                "target_weight": args.target_weight,
-                "split": {"held_out_modules": sorted(evaluation_modules),
-                          "calibration_files": used["calibration"], "evaluation_files": used["evaluation"]},
-                "rows": list(rows.values())}, indent=2) + "\n")
+                         **evaluate(output, f"{variant}-{reduction}")}
+            save()
 
     print("\n| reduction | calibration | code perplexity | prose perplexity | code vs general |")
     print("|---|---|---|---|---|")

@@ -54,7 +54,7 @@ def refit_columns(weight: np.ndarray, moment: np.ndarray, kept: np.ndarray, damp
     are lost), so that no second n x n array is alive. With `anchor` (cross = E[y zᵀ], y what W z
     should reproduce, from the dense stream), the target W z moves to y by its strength: W·C[:,S]
     becomes (1 − α)·W·C[:,S] + α·E[y z_Sᵀ]. The anchor's cross moment is taken (Anchor.take_cross) and
-    freed before C[S,S] is copied."""
+    freed before C[S,S] is formed (copied, or compacted into C's own buffer)."""
     cross = anchor.take_cross() if anchor is not None else None
     if moment.shape[0] <= IN_PLACE_FROM:
         cross_t = np.ascontiguousarray((weight @ moment)[:, kept].T)  # = (W C[:, S])ᵀ
