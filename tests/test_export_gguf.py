@@ -216,6 +216,9 @@ def test_bad_exports_are_refused_in_one_line(tiny_sources, tmp_path):
     again = cli("export-gguf", tiny_sources["qwen2"], target)
     assert again.returncode == EXIT_OUTPUT and "--overwrite" in again.stderr and len(again.stderr.splitlines()) == 1
     assert cli("export-gguf", tiny_sources["qwen2"], target, "--overwrite").returncode == 0
+    nowhere = cli("export-gguf", tiny_sources["qwen2"], tmp_path / "no-such-folder" / "m.gguf")
+    assert nowhere.returncode == EXIT_OUTPUT and "does not exist" in nowhere.stderr, nowhere.stderr
+    assert len(nowhere.stderr.splitlines()) == 1  # said before the writer logs anything
     without = tmp_path / "no-tokenizer"
     shutil.copytree(tiny_sources["qwen2"], without)
     (without / "tokenizer.json").unlink()

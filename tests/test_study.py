@@ -136,6 +136,13 @@ def test_bad_studies_are_refused_in_one_line(tiny_models, tiny_tokens, tmp_path)
     missing = start(worker_command(storage)[:-2])  # without --wait
     code, _, err = finish(missing)
     assert code == EXIT_USAGE and "no study named 'tiny'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "study.db").exists()  # a worker joins: it never makes the file
+    for url, said in (("not a url", "cannot open the study storage"),
+                      (f"sqlite:///{tmp_path / 'no-such-folder' / 'study.db'}", "does not exist")):
+        # said before the output folder is made (it held a progress file once)
+        code, _, err = finish(start(compress_command(tiny_models["llama"], tmp_path / "bad", tiny_tokens, url)))
+        assert code == EXIT_INPUT and said in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "bad").exists() and not (tmp_path / "no-such-folder").exists()
     without_bayes = compress_command(tiny_models["llama"], tmp_path / "o", tiny_tokens, storage)
     without_bayes[without_bayes.index("bayes")] = "spectrum"
     code, _, err = finish(start(without_bayes))

@@ -225,6 +225,10 @@ def compress(source: str | Path, output: str | Path, config: CompressConfig = Co
         check_report_path(report_file)
     if config.spectra_file is not None and Path(config.spectra_file).is_file():
         read_saved_spectra(config.spectra_file)
+    if config.bayes.study and config.allocate == "bayes":  # a bad URL is said before the output exists
+        from .study import check_storage
+
+        check_storage(config.bayes.study)
     keep_large_buffers_off_the_heap()
     timer = StageTimer()
     start = time.perf_counter()

@@ -85,6 +85,38 @@ def process_gone(pid: int, since: float) -> bool:
         return False
 
 
+def check_storage(url: str) -> None:
+    """Refuse, before any work or output, a storage URL that cannot be opened as written: optuna or the
+    database's driver not installed, a URL that does not parse, a SQLite file in a folder that does not
+    exist. (A server that does not answer is found when the study is opened.)"""
+    try:
+        import optuna  # noqa: F401  (the search needs it; said now, not after pass 1)
+        from sqlalchemy.engine import make_url
+    except ImportError:
+        raise UsageError("--allocate bayes needs optuna: pip install 'streamrom[bayes]'") from None
+    shown = _shown(url)
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect().import_dbapi()
+    except ImportError as exc:
+        raise UsageError(f"--study {shown}: {exc} (install the database driver)") from None
+    except Exception as exc:
+        raise InputError(f"cannot open the study storage {shown}: {_first_line(exc)}") from None
+    database = _sqlite_file(url)
+    if database is not None and not database.parent.is_dir():
+        raise InputError(f"cannot open the study storage {shown}: folder {database.parent} does not exist")
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a sqlite:/// URL (None for another database or an in-memory one)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """What each trial needs besides its point: the searched slots, their budget and the base plan."""
@@ -142,6 +174,8 @@ class SharedSearch:
                             from None
                     time.sleep(1.0)
 
+        if not create:  # a worker that only joins never creates a SQLite file: it waits for the study's
+            self._wait_for_file(url, name, wait_seconds)
         plain = storage(None)
         if create:
             study = optuna.create_study(storage=plain, study_name=name, direction="minimize", load_if_exists=True)
@@ -164,6 +198,18 @@ class SharedSearch:
         sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=STARTUP_TRIALS,
                                             independent_sampler=optuna.samplers.RandomSampler())
         self.study = optuna.load_study(storage=storage(self.heartbeat_seconds), study_name=name, sampler=sampler)
+
+    def _wait_for_file(self, url: str, name: str, wait_seconds: float) -> None:
+        try:
+            database = _sqlite_file(url)
+        except Exception:  # not a URL: said as the storage is opened
+            return
+        deadline = time.monotonic() + wait_seconds
+        while database is not None and not database.exists():
+            if time.monotonic() >= deadline:
+                waited = f" after waiting {wait_seconds:g} s" if wait_seconds else ""
+                raise UsageError(f"no study named {name!r} in {self.shown_url}: {database} does not exist{waited}")
+            time.sleep(1.0)
 
     # -- what the study carries besides its trials
 

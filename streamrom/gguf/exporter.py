@@ -113,6 +113,9 @@ def export_gguf(checkpoint: str | Path, output: str | Path, tensor_type: str = "
         raise OutputError(f"{output} exists (pass --overwrite to replace it)")
     if output.is_dir():
         raise OutputError(f"{output} is a folder: give the .gguf file's path")
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():  # said before the work (a quantized type's export, minutes of it, came first)
+        raise OutputError(f"cannot write {output}: its folder {folder} does not exist")
     if quantizer is not None:
         unquantized = output.with_name(f".{output.name}.f16.tmp")
         own = output.with_name(f".{output.name}.imatrix.tmp")
