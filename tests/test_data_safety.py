@@ -340,6 +340,7 @@ def test_empty_output_folder_on_a_read_only_file_system(deep_tiny, tiny_tokens, 
     (["--seed", "-5"], EXIT_USAGE, "expected an integer >= 0"),
     (["--layers", "5-2"], EXIT_USAGE, "is empty"),
     (["--allocate", "spectrum", "--spectra", "BAD"], EXIT_INPUT, "cannot read the first-pass file"),
+    (["--allocate", "spectrum", "--spectra", "JUNK"], EXIT_INPUT, "not a .npz file"),
     (["--calib-tokens", "NPZ"], EXIT_INPUT, "archive of several arrays"),
 ])
 def test_bad_arguments_fail_before_any_work(deep_tiny, tiny_tokens, tmp_path, extra, code, message):
@@ -347,7 +348,9 @@ def test_bad_arguments_fail_before_any_work(deep_tiny, tiny_tokens, tmp_path, ex
 
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 truncated")
     np.savez(tmp_path / "tokens.npz", a=np.arange(10), b=np.arange(5))
-    extra = [{"BAD": str(tmp_path / "bad.npz"), "NPZ": str(tmp_path / "tokens.npz")}.get(e, e) for e in extra]
+    (tmp_path / "junk.npz").write_bytes(b"garbage" * 10)  # numpy calls it pickled data
+    extra = [{"BAD": str(tmp_path / "bad.npz"), "NPZ": str(tmp_path / "tokens.npz"),
+              "JUNK": str(tmp_path / "junk.npz")}.get(e, e) for e in extra]
     command = cli_command(deep_tiny, tmp_path / "out", tiny_tokens, *extra)
     if "--calib-tokens" in extra:  # the given one replaces the fixture's
         first = command.index("--calib-tokens")

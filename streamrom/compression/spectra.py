@@ -226,6 +226,10 @@ def _weight_reader(reader: CheckpointReader, index: int, work_dtype):
 
 def read_saved(path: Path) -> dict[str, np.ndarray]:
     """A saved first pass, every array read (a damaged file fails here, with one line, not later)."""
+    import zipfile
+
+    if Path(path).is_file() and not zipfile.is_zipfile(path):  # (numpy would call it pickled data)
+        raise InputError(f"cannot read the first-pass file {path}: not a .npz file (a zip archive of arrays)")
     try:
         with np.load(path, allow_pickle=False) as stored:
             return {key: stored[key] for key in stored.files}
