@@ -511,3 +511,34 @@ def test_fuzzed_ranks_from(tmp_path_factory, checkpoint, ranks, method, wrapper)
         model_plan(spec, config, list(range(spec.num_layers)), 0, 4)
 
     outcome("--ranks-from", plan)
+
+
+# -- the progress record of an interrupted run -----------------------------------------------------------
+GOOD_PROGRESS = {"arguments": "a" * 64, "source": "b" * 64, "blocks_done": 1, "inputs_file": "activations-b.f32",
+                 "ranks": {"model.layers.0.self_attn.q_proj": 8, "model.layers.0.mlp.down_proj": None},
+                 "plan": {"model.layers.1.self_attn.q_proj": 8},
+                 "weight_map": {"model.embed_tokens.weight": "model-00001-of-00005.safetensors"},
+                 "format": 1, "stage": "compressing", "source_files": {"config.json": [836, 17, 65024, 5326875]},
+                 "trials": [], "study": "", "orders": {"model.layers.2.mlp.neurons": [4, 2, 0]}}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("blocks_done", "1"), ("blocks_done", True), ("blocks_done", -2), ("inputs_file", {"a": None}),
+    ("ranks", []), ("ranks", {"model.layers.0.self_attn.q_proj": 0}), ("plan", {"x": "8"}), ("plan", {"x": -1}),
+    ("weight_map", {"model.embed_tokens.weight": ""}), ("weight_map", {"w": "../../elsewhere.safetensors"}),
+    ("source_files", 1.5), ("source_files", {"config.json": [1, 2]}), ("trials", True), ("trials", [1]),
+    ("study", True), ("orders", []), ("orders", {"n": [1, "2"]}), ("stage", "done"), ("arguments", None),
+])
+def test_a_damaged_progress_record_is_refused_in_one_line(tmp_path, field, value):
+    """A progress record whose fields are not of the shape a run writes (a damaged or edited file) is
+    refused when it is read, naming the field: no later step of the resume meets a wrong type (a fuzzed
+    record reached internal errors: an unhashable activation file, a list of orders, a shard without a
+    name, a rank of 0)."""
+    from streamrom.compression.progress import PROGRESS_FILE, Progress
+    from streamrom.errors import OutputError
+
+    (tmp_path / PROGRESS_FILE).write_text(json.dumps(GOOD_PROGRESS))
+    assert Progress.load(tmp_path).blocks_done == 1
+    (tmp_path / PROGRESS_FILE).write_text(json.dumps({**GOOD_PROGRESS, field: value}))
+    with pytest.raises(OutputError, match=f"unreadable \\({field} is not what a run writes\\); pass --overwrite"):
+        Progress.load(tmp_path)

@@ -381,10 +381,11 @@ def _write_report(prepared: Prepared, output: Path, progress: Progress, timer: S
     )
     if config.anchored:
         report.disk["dense_stream_bytes"] = _dense_stream_bytes(spec, prepared.tokens)
-    if progress.trials:
-        settings["bayes"]["scores"] = progress.trials
-    if progress.study:
-        settings["bayes"]["study_name"] = progress.study
+    if "bayes" in settings:  # (a record edited to hold trials of another run's kind says nothing here)
+        if progress.trials:
+            settings["bayes"]["scores"] = progress.trials
+        if progress.study:
+            settings["bayes"]["study_name"] = progress.study
     log.info("compressed %s -> %s: parameters %.3f of the original",
              reader.folder, output, report.parameter_ratio or 0.0)
     if eval_text:

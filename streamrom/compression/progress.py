@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,36 @@ class Progress:
             if data.get("format") != PROGRESS_FORMAT:
                 return None
             progress = cls(**{key: value for key, value in data.items() if key not in RETIRED_FIELDS})
-            if not isinstance(progress.blocks_done, int) or progress.stage not in ("compressing", "written"):
-                raise ValueError(path)
-            return progress
-        except (OSError, ValueError, TypeError):
-            raise OutputError(f"progress file {path} is unreadable; pass --overwrite to start over") from None
+            problem = progress._shape_problem()
+        except (OSError, ValueError, TypeError, AttributeError):
+            problem = ""
+        if problem is not None:
+            said = f" ({problem})" if problem else ""
+            raise OutputError(f"progress file {path} is unreadable{said}; pass --overwrite to start over")
+        return progress
+
+    def _shape_problem(self) -> str | None:
+        """What in a loaded record is not of the shape a run writes (a damaged or edited file), or None:
+        checked whole here, so that no later step meets a value of the wrong type."""
+        def integer(value, low: int = 0) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+        def mapping(value, check) -> bool:
+            return isinstance(value, dict) and all(isinstance(key, str) and check(item) for key, item in value.items())
+
+        checks = {
+            "arguments": isinstance(self.arguments, str), "source": isinstance(self.source, str),
+            "blocks_done": integer(self.blocks_done, -1), "inputs_file": isinstance(self.inputs_file, str),
+            "ranks": mapping(self.ranks, lambda rank: rank is None or integer(rank, 1)),
+            "plan": mapping(self.plan, lambda rank: rank is None or integer(rank, 1)),
+            "weight_map": mapping(self.weight_map, lambda shard: isinstance(shard, str)
+                                  and re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", shard) is not None),
+            "stage": self.stage in ("compressing", "written"),
+            "source_files": mapping(self.source_files, lambda stat: isinstance(stat, list) and len(stat) == 4
+                                    and all(integer(number) for number in stat)),
+            "trials": isinstance(self.trials, list) and all(isinstance(trial, dict) for trial in self.trials),
+            "study": isinstance(self.study, str),
+            "orders": mapping(self.orders, lambda order: isinstance(order, list) and all(map(integer, order))),
+        }
+        wrong = [name for name, fine in checks.items() if not fine]
+        return f"{wrong[0]} is not what a run writes" if wrong else None
