@@ -440,6 +440,21 @@ def test_the_checkpoints_input_energies_become_llama_cpps_importance_matrix(tmp_
     assert padded > 0  # something was narrowed, so the layout was tested
     assert not write_llama_imatrix(_tiny_with_tokenizer(tmp_path / "dense"), tmp_path / "none.gguf", densify=False)
 
+    # a vector of another length than the columns its linear reads (a damaged or foreign file) is said
+    # here, not by llama-quantize failing on the model
+    from safetensors.numpy import save_file
+    from safetensors import safe_open
+
+    from streamrom.errors import InputError
+    from streamrom.storage.importance import IMPORTANCE_FILE
+
+    with safe_open(compressed / IMPORTANCE_FILE, "np") as stored:
+        metadata = stored.metadata()
+    short = {f"{k}.in_sum2": (v[: v.size // 2] if k.endswith("gate_proj") else v) for k, v in sums.items()}
+    save_file(short, compressed / IMPORTANCE_FILE, metadata=metadata)
+    with pytest.raises(InputError, match=r"holds \d+ energies for model\.layers\.0\.mlp\.gate_proj, which reads"):
+        write_llama_imatrix(compressed, tmp_path / "short.imatrix.gguf", densify=True)
+
 
 @pytest.mark.pipeline
 @pytest.mark.skipif(_llama_quantize() is None, reason="llama.cpp's llama-quantize is not installed "

@@ -196,6 +196,11 @@ def write_llama_imatrix(checkpoint: Path, path: Path, densify: bool) -> bool:
                 continue
             if name not in sums:
                 raise InputError(f"{checkpoint / IMPORTANCE_FILE} has no energies for {name}")
+            stored = reader.shapes.get(f"{name}.weight") or reader.shapes.get(f"{name}.reduce.weight")
+            if stored is None or sums[name].shape != (stored[-1],):
+                # (llama-quantize would fail on it with a message about the model, not this file)
+                raise InputError(f"{checkpoint / IMPORTANCE_FILE} holds {sums[name].size} energies for {name}, "
+                                 f"which reads {stored[-1] if stored else 'no'} columns")
             columns = plan.input_layout(index, hf, sums[name])
             writer.add_tensor(f"blk.{index}.{short}.weight.in_sum2", columns.astype(np.float32))
             writer.add_tensor(f"blk.{index}.{short}.weight.counts", np.array([tokens], dtype=np.float32))
