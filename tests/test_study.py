@@ -430,3 +430,25 @@ def test_a_rerun_queues_the_startup_points_a_killed_process_did_not(tmp_path):
     whole = SharedSearch(f"sqlite:///{tmp_path / 'whole.db'}", "s", create=True, trials=3, heartbeat_seconds=60)
     whole.publish(record, groups)
     assert _run_to_the_end(search, space, timeout=60) == _run_to_the_end(whole, space, timeout=60)
+
+
+@pytest.mark.parametrize("field, value", [("format", 2), ("config", ""), ("source", 1.5), ("arguments", None),
+                                          ("source_fingerprint", {}), ("base", True), ("base", {"a": 1}),
+                                          ("base", {"model.layers.0.self_attn.q_proj": "8"}), ("orders", []),
+                                          ("orders", {"model.layers.0.mlp.neurons": [1, None]})])
+def test_a_study_record_of_another_shape_is_refused_in_one_line(tmp_path, field, value):
+    """A worker reads the record another process wrote (another version's, or a damaged database's): a
+    field of another shape is said when the record is read, naming it (fuzzed records reached internal
+    errors: a source path that is a number, orders that are a list, a base plan that is a bool)."""
+    from streamrom.compression.study import RECORD, SharedSearch
+    from streamrom.errors import InputError
+
+    search = SharedSearch(f"sqlite:///{tmp_path / 'study.db'}", "s", create=True, trials=2)
+    good = {"format": 1, "config": {"ratio": 0.8}, "source": "/m", "source_fingerprint": "f", "arguments": "a",
+            "base": {"model.layers.0.self_attn.q_proj": 8, "model.layers.0.mlp.neurons": None},
+            "orders": {"model.layers.0.mlp.neurons": [2, 0, 1]}}
+    search.study.set_user_attr(RECORD, good)
+    assert search.record() == good
+    search.study.set_user_attr(RECORD, {**good, field: value})
+    with pytest.raises(InputError, match=f"holds a record this streamrom cannot read \\(its {field}\\)"):
+        search.record()

@@ -347,8 +347,9 @@ def join_study(prepared: "Prepared", create: bool, name: str | None = None) -> "
 def study_record(prepared: "Prepared", base: ModelPlan, orders: dict[str, list[int]]) -> dict:
     """What a worker elsewhere needs to run this study's trials (compression/study.py)."""
     from .config import config_to_json
+    from .study import RECORD_FORMAT
 
-    return {"orders": orders, "format": 1, "config": config_to_json(prepared.config),
+    return {"orders": orders, "format": RECORD_FORMAT, "config": config_to_json(prepared.config),
             "source": str(prepared.reader.folder.absolute()),
             "source_fingerprint": source_fingerprint(prepared.reader),
             "arguments": arguments_fingerprint(prepared.fingerprint, prepared.tokens), "base": base.record()}

@@ -73,6 +73,26 @@ def arguments_fingerprint(settings: dict[str, Any], tokens: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def integer(value, low: int = 0) -> bool:
+    """An int (not a bool) of at least `low`: what a record read back from JSON must hold there."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def mapping(value, check) -> bool:
+    return isinstance(value, dict) and all(isinstance(key, str) and check(item) for key, item in value.items())
+
+
+def is_plan(value) -> bool:
+    """A flat plan as records hold it: {"model.layers.<i>.<name>": rank or width, or None}."""
+    return mapping(value, lambda rank: rank is None or integer(rank, 1)) and all(
+        key.startswith("model.layers.") for key in value)
+
+
+def is_orders(value) -> bool:
+    """Keep orders as records hold them: {unit key: [feature, ...]}."""
+    return mapping(value, lambda order: isinstance(order, list) and all(map(integer, order)))
+
+
 @dataclass
 class Progress:
     arguments: str
@@ -123,17 +143,10 @@ class Progress:
     def _shape_problem(self) -> str | None:
         """What in a loaded record is not of the shape a run writes (a damaged or edited file), or None:
         checked whole here, so that no later step meets a value of the wrong type."""
-        def integer(value, low: int = 0) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-        def mapping(value, check) -> bool:
-            return isinstance(value, dict) and all(isinstance(key, str) and check(item) for key, item in value.items())
-
         checks = {
             "arguments": isinstance(self.arguments, str), "source": isinstance(self.source, str),
             "blocks_done": integer(self.blocks_done, -1), "inputs_file": isinstance(self.inputs_file, str),
-            "ranks": mapping(self.ranks, lambda rank: rank is None or integer(rank, 1)),
-            "plan": mapping(self.plan, lambda rank: rank is None or integer(rank, 1)),
+            "ranks": is_plan(self.ranks), "plan": is_plan(self.plan),
             "weight_map": mapping(self.weight_map, lambda shard: isinstance(shard, str)
                                   and re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", shard) is not None),
             "stage": self.stage in ("compressing", "written"),
@@ -141,7 +154,7 @@ class Progress:
                                     and all(integer(number) for number in stat)),
             "trials": isinstance(self.trials, list) and all(isinstance(trial, dict) for trial in self.trials),
             "study": isinstance(self.study, str),
-            "orders": mapping(self.orders, lambda order: isinstance(order, list) and all(map(integer, order))),
+            "orders": is_orders(self.orders),
         }
         wrong = [name for name, fine in checks.items() if not fine]
         return f"{wrong[0]} is not what a run writes" if wrong else None

@@ -41,6 +41,7 @@ from ..errors import InputError, UsageError
 log = logging.getLogger(__name__)
 
 RECORD = "streamrom"  # study attribute: settings, fingerprints, base plan
+RECORD_FORMAT = 1  # the record's "format": what planning.study_record writes
 CHOSEN = "chosen_trial"  # study attribute: the trial whose plan the compress processes write
 HEARTBEAT = "heartbeat_seconds"  # study attribute: the interval every process judges the others by
 PROCESS = "process"  # trial attribute: the machine, process id and trial number of the process that runs it
@@ -214,7 +215,24 @@ class SharedSearch:
     # -- what the study carries besides its trials
 
     def record(self) -> dict[str, Any] | None:
-        return self.study.user_attrs.get(RECORD)
+        """The study's record (None before the first process wrote it), checked to be of the shape this
+        version writes: a worker elsewhere reads it, and nothing after this may meet a wrong type."""
+        from .progress import is_orders, is_plan
+
+        record = self.study.user_attrs.get(RECORD)
+        if record is None:
+            return None
+        checks = {"format": isinstance(record, dict) and record.get("format") == RECORD_FORMAT}
+        if checks["format"]:
+            checks.update({"config": isinstance(record.get("config"), dict),
+                           **{name: isinstance(record.get(name), str)
+                              for name in ("source", "source_fingerprint", "arguments")},
+                           "base": is_plan(record.get("base")), "orders": is_orders(record.get("orders", {}))})
+        wrong = next((name for name, fine in checks.items() if not fine), None)
+        if wrong is not None:
+            raise InputError(f"study {self.name!r} in {self.shown_url} holds a record this streamrom cannot read "
+                             f"(its {wrong}): made by another version, or damaged")
+        return record
 
     def check(self, arguments: str, source: str) -> None:
         """Refuse to work on a study of another model, settings or calibration."""
