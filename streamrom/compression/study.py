@@ -276,6 +276,10 @@ class SharedSearch:
         wanted = self.trials
 
         def objective(trial) -> float:
+            # which process runs it, first: until then only the heartbeats' grace tells a dead worker's
+            # trial, and the sampler's first suggestion (a Gaussian process's fit) can take a while
+            trial.set_user_attr("worker", self.worker)
+            trial.set_user_attr(PROCESS, {"machine": self.machine, "pid": os.getpid(), "trial": trial.number})
             # another worker took the last trial first (a dead worker's trial run again always runs: its
             # retry was queued after others may have started, and its point was promised)
             if not self._is_retry(trial.number) and self._position(trial.number) >= wanted:
@@ -285,8 +289,6 @@ class SharedSearch:
                 # two workers asked at the same moment, before either's point was stored: the later one
                 # asks again, and the sampler then sees the other's point as running
                 raise optuna.TrialPruned("another worker runs this point")
-            trial.set_user_attr("worker", self.worker)
-            trial.set_user_attr(PROCESS, {"machine": self.machine, "pid": os.getpid(), "trial": trial.number})
             log.info("bayes trial %d (study %s): compressing", trial.number, self.name)
             ranks = trial_ranks(space.slots, space.budget, space.base, multipliers, space.num_layers)
             value, seconds = score(ranks)
@@ -372,10 +374,10 @@ class SharedSearch:
             if trial.datetime_start is None:
                 continue
             if not own:
-                # a worker writes its process first thing in a trial; one killed before that (maybe before
-                # its first heartbeat, and a trial without one is never stale to optuna) is taken for dead
-                # once this process has seen the trial unclaimed for the heartbeats' grace (by its own
-                # clock: the machines' clocks may disagree)
+                # a worker writes its process first thing in a trial (before the sampler's suggestion);
+                # one killed before that (maybe before its first heartbeat, and a trial without one is
+                # never stale to optuna) is taken for dead once this process has seen the trial unclaimed
+                # for the heartbeats' grace (by its own clock: the machines' clocks may disagree)
                 seen = self._unclaimed.setdefault(trial._trial_id, time.monotonic())
                 if time.monotonic() - seen <= grace:
                     continue
