@@ -542,3 +542,21 @@ def test_a_damaged_progress_record_is_refused_in_one_line(tmp_path, field, value
     (tmp_path / PROGRESS_FILE).write_text(json.dumps({**GOOD_PROGRESS, field: value}))
     with pytest.raises(OutputError, match=f"unreadable \\({field} is not what a run writes\\); pass --overwrite"):
         Progress.load(tmp_path)
+
+
+def test_a_progress_record_changed_after_it_was_written_is_refused(tmp_path):
+    """A record that still parses after a change (a flipped digit: another rank, of the right type) does
+    not match the checksum save wrote into it; a record of an earlier version, without one, is read."""
+    from streamrom.compression.progress import PROGRESS_FILE, Progress
+    from streamrom.errors import OutputError
+
+    Progress(**GOOD_PROGRESS).save(tmp_path)
+    assert Progress.load(tmp_path) == Progress(**GOOD_PROGRESS)
+    text = (tmp_path / PROGRESS_FILE).read_text()
+    assert '"model.layers.0.self_attn.q_proj": 8' in text
+    (tmp_path / PROGRESS_FILE).write_text(text.replace('"model.layers.0.self_attn.q_proj": 8',
+                                                       '"model.layers.0.self_attn.q_proj": 9'))
+    with pytest.raises(OutputError, match="does not match its checksum .*; pass --overwrite"):
+        Progress.load(tmp_path)
+    (tmp_path / PROGRESS_FILE).write_text(json.dumps(GOOD_PROGRESS))
+    assert Progress.load(tmp_path) == Progress(**GOOD_PROGRESS)

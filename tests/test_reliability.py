@@ -297,11 +297,20 @@ def test_a_damaged_keep_order_in_the_progress_file_is_refused_on_resume(deep_tin
                           "--target-params", "0.8", "--neuron-selection", "pass1")
     killed = run(command, fault="during-block-1")
     assert killed.returncode == -signal.SIGKILL
+    from streamrom.compression.progress import CHECKSUM, _checksum
+
     progress = json.loads((output / PROGRESS_FILE).read_text())
     key = next(iter(progress["orders"]))
     progress["orders"][key] = progress["orders"][key][:-1]
     (output / PROGRESS_FILE).write_text(json.dumps(progress))
     shards = sorted(p.name for p in output.glob("model-*.safetensors"))
+    refused = run(command)  # the record no longer matches its checksum
+    assert refused.returncode == EXIT_OUTPUT and "--overwrite" in refused.stderr and "checksum" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    # the same damage with a checksum that matches it (a record written so): the order itself is checked
+    del progress[CHECKSUM]
+    progress[CHECKSUM] = _checksum(progress)
+    (output / PROGRESS_FILE).write_text(json.dumps(progress))
     refused = run(command)
     assert refused.returncode == EXIT_OUTPUT and "--overwrite" in refused.stderr and key in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr

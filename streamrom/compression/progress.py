@@ -27,6 +27,7 @@ from ..storage.locking import LOCK_FILE, OutputLock  # noqa: F401 (the lock live
 
 PROGRESS_FILE = ".streamrom-progress.json"
 PROGRESS_FORMAT = 1
+CHECKSUM = "checksum"  # sha256 of the record's other fields (records of earlier versions have none)
 RETIRED_FIELDS = ("total_size",)  # written by earlier versions, read by none: dropped when an old record is loaded
 
 
@@ -73,6 +74,10 @@ def arguments_fingerprint(settings: dict[str, Any], tokens: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def _checksum(record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
 def integer(value, low: int = 0) -> bool:
     """An int (not a bool) of at least `low`: what a record read back from JSON must hold there."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
@@ -113,7 +118,9 @@ class Progress:
     orders: dict[str, list[int]] = field(default_factory=dict)
 
     def save(self, folder: Path) -> None:
-        write_atomic(Path(folder) / PROGRESS_FILE, (json.dumps(asdict(self), indent=1) + "\n").encode())
+        record = asdict(self)
+        record[CHECKSUM] = _checksum(record)
+        write_atomic(Path(folder) / PROGRESS_FILE, (json.dumps(record, indent=1) + "\n").encode())
 
     @staticmethod
     def discard_unplaced(folder: Path) -> None:
@@ -131,6 +138,11 @@ class Progress:
             data = json.loads(path.read_text())
             if data.get("format") != PROGRESS_FORMAT:
                 return None
+            written = data.pop(CHECKSUM, None)
+            if written is not None and written != _checksum(data):
+                # a record that parses yet was changed (a flipped digit is still JSON: another rank)
+                raise OutputError(f"progress file {path} does not match its checksum (damaged or edited since it "
+                                  "was written); pass --overwrite to start over")
             progress = cls(**{key: value for key, value in data.items() if key not in RETIRED_FIELDS})
             problem = progress._shape_problem()
         except (OSError, ValueError, TypeError, AttributeError):
