@@ -25,7 +25,7 @@ from ..stream.activations import ActivationBuffer, ActivationPair, BlockCache, e
 from .anchoring import DenseStream, dense_pair
 from .block_compression import compress_block
 from .plans import ModelPlan
-from ..storage.checkpoint import CheckpointReader, CheckpointWriter, shard_is_complete
+from ..storage.checkpoint import NUMBERED_SHARD, CheckpointReader, CheckpointWriter, shard_is_complete
 from .config import CompressConfig
 from ..storage.importance import BlockEnergies, save_block
 from ..report.memory import RSSMonitor, release_freed_memory
@@ -46,7 +46,7 @@ def damaged_shards(output: Path, progress: Progress) -> list[int]:
     for name in sorted(set(progress.weight_map.values())):
         if not shard_is_complete(output / name):
             log.warning("shard %s of the interrupted run is missing or damaged: it is redone", name)
-            damaged.append(int(name.split("-")[1]))
+            damaged.append(int(NUMBERED_SHARD.fullmatch(name)[1]))
     return damaged
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..storage.checkpoint import CONFIG_FILE, CheckpointReader
+from ..storage.checkpoint import CONFIG_FILE, NUMBERED_SHARD, CheckpointReader
 from ..storage.layout import atomic_temporary, write_atomic
 from ..errors import OutputError
 from ..storage.locking import LOCK_FILE, OutputLock  # noqa: F401 (the lock lives with the run state)
@@ -160,7 +159,7 @@ class Progress:
             "blocks_done": integer(self.blocks_done, -1), "inputs_file": isinstance(self.inputs_file, str),
             "ranks": is_plan(self.ranks), "plan": is_plan(self.plan),
             "weight_map": mapping(self.weight_map, lambda shard: isinstance(shard, str)
-                                  and re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", shard) is not None),
+                                  and NUMBERED_SHARD.fullmatch(shard) is not None),
             "stage": self.stage in ("compressing", "written"),
             "source_files": mapping(self.source_files, lambda stat: isinstance(stat, list) and len(stat) == 4
                                     and all(integer(number) for number in stat)),

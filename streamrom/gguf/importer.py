@@ -26,7 +26,7 @@ import numpy as np
 
 from ..model.architectures import ModelSpec, block_prefix
 from ..model.families import GGUF_FAMILIES, GLOBAL_NAMES
-from ..storage.checkpoint import check_block_count
+from ..storage.checkpoint import check_block_count, numbered_shard
 from ..errors import InputError, OutputError, write_failure
 from ..storage.layout import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, check_output_path, tensor_bytes, write_atomic
 from .vocab import gguf_tokenizer
@@ -323,7 +323,7 @@ def _write_folder(model: GGUFModel, folder: Path, config: dict[str, Any], tokeni
     code = OUTPUT_DTYPES[dtype][0]
     shards = _shards(model.tensors, code, shard_bytes)
     names = ([SINGLE_FILE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+             [numbered_shard(i + 1, len(shards)) for i in range(len(shards))])
     # Progress goes by runs of tensors of one block (or of the embedding/norm/head), not per tensor.
     groups = [_group(t.hf_name) for t in model.tensors]
     steps = 1 + sum(a != b for a, b in zip(groups, groups[1:]))

@@ -246,6 +246,14 @@ def check_block_count(configured: Any, names: Iterable[str], folder: Path,
     if len(found) != configured:
         raise InputError(f"{setting} {configured}, but the tensors in {folder} have no block "
                          f"{min(set(range(configured)) - found)}")
+# numbered shards, as CheckpointWriter and import-gguf name them: number and total
+NUMBERED_SHARD = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+
+
+def numbered_shard(number: int, total: int) -> str:
+    return f"model-{number:05d}-of-{total:05d}.safetensors"
+
+
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -293,7 +301,7 @@ class CheckpointWriter:
         self.weight_map: dict[str, str] = dict(weight_map or {})
 
     def shard_name(self, number: int) -> str:
-        return f"model-{number:05d}-of-{self.total_shards:05d}.safetensors"
+        return numbered_shard(number, self.total_shards)
 
     def write_shard(self, number: int, tensors: Mapping[str, torch.Tensor],
                     before_rename: Callable[[], None] | None = None, scratch: Path | None = None) -> str:
