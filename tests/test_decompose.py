@@ -338,6 +338,31 @@ def test_error_correction_is_the_input_weighted_truncated_svd(shape):
     np.testing.assert_allclose(expand @ reduce, error, atol=1e-10)
 
 
+def test_error_correction_of_a_singular_moment_needs_no_cholesky_factor():
+    """A moment from fewer tokens than columns, in float32 (rounding makes it indefinite, so Cholesky fails):
+    the tall side still gives A·B = U_r U_rᵀ E, U the left singular vectors of E·F for any F Fᵀ = C, and the
+    prices of its directions still sum to the whole weighted error."""
+    from streamrom.gguf.correction import error_prices
+    from streamrom.linalg.decompose import error_correction, moment_root
+
+    rng = np.random.default_rng(1)
+    error = rng.standard_normal((60, 40)).astype(np.float32)
+    inputs = rng.standard_normal((40, 12)).astype(np.float32)  # 12 tokens, 40 columns: rank 12
+    moment = (inputs @ inputs.T / 12).astype(np.float32)
+    moment[np.diag_indices_from(moment)] -= 1e-6 * float(np.mean(np.diag(moment)))  # just indefinite
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(moment.astype(np.float64))
+    root, triangular = moment_root(moment)
+    assert not triangular
+    exact = inputs.astype(np.float64) / np.sqrt(12)
+    left, singular, _ = np.linalg.svd(error.astype(np.float64) @ exact)
+    expand, reduce, values, total = error_correction(error, moment, 5, damping=None)
+    np.testing.assert_allclose(expand @ reduce, left[:, :5] @ left[:, :5].T @ error, atol=2e-3)
+    np.testing.assert_allclose(values, singular[:5] ** 2, rtol=1e-3)
+    sensitivity = np.ones(60, dtype=np.float32)
+    np.testing.assert_allclose(np.sum(error_prices(error, moment, sensitivity, 0.0)), np.sum(singular ** 2), rtol=1e-3)
+
+
 @pytest.mark.parametrize("shape", [(20, 30), (30, 20)])
 def test_error_prices_weigh_each_correction_direction_by_the_loss_gradient(shape):
     """Direction k of the correction (u_k, σ_k² = its energy) saves σ_k² Σ_j u_jk² E[g_j²], on either side

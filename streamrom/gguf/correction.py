@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch import nn
 
@@ -108,8 +107,7 @@ def error_prices(error: np.ndarray, second_moment: np.ndarray, sensitivity: np.n
     if out_features <= in_features:
         values, vectors = decompose.top_eigenvectors((error @ moment) @ error.T, out_features)
         return decompose.sensitivity_weighted(np.clip(values, 0.0, None), vectors, sensitivity)
-    factor = scipy.linalg.cholesky(moment, lower=True, check_finite=True)
-    weighted = error @ factor
+    weighted = error @ decompose.moment_root(moment)[0]  # any F with F·Fᵀ = C serves
     _, vectors = decompose.top_eigenvectors(weighted.T @ weighted, in_features)
     directions = weighted @ vectors  # u_k·σ_k: its squared entries, weighted, are λ_k Σ_j u_jk² E[g_j²]
     return (directions ** 2).T @ sensitivity

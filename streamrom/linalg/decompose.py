@@ -556,13 +556,27 @@ def error_correction(error: np.ndarray, second_moment: np.ndarray, rank: int,
         total = float(np.trace(energy))
         values, vectors = top_eigenvectors(energy, rank)
         return vectors, np.ascontiguousarray(vectors.T @ error), values, total
-    factor = scipy.linalg.cholesky(moment, lower=True, check_finite=True)
+    factor, triangular = moment_root(moment)
     weighted = error @ factor
     gram = weighted.T @ weighted
     total = float(np.trace(gram))
     values, vectors = top_eigenvectors(gram, rank)
     del gram
     expand = weighted @ vectors
-    # B = Vᵀ L⁻¹: solve Lᵀ Bᵀ = V
-    reduce = scipy.linalg.solve_triangular(factor, vectors, lower=True, trans="T", check_finite=False).T
+    if triangular:  # B = Vᵀ L⁻¹: solve Lᵀ Bᵀ = V
+        reduce = scipy.linalg.solve_triangular(factor, vectors, lower=True, trans="T", check_finite=False).T
+    else:  # error·F = U Σ Wᵀ, A = U_r Σ_r: B = Σ_r⁻¹ U_rᵀ error = Σ_r⁻² Aᵀ error (no F⁻¹; a zero σ gives B 0)
+        scale = np.divide(1.0, values, out=np.zeros_like(values), where=values > 0)
+        reduce = scale[:, None] * (expand.T @ error)
     return np.ascontiguousarray(expand), np.ascontiguousarray(reduce), values, total
+
+
+def moment_root(moment: np.ndarray) -> tuple[np.ndarray, bool]:
+    """F with F·Fᵀ = C, and whether it is triangular: the lower Cholesky factor or, where that fails (a
+    moment of fewer tokens than columns is singular, and its damping can fall below float32's rounding),
+    Q·Λ^½ from its eigen-decomposition, negative rounding clipped to zero."""
+    try:
+        return scipy.linalg.cholesky(moment, lower=True, check_finite=True), True
+    except np.linalg.LinAlgError:
+        values, vectors = scipy.linalg.eigh(moment, check_finite=True)
+        return vectors * np.sqrt(np.clip(values, 0.0, None)), False
