@@ -48,6 +48,7 @@ if __name__ == "__main__" or sys.argv and sys.argv[0].endswith("/streamrom"):
 import argparse  # noqa: E402
 import json
 import logging  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -55,7 +56,7 @@ from .model.architectures import UNITS  # noqa: E402
 from .model.families import GGUF_FAMILIES  # noqa: E402
 from .console import configure as configure_logging  # noqa: E402
 from .storage.layout import GGUF_TYPES, LLAMA_QUANTIZE_TYPES  # noqa: E402
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, OutputError, StreamromError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, OutputError, StreamromError, UsageError
 
 log = logging.getLogger("streamrom")
 
@@ -74,6 +75,8 @@ OUTPUT_DTYPES = ("source", "float32", "float16", "bfloat16")  # likewise
 PRECISIONS = ("float32", "float64")  # likewise
 ADAPTER_TYPES = ("f16", "f32")  # gguf.correction's, likewise
 IMPORT_DTYPES = ("float32", "float16", "bfloat16")  # gguf.importer's output dtypes, likewise
+SIZING_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # gguf.sizing's
+SIZING_DEFAULT_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")  # likewise
 
 
 class _Parser(argparse.ArgumentParser):
@@ -276,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "--densify.")
     exp.add_argument("checkpoint", type=Path, help="checkpoint folder (with tokenizer.json)")
     exp.add_argument("output", type=Path, help="the .gguf file to write")
-    exp.add_argument("--type", dest="tensor_type", default="source", metavar="TYPE",
+    exp.add_argument("--type", dest="tensor_type", default=None, metavar="TYPE",
                      choices=[*GGUF_TYPES, *LLAMA_QUANTIZE_TYPES],
                      help="how weight matrices are stored (default: the checkpoint's dtype): source, f32, f16, bf16, "
                           "or q8_0 and q4_0 (quantised by streamrom; rows whose length is no multiple of 32 stay "
@@ -294,6 +297,28 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--densify", action="store_true",
                      help="multiply factored linears back into dense matrices (the file grows by what they saved)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    sized = exp.add_argument_group("a file of a given size (instead of --type; needs llama-quantize)")
+    sized.add_argument("--target-size", type=float, metavar="GB", dest="target_size_gb",
+                       help="the file's bytes in GB (1e9 bytes; with --adapter, the file's and the adapter's): each "
+                            "block linear gets the llama.cpp type (and with --adapter the correction rank) that saves "
+                            "the most loss per byte, priced by one streamed forward and backward pass of calibration "
+                            "text through the model (the error of each type read back from llama-quantize's own "
+                            "files of each candidate type, made in a hidden folder beside the output)")
+    sized.add_argument("--candidate-types", nargs="+", choices=SIZING_TYPES, default=list(SIZING_DEFAULT_TYPES),
+                       metavar="TYPE", help="the types a linear may get (default: "
+                                            f"{' '.join(SIZING_DEFAULT_TYPES)}; also {' '.join(t for t in SIZING_TYPES if t not in SIZING_DEFAULT_TYPES)})")
+    sized.add_argument("--embedding-type", choices=SIZING_TYPES, default="q6_k",
+                       help="the token embedding's and output matrix's type (default q6_k)")
+    sized.add_argument("--adapter", type=Path, metavar="ADAPTER.gguf",
+                       help="spend part of the size on low-rank corrections of the quantization error, fitted "
+                            "like `correct` and written here as a llama.cpp LoRA adapter (llama-cli -m OUT --lora "
+                            "ADAPTER)")
+    sized.add_argument("--adapter-type", choices=list(ADAPTER_TYPES), default="f16",
+                       help="dtype of the adapter's matrices (default f16)")
+    sized.add_argument("--calib-text", type=Path, nargs="+", default=[],
+                       help="calibration text files (default: the packaged general set)")
+    _add_calibration_draw(sized)
+    sized.add_argument("--report", type=Path, help="write a JSON summary (each linear's type and rank, bytes, times)")
 
     work = sub.add_parser("tune-worker", help="run trials of a shared bayes search (compress --study)",
                           description="Join the optuna study that `streamrom compress ... --allocate bayes --study "
@@ -454,8 +479,6 @@ def _run(args: argparse.Namespace) -> None:
         method, allocate, target_params = _method_and_size(args)
         unused = _without_effect(args, allocate)
         if unused:
-            from .errors import UsageError
-
             raise UsageError(unused)
         bayes = {"trials": args.trials, "heartbeat_seconds": args.heartbeat}
         config = CompressConfig(
@@ -509,7 +532,14 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "export-gguf":
         with _Interrupt.held():
             from .gguf.exporter import export_gguf
-        written = export_gguf(args.checkpoint, args.output, args.tensor_type, densify=args.densify,
+        if args.target_size_gb is not None:
+            _export_sized(args)
+            return
+        alone = _sizing_options_given(args)
+        if alone:
+            raise UsageError(f"{alone} goes with --target-size"
+                             + (" (for a rank or an adapter size: streamrom correct)" if alone == "--adapter" else ""))
+        written = export_gguf(args.checkpoint, args.output, args.tensor_type or "source", densify=args.densify,
                               overwrite=args.overwrite, llama_quantize=args.llama_quantize, imatrix=args.imatrix,
                               threads=args.threads, own_imatrix=not args.no_imatrix)
         extra = (f"; {len(written['densified_linears'])} factored linears multiplied back "
@@ -549,6 +579,42 @@ def _run(args: argparse.Namespace) -> None:
 
         folder = import_gguf(args.source, args.output, overwrite=args.overwrite, dtype=args.dtype)
         print(f"imported {args.source} -> {folder}")
+
+
+def _sizing_options_given(args: argparse.Namespace) -> str | None:
+    """The first option of export-gguf's --target-size group given without it (None if none)."""
+    defaults = {"candidate_types": list(SIZING_DEFAULT_TYPES), "embedding_type": "q6_k", "adapter": None,
+                "adapter_type": "f16", "calib_text": [], "calib_tokens": None, "calib_sequences": 32,
+                "calib_seqlen": 512, "seed": 0, "chunk_tokens": 2048, "report": None}
+    return next((f"--{name.replace('_', '-')}" for name, value in defaults.items() if getattr(args, name) != value),
+                None)
+
+
+def _export_sized(args: argparse.Namespace) -> None:
+    """export-gguf --target-size: gguf.sizing."""
+    if args.tensor_type is not None:
+        raise UsageError("give --type or --target-size, not both (a sized file's types are chosen per linear)")
+    if not (math.isfinite(args.target_size_gb) and args.target_size_gb > 0):
+        raise UsageError(f"--target-size must be a positive number of GB, got {args.target_size_gb}")
+    if args.report is not None and args.report.is_dir():
+        raise OutputError(f"--report {args.report} is a folder: give a file path")
+    with _Interrupt.held():
+        from .gguf.sizing import SizingConfig, export_sized
+    summary = export_sized(args.checkpoint, args.output, SizingConfig(
+        target_bytes=int(args.target_size_gb * 1e9), candidates=tuple(args.candidate_types),
+        embedding_type=args.embedding_type, adapter=args.adapter, adapter_type=args.adapter_type,
+        calibration=_calibration(args), chunk_tokens=args.chunk_tokens, imatrix=args.imatrix,
+        own_imatrix=not args.no_imatrix, threads=args.threads, overwrite=args.overwrite),
+        llama_quantize=args.llama_quantize, densify=args.densify)
+    if args.report is not None:
+        from .storage.layout import write_atomic
+
+        write_atomic(args.report, (json.dumps(summary, indent=2) + "\n").encode())
+    counts = ", ".join(f"{count} {kind}" for kind, count in sorted(summary["type_counts"].items()))
+    adapter = (f" + {summary['adapter_bytes'] / 1e6:.1f} MB of corrections in {args.adapter}"
+               if summary.get("adapter") else "")
+    print(f"exported {args.checkpoint} -> {args.output}: {summary['bytes'] / 1e6:.1f} MB{adapter} "
+          f"(asked {summary['target_bytes'] / 1e6:.1f} MB); linears {counts}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -632,6 +632,32 @@ def test_an_adapter_size_spreads_ranks_by_the_loss_they_save_within_its_bytes(ti
 
 
 @pytest.mark.pipeline
+def test_given_ranks_are_the_adapters_and_ranks_that_do_not_fit_are_refused(tiny_sources, tiny_tokens,
+                                                                           quantized_tiny, tmp_path):
+    """CorrectionConfig.ranks (what export-gguf --target-size chose): each linear's correction of exactly its
+    rank, none where it is 0; a linear left out, one unknown or a rank above min(out, in): UsageError, nothing
+    written."""
+    from streamrom.errors import UsageError
+    from streamrom.gguf.correction import CorrectionConfig, correct
+    from streamrom.model.architectures import BLOCK_LINEARS, block_prefix
+
+    names = [f"{block_prefix(i)}{linear}" for i in range(TINY_COMMON["num_hidden_layers"]) for linear in BLOCK_LINEARS]
+    ranks = {name: (0, 2, 4)[k % 3] for k, name in enumerate(names)}
+    calibration = CalibrationConfig(token_file=tiny_tokens, sequences=4, seqlen=32)
+    summary = correct(tiny_sources["llama"], quantized_tiny, tmp_path / "a.gguf",
+                      CorrectionConfig(ranks=ranks, calibration=calibration))
+    assert summary["ranks"] == ranks
+    found = {t.name: t.data.shape[0] for t in gguf.GGUFReader(tmp_path / "a.gguf").tensors if t.name.endswith("lora_a")}
+    assert sorted(found.values()) == sorted(r for r in ranks.values() if r)
+    for bad in ({k: v for k, v in ranks.items() if k != names[0]}, {**ranks, "model.layers.9.mlp.up_proj": 2},
+                {**ranks, names[0]: 10**6}):
+        with pytest.raises(UsageError):
+            correct(tiny_sources["llama"], quantized_tiny, tmp_path / "b.gguf", CorrectionConfig(ranks=bad,
+                                                                                                 calibration=calibration))
+        assert not (tmp_path / "b.gguf").exists() and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.pipeline
 def test_anchored_corrections_are_fitted_on_a_dense_stream_and_off_is_the_plain_fit(tiny_sources, tiny_tokens,
                                                                                        quantized_tiny, tmp_path):
     """`--anchor 0` writes the plain fit's adapter byte for byte; `--anchor` (a dense stream beside the

@@ -96,6 +96,10 @@ def commands(world) -> dict[str, Command]:
     found["correct --adapter-size"] = Command("correct --adapter-size", [
         "correct", str(source), str(world["base"]), str(root / "adapter.gguf"), "--adapter-size", "0.02",
         *calibration], source, [root / "adapter.gguf"])  # (its --report holds stage times)
+    sized, adapter = root / "export-sized.gguf", root / "export-sized.lora.gguf"
+    found["export-gguf --target-size --adapter"] = Command("export-gguf --target-size --adapter", [
+        "export-gguf", str(source), str(sized), "--target-size", "1", "--adapter", str(adapter),
+        "--candidate-types", "q4_0", "q8_0", *calibration], source, [sized, adapter])
     for kind in ("source", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"):
         output = root / f"export-{kind}.gguf"
         found[f"export-gguf --type {kind}"] = Command(f"export-gguf --type {kind}", [
@@ -108,9 +112,9 @@ NAMES = ["compress rom uniform", "compress structured spectrum", "compress mixed
          "eval --reference", "correct --adapter-size", "export-gguf --type source", "export-gguf --type f32",
          "export-gguf --type f16", "export-gguf --type bf16", "export-gguf --type q8_0", "export-gguf --type q4_0",
          "compress svd last-n", "compress rom-centered last-n", "export-gguf --type q4_k_m",
-         "compress mixed --refine-steps"]
+         "compress mixed --refine-steps", "export-gguf --target-size --adapter"]
 # made by llama.cpp's llama-quantize (a subprocess, killed with the command's process group): where it is built
-NEEDS_LLAMA_QUANTIZE = {"export-gguf --type q4_k_m"}
+NEEDS_LLAMA_QUANTIZE = {"export-gguf --type q4_k_m", "export-gguf --target-size --adapter"}
 
 
 ONLY = [n for n in os.environ.get("STREAMROM_KILL_COMMANDS", "").split(",") if n]  # the long run's choice

@@ -258,6 +258,9 @@ def test_the_command_line_offers_every_method_and_every_setting_choice():
     from streamrom.gguf import correction, importer
 
     assert cli.ADAPTER_TYPES == tuple(correction.ADAPTER_TYPES) and cli.IMPORT_DTYPES == tuple(importer.OUTPUT_DTYPES)
+    from streamrom.gguf import sizing
+
+    assert cli.SIZING_TYPES == tuple(sizing.CANDIDATE_TYPES) and cli.SIZING_DEFAULT_TYPES == sizing.DEFAULT_CANDIDATES
 
 
 def test_pass_one_wide_moment_summed_from_disk_equals_the_in_graph_sum(tiny_models, tmp_path, monkeypatch):

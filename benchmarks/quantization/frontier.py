@@ -286,6 +286,10 @@ def main(argv: list[str] | None = None) -> None:
                              "(`streamrom correct`, a llama.cpp LoRA adapter): TYPE:RANK (one rank for every linear) "
                              "or TYPE:SIZEmib (`--adapter-size`), then :anchor for anchored fits (`--anchor`), "
                              "e.g. Q3_K_M:16 Q2_K-imatrix:32 Q3_K_M:9.3mib Q3_K_M-imatrix:16:anchor")
+    parser.add_argument("--sized", nargs="*", default=[], metavar="SIZE[-imatrix][:adapter]",
+                        help="dense files of a given size by `export-gguf --target-size` (each linear's type, and "
+                             "with :adapter its correction's rank, chosen by the loss it saves per byte): SIZE a plain "
+                             "type (its file's bytes) or e.g. 98.5mib; -imatrix: llama-imatrix's matrix for both")
     parser.add_argument("--speed-again", action="store_true", help="measure every file's speed again")
     parser.add_argument("--adapter-repeats", type=int, default=2, metavar="N",
                         help="llama-batched-bench runs of each adapter's base alone and with it, alternated (default 2)")
@@ -375,6 +379,42 @@ def main(argv: list[str] | None = None) -> None:
         row["parameters"] = gguf_parameters(base)
         row["bits_per_weight"] = 8 * row["bytes"] / row["parameters"]  # the adapter's bytes counted
         row["scores"] = score(base, bases, args.llama_bin, lora=adapter)
+        results["files"][name] = row
+        out.write_text(json.dumps(results, indent=1) + "\n")
+    for spec in ([] if args.speed_only else args.sized):
+        size, _, extra = spec.partition(":")
+        with_adapter, with_imatrix = extra == "adapter", size.endswith("-imatrix")
+        size = size.removesuffix("-imatrix")
+        matrix = importance_matrix(dense_f16, args.llama_bin, work, args.imatrix_chunks) if with_imatrix else None
+        suffix = "-imatrix" if with_imatrix else ""
+        if size.lower().endswith("mib"):
+            target, label = int(float(size[:-3]) * 2**20), f"{size[:-3]}MiB{suffix}"
+        else:  # the plain file's bytes, made with the same importance matrix or none
+            target, label = quantized(dense_f16, size, matrix, args.llama_bin, work, suffix).stat().st_size, \
+                f"{size}-size{suffix}"
+        label += "+adapter" if with_adapter else ""
+        name = f"dense sized | {label}"
+        if name in results["files"] and "scores" in results["files"][name]:
+            continue
+        path = work / f"dense-sized-{label}.gguf"
+        adapter = path.with_suffix(".lora.gguf") if with_adapter else None
+        report = path.with_suffix(".json")
+        if not path.is_file() or (adapter is not None and not adapter.is_file()):
+            start = time.perf_counter()
+            run(streamrom("export-gguf", dense, path, "--target-size", f"{target / 1e9:.9f}", "--llama-quantize",
+                          args.llama_bin / "llama-quantize", *(["--imatrix", matrix] if matrix else []),
+                          *(["--adapter", adapter] if adapter else []), "--overwrite", "--report", report))
+            results.setdefault("sized_seconds", {})[name] = round(time.perf_counter() - start, 1)
+        made = json.loads(report.read_text())
+        row = {"label": "dense sized", "method": None, "type": label, "file": path.name, "target_bytes": target,
+               "type_counts": made["type_counts"], "embedding_type": made["embedding_type"],
+               "bytes": made["total_bytes"], "fallback_tensors": 0, "parameters": gguf_parameters(path)}
+        if adapter is not None:
+            row.update(adapter=adapter.name, base_bytes=made["bytes"], adapter_bytes=made["adapter_bytes"],
+                       error_removed=made["error_removed"],
+                       mean_rank=sum(made["ranks"].values()) / len(made["ranks"]))
+        row["bits_per_weight"] = 8 * row["bytes"] / row["parameters"]
+        row["scores"] = score(path, bases, args.llama_bin, lora=adapter)
         results["files"][name] = row
         out.write_text(json.dumps(results, indent=1) + "\n")
     # speeds last, every file in one stretch (nothing else should run meanwhile: they are pairs)

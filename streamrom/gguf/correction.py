@@ -56,6 +56,7 @@ class CorrectionConfig:
     # or: the adapter's size in MiB, its ranks spread over the linears by the loss each step of rank saves
     # per byte (a first streamed forward and backward pass of the dense model prices every direction)
     adapter_mib: float | None = None
+    ranks: dict[str, int] | None = None  # or each linear's rank (model.layers.<i>.<linear>; 0: none), given
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     chunk_tokens: int = 2048
     damping: float = 1e-6  # relative to the moment's mean eigenvalue (decompose.damped)
@@ -229,7 +230,9 @@ def correct(source: str | Path, base: str | Path, output: str | Path,
     handle = os.open(base, os.O_RDONLY)
     ranks = None
     try:
-        if config.adapter_mib is not None:
+        if config.ranks is not None:
+            ranks = _given_ranks(config.ranks, spec)
+        elif config.adapter_mib is not None:
             ranks = _allocate(reader, model, handle, linears, tokens, work, config, timer)
         with timer("read"):
             embedding = torch.from_numpy(model.dequantized(embedding_tensor, handle))
@@ -293,7 +296,7 @@ def _allocate(reader: CheckpointReader, model, handle: int, linears: dict, token
                 value = reads[name]
                 if value not in moments:
                     moments[value] = seen.moments[value].second_moment_as(np.float32)
-                weight = _dense_weight(reader, index, name)
+                weight = dense_weight(reader, index, name)
                 quantized = model.dequantized(linears[f"{prefix}{name}.weight"], handle)
                 sensitivity = (seen.squares[name] / seen.tokens).numpy().astype(np.float32)
                 found[name] = error_prices(weight - quantized, moments[value], sensitivity, config.damping)
@@ -318,6 +321,19 @@ def _allocate(reader: CheckpointReader, model, handle: int, linears: dict, token
     return ranks
 
 
+def _given_ranks(ranks: dict[str, int], spec) -> dict[str, int]:
+    """CorrectionConfig.ranks, checked: every linear named once, each rank within 0..min(out, in)."""
+    expected = {f"{block_prefix(i)}{linear}" for i in range(spec.num_layers) for linear in BLOCK_LINEARS}
+    if set(ranks) != expected:
+        missing = sorted(expected - set(ranks)) or sorted(set(ranks) - expected)
+        raise UsageError(f"the given ranks do not name every linear of the model once (e.g. {missing[0]})")
+    for name, rank in ranks.items():
+        cap = min(spec.linear_shape(_linear_of(name), _block_of(name)))
+        if not (isinstance(rank, int) and 0 <= rank <= cap):
+            raise UsageError(f"rank {rank!r} for {name}: give 0..{cap}")
+    return dict(ranks)
+
+
 def _block_of(name: str) -> int:
     return int(name.split(".")[2])
 
@@ -326,7 +342,7 @@ def _linear_of(name: str) -> str:
     return name.split(".", 3)[3]
 
 
-def _dense_weight(reader: CheckpointReader, index: int, linear: str) -> np.ndarray:
+def dense_weight(reader: CheckpointReader, index: int, linear: str) -> np.ndarray:
     """A linear's dense matrix read from the checkpoint (a factored one multiplied back), float32."""
     prefix = f"{block_prefix(index)}{linear}"
     if f"{prefix}.weight" in reader.weight_map:

@@ -99,7 +99,7 @@ def export_gguf(checkpoint: str | Path, output: str | Path, tensor_type: str = "
         raise UsageError("export-gguf needs the gguf package: pip install 'streamrom[convert]'") from None
     if tensor_type not in TYPES + LLAMA_QUANTIZE_TYPES:
         raise UsageError(f"unknown --type {tensor_type!r}: choose from {', '.join(TYPES + LLAMA_QUANTIZE_TYPES)}")
-    quantizer = find_llama_quantize(llama_quantize, tensor_type) if tensor_type in LLAMA_QUANTIZE_TYPES else None
+    quantizer = find_llama_quantize(llama_quantize, f"--type {tensor_type}") if tensor_type in LLAMA_QUANTIZE_TYPES else None
     if imatrix is not None and quantizer is None:
         raise UsageError(f"--imatrix is read by llama.cpp's quantizer: give a --type it makes "
                          f"({', '.join(LLAMA_QUANTIZE_TYPES)})")
@@ -125,7 +125,7 @@ def export_gguf(checkpoint: str | Path, output: str | Path, tensor_type: str = "
             if imatrix is None and own_imatrix and write_llama_imatrix(Path(checkpoint), own, densify):
                 imatrix, source = own, "checkpoint"
                 log.info("export-gguf: importance matrix from the checkpoint's own calibration (%s)", IMPORTANCE_FILE)
-            _run_llama_quantize(quantizer, unquantized, output, tensor_type, imatrix, threads)
+            run_llama_quantize(quantizer, unquantized, output, tensor_type, imatrix, threads)
         finally:
             unquantized.unlink(missing_ok=True)
             own.unlink(missing_ok=True)
@@ -227,25 +227,27 @@ def check_imatrix(path: Path) -> None:
         raise InputError(f"--imatrix {path} is a GGUF file of type {kind!r}, not an importance matrix (\"imatrix\")")
 
 
-def find_llama_quantize(given: str | Path | None, tensor_type: str) -> Path:
-    """llama.cpp's llama-quantize: `given`, else $STREAMROM_LLAMA_QUANTIZE, else on PATH; one line if none."""
+def find_llama_quantize(given: str | Path | None, wanted: str) -> Path:
+    """llama.cpp's llama-quantize: `given`, else $STREAMROM_LLAMA_QUANTIZE, else on PATH; one line if none
+    (`wanted`: what needs it, e.g. "--type q4_k_m")."""
     import shutil
 
     candidate = given or os.environ.get(LLAMA_QUANTIZE_VARIABLE) or shutil.which("llama-quantize")
     if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
         return Path(candidate)
     where = f"{candidate} is not an executable file" if candidate else "it is not installed (not on PATH)"
-    raise UsageError(f"--type {tensor_type} is made by llama.cpp's llama-quantize, and {where}: build it from "
+    raise UsageError(f"{wanted} is made by llama.cpp's llama-quantize, and {where}: build it from "
                      f"llama.cpp (docs/gguf.md) and pass --llama-quantize PATH or set {LLAMA_QUANTIZE_VARIABLE}")
 
 
-def _run_llama_quantize(quantizer: Path, source: Path, output: Path, tensor_type: str, imatrix: str | Path | None,
-                        threads: int | None) -> None:
-    """llama-quantize from `source` to `output`, through a temporary beside it renamed when complete."""
+def run_llama_quantize(quantizer: Path, source: Path, output: Path, tensor_type: str, imatrix: str | Path | None,
+                       threads: int | None, extra: list[str] = (), warn_fallback: bool = True) -> None:
+    """llama-quantize from `source` to `output`, through a temporary beside it renamed when complete
+    (`extra`: its options, e.g. --pure; `warn_fallback`: log the tensors of a type their rows do not fit)."""
     import subprocess
 
     temporary = output.with_name(f".{output.name}.tmp")
-    command = [str(quantizer), *(["--imatrix", str(imatrix)] if imatrix is not None else []), str(source),
+    command = [str(quantizer), *extra, *(["--imatrix", str(imatrix)] if imatrix is not None else []), str(source),
                str(temporary), tensor_type.upper(), str(threads or os.cpu_count() or 1)]
     log.info("export-gguf: %s", " ".join(command))
     try:
@@ -256,7 +258,7 @@ def _run_llama_quantize(quantizer: Path, source: Path, output: Path, tensor_type
                         lines[-1] if lines else "no output")
             raise InputError(f"llama-quantize failed (exit {result.returncode}): {said.strip()[:300]}")
         fallback = next((line for line in result.stderr.splitlines() if "required fallback" in line), None)
-        if fallback:  # a K-quant needs rows of a multiple of 256 values; llama.cpp stores others in a type near
+        if fallback and warn_fallback:  # a K-quant needs rows of a multiple of 256 values; llama.cpp stores others in a type near
             log.warning("export-gguf: llama-quantize: %s", fallback.split("WARNING:")[-1].strip())
         os.replace(temporary, output)
     except OSError as exc:
