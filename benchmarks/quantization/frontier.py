@@ -309,7 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work / f"{args.model}-files"  # beside the dense folder: outputs never lie inside a source
     work.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    results.update(header=header("quantization.frontier", argv),
+    # every run that added rows (the table mixes them): the earlier headers kept beside the latest
+    runs = results.get("runs") or ([results["header"]] if "header" in results else [])
+    results.update(runs=[*runs, header("quantization.frontier", argv)], header=header("quantization.frontier", argv),
                    model=args.model, model_name=MODELS[args.model], eval_texts={g: str(p.relative_to(REPO))
                                                                                  for g, p in EVAL_TEXTS.items()},
                    chunks=args.chunks, context=512, bench={"prompt": args.bench[0], "generate": args.bench[1]})
@@ -468,7 +470,11 @@ def page(all_results: list[dict]) -> str:
              "base's plus the adapter's (f16); *-anchored*: fitted toward the dense model's outputs (`correct --anchor`, "
              "the dense model streamed beside). llama-bench takes no adapter: these rows' speeds are their base file's "
              "llama-bench speeds scaled by what the adapter costs, measured by `llama-batched-bench` on the base "
-             "with and without `--lora`, alternated, the median of each (the table after each model's).", "",
+             "with and without `--lora`, alternated, the median of each (the table after each model's). "
+             "*dense sized* (`TYPE-size`, `SMiB`): the dense model by `export-gguf --target-size` at the bytes of the "
+             "plain TYPE file (or S MiB), each linear's llama.cpp type chosen by the loss it saves per byte (pass 1 "
+             "on the packaged calibration set), the embedding in q6_k; *+adapter*: `--adapter`, the same bytes "
+             "spent on types and correction ranks together, the adapter's bytes counted.", "",
              "Both source models were themselves dequantised from 4-bit GGUF files (SmolLM2 from Q4_1, Gemma 3 from "
              "Q4_K_M): re-quantising them at 4 bits or more is nearly free, so the telling comparison is below 4 bits "
              "and at equal bytes. K-quants need rows of a multiple of 256 values; SmolLM2's 576 (and Gemma 3's 640) "
@@ -476,8 +482,10 @@ def page(all_results: list[dict]) -> str:
              "the bits per weight are the file's.", ""]
     for results in all_results:
         header = results["header"]
+        made = [f"`{runnable(run['command'])}` at commit {run['commit'][:12]}, {run['date']}"
+                for run in results.get("runs", [header])]
         lines += [f"## {results['model_name']}", "",
-                  f"`{runnable(header['command'])}` at commit {header['commit'][:12]}, {header['date']}; "
+                  f"{'; then '.join(made)} (each run adds the rows it lacks); "
                   f"{results['chunks']} chunks of 512 tokens per genre ({', '.join(results['eval_texts'])}); speed: "
                   f"llama-bench, prefill {results['bench']['prompt']} and decode {results['bench']['generate']} tokens.",
                   "", table(results), ""]
