@@ -610,7 +610,7 @@ def _export_sized(args: argparse.Namespace) -> None:
         from .storage.layout import write_atomic
 
         write_atomic(args.report, (json.dumps(summary, indent=2) + "\n").encode())
-    counts = ", ".join(f"{count} {kind}" for kind, count in sorted(summary["type_counts"].items()))
+    counts = ", ".join(f"{count} {kind}" for kind, count in sorted(summary["stored_type_counts"].items()))
     adapter = (f" + {summary['adapter_bytes'] / 1e6:.1f} MB of corrections in {args.adapter}"
                if summary.get("adapter") else "")
     print(f"exported {args.checkpoint} -> {args.output}: {summary['bytes'] / 1e6:.1f} MB{adapter} "

@@ -410,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         made = json.loads(report.read_text())
         row = {"label": "dense sized", "method": None, "type": label, "file": path.name, "target_bytes": target,
                "type_counts": made["type_counts"], "embedding_type": made["embedding_type"],
+               **({"stored_type_counts": made["stored_type_counts"]} if "stored_type_counts" in made else {}),
                "bytes": made["total_bytes"], "fallback_tensors": 0, "parameters": gguf_parameters(path)}
         if adapter is not None:
             row.update(adapter=adapter.name, base_bytes=made["bytes"], adapter_bytes=made["adapter_bytes"],

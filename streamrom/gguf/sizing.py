@@ -15,13 +15,13 @@ correction's rank) chosen by the loss it saves per byte. `export-gguf CKPT OUT.g
    and a greedy starts each linear at its cheapest and buys the upgrade that saves the most loss per
    byte until the file's bytes are spent (choose).
 4. llama-quantize writes the file with those types (`--tensor-type-file`, the token embedding and output
-   in one given type), under a temporary name renamed when complete; with an adapter, `correct` fits the
-   chosen ranks on that file (gguf.correction).
+   in one given type); with an adapter, `correct` fits the chosen ranks on that file (gguf.correction).
 
-The work (the f16 export, the candidate files, pass 1's prices) lies in a hidden folder beside the output,
-removed when the file is written or the run refused; an interrupted or killed run leaves it for its rerun,
-which reuses the files it finds complete and pass 1's prices if made from the same files and calibration
-(a folder made from another checkpoint or setting is removed).
+The work (the f16 export, the candidate files, pass 1's prices, the finished file and adapter) lies in a
+hidden folder beside the output; the finished files are moved to their paths last, the adapter first, and
+the folder removed (also when the run is refused). An interrupted or killed run leaves it for its rerun,
+which reuses the files it finds complete and pass 1's prices if made from the same files and calibration,
+or only finishes the moves (a folder made for another checkpoint, setting or path is removed).
 """
 from __future__ import annotations
 
@@ -241,7 +241,9 @@ def export_sized(checkpoint: str | Path, output: str | Path, config: SizingConfi
                     damping=config.damping, adapter_type=config.adapter_type, overwrite=True))
         elif adapter is not None:
             log.warning("export-gguf: the size bought no correction: no adapter written")
-        summary = _summary(output, adapter, config, chosen, written, predicted, corrected,
+        # what the file holds: a type whose blocks a linear's rows do not fit is stored in llama.cpp's fallback
+        stored = {name: tensors[a.choice[0]][name].qtype.name.lower() for name, a in chosen.items()}
+        summary = _summary(output, adapter, config, chosen, stored, written, predicted, corrected,
                            None if imatrix is None else ("checkpoint" if imatrix == own else "given"), timer)
         write_atomic(done, json.dumps(summary).encode())
     except StreamromError:  # a refusal: nothing to resume
@@ -272,14 +274,20 @@ def _move_into_place(work: Path, output: Path, adapter: Path | None, summary: di
     return summary
 
 
-def _summary(output: Path, adapter: Path | None, config: SizingConfig, chosen: dict[str, Alternative], written: int,
-             predicted: int, corrected: dict | None, imatrix: str | None, timer: StageTimer) -> dict[str, Any]:
+def _summary(output: Path, adapter: Path | None, config: SizingConfig, chosen: dict[str, Alternative],
+             stored: dict[str, str], written: int, predicted: int, corrected: dict | None, imatrix: str | None,
+             timer: StageTimer) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for alternative in chosen.values():
         counts[alternative.choice[0]] = counts.get(alternative.choice[0], 0) + 1
+    stored_counts: dict[str, int] = {}
+    for kind in stored.values():
+        stored_counts[kind] = stored_counts.get(kind, 0) + 1
     total = written + (0 if corrected is None else corrected["adapter_bytes"])
-    summary = {"output": str(output), "bytes": written, "predicted_bytes": predicted, "target_bytes": config.target_bytes, "total_bytes": total,
-               "types": {name: a.choice[0] for name, a in chosen.items()}, "type_counts": counts,
+    summary = {"output": str(output), "bytes": written, "predicted_bytes": predicted,
+               "target_bytes": config.target_bytes, "total_bytes": total,
+               "types": {name: a.choice[0] for name, a in chosen.items()}, "stored_types": stored,
+               "type_counts": counts, "stored_type_counts": stored_counts,
                "embedding_type": config.embedding_type, "candidates": list(config.candidates), "imatrix": imatrix,
                "predicted_loss": float(sum(a.loss for a in chosen.values())),
                "seconds": {k: round(v, 2) for k, v in timer.seconds.items()}}
