@@ -216,8 +216,10 @@ def table(results: dict) -> str:
         kl = sum(s[g]["kl"] for g in genres) / len(genres) if s else float("nan")
         top = sum(s[g]["top1"] for g in genres) / len(genres) if s else float("nan")
         v = row.get("speed", {})
+        # (a sized file's fallbacks are its own choice of types: not counted)
+        fallback = "–" if "target_bytes" in row else row.get("fallback_tensors", 0)
         lines.append(f"| {row['label']} | {row['type']} | {row['bytes'] / 2**20:.1f} | {row['bits_per_weight']:.2f} | "
-                     f"{row.get('fallback_tensors', 0)} | "
+                     f"{fallback} | "
                      + " | ".join(f"{s[g]['perplexity']:.2f}" if s else "" for g in genres)
                      + f" | {kl:.4f} | {100 * top:.1f} % | {v.get('prefill_2t', float('nan')):.0f} | "
                      f"{v.get('decode_1t', float('nan')):.1f} | {v.get('decode_2t', float('nan')):.1f} |")
@@ -411,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         row = {"label": "dense sized", "method": None, "type": label, "file": path.name, "target_bytes": target,
                "type_counts": made["type_counts"], "embedding_type": made["embedding_type"],
                **({"stored_type_counts": made["stored_type_counts"]} if "stored_type_counts" in made else {}),
-               "bytes": made["total_bytes"], "fallback_tensors": 0, "parameters": gguf_parameters(path)}
+               "bytes": made["total_bytes"], "parameters": gguf_parameters(path)}
         if adapter is not None:
             row.update(adapter=adapter.name, base_bytes=made["bytes"], adapter_bytes=made["adapter_bytes"],
                        error_removed=made["error_removed"],
