@@ -594,6 +594,8 @@ def _export_sized(args: argparse.Namespace) -> None:
     """export-gguf --target-size: gguf.sizing."""
     if args.tensor_type is not None:
         raise UsageError("give --type or --target-size, not both (a sized file's types are chosen per linear)")
+    if args.imatrix is not None and args.no_imatrix:
+        raise UsageError("--imatrix and --no-imatrix contradict each other: give one")
     if not (math.isfinite(args.target_size_gb) and args.target_size_gb > 0):
         raise UsageError(f"--target-size must be a positive number of GB, got {args.target_size_gb}")
     if args.report is not None and args.report.is_dir():

@@ -150,3 +150,16 @@ def gguf_value_type(value):
     if isinstance(value, str):
         return kinds.STRING
     return kinds.ARRAY
+
+
+def tiny_with_tokenizer(tmp_path: Path, hidden: int = 64) -> Path:
+    """A tiny llama with a byte-level tokenizer; `hidden` 256 gives rows K-quants take whole."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import TINY_COMMON
+
+    torch.manual_seed(0)
+    sizes = {**TINY_COMMON, "hidden_size": hidden, "intermediate_size": 2 * hidden if hidden > 64 else 160}
+    AutoModelForCausalLM.from_config(LlamaConfig(**sizes, tie_word_embeddings=False)).save_pretrained(tmp_path / "src")
+    byte_level_tokenizer(tmp_path / "src")
+    return tmp_path / "src"

@@ -24,7 +24,7 @@ from streamrom.errors import EXIT_INPUT, EXIT_OUTPUT
 
 gguf = pytest.importorskip("gguf")
 
-from helpers import byte_level_tokenizer
+from helpers import byte_level_tokenizer, tiny_with_tokenizer as _tiny_with_tokenizer
 from conftest import TINY_COMMON  # noqa: E402
 
 
@@ -53,17 +53,6 @@ def tiny_sources(tmp_path_factory) -> dict[str, Path]:
         byte_level_tokenizer(root / kind)
         sources[kind] = root / kind
     return sources
-
-
-def _tiny_with_tokenizer(tmp_path: Path, hidden: int = 64) -> Path:
-    """A tiny llama with a byte-level tokenizer; `hidden` 256 gives rows K-quants take whole."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    sizes = {**TINY_COMMON, "hidden_size": hidden, "intermediate_size": 2 * hidden if hidden > 64 else 160}
-    AutoModelForCausalLM.from_config(LlamaConfig(**sizes, tie_word_embeddings=False)).save_pretrained(tmp_path / "src")
-    byte_level_tokenizer(tmp_path / "src")
-    return tmp_path / "src"
 
 
 def logits_of(folder: Path, tokens: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from streamrom.errors import InputError
-from test_export_gguf import _tiny_with_tokenizer
+from helpers import tiny_with_tokenizer as _tiny_with_tokenizer
 from streamrom.gguf.correction import error_prices
 from streamrom.gguf.sizing import Alternative, choose, lower_hull, type_price
 
@@ -109,7 +109,7 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["with --type", "adapter alone", "not positive", "no llama-quantize",
-                                  "candidate unknown", "sizing option alone"])
+                                  "candidate unknown", "sizing option alone", "imatrix and none"])
 def test_a_sized_export_is_refused_in_one_line(tiny_llama, tmp_path, case):
     env = {k: v for k, v in os.environ.items() if k != "STREAMROM_LLAMA_QUANTIZE"}
     env["PATH"] = "/usr/bin:/bin"  # no llama-quantize there
@@ -118,7 +118,8 @@ def test_a_sized_export_is_refused_in_one_line(tiny_llama, tmp_path, case):
              "not positive": ["--target-size", "-1"],
              "no llama-quantize": ["--target-size", "0.001"],
              "candidate unknown": ["--target-size", "0.001", "--candidate-types", "q3_k_m"],
-             "sizing option alone": ["--type", "f16", "--candidate-types", "q4_k"]}[case]
+             "sizing option alone": ["--type", "f16", "--candidate-types", "q4_k"],
+             "imatrix and none": ["--target-size", "0.001", "--imatrix", tmp_path / "m.gguf", "--no-imatrix"]}[case]
     result = _cli("export-gguf", tiny_llama, tmp_path / "out.gguf", *extra, env=env)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("streamrom: error:"), result.stderr
