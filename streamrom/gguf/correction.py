@@ -288,18 +288,11 @@ def _allocate(reader: CheckpointReader, model, handle: int, linears: dict, token
 
     def price(seen, chosen: list[str], index: int) -> dict[str, np.ndarray]:
         prefix = block_prefix(index)
-        reads = {name: group.reads for group, _, _ in seen.groups for name in group.linears}
-        moments: dict[str, np.ndarray] = {}
         found = {}
         with timer("eigen"):
-            for name in chosen:
-                value = reads[name]
-                if value not in moments:
-                    moments[value] = seen.moments[value].second_moment_as(np.float32)
-                weight = dense_weight(reader, index, name)
+            for name, weight, moment, sensitivity in priced_linears(reader, seen, chosen, index):
                 quantized = model.dequantized(linears[f"{prefix}{name}.weight"], handle)
-                sensitivity = (seen.squares[name] / seen.tokens).numpy().astype(np.float32)
-                found[name] = error_prices(weight - quantized, moments[value], sensitivity, config.damping)
+                found[name] = error_prices(weight - quantized, moment, sensitivity, config.damping)
                 del weight, quantized
         return found
 
@@ -319,6 +312,19 @@ def _allocate(reader: CheckpointReader, model, handle: int, linears: dict, token
     log.info("correct: %d of %d linears corrected within %.1f MiB, ranks %d..%d", sum(r > 0 for r in ranks.values()),
              len(ranks), config.adapter_mib, min(ranks.values()), max(ranks.values()))
     return ranks
+
+
+def priced_linears(reader: CheckpointReader, seen, chosen: list[str], index: int):
+    """For a pass-1 price callback (spectra.collect_spectra's `price`): each chosen linear of block `index`
+    as (name, its dense matrix, the second moment of its input, the mean squared loss gradient at its
+    output), float32; the linears that read one value share its moment, made once."""
+    reads = {name: group.reads for group, _, _ in seen.groups for name in group.linears}
+    moments: dict[str, np.ndarray] = {}
+    for name in chosen:
+        if reads[name] not in moments:
+            moments[reads[name]] = seen.moments[reads[name]].second_moment_as(np.float32)
+        sensitivity = (seen.squares[name] / seen.tokens).numpy().astype(np.float32)
+        yield name, dense_weight(reader, index, name), moments[reads[name]], sensitivity
 
 
 def _given_ranks(ranks: dict[str, int], spec) -> dict[str, int]:

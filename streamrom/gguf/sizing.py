@@ -43,7 +43,7 @@ from ..report.report import StageTimer
 from ..storage.checkpoint import CheckpointReader
 from ..storage.layout import write_atomic
 from ..stream.calibration import CalibrationConfig, calibration_tokens
-from .correction import ADAPTER_TYPES, RANK_STEP, CorrectionConfig, correct, dense_weight, error_prices
+from .correction import ADAPTER_TYPES, RANK_STEP, CorrectionConfig, correct, error_prices, priced_linears
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def export_sized(checkpoint: str | Path, output: str | Path, config: SizingConfi
         with timer("quantize"):
             run_llama_quantize(quantizer, unquantized, finished, "Q8_0", imatrix, config.threads, extra=extra)
         # every tensor's bytes were measured in its type's file (alignment padding aside)
-        predicted = fixed + sum(a.bytes - _correction_bytes(a, spec, n, config) for n, a in chosen.items())
+        predicted = fixed + sum(tensors[a.choice[0]][name].n_bytes for name, a in chosen.items())
         written = finished.stat().st_size
         ranks = {name: a.choice[1] for name, a in chosen.items()}
         corrected = None
@@ -333,16 +333,9 @@ def _prices(reader: CheckpointReader, models: dict, tensors: dict, config: Sizin
 
     def price(seen, chosen: list[str], index: int) -> dict[str, np.ndarray]:
         prefix = block_prefix(index)
-        reads = {name: group.reads for group, _, _ in seen.groups for name in group.linears}
-        moments: dict[str, np.ndarray] = {}
         found = {}
         with timer("price"):
-            for name in chosen:
-                if reads[name] not in moments:
-                    moments[reads[name]] = seen.moments[reads[name]].second_moment_as(np.float32)
-                moment = moments[reads[name]]
-                sensitivity = (seen.squares[name] / seen.tokens).numpy().astype(np.float32)
-                weight = dense_weight(reader, index, name)
+            for name, weight, moment, sensitivity in priced_linears(reader, seen, chosen, index):
                 losses = []
                 for kind in config.candidates:
                     error = weight - models[kind].dequantized(tensors[kind][f"{prefix}{name}"], handles[kind])
@@ -385,13 +378,3 @@ def _alternatives(spec, names: list[str], tensors: dict, prices: dict[str, np.nd
                                            max(loss - float(saved[rank - 1]), 0.0), (kind, rank)))
         found[name] = options
     return found
-
-
-def _correction_bytes(alternative: Alternative, spec, name: str, config: SizingConfig) -> int:
-    """The part of an alternative's bytes its correction's matrices take (0 without one)."""
-    rank = alternative.choice[1]
-    if rank == 0:
-        return 0
-    index = int(name.split(".")[2])
-    out_features, in_features = spec.linear_shape(name.split(".", 3)[3], index)
-    return rank * (out_features + in_features) * np.dtype(ADAPTER_TYPES[config.adapter_type]).itemsize
