@@ -201,6 +201,23 @@ def gemma3_grid_table() -> str:
     return "\n".join(lines)
 
 
+def embedding_rank_table() -> str:
+    """docs/results/real-model.md: Gemma 3 270M with a low-rank tied embedding
+    (benchmarks/quality/embedding_rank.py), perplexity per held-out genre beside the dense model's."""
+    found = json.loads((RESULTS / "embedding_rank.json").read_text())
+    genres = list(found["evaluation_texts"])
+    rows = {row["key"]: row for row in found["rows"]}
+    dense = rows.pop("dense")["perplexity"]
+    lines = ["| embedding | parameters | " + " | ".join(genres) + " |",
+             "|---|---|" + "---|" * len(genres),
+             "| dense | 1.000 | " + " | ".join(f"{dense[genre]:.2f}" for genre in genres) + " |"]
+    for key, row in rows.items():
+        ratio = "–" if row["parameter_ratio"] is None else f"{row['parameter_ratio']:.3f}"
+        cells = [f"{row['perplexity'][genre]:.2f} ({_change(row['perplexity'][genre], dense[genre])})" for genre in genres]
+        lines.append(f"| {key} | {ratio} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def calibration_volume_table() -> str:
     """docs/results/real-model.md: the mixed setting on SmolLM2 against calibration volume
     (benchmarks/quality/calibration_volume.py), perplexity per held-out genre beside the dense model's."""
@@ -566,7 +583,8 @@ TABLES: dict[str, Callable[[], str]] = {"scale": scale_table, "profile": profile
                                         "load": load_memory_table,
                                         "structured": structured_table, "anchored": anchored_table,
                                         "inference": inference_table, "first-use": first_use_table,
-                                        "gemma3-grid": gemma3_grid_table, "calibration-volume": calibration_volume_table,
+                                        "gemma3-grid": gemma3_grid_table, "embedding-rank": embedding_rank_table,
+                                        "calibration-volume": calibration_volume_table,
                                         "refinement": refinement_table, "bayes-mixed": bayes_mixed_table,
                                         "anchor-levers": anchor_levers_table,
                                         "combined-levers": combined_levers_table,
