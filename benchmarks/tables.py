@@ -192,8 +192,7 @@ def gemma3_grid_table() -> str:
             cells = [f"{row['perplexity'][genre]:.2f}" for genre in genres]
             model, size, seconds = "dense", "1.000", ""
         else:
-            cells = [f"{row['perplexity'][genre]:.2f} ({_change(row['perplexity'][genre], dense['perplexity'][genre])})"
-                     for genre in genres]
+            cells = _genre_cells(row["perplexity"], dense["perplexity"], genres)
             model = f"`--method {row['method']}`, {row['reduction']} % smaller"
             size = f"{row['parameter_ratio']:.3f}"
             seconds = _compress_time(row)
@@ -201,35 +200,42 @@ def gemma3_grid_table() -> str:
     return "\n".join(lines)
 
 
-def embedding_rank_table() -> str:
-    """docs/results/real-model.md: Gemma 3 270M with a low-rank tied embedding
-    (benchmarks/quality/embedding_rank.py), perplexity per held-out genre beside the dense model's."""
-    found = json.loads((RESULTS / "embedding_rank.json").read_text())
-    genres = list(found["evaluation_texts"])
+def _with_dense(path: Path) -> tuple[list[str], dict[str, float], dict[str, dict]]:
+    """A quality results file whose rows include one keyed "dense": its genres, the dense row's
+    perplexity by genre, and the other rows by key."""
+    found = json.loads(path.read_text())
     rows = {row["key"]: row for row in found["rows"]}
-    dense = rows.pop("dense")["perplexity"]
+    return list(found["evaluation_texts"]), rows.pop("dense")["perplexity"], rows
+
+
+def _genre_cells(perplexity: dict[str, float], dense: dict[str, float], genres: list[str]) -> list[str]:
+    """Each genre's perplexity with its change against the dense model's."""
+    return [f"{perplexity[genre]:.2f} ({_change(perplexity[genre], dense[genre])})" for genre in genres]
+
+
+def embedding_rank_table(path: Path = RESULTS / "embedding_rank.json") -> str:
+    """docs/results/real-model.md: Gemma 3 270M with a low-rank tied embedding
+    (benchmarks/quality/embedding_rank.py, which prints it too), perplexity per held-out genre beside the
+    dense model's."""
+    genres, dense, rows = _with_dense(path)
     lines = ["| embedding | parameters | " + " | ".join(genres) + " |",
              "|---|---|" + "---|" * len(genres),
              "| dense | 1.000 | " + " | ".join(f"{dense[genre]:.2f}" for genre in genres) + " |"]
     for key, row in rows.items():
         ratio = "–" if row["parameter_ratio"] is None else f"{row['parameter_ratio']:.3f}"
-        cells = [f"{row['perplexity'][genre]:.2f} ({_change(row['perplexity'][genre], dense[genre])})" for genre in genres]
-        lines.append(f"| {key} | {ratio} | " + " | ".join(cells) + " |")
+        lines.append(f"| {key} | {ratio} | " + " | ".join(_genre_cells(row["perplexity"], dense, genres)) + " |")
     return "\n".join(lines)
 
 
 def calibration_volume_table() -> str:
     """docs/results/real-model.md: the mixed setting on SmolLM2 against calibration volume
     (benchmarks/quality/calibration_volume.py), perplexity per held-out genre beside the dense model's."""
-    found = json.loads((RESULTS / "calibration_volume.json").read_text())
-    genres = list(found["evaluation_texts"])
-    rows = {row["key"]: row for row in found["rows"]}
-    dense = rows.pop("dense")["perplexity"]
+    genres, dense, rows = _with_dense(RESULTS / "calibration_volume.json")
     lines = ["| reduction | calibration | tokens | " + " | ".join(genres) + " | compress time |",
              "|---|---|---|" + "---|" * len(genres) + "---|",
              "| dense | | | " + " | ".join(f"{dense[genre]:.2f}" for genre in genres) + " | |"]
     for row in sorted(rows.values(), key=lambda row: (row["reduction"], row["tokens"], row["seqlen"])):
-        cells = [f"{row['perplexity'][genre]:.2f} ({_change(row['perplexity'][genre], dense[genre])})" for genre in genres]
+        cells = _genre_cells(row["perplexity"], dense, genres)
         seconds = _compress_time(row)
         lines.append(f"| {row['reduction']} % | {row['sequences']} × {row['seqlen']} | {row['tokens']:,} | "
                      + " | ".join(cells) + f" | {seconds} |")

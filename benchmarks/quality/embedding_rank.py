@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from benchmarks.common import GENRES, REPO, ResultRows, compressed_with_spectrum, perplexity_by_genre, run, \
     streamrom_cli
 from benchmarks.quality.gemma3_grid import gemma3_folder
+from benchmarks.tables import embedding_rank_table
 
 EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -172,13 +173,7 @@ def main() -> None:
         measure(key, output, 512, compressed["parameter_ratio"] - saved(512) / total, compress=compressed)
         shutil.rmtree(source, ignore_errors=True)
 
-    base = rows["dense"]["perplexity"]
-    print("\n| embedding | parameters | " + " | ".join(args.genres) + " |")
-    print("|---|---|" + "---|" * len(args.genres))
-    for key, row in rows.items():
-        ratio = row["parameter_ratio"]
-        cells = [f"{row['perplexity'][g]:.2f} ({100 * (row['perplexity'][g] / base[g] - 1):+.1f} %)" for g in args.genres]
-        print(f"| {key} | {'–' if ratio is None else f'{ratio:.3f}'} | " + " | ".join(cells) + " |")
+    print("\n" + embedding_rank_table(args.out))
     print(f"\nwritten {args.out}")
 
 
