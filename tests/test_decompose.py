@@ -389,3 +389,44 @@ def test_correction_ranks_buy_the_most_loss_per_parameter_within_the_budget():
     assert correction_ranks(prices, shapes, 20, step=1) == {"a": 2, "b": 0, "c": 1}
     assert correction_ranks(prices, shapes, 1000, step=3) == {"a": 4, "b": 4, "c": 2}  # capped at min(out, in)
     assert correction_ranks(prices, shapes, 3, step=1) == {"a": 0, "b": 0, "c": 0}
+
+
+@pytest.mark.parametrize("shape,bias", [((40, 60), False), ((90, 30), False), ((30, 30), True), ("output", False)])
+def test_the_pricing_bound_is_the_weighted_spectrum_and_below_every_tail_of_the_costs(shape, bias):
+    """cost_lower_bound: the eigenvalues of S½ W̃ C W̃ᵀ S½ (Eckart–Young's best weighted rank-r error),
+    lowered by its rounding slack; each tail sum at most the costs' (ROM's unweighted basis)."""
+    rng = np.random.default_rng(5)
+    inputs = 60 if shape == "output" else shape[1]
+    features = rng.standard_normal((800, inputs)) @ rng.standard_normal((inputs, inputs))
+    moments = decompose.InputMoments(features.T @ features / 800, features.mean(0), False)
+    if shape == "output":  # a moment of outputs accumulated directly (down_proj at its output)
+        outputs = features[:, :40] * rng.random(40)
+        sensitivity = rng.random(40) ** 3
+        problem = decompose.output_pricing_problem(outputs.T @ outputs / 800, outputs.mean(0), False, sensitivity)
+        output_moment = outputs.T @ outputs / 800
+    else:
+        weight = rng.standard_normal(shape)
+        bias_vector = rng.standard_normal(shape[0]) if bias else None
+        sensitivity = rng.random(shape[0]) ** 3
+        problem = decompose.pricing_problem(moments, weight, bias_vector, sensitivity)
+        assert np.array_equal(problem.costs(), decompose.direction_costs(moments, weight, bias_vector, sensitivity))
+        w_tilde = np.hstack([weight, bias_vector[:, None]]) if bias else weight
+        c = moments.matrix(bias)
+        output_moment = w_tilde @ c @ w_tilde.T
+    root = np.sqrt(sensitivity)
+    expected = np.linalg.eigvalsh(root[:, None] * output_moment * root[None, :])[::-1]
+    bound, costs = problem.cost_lower_bound(), problem.costs()
+    rank = min(len(costs), len(bound))
+    np.testing.assert_allclose(bound[:rank], expected[:rank], rtol=1e-8, atol=1e-10 * expected[0])
+    tail = lambda values: np.cumsum(values[::-1])[::-1]  # noqa: E731
+    assert np.all(tail(bound)[:rank] <= tail(costs)[:rank])
+    assert tail(bound)[1] > 0.5 * tail(costs)[1]  # a bound worth having: not far below
+
+
+def test_no_pricing_bound_where_a_bias_column_widens_the_product():
+    rng = np.random.default_rng(6)
+    features = rng.standard_normal((500, 20))
+    moments = decompose.InputMoments(features.T @ features / 500, features.mean(0), False)
+    problem = decompose.pricing_problem(moments, rng.standard_normal((50, 20)), rng.standard_normal(50), rng.random(50))
+    assert problem.cost_lower_bound() is None
+    assert problem.costs().shape == (21,)

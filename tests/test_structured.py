@@ -16,7 +16,8 @@ from streamrom import CalibrationConfig, CompressConfig, UsageError
 from streamrom.errors import NumericalError
 from streamrom.linalg import structured
 from streamrom.stream.calibration import calibration_tokens
-from streamrom.linalg.allocation import Slot, choose_alternatives, spectrum_ranks, total_params
+from streamrom.linalg.allocation import Slot, choose_alternatives, spectrum_ranks, total_params, unit_dominates
+from streamrom.linalg import allocation
 from streamrom.linalg.decompose import InputMoments
 from streamrom.compression.units import narrow_mlp, narrow_query_key, narrow_values
 from streamrom.model.modeling import Block, Rotary
@@ -390,6 +391,54 @@ def test_mixed_choice_takes_the_form_that_loses_less_per_parameter():
         assert expected in {slot.key for slot in chosen}
 
 
+def _unit_wins_everywhere(unit, unit_values, factored, prices) -> bool:
+    """choose_alternatives' comparison at each price, for one alternative."""
+    unit_curve = allocation._curve(unit, unit_values)
+    curves = [allocation._curve(slot, values) for slot, values in factored]
+    for price in prices:
+        unit_value, unit_params = allocation._best(unit_curve, price)
+        best = [allocation._best(curve, price) for curve in curves]
+        all_dense = unit_params == unit.dense and all(p == slot.dense for (slot, _), (_, p) in zip(factored, best))
+        if not (all_dense or unit_value <= sum(value for value, _ in best)):
+            return False
+    return True
+
+
+def test_a_unit_ahead_of_the_bounds_wins_at_every_price_whatever_the_values_above_them():
+    unit = Slot("mlp.neurons", 0, 0, 0, unit_size=128, unit_parameters=3 * 64)
+    factored = [Slot(name, 0, *shape) for name, shape in
+                (("mlp.gate_proj", (128, 64)), ("mlp.up_proj", (128, 64)), ("mlp.down_proj", (64, 128)))]
+    prices = 10.0 ** np.linspace(-10, 10, 4001)
+    rng = np.random.default_rng(3)
+    decided = 0
+    for _ in range(300):
+        unit_values = np.sort(rng.random(128) ** rng.uniform(0.5, 4))[::-1]
+        scale = 10 ** rng.uniform(-2, 2)
+        true = [np.sort(rng.random(64) ** rng.uniform(0.2, 6))[::-1] * scale for _ in factored]
+        bounds = [values * rng.uniform(0.7, 1.0) for values in true]
+        ahead = unit_dominates(unit, unit_values, list(zip(factored, bounds)))
+        decided += ahead
+        if ahead:  # the true values, each above its bound, never take the choice from the unit
+            assert _unit_wins_everywhere(unit, unit_values, list(zip(factored, true)), prices)
+        else:  # and the check says no only where the bounds themselves lose somewhere
+            assert not _unit_wins_everywhere(unit, unit_values, list(zip(factored, bounds)), prices)
+    assert 50 < decided < 250  # both answers were exercised
+
+
+def test_a_unit_is_not_decided_where_factors_of_low_rank_lose_nothing():
+    unit = Slot("mlp.neurons", 0, 0, 0, unit_size=128, unit_parameters=3 * 64)
+    factored = [Slot(name, 0, *shape) for name, shape in
+                (("mlp.gate_proj", (128, 64)), ("mlp.up_proj", (128, 64)), ("mlp.down_proj", (64, 128)))]
+    steep = np.concatenate([np.full(4, 100.0), np.zeros(60)])
+    assert not unit_dominates(unit, np.ones(128), [(slot, steep) for slot in factored])
+    flat = np.ones(64)  # every direction worth as much as a neuron: halving either loses the same share,
+    # but the factors pay for every kept direction out + in parameters
+    assert unit_dominates(unit, np.ones(128), [(slot, flat) for slot in factored])
+    # a unit holding more parameters than its linears dense is never decided (it loses at low prices)
+    fat = Slot("mlp.neurons", 0, 0, 0, unit_size=128, unit_parameters=3 * 64 + 1)
+    assert not unit_dominates(fat, np.ones(128), [(slot, flat) for slot in factored])
+
+
 @pytest.mark.pipeline
 def test_structured_refuses_a_target_text(tiny_models, tiny_tokens, tmp_path):
     result = subprocess.run([sys.executable, "-m", "streamrom.cli", "compress", str(tiny_models["llama"]),
@@ -418,6 +467,29 @@ def test_pass_one_prices_units_and_mixed_writes_both_forms(tiny_models, tiny_tok
         if plan.get(prefix + "mlp.neurons"):
             assert not any(plan[prefix + name] for name in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
     json.dumps(plan)
+
+
+def test_mixed_plan_and_files_are_the_same_with_pass_one_bounds(smollm2_dir, tmp_path, monkeypatch):
+    """Units shown by lower bounds to win at every price skip their factored forms' eigenvectors; the
+    plan and the model files must be those the costs give (the real model: where units win is data)."""
+    arguments = ["--quiet", "compress", str(smollm2_dir), "OUT", "--layers", "20,29",
+                 "--calib-sequences", "4", "--calib-seqlen", "128", "--method", "mixed", "--allocate", "spectrum",
+                 "--ratio", "0.6", "--spectra", "SPECTRA"]
+
+    def run(name: str) -> dict[str, bytes]:
+        from streamrom.cli import main
+        folder = tmp_path / name
+        assert main([str(folder) if a == "OUT" else str(tmp_path / f"{name}.npz") if a == "SPECTRA" else a
+                     for a in arguments]) == 0
+        return {path.name: path.read_bytes() for path in sorted(folder.glob("*.safetensors"))}
+
+    bounded = run("bounded")
+    with np.load(tmp_path / "bounded.npz") as found:
+        assert any(key.startswith("unit-always.") for key in found.files)  # the bounds decided some unit here
+    monkeypatch.setattr(allocation, "unit_dominates", lambda *args, **kwargs: False)
+    assert run("costs") == bounded
+    with np.load(tmp_path / "costs.npz") as found:
+        assert not any(key.startswith("unit-always.") for key in found.files)
 
 
 @pytest.mark.pipeline

@@ -38,8 +38,12 @@ STEPS = [
     ("neuron refit", "down's refit on the kept neurons (a Cholesky solve of their moment)", ("refit_columns",)),
     ("value dimensions", "per-KV-head value maps and o_proj's refit", ("value_maps", "refit_output")),
     ("query–key pairs", "the rotary pairs' output energies and costs", ("output_energies", "pair_costs")),
+    ("pricing bounds", "lower bounds on a unit's factored alternatives (eigenvalues only) and the check that "
+     "they decide the choice", ("cost_lower_bound", "unit_dominates")),
     ("factored pricing", "each factored alternative's direction costs (q/k/v/o/gate/up: W̃L, a Gram product, "
-     "one 4096 eigen-solve)", ("direction_costs", "weighted_direction_costs")),
+     "one 4096 eigen-solve; since the bounds, down's at its output too)",
+     ("direction_costs", "weighted_direction_costs", "pricing_problem", "output_pricing_problem",
+      "PricingProblem.costs")),
     ("factored fits", "the chosen factored linears' bases (eigen-solves) and factors",
      ("rom_eigenpairs", "factorise", "anchored_map", "least_squares")),
     ("down at its output", "down's directions priced from its output moment (one 4096 eigen-solve)",

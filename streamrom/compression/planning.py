@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,7 +26,7 @@ from ..model.modeling import BLOCK_LINEARS, ModelSpec, block_prefix
 from .progress import Progress, arguments_fingerprint, source_fingerprint
 from ..report.report import StageTimer
 from .plans import ModelPlan
-from .spectra import collect_spectra, split_keep_orders
+from .spectra import collect_spectra, split_first_pass
 
 if TYPE_CHECKING:
     from .pipeline import Prepared
@@ -109,15 +109,23 @@ def mixed_alternatives(spec: ModelSpec, config: CompressConfig,
             for index in layers for unit in active_units(spec, config)]
 
 
+def block_alternatives(spec: ModelSpec, config: CompressConfig) -> list[tuple[allocation.Slot, list[allocation.Slot]]]:
+    """mixed_alternatives of one block, keyed by the bare names pass 1 prices a block by (mlp.neurons, mlp.up_proj)."""
+    def bare(slot: allocation.Slot) -> allocation.Slot:
+        return replace(slot, key=slot.key[len(block_prefix(0)):])
+    return [(bare(unit), [bare(slot) for slot in factored]) for unit, factored in mixed_alternatives(spec, config, [0])]
+
+
 def model_plan(spec: ModelSpec, config: CompressConfig, layers: list[int], total_params: int, dtype_bytes: int,
-               spectra: dict[str, np.ndarray] | None = None) -> ModelPlan:
+               spectra: dict[str, np.ndarray] | None = None, unit_always: set[str] = frozenset()) -> ModelPlan:
     """Rank of every block linear of the model (None: dense), and for structured methods every unit's
     width (None: not narrowed).
 
     Without a target, `uniform` is `rank_plan` in every chosen block; `last-n` and `spectrum`
     spend what that plan would. With a target, the chosen allocation meets the whole-model
     parameter count within one rank step. The mixed method's spectrum first chooses per unit
-    between narrowing it and factoring its linears (allocation.choose_alternatives).
+    between narrowing it and factoring its linears (allocation.choose_alternatives; the units in
+    `unit_always` are narrowed at every price, pass 1 having shown it from bounds).
     """
     if config.ranks is not None:
         return _checked_ranks(spec, config, config.ranks)
@@ -136,7 +144,7 @@ def model_plan(spec: ModelSpec, config: CompressConfig, layers: list[int], total
         if config.compression_method.mixed:
             alternatives = mixed_alternatives(spec, config, layers)
             every = slots + [slot for _, factored in alternatives for slot in factored]
-            slots = allocation.choose_alternatives(every, spectra or {}, budget, alternatives)
+            slots = allocation.choose_alternatives(every, spectra or {}, budget, alternatives, unit_always)
         ranks = allocation.spectrum_ranks(slots, spectra or {}, budget)
     return ModelPlan.from_record({key: ranks.get(key) for key in plan}, spec.num_layers)
 
@@ -240,9 +248,13 @@ def _first_plan(prepared: "Prepared", output: Path, timer: StageTimer) -> tuple[
     spectra = collect_spectra(reader, priced_on, layers, names, output / WORK_FOLDER,
                               config.chunk_tokens, config.centered, PRECISIONS[config.precision], timer,
                               saved=config.spectra_file, fingerprint=arguments_fingerprint(pass_one, priced_on),
-                              units=units, neuron_selection=config.neuron_selection)
-    spectra, orders = split_keep_orders(spectra)
-    plan = model_plan(spec, config, layers, prepared.total_params, prepared.dtype_bytes, spectra)
+                              units=units, neuron_selection=config.neuron_selection,
+                              alternatives=block_alternatives(spec, config) if config.compression_method.mixed else ())
+    spectra, orders, unit_always = split_first_pass(spectra)
+    if unit_always:
+        log.info("pass 1: %d of %d units taken at every price by bounds (their factored forms' eigenvectors "
+                 "not computed)", len(unit_always), len(layers) * len(chosen_units))
+    plan = model_plan(spec, config, layers, prepared.total_params, prepared.dtype_bytes, spectra, unit_always)
     if config.neuron_selection != "pass1":
         return plan, {}
     # every priced MLP's order, not only those the plan narrows: a bayes trial may narrow others

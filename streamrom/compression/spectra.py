@@ -27,11 +27,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..linalg import decompose, structured
+from ..linalg import allocation, decompose, structured
+from ..linalg.allocation import Slot
 from ..model.architectures import UNITS, StructuredUnit
 from ..stream.activations import ActivationBuffer, chunk_ranges, embed_into, require_finite, run_block
 from ..storage.checkpoint import CheckpointReader
@@ -51,12 +53,18 @@ FINGERPRINT_KEY = "__made_for__"
 # "keep-order.model.layers.<i>.mlp.neurons": the greedy removal's order of that MLP's neurons (most
 # important first), saved beside its costs for --neuron-selection pass1
 ORDER_PREFIX = "keep-order."
+# "unit-always.model.layers.<i>.mlp.neurons": pass 1 showed from lower bounds that the mixed choice takes
+# that unit at every price; the values saved for its linears' factored slots are those bounds
+UNIT_ALWAYS_PREFIX = "unit-always."
+PREFIXES = (ORDER_PREFIX, UNIT_ALWAYS_PREFIX)
 
 
-def split_keep_orders(found: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """A first pass's costs and its keep orders (by unit key), apart."""
+def split_first_pass(found: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], set[str]]:
+    """A first pass's costs, its keep orders (by unit key), and the units the mixed choice takes at
+    every price (their factored slots' values are lower bounds), apart."""
     orders = {key[len(ORDER_PREFIX):]: values for key, values in found.items() if key.startswith(ORDER_PREFIX)}
-    return {key: values for key, values in found.items() if not key.startswith(ORDER_PREFIX)}, orders
+    always = {key[len(UNIT_ALWAYS_PREFIX):] for key in found if key.startswith(UNIT_ALWAYS_PREFIX)}
+    return {key: values for key, values in found.items() if not key.startswith(PREFIXES)}, orders, always
 
 
 @dataclass
@@ -147,67 +155,130 @@ def observe_block(block: Block, names: list[str], units: list[str], inputs: Acti
 
 
 def price_block(seen: Observation, names: list[str], fetch, centered: bool, work_dtype, timer: StageTimer,
-                neuron_selection: str = "obs", damping: float = 1e-6) -> dict[str, np.ndarray]:
+                neuron_selection: str = "obs", damping: float = 1e-6,
+                alternatives: Sequence[tuple[Slot, Sequence[Slot]]] = ()) -> dict[str, np.ndarray]:
     """Per chosen linear the loss cost of dropping each output direction (in the order ROM keeps them),
     and per chosen unit the cost of dropping each unit (in the order structured ROM keeps them).
 
     The block is gone by now: `fetch(name)` reads a linear's (weight, bias) back as numpy arrays in
-    the work dtype, one at a time, each dropped once priced; each moment goes once its last reader is
-    priced. The units come first (the MLP's wide moment is the largest thing held), each unit before
-    the group that reads the same value.
+    the work dtype, one at a time; each moment goes once its last reader is priced. The units come
+    first (the MLP's wide moment is the largest thing held).
+
+    `alternatives` (the mixed mode; slots keyed by the bare names): each unit with the factored slots of
+    its linears. Their directions are first bounded from below by eigenvalues alone
+    (PricingProblem.cost_lower_bound); where the bounds already show that the mixed choice takes the
+    unit at every price (allocation.unit_dominates), the bounds stand in for the costs, the unit is
+    marked (UNIT_ALWAYS_PREFIX) and no eigenvectors are computed for its linears: the allocation is the
+    same as with the costs, at a fraction of the eigen work. Otherwise the costs are computed from the
+    same products.
     """
-    jobs = [("unit", unit, unit.reads) for unit in seen.units]
-    jobs += [("group", group, value) for group, value, _ in seen.groups]
-    at_output = {group: flag for group, _, flag in seen.groups}
-    last_reader = {value: index for index, (_, _, value) in enumerate(jobs)}
+    group_of = {name: (value, at_output) for group, value, at_output in seen.groups
+                for name in group.linears if name in names}
+    readers: dict[str, int] = {}
+    for value in [unit.reads for unit in seen.units] + [value for value, _ in group_of.values()]:
+        readers[value] = readers.get(value, 0) + 1
     sensitivity = {name: (squares / seen.tokens).numpy().astype(work_dtype) for name, squares in seen.squares.items()}
+    taken: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    inputs: dict[str, decompose.InputMoments] = {}  # per value read by linears: C's factor made once
+
+    def take(value: str) -> tuple[np.ndarray, np.ndarray]:
+        if value not in taken:
+            accumulator = seen.moments.pop(value)
+            if not accumulator.is_finite():
+                readers_of = [unit.name for unit in seen.units if unit.reads == value]
+                readers_of += [name for name, (read, _) in group_of.items() if read == value]
+                raise NumericalError(f"NaN or Inf activations reach {', '.join(readers_of)}")
+            # a wide moment (the MLP's) is handed over, not copied, and read by one unit only
+            taken[value] = (accumulator.second_moment_as(work_dtype), accumulator.mean().astype(work_dtype))
+        return taken[value]
+
+    def read_once(value: str) -> None:
+        readers[value] -= 1
+        if readers[value] == 0:
+            taken.pop(value, None)
+            inputs.pop(value, None)
+            release_freed_memory()
+
+    def problem(name: str) -> decompose.PricingProblem:
+        value, at_output = group_of[name]
+        second, mean = take(value)
+        if at_output:  # the output's moment was accumulated directly
+            found = decompose.output_pricing_problem(second, mean, centered, sensitivity[name])
+        else:
+            moments = inputs.setdefault(value, decompose.InputMoments(second, mean, centered))
+            weight, bias = fetch(name)
+            found = decompose.pricing_problem(moments, weight, bias, sensitivity[name])
+            del weight, bias, moments
+        del second, mean
+        read_once(value)
+        return found
+
     # The autograd graph's freed tensors of up to 32 MiB stay on the malloc heap: hand them back
     # before the eigen work.
     release_freed_memory()
     costs: dict[str, np.ndarray] = {}
-    taken: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with timer("eigen"):
-        for index, (kind, item, value) in enumerate(jobs):
-            if value not in taken:
-                accumulator = seen.moments.pop(value)
-                if not accumulator.is_finite():
-                    raise NumericalError(f"NaN or Inf activations reach {', '.join(item.linears)}")
-                # a wide moment (the MLP's) is handed over, not copied, and read by one unit only
-                taken[value] = (accumulator.second_moment_as(work_dtype), accumulator.mean().astype(work_dtype))
-                del accumulator
-            second, mean = taken[value]
-            spent = last_reader[value] == index
-            if kind == "unit":
-                found = UNIT_COMPRESSION[item.name].price(fetch, seen.heads, second, mean, sensitivity,
-                                                          neuron_selection, damping, overwrite_moment=spent)
-                if isinstance(found, structured.Removal):  # the MLP's: its order too, free beside the costs
-                    costs[item.name] = found.costs
-                    if neuron_selection != "leverage":
-                        costs[ORDER_PREFIX + item.name] = found.order
-                else:
-                    costs[item.name] = found
-            else:
-                group_inputs = decompose.InputMoments(second, mean, centered)
-                for name in item.linears:
-                    if name not in names:
-                        continue
-                    if at_output[item]:  # the output's moment was accumulated directly
-                        values, vectors = decompose.top_eigenvectors(
-                            decompose.output_moment(second, mean, centered), len(second))
-                        costs[name] = decompose.sensitivity_weighted(np.clip(values, 0.0, None), vectors,
-                                                                     sensitivity[name].astype(vectors.dtype))
-                        del values, vectors
-                    else:
-                        weight, bias = fetch(name)
-                        costs[name] = decompose.direction_costs(group_inputs, weight, bias, sensitivity[name])
-                        del weight, bias
-                    costs[name] = costs[name].astype(np.float64)
-                del group_inputs
+        for unit in seen.units:
+            second, mean = take(unit.reads)
+            found = UNIT_COMPRESSION[unit.name].price(fetch, seen.heads, second, mean, sensitivity,
+                                                      neuron_selection, damping,
+                                                      overwrite_moment=readers[unit.reads] == 1)
             del second, mean
-            if spent:
-                del taken[value]
-            release_freed_memory()
+            if isinstance(found, structured.Removal):  # the MLP's: its order too, free beside the costs
+                costs[unit.name] = found.costs
+                if neuron_selection != "leverage":
+                    costs[ORDER_PREFIX + unit.name] = found.order
+            else:
+                costs[unit.name] = found
+            del found
+            read_once(unit.reads)
+        for unit_slot, factored in alternatives:
+            if unit_slot.key in costs and all(slot.key in group_of for slot in factored):
+                costs.update(_price_alternative(unit_slot, factored, costs[unit_slot.key], problem, group_of,
+                                                read_once))
+        for name in group_of:  # the linears outside alternatives, group by group
+            if name not in costs:
+                costs[name] = problem(name).costs().astype(np.float64)
+                release_freed_memory()
     return costs
+
+
+def _price_alternative(unit: Slot, factored: Sequence[Slot], unit_costs: np.ndarray, problem, group_of,
+                       read_once) -> dict[str, np.ndarray]:
+    """The factored slots' values of one unit's alternative (price_block): lower bounds where they
+    decide the choice for the unit, else the costs. The linears that read an output moment come first
+    (their bound needs no product); the bounds stop as soon as they decide."""
+    ordered = sorted(factored, key=lambda slot: not group_of[slot.key][1])
+    problems: dict[str, decompose.PricingProblem] = {}
+    bounds: dict[str, np.ndarray] = {}
+    for slot in ordered:
+        problems[slot.key] = problem(slot.key)
+        bound = problems[slot.key].cost_lower_bound()
+        if bound is None:
+            break
+        bounds[slot.key] = bound
+        trial = [(s, bounds.get(s.key, np.zeros(s.full_rank))) for s in factored]
+        if allocation.unit_dominates(unit, unit_costs, trial):
+            for s in factored:
+                if s.key not in problems:  # never read: its moment may go
+                    read_once(group_of[s.key][0])
+            problems.clear()
+            release_freed_memory()
+            return {**{s.key: bounds.get(s.key, np.zeros(s.full_rank)) for s in factored},
+                    UNIT_ALWAYS_PREFIX + unit.key: np.array(True)}
+    found = {}
+    for slot in ordered:
+        made = problems.pop(slot.key, None) or problem(slot.key)
+        found[slot.key] = made.costs().astype(np.float64)
+        del made
+        release_freed_memory()
+    return found
+
+
+def _prefixed(name: str, prefix: str) -> str:
+    """A block's key in the whole model's file: "keep-order.mlp.neurons" -> "keep-order.model.layers.3.mlp.neurons"."""
+    marker = next((marker for marker in PREFIXES if name.startswith(marker)), "")
+    return f"{marker}{prefix}{name[len(marker):]}"
 
 
 def _weight_reader(reader: CheckpointReader, index: int, work_dtype):
@@ -240,7 +311,8 @@ def read_saved(path: Path) -> dict[str, np.ndarray]:
 def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[int], names: list[str],
                     work: Path, chunk_tokens: int, centered: bool, work_dtype, timer: StageTimer,
                     saved: Path | None = None, fingerprint: str = "", units: list[str] = (),
-                    neuron_selection: str = "obs", price=None) -> dict[str, np.ndarray]:
+                    neuron_selection: str = "obs", price=None,
+                    alternatives: Sequence[tuple[Slot, Sequence[Slot]]] = ()) -> dict[str, np.ndarray]:
     """{"model.layers.<i>.<name>": loss cost of dropping each output direction} for every chosen block
     and linear, from one streamed forward and backward pass of the dense model.
 
@@ -248,6 +320,7 @@ def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[i
     model, calibration tokens and settings it was made from), and reused from there when the
     fingerprint matches: by a resumed run, or by runs at other target sizes. `price(seen, chosen, index)`
     replaces price_block where the directions priced are another's (quant_correction: the error's).
+    `alternatives` (mixed): each unit with its linears' factored slots, keyed by bare names (price_block).
     """
     path = Path(saved) if saved is not None else Path(work) / SPECTRA_FILE
     if path.is_file():
@@ -317,12 +390,11 @@ def collect_spectra(reader: CheckpointReader, tokens: np.ndarray, layers: list[i
             # holds the module until its next turn: its tensors go now (the block is spent).
             block.to(device="meta")
             del block
-            found = price_block(seen, chosen, _weight_reader(reader, index, work_dtype), centered, work_dtype,
-                                timer, neuron_selection) if price is None else price(seen, chosen, index)
+            found = (price_block(seen, chosen, _weight_reader(reader, index, work_dtype), centered, work_dtype,
+                                 timer, neuron_selection, alternatives=alternatives if index in layers else ())
+                     if price is None else price(seen, chosen, index))
             del seen
-            costs.update({f"{ORDER_PREFIX}{block_prefix(index)}{name[len(ORDER_PREFIX):]}"
-                          if name.startswith(ORDER_PREFIX) else f"{block_prefix(index)}{name}": values
-                          for name, values in found.items()})
+            costs.update({_prefixed(name, block_prefix(index)): values for name, values in found.items()})
             block_inputs.pop(index + 1).close(remove=True)  # its gradient is through; the file is done
     finally:
         for buffer in [*block_inputs.values(), *grads]:

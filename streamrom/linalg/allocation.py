@@ -220,13 +220,19 @@ def _step_value(slot: Slot, rank: int, values: np.ndarray) -> float:
 
 
 def choose_alternatives(slots: Sequence[Slot], spectra: Mapping[str, np.ndarray], budget: int,
-                        alternatives: Sequence[tuple[Slot, Sequence[Slot]]]) -> list[Slot]:
+                        alternatives: Sequence[tuple[Slot, Sequence[Slot]]],
+                        decided: Iterable[str] = ()) -> list[Slot]:
     """The mixed mode's choice: for each (structured unit, factored slots of the same linears), the
     form that prices best, by Lagrangian relaxation. At a price μ per parameter every slot takes the
-    rank minimising lost value + μ·parameters, and each alternative the form whose sum is lower; μ is
-    the smallest price whose choices fit `budget`. Returns the slots to allocate over (spectrum_ranks
-    then meets the budget within a step); the others stay dense (a unit not chosen is not narrowed)."""
-    curves = {slot.key: _curve(slot, spectra[slot.key]) for slot in slots}
+    rank minimising lost value + μ·parameters, and each alternative the form whose sum is lower (the
+    unit where both keep everything dense: the same parameters, nothing narrowed); μ is the smallest
+    price whose choices fit `budget`. Units in `decided` take their unit form at every price without
+    comparing (unit_dominates showed it, from lower bounds on the factored forms' values). Returns the
+    slots to allocate over (spectrum_ranks then meets the budget within a step); the others stay dense
+    (a unit not chosen is not narrowed)."""
+    decided = set(decided)
+    unpriced = {s.key for unit, factored in alternatives if unit.key in decided for s in factored}
+    curves = {slot.key: _curve(slot, spectra[slot.key]) for slot in slots if slot.key not in unpriced}
     in_alternative = {s.key for unit, factored in alternatives for s in (unit, *factored)}
     fixed = [slot for slot in slots if slot.key not in in_alternative]
 
@@ -234,8 +240,13 @@ def choose_alternatives(slots: Sequence[Slot], spectra: Mapping[str, np.ndarray]
         chosen, used = list(fixed), sum(_best(curves[s.key], price)[1] for s in fixed)
         for unit, factored in alternatives:
             unit_value, unit_params = _best(curves[unit.key], price)
+            if unit.key in decided:
+                chosen.append(unit)
+                used += unit_params
+                continue
             factored_best = [_best(curves[s.key], price) for s in factored]
-            if unit_value <= sum(value for value, _ in factored_best):
+            all_dense = unit_params == unit.dense and all(params == s.dense for s, (_, params) in zip(factored, factored_best))
+            if all_dense or unit_value <= sum(value for value, _ in factored_best):
                 chosen.append(unit)
                 used += unit_params
             else:
@@ -251,6 +262,67 @@ def choose_alternatives(slots: Sequence[Slot], spectra: Mapping[str, np.ndarray]
         else:
             low = middle
     return choose(10.0 ** high)[0]
+
+
+def unit_dominates(unit: Slot, unit_values: np.ndarray, factored: Sequence[tuple[Slot, np.ndarray]],
+                   margin: float = 1e-6) -> bool:
+    """Whether choose_alternatives takes the unit form at every price, whatever the factored slots'
+    values are, given lower bounds on their tail sums (`factored`: each slot with values whose every
+    tail sum is at most its true values'). Then their true values are never needed.
+
+    At a price μ the unit's best value u(μ) and each factored slot's f_i(μ) are minima of lines in μ
+    (concave, piecewise linear, breaking where their argmin moves); the true f_i(μ) is at least the
+    bound's. So the unit wins everywhere if u(μ) <= Σ f_i(μ) holds for the bounds, and the difference
+    is linear between the breakpoints of all the curves: it is checked at each breakpoint, as μ → 0
+    (where every form loses least) and beyond the last breakpoint (its slope). `margin` (relative) keeps
+    float rounding from deciding a near tie.
+    """
+    curves = [_curve(unit, unit_values)] + [_curve(slot, values) for slot, values in factored]
+    if unit.dense > sum(slot.dense for slot, _ in factored):
+        return False  # where everything stays dense the factored forms hold fewer parameters
+
+    def ahead(value_unit: float, value_factored: float) -> bool:
+        return value_factored - value_unit >= margin * max(value_unit, value_factored)
+
+    def factored_dense(params: Sequence[float]) -> bool:
+        # Where the factored bounds sit at dense, so do their true values (a bound loses no more), and
+        # both forms' sums are the same numbers in either case: the unit wins there, having no more
+        # parameters (its best is at most its dense cost; all dense, the chooser's tie rule), no check needed.
+        return all(p == slot.dense for p, (slot, _) in zip(params, factored))
+
+    # as μ → 0 every curve sits where it loses least (the fewest parameters among those): a + b·μ
+    firsts = [np.lexsort((params, lost))[0] for lost, params in curves]
+    lost_at = [float(curve[0][at]) for curve, at in zip(curves, firsts)]
+    params_at = [float(curve[1][at]) for curve, at in zip(curves, firsts)]
+    if not factored_dense(params_at[1:]) and not (
+            ahead(lost_at[0], sum(lost_at[1:]))
+            and (sum(lost_at[1:]) > lost_at[0] or ahead(params_at[0], sum(params_at[1:])))):
+        return False
+    prices = np.unique(np.concatenate([_envelope_prices(*curve) for curve in curves]))
+    for price in prices[np.isfinite(prices) & (prices > 0)]:
+        best = [_best(curve, price) for curve in curves]
+        if not factored_dense([params for _, params in best[1:]]) and not ahead(best[0][0], sum(v for v, _ in best[1:])):
+            return False
+    # beyond the last breakpoint every form sits at its fewest parameters: the difference's slope
+    fewest = [float(np.min(curve[1])) for curve in curves]
+    return factored_dense(fewest[1:]) or ahead(fewest[0], sum(fewest[1:]))
+
+
+def _envelope_prices(lost: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """The prices μ > 0 at which argmin(lost + μ·params) moves: the slopes of the lower convex hull of
+    the points (params, lost), from the fewest parameters on."""
+    hull: list[tuple[float, float]] = []
+    for p, value in sorted(zip(params.tolist(), lost.tolist())):
+        if hull and value >= hull[-1][1]:
+            continue  # more parameters, no less lost: never the best at a positive price
+        while len(hull) >= 2:
+            (p0, v0), (p1, v1) = hull[-2], hull[-1]
+            if (v1 - v0) * (p - p0) >= (value - v0) * (p1 - p0):  # the middle point is not below the chord
+                hull.pop()
+            else:
+                break
+        hull.append((p, value))
+    return np.array([(v0 - v1) / (p1 - p0) for (p0, v0), (p1, v1) in zip(hull, hull[1:])], dtype=np.float64)
 
 
 def _curve(slot: Slot, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -244,10 +244,58 @@ def output_eigenpairs(moments: InputMoments, weight: np.ndarray, bias: np.ndarra
     return moments.rom_eigenpairs(weight, bias, min(w_tilde.shape))
 
 
-def direction_costs(moments: InputMoments, weight: np.ndarray, bias: np.ndarray | None,
-                    feature_sensitivity: np.ndarray) -> np.ndarray:
-    """sensitivity_weighted over the top min(out, in) directions of W̃ C W̃ᵀ (descending): what
-    dropping each direction ROM keeps would cost, in the order ROM keeps them.
+@dataclass
+class PricingProblem:
+    """One linear's direction-cost problem in pass 1, its products formed once: from it either the
+    costs themselves (`costs`) or, for less work, a lower bound on every tail sum of them
+    (`cost_lower_bound`, eigenvalues without vectors).
+
+    `plain` is the symmetric matrix whose eigenvectors ROM keeps (W̃ C W̃ᵀ = A Aᵀ, or an output moment
+    accumulated directly), held by the triangle `lower` says; where out > in (gate/up) it is the in x in
+    Aᵀ A instead, and `weighted` = Aᵀ S A beside it (S the per-feature loss sensitivity)."""
+
+    plain: np.ndarray
+    lower: bool
+    sensitivity: np.ndarray
+    weighted: np.ndarray | None = None
+    exact_tails_only: bool = False  # a bias column makes Aᵀ A wider than the directions priced: no bound
+
+    def costs(self) -> np.ndarray:
+        """sensitivity_weighted over the directions in the order ROM keeps them (direction_costs)."""
+        if self.weighted is None:
+            values, vectors = top_eigenvectors(self.plain, len(self.plain), lower=self.lower)
+            return sensitivity_weighted(np.clip(values, 0.0, None), vectors,
+                                        self.sensitivity.astype(vectors.dtype, copy=False))
+        _, rotations = top_eigenvectors(self.plain, len(self.plain), lower=False)
+        weighted = self.weighted + np.triu(self.weighted, 1).T  # both triangles for the product
+        return np.einsum("ik,ik->k", rotations, weighted @ rotations)
+
+    def cost_lower_bound(self) -> np.ndarray | None:
+        """Values b (descending) whose every tail sum b[r:].sum() is at most the costs' (costs()[r:].sum()),
+        up to float rounding: ROM's loss at rank r is ‖S½ (I − P_r) A‖², at least the best rank-r
+        approximation's error of S½ A (Eckart–Young), the tail of the eigenvalues of Aᵀ S A or
+        S½ A Aᵀ S½. Eigenvalues only (no vectors): a fraction of the full solve. Each value is lowered
+        by a few units of rounding of the largest, so that the solver's own rounding cannot lift a tail
+        above the costs'. None where the directions priced are fewer than those eigenvalues (a bias
+        column in a wide product)."""
+        if self.exact_tails_only:
+            return None
+        if self.weighted is None:
+            root = np.sqrt(np.clip(self.sensitivity, 0.0, None)).astype(self.plain.dtype, copy=False)
+            matrix = self.plain * root[:, None]
+            matrix *= root[None, :]
+            lower = self.lower
+        else:
+            matrix, lower = self.weighted, False
+        values = scipy.linalg.eigh(matrix, lower=lower, eigvals_only=True, driver="evd", check_finite=True,
+                                   overwrite_a=matrix is not self.weighted)[::-1].astype(np.float64)
+        slack = 16 * np.finfo(self.plain.dtype).eps * max(float(values[0]) if values.size else 0.0, 0.0)
+        return np.clip(values - slack, 0.0, None)
+
+
+def pricing_problem(moments: InputMoments, weight: np.ndarray, bias: np.ndarray | None,
+                    feature_sensitivity: np.ndarray) -> PricingProblem:
+    """The products one linear's direction costs come from (see direction_costs).
 
     Where out > in (gate/up) no out-wide eigenproblem is solved: with A = W̃ L (C = L Lᵀ) and
     Aᵀ A = Q Λ Qᵀ, direction k is v_k = A q_k / √λ_k, so λ_k · v_kᵀ S v_k = q_kᵀ (Aᵀ S A) q_k, and both
@@ -255,20 +303,33 @@ def direction_costs(moments: InputMoments, weight: np.ndarray, bias: np.ndarray 
     (the second on S½ A, scaled in place), a third of the work of forming W̃ᵀ S W̃ and multiplying it
     by L from both sides.
     """
-    w_tilde_shape = (weight.shape[0], weight.shape[1] + (bias is not None and not moments.centered))
-    if w_tilde_shape[0] <= w_tilde_shape[1]:
-        values, vectors = output_eigenpairs(moments, weight, bias)
-        return sensitivity_weighted(values, vectors, feature_sensitivity.astype(vectors.dtype, copy=False))
     w_tilde, with_bias = moments.augmented_weight(weight, bias)
+    out_features, in_features = w_tilde.shape
+    if out_features <= in_features:
+        if moments.cholesky(with_bias) is not None:  # W̃ C W̃ᵀ = A Aᵀ, one triangle of it: half the products
+            plain, lower = gram(moments.times_root(w_tilde, with_bias), rows=True), False
+        else:
+            plain, lower = damped(w_tilde @ moments.matrix(with_bias) @ w_tilde.T, 0.0), True
+        return PricingProblem(plain, lower, feature_sensitivity)
     a = moments.times_root(w_tilde, with_bias)  # a new array: scaled in place below
     del w_tilde
     plain = gram(a, rows=False)  # the upper triangle, as top_eigenvectors reads it
     a *= np.sqrt(np.clip(feature_sensitivity, 0.0, None)).astype(a.dtype, copy=False)[:, None]
     weighted = gram(a, rows=False)
-    del a
-    _, rotations = top_eigenvectors(plain, w_tilde_shape[1], lower=False)
-    weighted += np.triu(weighted, 1).T  # both triangles for the product
-    return np.einsum("ik,ik->k", rotations, weighted @ rotations)
+    return PricingProblem(plain, False, feature_sensitivity, weighted, exact_tails_only=with_bias)
+
+
+def output_pricing_problem(second_moment: np.ndarray, mean: np.ndarray, centered: bool,
+                           feature_sensitivity: np.ndarray) -> PricingProblem:
+    """The pricing problem of a linear whose output moment was accumulated directly (out x out)."""
+    return PricingProblem(output_moment(second_moment, mean, centered), True, feature_sensitivity)
+
+
+def direction_costs(moments: InputMoments, weight: np.ndarray, bias: np.ndarray | None,
+                    feature_sensitivity: np.ndarray) -> np.ndarray:
+    """sensitivity_weighted over the top min(out, in) directions of W̃ C W̃ᵀ (descending): what
+    dropping each direction ROM keeps would cost, in the order ROM keeps them (pricing_problem)."""
+    return pricing_problem(moments, weight, bias, feature_sensitivity).costs()
 
 
 def sensitivity_weighted(values: np.ndarray, vectors: np.ndarray, feature_sensitivity: np.ndarray) -> np.ndarray:
