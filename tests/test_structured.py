@@ -410,7 +410,7 @@ def test_a_unit_ahead_of_the_bounds_wins_at_every_price_whatever_the_values_abov
                 (("mlp.gate_proj", (128, 64)), ("mlp.up_proj", (128, 64)), ("mlp.down_proj", (64, 128)))]
     prices = 10.0 ** np.linspace(-10, 10, 4001)
     rng = np.random.default_rng(3)
-    decided = 0
+    decided = ruled_out = 0
     for _ in range(300):
         unit_values = np.sort(rng.random(128) ** rng.uniform(0.5, 4))[::-1]
         scale = 10 ** rng.uniform(-2, 2)
@@ -418,11 +418,15 @@ def test_a_unit_ahead_of_the_bounds_wins_at_every_price_whatever_the_values_abov
         bounds = [values * rng.uniform(0.7, 1.0) for values in true]
         ahead = unit_dominates(unit, unit_values, list(zip(factored, bounds)))
         decided += ahead
+        # the cheap test from the totals alone never rules out what the bounds show
+        totals = [(slot, float(values.sum())) for slot, values in zip(factored, true)]
+        assert not (ahead and allocation.unit_loses_somewhere(unit, unit_values, totals))
+        ruled_out += allocation.unit_loses_somewhere(unit, unit_values, totals)
         if ahead:  # the true values, each above its bound, never take the choice from the unit
             assert _unit_wins_everywhere(unit, unit_values, list(zip(factored, true)), prices)
         else:  # and the check says no only where the bounds themselves lose somewhere
             assert not _unit_wins_everywhere(unit, unit_values, list(zip(factored, bounds)), prices)
-    assert 50 < decided < 250  # both answers were exercised
+    assert 50 < decided < 250 and ruled_out > 20  # every answer was exercised
 
 
 def test_a_unit_is_not_decided_where_factors_of_low_rank_lose_nothing():

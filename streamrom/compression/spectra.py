@@ -246,31 +246,33 @@ def price_block(seen: Observation, names: list[str], fetch, centered: bool, work
 def _price_alternative(unit: Slot, factored: Sequence[Slot], unit_costs: np.ndarray, problem, group_of,
                        read_once) -> dict[str, np.ndarray]:
     """The factored slots' values of one unit's alternative (price_block): lower bounds where they
-    decide the choice for the unit, else the costs. The linears that read an output moment come first
-    (their bound needs no product); the bounds stop as soon as they decide."""
+    decide the choice for the unit, else the costs.
+
+    Bounds are tried only where they could decide: not where the unit holds more parameters than its
+    linears dense (it then loses at low prices whatever the values), nor where the unit loses somewhere
+    even to an upper bound of the factored costs that the products give for free (each slot's total
+    loss-weighted energy tr(S W̃ C W̃ᵀ) at every rank short of dense). Then the linears that read an
+    output moment come first (their bound needs no product), and the bounds stop as soon as they decide.
+    """
     ordered = sorted(factored, key=lambda slot: not group_of[slot.key][1])
-    problems: dict[str, decompose.PricingProblem] = {}
-    bounds: dict[str, np.ndarray] = {}
+    problems = {slot.key: problem(slot.key) for slot in ordered}
+    found: dict[str, np.ndarray] = {}
+    if unit.dense <= sum(slot.dense for slot in factored) and not allocation.unit_loses_somewhere(
+            unit, unit_costs, [(slot, problems[slot.key].total_cost()) for slot in factored]):
+        bounds: dict[str, np.ndarray] = {}
+        for slot in ordered:
+            bound = problems[slot.key].cost_lower_bound()
+            if bound is None:
+                break
+            bounds[slot.key] = bound
+            trial = [(s, bounds.get(s.key, np.zeros(s.full_rank))) for s in factored]
+            if allocation.unit_dominates(unit, unit_costs, trial):
+                problems.clear()
+                release_freed_memory()
+                return {**{s.key: bounds.get(s.key, np.zeros(s.full_rank)) for s in factored},
+                        UNIT_ALWAYS_PREFIX + unit.key: np.array(True)}
     for slot in ordered:
-        problems[slot.key] = problem(slot.key)
-        bound = problems[slot.key].cost_lower_bound()
-        if bound is None:
-            break
-        bounds[slot.key] = bound
-        trial = [(s, bounds.get(s.key, np.zeros(s.full_rank))) for s in factored]
-        if allocation.unit_dominates(unit, unit_costs, trial):
-            for s in factored:
-                if s.key not in problems:  # never read: its moment may go
-                    read_once(group_of[s.key][0])
-            problems.clear()
-            release_freed_memory()
-            return {**{s.key: bounds.get(s.key, np.zeros(s.full_rank)) for s in factored},
-                    UNIT_ALWAYS_PREFIX + unit.key: np.array(True)}
-    found = {}
-    for slot in ordered:
-        made = problems.pop(slot.key, None) or problem(slot.key)
-        found[slot.key] = made.costs().astype(np.float64)
-        del made
+        found[slot.key] = problems.pop(slot.key).costs().astype(np.float64)
         release_freed_memory()
     return found
 

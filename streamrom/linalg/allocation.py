@@ -308,6 +308,26 @@ def unit_dominates(unit: Slot, unit_values: np.ndarray, factored: Sequence[tuple
     return factored_dense(fewest[1:]) or ahead(fewest[0], sum(fewest[1:]))
 
 
+def unit_loses_somewhere(unit: Slot, unit_values: np.ndarray, factored: Sequence[tuple[Slot, float]],
+                         margin: float = 1e-6) -> bool:
+    """Whether the unit loses to its factored slots at some price even if each slot lost its whole
+    `factored` total (an upper bound on its values' every tail sum) at any rank short of dense: then no
+    lower bound can show unit_dominates, and computing one is wasted work. A cheap necessary test."""
+    unit_curve = _curve(unit, unit_values)
+    upper = []
+    for slot, total in factored:
+        params = np.array([slot.factored(STEP) if slot.max_saving_rank() else slot.dense, slot.dense], dtype=np.float64)
+        upper.append((np.array([total if slot.max_saving_rank() else 0.0, 0.0]), params))
+    prices = np.unique(np.concatenate([_envelope_prices(*curve) for curve in [unit_curve, *upper]]))
+    for price in prices[np.isfinite(prices) & (prices > 0)]:
+        unit_value = _best(unit_curve, price)[0]
+        factored_value = sum(_best(curve, price)[0] for curve in upper)
+        if unit_value - factored_value > margin * max(unit_value, factored_value):
+            return True
+    fewest = float(np.min(unit_curve[1])), sum(float(np.min(curve[1])) for curve in upper)
+    return fewest[0] > fewest[1] * (1 + margin)
+
+
 def _envelope_prices(lost: np.ndarray, params: np.ndarray) -> np.ndarray:
     """The prices μ > 0 at which argmin(lost + μ·params) moves: the slopes of the lower convex hull of
     the points (params, lost), from the fewest parameters on."""

@@ -270,6 +270,13 @@ class PricingProblem:
         weighted = self.weighted + np.triu(self.weighted, 1).T  # both triangles for the product
         return np.einsum("ik,ik->k", rotations, weighted @ rotations)
 
+    def total_cost(self) -> float:
+        """The costs' sum, tr(S W̃ C W̃ᵀ) (what dropping every direction costs), from the products alone: an
+        upper bound on every tail sum of the costs."""
+        if self.weighted is not None:
+            return float(np.trace(self.weighted, dtype=np.float64))
+        return float(np.dot(np.diag(self.plain).astype(np.float64), np.clip(self.sensitivity, 0.0, None)))
+
     def cost_lower_bound(self) -> np.ndarray | None:
         """Values b (descending) whose every tail sum b[r:].sum() is at most the costs' (costs()[r:].sum()),
         up to float rounding: ROM's loss at rank r is ‖S½ (I − P_r) A‖², at least the best rank-r
