@@ -125,7 +125,7 @@ def model_plan(spec: ModelSpec, config: CompressConfig, layers: list[int], total
     spend what that plan would. With a target, the chosen allocation meets the whole-model
     parameter count within one rank step. The mixed method's spectrum first chooses per unit
     between narrowing it and factoring its linears (allocation.choose_alternatives; the units in
-    `unit_always` are narrowed at every price, pass 1 having shown it from bounds).
+    `unit_always` take their unit form at every price, pass 1 having shown it from bounds).
     """
     if config.ranks is not None:
         return _checked_ranks(spec, config, config.ranks)
