@@ -408,10 +408,10 @@ def test_a_unit_ahead_of_the_bounds_wins_at_every_price_whatever_the_values_abov
     unit = Slot("mlp.neurons", 0, 0, 0, unit_size=128, unit_parameters=3 * 64)
     factored = [Slot(name, 0, *shape) for name, shape in
                 (("mlp.gate_proj", (128, 64)), ("mlp.up_proj", (128, 64)), ("mlp.down_proj", (64, 128)))]
-    prices = 10.0 ** np.linspace(-10, 10, 4001)
+    prices = 10.0 ** np.linspace(-10, 10, 1201)
     rng = np.random.default_rng(3)
     decided = ruled_out = 0
-    for _ in range(300):
+    for _ in range(150):
         unit_values = np.sort(rng.random(128) ** rng.uniform(0.5, 4))[::-1]
         scale = 10 ** rng.uniform(-2, 2)
         true = [np.sort(rng.random(64) ** rng.uniform(0.2, 6))[::-1] * scale for _ in factored]
@@ -426,7 +426,7 @@ def test_a_unit_ahead_of_the_bounds_wins_at_every_price_whatever_the_values_abov
             assert _unit_wins_everywhere(unit, unit_values, list(zip(factored, true)), prices)
         else:  # and the check says no only where the bounds themselves lose somewhere
             assert not _unit_wins_everywhere(unit, unit_values, list(zip(factored, bounds)), prices)
-    assert 50 < decided < 250 and ruled_out > 20  # every answer was exercised
+    assert 25 < decided < 125 and ruled_out > 10  # every answer was exercised
 
 
 def test_a_unit_is_not_decided_where_factors_of_low_rank_lose_nothing():
