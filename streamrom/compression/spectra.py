@@ -257,8 +257,8 @@ def _price_alternative(unit: Slot, factored: Sequence[Slot], unit_costs: np.ndar
     ordered = sorted(factored, key=lambda slot: not group_of[slot.key][1])
     problems = {slot.key: problem(slot.key) for slot in ordered}
     found: dict[str, np.ndarray] = {}
-    if unit.dense <= sum(slot.dense for slot in factored) and not allocation.unit_loses_somewhere(
-            unit, unit_costs, [(slot, problems[slot.key].total_cost()) for slot in factored]):
+    if not allocation.unit_loses_somewhere(unit, unit_costs, [(slot, problems[slot.key].total_cost())
+                                                              for slot in factored]):
         bounds: dict[str, np.ndarray] = {}
         for slot in ordered:
             bound = problems[slot.key].cost_lower_bound()

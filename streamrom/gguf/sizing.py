@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, OutputError, StreamromError, UsageError, write_failure
+from ..linalg import allocation
 from ..model.architectures import BLOCK_LINEARS, block_prefix
 from ..report.report import StageTimer
 from ..storage.checkpoint import CheckpointReader
@@ -92,23 +93,9 @@ class Alternative:
 
 
 def lower_hull(alternatives: list[Alternative]) -> list[Alternative]:
-    """The alternatives on the lower convex hull of (bytes, loss), cheapest first: each one's loss is lower
-    than every cheaper one's, and the loss saved per byte falls from one step to the next (a step to a point
-    above the hull would be bought late for what a later point gives sooner)."""
-    ordered = sorted(alternatives, key=lambda a: (a.bytes, a.loss))
-    hull: list[Alternative] = []
-    for point in ordered:
-        if hull and point.loss >= hull[-1].loss:
-            continue  # no cheaper than the last kept one and no better
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            # b lies on or above the segment from a to point: drop it
-            if (b.loss - a.loss) * (point.bytes - a.bytes) >= (point.loss - a.loss) * (b.bytes - a.bytes):
-                hull.pop()
-            else:
-                break
-        hull.append(point)
-    return hull
+    """The alternatives on the lower convex hull of (bytes, loss), cheapest first (allocation.lower_hull): a
+    step to a point above the hull would be bought late for what a later point gives sooner."""
+    return [alternatives[i] for i in allocation.lower_hull([a.bytes for a in alternatives], [a.loss for a in alternatives])]
 
 
 def choose(alternatives: dict[str, list[Alternative]], budget: int) -> dict[str, Alternative]:

@@ -312,7 +312,10 @@ def unit_loses_somewhere(unit: Slot, unit_values: np.ndarray, factored: Sequence
                          margin: float = 1e-6) -> bool:
     """Whether the unit loses to its factored slots at some price even if each slot lost its whole
     `factored` total (an upper bound on its values' every tail sum) at any rank short of dense: then no
-    lower bound can show unit_dominates, and computing one is wasted work. A cheap necessary test."""
+    lower bound can show unit_dominates, and computing one is wasted work. A cheap necessary test; a
+    unit holding more parameters than its linears dense loses at low prices, whatever the values."""
+    if unit.dense > sum(slot.dense for slot, _ in factored):
+        return True
     unit_curve = _curve(unit, unit_values)
     upper = []
     for slot, total in factored:
@@ -328,21 +331,32 @@ def unit_loses_somewhere(unit: Slot, unit_values: np.ndarray, factored: Sequence
     return fewest[0] > fewest[1] * (1 + margin)
 
 
-def _envelope_prices(lost: np.ndarray, params: np.ndarray) -> np.ndarray:
-    """The prices μ > 0 at which argmin(lost + μ·params) moves: the slopes of the lower convex hull of
-    the points (params, lost), from the fewest parameters on."""
-    hull: list[tuple[float, float]] = []
-    for p, value in sorted(zip(params.tolist(), lost.tolist())):
-        if hull and value >= hull[-1][1]:
-            continue  # more parameters, no less lost: never the best at a positive price
+def lower_hull(costs: Sequence[float], losses: Sequence[float]) -> list[int]:
+    """Indices of the points (cost, loss) on their lower convex hull, cheapest first: each loses less than
+    every cheaper one, and the loss saved per unit of cost falls from one step to the next (a point above
+    the hull is never the best at any price)."""
+    hull: list[int] = []
+    for index in sorted(range(len(costs)), key=lambda i: (costs[i], losses[i])):
+        cost, loss = costs[index], losses[index]
+        if hull and loss >= losses[hull[-1]]:
+            continue  # no cheaper than the last kept one and no better
         while len(hull) >= 2:
-            (p0, v0), (p1, v1) = hull[-2], hull[-1]
-            if (v1 - v0) * (p - p0) >= (value - v0) * (p1 - p0):  # the middle point is not below the chord
+            a, b = hull[-2], hull[-1]
+            # b lies on or above the segment from a to this point: drop it
+            if (losses[b] - losses[a]) * (cost - costs[a]) >= (loss - losses[a]) * (costs[b] - costs[a]):
                 hull.pop()
             else:
                 break
-        hull.append((p, value))
-    return np.array([(v0 - v1) / (p1 - p0) for (p0, v0), (p1, v1) in zip(hull, hull[1:])], dtype=np.float64)
+        hull.append(index)
+    return hull
+
+
+def _envelope_prices(lost: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """The prices μ > 0 at which argmin(lost + μ·params) moves: the slopes of the lower convex hull of
+    the points (params, lost), from the fewest parameters on."""
+    params, lost = params.tolist(), lost.tolist()
+    hull = lower_hull(params, lost)
+    return np.array([(lost[a] - lost[b]) / (params[b] - params[a]) for a, b in zip(hull, hull[1:])], dtype=np.float64)
 
 
 def _curve(slot: Slot, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

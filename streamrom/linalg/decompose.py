@@ -177,6 +177,13 @@ class InputMoments:
         w_tilde = np.hstack([weight, bias[:, None]]) if with_bias else weight
         return w_tilde.astype(self.second_moment.dtype, copy=False), with_bias
 
+    def output_gram(self, w_tilde: np.ndarray, with_bias: bool) -> tuple[np.ndarray, bool]:
+        """(W̃ C W̃ᵀ, lower): with C's Cholesky factor one triangle of A Aᵀ (A = W̃ L, BLAS syrk: half the
+        products), the upper (lower=False); without it the full product, symmetrised."""
+        if self.cholesky(with_bias) is not None:
+            return gram(self.times_root(w_tilde, with_bias), rows=True), False
+        return damped(w_tilde @ self.matrix(with_bias) @ w_tilde.T, 0.0), True
+
     def rom_basis(self, weight: np.ndarray, bias: np.ndarray | None, rank: int) -> np.ndarray:
         """Top-r eigenvectors of the output moment W̃ C W̃ᵀ, computed in the moments' dtype."""
         return self.rom_eigenpairs(weight, bias, rank)[1]
@@ -192,11 +199,8 @@ class InputMoments:
         w_tilde, with_bias = self.augmented_weight(weight, bias)
         out_features, in_features = w_tilde.shape
         if out_features <= in_features:
-            if self.cholesky(with_bias) is not None:  # W̃ C W̃ᵀ = A Aᵀ, one triangle of it: half the products
-                values, vectors = top_eigenvectors(gram(self.times_root(w_tilde, with_bias), rows=True), rank,
-                                                   lower=False)
-            else:
-                values, vectors = top_eigenvectors(damped(w_tilde @ self.matrix(with_bias) @ w_tilde.T, 0.0), rank)
+            matrix, lower = self.output_gram(w_tilde, with_bias)
+            values, vectors = top_eigenvectors(matrix, rank, lower=lower)
             return np.clip(values, 0.0, None), vectors
         a = self.times_root(w_tilde, with_bias)
         small_values, small_vectors = top_eigenvectors(gram(a, rows=False), rank, lower=False)
@@ -313,11 +317,7 @@ def pricing_problem(moments: InputMoments, weight: np.ndarray, bias: np.ndarray 
     w_tilde, with_bias = moments.augmented_weight(weight, bias)
     out_features, in_features = w_tilde.shape
     if out_features <= in_features:
-        if moments.cholesky(with_bias) is not None:  # W̃ C W̃ᵀ = A Aᵀ, one triangle of it: half the products
-            plain, lower = gram(moments.times_root(w_tilde, with_bias), rows=True), False
-        else:
-            plain, lower = damped(w_tilde @ moments.matrix(with_bias) @ w_tilde.T, 0.0), True
-        return PricingProblem(plain, lower, feature_sensitivity)
+        return PricingProblem(*moments.output_gram(w_tilde, with_bias), feature_sensitivity)
     a = moments.times_root(w_tilde, with_bias)  # a new array: scaled in place below
     del w_tilde
     plain = gram(a, rows=False)  # the upper triangle, as top_eigenvectors reads it
